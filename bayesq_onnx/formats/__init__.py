@@ -1,0 +1,9 @@
+"""Stored weight formats (see base.py for the view convention)."""
+from .base import Format, UniformCodes, n_groups
+from .blocked_dq import BlockedDequantize
+from .float32 import Float32
+from .gather_block import GatherBlockQuantized
+from .matmulnbits import MatMulNBits, pack_bits, unpack_bits
+
+__all__ = ["Format", "UniformCodes", "n_groups", "MatMulNBits", "BlockedDequantize",
+           "GatherBlockQuantized", "Float32", "pack_bits", "unpack_bits"]

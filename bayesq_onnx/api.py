@@ -1,0 +1,263 @@
+"""The public entry points: ``compress(model, recipe) -> Result`` and ``make_session``.
+
+Data flow: WeightSite -> SiteStats -> Curvature -> Posterior -> loss tables -> Plan -> codes ->
+lowered model -> report.  Each stage lives in its own package; this module only wires them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .calib.capture import capture_stats
+from .calib.readers import (check_calibration, input_specs, load_calibration, n_samples, split,
+                            synthetic_calibration, take)
+from .config import Recipe
+from .curvature.activation import ActivationCurvature
+from .curvature.from_file import FileCurvature
+from .errors import BayesQError
+from .formats import Float32
+from .graph.model_io import constants_to_initializers, load_model, name_nodes, save_model_atomic, to_array
+from .graph.sites import find_sites
+from .lower.ort_cpu import lower_ort_cpu
+from .plan.candidates import candidate_formats
+from .plan.greedy import lower_hull
+from .plan.planner import Plan, check_budget, knapsack_plan, uniform_plans
+from .plan.proxy import OutputDistortion
+from .posterior.laplace import DiagonalLaplace
+from .progress import Progress
+from .quantize.site import SiteQuantizer
+from .runtime.probe import Probe
+from .runtime.session import make_session
+
+__all__ = ["compress", "make_session", "Result", "Recipe"]
+
+log = logging.getLogger(__name__)
+REPORT_VERSION = 1
+N_UNIFORM_CHECKED = 3  # uniform plans measured in the plan check (the most-bits ones within budget)
+
+
+@dataclass
+class Result:
+    model: onnx.ModelProto
+    report: dict
+    output: Path | None = None
+
+
+def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None = None, *,
+             calib: str | os.PathLike | dict | None = None, output: str | os.PathLike | None = None,
+             report: str | os.PathLike | None = None, **recipe_fields) -> Result:
+    """Compress ``model`` to ``recipe.bits`` stored bits per weight.  ``recipe_fields`` build or
+    amend the recipe (``compress("m.onnx", bits=3.0)``).  The input model is never modified."""
+    t0 = time.perf_counter()
+    recipe = replace(recipe, **recipe_fields) if recipe else Recipe(**recipe_fields)
+    src = model
+    if isinstance(model, onnx.ModelProto):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        constants_to_initializers(m)
+        name_nodes(m)
+    else:
+        m = load_model(model)
+
+    sites, skipped = find_sites(m, recipe.min_elements)
+    if not sites:
+        why = f" ({skipped[0].name}: {skipped[0].reason})" if skipped else ""
+        raise BayesQError(f"no quantizable weights found{why}")
+    inits = {t.name: t for t in m.graph.initializer}
+    weights = {s.name: to_array(inits[s.name]) for s in sites}
+    for name, w in weights.items():
+        if not np.isfinite(w).all():
+            raise BayesQError(f"weight {name!r} contains NaN or Inf")
+
+    candidates = {s.name: candidate_formats(s, recipe) for s in sites}
+    n_weights = sum(s.size for s in sites)
+    budget_bits = recipe.bits * n_weights
+    check_budget(sites, candidates, budget_bits, n_weights, recipe.bits)
+
+    # every check of the user's input is done before the first progress line
+    file_curvature = FileCurvature(recipe.curvature, sites) if recipe.curvature else None
+    specs = input_specs(m)
+    if calib is None:
+        data, calib_source = synthetic_calibration(m, specs, recipe.synthetic_samples, recipe.seed), "synthetic"
+    elif isinstance(calib, dict):
+        data, calib_source = check_calibration(calib, specs, "calibration data"), "dict"
+    else:
+        data, calib_source = load_calibration(calib, specs), str(calib)
+    fit, held = split(data, recipe.holdout)
+
+    try:
+        probe = Probe(m, [s.name for s in sites], [a for s in sites for a in s.activations])
+    except BayesQError:
+        raise
+    except Exception as e:
+        raise BayesQError(f"onnxruntime cannot run the model: {_first_line(e)}") from None
+    if calib is None:
+        log.warning("no calibration data given (--calib): using %d synthetic samples built from the input "
+                    "types; quality will suffer on real data", recipe.synthetic_samples)
+    try:
+        stats = capture_stats(probe, sites, fit, recipe.batch_size)
+    except Exception as e:
+        raise BayesQError(f"onnxruntime failed on the calibration data: {_first_line(e)}") from None
+    curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
+
+    quantizers = {}
+    for s in sites:
+        view = s.to_view(weights[s.name])
+        h = curvature.diagonal(s)
+        if not np.any(h > 0):  # never reached by the data: no information, weigh all alike
+            h = np.ones_like(h)
+        quantizers[s.name] = SiteQuantizer(view, DiagonalLaplace.fit(view, h, recipe.damping),
+                                           stats[s.name].xtx, recipe.method_spec, recipe.gptq_damp)
+
+
+    uniforms = uniform_plans(sites, candidates, budget_bits)
+    check, losses = None, None
+    if recipe.method_spec.planner == "uniform":
+        plan = uniforms[0]
+    else:
+        losses = _tables(recipe, sites, candidates, quantizers, probe, fit)
+        plan, check = _plan_check(knapsack_plan(sites, candidates, losses, budget_bits), uniforms[:N_UNIFORM_CHECKED],
+                                  sites, quantizers, probe, held, recipe.batch_size)
+
+    packed = {}
+    with Progress("packing", len(sites)) as p:
+        for s in sites:
+            fmt = plan.choice[s.name]
+            if not isinstance(fmt, Float32):
+                packed[s.name] = fmt.pack(quantizers[s.name].codes(fmt))
+            quantizers[s.name].forget(set())
+            p.step()
+    out_model = lower_ort_cpu(m, sites, plan.choice, packed, recipe.accuracy_level)
+    try:
+        onnx.checker.check_model(out_model, full_check=True)
+    except Exception as e:  # a bug of ours, not the user's: say so plainly
+        raise RuntimeError(f"internal error: the lowered model fails onnx.checker: {_first_line(e)}") from e
+
+    rep = _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check, n_weights,
+                  calib_source, n_samples(data), n_samples(fit), n_samples(held), curvature.name)
+    rep["seconds"] = round(time.perf_counter() - t0, 3)
+    if isinstance(src, (str, os.PathLike)):
+        rep["input"] = str(src)
+    if output is not None:
+        path = save_model_atomic(out_model, output)
+        rep["output"] = str(path)
+        rep["output_bytes"] = path.stat().st_size
+    if report is not None:
+        _write_json_atomic(rep, report)
+    return Result(out_model, rep, Path(output) if output is not None else None)
+
+
+def _tables(recipe, sites, candidates, quantizers, probe, fit) -> dict[str, np.ndarray]:
+    """Loss of every (site, candidate).  The closed form pre-screens within a site (it ranks a site's
+    own formats soundly); the allocator's input is the task-aware proxy unless curvature from a
+    file makes the closed form comparable across sites.  Off-hull candidates get +inf."""
+    proxy = recipe.table_source == "proxy"
+    distortion = OutputDistortion(probe, take(fit, recipe.proxy_samples), recipe.batch_size) if proxy else None
+    losses = {}
+    with Progress(f"loss tables ({recipe.table_source})", sum(len(candidates[s.name]) for s in sites)) as p:
+        for s in sites:
+            q, fs = quantizers[s.name], candidates[s.name]
+            costs = np.array([f.stored_bits(s.rows, s.L) for f in fs], np.float64)
+            closed = np.array([q.expected_loss(f) for f in fs])
+            hull = set(lower_hull(costs, closed))
+            table = np.full(len(fs), np.inf)
+            for j, f in enumerate(fs):
+                if j in hull:
+                    if not proxy:
+                        table[j] = closed[j]
+                    elif isinstance(f, Float32):
+                        table[j] = 0.0
+                    else:
+                        table[j] = distortion({s.name: s.from_view(q.dequantized(f))})
+                p.step()
+            q.forget(set())
+            losses[s.name] = table
+    return losses
+
+
+def _plan_check(knapsack: Plan, uniforms: list[Plan], sites, quantizers, probe, held, batch_size):
+    """Product rule (DESIGN.md §2, lesson 6): measure the knapsack plan end to end on held-back data
+    against the best uniform plans at the same budget, and ship the better one."""
+    distortion = OutputDistortion(probe, held, batch_size)
+
+    def measure(plan: Plan) -> float:
+        return distortion({s.name: s.from_view(quantizers[s.name].dequantized(plan.choice[s.name])) for s in sites})
+
+    with Progress("plan check", 1 + len(uniforms)) as p:
+        scores = []
+        for plan in [knapsack] + uniforms:
+            scores.append((measure(plan), plan))
+            p.step()
+    best_d, best = min(scores, key=lambda t: t[0])  # ties keep the knapsack (listed first)
+    check = {"metric": "relative output squared error on held-back calibration data",
+             "candidates": [{"plan": pl.label, "bits_per_weight": pl.stored_bits / sum(s.size for s in sites),
+                             "distortion": d} for d, pl in scores],
+             "chosen": best.label,
+             "knapsack_vs_best_uniform": (scores[0][0] / min(d for d, _ in scores[1:])) if uniforms else None}
+    if best is not knapsack:
+        log.warning("plan check: %s beats the knapsack plan on held-back data (%.3g vs %.3g); shipping it",
+                    best.label, best_d, scores[0][0])
+    return best, check
+
+
+def _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check, n_weights,
+            calib_source, n_all, n_fit, n_held, curvature_name) -> dict:
+    layers = []
+    for s in sites:
+        f = plan.choice[s.name]
+        j = candidates[s.name].index(f)
+        layers.append({
+            "name": s.name, "op_type": s.op_type, "shape": list(s.shape), "format": f.name,
+            "bits": f.bits, "block_size": f.block, "stored_bits": f.stored_bits(s.rows, s.L),
+            "bits_per_weight": f.stored_bits(s.rows, s.L) / s.size,
+            "expected_loss": quantizers[s.name].expected_loss(f),
+            # None: no table (uniform planner) or a candidate the pre-screen dropped (never chosen by greedy)
+            "table_loss": None if losses is None or not np.isfinite(losses[s.name][j]) else float(losses[s.name][j]),
+        })
+    stored = sum(l["stored_bits"] for l in layers)
+    codes = sum(plan.choice[s.name].code_bits(s.rows, s.L) for s in sites)
+    return {
+        "version": REPORT_VERSION, "tool": "bayesq-onnx", "method": recipe.method, "target": "ort-cpu",
+        "budget": recipe.bits, "bits_per_weight": stored / n_weights, "code_bits_per_weight": codes / n_weights,
+        "n_weights": n_weights, "plan": plan.label, "plan_check": check,
+        "curvature": curvature_name, "tables": recipe.table_source if recipe.method_spec.planner == "knapsack" else None,
+        "calibration": {"source": calib_source, "samples": n_all, "fit": n_fit, "held_back": n_held},
+        "layers": layers, "skipped": [{"name": k.name, "reason": k.reason} for k in skipped],
+        "allocation_steps": [dict(step) if isinstance(step, dict) else step.__dict__ for step in plan.steps],
+        "recipe": recipe.to_dict(),
+    }
+
+
+def _write_json_atomic(obj, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_jsonable)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

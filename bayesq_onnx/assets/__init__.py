@@ -1,0 +1,8 @@
+"""Real models and data for benchmarks and tests, generated from installed packages into a cache.
+
+Nothing here downloads: models come from PyPI wheels, text from Debian packages (see DESIGN.md 4).
+Heavy dependencies (torch, transformers) are imported only when an asset has to be built.
+"""
+from bayesq_onnx.assets.minilm import MiniLMAsset, load_npz, prepare_minilm
+
+__all__ = ["MiniLMAsset", "load_npz", "prepare_minilm"]

@@ -1,0 +1,82 @@
+"""Recipes: frozen dataclasses that say *what* to do; they never read data."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method plans and rounds.  The registry below is the only place methods are named."""
+
+    planner: str   # "knapsack" (BayesQ allocation) or "uniform" (one format everywhere)
+    grid: str      # "posterior" (expected-loss range search) or "minmax"
+    rounding: str  # "gptq" (error feedback with X^T X) or "rtn"
+
+
+METHODS: dict[str, Method] = {
+    "bayesq": Method(planner="knapsack", grid="posterior", rounding="gptq"),
+    "rtn": Method(planner="uniform", grid="minmax", rounding="rtn"),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    bits: float                                   # budget: all stored bits / quantized weight
+    method: str = "bayesq"
+    seed: int = 0
+    curvature: str | None = None                  # CURV.npz path (diagonal curvature per initializer)
+    tables: str = "auto"                          # "proxy" | "closed_form" | "auto" (closed_form iff curvature)
+    matmul_bits: tuple[int, ...] = (2, 4, 8)      # MatMulNBits executes 2/4/8 only (DESIGN §3)
+    conv_bits: tuple[int, ...] = (2, 4, 8)        # blocked DequantizeLinear; 2 bits raises the opset to 25
+    gather_bits: tuple[int, ...] = (2, 4, 8)      # GatherBlockQuantized, uint8 data
+    blocks: tuple[int, ...] = (32, 64, 128, 256)  # group sizes offered to every format
+    keep_fp32: bool = True                        # fp32 is a candidate too
+    min_elements: int = 1024                      # smaller weights are skipped (nothing to gain)
+    holdout: float = 0.25                         # calibration share held back for the plan check
+    proxy_samples: int = 32                       # samples the task-aware tables are measured on
+    batch_size: int = 8                           # onnxruntime batch for calibration passes
+    evidence: float = 1e6                         # rows the weights were trained on (activation posterior)
+    damping: float = 1e-2                         # Laplace prior precision, relative to mean(h)
+    gptq_damp: float = 0.01                       # GPTQ dampening, relative to mean(diag H)
+    accuracy_level: int = 0                       # MatMulNBits: 0 = exact fp32 maths (what the plan check measured)
+    synthetic_samples: int = 32                   # samples in the synthetic fallback calibration
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        if self.tables not in ("auto", "proxy", "closed_form"):
+            raise ValueError(f"unknown tables {self.tables!r}")
+        if not (self.bits > 0):
+            raise ValueError(f"--bits must be positive, got {self.bits}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+
+    @property
+    def method_spec(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def table_source(self) -> str:
+        if self.tables != "auto":
+            return self.tables
+        return "closed_form" if self.curvature else "proxy"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["version"] = CONFIG_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        d = dict(d)
+        version = d.pop("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ValueError(f"recipe version {version} is not supported (expected {CONFIG_VERSION})")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown recipe fields: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -1,0 +1,113 @@
+"""Loading and saving models: clear errors for bad files, atomic writes, no surprise mutation."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+
+from ..errors import BayesQError
+
+_TWO_GB = 2**31 - 1
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load a model with its external data; the caller gets its own copy to edit."""
+    path = Path(path)
+    if not path.is_file():
+        raise BayesQError(f"model not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as e:  # protobuf and external-data errors have many types
+        raise BayesQError(f"cannot read {path} as an ONNX model: {_one_line(e)}") from None
+    if not model.graph.node:
+        raise BayesQError(f"{path} is not a usable ONNX model (its graph has no nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise BayesQError(f"{path} fails onnx.checker: {_one_line(e)}") from None
+    constants_to_initializers(model)
+    name_nodes(model)
+    return model
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every top-level node a unique name: sites and reports refer to nodes by name."""
+    taken = {n.name for n in model.graph.node if n.name}
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            base = f"{node.op_type}_{i}"
+            name, k = base, 0
+            while name in taken:
+                k += 1
+                name = f"{base}_{k}"
+            node.name = name
+            taken.add(name)
+        seen.add(node.name)
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Turn top-level ``Constant`` nodes holding a tensor into initializers, so weights stored
+    either way are found by the same code."""
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1 \
+                and node.attribute[0].name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(node.attribute[0].t)
+            t.name = node.output[0]
+            model.graph.initializer.append(t)
+        else:
+            keep.append(node)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
+def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def to_array(t: onnx.TensorProto):
+    return numpy_helper.to_array(t)
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` to ``path`` via a temp file and rename, so a failure leaves nothing half-written.
+    Models over 2 GB go to one external-data file beside it (``<name>.data``), also renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    data_name = path.name + ".data"
+    tmp_data = None
+    try:
+        if model.ByteSize() > _TWO_GB:
+            tmp_data = f".{data_name}.tmp"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data, size_threshold=1024)
+            # the model refers to its data by relative location: rewrite it to the final name
+            m = onnx.load(tmp, load_external_data=False)
+            for t in m.graph.initializer:
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = data_name
+            onnx.save_model(m, tmp)
+            os.replace(path.parent / tmp_data, path.parent / data_name)
+        else:
+            onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        for p in (tmp, tmp_data and path.parent / tmp_data):
+            if p and os.path.exists(p):
+                os.unlink(p)
+        raise
+    return path
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,126 @@
+"""Find the weights we can quantize, and say why the others are left alone."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import onnx
+from onnx import helper
+
+from ..types import SkippedSite, WeightSite
+from .model_io import initializer_map
+
+MIN_CONV_BLOCK = 16  # blocked DequantizeLinear needs at least one group of this many input channels
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _uses(model: onnx.ModelProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    uses = defaultdict(list)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name:
+                uses[name].append((node, i))
+    return uses
+
+
+def _subgraph_names(model: onnx.ModelProto) -> set[str]:
+    """Names read inside control-flow subgraphs (we never rewrite those)."""
+    names = set()
+
+    def walk(g):
+        for n in g.node:
+            names.update(n.input)
+            for a in n.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    walk(sub)
+
+    for n in model.graph.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                walk(sub)
+    return names
+
+
+def _classify(node, slot, shape, uses):
+    """How one use sees the weight: (kind, perm, activation tensors, consumer names) or a reason string."""
+    op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+    if op == "MatMul" and slot == 1 and len(shape) == 2:
+        return "matmul", (1, 0), (node.input[0],), (node.name,)
+    if op == "Gemm" and slot == 1 and len(shape) == 2:
+        if _attr(node, "transA", 0):
+            return "Gemm with transA=1"
+        if _attr(node, "alpha", 1.0) != 1.0 or (len(node.input) > 2 and node.input[2] and _attr(node, "beta", 1.0) != 1.0):
+            return "Gemm with alpha or beta != 1"
+        return "matmul", ((0, 1) if _attr(node, "transB", 0) else (1, 0)), (node.input[0],), (node.name,)
+    if op == "Transpose" and slot == 0 and len(shape) == 2 and list(_attr(node, "perm", [1, 0])) == [1, 0]:
+        after = uses.get(node.output[0], [])
+        if after and all(n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and s == 1 for n, s in after):
+            return ("matmul", (0, 1), tuple(n.input[0] for n, _ in after),
+                    (node.name,) + tuple(n.name for n, _ in after))
+        return "transposed, then used by something other than MatMul's weight input"
+    if op == "Conv" and slot == 1 and len(shape) == 4:
+        if shape[1] < MIN_CONV_BLOCK:
+            return (f"Conv with {shape[1]} input channels per group (< {MIN_CONV_BLOCK}): "
+                    "too few to block along the input-channel axis")
+        return "conv", (0, 2, 3, 1), (node.input[0],), (node.name,)
+    if op == "Gather" and slot == 0 and len(shape) == 2 and _attr(node, "axis", 0) == 0:
+        return "gather", (0, 1), (node.input[1],), (node.name,)
+    return f"used by {op} (input {slot}), which no format here rewrites"
+
+
+
+def find_sites(model: onnx.ModelProto, min_elements: int = 1024) -> tuple[list[WeightSite], list[SkippedSite]]:
+    """Every float32 initializer of rank >= 2 becomes a site or a skipped entry with its reason
+    (rank-0/1 tensors -- biases, norms, shapes -- are not weights in our sense)."""
+    uses = _uses(model)
+    in_subgraphs = _subgraph_names(model)
+    graph_inputs = {i.name for i in model.graph.input}
+    sites, skipped = [], []
+    for init in model.graph.initializer:
+        shape = tuple(init.dims)
+        if len(shape) < 2 or init.name not in uses and init.name not in in_subgraphs:
+            continue
+        if init.data_type != onnx.TensorProto.FLOAT:
+            skipped.append(SkippedSite(init.name, f"dtype {onnx.TensorProto.DataType.Name(init.data_type)}: "
+                                                  "only float32 weights are quantized"))
+            continue
+        if init.name in graph_inputs:
+            skipped.append(SkippedSite(init.name, "also a graph input, so it can be overridden at run time"))
+            continue
+        if init.name in in_subgraphs:
+            skipped.append(SkippedSite(init.name, "read inside a control-flow subgraph"))
+            continue
+        size = 1
+        for d in shape:
+            size *= d
+        if size < min_elements:
+            skipped.append(SkippedSite(init.name, f"only {size} elements (< {min_elements}): not worth quantizing"))
+            continue
+        found = [_classify(n, s, shape, uses) for n, s in uses[init.name]]
+        reasons = [f for f in found if isinstance(f, str)]
+        if reasons:
+            skipped.append(SkippedSite(init.name, reasons[0]))
+            continue
+        kinds = {(k, p) for k, p, _, _ in found}
+        if len(kinds) > 1:
+            skipped.append(SkippedSite(init.name, "shared by consumers that need different layouts: "
+                                                  + ", ".join(sorted(f"{k}{p}" for k, p in kinds))))
+            continue
+        (kind, perm), = kinds
+        permuted = [shape[p] for p in perm]
+        rows = 1
+        for d in permuted[:-1]:
+            rows *= d
+        sites.append(WeightSite(
+            name=init.name, kind=kind,
+            op_type="/".join(sorted({n.op_type for n, _ in uses[init.name]})),
+            shape=shape, perm=perm, rows=rows, L=permuted[-1],
+            consumers=tuple(c for _, _, _, cs in found for c in cs),
+            activations=tuple(dict.fromkeys(a for _, _, acts, _ in found for a in acts)),
+        ))
+    return sites, skipped

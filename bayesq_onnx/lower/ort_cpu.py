@@ -1,0 +1,103 @@
+"""Lowering pass for onnxruntime on CPU: every quantized site's initializer is replaced by its
+packed tensors and the consumer is rewritten to the op that executes them natively:
+MatMul/Gemm -> com.microsoft.MatMulNBits, Conv weight -> DequantizeLinear (blocked),
+Gather -> com.microsoft.GatherBlockQuantized.  Sites left in fp32 are untouched.
+
+requires: the model the sites were found in; ensures: no fp32 copy of a quantized weight remains,
+opset raised only as far as the formats used need.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+from onnx import helper, version_converter
+
+from ..errors import BayesQError
+from ..formats import BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
+from ..types import WeightSite
+from .nodes import MS_DOMAIN, dequantize_node, gather_block_quantized_node, matmulnbits_node
+
+
+def _prefix(name: str) -> str:
+    return "bq_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def lower_ort_cpu(model: onnx.ModelProto, sites: list[WeightSite], choice: dict[str, Format],
+                  packed: dict[str, dict[str, np.ndarray]], accuracy_level: int = 0) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    formats = [choice[s.name] for s in sites]
+    _raise_opset(m, formats)  # before rewriting: the converter must only see ops of the old opset
+    g = m.graph
+    nodes = {n.name: n for n in g.node}
+    inits = {t.name: t for t in g.initializer}
+    replace: dict[str, list[onnx.NodeProto]] = {}   # consumer name -> nodes taking its place
+    head: list[onnx.NodeProto] = []                  # DequantizeLinear nodes (inputs are all constants)
+    new_inits: list[onnx.TensorProto] = []
+    drop_inits: set[str] = set()
+    for s in sites:
+        fmt = choice[s.name]
+        if isinstance(fmt, Float32):
+            continue
+        drop_inits.add(s.name)
+        pre, p = _prefix(s.name), packed[s.name]
+        if isinstance(fmt, MatMulNBits):
+            shared = None
+            for cname in s.consumers:
+                c = nodes[cname]
+                if c.op_type == "Transpose":
+                    replace[cname] = []
+                    continue
+                bias = c.input[2] if c.op_type == "Gemm" and len(c.input) > 2 and c.input[2] else None
+                fused_bias = bias if bias in inits and tuple(inits[bias].dims) == (s.rows,) else None
+                out = c.output[0] if bias is None or fused_bias else c.output[0] + "_nobias"
+                node, ts = matmulnbits_node(c.input[0], out, pre, fmt, p, K=s.L, N=s.rows,
+                                            accuracy_level=accuracy_level, bias=fused_bias)
+                if shared is None:
+                    shared = ts
+                    new_inits += ts
+                node.name = cname
+                replace[cname] = [node] if bias is None or fused_bias else \
+                    [node, helper.make_node("Add", [out, bias], [c.output[0]], name=cname + "_bias")]
+        elif isinstance(fmt, BlockedDequantize):
+            # the weight tensor keeps its name, now produced by DequantizeLinear in native layout
+            node, ts = dequantize_node(s.name, pre, fmt, p, s.shape, axis=1)
+            head.append(node)
+            new_inits += ts
+        elif isinstance(fmt, GatherBlockQuantized):
+            for cname in s.consumers:
+                c = nodes[cname]
+                node, ts = gather_block_quantized_node(c.input[1], c.output[0], pre, fmt, p)
+                node.name = cname
+                replace[cname] = [node]
+            new_inits += ts
+        else:
+            raise BayesQError(f"no ort-cpu lowering for format {fmt.name}")
+    body = []
+    for n in g.node:
+        body.extend(replace.get(n.name, [n]))
+    del g.node[:]
+    g.node.extend(head + body)
+    kept = [t for t in g.initializer if t.name not in drop_inits]
+    del g.initializer[:]
+    g.initializer.extend(kept + new_inits)
+    if any(isinstance(f, (MatMulNBits, GatherBlockQuantized)) for f in formats) and \
+            not any(o.domain == MS_DOMAIN for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return m
+
+
+def _raise_opset(m: onnx.ModelProto, formats: list[Format]) -> None:
+    need = max([f.min_opset() for f in formats if isinstance(f, BlockedDequantize)], default=0)
+    current = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if need > current:
+        try:
+            converted = version_converter.convert_version(m, need)
+        except Exception as e:
+            raise BayesQError(f"cannot raise the model's opset from {current} to {need} (needed by blocked "
+                              f"DequantizeLinear): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        m.CopyFrom(converted)
+    if need:
+        m.ir_version = max(m.ir_version, max(f.min_ir_version() for f in formats if isinstance(f, BlockedDequantize)))

@@ -1,0 +1,25 @@
+"""Which stored formats each kind of site may take."""
+from __future__ import annotations
+
+from ..config import Recipe
+from ..formats import BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
+from ..types import WeightSite
+
+
+def candidate_formats(site: WeightSite, recipe: Recipe) -> list[Format]:
+    """Uniform formats over ``recipe.blocks`` whose groups fit the reduction axis, plus fp32.
+    A block longer than the axis only pads, so the largest block kept is the first >= L."""
+    blocks = sorted(b for b in recipe.blocks)
+    fitting = [b for b in blocks if b <= site.L] or blocks[:1]
+    out: list[Format] = []
+    if site.kind == "matmul":
+        out += [MatMulNBits(b, g) for b in recipe.matmul_bits for g in fitting]
+    elif site.kind == "conv":
+        conv_blocks = sorted({g for g in (16, *blocks) if g <= site.L})
+        out += [BlockedDequantize(b, g, signed=False) for b in recipe.conv_bits for g in conv_blocks]
+    elif site.kind == "gather":
+        out += [f for f in (GatherBlockQuantized(b, g) for b in recipe.gather_bits for g in fitting)
+                if f.supports(site.rows, site.L)]
+    if recipe.keep_fp32 or not out:
+        out.append(Float32())
+    return out

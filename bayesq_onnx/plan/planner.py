@@ -1,0 +1,64 @@
+"""Plans: which format each site gets.  A knapsack over loss tables, or one format everywhere."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import BayesQError
+from ..formats import Float32, Format
+from ..types import WeightSite
+from .greedy import InfeasibleBudget, greedy_allocate
+
+
+@dataclass(frozen=True)
+class Plan:
+    label: str
+    choice: dict[str, Format]           # site name -> format
+    stored_bits: int
+    steps: tuple = field(default=(), compare=False)  # greedy's upgrade records, for the report
+
+
+def plan_bits(sites: list[WeightSite], choice: dict[str, Format]) -> int:
+    return sum(choice[s.name].stored_bits(s.rows, s.L) for s in sites)
+
+
+def cheapest_bits(sites: list[WeightSite], candidates: dict[str, list[Format]]) -> int:
+    return sum(min(f.stored_bits(s.rows, s.L) for f in candidates[s.name]) for s in sites)
+
+
+def check_budget(sites, candidates, budget_bits: float, n_weights: int, budget: float) -> None:
+    low = cheapest_bits(sites, candidates)
+    if low > budget_bits:
+        raise BayesQError(f"budget {budget:g} bits/weight cannot be met: the cheapest formats need "
+                          f"{low / n_weights:.3f} bits/weight")
+
+
+def uniform_plans(sites: list[WeightSite], candidates: dict[str, list[Format]], budget_bits: float) -> list[Plan]:
+    """One (bits, block) for every site -- each site takes that format, or else its cheapest format of
+    at least those bits -- keeping those within budget, most stored bits first."""
+    keys = sorted({(f.bits, f.block) for fs in candidates.values() for f in fs if not isinstance(f, Float32)})
+    plans = {}
+    for bits, block in keys:
+        choice = {}
+        for s in sites:
+            fs = candidates[s.name]
+            exact = [f for f in fs if (f.bits, f.block) == (bits, block)]
+            wider = [f for f in fs if f.bits >= bits] or fs
+            choice[s.name] = exact[0] if exact else min(wider, key=lambda f: f.stored_bits(s.rows, s.L))
+        total = plan_bits(sites, choice)
+        if total <= budget_bits:
+            plans[(bits, block)] = Plan(f"uniform b{bits}-g{block}", choice, total)
+    return sorted(plans.values(), key=lambda p: (-p.stored_bits, p.label))
+
+
+def knapsack_plan(sites: list[WeightSite], candidates: dict[str, list[Format]],
+                  losses: dict[str, np.ndarray], budget_bits: float) -> Plan:
+    """BayesQ's allocation: greedy loss drop per stored bit until the budget is spent."""
+    costs = [np.array([f.stored_bits(s.rows, s.L) for f in candidates[s.name]], np.float64) for s in sites]
+    try:
+        alloc = greedy_allocate(costs, [np.asarray(losses[s.name], np.float64) for s in sites], budget_bits)
+    except InfeasibleBudget as e:
+        raise BayesQError(str(e)) from None
+    choice = {s.name: candidates[s.name][j] for s, j in zip(sites, alloc.choice)}
+    return Plan("knapsack", choice, plan_bits(sites, choice), tuple(alloc.steps))

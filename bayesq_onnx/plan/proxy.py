@@ -1,0 +1,31 @@
+"""The task-aware proxy: end-to-end output distortion on calibration data.
+
+Per-layer errors do not compare across layers (DESIGN.md §2, lesson 1); the distortion of the
+model's own outputs does.  Each output counts as its relative squared error
+``||y - y_ref||^2 / ||y_ref||^2`` (so outputs of different scales weigh alike), averaged over outputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BayesQError
+
+
+class OutputDistortion:
+    def __init__(self, probe, data: dict[str, np.ndarray], batch_size: int):
+        self.probe, self.data, self.batch_size = probe, data, batch_size
+        self.reference = list(probe.run(data, batch_size))
+        first = self.reference[0]
+        self.outputs = [k for k in probe.outputs if np.issubdtype(first[k].dtype, np.floating)]
+        if not self.outputs:
+            raise BayesQError("the model has no floating-point output to measure distortion on")
+        self.energy = {k: sum(float(np.square(r[k], dtype=np.float64).sum()) for r in self.reference)
+                       for k in self.outputs}
+
+    def __call__(self, overrides: dict[str, np.ndarray]) -> float:
+        err = dict.fromkeys(self.outputs, 0.0)
+        for ref, out in zip(self.reference, self.probe.run(self.data, self.batch_size, outputs=self.outputs,
+                                                           overrides=overrides)):
+            for k in self.outputs:
+                err[k] += float(np.square(out[k] - ref[k], dtype=np.float64).sum())
+        return float(np.mean([err[k] / max(self.energy[k], 1e-30) for k in self.outputs]))

@@ -1,0 +1,82 @@
+"""Rounding a view onto a fixed per-group affine grid: nearest (RTN) or GPTQ error feedback.
+
+GPTQ (Frantar et al. 2022; IST-DASLab/gptq ``gptq.py``) quantizes the columns of the view one at
+a time along ``L`` and spreads each column's error over the columns not yet quantized, so as to
+minimise ``||X W^T - X Q^T||^2`` with ``H = X^T X``.  The update for column ``i`` uses row ``i``
+of the upper Cholesky factor of ``H^-1``, which equals the OBS update with the inverse Hessian
+of the remaining columns; lazy batches apply the updates to later columns as one matrix product.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+from ..formats.base import UniformCodes
+
+
+def _codes(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmax: int) -> np.ndarray:
+    """Nearest grid code, computed in float64 like ``expected_sq_error`` so both agree on ties."""
+    return np.clip(np.rint(w / np.asarray(scale, np.float64)) + zp, 0, qmax)
+
+
+def _check(view, scale, zp, block) -> int:
+    rows, L = view.shape
+    g = -(-L // block)
+    if scale.shape != (rows, g) or zp.shape != (rows, g):
+        raise ValueError(f"scale/zero_point must be ({rows}, {g}), got {scale.shape} / {zp.shape}")
+    return g
+
+
+def round_rtn(view: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, block: int) -> UniformCodes:
+    """Round every weight to its nearest grid point."""
+    _check(view, scale, zp, block)
+    g = np.arange(view.shape[1]) // block
+    codes = _codes(np.asarray(view, np.float64), scale[:, g], zp[:, g], (1 << bits) - 1)
+    return UniformCodes(codes.astype(np.uint8), scale.astype(np.float32), zp.astype(np.uint8), bits, block)
+
+
+def round_gptq(view: np.ndarray, H: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, block: int,
+               damp: float = 0.01, lazy_block: int = 128, act_order: bool = False) -> UniformCodes:
+    """GPTQ rounding of ``view`` (rows, L) onto the fixed grid ``(scale, zp)`` with ``H = X^T X``
+    (L, L) over the view's ``L`` axis.
+
+    As the reference: inputs with ``diag(H) == 0`` never reach the output, so their weights are
+    set to 0 and their diagonal to 1; ``damp * mean(diag H)`` is added to the diagonal;
+    ``act_order`` quantizes columns by decreasing ``diag(H)``, each keeping its own group's grid.
+    """
+    _check(view, scale, zp, block)
+    rows, L = view.shape
+    if H.shape != (L, L):
+        raise ValueError(f"H must be ({L}, {L}) for a view with L={L}, got {H.shape}")
+    qmax = (1 << bits) - 1
+    # Work on W^T (one row per input index): every column update below is contiguous.
+    Wt = np.array(np.asarray(view).T, np.float64)
+    H = np.array(H, np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    Wt[dead] = 0.0
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(L)
+    Wt, H = Wt[perm], H[np.ix_(perm, perm)]
+    St, Zt = scale.T[perm // block].astype(np.float64), zp.T[perm // block].astype(np.float64)
+    H[np.diag_indices(L)] += damp * np.mean(np.diag(H))
+    try:
+        Hinv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(H, lower=True), np.eye(L))
+        U = scipy.linalg.cholesky(Hinv, lower=False)
+    except np.linalg.LinAlgError:
+        raise ValueError("H is not positive definite after dampening; raise damp") from None
+
+    codes = np.empty((L, rows), np.float64)
+    for i1 in range(0, L, lazy_block):
+        i2 = min(i1 + lazy_block, L)
+        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]          # W1 is a view: updates land in Wt
+        err = np.empty((i2 - i1, rows))
+        for i in range(i2 - i1):
+            c = i1 + i
+            codes[c] = _codes(W1[i], St[c], Zt[c], qmax)
+            err[i] = (W1[i] - (codes[c] - Zt[c]) * St[c]) / U1[i, i]
+            W1[i + 1:] -= U1[i, i + 1:, None] * err[i]
+        Wt[i2:] -= U[i1:i2, i2:].T @ err
+
+    out = np.empty((rows, L), np.uint8)
+    out[:, perm] = codes.T
+    return UniformCodes(out, scale.astype(np.float32), zp.astype(np.uint8), bits, block)

@@ -1,0 +1,67 @@
+"""Data passed between stages (no logic beyond layout bookkeeping)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    """One quantizable initializer and how its consumers see it.
+
+    Numerics work on the *view* ``init.transpose(perm).reshape(rows, L)``: rows are independent
+    outputs, ``L`` is the reduction axis that quantization groups run along.
+    """
+
+    name: str                       # initializer name
+    kind: str                       # "matmul" | "conv" | "gather": which family of formats applies
+    op_type: str                    # consumer op, for reports
+    shape: tuple[int, ...]          # initializer shape
+    perm: tuple[int, ...]
+    rows: int
+    L: int
+    consumers: tuple[str, ...]      # names of the consuming nodes
+    activations: tuple[str, ...]    # tensors whose statistics give this site's curvature
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.L
+
+    def to_view(self, arr: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(arr.transpose(self.perm).reshape(self.rows, self.L))
+
+    def from_view(self, view: np.ndarray) -> np.ndarray:
+        permuted = tuple(self.shape[p] for p in self.perm)
+        return np.ascontiguousarray(view.reshape(permuted).transpose(np.argsort(self.perm)))
+
+
+@dataclass(frozen=True)
+class SkippedSite:
+    name: str
+    reason: str
+
+
+@dataclass
+class SiteStats:
+    """Forward statistics of one site's inputs over the calibration set."""
+
+    xtx: np.ndarray | None = None   # (L, L) float64 sum of x x^T over all rows seen (matmul sites)
+    sq: np.ndarray | None = None    # per-view-element broadcastable sum of x^2 (conv: (1, L); gather: (rows, 1))
+    n: int = 0                      # rows of X accumulated
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one site got, and why (the report's `layers` entry)."""
+
+    name: str
+    op_type: str
+    shape: tuple[int, ...]
+    format: str
+    bits: int
+    block_size: int
+    stored_bits: int
+    expected_loss: float            # closed-form posterior-expected whitened distortion
+    table_loss: float | None = None  # the allocator's input for this choice (proxy or closed form)
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,89 @@
+"""Small models built in the tests (no files): each exercises a different kind of weight site."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17  # what torch exports commonly use; lowering must raise it only when a format needs it
+
+
+def _w(rng, *shape, scale=None):
+    fan_in = shape[0] if len(shape) == 2 else int(np.prod(shape[1:]))
+    return (rng.standard_normal(shape) * (scale or 1 / np.sqrt(fan_in))).astype(np.float32)
+
+
+def _model(nodes, inputs, outputs, inits, opset=OPSET):
+    g = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def mlp(seed=0, d=64, h=128) -> onnx.ModelProto:
+    """Gemm with bias, a weight shared by two MatMuls, a weight behind a Transpose, a Constant-node
+    weight, and a small weight below min_elements (skipped)."""
+    rng = np.random.default_rng(seed)
+    inits = {"W0": _w(rng, d, h), "b0": _w(rng, h, scale=0.1), "W1": _w(rng, h, h),
+             "W2T": _w(rng, d, h), "small": _w(rng, d, 8)}
+    const = helper.make_node("Constant", [], ["W3"], value=numpy_helper.from_array(_w(rng, d, 32), "W3"))
+    nodes = [
+        const,
+        helper.make_node("Gemm", ["x", "W0", "b0"], ["a0"]),
+        helper.make_node("Relu", ["a0"], ["r0"]),
+        helper.make_node("MatMul", ["r0", "W1"], ["a1"]),
+        helper.make_node("Tanh", ["a1"], ["t1"]),
+        helper.make_node("MatMul", ["t1", "W1"], ["a1b"]),        # W1 shared
+        helper.make_node("Add", ["a1", "a1b"], ["s1"]),
+        helper.make_node("Transpose", ["W2T"], ["W2"], perm=[1, 0]),
+        helper.make_node("MatMul", ["s1", "W2"], ["a2"]),          # weight behind a Transpose
+        helper.make_node("MatMul", ["a2", "W3"], ["logits"]),
+        helper.make_node("MatMul", ["a2", "small"], ["aux"]),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 32]),
+                   helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["n", 8])], inits)
+
+
+def mlp_data(n=64, d=64, seed=1) -> dict[str, np.ndarray]:
+    """Correlated inputs (a low-rank mix plus noise), where error feedback has something to use."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((8, d))
+    x = rng.standard_normal((n, 8)) @ mix + 0.1 * rng.standard_normal((n, d))
+    return {"x": x.astype(np.float32)}
+
+
+def embed(seed=0, vocab=500, d=64, seq=12) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits = {"E": _w(rng, vocab, d, scale=0.5), "W": _w(rng, d, d), "Wout": _w(rng, d, 32),
+             "axes": np.array([1], np.int64)}
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], axis=0),
+             helper.make_node("MatMul", ["e", "W"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("ReduceMean", ["r", "axes"], ["p"], keepdims=0),
+             helper.make_node("MatMul", ["p", "Wout"], ["logits"])]
+    return _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", seq])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 32])], inits, opset=18)
+
+
+def embed_data(n=48, vocab=500, seq=12, seed=1):
+    return {"ids": np.random.default_rng(seed).integers(0, vocab, (n, seq)).astype(np.int64)}
+
+
+def cnn(seed=0) -> onnx.ModelProto:
+    """Two convolutions (3x3 and 1x1) and a Gemm head with transB=1 (too small: skipped)."""
+    rng = np.random.default_rng(seed)
+    inits = {"C1": _w(rng, 32, 64, 3, 3), "C2": _w(rng, 32, 32, 1, 1), "Wfc": _w(rng, 10, 32)}
+    nodes = [helper.make_node("Conv", ["x", "C1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "C2"], ["c2"]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["gp"]),
+             helper.make_node("Flatten", ["gp"], ["f"]),
+             helper.make_node("Gemm", ["f", "Wfc"], ["logits"], transB=1)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64, 8, 8])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])], inits)
+
+
+def cnn_data(n=32, seed=1):
+    return {"x": np.random.default_rng(seed).standard_normal((n, 64, 8, 8)).astype(np.float32)}
