@@ -11,13 +11,13 @@ Summing the exact truncated-Gaussian moments of ``(c - w)^2`` over the regions t
 so only thresholds within a few sigma of ``mu`` matter, and ``sigma = 0`` is exactly the
 deterministic rounding error.  Three regimes, all within ~1e-3 relative of this exact value:
 
-- ``k < 1/4``, or ``mu`` rounds beyond the clipping range: the sum above over the thresholds
-  within 6 sigma (at most 13).
-- ``1/4 <= k < 1``: the same sum over *all* integers' thresholds is the Gaussian-smoothed periodic
-  rounding error, whose Fourier series (Poisson summation) is
+- Fewer than 5 thresholds within 6 sigma (always when sigma < step/6, and on 1- and 2-bit
+  grids), or ``mu`` rounding beyond the clipping range: the sum above over those thresholds.
+- 5 or more (so ``1/3 < k``) and ``k < 1``: the same sum over *all* integers' thresholds is the
+  Gaussian-smoothed periodic rounding error, whose Fourier series (Poisson summation) is
   ``1/12 + sum_n (-1)^n cos(2 pi n x) exp(-2 pi^2 n^2 k^2) / (pi^2 n^2)`` (4 terms: the 5th is
-  below 1e-21); the thresholds that do not exist beyond the clipping range are added back.
-  Same value as the first regime, at one cosine per weight instead of up to 13 erfc calls.
+  below 1e-25); the thresholds that do not exist beyond the clipping range are added back.
+  Same value as the direct sum, at one cosine per weight instead of up to 13 erfc calls.
 - ``k >= 1`` (sigma >= step): the Gaussian spans many cells and the rounding error is uniform on
   each up to terms of order ``exp(-2 pi^2 k^2) < 3e-9``, so inside the clipping range it is
   ``s^2/12 * P(in range)`` plus the Euler-Maclaurin boundary term ``s^2 (f'(hi) - f'(lo)) / 360``
@@ -33,8 +33,9 @@ from scipy.special import erfc, ndtr
 from .laplace import DiagonalLaplace
 
 _Z_CUT = 6.0       # a threshold beyond 6 sigma adds R(6) < 2e-10 (relative to E: < 1e-8): dropped
-_K_FOURIER = 0.25  # from here on 4 Fourier terms are exact: exp(-2 pi^2 25 / 16) / (25 pi^2) < 2e-16
-_CHUNK = 1 << 16   # elements per pass: the float64 temporaries stay in cache
+_N_FOURIER = 5     # Fourier regime from 5 thresholds in reach: cheaper there, and sigma > step/3,
+                   # where 4 terms are exact (the 5th: exp(-2 pi^2 25/9) / (25 pi^2) < 1e-25)
+_CHUNK = 1 << 16   # elements per pass: bounds the float64 temporaries (fastest of 2^12..2^16)
 _SQRT2 = 1.4142135623730951
 _INV_SQRT_PI = 0.5641895835477563
 _INV_SQRT_2PI = 0.3989422804014327
@@ -44,7 +45,7 @@ def _pdf(z: np.ndarray) -> np.ndarray:
     return np.exp(-0.5 * z * z) * _INV_SQRT_2PI
 
 
-def _select(mask: np.ndarray):
+def _select(mask: np.ndarray) -> tuple[slice | np.ndarray, int]:
     """Where ``mask`` holds, as an index for gathers: a full slice when it holds everywhere, so
     the common single-regime chunk works on views instead of gathered copies."""
     n = np.count_nonzero(mask)
@@ -94,16 +95,15 @@ def _esq_flat(mu, sig, s, zp, qmax: int) -> np.ndarray:
     out += sig * sig                           # exact when no threshold is within 6 sigma
     k = sig / s
     hires = k >= 1.0
-    fourier = (k >= _K_FOURIER) & ~hires & (c == r)
+    # Thresholds within 6 sigma: from the one above code `lo`, `n` of them.
+    lo = np.clip(np.rint(x - _Z_CUT * k), 0, qmax)
+    n = np.clip(np.rint(x + _Z_CUT * k), 0, qmax) - lo
+    n[hires] = 0
+    fourier = (n >= _N_FOURIER) & (c == r)
 
-    # Thresholds within 6 sigma, for weights with one within reach (distance to the nearest
-    # half-integer is 1/2 - |x - r|).
-    i, n_i = _select((np.abs(x - r) + _Z_CUT * k > 0.5) & ~hires & ~fourier)
+    i, n_i = _select((n > 0) & ~fourier)
     if n_i:
-        xi, ki = x[i], k[i]
-        lo = np.clip(np.rint(xi - _Z_CUT * ki), 0, qmax)
-        n = np.clip(np.rint(xi + _Z_CUT * ki), 0, qmax) - lo
-        out[i] -= s[i] * sig[i] * _SQRT2 * _threshold_sum(xi, ki, lo + 0.5, 1.0, n)
+        out[i] -= s[i] * sig[i] * _SQRT2 * _threshold_sum(x[i], k[i], lo[i] + 0.5, 1.0, n[i])
 
     i, n_i = _select(fourier)
     if n_i:
