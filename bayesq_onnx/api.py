@@ -133,7 +133,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
             fmt = plan.choice[s.name]
             if not isinstance(fmt, Float32):
                 packed[s.name] = fmt.pack(quantizers[s.name].codes(fmt))
-            quantizers[s.name].forget(set())
+            quantizers[s.name].forget()
             p.step()
     out_model = lower_ort_cpu(m, sites, plan.choice, packed, recipe.accuracy_level)
     try:
@@ -166,19 +166,17 @@ def _tables(recipe, sites, candidates, quantizers, probe, fit) -> dict[str, np.n
         for s in sites:
             q, fs = quantizers[s.name], candidates[s.name]
             costs = np.array([f.stored_bits(s.rows, s.L) for f in fs], np.float64)
-            closed = np.array([q.expected_loss(f) for f in fs])
-            hull = set(lower_hull(costs, closed))
+            hull = set(lower_hull(costs, np.array([q.screen_loss(f) for f in fs])))
             table = np.full(len(fs), np.inf)
             for j, f in enumerate(fs):
                 if j in hull:
                     if not proxy:
-                        table[j] = closed[j]
+                        table[j] = q.expected_loss(f)
                     elif isinstance(f, Float32):
                         table[j] = 0.0
                     else:
                         table[j] = distortion({s.name: s.from_view(q.dequantized(f))})
                 p.step()
-            q.forget(set())
             losses[s.name] = table
     return losses
 

@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on a real model: all-MiniLM-L6-v2 on fortunes text")
     d.add_argument("--bits", type=float, default=3.0)
-    d.add_argument("--cache", default=None, help="asset cache directory (default: ~/.cache/bayesq-onnx)")
+    d.add_argument("--cache", default=None, help="asset cache directory (default: $BAYESQ_CACHE or ~/.cache/bayesq-onnx)")
     d.add_argument("--method", default="bayesq")
     d.add_argument("--quiet", action="store_true")
     return p

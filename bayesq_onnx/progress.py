@@ -10,7 +10,7 @@ log = logging.getLogger("bayesq_onnx.progress")
 class Progress:
     """``with Progress("tables", total) as p: ... p.step()`` logs at most every ``every`` seconds."""
 
-    def __init__(self, what: str, total: int, every: float = 2.0):
+    def __init__(self, what: str, total: int, every: float = 5.0):
         self.what, self.total, self.every = what, max(int(total), 1), every
         self.done = 0
         self._t0 = self._last = time.monotonic()

@@ -86,8 +86,10 @@ def find_sites(model: onnx.ModelProto, min_elements: int = 1024) -> tuple[list[W
         if len(shape) < 2 or init.name not in uses and init.name not in in_subgraphs:
             continue
         if init.data_type != onnx.TensorProto.FLOAT:
-            skipped.append(SkippedSite(init.name, f"dtype {onnx.TensorProto.DataType.Name(init.data_type)}: "
-                                                  "only float32 weights are quantized"))
+            # integer tensors (shapes, indices) are not weights; a non-fp32 weight is worth a note
+            if any(not isinstance(_classify(n, s, shape, uses), str) for n, s in uses[init.name]):
+                skipped.append(SkippedSite(init.name, f"dtype {onnx.TensorProto.DataType.Name(init.data_type)}: "
+                                                      "only float32 weights are quantized"))
             continue
         if init.name in graph_inputs:
             skipped.append(SkippedSite(init.name, "also a graph input, so it can be overridden at run time"))

@@ -8,6 +8,8 @@ of the remaining columns; lazy batches apply the updates to later columns as one
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.linalg
 
@@ -35,35 +37,53 @@ def round_rtn(view: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, bl
     return UniformCodes(codes.astype(np.uint8), scale.astype(np.float32), zp.astype(np.uint8), bits, block)
 
 
-def round_gptq(view: np.ndarray, H: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, block: int,
-               damp: float = 0.01, lazy_block: int = 128, act_order: bool = False) -> UniformCodes:
-    """GPTQ rounding of ``view`` (rows, L) onto the fixed grid ``(scale, zp)`` with ``H = X^T X``
-    (L, L) over the view's ``L`` axis.
+@dataclass(frozen=True, eq=False)
+class GPTQFactor:
+    """What GPTQ needs from ``H`` whatever the grid: computed once per site, reused per format."""
 
-    As the reference: inputs with ``diag(H) == 0`` never reach the output, so their weights are
+    U: np.ndarray       # upper Cholesky factor of the dampened, permuted H^-1 (L, L)
+    perm: np.ndarray    # column order (act_order: decreasing diag H)
+    dead: np.ndarray    # inputs with diag(H) == 0
+
+
+def gptq_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = False) -> GPTQFactor:
+    """As the reference: inputs with ``diag(H) == 0`` never reach the output, so their weights are
     set to 0 and their diagonal to 1; ``damp * mean(diag H)`` is added to the diagonal;
-    ``act_order`` quantizes columns by decreasing ``diag(H)``, each keeping its own group's grid.
-    """
-    _check(view, scale, zp, block)
-    rows, L = view.shape
+    ``act_order`` quantizes columns by decreasing ``diag(H)``."""
+    L = H.shape[0]
     if H.shape != (L, L):
-        raise ValueError(f"H must be ({L}, {L}) for a view with L={L}, got {H.shape}")
-    qmax = (1 << bits) - 1
-    # Work on W^T (one row per input index): every column update below is contiguous.
-    Wt = np.array(np.asarray(view).T, np.float64)
+        raise ValueError(f"H must be square, got {H.shape}")
     H = np.array(H, np.float64)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
-    Wt[dead] = 0.0
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(L)
-    Wt, H = Wt[perm], H[np.ix_(perm, perm)]
-    St, Zt = scale.T[perm // block].astype(np.float64), zp.T[perm // block].astype(np.float64)
+    H = H[np.ix_(perm, perm)]
     H[np.diag_indices(L)] += damp * np.mean(np.diag(H))
     try:
         Hinv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(H, lower=True), np.eye(L))
         U = scipy.linalg.cholesky(Hinv, lower=False)
     except np.linalg.LinAlgError:
         raise ValueError("H is not positive definite after dampening; raise damp") from None
+    return GPTQFactor(U, perm, dead)
+
+
+def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray, zp: np.ndarray, bits: int,
+               block: int, damp: float = 0.01, lazy_block: int = 128, act_order: bool = False) -> UniformCodes:
+    """GPTQ rounding of ``view`` (rows, L) onto the fixed grid ``(scale, zp)`` with ``H = X^T X``
+    (L, L) over the view's ``L`` axis, or its precomputed :func:`gptq_factor` (then ``damp`` and
+    ``act_order`` are the factor's).  Each column keeps its own group's grid under act_order."""
+    _check(view, scale, zp, block)
+    rows, L = view.shape
+    f = H if isinstance(H, GPTQFactor) else gptq_factor(H, damp, act_order)
+    if f.U.shape != (L, L):
+        raise ValueError(f"H must be ({L}, {L}) for a view with L={L}, got {f.U.shape}")
+    qmax = (1 << bits) - 1
+    U, perm = f.U, f.perm
+    # Work on W^T (one row per input index): every column update below is contiguous.
+    Wt = np.array(np.asarray(view).T, np.float64)
+    Wt[f.dead] = 0.0
+    Wt = Wt[perm]
+    St, Zt = scale.T[perm // block].astype(np.float64), zp.T[perm // block].astype(np.float64)
 
     codes = np.empty((L, rows), np.float64)
     for i1 in range(0, L, lazy_block):

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from bayesq_onnx.errors import BayesQError
+from ..errors import BayesQError
 
 __all__ = ["compare_outputs", "compare_models", "is_logits_like"]
 
@@ -297,3 +297,29 @@ def compare_models(ref_path: str | Path, quant_path: str | Path,
                 "batch_size": int(batch_size), "ref_seconds": round(t_ref, 6),
                 "quant_seconds": round(t_quant, 6)})
     return res
+
+
+def evaluate_files(ref_path: str | Path, quant_path: str | Path, data_path: str | Path,
+                   labels_path: str | Path | None = None) -> dict[str, Any]:
+    """``bayesq-onnx eval``: files in, metrics out; every bad input is a BayesQError."""
+    from ..calib.readers import input_specs, load_calibration
+    from ..graph.model_io import load_model
+    from ..runtime.session import make_session
+
+    ref = load_model(ref_path)
+    load_model(quant_path)  # a clear error for a missing or corrupt file before onnxruntime sees it
+    data = load_calibration(data_path, input_specs(ref))
+    labels = None
+    if labels_path is not None:
+        try:
+            labels = np.load(labels_path, allow_pickle=False)
+        except Exception as e:
+            raise BayesQError(f"cannot read labels {labels_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise BayesQError(f"labels {labels_path} must be integers, got {labels.dtype}")
+    try:
+        return compare_models(ref_path, quant_path, data, labels, session_factory=make_session)
+    except BayesQError:
+        raise
+    except Exception as e:
+        raise BayesQError(f"onnxruntime failed to run the models: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
