@@ -47,8 +47,9 @@ class SiteStats:
     """Forward statistics of one site's inputs over the calibration set."""
 
     xtx: np.ndarray | None = None   # (L, L) float64 sum of x x^T over all rows seen (matmul sites)
-    sq: np.ndarray | None = None    # per-view-element broadcastable sum of x^2 (conv: (1, L); gather: (rows, 1))
-    n: int = 0                      # rows of X accumulated
+    n_xtx: int = 0                  # rows of X in xtx
+    sq: np.ndarray | None = None    # broadcastable to the view: conv (1, L) sums of x^2, gather (rows, 1) index counts
+    n_sq: int = 0                   # samples (conv) or indices (gather) in sq
 
 
 @dataclass(frozen=True)

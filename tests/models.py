@@ -87,3 +87,20 @@ def cnn(seed=0) -> onnx.ModelProto:
 
 def cnn_data(n=32, seed=1):
     return {"x": np.random.default_rng(seed).standard_normal((n, 64, 8, 8)).astype(np.float32)}
+
+
+def tied(seed=0, vocab=300, d=64, seq=8) -> onnx.ModelProto:
+    """A language-model shape: the embedding table is also the output head (through a Transpose)."""
+    rng = np.random.default_rng(seed)
+    inits = {"E": _w(rng, vocab, d, scale=0.5), "W": _w(rng, d, d)}
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"], axis=0),
+             helper.make_node("MatMul", ["e", "W"], ["h"]),
+             helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("Transpose", ["E"], ["ET"], perm=[1, 0]),
+             helper.make_node("MatMul", ["t", "ET"], ["logits"])]
+    return _model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", seq])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", seq, vocab])], inits)
+
+
+def tied_data(n=48, vocab=300, seq=8, seed=1):
+    return {"ids": np.random.default_rng(seed).integers(0, vocab, (n, seq)).astype(np.int64)}

@@ -14,7 +14,7 @@ from bayesq_onnx import Recipe, compress, make_session
 from bayesq_onnx.runtime.reference_ops import REFERENCE_OPS
 
 CASES = {"mlp": (models.mlp, models.mlp_data), "embed": (models.embed, models.embed_data),
-         "cnn": (models.cnn, models.cnn_data)}
+         "cnn": (models.cnn, models.cnn_data), "tied": (models.tied, models.tied_data)}
 
 
 def _save(tmp_path, name, model):
@@ -59,7 +59,8 @@ def test_compress_runs_within_budget(tmp_path, case, bits):
             continue
         assert layer["name"] not in inits, f"fp32 copy of quantized {layer['name']} remains"
         prefix = "bq_" + layer["name"] + "_"
-        mine = [t for t in q.graph.initializer if t.name.startswith(prefix)]
+        # (a tied head's Reshape target shape is graph plumbing, like the Transpose it replaces)
+        mine = [t for t in q.graph.initializer if t.name.startswith(prefix) and not t.name.endswith("_head_shape")]
         # stored_bits in the report is exactly what the file holds for this weight
         assert sum(8 * len(t.raw_data) for t in mine) == layer["stored_bits"], layer["name"]
         stored += layer["stored_bits"]
@@ -98,6 +99,20 @@ def test_opset_raised_only_for_blocked_dequantize(tmp_path):
     q2 = onnx.load(out2)
     assert {o.domain: o.version for o in q2.opset_import}[""] == models.OPSET
     assert "MatMulNBits" in {n.op_type for n in q2.graph.node}
+
+
+def test_tied_embedding_is_one_site_stored_once(tmp_path):
+    out = tmp_path / "q.onnx"
+    rep = compress(_save(tmp_path, "tied", models.tied()), Recipe(bits=4.5), calib=models.tied_data(),
+                   output=out).report
+    layer = {l["name"]: l for l in rep["layers"]}["E"]
+    assert layer["op_type"] == "Gather/MatMul" and layer["format"].startswith("gbq-")
+    q = onnx.load(out)
+    ops = [n.op_type for n in q.graph.node]
+    assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops and "Transpose" not in ops
+    # the table's bytes appear once: both ops read the same initializers
+    assert sum(8 * len(t.raw_data) for t in q.graph.initializer
+               if t.name.startswith("bq_E_") and t.name != "bq_E_head_shape") == layer["stored_bits"]
 
 
 def test_same_seed_same_bytes(tmp_path):

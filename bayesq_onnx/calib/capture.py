@@ -1,6 +1,8 @@
 """Forward-only activation statistics per site, accumulated batch by batch in bounded memory."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ..progress import Progress
@@ -9,7 +11,7 @@ from ..types import SiteStats, WeightSite
 
 def capture_stats(probe, sites: list[WeightSite], data: dict[str, np.ndarray], batch_size: int) -> dict[str, SiteStats]:
     """``X^T X`` over every row entering a matmul site (the GPTQ / K-FAC input factor), per-channel
-    sums of squares for conv sites, index counts for gather sites."""
+    sums of squares for conv sites, index counts for gather sites (tied sites get both)."""
     acts = list(dict.fromkeys(a for s in sites for a in s.activations))
     stats = {s.name: SiteStats() for s in sites}
     n = len(next(iter(data.values())))
@@ -24,20 +26,22 @@ def capture_stats(probe, sites: list[WeightSite], data: dict[str, np.ndarray], b
 
 
 def _accumulate(site: WeightSite, st: SiteStats, x: np.ndarray) -> None:
-    if site.kind == "matmul":
+    if site.kind == "tied":  # both uses: index counts from the Gather, X^T X from the head
+        _accumulate(replace(site, kind="gather" if x.dtype.kind in "iu" else "matmul"), st, x)
+    elif site.kind == "matmul":
         x = x.reshape(-1, site.L).astype(np.float64)
         st.xtx = (x.T @ x) if st.xtx is None else st.xtx + x.T @ x
-        st.n += x.shape[0]
+        st.n_xtx += x.shape[0]
     elif site.kind == "conv":
         # every weight w[o, i, r] meets channel i at (almost) every position: sum x_i^2 over positions
         axes = (0,) + tuple(range(2, x.ndim))
         sq = np.square(x, dtype=np.float64).sum(axis=axes).reshape(1, x.shape[1])
         st.sq = sq if st.sq is None else st.sq + sq
-        st.n += x.shape[0]
+        st.n_sq += x.size // x.shape[1]  # positions: a conv "row" is one patch
     elif site.kind == "gather":
         counts = np.bincount(x.reshape(-1).astype(np.int64) % site.rows, minlength=site.rows)
         counts = counts.astype(np.float64).reshape(site.rows, 1)
         st.sq = counts if st.sq is None else st.sq + counts
-        st.n += x.size
+        st.n_sq += x.size
     else:
         raise ValueError(f"unknown site kind {site.kind!r}")

@@ -22,8 +22,12 @@ class ActivationCurvature(CurvatureSource):
         self.stats, self.evidence = stats, evidence
 
     def diagonal(self, site: WeightSite) -> np.ndarray:
+        """``2 diag(X^T X)`` per input (matmul), channel energies (conv), index counts (gather), each
+        per calibration row times ``evidence``; a tied embedding/head gets the sum of both uses."""
         st = self.stats[site.name]
-        per_row = self.evidence / max(st.n, 1)
+        h = np.zeros((1, 1))
         if st.xtx is not None:
-            return 2.0 * per_row * np.diag(st.xtx).reshape(1, site.L)
-        return 2.0 * per_row * st.sq  # conv: (1, L) channel energies; gather: (rows, 1) index counts
+            h = h + 2.0 * self.evidence / max(st.n_xtx, 1) * np.diag(st.xtx).reshape(1, site.L)
+        if st.sq is not None:
+            h = h + 2.0 * self.evidence / max(st.n_sq, 1) * st.sq
+        return h

@@ -78,6 +78,7 @@ def find_sites(model: onnx.ModelProto, min_elements: int = 1024) -> tuple[list[W
     """Every float32 initializer of rank >= 2 becomes a site or a skipped entry with its reason
     (rank-0/1 tensors -- biases, norms, shapes -- are not weights in our sense)."""
     uses = _uses(model)
+    by_name = {n.name: n for n in model.graph.node}
     in_subgraphs = _subgraph_names(model)
     graph_inputs = {i.name for i in model.graph.input}
     sites, skipped = [], []
@@ -109,6 +110,8 @@ def find_sites(model: onnx.ModelProto, min_elements: int = 1024) -> tuple[list[W
             skipped.append(SkippedSite(init.name, reasons[0]))
             continue
         kinds = {(k, p) for k, p, _, _ in found}
+        if kinds == {("gather", (0, 1)), ("matmul", (0, 1))}:
+            kinds = {("tied", (0, 1))}  # an embedding table that is also the output head
         if len(kinds) > 1:
             skipped.append(SkippedSite(init.name, "shared by consumers that need different layouts: "
                                                   + ", ".join(sorted(f"{k}{p}" for k, p in kinds))))
@@ -120,7 +123,7 @@ def find_sites(model: onnx.ModelProto, min_elements: int = 1024) -> tuple[list[W
             rows *= d
         sites.append(WeightSite(
             name=init.name, kind=kind,
-            op_type="/".join(sorted({n.op_type for n, _ in uses[init.name]})),
+            op_type="/".join(sorted({by_name[c].op_type for _, _, _, cs in found for c in cs} - {"Transpose"})),
             shape=shape, perm=perm, rows=rows, L=permuted[-1],
             consumers=tuple(c for _, _, _, cs in found for c in cs),
             activations=tuple(dict.fromkeys(a for _, _, acts, _ in found for a in acts)),

@@ -86,3 +86,18 @@ def gather_block_quantized_node(indices: str, out: str, prefix: str, fmt: Gather
                             [out], name=prefix, domain=MS_DOMAIN, bits=fmt.bits, block_size=fmt.block,
                             gather_axis=0, quantize_axis=1)
     return node, inits
+
+
+def tied_head_nodes(inp: str, out: str, name: str, prefix: str, fmt: GatherBlockQuantized, V: int, D: int,
+                    accuracy_level: int = 0) -> tuple[list[NodeProto], list[TensorProto]]:
+    """``out = inp @ table^T`` reading the packed table that ``gather_block_quantized_node`` wrote
+    under the same ``prefix``: with ``D % block == 0`` its ``(V, D*bits/8)`` data, scales and zero
+    points are byte for byte MatMulNBits' ``B (V, n_blocks, blob)``, scales and zero points, so a
+    Reshape is all the head needs (onnxruntime folds it at load; the file stores the table once)."""
+    blob = fmt.block * fmt.bits // 8
+    shape = _tensor(np.array([V, D // fmt.block, blob], np.int64), f"{prefix}_head_shape")
+    reshape = helper.make_node("Reshape", [f"{prefix}_data", shape.name], [f"{prefix}_head_B"], name=f"{name}_B")
+    mm = helper.make_node("MatMulNBits", [inp, f"{prefix}_head_B", f"{prefix}_scales", f"{prefix}_zero_points"],
+                          [out], name=name, domain=MS_DOMAIN, K=D, N=V, bits=fmt.bits, block_size=fmt.block,
+                          accuracy_level=accuracy_level)
+    return [reshape, mm], [shape]

@@ -17,7 +17,7 @@ from onnx import helper, version_converter
 from ..errors import BayesQError
 from ..formats import BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
 from ..types import WeightSite
-from .nodes import MS_DOMAIN, dequantize_node, gather_block_quantized_node, matmulnbits_node
+from .nodes import MS_DOMAIN, dequantize_node, gather_block_quantized_node, matmulnbits_node, tied_head_nodes
 
 
 def _prefix(name: str) -> str:
@@ -66,13 +66,20 @@ def lower_ort_cpu(model: onnx.ModelProto, sites: list[WeightSite], choice: dict[
             node, ts = dequantize_node(s.name, pre, fmt, p, s.shape, axis=1)
             head.append(node)
             new_inits += ts
-        elif isinstance(fmt, GatherBlockQuantized):
+        elif isinstance(fmt, GatherBlockQuantized):  # an embedding, possibly tied to the output head
             for cname in s.consumers:
                 c = nodes[cname]
-                node, ts = gather_block_quantized_node(c.input[1], c.output[0], pre, fmt, p)
-                node.name = cname
-                replace[cname] = [node]
-            new_inits += ts
+                if c.op_type == "Gather":
+                    node, table = gather_block_quantized_node(c.input[1], c.output[0], pre, fmt, p)
+                    node.name = cname
+                    replace[cname] = [node]
+                elif c.op_type == "Transpose":
+                    replace[cname] = []
+                else:  # the head's MatMul, after the removed Transpose
+                    replace[cname], ts = tied_head_nodes(c.input[0], c.output[0], cname, pre, fmt, s.rows, s.L,
+                                                         accuracy_level)
+                    new_inits += ts
+            new_inits += table
         else:
             raise BayesQError(f"no ort-cpu lowering for format {fmt.name}")
     body = []

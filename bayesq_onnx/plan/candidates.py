@@ -20,6 +20,11 @@ def candidate_formats(site: WeightSite, recipe: Recipe) -> list[Format]:
     elif site.kind == "gather":
         out += [f for f in (GatherBlockQuantized(b, g) for b in recipe.gather_bits for g in fitting)
                 if f.supports(site.rows, site.L)]
+    elif site.kind == "tied":
+        # one packed table serves the Gather and (reshaped) the head's MatMulNBits: the layouts
+        # coincide byte for byte only when no group is padded
+        out += [f for f in (GatherBlockQuantized(b, g) for b in recipe.gather_bits for g in fitting)
+                if f.supports(site.rows, site.L) and site.L % f.block == 0]
     if recipe.keep_fp32 or not out:
         out.append(Float32())
     return out
