@@ -17,14 +17,14 @@ import numpy as np
 import onnx
 
 from .calib.capture import capture_stats
-from .calib.readers import (check_calibration, input_specs, load_calibration, n_samples, split,
+from .calib.readers import (check_calibration, fixed_batch, input_specs, load_calibration, n_samples, split,
                             synthetic_calibration, take)
 from .config import Recipe
 from .curvature.activation import ActivationCurvature
 from .curvature.from_file import FileCurvature
 from .errors import BayesQError
 from .formats import Float32
-from .graph.model_io import constants_to_initializers, load_model, name_nodes, save_model_atomic, to_array
+from .graph.model_io import load_model, prepare_model, save_model_atomic, to_array
 from .graph.sites import find_sites
 from .lower.ort_cpu import lower_ort_cpu
 from .plan.candidates import candidate_formats
@@ -62,8 +62,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
     if isinstance(model, onnx.ModelProto):
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        constants_to_initializers(m)
-        name_nodes(m)
+        prepare_model(m)
     else:
         m = load_model(model)
 
@@ -91,7 +90,12 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
         data, calib_source = check_calibration(calib, specs, "calibration data"), "dict"
     else:
         data, calib_source = load_calibration(calib, specs), str(calib)
-    fit, held = split(data, recipe.holdout)
+    fixed = fixed_batch(specs)
+    batch = fixed or recipe.batch_size
+    if fixed and n_samples(data) % fixed:
+        raise BayesQError(f"the model runs in fixed batches of {fixed}, which do not divide the "
+                          f"{n_samples(data)} calibration samples")
+    fit, held = split(data, recipe.holdout, fixed or 1)
 
     try:
         probe = Probe(m, [s.name for s in sites], [a for s in sites for a in s.activations])
@@ -103,7 +107,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
         log.warning("no calibration data given (--calib): using %d synthetic samples built from the input "
                     "types; quality will suffer on real data", recipe.synthetic_samples)
     try:
-        stats = capture_stats(probe, sites, fit, recipe.batch_size)
+        stats = capture_stats(probe, sites, fit, batch)
     except Exception as e:
         raise BayesQError(f"onnxruntime failed on the calibration data: {_first_line(e)}") from None
     curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
@@ -123,9 +127,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
     if recipe.method_spec.planner == "uniform":
         plan = uniforms[0]
     else:
-        losses = _tables(recipe, sites, candidates, quantizers, probe, fit)
+        losses = _tables(recipe, sites, candidates, quantizers, probe, fit, batch)
         plan, check = _plan_check(knapsack_plan(sites, candidates, losses, budget_bits), uniforms[:N_UNIFORM_CHECKED],
-                                  sites, quantizers, probe, held, recipe.batch_size)
+                                  sites, quantizers, probe, held, batch)
 
     packed = {}
     with Progress("packing", len(sites)) as p:
@@ -136,8 +140,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
             quantizers[s.name].forget()
             p.step()
     out_model = lower_ort_cpu(m, sites, plan.choice, packed, recipe.accuracy_level)
-    try:
-        onnx.checker.check_model(out_model, full_check=True)
+    try:  # the full check (with shape inference) whenever the input model passes it too
+        onnx.checker.check_model(out_model, full_check=_passes_full_check(m))
     except Exception as e:  # a bug of ours, not the user's: say so plainly
         raise RuntimeError(f"internal error: the lowered model fails onnx.checker: {_first_line(e)}") from e
 
@@ -155,12 +159,12 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
     return Result(out_model, rep, Path(output) if output is not None else None)
 
 
-def _tables(recipe, sites, candidates, quantizers, probe, fit) -> dict[str, np.ndarray]:
+def _tables(recipe, sites, candidates, quantizers, probe, fit, batch) -> dict[str, np.ndarray]:
     """Loss of every (site, candidate).  The closed form pre-screens within a site (it ranks a site's
     own formats soundly); the allocator's input is the task-aware proxy unless curvature from a
     file makes the closed form comparable across sites.  Off-hull candidates get +inf."""
     proxy = recipe.table_source == "proxy"
-    distortion = OutputDistortion(probe, take(fit, recipe.proxy_samples), recipe.batch_size) if proxy else None
+    distortion = OutputDistortion(probe, take(fit, -(-recipe.proxy_samples // batch) * batch), batch) if proxy else None
     losses = {}
     with Progress(f"loss tables ({recipe.table_source})", sum(len(candidates[s.name]) for s in sites)) as p:
         for s in sites:
@@ -232,6 +236,14 @@ def _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check,
         "allocation_steps": [dict(step) if isinstance(step, dict) else step.__dict__ for step in plan.steps],
         "recipe": recipe.to_dict(),
     }
+
+
+def _passes_full_check(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return True
+    except Exception:
+        return False
 
 
 def _write_json_atomic(obj, path) -> None:

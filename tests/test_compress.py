@@ -147,3 +147,20 @@ def test_bayesq_at_least_as_accurate_as_rtn(tmp_path):
         assert rep["bits_per_weight"] <= 3.0
         errs[method] = _rel_err(_run(out, test)[0], ref)
     assert errs["bayesq"] <= errs["rtn"], errs
+
+
+def test_curvature_file_drives_closed_form_tables(tmp_path):
+    """The CURV.npz contract: initializer names -> diagonal curvature in the initializer's shape."""
+    m = models.mlp()
+    rng = np.random.default_rng(0)
+    shapes = {"W0": (64, 128), "W1": (128, 128), "W2T": (64, 128), "W3": (64, 32)}
+    curv = tmp_path / "curv.npz"
+    np.savez(curv, **{k: rng.random(s).astype(np.float32) for k, s in shapes.items()})
+    rep = compress(_save(tmp_path, "mlp", m), Recipe(bits=3.5, curvature=str(curv)), calib=models.mlp_data()).report
+    assert rep["curvature"] == "file" and rep["tables"] == "closed_form"
+    assert rep["bits_per_weight"] <= 3.5
+    tabled = [l for l in rep["layers"] if l["table_loss"] is not None]  # None: off the pre-screen hull
+    assert tabled or rep["plan"] != "knapsack"
+    for layer in tabled:
+        # closed-form tables: the allocator's input is the expected loss itself
+        assert layer["table_loss"] == pytest.approx(layer["expected_loss"])

@@ -92,6 +92,8 @@ def synthetic_calibration(model: onnx.ModelProto, specs: list[InputSpec], n: int
     weight, not to represent real data."""
     rng = np.random.default_rng(seed)
     vocab = _gather_vocab(model)
+    unit = fixed_batch(specs) or 1
+    n = -(-n // unit) * unit
     data = {}
     for s in specs:
         shape = (n,) + tuple(SYNTHETIC_DIM if d is None else d for d in s.shape[1:])
@@ -115,12 +117,20 @@ def _gather_vocab(model: onnx.ModelProto) -> dict[str, int]:
     return vocab
 
 
-def split(data: dict[str, np.ndarray], holdout: float) -> tuple[dict, dict]:
-    """Deterministic split: the last ``holdout`` share of samples is held back.  With fewer than
-    two samples there is nothing to hold back and both parts are the whole set."""
-    n = len(next(iter(data.values())))
-    k = int(round(n * holdout))
-    if n < 2 or k == 0 or k == n:
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch size the graph insists on (a fixed axis 0), or None when axis 0 is dynamic."""
+    sizes = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
+    if len(sizes) > 1:
+        raise BayesQError(f"the model's inputs have different fixed batch sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+def split(data: dict[str, np.ndarray], holdout: float, unit: int = 1) -> tuple[dict, dict]:
+    """Deterministic split: the last ``holdout`` share of samples (a multiple of ``unit``, the
+    model's fixed batch) is held back.  When nothing can be held back both parts are the whole set."""
+    n = n_samples(data)
+    k = int(round(n * holdout / unit)) * unit
+    if k == 0 or k == n:
         return data, data
     return {a: v[:n - k] for a, v in data.items()}, {a: v[n - k:] for a, v in data.items()}
 

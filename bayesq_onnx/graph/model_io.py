@@ -22,12 +22,17 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as e:  # protobuf and external-data errors have many types
         raise BayesQError(f"cannot read {path} as an ONNX model: {_one_line(e)}") from None
+    return prepare_model(model, str(path))
+
+
+def prepare_model(model: onnx.ModelProto, source: str = "the model") -> onnx.ModelProto:
+    """Check a model and normalize it in place (Constant weights -> initializers, unique node names)."""
     if not model.graph.node:
-        raise BayesQError(f"{path} is not a usable ONNX model (its graph has no nodes)")
+        raise BayesQError(f"{source} is not a usable ONNX model (its graph has no nodes)")
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise BayesQError(f"{path} fails onnx.checker: {_one_line(e)}") from None
+        raise BayesQError(f"{source} fails onnx.checker: {_one_line(e)}") from None
     constants_to_initializers(model)
     name_nodes(model)
     return model

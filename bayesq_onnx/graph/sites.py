@@ -70,6 +70,8 @@ def _classify(node, slot, shape, uses):
         return "conv", (0, 2, 3, 1), (node.input[0],), (node.name,)
     if op == "Gather" and slot == 0 and len(shape) == 2 and _attr(node, "axis", 0) == 0:
         return "gather", (0, 1), (node.input[1],), (node.name,)
+    if op in ("MatMul", "Gemm", "Conv") and slot == 1:
+        return f"{op} weight of rank {len(shape)}: not a layout any format here rewrites"
     return f"used by {op} (input {slot}), which no format here rewrites"
 
 
