@@ -164,3 +164,16 @@ def test_curvature_file_drives_closed_form_tables(tmp_path):
     for layer in tabled:
         # closed-form tables: the allocator's input is the expected loss itself
         assert layer["table_loss"] == pytest.approx(layer["expected_loss"])
+
+
+def test_fixed_batch_model(tmp_path):
+    """Exports without dynamic axes run one fixed batch at a time; calibration and the plan check
+    must feed them that way."""
+    m = models.mlp()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    for o in m.graph.output:
+        o.type.tensor_type.shape.dim[0].dim_value = 1
+    out = tmp_path / "q.onnx"
+    rep = compress(_save(tmp_path, "mlp1", m), Recipe(bits=3.0), calib=models.mlp_data(10), output=out).report
+    assert rep["calibration"]["held_back"] in (2, 3)  # a quarter of 10, in whole batches of 1
+    assert make_session(str(out)).run(None, {"x": models.mlp_data(1)["x"]})[0].shape == (1, 32)
