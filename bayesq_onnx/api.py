@@ -22,7 +22,7 @@ from .calib.readers import (check_calibration, fixed_batch, input_specs, load_ca
 from .config import Recipe
 from .curvature.activation import ActivationCurvature
 from .curvature.from_file import FileCurvature
-from .errors import BayesQError
+from .errors import BayesQError, first_line
 from .formats import Float32
 from .graph.model_io import load_model, prepare_model, save_model_atomic, to_array
 from .graph.sites import find_sites
@@ -102,14 +102,14 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
     except BayesQError:
         raise
     except Exception as e:
-        raise BayesQError(f"onnxruntime cannot run the model: {_first_line(e)}") from None
+        raise BayesQError(f"onnxruntime cannot run the model: {first_line(e)}") from None
     if calib is None:
         log.warning("no calibration data given (--calib): using %d synthetic samples built from the input "
                     "types; quality will suffer on real data", recipe.synthetic_samples)
     try:
         stats = capture_stats(probe, sites, fit, batch)
     except Exception as e:
-        raise BayesQError(f"onnxruntime failed on the calibration data: {_first_line(e)}") from None
+        raise BayesQError(f"onnxruntime failed on the calibration data: {first_line(e)}") from None
     curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
 
     quantizers = {}
@@ -143,7 +143,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
     try:  # the full check (with shape inference) whenever the input model passes it too
         onnx.checker.check_model(out_model, full_check=_passes_full_check(m))
     except Exception as e:  # a bug of ours, not the user's: say so plainly
-        raise RuntimeError(f"internal error: the lowered model fails onnx.checker: {_first_line(e)}") from e
+        raise RuntimeError(f"internal error: the lowered model fails onnx.checker: {first_line(e)}") from e
 
     rep = _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check, n_weights,
                   calib_source, n_samples(data), n_samples(fit), n_samples(held), curvature.name)
@@ -267,7 +267,3 @@ def _jsonable(o):
         return o.tolist()
     raise TypeError(type(o).__name__)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import BayesQError
+from ..errors import BayesQError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _read_npz(f: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
         with np.load(f, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:
-        raise BayesQError(f"cannot read calibration file {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise BayesQError(f"cannot read calibration file {f}: {first_line(e)}") from None
     return check_calibration(arrays, specs, f"calibration file {f}")
 
 

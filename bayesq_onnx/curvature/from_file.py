@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BayesQError
+from ..errors import BayesQError, first_line
 from ..types import WeightSite
 from .base import CurvatureSource
 
@@ -22,7 +22,7 @@ class FileCurvature(CurvatureSource):
             with np.load(path, allow_pickle=False) as z:
                 arrays = {s.name: z[s.name] for s in sites if s.name in z.files}
         except Exception as e:
-            raise BayesQError(f"cannot read curvature file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise BayesQError(f"cannot read curvature file {path}: {first_line(e)}") from None
         missing = [s.name for s in sites if s.name not in arrays]
         if missing:
             raise BayesQError(f"curvature file {path} has no entry for {len(missing)} weight(s), e.g. {missing[0]!r}")

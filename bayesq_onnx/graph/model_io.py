@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from ..errors import BayesQError
+from ..errors import BayesQError, first_line
 
 _TWO_GB = 2**31 - 1
 
@@ -21,7 +21,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as e:  # protobuf and external-data errors have many types
-        raise BayesQError(f"cannot read {path} as an ONNX model: {_one_line(e)}") from None
+        raise BayesQError(f"cannot read {path} as an ONNX model: {first_line(e)}") from None
     return prepare_model(model, str(path))
 
 
@@ -32,7 +32,7 @@ def prepare_model(model: onnx.ModelProto, source: str = "the model") -> onnx.Mod
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise BayesQError(f"{source} fails onnx.checker: {_one_line(e)}") from None
+        raise BayesQError(f"{source} fails onnx.checker: {first_line(e)}") from None
     constants_to_initializers(model)
     name_nodes(model)
     return model
@@ -112,7 +112,3 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         raise
     return path
 
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, version_converter
 
-from ..errors import BayesQError
+from ..errors import BayesQError, first_line
 from ..formats import BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
 from ..types import WeightSite
 from .nodes import MS_DOMAIN, dequantize_node, gather_block_quantized_node, matmulnbits_node, tied_head_nodes
@@ -104,7 +104,7 @@ def _raise_opset(m: onnx.ModelProto, formats: list[Format]) -> None:
             converted = version_converter.convert_version(m, need)
         except Exception as e:
             raise BayesQError(f"cannot raise the model's opset from {current} to {need} (needed by blocked "
-                              f"DequantizeLinear): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                              f"DequantizeLinear): {first_line(e)}") from None
         m.CopyFrom(converted)
     if need:
         m.ir_version = max(m.ir_version, max(f.min_ir_version() for f in formats if isinstance(f, BlockedDequantize)))

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from ..errors import BayesQError
+from ..errors import BayesQError, first_line
 
 __all__ = ["compare_outputs", "compare_models", "is_logits_like"]
 
@@ -314,7 +314,7 @@ def evaluate_files(ref_path: str | Path, quant_path: str | Path, data_path: str 
         try:
             labels = np.load(labels_path, allow_pickle=False)
         except Exception as e:
-            raise BayesQError(f"cannot read labels {labels_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise BayesQError(f"cannot read labels {labels_path}: {first_line(e)}") from None
         if not np.issubdtype(labels.dtype, np.integer):
             raise BayesQError(f"labels {labels_path} must be integers, got {labels.dtype}")
     try:
@@ -322,4 +322,4 @@ def evaluate_files(ref_path: str | Path, quant_path: str | Path, data_path: str 
     except BayesQError:
         raise
     except Exception as e:
-        raise BayesQError(f"onnxruntime failed to run the models: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise BayesQError(f"onnxruntime failed to run the models: {first_line(e)}") from None
