@@ -5,10 +5,8 @@ lowered model -> report.  Each stage lives in its own package; this module only 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +22,7 @@ from .curvature.activation import ActivationCurvature
 from .curvature.from_file import FileCurvature
 from .errors import BayesQError, first_line
 from .formats import Float32
-from .graph.model_io import load_model, prepare_model, save_model_atomic, to_array
+from .graph.model_io import load_model, prepare_model, save_json_atomic, save_model_atomic, to_array
 from .graph.sites import find_sites
 from .lower.ort_cpu import lower_ort_cpu
 from .plan.candidates import candidate_formats
@@ -155,7 +153,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
         rep["output"] = str(path)
         rep["output_bytes"] = path.stat().st_size
     if report is not None:
-        _write_json_atomic(rep, report)
+        save_json_atomic(rep, report)
     return Result(out_model, rep, Path(output) if output is not None else None)
 
 
@@ -233,7 +231,12 @@ def _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check,
         "curvature": curvature_name, "tables": recipe.table_source if recipe.method_spec.planner == "knapsack" else None,
         "calibration": {"source": calib_source, "samples": n_all, "fit": n_fit, "held_back": n_held},
         "layers": layers, "skipped": [{"name": k.name, "reason": k.reason} for k in skipped],
-        "allocation_steps": [dict(step) if isinstance(step, dict) else step.__dict__ for step in plan.steps],
+        # why each weight got what it got: the greedy upgrades in the order taken
+        "allocation_steps": [{"name": sites[st.block].name,
+                              "from": candidates[sites[st.block].name][st.from_].name,
+                              "to": candidates[sites[st.block].name][st.to].name,
+                              "loss_drop_per_bit": st.ratio, "extra_bits": st.extra_bits, "loss_drop": st.loss_drop}
+                             for st in plan.steps],
         "recipe": recipe.to_dict(),
     }
 
@@ -244,26 +247,3 @@ def _passes_full_check(model: onnx.ModelProto) -> bool:
         return True
     except Exception:
         return False
-
-
-def _write_json_atomic(obj, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_jsonable)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
-

@@ -98,8 +98,8 @@ def _eval(args) -> int:
     from .validate.compare import evaluate_files
     metrics = evaluate_files(args.ref, args.quant, args.data, args.labels)
     if args.json:
-        from .api import _write_json_atomic
-        _write_json_atomic(metrics, args.json)
+        from .graph.model_io import save_json_atomic
+        save_json_atomic(metrics, args.json)
     print(json.dumps(metrics, indent=2))
     return 0
 

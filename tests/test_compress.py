@@ -6,7 +6,6 @@ import hashlib
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import models

@@ -2,7 +2,6 @@
 with our numpy reference ops (runtime/reference_ops.py)."""
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 import pytest

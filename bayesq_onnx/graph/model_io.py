@@ -1,10 +1,12 @@
 """Loading and saving models: clear errors for bad files, atomic writes, no surprise mutation."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -72,10 +74,6 @@ def constants_to_initializers(model: onnx.ModelProto) -> None:
         model.graph.node.extend(keep)
 
 
-def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in model.graph.initializer}
-
-
 def to_array(t: onnx.TensorProto):
     return numpy_helper.to_array(t)
 
@@ -112,3 +110,30 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         raise
     return path
 
+
+def save_json_atomic(obj, path) -> None:
+    """A report as strict JSON, written like the models: temp file, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_strict_json(obj), f, indent=2, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _strict_json(o):
+    """Plain JSON: numpy scalars as Python numbers, non-finite floats as null."""
+    if isinstance(o, dict):
+        return {k: _strict_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict_json(v) for v in o]
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not np.isfinite(o):
+        return None
+    return o

@@ -7,7 +7,6 @@ import onnx
 from onnx import helper
 
 from ..types import SkippedSite, WeightSite
-from .model_io import initializer_map
 
 MIN_CONV_BLOCK = 16  # blocked DequantizeLinear needs at least one group of this many input channels
 
