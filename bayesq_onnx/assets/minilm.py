@@ -221,7 +221,7 @@ def _model_dir() -> Path:
 
 
 def _build_pooled_encoder(model_dir: Path, normalize: bool):
-    _require("torch", "pip install torch==2.13.0")  # fail early, before any work
+    torch = _require("torch", "pip install torch==2.13.0")
     transformers = _require("transformers", "pip install transformers")
 
     class PooledEncoder(torch.nn.Module):
@@ -280,7 +280,7 @@ def _rename_matmul_weights(model) -> None:
 def _export_onnx(module, example: Mapping[str, np.ndarray], path: Path, meta: Mapping[str, str]):
     import warnings
 
-    _require("torch", "pip install torch==2.13.0")  # fail early, before any work
+    torch = _require("torch", "pip install torch==2.13.0")
     onnx = _require("onnx", "pip install onnx")
     raw = path.with_name(path.name + ".raw")
     args = tuple(torch.from_numpy(example[k]) for k in INPUT_NAMES)
@@ -305,7 +305,7 @@ def _export_onnx(module, example: Mapping[str, np.ndarray], path: Path, meta: Ma
 
 def _check_export(module, onnx_path: Path, data: Mapping[str, np.ndarray]) -> float:
     """Max abs difference torch vs onnxruntime on ``data`` (batches of 16 and a batch of 1)."""
-    _require("torch", "pip install torch==2.13.0")  # fail early, before any work
+    torch = _require("torch", "pip install torch==2.13.0")
     ort = _require("onnxruntime", "pip install onnxruntime")
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     n = len(data[INPUT_NAMES[0]])
