@@ -56,69 +56,32 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
     amend the recipe (``compress("m.onnx", bits=3.0)``).  The input model is never modified."""
     t0 = time.perf_counter()
     recipe = replace(recipe, **recipe_fields) if recipe else Recipe(**recipe_fields)
-    src = model
-    if isinstance(model, onnx.ModelProto):
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        prepare_model(m)
-    else:
-        m = load_model(model)
-
+    m = _read_model(model)
     sites, skipped = find_sites(m, recipe.min_elements)
     if not sites:
         why = f" ({skipped[0].name}: {skipped[0].reason})" if skipped else ""
         raise BayesQError(f"no quantizable weights found{why}")
-    inits = {t.name: t for t in m.graph.initializer}
-    weights = {s.name: to_array(inits[s.name]) for s in sites}
-    for name, w in weights.items():
-        if not np.isfinite(w).all():
-            raise BayesQError(f"weight {name!r} contains NaN or Inf")
-
+    weights = _read_weights(m, sites)
     candidates = {s.name: candidate_formats(s, recipe) for s in sites}
     n_weights = sum(s.size for s in sites)
     budget_bits = recipe.bits * n_weights
     check_budget(sites, candidates, budget_bits, n_weights, recipe.bits)
-
     # every check of the user's input is done before the first progress line
     file_curvature = FileCurvature(recipe.curvature, sites) if recipe.curvature else None
-    specs = input_specs(m)
-    if calib is None:
-        data, calib_source = synthetic_calibration(m, specs, recipe.synthetic_samples, recipe.seed), "synthetic"
-    elif isinstance(calib, dict):
-        data, calib_source = check_calibration(calib, specs, "calibration data"), "dict"
-    else:
-        data, calib_source = load_calibration(calib, specs), str(calib)
-    fixed = fixed_batch(specs)
+    data, calib_source, fixed = _read_calibration(m, calib, recipe)
     batch = fixed or recipe.batch_size
-    if fixed and n_samples(data) % fixed:
-        raise BayesQError(f"the model runs in fixed batches of {fixed}, which do not divide the "
-                          f"{n_samples(data)} calibration samples")
     fit, held = split(data, recipe.holdout, fixed or 1)
-
-    try:
-        probe = Probe(m, [s.name for s in sites], [a for s in sites for a in s.activations])
-    except BayesQError:
-        raise
-    except Exception as e:
-        raise BayesQError(f"onnxruntime cannot run the model: {first_line(e)}") from None
+    probe = _probe(m, sites)
     if calib is None:
         log.warning("no calibration data given (--calib): using %d synthetic samples built from the input "
                     "types; quality will suffer on real data", recipe.synthetic_samples)
+
     try:
         stats = capture_stats(probe, sites, fit, batch)
     except Exception as e:
         raise BayesQError(f"onnxruntime failed on the calibration data: {first_line(e)}") from None
     curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
-
-    quantizers = {}
-    for s in sites:
-        view = s.to_view(weights[s.name])
-        h = curvature.diagonal(s)
-        if not np.any(h > 0):  # never reached by the data: no information, weigh all alike
-            h = np.ones_like(h)
-        quantizers[s.name] = SiteQuantizer(view, DiagonalLaplace.fit(view, h, recipe.damping),
-                                           stats[s.name].xtx, recipe.method_spec, recipe.gptq_damp)
-
+    quantizers = {s.name: _site_quantizer(s, weights[s.name], curvature, stats[s.name].xtx, recipe) for s in sites}
 
     uniforms = uniform_plans(sites, candidates, budget_bits)
     check, losses = None, None
@@ -129,6 +92,72 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
         plan, check = _plan_check(knapsack_plan(sites, candidates, losses, budget_bits), uniforms[:N_UNIFORM_CHECKED],
                                   sites, quantizers, probe, held, batch)
 
+    out_model = _lower(m, sites, plan, quantizers, recipe)
+    rep = _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check, n_weights,
+                  calib_source, n_samples(data), n_samples(fit), n_samples(held), curvature.name)
+    rep["seconds"] = round(time.perf_counter() - t0, 3)
+    if isinstance(model, (str, os.PathLike)):
+        rep["input"] = str(model)
+    if output is not None:
+        path = save_model_atomic(out_model, output)
+        rep["output"] = str(path)
+        rep["output_bytes"] = path.stat().st_size
+    if report is not None:
+        save_json_atomic(rep, report)
+    return Result(out_model, rep, Path(output) if output is not None else None)
+
+
+def _read_model(model) -> onnx.ModelProto:
+    """Our own checked, normalized copy (the caller's file or proto is never touched)."""
+    if isinstance(model, onnx.ModelProto):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        return prepare_model(m)
+    return load_model(model)
+
+
+def _read_weights(m: onnx.ModelProto, sites) -> dict[str, np.ndarray]:
+    inits = {t.name: t for t in m.graph.initializer}
+    weights = {s.name: to_array(inits[s.name]) for s in sites}
+    for name, w in weights.items():
+        if not np.isfinite(w).all():
+            raise BayesQError(f"weight {name!r} contains NaN or Inf")
+    return weights
+
+
+def _read_calibration(m: onnx.ModelProto, calib, recipe: Recipe) -> tuple[dict, str, int | None]:
+    """The calibration samples, where they came from, and the graph's fixed batch size if any."""
+    specs = input_specs(m)
+    if calib is None:
+        data, source = synthetic_calibration(m, specs, recipe.synthetic_samples, recipe.seed), "synthetic"
+    elif isinstance(calib, dict):
+        data, source = check_calibration(calib, specs, "calibration data"), "dict"
+    else:
+        data, source = load_calibration(calib, specs), str(calib)
+    fixed = fixed_batch(specs)
+    if fixed and n_samples(data) % fixed:
+        raise BayesQError(f"the model runs in fixed batches of {fixed}, which do not divide the "
+                          f"{n_samples(data)} calibration samples")
+    return data, source, fixed
+
+
+def _probe(m: onnx.ModelProto, sites) -> Probe:
+    try:
+        return Probe(m, [s.name for s in sites], [a for s in sites for a in s.activations])
+    except Exception as e:  # unknown ops, bad graphs: onnxruntime says why
+        raise BayesQError(f"onnxruntime cannot run the model: {first_line(e)}") from None
+
+
+def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe) -> SiteQuantizer:
+    view = site.to_view(weight)
+    h = curvature.diagonal(site)
+    if not np.any(h > 0):  # never reached by the data: no information, weigh all alike
+        h = np.ones_like(h)
+    return SiteQuantizer(view, DiagonalLaplace.fit(view, h, recipe.damping), xtx, recipe.method_spec,
+                         recipe.gptq_damp)
+
+
+def _lower(m: onnx.ModelProto, sites, plan: Plan, quantizers, recipe: Recipe) -> onnx.ModelProto:
     packed = {}
     with Progress("packing", len(sites)) as p:
         for s in sites:
@@ -137,24 +166,12 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
                 packed[s.name] = fmt.pack(quantizers[s.name].codes(fmt))
             quantizers[s.name].forget()
             p.step()
-    out_model = lower_ort_cpu(m, sites, plan.choice, packed, recipe.accuracy_level)
+    out = lower_ort_cpu(m, sites, plan.choice, packed, recipe.accuracy_level)
     try:  # the full check (with shape inference) whenever the input model passes it too
-        onnx.checker.check_model(out_model, full_check=_passes_full_check(m))
+        onnx.checker.check_model(out, full_check=_passes_full_check(m))
     except Exception as e:  # a bug of ours, not the user's: say so plainly
         raise RuntimeError(f"internal error: the lowered model fails onnx.checker: {first_line(e)}") from e
-
-    rep = _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check, n_weights,
-                  calib_source, n_samples(data), n_samples(fit), n_samples(held), curvature.name)
-    rep["seconds"] = round(time.perf_counter() - t0, 3)
-    if isinstance(src, (str, os.PathLike)):
-        rep["input"] = str(src)
-    if output is not None:
-        path = save_model_atomic(out_model, output)
-        rep["output"] = str(path)
-        rep["output_bytes"] = path.stat().st_size
-    if report is not None:
-        save_json_atomic(rep, report)
-    return Result(out_model, rep, Path(output) if output is not None else None)
+    return out
 
 
 def _tables(recipe, sites, candidates, quantizers, probe, fit, batch) -> dict[str, np.ndarray]:
