@@ -33,6 +33,15 @@ def n_groups(L: int, block: int) -> int:
     return -(-L // block)
 
 
+def check_ort_packed(op: str, bits: int, block: int) -> None:
+    """onnxruntime's packed contrib ops take 2/4/8-bit codes in power-of-two blocks >= 16 and
+    reject anything else at session creation (matmul_nbits_helper.h, gather_block_quantized.cc)."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"{op} bits must be 2, 4 or 8, got {bits}")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"{op} block must be a power of two >= 16, got {block}")
+
+
 class Format:
     """Base class; subclasses are frozen dataclasses (one class per stored format)."""
 

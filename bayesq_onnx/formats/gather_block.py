@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Format, UniformCodes, n_groups
+from .base import Format, UniformCodes, check_ort_packed, n_groups
 from .matmulnbits import pack_bits, unpack_bits
 
 
@@ -29,10 +29,7 @@ class GatherBlockQuantized(Format):
     block: int
 
     def __post_init__(self):
-        if self.bits not in (2, 4, 8):
-            raise ValueError(f"GatherBlockQuantized bits must be 2, 4 or 8, got {self.bits}")
-        if self.block < 16 or self.block & (self.block - 1):
-            raise ValueError(f"GatherBlockQuantized block must be a power of two >= 16, got {self.block}")
+        check_ort_packed("GatherBlockQuantized", self.bits, self.block)
 
     @property
     def name(self) -> str:

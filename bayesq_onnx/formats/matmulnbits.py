@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Format, UniformCodes, n_groups
+from .base import Format, UniformCodes, check_ort_packed, n_groups
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -46,11 +46,7 @@ class MatMulNBits(Format):
     block: int
 
     def __post_init__(self):
-        # ORT rejects other widths at session creation (matmul_nbits_helper.h CheckInputs).
-        if self.bits not in (2, 4, 8):
-            raise ValueError(f"MatMulNBits bits must be 2, 4 or 8, got {self.bits}")
-        if self.block < 16 or self.block & (self.block - 1):
-            raise ValueError(f"MatMulNBits block must be a power of two >= 16, got {self.block}")
+        check_ort_packed("MatMulNBits", self.bits, self.block)
 
     @property
     def name(self) -> str:
