@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import onnx
@@ -45,6 +46,9 @@ def test_compress_runs_within_budget(tmp_path, case, bits):
     assert rep["bits_per_weight"] <= bits
     assert rep["code_bits_per_weight"] <= rep["bits_per_weight"]
     assert rep["output_bytes"] == out.stat().st_size
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not mkstemp's 0600
     assert (tmp_path / "r.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, "q.onnx", "r.json"])  # no temp files left
 

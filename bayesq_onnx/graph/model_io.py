@@ -85,6 +85,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    _plain_permissions(tmp)
     data_name = path.name + ".data"
     tmp_data = None
     try:
@@ -116,6 +117,7 @@ def save_json_atomic(obj, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _plain_permissions(tmp)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(_strict_json(obj), f, indent=2, allow_nan=False)
@@ -137,3 +139,10 @@ def _strict_json(o):
     if isinstance(o, float) and not np.isfinite(o):
         return None
     return o
+
+
+def _plain_permissions(path) -> None:
+    """mkstemp makes 0600 files; what we write should get the permissions any new file gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
