@@ -132,3 +132,12 @@ def test_expected_loss_is_precision_weighted_group_sum():
     # leading candidate axes evaluate each grid against the same posterior
     stacked = expected_loss(post, np.stack([scale, 2 * scale]), np.stack([zp, zp]), bits, block)
     np.testing.assert_allclose(stacked[0], want, rtol=1e-6)
+
+
+def test_laplace_prior_at_least_inverse_weight_variance():
+    """Unseen weights (h = 0) get a prior as wide as the layer's weights, not an arbitrary width."""
+    mu = np.array([[0.1, -0.1, 0.2, -0.2]], np.float32)
+    h = np.array([[0.0, 0.0, 1e-6, 1e-6]])
+    post = DiagonalLaplace.fit(mu, h, damping=1e-2)
+    # var(mu) = 0.025 dominates 1e-2 * mean(h): the prior precision is 1 / 0.025 = 40
+    np.testing.assert_allclose(post.precision, h + 1 / mu.var(), rtol=1e-6)  # float32 storage

@@ -19,8 +19,9 @@ class DiagonalLaplace:
 
     @classmethod
     def fit(cls, mu: np.ndarray, h: np.ndarray, damping: float = 1e-2) -> DiagonalLaplace:
-        """Precision ``h + damping * mean(h)``; the prior term keeps weights with zero curvature
-        (dead inputs) at a finite width scaled to the layer instead of an arbitrary constant."""
+        """Precision ``h + lambda``, ``lambda = max(damping * mean(h), 1 / var(mu))``; the prior
+        term keeps weights with zero curvature (dead inputs, unseen rows) at a finite width scaled
+        to the layer instead of an arbitrary constant."""
         mu = np.asarray(mu, np.float32)
         if mu.ndim != 2:
             raise ValueError(f"mu must be a (rows, L) view, got shape {mu.shape}")
@@ -35,7 +36,14 @@ class DiagonalLaplace:
         if not (np.isfinite(mean_h) and mean_h > 0):
             raise ValueError(f"curvature mean is {mean_h}: need finite curvature that is not all "
                              "zero (no calibration signal reached this weight?)")
-        return cls(mu, (h + damping * mean_h).astype(np.float32))
+        # The prior precision is at least 1/var(mu): a Gaussian prior as wide as the trained
+        # weights.  Weights the data barely reach (rare embedding rows) then stay about as uncertain
+        # as the layer's own spread instead of arbitrarily wide; wider, their mass beyond every
+        # clipping range swamps the expected loss and ranks formats by range width alone.
+        prior, var = damping * mean_h, float(mu.var())
+        if var > 0:
+            prior = max(prior, 1.0 / var)
+        return cls(mu, (h + prior).astype(np.float32))
 
     @property
     def sigma2(self) -> np.ndarray:

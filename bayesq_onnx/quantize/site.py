@@ -39,12 +39,15 @@ class SiteQuantizer:
         return 0.0 if isinstance(fmt, Float32) else float(self._grid(fmt)[2].sum())
 
     def screen_loss(self, fmt: Format) -> float:
-        """The closed form on the plain min/max grid: one evaluation instead of a range search,
-        enough to rank a site's own formats before the expensive work."""
+        """Precision-weighted rounding error of the posterior mean on the plain min/max grid (the
+        closed form at sigma -> 0): enough to rank a site's own formats before the expensive work,
+        and blind to the posterior mass of barely-seen weights beyond the clipping range, which
+        otherwise ranks formats by range width alone (rare embedding rows)."""
         if isinstance(fmt, Float32):
             return 0.0
         scale, zp = minmax_grid(self.view, fmt.bits, fmt.block)
-        return float(expected_loss(self.posterior, scale, zp, fmt.bits, fmt.block).sum())
+        err = round_rtn(self.view, scale, zp, fmt.bits, fmt.block).dequantize() - self.view
+        return float((np.broadcast_to(self.posterior.precision, err.shape) * np.square(err, dtype=np.float64)).sum())
 
     def codes(self, fmt: Format) -> UniformCodes:
         if fmt not in self._codes:
