@@ -180,3 +180,17 @@ def test_fixed_batch_model(tmp_path):
     rep = compress(_save(tmp_path, "mlp1", m), Recipe(bits=3.0), calib=models.mlp_data(10), output=out).report
     assert rep["calibration"]["held_back"] in (2, 3)  # a quarter of 10, in whole batches of 1
     assert make_session(str(out)).run(None, {"x": models.mlp_data(1)["x"]})[0].shape == (1, 32)
+
+
+def test_weight_read_in_subgraph_is_skipped_with_reason():
+    from onnx import TensorProto, helper, numpy_helper
+    from bayesq_onnx.graph.sites import find_sites
+    W = numpy_helper.from_array(np.ones((64, 64), np.float32), "W")
+    out = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y1"])], "t", [], [out("y1")])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y2"])], "e", [], [out("y2")])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+                          [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                           helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])], [out("y")], [W])
+    sites, skipped = find_sites(helper.make_model(g))
+    assert sites == [] and [(s.name, s.reason) for s in skipped] == [("W", "read inside a control-flow subgraph")]

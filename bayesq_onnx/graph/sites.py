@@ -1,6 +1,7 @@
 """Find the weights we can quantize, and say why the others are left alone."""
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import onnx
@@ -27,21 +28,18 @@ def _uses(model: onnx.ModelProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]
     return uses
 
 
+def _subgraphs(node: onnx.NodeProto):
+    for a in node.attribute:
+        yield from ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)
+
+
 def _subgraph_names(model: onnx.ModelProto) -> set[str]:
     """Names read inside control-flow subgraphs (we never rewrite those)."""
-    names = set()
-
-    def walk(g):
-        for n in g.node:
+    names, todo = set(), [g for n in model.graph.node for g in _subgraphs(n)]
+    while todo:
+        for n in todo.pop().node:
             names.update(n.input)
-            for a in n.attribute:
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    walk(sub)
-
-    for n in model.graph.node:
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                walk(sub)
+            todo.extend(_subgraphs(n))
     return names
 
 
@@ -74,7 +72,6 @@ def _classify(node, slot, shape, uses):
     return f"used by {op} (input {slot}), which no format here rewrites"
 
 
-
 def find_sites(model: onnx.ModelProto, min_elements: int = 1024) -> tuple[list[WeightSite], list[SkippedSite]]:
     """Every float32 initializer of rank >= 2 becomes a site or a skipped entry with its reason
     (rank-0/1 tensors -- biases, norms, shapes -- are not weights in our sense)."""
@@ -99,9 +96,7 @@ def find_sites(model: onnx.ModelProto, min_elements: int = 1024) -> tuple[list[W
         if init.name in in_subgraphs:
             skipped.append(SkippedSite(init.name, "read inside a control-flow subgraph"))
             continue
-        size = 1
-        for d in shape:
-            size *= d
+        size = math.prod(shape)
         if size < min_elements:
             skipped.append(SkippedSite(init.name, f"only {size} elements (< {min_elements}): not worth quantizing"))
             continue
@@ -119,13 +114,10 @@ def find_sites(model: onnx.ModelProto, min_elements: int = 1024) -> tuple[list[W
             continue
         (kind, perm), = kinds
         permuted = [shape[p] for p in perm]
-        rows = 1
-        for d in permuted[:-1]:
-            rows *= d
         sites.append(WeightSite(
             name=init.name, kind=kind,
             op_type="/".join(sorted({by_name[c].op_type for _, _, _, cs in found for c in cs} - {"Transpose"})),
-            shape=shape, perm=perm, rows=rows, L=permuted[-1],
+            shape=shape, perm=perm, rows=math.prod(permuted[:-1]), L=permuted[-1],
             consumers=tuple(c for _, _, _, cs in found for c in cs),
             activations=tuple(dict.fromkeys(a for _, _, acts, _ in found for a in acts)),
         ))
