@@ -22,7 +22,7 @@ from .curvature.activation import ActivationCurvature
 from .curvature.from_file import FileCurvature
 from .errors import BayesQError, first_line
 from .formats import Float32
-from .graph.model_io import load_model, prepare_model, save_json_atomic, save_model_atomic, to_array
+from .graph.model_io import check_writable, load_model, prepare_model, save_json_atomic, save_model_atomic, to_array
 from .graph.sites import find_sites
 from .lower.ort_cpu import lower_ort_cpu
 from .plan.candidates import candidate_formats
@@ -67,6 +67,9 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
     budget_bits = recipe.bits * n_weights
     check_budget(sites, candidates, budget_bits, n_weights, recipe.bits)
     # every check of the user's input is done before the first progress line
+    for path in (output, report):
+        if path is not None:
+            check_writable(path)
     file_curvature = FileCurvature(recipe.curvature, sites) if recipe.curvature else None
     data, calib_source, fixed = _read_calibration(m, calib, recipe)
     batch = fixed or recipe.batch_size
@@ -99,11 +102,17 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
     if isinstance(model, (str, os.PathLike)):
         rep["input"] = str(model)
     if output is not None:
-        path = save_model_atomic(out_model, output)
+        try:
+            path = save_model_atomic(out_model, output)
+        except OSError as e:
+            raise BayesQError(f"cannot write {output}: {e.strerror or first_line(e)}") from None
         rep["output"] = str(path)
         rep["output_bytes"] = path.stat().st_size
     if report is not None:
-        save_json_atomic(rep, report)
+        try:
+            save_json_atomic(rep, report)
+        except OSError as e:
+            raise BayesQError(f"cannot write {report}: {e.strerror or first_line(e)}") from None
     return Result(out_model, rep, Path(output) if output is not None else None)
 
 

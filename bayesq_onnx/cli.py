@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from .errors import BayesQError
+from .errors import BayesQError, first_line
 
 EXIT_BAD_INPUT = 2
 
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bayesq-onnx: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug of ours: one line unless asked for the traceback
+        if os.environ.get("BAYESQ_DEBUG"):
+            raise
+        print(f"bayesq-onnx: internal error: {type(e).__name__}: {first_line(e)} "
+              "(set BAYESQ_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _setup_logging(quiet: bool) -> None:

@@ -92,6 +92,11 @@ BAD = {
     "curvature negative": (lambda t, m: ["compress", str(m), "--bits", "3", "--curvature", _npz(
         t / "k.npz", W0=-np.ones((64, 128)), W1=np.ones((128, 128)), W2T=np.ones((64, 128)), W3=np.ones((64, 32)))],
         ">= 0"),
+    "calib not npz": (lambda t, m: ["compress", str(m), "--bits", "3", "--calib",
+                                    str(np.save(t / "c.npy", np.zeros((4, 64), np.float32)) or t / "c.npy")],
+                      "not an .npz"),
+    "output is a directory": (lambda t, m: ["compress", str(m), "--bits", "3", "-o",
+                                            str((t / "d.onnx").mkdir() or t / "d.onnx")], "cannot write"),
     "output is input": (lambda t, m: ["compress", str(m), "--bits", "3", "-o", str(m)], "output path"),
     "bad option": (lambda t, m: ["compress", str(m), "--bits", "three"], "invalid float"),
 }
@@ -102,8 +107,9 @@ def test_bad_input_exit_2_one_line(tmp_path, capsys, mlp_path, case):
     argv_fn, needle = BAD[case]
     work = tmp_path / "work"
     work.mkdir()
-    argv = argv_fn(work, mlp_path) + ["-o", str(mlp_path.parent / "out.onnx")] if case != "output is input" \
-        else argv_fn(work, mlp_path)
+    argv = argv_fn(work, mlp_path)
+    if "-o" not in argv:
+        argv += ["-o", str(mlp_path.parent / "out.onnx")]
     _expect_bad(capsys, argv, needle, mlp_path.parent)
 
 

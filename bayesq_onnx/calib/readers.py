@@ -54,7 +54,13 @@ def load_calibration(path: str | Path, specs: list[InputSpec]) -> dict[str, np.n
 
 def _read_npz(f: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     try:
-        with np.load(f, allow_pickle=False) as z:
+        z = np.load(f, allow_pickle=False)
+    except Exception as e:
+        raise BayesQError(f"cannot read calibration file {f}: {first_line(e)}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise BayesQError(f"calibration file {f} is not an .npz archive of named inputs")
+    try:
+        with z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:
         raise BayesQError(f"cannot read calibration file {f}: {first_line(e)}") from None

@@ -146,3 +146,15 @@ def _plain_permissions(path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail before the work, not after it, when ``path`` cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise BayesQError(f"cannot write {path}: it is a directory")
+    parent = path.absolute().parent
+    while not parent.exists():  # the folders are made only when the result is written
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BayesQError(f"cannot write {path}: {parent} is not a writable directory")
