@@ -8,16 +8,12 @@ import os
 from pathlib import Path
 
 from .api import compress
-from .assets import load_npz, prepare_minilm
+from .assets import default_cache, load_npz, prepare_minilm
 from .config import Recipe
 from .runtime.session import make_session
 from .validate.compare import compare_models
 
 log = logging.getLogger(__name__)
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("BAYESQ_CACHE", Path.home() / ".cache" / "bayesq-onnx"))
 
 
 def run_demo(bits: float = 3.0, method: str = "bayesq", cache: str | os.PathLike | None = None) -> list[dict]:

@@ -1,7 +1,7 @@
 """Data passed between stages (no logic beyond layout bookkeeping)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,19 +50,3 @@ class SiteStats:
     n_xtx: int = 0                  # rows of X in xtx
     sq: np.ndarray | None = None    # broadcastable to the view: conv (1, L) sums of x^2, gather (rows, 1) index counts
     n_sq: int = 0                   # samples (conv) or indices (gather) in sq
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """What one site got, and why (the report's `layers` entry)."""
-
-    name: str
-    op_type: str
-    shape: tuple[int, ...]
-    format: str
-    bits: int
-    block_size: int
-    stored_bits: int
-    expected_loss: float            # closed-form posterior-expected whitened distortion
-    table_loss: float | None = None  # the allocator's input for this choice (proxy or closed form)
-    extra: dict = field(default_factory=dict)

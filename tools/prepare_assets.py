@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bayesq_onnx.assets import prepare_minilm  # noqa: E402
+from bayesq_onnx.assets import default_cache, prepare_minilm  # noqa: E402
 from bayesq_onnx.errors import BayesQError  # noqa: E402
 
-DEFAULT_CACHE = Path(os.environ.get("BAYESQ_CACHE", Path.home() / ".cache" / "bayesq-onnx"))
+DEFAULT_CACHE = default_cache()
 
 
 def main(argv: list[str] | None = None) -> int:

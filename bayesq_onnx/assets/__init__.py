@@ -3,6 +3,14 @@
 Nothing here downloads: models come from PyPI wheels, text from Debian packages (see DESIGN.md 4).
 Heavy dependencies (torch, transformers) are imported only when an asset has to be built.
 """
+import os
+from pathlib import Path
+
 from bayesq_onnx.assets.minilm import MiniLMAsset, load_npz, prepare_minilm
 
-__all__ = ["MiniLMAsset", "load_npz", "prepare_minilm"]
+__all__ = ["MiniLMAsset", "default_cache", "load_npz", "prepare_minilm"]
+
+
+def default_cache() -> Path:
+    """Where generated assets live: ``$BAYESQ_CACHE``, else ``~/.cache/bayesq-onnx``."""
+    return Path(os.environ.get("BAYESQ_CACHE", Path.home() / ".cache" / "bayesq-onnx"))
