@@ -194,3 +194,31 @@ def test_weight_read_in_subgraph_is_skipped_with_reason():
                            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])], [out("y")], [W])
     sites, skipped = find_sites(helper.make_model(g))
     assert sites == [] and [(s.name, s.reason) for s in skipped] == [("W", "read inside a control-flow subgraph")]
+
+
+def test_input_with_external_data(tmp_path):
+    """Exporters often write weights beside the graph (model.onnx + model.onnx.data)."""
+    src = tmp_path / "ext.onnx"
+    onnx.save(models.mlp(), src, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    out = tmp_path / "out" / "q.onnx"
+    rep = compress(src, Recipe(bits=3.0), calib=models.mlp_data(), output=out).report
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert rep["output_bytes"] == out.stat().st_size and sorted(p.name for p in out.parent.iterdir()) == ["q.onnx"]
+    assert make_session(str(out)).run(None, models.mlp_data(4))[0].shape == (4, 32)
+
+
+def test_large_output_goes_to_external_data(tmp_path, monkeypatch):
+    """Past protobuf's 2 GB limit the output is written as model + one data file, both renamed into
+    place, and onnxruntime reads the measuring copy from a file (the limits are lowered here so a
+    small model takes those paths)."""
+    from bayesq_onnx.graph import model_io
+    from bayesq_onnx.runtime import probe
+    monkeypatch.setattr(model_io, "_TWO_GB", 1000)
+    monkeypatch.setattr(probe, "_PROTO_LIMIT", 1000)  # the measuring copy goes through a file too
+    out = tmp_path / "q.onnx"
+    compress(_save(tmp_path, "mlp", models.mlp()), Recipe(bits=3.0), calib=models.mlp_data(), output=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "q.onnx", "q.onnx.data"]
+    assert (tmp_path / "q.onnx.data").stat().st_size > 0
+    assert make_session(str(out)).run(None, models.mlp_data(4))[0].shape == (4, 32)
