@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import METHODS
 from .errors import BayesQError, first_line
 
 EXIT_BAD_INPUT = 2
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "without it, synthetic data is used (with a warning)")
     c.add_argument("-o", "--output", help="output model (default: MODEL.bq.onnx)")
     c.add_argument("--report", help="write the JSON report here")
-    c.add_argument("--method", default="bayesq", help="bayesq (default) or rtn")
+    c.add_argument("--method", default="bayesq", help=f"one of {', '.join(sorted(METHODS))} (default: bayesq)")
     c.add_argument("--curvature", help="CURV.npz: diagonal curvature per initializer (e.g. gradient curvature)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true", help="no progress output")
