@@ -65,7 +65,7 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
     candidates = {s.name: candidate_formats(s, recipe) for s in sites}
     n_weights = sum(s.size for s in sites)
     budget_bits = recipe.bits * n_weights
-    check_budget(sites, candidates, budget_bits, n_weights, recipe.bits)
+    check_budget(sites, candidates, recipe.bits)
     # every check of the user's input is done before the first progress line
     for path in (output, report):
         if path is not None:

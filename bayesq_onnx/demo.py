@@ -10,7 +10,6 @@ from pathlib import Path
 from .api import compress
 from .assets import default_cache, load_npz, prepare_minilm
 from .config import Recipe
-from .runtime.session import make_session
 from .validate.compare import compare_models
 
 log = logging.getLogger(__name__)
@@ -27,7 +26,7 @@ def run_demo(bits: float = 3.0, method: str = "bayesq", cache: str | os.PathLike
         log.info("compressing %s with %s at %g bits/weight", asset.model.name, m, bits)
         rep = compress(asset.model, Recipe(bits=bits, method=m), calib=load_npz(asset.calib), output=out,
                        report=out.with_suffix(".json")).report
-        cmp = compare_models(asset.model, out, eval_data, session_factory=make_session)["outputs"]["embedding"]
+        cmp = compare_models(asset.model, out, eval_data)["outputs"]["embedding"]
         rows.append({"method": m, "bits_per_weight": rep["bits_per_weight"], "plan": rep["plan"],
                      "mb": rep["output_bytes"] / 1e6, "cosine": cmp["cosine"], "cosine_min": cmp["cosine_min"],
                      "seconds": rep["seconds"], "output": str(out)})

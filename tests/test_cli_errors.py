@@ -133,5 +133,7 @@ def test_eval_reports_metrics(tmp_path, mlp_path, capsys):
     import json
     m = json.loads((tmp_path / "m.json").read_text())
     logits = m["outputs"]["logits"]
+    # 4.5 bits keeps the logits close (0.974 measured); a broken lowering lands far below 0.9.
+    # The 1e-6 above 1 allows float rounding of a perfect cosine.
     assert 0.9 < logits["cosine"] <= 1.0 + 1e-6
     assert 0 <= logits["top1_agreement"] <= 1 and logits["kl"] >= 0

@@ -27,9 +27,11 @@ def cheapest_bits(sites: list[WeightSite], candidates: dict[str, list[Format]]) 
     return sum(min(f.stored_bits(s.rows, s.L) for f in candidates[s.name]) for s in sites)
 
 
-def check_budget(sites, candidates, budget_bits: float, n_weights: int, budget: float) -> None:
+def check_budget(sites, candidates, budget: float) -> None:
+    """``budget`` in stored bits per weight: an error when even the cheapest formats exceed it."""
+    n_weights = sum(s.size for s in sites)
     low = cheapest_bits(sites, candidates)
-    if low > budget_bits:
+    if low > budget * n_weights:
         raise BayesQError(f"budget {budget:g} bits/weight cannot be met: the cheapest formats need "
                           f"{low / n_weights:.3f} bits/weight")
 

@@ -64,8 +64,6 @@ class SiteQuantizer:
         """The weights the runtime will compute with, as a view."""
         return self.view if isinstance(fmt, Float32) else self.codes(fmt).dequantize()
 
-    def forget(self, keep: set[Format] = frozenset()) -> None:
-        """Drop cached codes (and the GPTQ factor) not needed any more: bounded memory on big models."""
-        self._codes = {f: q for f, q in self._codes.items() if f in keep}
-        if not keep:
-            self._factor = None
+    def forget(self) -> None:
+        """Drop cached codes and the GPTQ factor once packed: bounded memory on big models."""
+        self._codes, self._factor = {}, None

@@ -52,8 +52,3 @@ class Probe:
         weights = {**self.weights, **(overrides or {})}
         for feed in batches(data, batch_size):
             yield dict(zip(outputs, self.session.run(outputs, {**feed, **weights})))
-
-    def outputs_of(self, data, batch_size, overrides=None) -> dict[str, np.ndarray]:
-        """The model's own outputs over all of ``data``, concatenated along axis 0."""
-        parts = list(self.run(data, batch_size, overrides=overrides))
-        return {k: np.concatenate([p[k] for p in parts]) for k in self.outputs}

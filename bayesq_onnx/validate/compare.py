@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from ..errors import BayesQError, first_line
+from ..runtime.session import make_session
 
 __all__ = ["compare_outputs", "compare_models", "is_logits_like"]
 
@@ -216,12 +217,6 @@ def compare_outputs(ref: Mapping[str, np.ndarray], quant: Mapping[str, np.ndarra
     return cmp.result(labels is not None)
 
 
-def _default_session(path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def _fixed_batch(session) -> int | None:
     dims = {i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)}
     if len(dims) > 1:
@@ -237,15 +232,15 @@ def compare_models(ref_path: str | Path, quant_path: str | Path,
     compare their outputs with the metrics of ``compare_outputs``.
 
     ``session_factory(path)`` returns an object with onnxruntime's ``get_inputs()``,
-    ``get_outputs()`` and ``run(names, feed)`` (default: a CPU ``InferenceSession``; pass
-    ``bayesq_onnx.api.make_session`` for models with bayesq custom ops).  Keys of ``data`` that
+    ``get_outputs()`` and ``run(names, feed)`` (default: ``runtime.session.make_session``,
+    which opens any model bayesq-onnx writes).  Keys of ``data`` that
     are not model inputs are ignored.  A model input with a fixed batch dimension sets the batch
     size.  The result adds ``ref_model``, ``quant_model``, ``batch_size`` and the seconds each
     model spent in ``run`` (``ref_seconds``, ``quant_seconds``).
     """
     if batch_size < 1:
         raise BayesQError(f"batch_size must be >= 1 (got {batch_size})")
-    factory = session_factory or _default_session
+    factory = session_factory or make_session
     sref, squant = factory(ref_path), factory(quant_path)
     in_ref = [i.name for i in sref.get_inputs()]
     in_quant = {i.name for i in squant.get_inputs()}
@@ -304,7 +299,6 @@ def evaluate_files(ref_path: str | Path, quant_path: str | Path, data_path: str 
     """``bayesq-onnx eval``: files in, metrics out; every bad input is a BayesQError."""
     from ..calib.readers import input_specs, load_calibration
     from ..graph.model_io import load_model
-    from ..runtime.session import make_session
 
     ref = load_model(ref_path)
     load_model(quant_path)  # a clear error for a missing or corrupt file before onnxruntime sees it
@@ -318,7 +312,7 @@ def evaluate_files(ref_path: str | Path, quant_path: str | Path, data_path: str 
         if not np.issubdtype(labels.dtype, np.integer):
             raise BayesQError(f"labels {labels_path} must be integers, got {labels.dtype}")
     try:
-        return compare_models(ref_path, quant_path, data, labels, session_factory=make_session)
+        return compare_models(ref_path, quant_path, data, labels)
     except BayesQError:
         raise
     except Exception as e:
