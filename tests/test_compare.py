@@ -11,7 +11,7 @@ import pytest
 
 from bayesq_onnx.errors import BayesQError
 from bayesq_onnx.validate.compare import compare_models, compare_outputs, is_logits_like
-from bayesq_onnx.assets import minilm
+from bayesq_onnx.assets import cache, minilm
 
 
 # ----------------------------------------------------------------------------- compare_outputs
@@ -290,10 +290,10 @@ def test_missing_torch_message(tmp_path, monkeypatch):
 def test_write_npz_reproducible(tmp_path):
     arrays = {"input_ids": np.arange(12, dtype=np.int64).reshape(3, 4),
               "attention_mask": np.ones((3, 4), np.int64)}
-    minilm.write_npz(tmp_path / "a.npz", arrays)
-    minilm.write_npz(tmp_path / "b.npz", arrays)
+    cache.write_npz(tmp_path / "a.npz", arrays)
+    cache.write_npz(tmp_path / "b.npz", arrays)
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
-    back = minilm.load_npz(tmp_path / "a.npz")
+    back = cache.load_npz(tmp_path / "a.npz")
     assert list(back) == ["input_ids", "attention_mask"]
     np.testing.assert_array_equal(back["input_ids"], arrays["input_ids"])
 
@@ -311,7 +311,7 @@ def test_prepare_minilm_smoke(tmp_path):
     for p in (a.model, a.calib, a.eval_data, a.labels, a.manifest, a.texts):
         assert p.is_file() and p.parent == a.directory
     onnx.checker.check_model(str(a.model))
-    calib, ev = minilm.load_npz(a.calib), minilm.load_npz(a.eval_data)
+    calib, ev = cache.load_npz(a.calib), cache.load_npz(a.eval_data)
     labels = np.load(a.labels)
     assert set(calib) == set(ev) == set(minilm.INPUT_NAMES)
     assert calib["input_ids"].shape == (4, 16) and ev["attention_mask"].shape == (10, 16)
@@ -342,7 +342,7 @@ def test_prepare_minilm_smoke(tmp_path):
     b = minilm.prepare_minilm(tmp_path, n_calib=4, n_eval=10, seq_len=16, progress=msgs.append)
     assert b == a and a.model.stat().st_mtime_ns == stamp and "cached" in msgs[0]
     # the cache key follows the parameters
-    key = minilm._cache_key
+    files = [minilm.FORTUNE_DIR / c for c in minilm.CLASSES]
     params = json.loads(a.manifest.read_text())["params"]
-    assert key(params, minilm.FORTUNE_DIR) == a.directory.name.split("-", 1)[1]
-    assert key({**params, "n_calib": 5}, minilm.FORTUNE_DIR) != key(params, minilm.FORTUNE_DIR)
+    assert cache.cache_key(params, *files) == a.directory.name.split("-", 1)[1]
+    assert cache.cache_key({**params, "n_calib": 5}, *files) != cache.cache_key(params, *files)

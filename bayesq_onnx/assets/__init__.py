@@ -6,7 +6,8 @@ Heavy dependencies (torch, transformers) are imported only when an asset has to 
 import os
 from pathlib import Path
 
-from bayesq_onnx.assets.minilm import MiniLMAsset, load_npz, prepare_minilm
+from bayesq_onnx.assets.cache import load_npz
+from bayesq_onnx.assets.minilm import MiniLMAsset, prepare_minilm
 
 __all__ = ["MiniLMAsset", "default_cache", "load_npz", "prepare_minilm"]
 

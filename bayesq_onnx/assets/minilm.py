@@ -26,21 +26,15 @@ directory and renamed into place, and are byte-for-byte reproducible.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.metadata
-import io
-import json
-import os
-import shutil
-import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from bayesq_onnx.assets.cache import (Progress, cache_key, package_version, require, sha256_file, staged_directory,
+                                      versions, write_json, write_npz)
 from bayesq_onnx.errors import BayesQError
 
 RECIPE_VERSION = 1
@@ -57,9 +51,6 @@ HIDDEN = 384
 CALIB_FRACTION_DENOM = 4          # 1 in 4 distinct texts (by hash) is reserved for calibration
 _SPLIT_SALT = b"bayesq-fortunes-split-v1\0"
 _MAX_EXPORT_ERROR = 1e-4          # torch vs onnxruntime, max abs over the checked samples
-
-Progress = Callable[[str], None]
-
 
 @dataclass(frozen=True)
 class MiniLMAsset:
@@ -159,53 +150,8 @@ def split_fortunes(per_class: Mapping[str, Sequence[str]], n_calib: int,
 # ----------------------------------------------------------------------------- files
 
 
-def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Like ``np.savez`` (uncompressed, keys in the given order) but byte-for-byte reproducible:
-    ``np.savez`` stamps each member with the current time."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
-        for key, arr in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue())
-
-
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
-
-
-# ----------------------------------------------------------------------------- dependencies
-
-
 def _require(module: str, install: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise BayesQError(f"the MiniLM asset needs the Python package '{module}' "
-                          f"({install}): {e}") from None
-
-
-def _package_version(dist: str, install: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        raise BayesQError(f"the MiniLM asset needs the Python package '{dist}' "
-                          f"({install})") from None
+    return require(module, install, "MiniLM asset")
 
 
 def _model_dir() -> Path:
@@ -325,14 +271,6 @@ def _check_export(module, onnx_path: Path, data: Mapping[str, np.ndarray]) -> fl
 # ----------------------------------------------------------------------------- entry point
 
 
-def _cache_key(params: Mapping[str, object], fortune_dir: Path) -> str:
-    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
-    for name in CLASSES:
-        h.update(name.encode() + b"\0")
-        h.update(hashlib.sha256(_fortune_file(fortune_dir, name).read_bytes()).digest())
-    return h.hexdigest()[:16]
-
-
 def _asset(directory: Path) -> MiniLMAsset:
     return MiniLMAsset(directory=directory, model=directory / "model.onnx",
                        calib=directory / "calib.npz", eval_data=directory / "eval.npz",
@@ -358,30 +296,22 @@ def prepare_minilm(cache_dir: Path, n_calib: int = 64, n_eval: int = 128, seq_le
     if not 8 <= seq_len <= 512:
         raise BayesQError(f"seq_len must be in [8, 512] (got {seq_len})")
     fortune_dir = Path(fortune_dir) if fortune_dir is not None else FORTUNE_DIR
-    model_version = _package_version(MODEL_PACKAGE, f"pip install {MODEL_PACKAGE}")
+    model_version = package_version(MODEL_PACKAGE, f"pip install {MODEL_PACKAGE}", "MiniLM asset")
     params = {"recipe": RECIPE_VERSION, "opset": OPSET, "n_calib": int(n_calib),
               "n_eval": int(n_eval), "seq_len": int(seq_len), "normalize": bool(normalize),
               "classes": list(CLASSES), "model_package": f"{MODEL_PACKAGE}=={model_version}"}
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"minilm-{_cache_key(params, fortune_dir)}"
+    final = cache_dir / f"minilm-{cache_key(params, *(_fortune_file(fortune_dir, c) for c in CLASSES))}"
     asset = _asset(final)
     if _complete(asset):
         say(f"minilm: using cached {final}")
         return asset
-    if final.exists():          # left half-made by hand: rebuild it
-        shutil.rmtree(final)
-
     split = split_fortunes(load_fortunes(fortune_dir, CLASSES), n_calib, n_eval)
     model_dir = _model_dir()
     _require("torch", "pip install torch==2.13.0")  # fail early, before any work
     transformers = _require("transformers", "pip install transformers")
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it 0700; the cache may be shared
-    try:
+    with staged_directory(final, lambda d: _complete(_asset(d))) as tmp:
         t0 = time.perf_counter()
         say(f"minilm: tokenizing {n_calib} calibration + {n_eval} evaluation fortunes")
         tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
@@ -396,7 +326,7 @@ def prepare_minilm(cache_dir: Path, n_calib: int = 64, n_eval: int = 128, seq_le
         write_npz(staged.calib, calib)
         write_npz(staged.eval_data, evald)
         np.save(staged.labels, np.asarray(split.eval_labels, dtype=np.int64))
-        _write_json(staged.texts, {"calib": list(split.calib_texts),
+        write_json(staged.texts, {"calib": list(split.calib_texts),
                                    "eval": list(split.eval_texts)})
 
         say("minilm: exporting to ONNX")
@@ -419,13 +349,7 @@ def prepare_minilm(cache_dir: Path, n_calib: int = 64, n_eval: int = 128, seq_le
         def counts(labels: Sequence[int]) -> dict[str, int]:
             return {c: int(sum(1 for x in labels if x == i)) for i, c in enumerate(CLASSES)}
 
-        versions = {}
-        for dist in ("torch", "transformers", "tokenizers", "onnx", "onnxruntime", "numpy"):
-            try:
-                versions[dist] = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                pass
-        _write_json(staged.manifest, {
+        write_json(staged.manifest, {
             "params": params,
             "inputs": {k: ["batch", seq_len] for k in INPUT_NAMES},
             "output": {OUTPUT_NAME: ["batch", HIDDEN]},
@@ -435,20 +359,11 @@ def prepare_minilm(cache_dir: Path, n_calib: int = 64, n_eval: int = 128, seq_le
                       "calib_per_class": counts(split.calib_labels),
                       "eval_per_class": counts(split.eval_labels)},
             "export_check_max_abs": float(f"{err:.3g}"),
-            "versions": versions,
-            "sha256": {p.name: _sha256_file(p) for p in
+            "versions": versions("torch", "transformers", "tokenizers", "onnx", "onnxruntime", "numpy"),
+            "sha256": {p.name: sha256_file(p) for p in
                        (staged.model, staged.calib, staged.eval_data, staged.labels,
                         staged.texts)},
         })
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _complete(asset):     # nobody else finished it: a real error
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)   # a concurrent call won the race
         say(f"minilm: wrote {final} (export {t_export:.1f} s, total "
             f"{time.perf_counter() - t0:.1f} s, max |torch - ort| {err:.2g})")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return asset
