@@ -35,7 +35,7 @@ from .quantize.site import SiteQuantizer
 from .runtime.probe import Probe
 from .runtime.session import make_session
 
-__all__ = ["compress", "make_session", "Result", "Recipe"]
+__all__ = ["compress", "Analysis", "make_session", "Result", "Recipe"]
 
 log = logging.getLogger(__name__)
 REPORT_VERSION = 1
@@ -56,64 +56,102 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
     amend the recipe (``compress("m.onnx", bits=3.0)``).  The input model is never modified."""
     t0 = time.perf_counter()
     recipe = replace(recipe, **recipe_fields) if recipe else Recipe(**recipe_fields)
-    m = _read_model(model)
-    sites, skipped = find_sites(m, recipe.min_elements)
-    if not sites:
-        why = f" ({skipped[0].name}: {skipped[0].reason})" if skipped else ""
-        raise BayesQError(f"no quantizable weights found{why}")
-    weights = _read_weights(m, sites)
-    candidates = {s.name: candidate_formats(s, recipe) for s in sites}
-    n_weights = sum(s.size for s in sites)
-    budget_bits = recipe.bits * n_weights
-    check_budget(sites, candidates, recipe.bits)
-    # every check of the user's input is done before the first progress line
-    for path in (output, report):
-        if path is not None:
-            check_writable(path)
-    file_curvature = FileCurvature(recipe.curvature, sites) if recipe.curvature else None
-    data, calib_source, fixed = _read_calibration(m, calib, recipe)
-    batch = fixed or recipe.batch_size
-    fit, held = split(data, recipe.holdout, fixed or 1)
-    probe = _probe(m, sites)
-    if calib is None:
-        log.warning("no calibration data given (--calib): using %d synthetic samples built from the input "
-                    "types; quality will suffer on real data", recipe.synthetic_samples)
+    analysis = Analysis(model, recipe, calib=calib, _check_bits=recipe.bits, _check_paths=(output, report))
+    return analysis.compress(recipe.bits, output=output, report=report, _t0=t0, _single_use=True)
 
-    try:
-        stats = capture_stats(probe, sites, fit, batch)
-    except Exception as e:
-        raise BayesQError(f"onnxruntime failed on the calibration data: {first_line(e)}") from None
-    curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
-    quantizers = {s.name: _site_quantizer(s, weights[s.name], curvature, stats[s.name].xtx, recipe) for s in sites}
 
-    uniforms = uniform_plans(sites, candidates, budget_bits)
-    check, losses = None, None
-    if recipe.method_spec.planner == "uniform":
-        plan = uniforms[0]
-    else:
-        losses = _tables(recipe, sites, candidates, quantizers, probe, fit, batch)
-        plan, check = _plan_check(knapsack_plan(sites, candidates, losses, budget_bits), uniforms[:N_UNIFORM_CHECKED],
-                                  sites, quantizers, probe, held, batch)
+class Analysis:
+    """Everything that does not depend on the budget -- sites, calibration statistics, posteriors,
+    grids, codes and loss tables -- computed once, then :meth:`compress` for any number of budgets
+    (``Analysis(m, recipe, calib=c).compress(3.0)`` is ``compress(m, recipe, calib=c)`` at 3.0 bits).
+    ``recipe.bits`` is ignored here."""
 
-    out_model = _lower(m, sites, plan, quantizers, recipe)
-    rep = _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check, n_weights,
-                  calib_source, n_samples(data), n_samples(fit), n_samples(held), curvature.name)
-    rep["seconds"] = round(time.perf_counter() - t0, 3)
-    if isinstance(model, (str, os.PathLike)):
-        rep["input"] = str(model)
-    if output is not None:
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, recipe: Recipe, *,
+                 calib: str | os.PathLike | dict | None = None, _check_bits: float | None = None,
+                 _check_paths=()):
+        t0 = time.perf_counter()
+        self.recipe, self._input = recipe, model
+        m = self.model = _read_model(model)
+        sites, skipped = find_sites(m, recipe.min_elements)
+        if not sites:
+            why = f" ({skipped[0].name}: {skipped[0].reason})" if skipped else ""
+            raise BayesQError(f"no quantizable weights found{why}")
+        self.sites, self.skipped = sites, skipped
+        weights = _read_weights(m, sites)
+        self.candidates = {s.name: candidate_formats(s, recipe) for s in sites}
+        self.n_weights = sum(s.size for s in sites)
+        if _check_bits is not None:
+            check_budget(sites, self.candidates, _check_bits)
+        # every check of the user's input is done before the first progress line
+        for path in _check_paths:
+            if path is not None:
+                check_writable(path)
+        file_curvature = FileCurvature(recipe.curvature, sites) if recipe.curvature else None
+        data, self.calib_source, fixed = _read_calibration(m, calib, recipe)
+        self.batch = fixed or recipe.batch_size
+        self.uniform = recipe.method_spec.planner == "uniform"
+        # only the knapsack's plan check needs held-back data; the uniform baselines calibrate on all of it
+        self.fit, self.held = (data, take(data, 0)) if self.uniform else split(data, recipe.holdout, fixed or 1)
+        self.n_calib = n_samples(data)
+        self.probe = _probe(m, sites)
+        if calib is None:
+            log.warning("no calibration data given (--calib): using %d synthetic samples built from the input "
+                        "types; quality will suffer on real data", recipe.synthetic_samples)
         try:
-            path = save_model_atomic(out_model, output)
-        except OSError as e:
-            raise BayesQError(f"cannot write {output}: {e.strerror or first_line(e)}") from None
-        rep["output"] = str(path)
-        rep["output_bytes"] = path.stat().st_size
-    if report is not None:
-        try:
-            save_json_atomic(rep, report)
-        except OSError as e:
-            raise BayesQError(f"cannot write {report}: {e.strerror or first_line(e)}") from None
-    return Result(out_model, rep, Path(output) if output is not None else None)
+            stats = capture_stats(self.probe, sites, self.fit, self.batch)
+        except Exception as e:
+            raise BayesQError(f"onnxruntime failed on the calibration data: {first_line(e)}") from None
+        self.curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
+        self.quantizers = {s.name: _site_quantizer(s, weights[s.name], self.curvature, stats[s.name].xtx, recipe)
+                           for s in sites}
+        self._losses = None
+        self.seconds = time.perf_counter() - t0
+
+    @property
+    def losses(self) -> dict[str, np.ndarray]:
+        """The knapsack's loss tables (computed on first use)."""
+        if self._losses is None:
+            self._losses = _tables(self.recipe, self.sites, self.candidates, self.quantizers, self.probe,
+                                   self.fit, self.batch)
+        return self._losses
+
+    def compress(self, bits: float, *, output: str | os.PathLike | None = None,
+                 report: str | os.PathLike | None = None, _t0: float | None = None,
+                 _single_use: bool = False) -> Result:
+        t0 = time.perf_counter() if _t0 is None else _t0
+        recipe, sites = replace(self.recipe, bits=bits), self.sites
+        check_budget(sites, self.candidates, bits)
+        budget_bits = bits * self.n_weights
+        uniforms = uniform_plans(sites, self.candidates, budget_bits)
+        check, losses = None, None
+        if self.uniform:
+            plan = uniforms[0]
+        else:
+            losses = self.losses
+            plan, check = _plan_check(knapsack_plan(sites, self.candidates, losses, budget_bits),
+                                      uniforms[:N_UNIFORM_CHECKED], sites, self.quantizers, self.probe, self.held,
+                                      self.batch)
+        out_model = _lower(self.model, sites, plan, self.quantizers, recipe, forget=_single_use)
+        rep = _report(recipe, sites, self.skipped, self.candidates, plan, self.quantizers, losses, check,
+                      self.n_weights, self.calib_source, self.n_calib, n_samples(self.fit),
+                      n_samples(self.held), self.curvature.name)
+        # a reused analysis is paid once: each budget's report counts its own work plus the analysis
+        rep["seconds"] = round(time.perf_counter() - t0 + (0 if _single_use else self.seconds), 3)
+        if isinstance(self._input, (str, os.PathLike)):
+            rep["input"] = str(self._input)
+        if output is not None:
+            try:
+                path = save_model_atomic(out_model, output)
+            except OSError as e:
+                raise BayesQError(f"cannot write {output}: {e.strerror or first_line(e)}") from None
+            rep["output"] = str(path)
+            rep["output_bytes"] = path.stat().st_size
+        if report is not None:
+            try:
+                save_json_atomic(rep, report)
+            except OSError as e:
+                raise BayesQError(f"cannot write {report}: {e.strerror or first_line(e)}") from None
+        return Result(out_model, rep, Path(output) if output is not None else None)
 
 
 def _read_model(model) -> onnx.ModelProto:
@@ -163,17 +201,18 @@ def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe) -> SiteQuantiz
     if not np.any(h > 0):  # never reached by the data: no information, weigh all alike
         h = np.ones_like(h)
     return SiteQuantizer(view, DiagonalLaplace.fit(view, h, recipe.damping), xtx, recipe.method_spec,
-                         recipe.gptq_damp)
+                         recipe.gptq_damp, recipe.act_order)
 
 
-def _lower(m: onnx.ModelProto, sites, plan: Plan, quantizers, recipe: Recipe) -> onnx.ModelProto:
+def _lower(m: onnx.ModelProto, sites, plan: Plan, quantizers, recipe: Recipe, forget: bool) -> onnx.ModelProto:
     packed = {}
     with Progress("packing", len(sites)) as p:
         for s in sites:
             fmt = plan.choice[s.name]
             if not isinstance(fmt, Float32):
                 packed[s.name] = fmt.pack(quantizers[s.name].codes(fmt))
-            quantizers[s.name].forget()
+            if forget:  # bounded memory on big models when no other budget will ask again
+                quantizers[s.name].forget()
             p.step()
     out = lower_ort_cpu(m, sites, plan.choice, packed, recipe.accuracy_level)
     try:  # the full check (with shape inference) whenever the input model passes it too

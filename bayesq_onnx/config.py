@@ -12,13 +12,17 @@ class Method:
     """How a method plans and rounds.  The registry below is the only place methods are named."""
 
     planner: str   # "knapsack" (BayesQ allocation) or "uniform" (one format everywhere)
-    grid: str      # "posterior" (expected-loss range search) or "minmax"
+    grid: str      # "posterior" (expected-loss range search), "minmax", "hqq" (half-quadratic
+                   # zero-point fit) or "dynamic" (min/max of each group when GPTQ reaches it)
     rounding: str  # "gptq" (error feedback with X^T X) or "rtn"
 
 
 METHODS: dict[str, Method] = {
     "bayesq": Method(planner="knapsack", grid="posterior", rounding="gptq"),
     "rtn": Method(planner="uniform", grid="minmax", rounding="rtn"),
+    # the reference algorithm's defaults (IST-DASLab/gptq): dynamic groups, no act_order
+    "gptq": Method(planner="uniform", grid="dynamic", rounding="gptq"),
+    "hqq": Method(planner="uniform", grid="hqq", rounding="rtn"),
 }
 
 
@@ -41,6 +45,7 @@ class Recipe:
     evidence: float = 1e6                         # rows the weights were trained on (activation posterior)
     damping: float = 1e-2                         # Laplace prior precision, relative to mean(h)
     gptq_damp: float = 0.01                       # GPTQ dampening, relative to mean(diag H)
+    act_order: bool = False                       # GPTQ columns by decreasing diag(H) (grids then fixed first)
     accuracy_level: int = 0                       # MatMulNBits: 0 = exact fp32 maths (what the plan check measured)
     synthetic_samples: int = 32                   # samples in the synthetic fallback calibration
 

@@ -10,7 +10,7 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 import models
-from bayesq_onnx import Recipe, compress, make_session
+from bayesq_onnx import Analysis, Recipe, compress, make_session
 from bayesq_onnx.runtime.reference_ops import REFERENCE_OPS
 
 CASES = {"mlp": (models.mlp, models.mlp_data), "embed": (models.embed, models.embed_data),
@@ -126,6 +126,20 @@ def test_same_seed_same_bytes(tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.parametrize("method", ["bayesq", "gptq"])
+def test_analysis_reused_across_budgets_gives_the_same_bytes(tmp_path, method):
+    """One analysis (statistics, grids, codes, tables) serves several budgets exactly as separate
+    compress calls do."""
+    src, calib = _save(tmp_path, "mlp", models.mlp()), models.mlp_data()
+    analysis = Analysis(src, Recipe(bits=1.0, method=method), calib=calib)
+    for bits in (3.0, 4.5):
+        a, b = tmp_path / f"a{bits}.onnx", tmp_path / f"b{bits}.onnx"
+        ra = analysis.compress(bits, output=a).report
+        rb = compress(src, Recipe(bits=bits, method=method), calib=calib, output=b).report
+        assert a.read_bytes() == b.read_bytes()
+        assert ra["plan"] == rb["plan"] and ra["bits_per_weight"] <= bits
+
+
 def test_report_contract(tmp_path):
     res = compress(_save(tmp_path, "mlp", models.mlp()), Recipe(bits=3.0), calib=models.mlp_data())
     r = res.report
@@ -223,3 +237,40 @@ def test_large_output_goes_to_external_data(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "q.onnx", "q.onnx.data"]
     assert (tmp_path / "q.onnx.data").stat().st_size > 0
     assert make_session(str(out)).run(None, models.mlp_data(4))[0].shape == (4, 32)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("method", ["gptq", "hqq"])
+def test_baselines_share_rtn_formats(tmp_path, case, method):
+    """Baselines differ from RTN only in their codes and grids: the same uniform plan, the same
+    stored bits, and a model onnxruntime runs exactly as the numpy reference ops do."""
+    build, data_fn = CASES[case]
+    src, data = _save(tmp_path, case, build()), data_fn()
+    reps = {m: compress(src, Recipe(bits=3.0, method=m), calib=data, output=tmp_path / f"{m}.onnx").report
+            for m in ("rtn", method)}
+    assert reps[method]["plan"] == reps["rtn"]["plan"]
+    assert [l["stored_bits"] for l in reps[method]["layers"]] == [l["stored_bits"] for l in reps["rtn"]["layers"]]
+    assert reps[method]["bits_per_weight"] <= 3.0
+    q = onnx.load(tmp_path / f"{method}.onnx")
+    held = {k: v[:8] for k, v in data.items()}
+    want = ReferenceEvaluator(q, new_ops=REFERENCE_OPS).run(None, held)
+    for g, w in zip(_run(tmp_path / f"{method}.onnx", held), want):
+        # fp32 kernels against numpy fp32: summation order only
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_gptq_method_is_not_rtn_and_beats_it(tmp_path):
+    """onnxruntime's bundled GPTQ returns RTN's codes; ours must not, and must do better on
+    held-out data from the calibration distribution."""
+    src = _save(tmp_path, "mlp", models.mlp())
+    calib, test = models.mlp_data(64, seed=1), models.mlp_data(256, seed=7)
+    ref = _run(src, test)[0]
+    out = {m: tmp_path / f"{m}.onnx" for m in ("rtn", "gptq")}
+    for m, p in out.items():
+        compress(src, Recipe(bits=3.0, method=m), calib=calib, output=p)
+    packed = {m: {t.name: t.raw_data for t in onnx.load(p).graph.initializer if t.name.endswith("_B")}
+              for m, p in out.items()}
+    assert packed["gptq"].keys() == packed["rtn"].keys() and packed["gptq"]
+    assert all(packed["gptq"][k] != packed["rtn"][k] for k in packed["rtn"])
+    errs = {m: _rel_err(_run(p, test)[0], ref) for m, p in out.items()}
+    assert errs["gptq"] < errs["rtn"], errs

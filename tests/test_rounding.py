@@ -15,8 +15,12 @@ def _correlated(n, L, seed):
 def _reference(W, H, scale, zp, bits, block, damp, act_order):
     """OBQ / GPTQ the slow way: quantize one column, move the remaining columns by the OBS update
     with the full inverse Hessian, then remove the quantized coordinate from H^-1 by its rank-one
-    Schur complement.  No Cholesky, no lazy batches."""
+    Schur complement.  No Cholesky, no lazy batches.  ``scale is None``: dynamic groups, each
+    group's min/max range taken from the fully updated weights at its first column."""
     W, H = W.astype(np.float64).copy(), H.astype(np.float64).copy()
+    dynamic = scale is None
+    if dynamic:
+        scale, zp = minmax_grid(W.astype(np.float32), bits, block)   # overwritten group by group
     L, qmax = W.shape[1], 2**bits - 1
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
@@ -28,12 +32,76 @@ def _reference(W, H, scale, zp, bits, block, damp, act_order):
     codes = np.zeros(W.shape, np.int64)
     for i in range(L):
         g = perm[i] // block
+        if dynamic and i % block == 0:
+            scale[:, g:g + 1], zp[:, g:g + 1] = minmax_grid(W[:, i:i + block].astype(np.float32), bits, block)
         c = np.clip(np.rint(W[:, i] / scale[:, g].astype(np.float64)) + zp[:, g], 0, qmax)
         q = (c - zp[:, g]) * scale[:, g].astype(np.float64)
         W[:, i:] -= np.outer((W[:, i] - q) / Hinv[i, i], Hinv[i, i:])
         Hinv -= np.outer(Hinv[:, i], Hinv[i, :]) / Hinv[i, i]
         codes[:, perm[i]] = c
     return codes
+
+
+def _reference_fasterquant(W, H, bits, groupsize, blocksize, percdamp):
+    """IST-DASLab/gptq ``GPTQ.fasterquant`` with its defaults (dynamic groups, no act_order),
+    transcribed to numpy: lazy batches of ``blocksize`` columns, and each group's range found on
+    ``W`` (the weights at the start of the current batch), not on the batch copy ``W1``.  Ranges
+    use ``minmax_grid`` (the reference's ``find_params`` differs only for all-zero groups)."""
+    W, H = W.astype(np.float64).copy(), H.astype(np.float64).copy()
+    L, qmax = W.shape[1], 2**bits - 1
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += percdamp * np.mean(np.diag(H)) * np.eye(L)
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T                 # upper factor of H^-1
+    Q = np.zeros(W.shape, np.int64)
+    for i1 in range(0, L, blocksize):
+        i2 = min(i1 + blocksize, L)
+        W1, Hinv1, Err1 = W[:, i1:i2].copy(), Hinv[i1:i2, i1:i2], np.zeros((W.shape[0], i2 - i1))
+        for i in range(i2 - i1):
+            if (i1 + i) % groupsize == 0:
+                scale, zero = minmax_grid(W[:, i1 + i:i1 + i + groupsize].astype(np.float32), bits, groupsize)
+                scale, zero = scale[:, 0].astype(np.float64), zero[:, 0].astype(np.float64)
+            w = W1[:, i]
+            q = np.clip(np.rint(w / scale) + zero, 0, qmax)
+            err1 = (w - (q - zero) * scale) / Hinv1[i, i]
+            W1[:, i:] -= np.outer(err1, Hinv1[i, i:])
+            Err1[:, i] = err1
+            Q[:, i1 + i] = q
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q
+
+
+@pytest.mark.parametrize("bits,block,lazy", [(4, 32, 128), (3, 64, 128), (2, 16, 40)])
+def test_dynamic_groups_match_reference_fasterquant(bits, block, lazy):
+    rng = np.random.default_rng(bits * block)
+    L = 200                                  # several lazy batches, a short last group
+    X = _correlated(400, L, bits)
+    X[:, 7] = 0.0                            # a dead input
+    W = rng.standard_normal((11, L)).astype(np.float32)
+    q = round_gptq(W, X.T @ X, None, None, bits, block, damp=0.01, lazy_block=lazy)
+    # same float64 arithmetic up to summation order: codes agree exactly (see above)
+    np.testing.assert_array_equal(q.codes, _reference_fasterquant(W, X.T @ X, bits, block, lazy, 0.01))
+    # the grid it returns is the one it rounded onto
+    np.testing.assert_array_equal(round_rtn(q.dequantize(), q.scale, q.zero_point, bits, block).codes, q.codes)
+
+
+@pytest.mark.parametrize("bits,block", [(3, 16), (4, 8)])
+def test_dynamic_groups_match_slow_reference_when_batches_are_groups(bits, block):
+    """With lazy batches of one group, every group's range is read from fully updated weights:
+    the column-by-column OBQ reference with dynamic groups must agree."""
+    rng = np.random.default_rng(bits)
+    L = 40
+    X = _correlated(300, L, bits)
+    W = rng.standard_normal((7, L)).astype(np.float32)
+    q = round_gptq(W, X.T @ X, None, None, bits, block, damp=0.01, lazy_block=block)
+    np.testing.assert_array_equal(q.codes, _reference(W, X.T @ X, None, None, bits, block, 0.01, False))
+
+
+def test_dynamic_groups_reject_act_order():
+    W = np.zeros((4, 32), np.float32)
+    with pytest.raises(ValueError, match="act_order"):
+        round_gptq(W, np.diag(np.arange(1.0, 33.0)), None, None, 4, 16, act_order=True)  # order reversed
 
 
 def _err(X, W, q):

@@ -17,21 +17,37 @@ from .rounding import gptq_factor, round_gptq, round_rtn
 
 class SiteQuantizer:
     def __init__(self, view: np.ndarray, posterior: DiagonalLaplace, xtx: np.ndarray | None,
-                 method: Method, gptq_damp: float = 0.01):
+                 method: Method, gptq_damp: float = 0.01, act_order: bool = False):
         self.view, self.posterior, self.method = view, posterior, method
-        self._xtx, self._gptq_damp, self._factor = xtx, gptq_damp, None
+        self._xtx, self._gptq_damp, self._act_order, self._factor = xtx, gptq_damp, act_order, None
         self._grids: dict[Format, tuple] = {}   # small: one scale and zero point per group
         self._codes: dict[Format, UniformCodes] = {}
 
+    @property
+    def _gptq(self) -> bool:
+        return self.method.rounding == "gptq" and self._xtx is not None
+
+    @property
+    def _dynamic(self) -> bool:
+        """Grids found during GPTQ rounding (not with act_order, which needs them first)."""
+        return self.method.grid == "dynamic" and self._gptq and not self._act_order
+
     def _grid(self, fmt: Format):
         if fmt not in self._grids:
-            if self.method.grid == "posterior":
+            if self._dynamic:
+                q = self.codes(fmt)
+                scale, zp = q.scale, q.zero_point
+            elif self.method.grid == "posterior":
                 # clipping at 1.0, 0.9, ..., 0.4 of the group's range: each step is a full
                 # closed-form pass over the weights, so the spacing bounds the cost on big models
                 self._grids[fmt] = search_grid(self.posterior, fmt.bits, fmt.block, n_steps=7, min_shrink=0.4)
-            else:
+                return self._grids[fmt]
+            elif self.method.grid == "hqq":
+                from .hqq import hqq_grid  # TODO(hqq.py lands): module-level import
+                scale, zp = hqq_grid(self.view, fmt.bits, fmt.block)
+            else:  # minmax, and dynamic groups wherever GPTQ does not run (Conv, Gather, act_order)
                 scale, zp = minmax_grid(self.view, fmt.bits, fmt.block)
-                self._grids[fmt] = scale, zp, expected_loss(self.posterior, scale, zp, fmt.bits, fmt.block)
+            self._grids[fmt] = scale, zp, expected_loss(self.posterior, scale, zp, fmt.bits, fmt.block)
         return self._grids[fmt]
 
     def expected_loss(self, fmt: Format) -> float:
@@ -51,10 +67,10 @@ class SiteQuantizer:
 
     def codes(self, fmt: Format) -> UniformCodes:
         if fmt not in self._codes:
-            scale, zp, _ = self._grid(fmt)
-            if self.method.rounding == "gptq" and self._xtx is not None:
+            scale, zp = (None, None) if self._dynamic else self._grid(fmt)[:2]
+            if self._gptq:
                 if self._factor is None:  # H^-1's factor does not depend on the format
-                    self._factor = gptq_factor(self._xtx, self._gptq_damp)
+                    self._factor = gptq_factor(self._xtx, self._gptq_damp, self._act_order)
                 self._codes[fmt] = round_gptq(self.view, self._factor, scale, zp, fmt.bits, fmt.block)
             else:
                 self._codes[fmt] = round_rtn(self.view, scale, zp, fmt.bits, fmt.block)
