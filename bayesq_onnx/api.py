@@ -224,26 +224,39 @@ def _lower(m: onnx.ModelProto, sites, plan: Plan, quantizers, recipe: Recipe, fo
 
 def _tables(recipe, sites, candidates, quantizers, probe, fit, batch) -> dict[str, np.ndarray]:
     """Loss of every (site, candidate).  The closed form pre-screens within a site (it ranks a site's
-    own formats soundly); the allocator's input is the task-aware proxy unless curvature from a
-    file makes the closed form comparable across sites.  Off-hull candidates get +inf."""
-    proxy = recipe.table_source == "proxy"
-    distortion = OutputDistortion(probe, take(fit, -(-recipe.proxy_samples // batch) * batch), batch) if proxy else None
+    own formats soundly); the allocator's input is then, by ``recipe.table_source``:
+
+    - ``proxy``: the task-aware distortion measured for every hull candidate (one forward pass each);
+    - ``scaled``: the closed form, rescaled per site so that its cheapest candidate's entry equals
+      that candidate's measured distortion (one forward pass per site: for big models; DESIGN.md
+      §2 measured it as the better of the cheap tables);
+    - ``closed_form``: the closed form itself (comparable across sites with curvature from a file).
+
+    Off-hull candidates get +inf."""
+    source = recipe.table_source
+    distortion = None
+    if source != "closed_form":
+        distortion = OutputDistortion(probe, take(fit, -(-recipe.proxy_samples // batch) * batch), batch)
     losses = {}
-    with Progress(f"loss tables ({recipe.table_source})", sum(len(candidates[s.name]) for s in sites)) as p:
+    with Progress(f"loss tables ({source})", sum(len(candidates[s.name]) for s in sites)) as p:
         for s in sites:
             q, fs = quantizers[s.name], candidates[s.name]
             costs = np.array([f.stored_bits(s.rows, s.L) for f in fs], np.float64)
-            hull = set(lower_hull(costs, np.array([q.screen_loss(f) for f in fs])))
+            hull = sorted(lower_hull(costs, np.array([q.screen_loss(f) for f in fs])), key=lambda j: costs[j])
             table = np.full(len(fs), np.inf)
-            for j, f in enumerate(fs):
-                if j in hull:
-                    if not proxy:
-                        table[j] = q.expected_loss(f)
-                    elif isinstance(f, Float32):
-                        table[j] = 0.0
-                    else:
-                        table[j] = distortion({s.name: s.from_view(q.dequantized(f))})
-                p.step()
+
+            def measured(f):
+                return 0.0 if isinstance(f, Float32) else distortion({s.name: s.from_view(q.dequantized(f))})
+
+            if source == "proxy":
+                for j in hull:
+                    table[j] = measured(fs[j])
+            else:
+                for j in hull:
+                    table[j] = q.expected_loss(fs[j])
+                if source == "scaled" and table[hull[0]] > 0:
+                    table[hull] *= measured(fs[hull[0]]) / table[hull[0]]
+            p.step(len(fs))
             losses[s.name] = table
     return losses
 

@@ -32,7 +32,7 @@ class Recipe:
     method: str = "bayesq"
     seed: int = 0
     curvature: str | None = None                  # CURV.npz path (diagonal curvature per initializer)
-    tables: str = "auto"                          # "proxy" | "closed_form" | "auto" (closed_form iff curvature)
+    tables: str = "auto"                          # "proxy" | "scaled" | "closed_form" | "auto" (closed_form iff curvature)
     matmul_bits: tuple[int, ...] = (2, 4, 8)      # MatMulNBits executes 2/4/8 only (DESIGN §3)
     conv_bits: tuple[int, ...] = (2, 4, 8)        # blocked DequantizeLinear; 2 bits raises the opset to 25
     gather_bits: tuple[int, ...] = (2, 4, 8)      # GatherBlockQuantized, uint8 data
@@ -52,7 +52,7 @@ class Recipe:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
-        if self.tables not in ("auto", "proxy", "closed_form"):
+        if self.tables not in ("auto", "proxy", "scaled", "closed_form"):
             raise ValueError(f"unknown tables {self.tables!r}")
         if not (self.bits > 0):
             raise ValueError(f"--bits must be positive, got {self.bits}")

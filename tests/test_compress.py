@@ -184,6 +184,21 @@ def test_curvature_file_drives_closed_form_tables(tmp_path):
         assert layer["table_loss"] == pytest.approx(layer["expected_loss"], rel=1e-12)
 
 
+def test_scaled_tables_are_the_closed_form_rescaled_per_site(tmp_path):
+    """``tables="scaled"``: within a site the entries keep the closed form's ratios; across sites
+    the scale comes from one measured distortion each.  The chosen plan still passes the budget."""
+    src = _save(tmp_path, "mlp", models.mlp())
+    analysis = Analysis(src, Recipe(bits=3.0, tables="scaled"), calib=models.mlp_data())
+    rep = analysis.compress(3.0).report
+    assert rep["tables"] == "scaled" and rep["bits_per_weight"] <= 3.0
+    for s in analysis.sites:
+        table, q = analysis.losses[s.name], analysis.quantizers[s.name]
+        finite = [j for j in range(len(table)) if np.isfinite(table[j]) and table[j] > 0]
+        ratios = [table[j] / q.expected_loss(analysis.candidates[s.name][j]) for j in finite]
+        # one scale per site: equal up to float64 rounding of products
+        assert ratios and max(ratios) == pytest.approx(min(ratios), rel=1e-9)
+
+
 def test_fixed_batch_model(tmp_path):
     """Exports without dynamic axes run one fixed batch at a time; calibration and the plan check
     must feed them that way."""

@@ -160,3 +160,21 @@ def test_gptq_rejects_bad_shapes():
         round_gptq(W, np.eye(31), scale, zp, 4, 16)
     with pytest.raises(ValueError):
         round_rtn(W, scale[:, :1], zp[:, :1], 4, 16)
+
+
+def test_bayesq_codes_never_worse_than_reference_gptq_on_the_layer():
+    """bayesq keeps the better of its searched fixed grid and the reference's dynamic groups, by
+    the layer output error on the calibration rows; so in every format it is at most gptq's."""
+    from bayesq_onnx.config import METHODS
+    from bayesq_onnx.formats import MatMulNBits
+    from bayesq_onnx.posterior.laplace import DiagonalLaplace
+    from bayesq_onnx.quantize.site import SiteQuantizer
+
+    rng = np.random.default_rng(3)
+    X = _correlated(300, 128, 3)
+    W = rng.standard_normal((24, 128)).astype(np.float32)
+    H = X.T @ X
+    post = DiagonalLaplace.fit(W, np.broadcast_to(2 * np.diag(H), W.shape), 1e-2)
+    ours, ref = (SiteQuantizer(W, post, H, METHODS[m]) for m in ("bayesq", "gptq"))
+    for fmt in (MatMulNBits(2, 32), MatMulNBits(4, 64), MatMulNBits(8, 128)):
+        assert ours.output_error(ours.codes(fmt)) <= ref.output_error(ref.codes(fmt))
