@@ -17,7 +17,7 @@ import onnx
 from .calib.capture import capture_stats
 from .calib.readers import (check_calibration, fixed_batch, input_specs, load_calibration, n_samples, split,
                             synthetic_calibration, take)
-from .config import Recipe
+from .config import METHODS, Recipe
 from .curvature.activation import ActivationCurvature
 from .curvature.from_file import FileCurvature
 from .errors import BayesQError, first_line
@@ -104,7 +104,7 @@ class Analysis:
         self.curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
         self.quantizers = {s.name: _site_quantizer(s, weights[s.name], self.curvature, stats[s.name].xtx, recipe)
                            for s in sites}
-        self._losses = None
+        self._losses, self._reference = None, None
         self.seconds = time.perf_counter() - t0
 
     @property
@@ -115,6 +115,14 @@ class Analysis:
                                    self.fit, self.batch)
         return self._losses
 
+    @property
+    def reference_quantizers(self) -> dict[str, SiteQuantizer]:
+        """The same sites quantized as ``--method gptq`` does, for the plan check (made on first use)."""
+        if self._reference is None:
+            self._reference = {s.name: SiteQuantizer(q.view, q.posterior, q.xtx, METHODS["gptq"], self.recipe.gptq_damp)
+                               for s in self.sites for q in [self.quantizers[s.name]]}
+        return self._reference
+
     def compress(self, bits: float, *, output: str | os.PathLike | None = None,
                  report: str | os.PathLike | None = None, _t0: float | None = None,
                  _single_use: bool = False) -> Result:
@@ -123,16 +131,17 @@ class Analysis:
         check_budget(sites, self.candidates, bits)
         budget_bits = bits * self.n_weights
         uniforms = uniform_plans(sites, self.candidates, budget_bits)
-        check, losses = None, None
+        check, losses, quantizers = None, None, self.quantizers
         if self.uniform:
             plan = uniforms[0]
         else:
             losses = self.losses
-            plan, check = _plan_check(knapsack_plan(sites, self.candidates, losses, budget_bits),
-                                      uniforms[:N_UNIFORM_CHECKED], sites, self.quantizers, self.probe, self.held,
-                                      self.batch)
-        out_model = _lower(self.model, sites, plan, self.quantizers, recipe, forget=_single_use)
-        rep = _report(recipe, sites, self.skipped, self.candidates, plan, self.quantizers, losses, check,
+            ours = [(p, self.quantizers) for p in [knapsack_plan(sites, self.candidates, losses, budget_bits),
+                                                    *uniforms[:N_UNIFORM_CHECKED]]]
+            reference = [(replace(uniforms[0], label=f"gptq {uniforms[0].label}"), self.reference_quantizers)]
+            (plan, quantizers), check = _plan_check(ours + reference, sites, self.probe, self.held, self.batch)
+        out_model = _lower(self.model, sites, plan, quantizers, recipe, forget=_single_use)
+        rep = _report(recipe, sites, self.skipped, self.candidates, plan, quantizers, losses, check,
                       self.n_weights, self.calib_source, self.n_calib, n_samples(self.fit),
                       n_samples(self.held), self.curvature.name)
         # a reused analysis is paid once: each budget's report counts its own work plus the analysis
@@ -250,7 +259,13 @@ def _tables(recipe, sites, candidates, quantizers, probe, fit, batch) -> dict[st
 
             if source == "proxy":
                 for j in hull:
-                    table[j] = measured(fs[j])
+                    # where several grids are on offer, the measurement picks (and pins) the best
+                    scores = []
+                    for kind in q.grid_kinds(fs[j]):
+                        q.pin(fs[j], kind)
+                        scores.append((measured(fs[j]), kind))
+                    table[j], best = min(scores)
+                    q.pin(fs[j], best)
             else:
                 for j in hull:
                     table[j] = q.expected_loss(fs[j])
@@ -261,29 +276,27 @@ def _tables(recipe, sites, candidates, quantizers, probe, fit, batch) -> dict[st
     return losses
 
 
-def _plan_check(knapsack: Plan, uniforms: list[Plan], sites, quantizers, probe, held, batch_size):
+def _plan_check(candidates: list[tuple[Plan, dict]], sites, probe, held, batch_size):
     """Product rule (DESIGN.md §2, lesson 6): measure the knapsack plan end to end on held-back data
-    against the best uniform plans at the same budget, and ship the better one."""
+    against the uniform plans at the same budget -- with our grids, and with the reference GPTQ's
+    codes -- and ship the best.  ``candidates``: ``(plan, quantizers)``, the knapsack first."""
     distortion = OutputDistortion(probe, held, batch_size)
-
-    def measure(plan: Plan) -> float:
-        return distortion({s.name: s.from_view(quantizers[s.name].dequantized(plan.choice[s.name])) for s in sites})
-
-    with Progress("plan check", 1 + len(uniforms)) as p:
+    with Progress("plan check", len(candidates)) as p:
         scores = []
-        for plan in [knapsack] + uniforms:
-            scores.append((measure(plan), plan))
+        for plan, qs in candidates:
+            scores.append(distortion({s.name: s.from_view(qs[s.name].dequantized(plan.choice[s.name])) for s in sites}))
             p.step()
-    best_d, best = min(scores, key=lambda t: t[0])  # ties keep the knapsack (listed first)
+    i = int(np.argmin(scores))  # ties keep the knapsack (listed first)
+    n_weights = sum(s.size for s in sites)
     check = {"metric": "relative output squared error on held-back calibration data",
-             "candidates": [{"plan": pl.label, "bits_per_weight": pl.stored_bits / sum(s.size for s in sites),
-                             "distortion": d} for d, pl in scores],
-             "chosen": best.label,
-             "knapsack_vs_best_uniform": (scores[0][0] / min(d for d, _ in scores[1:])) if uniforms else None}
-    if best is not knapsack:
+             "candidates": [{"plan": pl.label, "bits_per_weight": pl.stored_bits / n_weights, "distortion": d}
+                            for d, (pl, _) in zip(scores, candidates)],
+             "chosen": candidates[i][0].label,
+             "knapsack_vs_best_uniform": scores[0] / min(scores[1:]) if len(scores) > 1 else None}
+    if i:
         log.warning("plan check: %s beats the knapsack plan on held-back data (%.3g vs %.3g); shipping it",
-                    best.label, best_d, scores[0][0])
-    return best, check
+                    candidates[i][0].label, scores[i], scores[0])
+    return candidates[i], check
 
 
 def _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check, n_weights,
@@ -294,7 +307,8 @@ def _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check,
         j = candidates[s.name].index(f)
         layers.append({
             "name": s.name, "op_type": s.op_type, "shape": list(s.shape), "format": f.name,
-            "bits": f.bits, "block_size": f.block, "stored_bits": f.stored_bits(s.rows, s.L),
+            "bits": f.bits, "block_size": f.block, "grid": quantizers[s.name].grid_kind(f),
+            "stored_bits": f.stored_bits(s.rows, s.L),
             "bits_per_weight": f.stored_bits(s.rows, s.L) / s.size,
             "expected_loss": quantizers[s.name].expected_loss(f),
             # None: no table (uniform planner) or a candidate the pre-screen dropped (never chosen by greedy)

@@ -7,9 +7,12 @@ import os
 from pathlib import Path
 
 from bayesq_onnx.assets.cache import load_npz
+from bayesq_onnx.assets.efficientnet import EfficientNetAsset, prepare_efficientnet
+from bayesq_onnx.assets.fashion_mnist import FashionMNISTAsset, prepare_fashion_mnist
 from bayesq_onnx.assets.minilm import MiniLMAsset, prepare_minilm
+from bayesq_onnx.assets.smollm2 import SmolLM2Asset, prepare_smollm2
 
-__all__ = ["MiniLMAsset", "default_cache", "load_npz", "prepare_minilm"]
+__all__ = ["EfficientNetAsset", "prepare_efficientnet", "FashionMNISTAsset", "prepare_fashion_mnist", "MiniLMAsset", "SmolLM2Asset", "prepare_smollm2", "default_cache", "load_npz", "prepare_minilm"]
 
 
 def default_cache() -> Path:

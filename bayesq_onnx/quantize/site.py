@@ -12,6 +12,7 @@ from ..formats import Float32, Format, UniformCodes
 from ..posterior.expected_loss import expected_loss
 from ..posterior.laplace import DiagonalLaplace
 from .grid import minmax_grid, search_grid
+from .hqq import hqq_grid
 from .rounding import gptq_factor, round_gptq, round_rtn
 
 
@@ -19,36 +20,58 @@ class SiteQuantizer:
     def __init__(self, view: np.ndarray, posterior: DiagonalLaplace, xtx: np.ndarray | None,
                  method: Method, gptq_damp: float = 0.01, act_order: bool = False):
         self.view, self.posterior, self.method = view, posterior, method
-        self._xtx, self._gptq_damp, self._act_order, self._factor = xtx, gptq_damp, act_order, None
-        self._grids: dict[Format, tuple] = {}   # small: one scale and zero point per group
+        self.xtx, self._gptq_damp, self._act_order, self._factor = xtx, gptq_damp, act_order, None
+        self._grids: dict[tuple[Format, str], tuple] = {}   # small: one scale and zero point per group
         self._codes: dict[Format, UniformCodes] = {}
+        self._pinned: dict[Format, str] = {}                  # grid kind chosen by measurement
 
     @property
     def _gptq(self) -> bool:
-        return self.method.rounding == "gptq" and self._xtx is not None
+        return self.method.rounding == "gptq" and self.xtx is not None
 
     @property
     def _dynamic(self) -> bool:
         """Grids found during GPTQ rounding (not with act_order, which needs them first)."""
         return self.method.grid == "dynamic" and self._gptq and not self._act_order
 
+    def grid_kinds(self, fmt: Format) -> tuple[str, ...]:
+        """The grids worth measuring end to end in this format.  Where GPTQ runs, its layer output
+        error already picks the grid (see :meth:`codes`); elsewhere (Conv, Gather) the diagonal
+        expected loss that the search minimises can favour clipping that the model does not
+        tolerate (measured on a Fashion-MNIST CNN: 3x the end-to-end error of min/max on some
+        convs at 2 bits), so min/max is offered too."""
+        if isinstance(fmt, Float32) or self._gptq or self.method.grid != "posterior":
+            return (self.method.grid,)
+        return ("posterior", "minmax")
+
+    def pin(self, fmt: Format, kind: str) -> None:
+        """Use the ``kind`` grid for ``fmt`` from now on (one of :meth:`grid_kinds`)."""
+        if kind not in self.grid_kinds(fmt):
+            raise ValueError(f"grid {kind!r} is not offered for {fmt.name}")
+        if self._pinned.get(fmt, self.method.grid) != kind:
+            self._codes.pop(fmt, None)
+        self._pinned[fmt] = kind
+
+    def grid_kind(self, fmt: Format) -> str:
+        return self._pinned.get(fmt, self.method.grid)
+
     def _grid(self, fmt: Format):
-        if fmt not in self._grids:
+        kind = self.grid_kind(fmt)
+        if (fmt, kind) not in self._grids:
             if self._dynamic:
                 q = self.codes(fmt)
                 scale, zp = q.scale, q.zero_point
-            elif self.method.grid == "posterior":
+            elif kind == "posterior":
                 # clipping at 1.0, 0.9, ..., 0.4 of the group's range: each step is a full
                 # closed-form pass over the weights, so the spacing bounds the cost on big models
-                self._grids[fmt] = search_grid(self.posterior, fmt.bits, fmt.block, n_steps=7, min_shrink=0.4)
-                return self._grids[fmt]
-            elif self.method.grid == "hqq":
-                from .hqq import hqq_grid  # TODO(hqq.py lands): module-level import
+                self._grids[fmt, kind] = search_grid(self.posterior, fmt.bits, fmt.block, n_steps=7, min_shrink=0.4)
+                return self._grids[fmt, kind]
+            elif kind == "hqq":
                 scale, zp = hqq_grid(self.view, fmt.bits, fmt.block)
             else:  # minmax, and dynamic groups wherever GPTQ does not run (Conv, Gather, act_order)
                 scale, zp = minmax_grid(self.view, fmt.bits, fmt.block)
-            self._grids[fmt] = scale, zp, expected_loss(self.posterior, scale, zp, fmt.bits, fmt.block)
-        return self._grids[fmt]
+            self._grids[fmt, kind] = scale, zp, expected_loss(self.posterior, scale, zp, fmt.bits, fmt.block)
+        return self._grids[fmt, kind]
 
     def expected_loss(self, fmt: Format) -> float:
         """Closed-form posterior-expected whitened distortion of the format's grid (0 for fp32)."""
@@ -70,11 +93,25 @@ class SiteQuantizer:
             scale, zp = (None, None) if self._dynamic else self._grid(fmt)[:2]
             if self._gptq:
                 if self._factor is None:  # H^-1's factor does not depend on the format
-                    self._factor = gptq_factor(self._xtx, self._gptq_damp, self._act_order)
-                self._codes[fmt] = round_gptq(self.view, self._factor, scale, zp, fmt.bits, fmt.block)
+                    self._factor = gptq_factor(self.xtx, self._gptq_damp, self._act_order)
+                q = round_gptq(self.view, self._factor, scale, zp, fmt.bits, fmt.block)
+                if self.method.grid == "posterior" and not self._act_order:
+                    # The searched grid is fixed before error feedback moves the weights; the
+                    # reference's dynamic min/max groups follow them.  Keep whichever leaves the
+                    # smaller layer output error ||X (W - Q)^T||^2: never worse than plain GPTQ
+                    # on the calibration rows, in the same format.
+                    alt = round_gptq(self.view, self._factor, None, None, fmt.bits, fmt.block)
+                    if self.output_error(alt) < self.output_error(q):
+                        q = alt
+                self._codes[fmt] = q
             else:
                 self._codes[fmt] = round_rtn(self.view, scale, zp, fmt.bits, fmt.block)
         return self._codes[fmt]
+
+    def output_error(self, q: UniformCodes) -> float:
+        """``||X (W - Q)^T||^2 = tr(E H E^T)`` with ``H = X^T X``: the layer's own output error."""
+        e = q.dequantize().astype(np.float64) - self.view
+        return float(np.einsum("rk,rk->", e @ self.xtx, e))
 
     def dequantized(self, fmt: Format) -> np.ndarray:
         """The weights the runtime will compute with, as a view."""

@@ -1,0 +1,267 @@
+"""Accuracy scoreboard: fp32, rtn, gptq, hqq and bayesq at matched stored-bit budgets on real models.
+
+    python tools/bench_accuracy.py [--quick] [--models minilm,fashion_mnist,...] [--budgets 2.5,3.0,3.5,4.0]
+                                   [--methods rtn,gptq,hqq,bayesq] [--cache DIR] [--out DIR]
+
+Models and data are built from packages into the asset cache (``bayesq_onnx.assets``; see DESIGN.md
+§4).  Each method analyses a model once (statistics, grids, codes, loss tables) and then compresses
+it at every budget; a baseline takes the uniform format with the most stored bits within the
+budget, so its achieved bits can fall short of the budget: ``bayesq@gptq`` is bayesq run at exactly
+the bits gptq achieved, the strictly matched comparison.  Every row carries its achieved
+``bits_per_weight`` (all stored bits: codes, scales, zero points) and its wall time (analysis plus
+that budget's planning, packing and writing; not the evaluation).
+
+Writes ``results.csv``, ``results.md`` and ``results.png`` (metric vs bits, one panel per model)
+into ``--out`` and prints the markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bayesq_onnx import Analysis, Recipe  # noqa: E402
+from bayesq_onnx.assets import default_cache, load_npz  # noqa: E402
+from bayesq_onnx.errors import BayesQError  # noqa: E402
+from bayesq_onnx.runtime.session import make_session  # noqa: E402
+from bayesq_onnx.validate.compare import compare_outputs  # noqa: E402
+
+METHODS = ("rtn", "gptq", "hqq", "bayesq")
+BUDGETS = (2.5, 3.0, 3.5, 4.0)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One model of the scoreboard, ready to compress and score."""
+
+    model: Path
+    calib: dict[str, np.ndarray]
+    evaluate: Callable[[Path], dict[str, float]]   # model path -> metrics; ``metric`` among them
+    metric: str
+    higher_is_better: bool
+    recipe: dict                                    # Recipe fields this model needs (e.g. blocks)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _minilm(cache: Path, quick: bool) -> Task:
+    """Sentence embeddings: fortunes topic accuracy (logistic regression on the embeddings, five
+    fixed folds) and mean cosine of the embeddings to fp32."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    from bayesq_onnx.assets import prepare_minilm
+
+    a = prepare_minilm(cache, n_calib=64, n_eval=500 if quick else 1000, progress=logging.info)
+    data, labels = load_npz(a.eval_data), np.load(a.labels)
+    folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(labels, labels))
+
+    def topic_accuracy(emb: np.ndarray) -> float:
+        emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        return float(np.mean([LogisticRegression(C=10.0, max_iter=1000).fit(emb[tr], labels[tr]).score(emb[te], labels[te])
+                              for tr, te in folds]))
+
+    ref = _run(a.model, data, "embedding")
+
+    def evaluate(path: Path) -> dict[str, float]:
+        emb = _run(path, data, "embedding")
+        cos = np.sum(emb * ref, 1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+        return {"accuracy": topic_accuracy(emb), "cosine": float(np.mean(cos))}
+
+    return Task(a.model, load_npz(a.calib), evaluate, "accuracy", True, {})
+
+
+def _efficientnet(cache: Path, quick: bool) -> Task:
+    """ImageNet classifier without ImageNet labels: top-1 agreement with fp32 and KL(fp32 || quant)
+    on augmented scikit-image photos (disjoint from the calibration photos)."""
+    from bayesq_onnx.assets import prepare_efficientnet
+
+    a = prepare_efficientnet(cache, n_calib=64, n_eval=128 if quick else 256, progress=logging.info)
+    data = load_npz(a.eval_data)
+    ref = {"logits": _run(a.model, data, "logits")}
+
+    def evaluate(path: Path) -> dict[str, float]:
+        m = compare_outputs(ref, {"logits": _run(path, data, "logits")}, logits={"logits"})["outputs"]["logits"]
+        return {"top1_agreement": m["top1_agreement"], "kl": m["kl"]}
+
+    return Task(a.model, load_npz(a.calib), evaluate, "top1_agreement", True, {})
+
+
+def _fashion_mnist(cache: Path, quick: bool) -> Task:
+    """A small ResNet trained once on Fashion-MNIST: accuracy on the 10k test images."""
+    from bayesq_onnx.assets import prepare_fashion_mnist
+    from bayesq_onnx.assets.fashion_mnist import accuracy
+
+    a = prepare_fashion_mnist(cache, progress=logging.info)
+    data, labels = load_npz(a.eval_data), np.load(a.labels)
+    return Task(a.model, load_npz(a.calib), lambda p: {"accuracy": accuracy(p, data, labels)}, "accuracy", True, {})
+
+
+def _smollm2(cache: Path, quick: bool) -> Task:
+    """SmolLM2-135M-Instruct: next-token perplexity on Jane Austen's Persuasion (calibrated on the
+    other novels).  Its 211 sites make per-candidate proxy tables too slow for the benchmark, so
+    bayesq uses the scaled tables (one measured distortion per site); hidden size 576 takes
+    groups of 32, 64 and 192, not 128."""
+    from bayesq_onnx.assets import prepare_smollm2
+    from bayesq_onnx.assets.smollm2 import perplexity
+
+    a = prepare_smollm2(cache, progress=logging.info)
+    data = load_npz(a.eval_data)
+    return Task(a.model, load_npz(a.calib), lambda p: {"perplexity": perplexity(p, data)}, "perplexity", False,
+                {"blocks": (32, 64, 192), "tables": "scaled", "proxy_samples": 8, "batch_size": 4})
+
+
+TASKS: dict[str, Callable[[Path, bool], Task]] = {"minilm": _minilm, "fashion_mnist": _fashion_mnist,
+                                                   "efficientnet": _efficientnet, "smollm2": _smollm2}
+QUICK_MODELS = ("minilm",)
+
+
+def _run(path: Path, data: dict[str, np.ndarray], output: str, batch: int = 64) -> np.ndarray:
+    sess = make_session(path)
+    n = len(next(iter(data.values())))
+    return np.concatenate([sess.run([output], {k: v[i:i + batch] for k, v in data.items()})[0]
+                           for i in range(0, n, batch)])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_samples: int | None) -> list[dict]:
+    rows = [{"model": name, "method": "fp32", "budget": None, "bits_per_weight": 32.0, "plan": "fp32",
+             "seconds": 0.0, **task.evaluate(task.model)}]
+    _say(rows[-1])
+    achieved: dict[float, float] = {}           # budget -> bits gptq achieved there
+    order = [m for m in methods if m != "bayesq"] + (["bayesq"] if "bayesq" in methods else [])
+    for method in order:
+        fields = dict(task.recipe, method=method)
+        if proxy_samples and method == "bayesq":
+            fields["proxy_samples"] = proxy_samples
+        try:
+            analysis = Analysis(task.model, Recipe(bits=max(budgets), **fields), calib=task.calib)
+        except BayesQError as e:
+            logging.warning("%s/%s: %s", name, method, e)
+            continue
+        points = [(b, method) for b in budgets]
+        if method == "bayesq" and "gptq" in methods:   # strictly matched: gptq's achieved bits
+            points += [(achieved[b], "bayesq@gptq") for b in budgets
+                       if b in achieved and achieved[b] < b - 1e-9 and achieved[b] not in budgets]
+        for bits, label in points:
+            out = out_dir / f"{name}.{label}.{bits:.4g}.onnx"
+            try:
+                rep = analysis.compress(bits, output=out).report
+            except BayesQError as e:           # budget below this model's cheapest formats
+                logging.warning("%s/%s at %g: %s", name, label, bits, e)
+                continue
+            if method == "gptq":
+                achieved[bits] = round(rep["bits_per_weight"], 4)
+            rows.append({"model": name, "method": label, "budget": bits, "bits_per_weight": rep["bits_per_weight"],
+                         "plan": rep["plan"], "seconds": rep["seconds"], **task.evaluate(out)})
+            out.unlink()
+            _say(rows[-1])
+    return rows
+
+
+def _say(row: dict) -> None:
+    logging.info("%s", "  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def write_outputs(rows: list[dict], tasks: dict[str, Task], out_dir: Path) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(rows)
+    lines = []
+    for name, task in tasks.items():
+        mine = [r for r in rows if r["model"] == name]
+        metrics = [k for k in keys if k not in ("model", "method", "budget", "bits_per_weight", "plan", "seconds")
+                   and any(k in r for r in mine)]
+        arrow = "↑" if task.higher_is_better else "↓"
+        lines += [f"### {name} ({task.metric} {arrow})", "",
+                  "| method | budget | bits/weight | " + " | ".join(metrics) + " | plan | seconds |",
+                  "|---|---|---|" + "---|" * len(metrics) + "---|---|"]
+        for r in mine:
+            lines.append(f"| {r['method']} | {_fmt(r['budget'])} | {r['bits_per_weight']:.3f} | "
+                         + " | ".join(_fmt(r.get(k)) for k in metrics) + f" | {r['plan']} | {r['seconds']:.0f} |")
+        lines.append("")
+    md = "\n".join(lines)
+    (out_dir / "results.md").write_text(md + "\n")
+    _plot(rows, tasks, out_dir / "results.png")
+    return md
+
+
+def _plot(rows, tasks, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, (name, task) in zip(axes[0], tasks.items()):
+        mine = [r for r in rows if r["model"] == name]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            pts = sorted((r["bits_per_weight"], r[task.metric]) for r in mine if r["method"] == method)
+            if method == "fp32":
+                ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="fp32")
+            else:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set_title(name)
+        ax.set_xlabel("stored bits / weight")
+        ax.set_ylabel(task.metric)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=f"models {','.join(QUICK_MODELS)}, smaller eval sets")
+    ap.add_argument("--models", help=f"comma-separated, from {','.join(TASKS)} (default: all, or the quick set)")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--proxy-samples", type=int, help="bayesq's proxy samples (default: the recipe's)")
+    ap.add_argument("--cache", type=Path, default=default_cache())
+    ap.add_argument("--out", type=Path, default=Path("bench-accuracy"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    names = args.models.split(",") if args.models else list(QUICK_MODELS if args.quick else TASKS)
+    unknown = set(names) - set(TASKS)
+    if unknown:
+        ap.error(f"unknown models {sorted(unknown)}; choose from {sorted(TASKS)}")
+    budgets = [float(b) for b in args.budgets.split(",")]
+    methods = args.methods.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows, tasks = [], {}
+    for name in names:
+        try:
+            tasks[name] = TASKS[name](args.cache, args.quick)
+        except BayesQError as e:
+            print(f"error: {name}: {e}", file=sys.stderr)
+            return 2
+        rows += bench_model(name, tasks[name], methods, budgets, args.out, args.proxy_samples)
+        write_outputs(rows, tasks, args.out)     # partial results survive an interrupted run
+    md = write_outputs(rows, tasks, args.out)
+    print(md)
+    print(f"total {time.perf_counter() - t0:.0f} s; results in {args.out}/results.{{md,csv,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
