@@ -66,9 +66,11 @@ def _grouped(view: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     return w, m
 
 
-def _dequant(w, s, z, qmax):
-    """Codes and dequantized weights as HQQ (and, for integer ``z``, ``round_rtn``) computes them."""
-    q = np.clip(np.rint(w / s + z), 0, qmax)
+def _dequant(w, s, z, qmax, integer=True):
+    """Codes and dequantized weights: for an integer zero point exactly as ``round_rtn`` rounds
+    (``rint(w/s) + z``: with round-half-even, ``rint(w/s + z)`` differs on ties when ``z`` is
+    odd), for a continuous one as HQQ does."""
+    q = np.clip(np.rint(w / s) + z if integer else np.rint(w / s + z), 0, qmax)
     return q, (q - z) * s
 
 
@@ -123,7 +125,7 @@ def _hqq_rows(view, bits, block, iters, p, beta, kappa, update_scale, early_stop
             # den == 0: every code sits on the zero point (an all-zero group); keep the scale
             s = np.where((den > 0) & (new > 0) & np.isfinite(new), new, s)
         beta *= kappa
-        q, r = _dequant(w, s, z, qmax)
+        q, r = _dequant(w, s, z, qmax, integer=update_scale)
         err = _lp(w - r, m, p)[..., None]
         better = active & (err < best)
         best = np.where(better, err, best)
