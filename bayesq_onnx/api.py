@@ -24,7 +24,7 @@ from .errors import BayesQError, first_line
 from .formats import Float32
 from .graph.model_io import check_writable, load_model, prepare_model, save_json_atomic, save_model_atomic, to_array
 from .graph.sites import find_sites
-from .lower.ort_cpu import lower_ort_cpu
+from .lower.ort_cpu import lower_ort_cpu, lower_portable
 from .plan.candidates import candidate_formats
 from .plan.greedy import lower_hull
 from .plan.planner import Plan, check_budget, knapsack_plan, uniform_plans
@@ -33,6 +33,7 @@ from .posterior.laplace import DiagonalLaplace
 from .progress import Progress
 from .quantize.site import SiteQuantizer
 from .runtime.probe import Probe
+from .runtime import custom_ops
 from .runtime.session import make_session
 
 __all__ = ["compress", "Analysis", "make_session", "Result", "Recipe"]
@@ -78,7 +79,7 @@ class Analysis:
             raise BayesQError(f"no quantizable weights found{why}")
         self.sites, self.skipped = sites, skipped
         weights = _read_weights(m, sites)
-        self.candidates = {s.name: candidate_formats(s, recipe) for s in sites}
+        self.candidates = {s.name: candidate_formats(s, recipe, _bayesq_ops(recipe)) for s in sites}
         self.n_weights = sum(s.size for s in sites)
         if _check_bits is not None:
             check_budget(sites, self.candidates, _check_bits)
@@ -86,7 +87,7 @@ class Analysis:
         for path in _check_paths:
             if path is not None:
                 check_writable(path)
-        file_curvature = FileCurvature(recipe.curvature, sites) if recipe.curvature else None
+        file_curvature = FileCurvature(recipe.curvature, sites, recipe.evidence) if recipe.curvature else None
         data, self.calib_source, fixed = _read_calibration(m, calib, recipe)
         self.batch = fixed or recipe.batch_size
         self.uniform = recipe.method_spec.planner == "uniform"
@@ -163,6 +164,16 @@ class Analysis:
         return Result(out_model, rep, Path(output) if output is not None else None)
 
 
+def _bayesq_ops(recipe: Recipe) -> bool:
+    """Whether formats only the bayesq ops execute may be chosen: always for the portable target;
+    for ort-cpu when the custom-op library was built (else a warning, and native formats only)."""
+    if recipe.target == "portable" or custom_ops.available():
+        return True
+    log.warning("the bayesq custom-op library is not available (%s): using onnxruntime's native formats "
+                "only; --target portable runs the others with standard ops", custom_ops.unavailable_reason())
+    return False
+
+
 def _read_model(model) -> onnx.ModelProto:
     """Our own checked, normalized copy (the caller's file or proto is never touched)."""
     if isinstance(model, onnx.ModelProto):
@@ -223,7 +234,8 @@ def _lower(m: onnx.ModelProto, sites, plan: Plan, quantizers, recipe: Recipe, fo
             if forget:  # bounded memory on big models when no other budget will ask again
                 quantizers[s.name].forget()
             p.step()
-    out = lower_ort_cpu(m, sites, plan.choice, packed, recipe.accuracy_level)
+    lower = lower_portable if recipe.target == "portable" else lower_ort_cpu
+    out = lower(m, sites, plan.choice, packed, recipe.accuracy_level)
     try:  # the full check (with shape inference) whenever the input model passes it too
         onnx.checker.check_model(out, full_check=_passes_full_check(m))
     except Exception as e:  # a bug of ours, not the user's: say so plainly
@@ -317,7 +329,7 @@ def _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check,
     stored = sum(l["stored_bits"] for l in layers)
     codes = sum(plan.choice[s.name].code_bits(s.rows, s.L) for s in sites)
     return {
-        "version": REPORT_VERSION, "tool": "bayesq-onnx", "method": recipe.method, "target": "ort-cpu",
+        "version": REPORT_VERSION, "tool": "bayesq-onnx", "method": recipe.method, "target": recipe.target,
         "budget": recipe.bits, "bits_per_weight": stored / n_weights, "code_bits_per_weight": codes / n_weights,
         "n_weights": n_weights, "plan": plan.label, "plan_check": check,
         "curvature": curvature_name, "tables": recipe.table_source if recipe.method_spec.planner == "knapsack" else None,

@@ -26,6 +26,9 @@ METHODS: dict[str, Method] = {
 }
 
 
+TARGETS = ("ort-cpu", "portable")
+
+
 @dataclass(frozen=True)
 class Recipe:
     bits: float                                   # budget: all stored bits / quantized weight
@@ -33,7 +36,10 @@ class Recipe:
     seed: int = 0
     curvature: str | None = None                  # CURV.npz path (diagonal curvature per initializer)
     tables: str = "auto"                          # "proxy" | "scaled" | "closed_form" | "auto" (closed_form iff curvature)
+    target: str = "ort-cpu"                       # "ort-cpu" (bayesq formats run by our library) | "portable"
     matmul_bits: tuple[int, ...] = (2, 4, 8)      # MatMulNBits executes 2/4/8 only (DESIGN §3)
+    bayesq_bits: tuple[int, ...] = (3, 5, 6)      # affine widths only the bayesq ops run (MatMul and Conv)
+    lut_bits: tuple[int, ...] = (2, 3, 4)         # Lloyd-Max codebooks, one per row (bayesq planner only)
     conv_bits: tuple[int, ...] = (2, 4, 8)        # blocked DequantizeLinear; 2 bits raises the opset to 25
     gather_bits: tuple[int, ...] = (2, 4, 8)      # GatherBlockQuantized, uint8 data
     blocks: tuple[int, ...] = (32, 64, 128, 256)  # group sizes offered to every format
@@ -52,6 +58,8 @@ class Recipe:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose from {list(TARGETS)}")
         if self.tables not in ("auto", "proxy", "scaled", "closed_form"):
             raise ValueError(f"unknown tables {self.tables!r}")
         if not (self.bits > 0):

@@ -73,6 +73,7 @@ BAD = {
     "budget too low": (lambda t, m: ["compress", str(m), "--bits", "1.0"], "cannot be met"),
     "negative budget": (lambda t, m: ["compress", str(m), "--bits", "-1"], "positive"),
     "unknown method": (lambda t, m: ["compress", str(m), "--bits", "3", "--method", "magic"], "unknown method"),
+    "unknown target": (lambda t, m: ["compress", str(m), "--bits", "3", "--target", "fpga"], "unknown target"),
     "calib wrong key": (lambda t, m: ["compress", str(m), "--bits", "3", "--calib",
                                       _npz(t / "c.npz", y=np.zeros((4, 64), np.float32))], "keys do not match"),
     "calib wrong dtype": (lambda t, m: ["compress", str(m), "--bits", "3", "--calib",

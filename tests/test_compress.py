@@ -289,3 +289,34 @@ def test_gptq_method_is_not_rtn_and_beats_it(tmp_path):
     assert all(packed["gptq"][k] != packed["rtn"][k] for k in packed["rtn"])
     errs = {m: _rel_err(_run(p, test)[0], ref) for m, p in out.items()}
     assert errs["gptq"] < errs["rtn"], errs
+
+
+@pytest.mark.parametrize("case,fields", [
+    ("mlp", {"matmul_bits": (), "bayesq_bits": (3, 5)}),                  # affine widths only bayesq runs
+    ("mlp", {"matmul_bits": (2,), "bayesq_bits": (), "lut_bits": (2, 3)}),  # Lloyd-Max codebooks per row
+    ("cnn", {"conv_bits": (), "bayesq_bits": (3, 5)}),                     # Conv weight from DequantizeAffine
+])
+def test_bayesq_formats_run_with_the_library_and_portably(tmp_path, case, fields):
+    """ort-cpu emits bayesq ops that make_session runs as the numpy reference does; portable emits
+    standard ops only, runs on a plain onnxruntime session, and computes the same weights."""
+    pytest.importorskip("bayesq_onnx.runtime.custom_ops").require()
+    build, data_fn = CASES[case]
+    src, data = _save(tmp_path, case, build()), data_fn()
+    outs = {}
+    for target in ("ort-cpu", "portable"):
+        out = tmp_path / f"{target}.onnx"
+        rep = compress(src, Recipe(bits=4.0, target=target, **fields), calib=data, output=out).report
+        assert rep["bits_per_weight"] <= 4.0 and rep["target"] == target
+        assert any(l["format"].startswith("bq-") for l in rep["layers"]), rep["plan"]
+        q = onnx.load(out)
+        domains = {n.domain for n in q.graph.node}
+        assert ("bayesq" in domains) == (target == "ort-cpu")
+        outs[target] = _run(out, data)
+        want = ReferenceEvaluator(q, new_ops=REFERENCE_OPS).run(None, data)
+        for g, w in zip(outs[target], want):
+            # fp32 kernels against numpy fp32: summation order only
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    import onnxruntime as ort
+    plain = ort.InferenceSession(str(tmp_path / "portable.onnx"), providers=["CPUExecutionProvider"])
+    for g, w in zip(plain.run(None, data), outs["ort-cpu"]):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)  # same weights, summation order only

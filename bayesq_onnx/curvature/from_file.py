@@ -1,5 +1,7 @@
 """Curvature read from ``CURV.npz``: keys = initializer names, values = diagonal curvature in the
-initializer's own shape, all finite and >= 0 (what the gradient-curvature tools write)."""
+initializer's own shape, all finite and >= 0 (what ``bayesq-onnx curvature`` writes).  The file
+holds the curvature of the loss per sample; like the activation source, it is multiplied by the
+``evidence`` (the samples the weights were trained on) to make the posterior's precision."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +16,7 @@ from .base import CurvatureSource
 class FileCurvature(CurvatureSource):
     name = "file"
 
-    def __init__(self, path: str | Path, sites: list[WeightSite]):
+    def __init__(self, path: str | Path, sites: list[WeightSite], evidence: float = 1.0):
         path = Path(path)
         if not path.is_file():
             raise BayesQError(f"curvature file not found: {path}")
@@ -32,7 +34,7 @@ class FileCurvature(CurvatureSource):
                 raise BayesQError(f"curvature for {s.name!r} has shape {a.shape}, the weight has {s.shape}")
             if not np.isfinite(a).all() or (a < 0).any():
                 raise BayesQError(f"curvature for {s.name!r} must be finite and >= 0")
-        self.arrays = arrays
+        self.arrays, self.evidence = arrays, evidence
 
     def diagonal(self, site: WeightSite) -> np.ndarray:
-        return site.to_view(self.arrays[site.name].astype(np.float64))
+        return site.to_view(self.arrays[site.name].astype(np.float64)) * self.evidence

@@ -1,7 +1,13 @@
-"""Lowering pass for onnxruntime on CPU: every quantized site's initializer is replaced by its
-packed tensors and the consumer is rewritten to the op that executes them natively:
-MatMul/Gemm -> com.microsoft.MatMulNBits, Conv weight -> DequantizeLinear (blocked),
-Gather -> com.microsoft.GatherBlockQuantized.  Sites left in fp32 are untouched.
+"""Lowering passes for onnxruntime on CPU: every quantized site's initializer is replaced by its
+packed tensors and the consumer is rewritten to the op that executes them:
+MatMul/Gemm -> com.microsoft.MatMulNBits or bayesq.MatMulAffine/MatMulLut, Conv weight ->
+DequantizeLinear (blocked) or bayesq.DequantizeAffine/DequantizeLut, Gather ->
+com.microsoft.GatherBlockQuantized.  Sites left in fp32 are untouched.
+
+``lower_ort_cpu`` uses the bayesq custom-op library; ``lower_portable`` (``--target portable``)
+rebuilds bayesq-format weights with standard ONNX ops instead (bitwise unpack + Gather), for
+runtimes without the library: the file stays small, but onnxruntime folds those constant
+subgraphs into fp32 weights at session start, so memory and speed are fp32's.
 
 requires: the model the sites were found in; ensures: no fp32 copy of a quantized weight remains,
 opset raised only as far as the formats used need.
@@ -15,9 +21,13 @@ import onnx
 from onnx import helper, version_converter
 
 from ..errors import BayesQError, first_line
-from ..formats import BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
+from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
 from ..types import WeightSite
+from .bayesq_nodes import BAYESQ_DOMAIN, BAYESQ_OPSET, bayesq_dequantize_node, bayesq_matmul_node
 from .nodes import MS_DOMAIN, dequantize_node, gather_block_quantized_node, matmulnbits_node, tied_head_nodes
+from .portable import portable_weight_nodes
+
+BAYESQ_FORMATS = (BayesqUniform, BayesqLut)
 
 
 def _prefix(name: str) -> str:
@@ -26,6 +36,15 @@ def _prefix(name: str) -> str:
 
 def lower_ort_cpu(model: onnx.ModelProto, sites: list[WeightSite], choice: dict[str, Format],
                   packed: dict[str, dict[str, np.ndarray]], accuracy_level: int = 0) -> onnx.ModelProto:
+    return _lower(model, sites, choice, packed, accuracy_level, portable=False)
+
+
+def lower_portable(model: onnx.ModelProto, sites: list[WeightSite], choice: dict[str, Format],
+                   packed: dict[str, dict[str, np.ndarray]], accuracy_level: int = 0) -> onnx.ModelProto:
+    return _lower(model, sites, choice, packed, accuracy_level, portable=True)
+
+
+def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     formats = [choice[s.name] for s in sites]
@@ -36,6 +55,7 @@ def lower_ort_cpu(model: onnx.ModelProto, sites: list[WeightSite], choice: dict[
     replace: dict[str, list[onnx.NodeProto]] = {}   # consumer name -> nodes taking its place
     head: list[onnx.NodeProto] = []                  # DequantizeLinear nodes (inputs are all constants)
     new_inits: list[onnx.TensorProto] = []
+    shared_tables: set[str] = set()                  # portable position tables, one per (K, bits)
     drop_inits: set[str] = set()
     for s in sites:
         fmt = choice[s.name]
@@ -43,7 +63,19 @@ def lower_ort_cpu(model: onnx.ModelProto, sites: list[WeightSite], choice: dict[
             continue
         drop_inits.add(s.name)
         pre, p = _prefix(s.name), packed[s.name]
-        if isinstance(fmt, MatMulNBits):
+        axis = s.perm[-1]   # the native axis that is the view's L (view = moveaxis(W, axis, -1))
+        if isinstance(fmt, BAYESQ_FORMATS) and (portable or s.kind == "conv"):
+            # the weight keeps its name, now computed from the packed tensors in native layout
+            if portable:
+                ns, ts = portable_weight_nodes(s.name, pre, fmt, p, s.shape, axis)
+                head += ns
+                new_inits += [t for t in ts if t.name not in shared_tables]
+                shared_tables.update(t.name for t in ts if t.name.startswith("bq_pos_"))  # portable.py's naming
+            else:
+                node, ts = bayesq_dequantize_node(s.name, pre, fmt, p, s.shape, axis)
+                head.append(node)
+                new_inits += ts
+        elif isinstance(fmt, (MatMulNBits, *BAYESQ_FORMATS)):
             shared = None
             for cname in s.consumers:
                 c = nodes[cname]
@@ -53,8 +85,11 @@ def lower_ort_cpu(model: onnx.ModelProto, sites: list[WeightSite], choice: dict[
                 bias = c.input[2] if c.op_type == "Gemm" and len(c.input) > 2 and c.input[2] else None
                 fused_bias = bias if bias in inits and tuple(inits[bias].dims) == (s.rows,) else None
                 out = c.output[0] if bias is None or fused_bias else c.output[0] + "_nobias"
-                node, ts = matmulnbits_node(c.input[0], out, pre, fmt, p, K=s.L, N=s.rows,
-                                            accuracy_level=accuracy_level, bias=fused_bias)
+                if isinstance(fmt, MatMulNBits):
+                    node, ts = matmulnbits_node(c.input[0], out, pre, fmt, p, K=s.L, N=s.rows,
+                                                accuracy_level=accuracy_level, bias=fused_bias)
+                else:
+                    node, ts = bayesq_matmul_node(c.input[0], out, pre, fmt, p, K=s.L, N=s.rows, bias=fused_bias)
                 if shared is None:
                     shared = ts
                     new_inits += ts
@@ -93,6 +128,8 @@ def lower_ort_cpu(model: onnx.ModelProto, sites: list[WeightSite], choice: dict[
     if any(isinstance(f, (MatMulNBits, GatherBlockQuantized)) for f in formats) and \
             not any(o.domain == MS_DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if any(n.domain == BAYESQ_DOMAIN for n in g.node) and not any(o.domain == BAYESQ_DOMAIN for o in m.opset_import):
+        m.opset_import.append(BAYESQ_OPSET)
     return m
 
 

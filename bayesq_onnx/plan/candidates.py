@@ -2,21 +2,29 @@
 from __future__ import annotations
 
 from ..config import Recipe
-from ..formats import BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
+from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
 from ..types import WeightSite
 
 
-def candidate_formats(site: WeightSite, recipe: Recipe) -> list[Format]:
+def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True) -> list[Format]:
     """Uniform formats over ``recipe.blocks`` whose groups fit the reduction axis, plus fp32.
-    A block longer than the axis only pads, so the largest block kept is the first >= L."""
+    A block longer than the axis only pads, so the largest block kept is the first >= L.
+    ``bayesq_ops``: offer the formats only the bayesq custom ops (or the portable lowering) run:
+    other affine widths, and (for the knapsack) one Lloyd-Max codebook per row."""
     blocks = sorted(b for b in recipe.blocks)
     fitting = [b for b in blocks if b <= site.L] or blocks[:1]
+    ours = list(recipe.bayesq_bits) if bayesq_ops else []
+    luts = list(recipe.lut_bits) if bayesq_ops and recipe.method_spec.planner == "knapsack" else []
     out: list[Format] = []
     if site.kind == "matmul":
         out += [MatMulNBits(b, g) for b in recipe.matmul_bits for g in fitting]
+        out += [BayesqUniform(b, g) for b in ours for g in fitting if g % 16 == 0]
+        out += [BayesqLut(b, 0) for b in luts]
     elif site.kind == "conv":
         conv_blocks = sorted({g for g in (16, *blocks) if g <= site.L})
         out += [BlockedDequantize(b, g, signed=False) for b in recipe.conv_bits for g in conv_blocks]
+        out += [BayesqUniform(b, g) for b in ours for g in conv_blocks if g % 16 == 0]
+        out += [BayesqLut(b, 0) for b in luts]
     elif site.kind == "gather":
         out += [f for f in (GatherBlockQuantized(b, g) for b in recipe.gather_bits for g in fitting)
                 if f.supports(site.rows, site.L)]

@@ -8,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import Method
-from ..formats import Float32, Format, UniformCodes
+from ..formats import BayesqLut, Float32, Format, LutCodes, UniformCodes
 from ..posterior.expected_loss import expected_loss
 from ..posterior.laplace import DiagonalLaplace
+from .codebook import posterior_codebook, round_gptq_codebook
 from .grid import minmax_grid, search_grid
 from .hqq import hqq_grid
 from .rounding import gptq_factor, round_gptq, round_rtn
@@ -34,12 +35,20 @@ class SiteQuantizer:
         """Grids found during GPTQ rounding (not with act_order, which needs them first)."""
         return self.method.grid == "dynamic" and self._gptq and not self._act_order
 
+    def _codebook(self, fmt: BayesqLut):
+        """Posterior-weighted Lloyd-Max levels per group: ``(codebook (rows * G, 2**bits), codes, loss)``."""
+        if (fmt, "lut") not in self._grids:
+            self._grids[fmt, "lut"] = posterior_codebook(self.posterior, 1 << fmt.bits, fmt.block or None)
+        return self._grids[fmt, "lut"]
+
     def grid_kinds(self, fmt: Format) -> tuple[str, ...]:
         """The grids worth measuring end to end in this format.  Where GPTQ runs, its layer output
         error already picks the grid (see :meth:`codes`); elsewhere (Conv, Gather) the diagonal
         expected loss that the search minimises can favour clipping that the model does not
         tolerate (measured on a Fashion-MNIST CNN: 3x the end-to-end error of min/max on some
         convs at 2 bits), so min/max is offered too."""
+        if isinstance(fmt, BayesqLut):
+            return ("lut",)
         if isinstance(fmt, Float32) or self._gptq or self.method.grid != "posterior":
             return (self.method.grid,)
         return ("posterior", "minmax")
@@ -53,7 +62,7 @@ class SiteQuantizer:
         self._pinned[fmt] = kind
 
     def grid_kind(self, fmt: Format) -> str:
-        return self._pinned.get(fmt, self.method.grid)
+        return self._pinned.get(fmt, self.grid_kinds(fmt)[0])
 
     def _grid(self, fmt: Format):
         kind = self.grid_kind(fmt)
@@ -75,6 +84,8 @@ class SiteQuantizer:
 
     def expected_loss(self, fmt: Format) -> float:
         """Closed-form posterior-expected whitened distortion of the format's grid (0 for fp32)."""
+        if isinstance(fmt, BayesqLut):
+            return float(self._codebook(fmt)[2].sum())
         return 0.0 if isinstance(fmt, Float32) else float(self._grid(fmt)[2].sum())
 
     def screen_loss(self, fmt: Format) -> float:
@@ -84,11 +95,16 @@ class SiteQuantizer:
         otherwise ranks formats by range width alone (rare embedding rows)."""
         if isinstance(fmt, Float32):
             return 0.0
+        if isinstance(fmt, BayesqLut):  # no cheap stand-in: the codebook is what it would be screened by
+            err = self.codes(fmt, rounding="nearest").dequantize() - self.view
+            return float((np.broadcast_to(self.posterior.precision, err.shape) * np.square(err, dtype=np.float64)).sum())
         scale, zp = minmax_grid(self.view, fmt.bits, fmt.block)
         err = round_rtn(self.view, scale, zp, fmt.bits, fmt.block).dequantize() - self.view
         return float((np.broadcast_to(self.posterior.precision, err.shape) * np.square(err, dtype=np.float64)).sum())
 
-    def codes(self, fmt: Format) -> UniformCodes:
+    def codes(self, fmt: Format, rounding: str | None = None) -> UniformCodes | LutCodes:
+        if isinstance(fmt, BayesqLut):
+            return self._lut_codes(fmt, rounding)
         if fmt not in self._codes:
             scale, zp = (None, None) if self._dynamic else self._grid(fmt)[:2]
             if self._gptq:
@@ -106,6 +122,22 @@ class SiteQuantizer:
                 self._codes[fmt] = q
             else:
                 self._codes[fmt] = round_rtn(self.view, scale, zp, fmt.bits, fmt.block)
+        return self._codes[fmt]
+
+    def _lut_codes(self, fmt: BayesqLut, rounding: str | None) -> LutCodes:
+        """Lloyd-Max levels, then GPTQ error feedback onto them where ``X^T X`` is known (unless
+        ``rounding="nearest"``: the codes Lloyd-Max itself assigns)."""
+        codebook, nearest, _ = self._codebook(fmt)
+        rows, L = self.view.shape
+        block = fmt.block or L
+        lut = codebook.reshape(rows, -1, 1 << fmt.bits)
+        if rounding == "nearest" or not self._gptq:
+            return LutCodes(nearest, lut, fmt.bits, fmt.block)
+        if fmt not in self._codes:
+            if self._factor is None:
+                self._factor = gptq_factor(self.xtx, self._gptq_damp, self._act_order)
+            self._codes[fmt] = LutCodes(round_gptq_codebook(self.view, self._factor, codebook, block),
+                                        lut, fmt.bits, fmt.block)
         return self._codes[fmt]
 
     def output_error(self, q: UniformCodes) -> float:

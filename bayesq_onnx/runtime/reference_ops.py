@@ -1,10 +1,11 @@
-"""numpy reference kernels for the com.microsoft ops we emit, for ``onnx.reference.ReferenceEvaluator``.
+"""numpy reference kernels for the com.microsoft and bayesq ops we emit, for ``onnx.reference.ReferenceEvaluator``.
 
     ReferenceEvaluator(model, new_ops=REFERENCE_OPS)
 
 They decode the packed tensors bit by bit from the op specs (independently of ``formats``'s
 vectorised packers) and compute in fp32.  MatMulNBits ignores ``accuracy_level``: it is the exact
-fp32 computation that onnxruntime approximates at level 4 (int8 activations).
+fp32 computation that onnxruntime approximates at level 4 (int8 activations).  bayesq scales / LUT
+levels may be float32 or float16: widened exactly to fp32 (``astype``) before use, as the kernels do.
 """
 from __future__ import annotations
 
@@ -69,4 +70,114 @@ class GatherBlockQuantized(OpRun):
         return (np.where(mask, out, 0).astype(scales.dtype),)
 
 
-REFERENCE_OPS = [MatMulNBits, GatherBlockQuantized]
+# ---- domain "bayesq" (custom_ops/include/bayesq/layout.h) -----------------------------------------
+
+def _bq_codes(B: np.ndarray, K: int, bits: int) -> np.ndarray:
+    """Codes (N, K) of ``B`` read bit by bit from the layout rules: chunks of ``lanes`` x ``steps``;
+    lane l step i holds k = k0 + lanes*i + l; bit t of it is bit (b*i + t) of lane l's word, whose
+    byte j lives in the plane covering j (pieces of 4, 2, 1 bytes), at plane_offset + l*width."""
+    N = B.shape[0]
+    out = np.zeros((N, K), np.int32)
+    full, r = divmod(K, 128)
+    spans = [(full * 128, 16, 8, 0)] if full else []           # (n codes, lanes, steps, first k)
+    if r >= 8:
+        spans.append(((r // 8) * 8, r // 8, 8, full * 128))
+    if K % 8:
+        spans.append((K % 8, 1, K % 8, K - K % 8))
+    for n, lanes, steps, first in spans:
+        k = np.arange(first, first + n)
+        k0 = first + ((k - first) // (lanes * steps)) * lanes * steps
+        d = k - k0
+        lane, step = d % lanes, d // lanes
+        lane_bytes = -(-steps * bits // 8)
+        for t in range(bits):
+            bit = step * bits + t
+            j = bit // 8
+            off = np.zeros_like(j)                              # offset of byte j inside the chunk
+            start = plane0 = 0
+            rem = lane_bytes
+            while rem > 0:
+                w = 4 if rem >= 4 else 2 if rem >= 2 else 1
+                here = (j >= start) & (j < start + w)
+                off = np.where(here, plane0 + lane * w + (j - start), off)
+                plane0 += lanes * w
+                start += w
+                rem -= w
+            byte = B[:, k0 * bits // 8 + off]
+            out[:, k] |= ((byte >> (bit % 8).astype(np.uint8)) & 1).astype(np.int32) << t
+    return out
+
+
+def _bq_stream(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Elements 0..n-1 of a per-row LSB-first bit stream of any width (they may span two bytes)."""
+    out = np.zeros((buf.shape[0], n), np.int32)
+    for t in range(bits):
+        bit = np.arange(n) * bits + t
+        out |= ((buf[:, bit // 8] >> (bit % 8).astype(np.uint8)) & 1).astype(np.int32) << t
+    return out
+
+
+def _bq_groups(K: int, block_size: int) -> np.ndarray:
+    return np.arange(K) // block_size if block_size > 0 else np.zeros(K, np.int64)
+
+
+def _bq_affine(B, scales, zero_points, K, N, bits, block_size) -> np.ndarray:
+    G = -(-K // block_size) if block_size > 0 else 1
+    q = _bq_codes(B.reshape(N, -1), K, bits).astype(np.float32)
+    zp = (np.full((N, G), 1 << (bits - 1), np.float32) if zero_points is None
+          else _bq_stream(zero_points.reshape(N, -1), bits, G).astype(np.float32))
+    g = _bq_groups(K, block_size)
+    s = scales.reshape(N, G).astype(np.float32)
+    return ((q - zp[:, g]) * s[:, g]).astype(np.float32)        # view (N, K)
+
+
+def _bq_lut(B, lut, K, N, bits, block_size) -> np.ndarray:
+    G = -(-K // block_size) if block_size > 0 else 1
+    q = _bq_codes(B.reshape(N, -1), K, bits)
+    table = lut.reshape(N, G, 1 << bits).astype(np.float32)
+    return table[np.arange(N)[:, None], _bq_groups(K, block_size)[None, :], q]
+
+
+def _bq_matmul(A, V, bias):
+    y = A.astype(np.float32) @ V.T
+    if bias is not None:
+        y = y + bias.astype(np.float32)
+    return (y.astype(A.dtype),)
+
+
+def _bq_native(V, K, N, shape, axis):
+    shape = [K, N] if shape is None else [int(d) for d in shape]
+    axis = axis % len(shape)
+    rest = shape[:axis] + shape[axis + 1:]
+    return (np.ascontiguousarray(np.moveaxis(V.reshape(*rest, K), -1, axis)),)
+
+
+class MatMulAffine(OpRun):
+    op_domain = "bayesq"
+
+    def _run(self, A, B, scales, zero_points=None, bias=None, K=None, N=None, bits=None, block_size=None):
+        return _bq_matmul(A, _bq_affine(B, scales, zero_points, K, N, bits, block_size), bias)
+
+
+class MatMulLut(OpRun):
+    op_domain = "bayesq"
+
+    def _run(self, A, B, lut, bias=None, K=None, N=None, bits=None, block_size=None):
+        return _bq_matmul(A, _bq_lut(B, lut, K, N, bits, block_size), bias)
+
+
+class DequantizeAffine(OpRun):
+    op_domain = "bayesq"
+
+    def _run(self, B, scales, zero_points=None, K=None, N=None, bits=None, block_size=None, shape=None, axis=0):
+        return _bq_native(_bq_affine(B, scales, zero_points, K, N, bits, block_size), K, N, shape, axis)
+
+
+class DequantizeLut(OpRun):
+    op_domain = "bayesq"
+
+    def _run(self, B, lut, K=None, N=None, bits=None, block_size=None, shape=None, axis=0):
+        return _bq_native(_bq_lut(B, lut, K, N, bits, block_size), K, N, shape, axis)
+
+
+REFERENCE_OPS = [MatMulNBits, GatherBlockQuantized, MatMulAffine, MatMulLut, DequantizeAffine, DequantizeLut]

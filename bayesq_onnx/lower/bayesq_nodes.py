@@ -1,0 +1,62 @@
+"""ONNX node builders for the ``bayesq`` formats (custom-op domain ``bayesq``, opset 1): layout only.
+
+Same conventions as ``nodes.py``: each builder takes a format's ``pack(...)`` dict and returns
+``(node, [initializers])``, initializers named ``f"{prefix}_<role>"``, the node named ``prefix``.
+A model using them needs ``BAYESQ_OPSET`` in its ``opset_import`` and the custom-op library at run
+time (``runtime.custom_ops``; ``make_session`` registers it).  Signatures: layout.h.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from onnx import NodeProto, OperatorSetIdProto, TensorProto, helper, numpy_helper
+
+from ..errors import BayesQError
+from ..formats import BayesqLut, BayesqUniform
+
+BAYESQ_DOMAIN = "bayesq"
+BAYESQ_OPSET: OperatorSetIdProto = helper.make_opsetid(BAYESQ_DOMAIN, 1)
+
+_ROLES = {BayesqUniform: ("B", "scales", "zero_points"), BayesqLut: ("B", "lut")}
+
+
+def _inits(fmt: BayesqUniform | BayesqLut, packed: dict[str, np.ndarray], prefix: str) -> list[TensorProto]:
+    role = "lut" if isinstance(fmt, BayesqLut) else "scales"
+    if np.asarray(packed[role]).dtype != np.dtype(fmt.scale_dtype):   # float32 / float16: the op's input type
+        raise BayesQError(f"{prefix}: {fmt.name} needs {fmt.scale_dtype} {role}, got {np.asarray(packed[role]).dtype}")
+    return [numpy_helper.from_array(np.ascontiguousarray(packed[k]), f"{prefix}_{k}") for k in _ROLES[type(fmt)]]
+
+
+def bayesq_matmul_node(inp: str, out: str, prefix: str, fmt: BayesqUniform | BayesqLut,
+                       packed: dict[str, np.ndarray], K: int, N: int, bias: str | None = None
+                       ) -> tuple[NodeProto, list[TensorProto]]:
+    """``out = inp @ W (+ bias)`` for ``W (K, N)`` whose view ``W^T (N, K)`` was packed by ``fmt``.
+
+    ``inp`` is float32 or float16 ``(..., K)``; ``bias`` names an existing ``(N,)`` tensor of the same
+    type.  The scales / LUT initializer has ``fmt.scale_dtype`` (float32 or float16), independently.  Op ``bayesq.MatMulAffine(A, B, scales, zero_points, [bias])`` or
+    ``bayesq.MatMulLut(A, B, lut, [bias])``, attributes K, N, bits, block_size.
+    """
+    inits = _inits(fmt, packed, prefix)
+    op = "MatMulLut" if isinstance(fmt, BayesqLut) else "MatMulAffine"
+    inputs = [inp] + [t.name for t in inits] + ([bias] if bias else [])
+    node = helper.make_node(op, inputs, [out], name=prefix, domain=BAYESQ_DOMAIN,
+                            K=K, N=N, bits=fmt.bits, block_size=fmt.block)
+    return node, inits
+
+
+def bayesq_dequantize_node(out: str, prefix: str, fmt: BayesqUniform | BayesqLut, packed: dict[str, np.ndarray],
+                           native_shape: tuple[int, ...], axis: int) -> tuple[NodeProto, list[TensorProto]]:
+    """The fp32 weight of ``native_shape`` whose view ``np.moveaxis(W, axis, -1).reshape(-1, W.shape[axis])``
+    was packed by ``fmt`` (the ``dequantize_node`` convention of ``nodes.py``): a MatMul ``B (K, N)``
+    is ``axis=0``; a Conv ``(O, I, kh, kw)`` quantized along I is ``axis=1``.  The op writes the
+    native layout itself (no Transpose/Reshape node).
+    """
+    K = int(native_shape[axis])
+    N = math.prod(int(d) for d in native_shape) // K
+    inits = _inits(fmt, packed, prefix)
+    op = "DequantizeLut" if isinstance(fmt, BayesqLut) else "DequantizeAffine"
+    node = helper.make_node(op, [t.name for t in inits], [out], name=prefix, domain=BAYESQ_DOMAIN,
+                            K=K, N=N, bits=fmt.bits, block_size=fmt.block,
+                            shape=[int(d) for d in native_shape], axis=axis)
+    return node, inits

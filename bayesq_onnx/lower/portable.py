@@ -1,0 +1,109 @@
+"""``--target portable``: a packed ``bayesq`` weight unpacked with standard ONNX ops only, for runtimes
+without the custom-op library (opset >= 13: Gather, Cast, BitShift, Add, Sub, Mul, Reshape, Transpose).
+
+    nodes, inits = portable_weight_nodes("W", "bq_w", fmt, packed, native_shape=(K, N), axis=0)
+    # then MatMul(x, "W") as for an fp32 weight
+
+Per code: two byte Gathers along K, ``lo | hi << 8`` in uint32, a left then a right BitShift that
+isolate its bits; the LUT is a Gather of ``code + (row * G + group) * 2**bits`` in the flat table;
+affine weights are ``(float(q) - float(zp)) * scale``, zero points unpacked the same way.  float16
+scales / LUT levels stay float16 in the file and are Cast to float after their Gather (exact).  The
+result equals the numpy reference bit for bit.  The position tables are shared initializers per
+``(K, bits)`` (``bq_pos_*``): identical for every weight of that geometry, so a pass that lowers
+several weights adds each such name once.  onnxruntime constant-folds the whole subgraph at load
+(all its inputs are initializers): the file keeps the packed size, memory holds the fp32 weight.
+"""
+from __future__ import annotations
+
+import numpy as np
+from onnx import NodeProto, TensorProto, helper, numpy_helper
+
+from ..formats import BayesqLut, BayesqUniform
+from ..formats.bayesq_uniform import code_positions, group_index, groups, stream_positions
+
+
+def _t(a: np.ndarray, name: str) -> TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(a), name)
+
+
+def _unpack(src: str, n: int, bits: int, stream: bool, pre: str, out: str
+            ) -> tuple[list[NodeProto], list[TensorProto]]:
+    """uint32 ``out (rows, n)``: the codes of packed ``src (rows, bytes)``."""
+    lo, hi, shift = (stream_positions if stream else code_positions)(n, bits)
+    tag = f"bq_pos_{'zp' if stream else 'K'}{n}_b{bits}"   # shared by every tensor of that geometry
+    inits = [_t(lo.astype(np.int64), f"{tag}_lo"), _t(hi.astype(np.int64), f"{tag}_hi"),
+             _t((32 - bits - shift).astype(np.uint32), f"{tag}_lsh"), _t(np.array(32 - bits, np.uint32), f"{tag}_rsh"),
+             _t(np.array(8, np.uint32), "bq_pos_u32_8")]
+    nodes = [
+        helper.make_node("Gather", [src, f"{tag}_lo"], [f"{pre}_lo8"], axis=1),
+        helper.make_node("Gather", [src, f"{tag}_hi"], [f"{pre}_hi8"], axis=1),
+        helper.make_node("Cast", [f"{pre}_lo8"], [f"{pre}_lo"], to=TensorProto.UINT32),
+        helper.make_node("Cast", [f"{pre}_hi8"], [f"{pre}_hi"], to=TensorProto.UINT32),
+        helper.make_node("BitShift", [f"{pre}_hi", "bq_pos_u32_8"], [f"{pre}_hi_s"], direction="LEFT"),
+        helper.make_node("Add", [f"{pre}_lo", f"{pre}_hi_s"], [f"{pre}_word"]),
+        helper.make_node("BitShift", [f"{pre}_word", f"{tag}_lsh"], [f"{pre}_top"], direction="LEFT"),
+        helper.make_node("BitShift", [f"{pre}_top", f"{tag}_rsh"], [out], direction="RIGHT"),
+    ]
+    return nodes, inits
+
+
+def portable_weight_nodes(out: str, prefix: str, fmt: BayesqUniform | BayesqLut, packed: dict[str, np.ndarray],
+                          native_shape: tuple[int, ...], axis: int) -> tuple[list[NodeProto], list[TensorProto]]:
+    """Nodes computing the fp32 weight ``out`` of ``native_shape`` (``nodes.dequantize_node``'s view
+    convention: a MatMul ``W (K, N)`` is ``axis=0``, a Conv ``(O, I, kh, kw)`` along I is ``axis=1``)
+    from the packed tensors of ``fmt``, with standard ONNX ops.  Initializers ``f"{prefix}_<role>"``
+    hold the packed data (plus the shared position tables)."""
+    shape = [int(d) for d in native_shape]
+    K = shape[axis]
+    N = int(np.prod(shape, dtype=np.int64)) // K
+    bits, G = fmt.bits, groups(K, fmt.block)
+    gidx = group_index(K, fmt.block)
+    inits = [_t(packed["B"], f"{prefix}_B")]
+    nodes, pos = _unpack(f"{prefix}_B", K, bits, False, f"{prefix}_q", f"{prefix}_q")
+    inits += pos
+    view = f"{prefix}_view"
+    half = fmt.scale_dtype == "float16"
+    if isinstance(fmt, BayesqLut):
+        lut_out = f"{prefix}_view16" if half else view
+        inits += [_t(np.asarray(packed["lut"], fmt.scale_dtype).reshape(-1), f"{prefix}_lut"),
+                  _t((np.arange(N, dtype=np.int64) * (G << bits)).reshape(N, 1), f"{prefix}_rowbase"),
+                  _t((gidx << bits).reshape(1, K), f"{prefix}_groupbase")]
+        nodes += [helper.make_node("Cast", [f"{prefix}_q"], [f"{prefix}_q64"], to=TensorProto.INT64),
+                  helper.make_node("Add", [f"{prefix}_q64", f"{prefix}_rowbase"], [f"{prefix}_i1"]),
+                  helper.make_node("Add", [f"{prefix}_i1", f"{prefix}_groupbase"], [f"{prefix}_idx"]),
+                  helper.make_node("Gather", [f"{prefix}_lut", f"{prefix}_idx"], [lut_out], axis=0)]
+        if half:
+            nodes.append(helper.make_node("Cast", [lut_out], [view], to=TensorProto.FLOAT))
+    else:
+        sk = f"{prefix}_sk16" if half else f"{prefix}_sk"
+        inits += [_t(np.asarray(packed["scales"], fmt.scale_dtype).reshape(N, G), f"{prefix}_scales"),
+                  _t(packed["zero_points"], f"{prefix}_zero_points"), _t(gidx, f"{prefix}_gidx")]
+        zn, zi = _unpack(f"{prefix}_zero_points", G, bits, True, f"{prefix}_z", f"{prefix}_zq")
+        nodes += zn
+        inits += zi
+        nodes += [helper.make_node("Cast", [f"{prefix}_q"], [f"{prefix}_qf"], to=TensorProto.FLOAT),
+                  helper.make_node("Cast", [f"{prefix}_zq"], [f"{prefix}_zf"], to=TensorProto.FLOAT),
+                  helper.make_node("Gather", [f"{prefix}_zf", f"{prefix}_gidx"], [f"{prefix}_zk"], axis=1),
+                  helper.make_node("Gather", [f"{prefix}_scales", f"{prefix}_gidx"], [sk], axis=1),
+                  *([helper.make_node("Cast", [sk], [f"{prefix}_sk"], to=TensorProto.FLOAT)] if half else []),
+                  helper.make_node("Sub", [f"{prefix}_qf", f"{prefix}_zk"], [f"{prefix}_centred"]),
+                  helper.make_node("Mul", [f"{prefix}_centred", f"{prefix}_sk"], [view])]
+    # view (N, K) = moveaxis(W, axis, -1).reshape(N, K): reshape to the other axes + K, move K back
+    rest = shape[:axis] + shape[axis + 1:]
+    perm = list(range(len(rest)))
+    perm.insert(axis, len(rest))
+    inits.append(_t(np.array(rest + [K], np.int64), f"{prefix}_viewshape"))
+    nodes += [helper.make_node("Reshape", [view, f"{prefix}_viewshape"], [f"{prefix}_nd"]),
+              helper.make_node("Transpose", [f"{prefix}_nd"], [out], perm=perm)]
+    for i, n in enumerate(nodes):
+        n.name = f"{prefix}_u{i}"
+    return nodes, _dedupe(inits)
+
+
+def _dedupe(inits: list[TensorProto]) -> list[TensorProto]:
+    seen, out = set(), []
+    for t in inits:
+        if t.name not in seen:
+            seen.add(t.name)
+            out.append(t)
+    return out

@@ -1,0 +1,76 @@
+"""The `bayesq` custom-op library (``custom_ops/``, built by the package install): where it is and
+how a session gets it.
+
+    register(so)    # session.session_options() (and so make_session) does this for every session
+
+``$BAYESQ_CUSTOM_OPS_LIB`` names another build (a path to ``libbayesq_ops.so``).  Without the
+library, models with ``bayesq`` ops do not load; models lowered with ``--target portable`` and all
+native formats still do.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ..errors import BayesQError
+
+DOMAIN = "bayesq"
+LIB_NAME = "libbayesq_ops.so"
+
+
+def library_path() -> Path | None:
+    """The library's path, or None when it was not built."""
+    env = os.environ.get("BAYESQ_CUSTOM_OPS_LIB")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    p = Path(__file__).with_name(LIB_NAME)
+    return p if p.is_file() else None
+
+
+def unavailable_reason() -> str | None:
+    """None when the library is there; else one line saying why not."""
+    env = os.environ.get("BAYESQ_CUSTOM_OPS_LIB")
+    if env:
+        return None if Path(env).is_file() else f"BAYESQ_CUSTOM_OPS_LIB={env} is not a file"
+    if library_path() is None:
+        return (f"{Path(__file__).with_name(LIB_NAME)} was not built (reinstall with `pip install -e .`; "
+                f"needs cmake and a C++ compiler)")
+    return None
+
+
+def available() -> bool:
+    return library_path() is not None
+
+
+def register(so: ort.SessionOptions) -> bool:
+    """Register the library with ``so`` if it was built; returns whether it was."""
+    p = library_path()
+    if p is None:
+        return False
+    so.register_custom_ops_library(str(p))
+    return True
+
+
+def require() -> Path:
+    """The library's path, or a BayesQError saying why there is none."""
+    p = library_path()
+    if p is None:
+        raise BayesQError(f"the bayesq custom-op library is needed: {unavailable_reason()}")
+    return p
+
+
+@functools.lru_cache(maxsize=None)
+def _lib(path: str) -> ctypes.CDLL:
+    return ctypes.CDLL(path)
+
+
+def kernel_isa() -> str:
+    """The kernels a session created now uses: ``avx512``, ``avx2`` or ``scalar`` (``$BAYESQ_ISA``
+    forces one; the library reads it when a session creates its kernels)."""
+    lib = _lib(str(require()))
+    lib.BayesqKernelIsa.restype = ctypes.c_char_p
+    return lib.BayesqKernelIsa().decode()

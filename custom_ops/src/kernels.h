@@ -1,0 +1,72 @@
+// Kernel interface shared by the per-ISA translation units (scalar, AVX2, AVX-512).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "bayesq/layout.h"
+
+namespace bq {
+
+// A packed weight, view V (N rows, K codes); see layout.h.
+struct QWeight {
+    const uint8_t* B = nullptr;
+    const float* scales = nullptr;   // affine (N, G)
+    const uint8_t* zp = nullptr;     // affine (N, zp_bytes) or null (zp = 2^(bits-1))
+    const float* lut = nullptr;      // LUT (N, G, 2^bits)
+    int64_t K = 0, N = 0, block = 0, G = 1, col_bytes = 0, zp_bytes = 0;
+    int bits = 0;
+    bool is_lut = false;
+
+};
+
+// Helpers are static (internal linkage), never inline members: the per-ISA translation units are
+// compiled with different -m flags, and the linker must not pick an AVX-512 copy for the scalar path.
+static inline const uint8_t* row_of(const QWeight& w, int64_t n) { return w.B + n * w.col_bytes; }
+static inline int64_t group_of(const QWeight& w, int64_t k) { return bq_group_of(k, w.block); }
+static inline int zero_point(const QWeight& w, int64_t n, int64_t g) {
+    return w.zp ? bq_stream_at(w.zp + n * w.zp_bytes, w.bits, g) : (1 << (w.bits - 1));
+}
+// The exact dequantized value (the reference's fp32 arithmetic).
+static inline float value(const QWeight& w, int64_t n, int64_t g, int q) {
+    if (w.is_lut) return w.lut[(n * w.G + g) * (int64_t(1) << w.bits) + q];
+    return (float(q) - float(zero_point(w, n, g))) * w.scales[n * w.G + g];
+}
+// Whether every SIMD step (16, or the partial chunk's lanes, consecutive k) can use one group's table.
+static inline bool simd_groups(const QWeight& w) { return w.block == 0 || w.block >= w.K || w.block % BQ_LANES == 0; }
+
+struct Kernels {
+    const char* name;
+    // dst[(n - n0) * ld + k] = V[n, k] for n in [n0, n1), exactly as the reference computes it.
+    void (*decode)(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld);
+    // Y[m * ldy + n] = sum_k A[m * lda + k] * V[n, k] for m < M, n in [n0, n1) (fused unpack + dot).
+    // SA: group_sums of A (affine weights only; [M][G]), computed once per call by the caller.
+    void (*gemv)(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
+                 int64_t n0, int64_t n1, const float* SA);
+    // One m-block of a GEMM on decoded columns: At is [K][mr] (A^T of mr rows, zero-padded), Wd is
+    // [nb][ldw] decoded columns; Y[i * ldy + j] = sum_k At[k*mr + i] * Wd[j*ldw + k], i < m_valid, j < nb.
+    void (*gemm)(const float* At, int64_t K, const float* Wd, int64_t ldw, int64_t nb, float* Y,
+                 int64_t ldy, int64_t m_valid);
+    int mr;             // rows per GEMM m-block
+    int gemm_min_rows;  // M at which the GEMM path beats the fused GEMV
+};
+
+const Kernels* kernels_scalar();
+const Kernels* kernels_avx2();    // null when not compiled in
+const Kernels* kernels_avx512();  // null when not compiled in
+
+// Scalar building blocks the SIMD kernels reuse for rare shapes (straddling groups, K % 8 tails).
+void decode_scalar(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld);
+void gemv_scalar(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
+                 int64_t n0, int64_t n1, const float* SA);
+// SA[m * G + g] = sum of A[m, k] over the k of group g (the affine GEMVs' zero-point term).
+void group_sums(const QWeight& w, const float* A, int64_t M, int64_t lda, float* SA);
+
+// F16C conversions (kernels_avx2.cpp; call only when the CPU has AVX2/F16C).
+void half_to_float_f16c(const uint16_t* src, float* dst, int64_t n);
+void float_to_half_f16c(const float* src, uint16_t* dst, int64_t n);
+
+// A thread-local float buffer of at least n elements (kernels run on ORT's pool threads).
+float* scratch(int slot, size_t n);
+
+}  // namespace bq

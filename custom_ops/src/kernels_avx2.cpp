@@ -1,0 +1,428 @@
+// AVX2 + FMA kernels: a 16-lane chunk step is two 8-lane halves.  The table lookup is one vpermps for
+// b <= 3 (it reads the low 3 index bits; smaller tables are replicated), two and a blend for b = 4,
+// a gather beyond that (LUT) or a conversion of q (affine).  A partial chunk (fewer than 16 lanes) is
+// first copied into a zero-padded 16-lane chunk: AVX2 has no masked byte loads.
+#if !defined(BAYESQ_NO_X86)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "kernels.h"
+
+#define BQ_INLINE __attribute__((always_inline))
+
+namespace bq {
+namespace {
+
+template <int W>
+inline __m256i plane(const uint8_t* p) {  // 8 lanes of W bytes, zero-extended to 32 bits
+    if constexpr (W == 4) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    else if constexpr (W == 2) return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    else return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+struct Words {
+    __m256i lo, hi;
+};
+
+// Lanes 8h..8h+7 of a full chunk (16 lanes, NB bytes per lane; planes 4/2/1 as in layout.h).
+template <int NB>
+inline Words words(const uint8_t* p, int h) {
+    constexpr int L = BQ_LANES;
+    Words w;
+    w.hi = _mm256_setzero_si256();
+    if constexpr (NB == 1) {
+        w.lo = plane<1>(p + 8 * h);
+    } else if constexpr (NB == 2) {
+        w.lo = plane<2>(p + 16 * h);
+    } else if constexpr (NB == 3) {
+        w.lo = _mm256_or_si256(plane<2>(p + 16 * h), _mm256_slli_epi32(plane<1>(p + 2 * L + 8 * h), 16));
+    } else {
+        w.lo = plane<4>(p + 32 * h);
+        const uint8_t* q = p + 4 * L;
+        if constexpr (NB == 5) w.hi = plane<1>(q + 8 * h);
+        if constexpr (NB == 6) w.hi = plane<2>(q + 16 * h);
+        if constexpr (NB == 7)
+            w.hi = _mm256_or_si256(plane<2>(q + 16 * h), _mm256_slli_epi32(plane<1>(q + 2 * L + 8 * h), 16));
+        if constexpr (NB == 8) w.hi = plane<4>(q + 32 * h);
+    }
+    return w;
+}
+
+template <int B, int I>
+inline __m256i code(const Words& w) {
+    constexpr int o = B * I;
+    if constexpr (o + B <= 32) return o ? _mm256_srli_epi32(w.lo, o) : w.lo;
+    else if constexpr (o >= 32) return o > 32 ? _mm256_srli_epi32(w.hi, o - 32) : w.hi;
+    else return _mm256_or_si256(_mm256_srli_epi32(w.lo, o), _mm256_slli_epi32(w.hi, 32 - o));
+}
+
+// A partial chunk (L < 16 lanes) re-laid as a full one, lanes >= L zero.
+inline void widen(const uint8_t* src, int L, int B, uint8_t* dst) {
+    std::memset(dst, 0, size_t(BQ_LANES) * B);
+    int off_s = 0, off_d = 0, rem = B;
+    while (rem > 0) {
+        const int w = rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
+        std::memcpy(dst + off_d, src + off_s, size_t(L) * w);
+        off_s += L * w;
+        off_d += BQ_LANES * w;
+        rem -= w;
+    }
+}
+
+// LUT entries; affine values (q - zp) * s (decode); or, with CODES, q * s (the affine GEMV, which
+// subtracts the zero points' share once at the end).
+template <int B, bool LUT, bool CODES = false>
+struct Table {
+    __m256 t0, t1, zp, s;
+    const float* base = nullptr;
+
+    static inline __m256 iota(int half) {
+        alignas(32) float v[8];
+        for (int j = 0; j < 8; ++j) v[j] = float(B <= 3 ? (j & ((1 << B) - 1)) : j + 8 * half);
+        return _mm256_load_ps(v);
+    }
+
+    inline void load(const QWeight& w, int64_t n, int64_t g) {
+        if constexpr (LUT) {
+            const float* p = w.lut + ((n * w.G + g) << B);
+            if constexpr (B == 1) {
+                t0 = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(p)));
+            } else if constexpr (B == 2) {
+                t0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p));
+            } else if constexpr (B == 3) {
+                t0 = _mm256_loadu_ps(p);
+            } else if constexpr (B == 4) {
+                t0 = _mm256_loadu_ps(p);
+                t1 = _mm256_loadu_ps(p + 8);
+            } else {
+                base = p;
+            }
+        } else if constexpr (CODES) {
+            s = _mm256_set1_ps(w.scales[n * w.G + g]);
+            if constexpr (B <= 4) {
+                t0 = _mm256_mul_ps(iota(0), s);
+                if constexpr (B == 4) t1 = _mm256_mul_ps(iota(1), s);
+            }
+        } else {
+            const __m256 z = _mm256_set1_ps(float(zero_point(w, n, g)));
+            const __m256 sc = _mm256_set1_ps(w.scales[n * w.G + g]);
+            if constexpr (B <= 4) {
+                t0 = _mm256_mul_ps(_mm256_sub_ps(iota(0), z), sc);
+                if constexpr (B == 4) t1 = _mm256_mul_ps(_mm256_sub_ps(iota(1), z), sc);
+            } else {
+                zp = z;
+                s = sc;
+            }
+        }
+    }
+
+    inline __m256 get(__m256i c) const {
+        if constexpr (B <= 3) {
+            return _mm256_permutevar8x32_ps(t0, c);
+        } else if constexpr (B == 4) {
+            const __m256 lo = _mm256_permutevar8x32_ps(t0, c), hi = _mm256_permutevar8x32_ps(t1, c);
+            return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));  // bit 3 -> sign
+        } else if constexpr (LUT) {
+            return _mm256_i32gather_ps(base, _mm256_and_si256(c, _mm256_set1_epi32((1 << B) - 1)), 4);
+        } else {
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(c, _mm256_set1_epi32((1 << B) - 1)));
+            if constexpr (CODES) return _mm256_mul_ps(q, s);
+            else return _mm256_mul_ps(_mm256_sub_ps(q, zp), s);
+        }
+    }
+};
+
+template <class F, int... I>
+BQ_INLINE inline void unroll(F&& f, std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+}
+
+inline int64_t steps_per_group(const QWeight& w) {
+    return (w.block == 0 || w.block >= w.K) ? std::numeric_limits<int64_t>::max() : w.block / BQ_LANES;
+}
+
+inline float hsum(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+inline __m256i half_mask(int L, int h) {  // lanes 8h.. of a chunk with L lanes
+    alignas(32) int32_t m[8];
+    for (int i = 0; i < 8; ++i) m[i] = (8 * h + i < L) ? -1 : 0;
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
+}
+
+// ---- fused GEMV (the affine scheme of kernels_avx512.cpp: tables q * s, zero points at the end) -------------------------------------
+template <int B, bool LUT, int MR, int NC>
+void gemv_block(const QWeight& w, const float* A, int64_t lda, const float* SA, int64_t ldsa, float* Y, int64_t ldy,
+                int64_t n) {
+    const int64_t K = w.K, full = K / BQ_CHUNK;
+    __m256 acc[MR][NC];
+    float extra[MR][NC] = {};
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NC; ++j) acc[m][j] = _mm256_setzero_ps();
+    Table<B, LUT, !LUT> tab[NC];
+    const uint8_t* row[NC];
+    for (int j = 0; j < NC; ++j) row[j] = row_of(w, n + j);
+    const int64_t spg = steps_per_group(w);
+    int64_t left = 0, g = -1;
+
+    auto enter = [&](int64_t gn) BQ_INLINE {
+        for (int j = 0; j < NC; ++j) tab[j].load(w, n + j, gn);
+        g = gn;
+    };
+    auto scalar = [&](int j, int64_t k, int q) BQ_INLINE {
+        const int64_t gk = group_of(w, k);
+        const float v = LUT ? value(w, n + j, gk, q) : float(q) * w.scales[(n + j) * w.G + gk];
+        for (int m = 0; m < MR; ++m) extra[m][j] += A[m * lda + k] * v;
+    };
+    // one step of a (possibly widened) chunk: lanes at a + stride*I (+8 for the upper half)
+    auto step = [&](const Words (&wd)[NC][2], const float* a, auto ic, const __m256i* msk) BQ_INLINE {
+        constexpr int I = decltype(ic)::value;
+        for (int h = 0; h < 2; ++h) {
+            __m256 av[MR];
+            for (int m = 0; m < MR; ++m)
+                av[m] = msk ? _mm256_maskload_ps(a + m * lda + 8 * h, msk[h]) : _mm256_loadu_ps(a + m * lda + 8 * h);
+            for (int j = 0; j < NC; ++j) {
+                const __m256 v = tab[j].get(code<B, I>(wd[j][h]));
+                for (int m = 0; m < MR; ++m) acc[m][j] = _mm256_fmadd_ps(av[m], v, acc[m][j]);
+            }
+        }
+    };
+
+    for (int64_t c = 0; c < full; ++c) {
+        Words wd[NC][2];
+        for (int j = 0; j < NC; ++j)
+            for (int h = 0; h < 2; ++h) wd[j][h] = words<B>(row[j] + c * BQ_LANES * B, h);
+        unroll([&](auto ic) BQ_INLINE {
+            if (left == 0) {
+                enter(g + 1);
+                left = spg;
+            }
+            --left;
+            step(wd, A + c * BQ_CHUNK + BQ_LANES * decltype(ic)::value, ic, nullptr);
+        }, std::make_integer_sequence<int, BQ_STEPS>{});
+    }
+
+    const int L = int((K % BQ_CHUNK) / BQ_STEPS);
+    if (L) {
+        const int64_t k0 = full * BQ_CHUNK;
+        const __m256i msk[2] = {half_mask(L, 0), half_mask(L, 1)};
+        Words wd[NC][2];
+        alignas(32) uint8_t buf[BQ_LANES * BQ_MAX_BITS + 32];
+        for (int j = 0; j < NC; ++j) {
+            widen(row[j] + k0 * B / 8, L, B, buf);
+            for (int h = 0; h < 2; ++h) wd[j][h] = words<B>(buf, h);
+        }
+        unroll([&](auto ic) BQ_INLINE {
+            constexpr int I = decltype(ic)::value;
+            const int64_t kk = k0 + int64_t(L) * I, gf = group_of(w, kk);
+            if (gf != group_of(w, kk + L - 1)) {
+                for (int j = 0; j < NC; ++j)
+                    for (int l = 0; l < L; ++l) scalar(j, kk + l, bq_code_at(row[j], K, B, kk + l));
+                return;
+            }
+            if (gf != g) enter(gf);
+            step(wd, A + kk, ic, msk);
+        }, std::make_integer_sequence<int, BQ_STEPS>{});
+    }
+
+    const int r = int(K % BQ_STEPS);
+    for (int i = 0; i < r; ++i)
+        for (int j = 0; j < NC; ++j) scalar(j, K - r + i, bq_stream_at(row[j] + (K - r) * B / 8, B, i));
+
+    for (int j = 0; j < NC; ++j) {
+        float corr[MR] = {};
+        if constexpr (!LUT) {
+            const float* s = w.scales + (n + j) * w.G;
+            for (int64_t gg = 0; gg < w.G; ++gg) {
+                const float sz = s[gg] * float(zero_point(w, n + j, gg));
+                for (int m = 0; m < MR; ++m) corr[m] += sz * SA[m * ldsa + gg];
+            }
+        }
+        for (int m = 0; m < MR; ++m) Y[m * ldy + n + j] = hsum(acc[m][j]) + extra[m][j] - corr[m];
+    }
+}
+
+template <int B, bool LUT, int MR>
+void gemv_rows(const QWeight& w, const float* A, int64_t lda, const float* SA, int64_t ldsa, float* Y, int64_t ldy,
+               int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 2 <= n1; n += 2) gemv_block<B, LUT, MR, 2>(w, A, lda, SA, ldsa, Y, ldy, n);
+    for (; n < n1; ++n) gemv_block<B, LUT, MR, 1>(w, A, lda, SA, ldsa, Y, ldy, n);
+}
+
+template <int B, bool LUT>
+void gemv_t(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
+            int64_t n1, const float* SA) {
+    const int64_t G = w.G;
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2)
+        gemv_rows<B, LUT, 2>(w, A + m * lda, lda, LUT ? nullptr : SA + m * G, G, Y + m * ldy, ldy, n0, n1);
+    if (m < M) gemv_rows<B, LUT, 1>(w, A + m * lda, lda, LUT ? nullptr : SA + m * G, G, Y + m * ldy, ldy, n0, n1);
+}
+
+// ---- decode --------------------------------------------------------------------------------------
+template <int B, bool LUT>
+void decode_t(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) {
+    const int64_t K = w.K, full = K / BQ_CHUNK, spg = steps_per_group(w);
+    const int L = int((K % BQ_CHUNK) / BQ_STEPS), r = int(K % BQ_STEPS);
+    Table<B, LUT> tab;
+    alignas(32) float tmp[BQ_LANES];
+    alignas(32) uint8_t buf[BQ_LANES * BQ_MAX_BITS + 32];
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* row = row_of(w, n);
+        float* d = dst + (n - n0) * ld;
+        int64_t left = 0, g = -1;
+        for (int64_t c = 0; c < full; ++c) {
+            const Words wd[2] = {words<B>(row + c * BQ_LANES * B, 0), words<B>(row + c * BQ_LANES * B, 1)};
+            unroll([&](auto ic) BQ_INLINE {
+                constexpr int I = decltype(ic)::value;
+                if (left == 0) {
+                    tab.load(w, n, ++g);
+                    left = spg;
+                }
+                --left;
+                for (int h = 0; h < 2; ++h)
+                    _mm256_storeu_ps(d + c * BQ_CHUNK + BQ_LANES * I + 8 * h, tab.get(code<B, I>(wd[h])));
+            }, std::make_integer_sequence<int, BQ_STEPS>{});
+        }
+        if (L) {
+            const int64_t k0 = full * BQ_CHUNK;
+            widen(row + k0 * B / 8, L, B, buf);
+            const Words wd[2] = {words<B>(buf, 0), words<B>(buf, 1)};
+            unroll([&](auto ic) BQ_INLINE {
+                constexpr int I = decltype(ic)::value;
+                const int64_t kk = k0 + int64_t(L) * I, gf = group_of(w, kk);
+                if (gf != group_of(w, kk + L - 1)) {
+                    for (int l = 0; l < L; ++l) d[kk + l] = value(w, n, group_of(w, kk + l), bq_code_at(row, K, B, kk + l));
+                    return;
+                }
+                if (gf != g) tab.load(w, n, g = gf);
+                _mm256_store_ps(tmp, tab.get(code<B, I>(wd[0])));
+                _mm256_store_ps(tmp + 8, tab.get(code<B, I>(wd[1])));
+                std::memcpy(d + kk, tmp, size_t(L) * sizeof(float));
+            }, std::make_integer_sequence<int, BQ_STEPS>{});
+        }
+        for (int i = 0; i < r; ++i) {
+            const int64_t k = K - r + i;
+            d[k] = value(w, n, group_of(w, k), bq_stream_at(row + (K - r) * B / 8, B, i));
+        }
+    }
+}
+
+// ---- GEMM micro-kernel: 16 rows (two vectors of A^T) x NR columns ---------------------------------
+template <int NR>
+inline void micro(const float* At, int64_t K, const float* Wd, int64_t ldw, float* C) {
+    __m256 c0[NR], c1[NR];
+    for (int j = 0; j < NR; ++j) c0[j] = c1[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+        const __m256 a0 = _mm256_loadu_ps(At + k * 16), a1 = _mm256_loadu_ps(At + k * 16 + 8);
+        for (int j = 0; j < NR; ++j) {
+            const __m256 b = _mm256_broadcast_ss(Wd + j * ldw + k);
+            c0[j] = _mm256_fmadd_ps(a0, b, c0[j]);
+            c1[j] = _mm256_fmadd_ps(a1, b, c1[j]);
+        }
+    }
+    for (int j = 0; j < NR; ++j) {
+        _mm256_storeu_ps(C + j * 16, c0[j]);
+        _mm256_storeu_ps(C + j * 16 + 8, c1[j]);
+    }
+}
+
+void gemm(const float* At, int64_t K, const float* Wd, int64_t ldw, int64_t nb, float* Y, int64_t ldy,
+          int64_t m_valid) {
+    alignas(32) float acc[6 * 16];
+    int64_t j = 0;
+    auto store = [&](int nr) {  // row by row: Y's rows are far apart
+        for (int64_t i = 0; i < m_valid; ++i)
+            for (int r = 0; r < nr; ++r) Y[i * ldy + j + r] = acc[r * 16 + i];
+    };
+    for (; j + 6 <= nb; j += 6) {
+        micro<6>(At, K, Wd + j * ldw, ldw, acc);
+        store(6);
+    }
+    for (; j < nb; ++j) {
+        micro<1>(At, K, Wd + j * ldw, ldw, acc);
+        store(1);
+    }
+}
+
+template <bool LUT>
+void gemv_d(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1,
+            const float* SA) {
+    switch (w.bits) {
+        case 1: return gemv_t<1, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
+        case 2: return gemv_t<2, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
+        case 3: return gemv_t<3, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
+        case 4: return gemv_t<4, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
+        case 5: return gemv_t<5, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
+        case 6: return gemv_t<6, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
+        case 7: return gemv_t<7, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
+        default: return gemv_t<8, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
+    }
+}
+
+template <bool LUT>
+void decode_d(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) {
+    switch (w.bits) {
+        case 1: return decode_t<1, LUT>(w, n0, n1, dst, ld);
+        case 2: return decode_t<2, LUT>(w, n0, n1, dst, ld);
+        case 3: return decode_t<3, LUT>(w, n0, n1, dst, ld);
+        case 4: return decode_t<4, LUT>(w, n0, n1, dst, ld);
+        case 5: return decode_t<5, LUT>(w, n0, n1, dst, ld);
+        case 6: return decode_t<6, LUT>(w, n0, n1, dst, ld);
+        case 7: return decode_t<7, LUT>(w, n0, n1, dst, ld);
+        default: return decode_t<8, LUT>(w, n0, n1, dst, ld);
+    }
+}
+
+void gemv(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1,
+          const float* SA) {
+    if (w.is_lut) gemv_d<true>(w, A, M, lda, Y, ldy, n0, n1, SA);
+    else gemv_d<false>(w, A, M, lda, Y, ldy, n0, n1, SA);
+}
+
+void decode(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) {
+    if (w.is_lut) decode_d<true>(w, n0, n1, dst, ld);
+    else decode_d<false>(w, n0, n1, dst, ld);
+}
+
+}  // namespace
+
+void half_to_float_f16c(const uint16_t* src, float* dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+void float_to_half_f16c(const float* src, uint16_t* dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+const Kernels* kernels_avx2() {
+    static const Kernels k{"avx2", decode, gemv, gemm, 16, 8};
+    return &k;
+}
+
+}  // namespace bq
+
+#else
+#include "kernels.h"
+namespace bq {
+const Kernels* kernels_avx2() { return nullptr; }
+void half_to_float_f16c(const uint16_t*, float*, int64_t) {}
+void float_to_half_f16c(const float*, uint16_t*, int64_t) {}
+}  // namespace bq
+#endif

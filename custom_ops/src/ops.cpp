@@ -1,0 +1,522 @@
+// The `bayesq` onnxruntime custom-op library: MatMulAffine, MatMulLut, DequantizeAffine, DequantizeLut
+// (signatures and layout: include/bayesq/layout.h).  Built against the ORT C/C++ API headers of
+// API version 21; loads in any later onnxruntime (the C API only grows).
+//
+// Kernels are picked once per kernel instance (session): BAYESQ_ISA=avx512|avx2|scalar forces one
+// (tests use it to check every path on one machine), otherwise the best the CPU supports.  Work is
+// split over N through ORT's intra-op thread pool (KernelContext_ParallelFor).
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace bq {
+namespace {
+
+const OrtApi* g_api = nullptr;
+
+struct Error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(_M_X64)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+    return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return false;
+#endif
+}
+
+const Kernels* select_kernels() {
+    const char* env = std::getenv("BAYESQ_ISA");
+    std::string want = env && *env ? env : "auto";
+    const Kernels* a512 = cpu_has_avx512() ? kernels_avx512() : nullptr;
+    const Kernels* a2 = cpu_has_avx2() ? kernels_avx2() : nullptr;
+    if (want == "auto") return a512 ? a512 : a2 ? a2 : kernels_scalar();
+    if (want == "scalar") return kernels_scalar();
+    if (want == "avx2" && a2) return a2;
+    if (want == "avx512" && a512) return a512;
+    if (want == "avx2" || want == "avx512")
+        throw Error("BAYESQ_ISA=" + want + ": this CPU (or this build) does not support it");
+    throw Error("BAYESQ_ISA=" + want + ": expected auto, avx512, avx2 or scalar");
+}
+
+int64_t attr_int(const OrtKernelInfo* info, const char* name, bool required, int64_t dflt) {
+    int64_t v = dflt;
+    OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, &v);
+    if (st) {
+        g_api->ReleaseStatus(st);
+        if (required) throw Error(std::string("missing attribute '") + name + "'");
+        return dflt;
+    }
+    return v;
+}
+
+std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name) {
+    size_t n = 0;
+    OrtStatus* st = g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
+    if (st) {
+        g_api->ReleaseStatus(st);
+        return {};
+    }
+    std::vector<int64_t> v(n);
+    if (n) {
+        st = g_api->KernelInfoGetAttributeArray_int64(info, name, v.data(), &n);
+        if (st) {
+            g_api->ReleaseStatus(st);
+            throw Error(std::string("cannot read attribute '") + name + "'");
+        }
+    }
+    return v;
+}
+
+void check(OrtStatus* st) {
+    if (st) {
+        std::string msg = g_api->GetErrorMessage(st);
+        g_api->ReleaseStatus(st);
+        throw Error(msg);
+    }
+}
+
+struct Tensor {
+    const OrtValue* v = nullptr;
+    std::vector<int64_t> shape;
+    int64_t numel = 0;
+    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    const void* data = nullptr;
+    explicit operator bool() const { return v != nullptr; }
+};
+
+Tensor input(OrtKernelContext* ctx, size_t i) {
+    Tensor t;
+    size_t count = 0;
+    check(g_api->KernelContext_GetInputCount(ctx, &count));
+    if (i >= count) return t;
+    check(g_api->KernelContext_GetInput(ctx, i, &t.v));
+    if (!t.v) return t;
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    check(g_api->GetTensorTypeAndShape(t.v, &info));
+    size_t nd = 0;
+    OrtStatus* st = g_api->GetDimensionsCount(info, &nd);
+    if (!st) {
+        t.shape.resize(nd);
+        st = g_api->GetDimensions(info, t.shape.data(), nd);
+    }
+    if (!st) st = g_api->GetTensorElementType(info, &t.type);
+    g_api->ReleaseTensorTypeAndShapeInfo(info);
+    check(st);
+    t.numel = 1;
+    for (int64_t d : t.shape) t.numel *= d;
+    void* p = nullptr;
+    check(g_api->GetTensorMutableData(const_cast<OrtValue*>(t.v), &p));
+    t.data = p;
+    return t;
+}
+
+void* output(OrtKernelContext* ctx, size_t i, const std::vector<int64_t>& shape) {
+    OrtValue* v = nullptr;
+    check(g_api->KernelContext_GetOutput(ctx, i, shape.data(), shape.size(), &v));
+    void* p = nullptr;
+    check(g_api->GetTensorMutableData(v, &p));
+    return p;
+}
+
+void expect_numel(const Tensor& t, int64_t n, const char* what) {
+    if (t.numel != n)
+        throw Error(std::string(what) + " has " + std::to_string(t.numel) + " elements, expected " + std::to_string(n));
+}
+
+// ---- fp16 <-> fp32: F16C when the CPU has it, else the ORT headers' converters (both exact, round
+// to nearest even) ------------------------------------------------------------------------------------
+void to_float(const Ort::Float16_t* src, float* dst, int64_t n) {
+    if (cpu_has_avx2() && kernels_avx2()) return half_to_float_f16c(reinterpret_cast<const uint16_t*>(src), dst, n);
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i].ToFloat();
+}
+void from_float(const float* src, Ort::Float16_t* dst, int64_t n) {
+    if (cpu_has_avx2() && kernels_avx2()) return float_to_half_f16c(src, reinterpret_cast<uint16_t*>(dst), n);
+    for (int64_t i = 0; i < n; ++i) dst[i] = Ort::Float16_t(src[i]);
+}
+
+// ---- parallel loop over ORT's intra-op pool ----------------------------------------------------------
+template <class F>
+void parallel_for(OrtKernelContext* ctx, size_t total, F&& f) {
+    if (total == 0) return;
+    if (total == 1) {
+        f(size_t(0));
+        return;
+    }
+    struct Box {
+        F* f;
+        std::exception_ptr err;
+        std::mutex mu;
+    } box{&f, nullptr, {}};
+    auto tramp = [](void* p, size_t i) {
+        Box* b = static_cast<Box*>(p);
+        try {
+            (*b->f)(i);
+        } catch (...) {
+            std::lock_guard<std::mutex> lock(b->mu);
+            if (!b->err) b->err = std::current_exception();
+        }
+    };
+    check(g_api->KernelContext_ParallelFor(ctx, tramp, total, 0, &box));
+    if (box.err) std::rethrow_exception(box.err);
+}
+
+// ---- the common part of all four ops -----------------------------------------------------------------
+// A weight whose scales/LUT may be float16.  float16 tables are widened (exactly) per task, rows
+// [n0, n1) into a thread-local buffer, just before the kernels read them: no fp32 copy of the whole
+// table (memory stays that of the fp16 file) and the widened rows are cache-hot.  The kernels see the
+// same fp32 values, in the same per-column arithmetic, as for a float32 table.
+struct Weight {
+    QWeight w;
+    const Ort::Float16_t* half = nullptr;  // the float16 table, or null (w already holds a float one)
+    int64_t per_row = 0;                   // table entries per row (G, or G * 2^bits)
+
+    // Rows [n0, n1) as a weight: returns `base` such that row n of `w` is row n - base of `*sub`.
+    int64_t rows(int64_t n0, int64_t n1, QWeight* sub) const {
+        *sub = w;
+        if (!half) return 0;
+        sub->N = n1 - n0;
+        sub->B = w.B + n0 * w.col_bytes;
+        if (w.zp) sub->zp = w.zp + n0 * w.zp_bytes;
+        float* t = scratch(1, size_t((n1 - n0) * per_row));
+        to_float(half + n0 * per_row, t, (n1 - n0) * per_row);
+        (w.is_lut ? sub->lut : sub->scales) = t;
+        return n0;
+    }
+};
+
+struct QKernel {
+    const Kernels* kern;
+    int64_t K, N, block;
+    int bits;
+    bool is_lut;
+
+    QKernel(const OrtKernelInfo* info, bool lut) : is_lut(lut) {
+        K = attr_int(info, "K", true, 0);
+        N = attr_int(info, "N", true, 0);
+        bits = int(attr_int(info, "bits", true, 0));
+        block = attr_int(info, "block_size", true, 0);
+        if (K < 1 || N < 1) throw Error("K and N must be >= 1");
+        if (bits < 1 || bits > BQ_MAX_BITS) throw Error("bits must be 1..8, got " + std::to_string(bits));
+        if (block < 0) throw Error("block_size must be >= 0");
+        kern = select_kernels();
+    }
+
+    // Inputs first.. (B, scales/lut, zero_points?) checked against the attributes.
+    Weight weight(OrtKernelContext* ctx, size_t first) const {
+        Weight out;
+        QWeight& w = out.w;
+        w.K = K; w.N = N; w.bits = bits; w.block = block; w.is_lut = is_lut;
+        w.G = bq_n_groups(K, block);
+        w.col_bytes = bq_col_bytes(K, bits);
+        w.zp_bytes = bq_zp_bytes(w.G, bits);
+        Tensor B = input(ctx, first), T = input(ctx, first + 1);
+        if (!B || B.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) throw Error("B must be uint8");
+        expect_numel(B, N * w.col_bytes, "B");
+        if (!T || (T.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && T.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16))
+            throw Error(is_lut ? "lut must be float or float16" : "scales must be float or float16");
+        w.B = static_cast<const uint8_t*>(B.data);
+        expect_numel(T, is_lut ? N * w.G * (int64_t(1) << bits) : N * w.G, is_lut ? "lut" : "scales");
+        const float* t = static_cast<const float*>(T.data);
+        if (T.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+            out.half = static_cast<const Ort::Float16_t*>(T.data);
+            out.per_row = T.numel / N;
+            t = nullptr;  // only row slices, widened, are ever read
+        }
+        if (is_lut) {
+            w.lut = t;
+        } else {
+            w.scales = t;
+            Tensor Z = input(ctx, first + 2);
+            if (Z) {
+                if (Z.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) throw Error("zero_points must be uint8");
+                expect_numel(Z, N * w.zp_bytes, "zero_points");
+                w.zp = static_cast<const uint8_t*>(Z.data);
+            }
+        }
+        return out;
+    }
+};
+
+float* align64(float* p) {
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
+// Columns per task: about 64 tasks (the pool balances them dynamically), at least min_cols, whole
+// groups of 4 columns (the SIMD GEMVs' unit).
+int64_t column_block(int64_t N, int64_t min_cols) {
+    const int64_t target = std::max<int64_t>(min_cols, (N + 63) / 64);
+    return (target + 3) / 4 * 4;
+}
+
+struct MatMulKernel : QKernel {
+    bool fp16;
+    int64_t gemm_min_rows = 0;  // BAYESQ_GEMM_MIN_ROWS: the GEMV/GEMM switch point, for tuning
+    MatMulKernel(const OrtKernelInfo* info, bool lut, bool half) : QKernel(info, lut), fp16(half) {
+        if (const char* e = std::getenv("BAYESQ_GEMM_MIN_ROWS")) gemm_min_rows = std::atoll(e);
+    }
+
+    void Compute(OrtKernelContext* ctx) {
+        const Weight wt = weight(ctx, 1);
+        const QWeight& w = wt.w;
+        Tensor A = input(ctx, 0);
+        size_t bias_idx = is_lut ? 3 : 4;
+        Tensor bias = input(ctx, bias_idx);
+        if (A.shape.empty() || A.shape.back() != K)
+            throw Error("A's last dimension must be K=" + std::to_string(K));
+        if (bias) expect_numel(bias, N, "bias");
+        std::vector<int64_t> yshape = A.shape;
+        yshape.back() = N;
+        void* yraw = output(ctx, 0, yshape);
+        const int64_t M = A.numel / K;
+        if (M == 0) return;
+
+        const float* a = static_cast<const float*>(A.data);
+        float* y = static_cast<float*>(yraw);
+        std::vector<float> a32, y32, b32;
+        if (fp16) {
+            a32.resize(size_t(M * K));
+            to_float(static_cast<const Ort::Float16_t*>(A.data), a32.data(), M * K);
+            a = a32.data();
+            y32.resize(size_t(M * N));
+            y = y32.data();
+        }
+        const float* bvec = nullptr;
+        if (bias) {
+            if (fp16) {
+                b32.resize(size_t(N));
+                to_float(static_cast<const Ort::Float16_t*>(bias.data), b32.data(), N);
+                bvec = b32.data();
+            } else {
+                bvec = static_cast<const float*>(bias.data);
+            }
+        }
+        auto add_bias = [&](int64_t n0, int64_t n1) {
+            if (!bvec) return;
+            for (int64_t m = 0; m < M; ++m)
+                for (int64_t n = n0; n < n1; ++n) y[m * N + n] += bvec[n];
+        };
+
+        const Kernels* kr = simd_groups(w) ? kern : kernels_scalar();
+        if (M < (gemm_min_rows > 0 ? gemm_min_rows : kr->gemm_min_rows)) {
+            std::vector<float> sa;
+            if (!is_lut) {
+                sa.resize(size_t(M * w.G));
+                group_sums(w, a, M, K, sa.data());
+            }
+            const int64_t nb = column_block(N, 16);
+            parallel_for(ctx, size_t((N + nb - 1) / nb), [&](size_t t) {
+                const int64_t n0 = int64_t(t) * nb, n1 = std::min(N, n0 + nb);
+                QWeight ws;
+                const int64_t base = wt.rows(n0, n1, &ws);
+                kr->gemv(ws, a, M, K, y + base, N, n0 - base, n1 - base, sa.data());
+                add_bias(n0, n1);
+            });
+        } else {
+            // A^T packed in m-blocks of kr->mr rows (zero-padded), then column blocks decoded once
+            // into a thread-local buffer and multiplied with every m-block.
+            const int64_t mr = kr->mr, mblocks = (M + mr - 1) / mr;
+            std::vector<float> at_buf(size_t(mblocks * K * mr) + 16);
+            float* at = align64(at_buf.data());  // whole-cache-line vector loads in the micro-kernel
+            parallel_for(ctx, size_t(mblocks), [&](size_t mb) {
+                float* dst = at + mb * K * mr;
+                const int64_t m0 = int64_t(mb) * mr, rows = std::min<int64_t>(mr, M - m0);
+                for (int64_t k = 0; k < K; ++k) {  // contiguous writes; the rows are read as parallel streams
+                    float* d = dst + k * mr;
+                    for (int64_t i = 0; i < rows; ++i) d[i] = a[(m0 + i) * K + k];
+                    for (int64_t i = rows; i < mr; ++i) d[i] = 0.f;
+                }
+            });
+            const int64_t nb = 32;
+            parallel_for(ctx, size_t((N + nb - 1) / nb), [&](size_t t) {
+                const int64_t n0 = int64_t(t) * nb, n1 = std::min(N, n0 + nb);
+                float* wd = scratch(0, size_t(nb * K));
+                QWeight ws;
+                const int64_t base = wt.rows(n0, n1, &ws);
+                kr->decode(ws, n0 - base, n1 - base, wd, K);
+                for (int64_t mb = 0; mb < mblocks; ++mb) {
+                    const int64_t m0 = mb * mr;
+                    kr->gemm(at + mb * K * mr, K, wd, K, n1 - n0, y + m0 * N + n0, N,
+                             std::min<int64_t>(mr, M - m0));
+                }
+                add_bias(n0, n1);
+            });
+        }
+        if (fp16) from_float(y, static_cast<Ort::Float16_t*>(yraw), M * N);
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        try {
+            Compute(ctx);
+            return nullptr;
+        } catch (const std::exception& e) {
+            return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, (std::string("bayesq matmul: ") + e.what()).c_str());
+        }
+    }
+};
+
+struct DequantizeKernel : QKernel {
+    std::vector<int64_t> shape;
+    int64_t axis, inner;
+
+    DequantizeKernel(const OrtKernelInfo* info, bool lut) : QKernel(info, lut) {
+        shape = attr_ints(info, "shape");
+        if (shape.empty()) shape = {K, N};
+        axis = attr_int(info, "axis", false, 0);
+        const int64_t r = int64_t(shape.size());
+        if (axis < -r || axis >= r) throw Error("axis out of range for shape");
+        if (axis < 0) axis += r;
+        int64_t numel = 1;
+        for (int64_t d : shape) numel *= d;
+        if (shape[size_t(axis)] != K || numel != K * N)
+            throw Error("shape must have K at axis and K*N elements");
+        inner = 1;
+        for (int64_t i = axis + 1; i < r; ++i) inner *= shape[size_t(i)];
+    }
+
+    void Compute(OrtKernelContext* ctx) {
+        const Weight wt = weight(ctx, 0);
+        const QWeight& w = wt.w;
+        float* out = static_cast<float*>(output(ctx, 0, shape));
+        const Kernels* kr = simd_groups(w) ? kern : kernels_scalar();
+        const int64_t nb = 16;
+        parallel_for(ctx, size_t((N + nb - 1) / nb), [&](size_t t) {
+            const int64_t n0 = int64_t(t) * nb, n1 = std::min(N, n0 + nb);
+            float* buf = scratch(0, size_t(nb * K));
+            QWeight ws;
+            const int64_t base = wt.rows(n0, n1, &ws);
+            kr->decode(ws, n0 - base, n1 - base, buf, K);
+            // view row r = (outer, inner index) -> out[outer * K * inner + k * inner + inner index]
+            for (int64_t k = 0; k < K; ++k)
+                for (int64_t n = n0; n < n1; ++n)
+                    out[(n / inner) * K * inner + k * inner + n % inner] = buf[(n - n0) * K + k];
+        });
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        try {
+            Compute(ctx);
+            return nullptr;
+        } catch (const std::exception& e) {
+            return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, (std::string("bayesq dequantize: ") + e.what()).c_str());
+        }
+    }
+};
+
+// ---- op descriptions ---------------------------------------------------------------------------------
+constexpr ONNXTensorElementDataType F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr ONNXTensorElementDataType F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+constexpr ONNXTensorElementDataType U8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+
+template <class Make>
+OrtStatusPtr create(void** out, const char* what, Make make) {
+    try {
+        *out = make();
+        return nullptr;
+    } catch (const std::exception& e) {
+        return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("bayesq ") + what + ": " + e.what()).c_str());
+    }
+}
+
+// One registration per (activation type T, scales/LUT type S): onnxruntime merges same-named ops into
+// one schema whose inputs accept the union of the types, and picks the kernel matching the inputs.
+struct MatMulOp : Ort::CustomOpBase<MatMulOp, MatMulKernel, true> {
+    bool lut;
+    ONNXTensorElementDataType t, s;
+    MatMulOp(bool lut_, ONNXTensorElementDataType t_, ONNXTensorElementDataType s_) : lut(lut_), t(t_), s(s_) {}
+    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+        return create(kernel, GetName(), [&] { return new MatMulKernel(info, lut, t == F16); });
+    }
+    const char* GetName() const { return lut ? "MatMulLut" : "MatMulAffine"; }
+    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+    // affine: A, B, scales, zero_points?, bias?   LUT: A, B, lut, bias?
+    size_t GetInputTypeCount() const { return lut ? 4 : 5; }
+    ONNXTensorElementDataType GetInputType(size_t i) const {
+        if (i == 0) return t;
+        if (i == 1) return U8;
+        if (i == 2) return s;
+        if (!lut && i == 3) return U8;
+        return t;  // bias
+    }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+        return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return t; }
+};
+
+struct DequantizeOp : Ort::CustomOpBase<DequantizeOp, DequantizeKernel, true> {
+    bool lut;
+    ONNXTensorElementDataType s;  // scales / LUT type
+    DequantizeOp(bool lut_, ONNXTensorElementDataType s_) : lut(lut_), s(s_) {}
+    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+        return create(kernel, GetName(), [&] { return new DequantizeKernel(info, lut); });
+    }
+    const char* GetName() const { return lut ? "DequantizeLut" : "DequantizeAffine"; }
+    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+    size_t GetInputTypeCount() const { return lut ? 2 : 3; }
+    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 1 ? s : U8; }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+        return i < 2 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
+};
+
+MatMulOp g_matmul[] = {{false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
+                       {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
+DequantizeOp g_dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
+
+}  // namespace
+}  // namespace bq
+
+extern "C" {
+
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                  const OrtApiBase* api_base) {
+    const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+    if (!api) return nullptr;  // cannot even report: this ORT is older than API 21
+    bq::g_api = api;
+    Ort::InitApi(api);
+    // One domain per registration, never released: a session may outlive anything we could tie it
+    // to, and releasing at exit could run after onnxruntime itself is gone.
+    OrtCustomOpDomain* domain = nullptr;
+    if (OrtStatus* st = api->CreateCustomOpDomain("bayesq", &domain)) return st;
+    for (OrtCustomOp& op : bq::g_matmul)
+        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
+    for (OrtCustomOp& op : bq::g_dequantize)
+        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
+    return api->AddCustomOpDomain(options, domain);
+}
+
+// Which kernels a session created now would use (for reports and benchmarks).
+__attribute__((visibility("default"))) const char* BayesqKernelIsa() {
+    try {
+        return bq::select_kernels()->name;
+    } catch (...) {
+        return "invalid BAYESQ_ISA";
+    }
+}
+
+}  // extern "C"

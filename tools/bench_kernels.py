@@ -1,0 +1,142 @@
+"""Kernel timings: fp32 MatMul, MatMulNBits 4-bit (accuracy level 0 and 4) and the bayesq ops, one
+single-node model each, ``Y = A (M, K) @ W (K, N)``.
+
+    python tools/bench_kernels.py [--quick] [--shapes 4096x4096,576x1536] [--ms 1,8,64] [--threads 0]
+                                  [--reps 15] [--block 32] [--isa auto]
+
+For each shape and M all candidates are timed in alternation (one batch of runs of each, in a
+rotating order, repeated ``--reps`` times) and the table gives the median time per run in ms and
+the ratio to fp32 (< 1: faster).  Random weights and activations; codes are uniform random, so
+the numbers say nothing about accuracy.  ``--threads 0`` lets onnxruntime choose (all cores).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from bayesq_onnx.formats import BayesqLut, BayesqUniform, LutCodes, MatMulNBits, UniformCodes  # noqa: E402
+from bayesq_onnx.formats.bayesq_uniform import groups  # noqa: E402
+from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_matmul_node  # noqa: E402
+from bayesq_onnx.lower.nodes import matmulnbits_node  # noqa: E402
+from bayesq_onnx.runtime import custom_ops  # noqa: E402
+from bayesq_onnx.runtime.session import session_options  # noqa: E402
+
+SHAPES = [(4096, 4096), (576, 1536), (1536, 576), (384, 1536)]
+
+
+def _model(nodes, inits, K, N, extra_opsets=()) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                               *extra_opsets])
+
+
+def _uniform(rng, N, K, bits, block) -> UniformCodes:
+    g = groups(K, block)
+    return UniformCodes(codes=rng.integers(0, 1 << bits, (N, K)).astype(np.uint8),
+                        scale=(rng.random((N, g)) * 0.01 + 0.001).astype(np.float32),
+                        zero_point=rng.integers(0, 1 << bits, (N, g)).astype(np.uint8), bits=bits, block=block)
+
+
+def candidates(K: int, N: int, block: int, rng) -> dict[str, onnx.ModelProto]:
+    out = {}
+    W = (rng.standard_normal((K, N)) * 0.02).astype(np.float32)
+    out["fp32"] = _model([helper.make_node("MatMul", ["A", "W"], ["Y"])], [numpy_helper.from_array(W, "W")], K, N)
+    nb = MatMulNBits(4, block)
+    packed = nb.pack(_uniform(rng, N, K, 4, block))
+    for level in (0, 4):
+        node, inits = matmulnbits_node("A", "Y", "w", nb, packed, K=K, N=N, accuracy_level=level)
+        out[f"nbits4-acc{level}"] = _model([node], inits, K, N)
+    if custom_ops.available():
+        for bits in (2, 3, 4):
+            fmt = BayesqUniform(bits, block)
+            node, inits = bayesq_matmul_node("A", "Y", "w", fmt, fmt.pack(_uniform(rng, N, K, bits, block)), K, N)
+            out[f"bq-u{bits}-g{block}"] = _model([node], inits, K, N, [BAYESQ_OPSET])
+        for bits in (2, 3, 4):
+            fmt = BayesqLut(bits, 0)
+            q = LutCodes(codes=rng.integers(0, 1 << bits, (N, K)).astype(np.uint8),
+                         lut=(rng.standard_normal((N, 1, 1 << bits)) * 0.02).astype(np.float32), bits=bits, block=0)
+            node, inits = bayesq_matmul_node("A", "Y", "w", fmt, fmt.pack(q), K, N)
+            out[f"bq-lut{bits}"] = _model([node], inits, K, N, [BAYESQ_OPSET])
+    return out
+
+
+def bench(models: dict[str, onnx.ModelProto], M: int, K: int, threads: int, reps: int, rng,
+          clock=time.perf_counter, stat=statistics.median) -> dict[str, float]:
+    so = session_options()
+    so.intra_op_num_threads = threads
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    runs = {}
+    for name, m in models.items():
+        sess = ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+        io = sess.io_binding()
+        io.bind_cpu_input("A", A)
+        io.bind_output("Y")
+        sess.run_with_iobinding(io)
+        t = time.perf_counter()
+        sess.run_with_iobinding(io)
+        once = time.perf_counter() - t
+        runs[name] = (sess, io, max(1, min(200, int(0.02 / max(once, 1e-6)))))   # ~20 ms per batch
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:   # rotate who goes first
+            sess, io, n = runs[name]
+            t = clock()
+            for _ in range(n):
+                sess.run_with_iobinding(io)
+            times[name].append((clock() - t) / n)
+    return {k: stat(v) * 1e3 for k, v in times.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,... (W is K x N)")
+    ap.add_argument("--ms", default="1,8,64")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--block", type=int, default=32, help="group size of the affine formats")
+    ap.add_argument("--quick", action="store_true", help="4096x4096 only, M=1 and 64, 7 reps")
+    ap.add_argument("--stat", choices=["median", "min"], default="median",
+                    help="min: the least disturbed batch (on a machine shared with other jobs)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this process's CPU time (with --threads 1, a kernel's cost on a busy machine)")
+    args = ap.parse_args(argv)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    ms = [int(x) for x in args.ms.split(",")]
+    if args.quick:
+        shapes, ms, args.reps = [(4096, 4096)], [1, 64], 7
+    if custom_ops.available():
+        print(f"bayesq library: {custom_ops.library_path()} (kernels: {custom_ops.kernel_isa()})")
+    else:
+        print(f"bayesq library unavailable ({custom_ops.unavailable_reason()}): native ops only")
+    print(f"onnxruntime {ort.__version__}, threads {args.threads or 'default'}, {args.stat} of {args.reps} "
+          f"alternating batches, {args.clock} ms per run (ratio to fp32)")
+    rng = np.random.default_rng(0)
+    for K, N in shapes:
+        models = candidates(K, N, args.block, rng)
+        names = list(models)
+        print(f"\nK={K} N={N}")
+        print(f"{'M':>4} " + " ".join(f"{n:>17}" for n in names))
+        for M in ms:
+            t = bench(models, M, K, args.threads, args.reps, rng,
+                      time.perf_counter if args.clock == "wall" else time.process_time,
+                      statistics.median if args.stat == "median" else min)
+            cells = [f"{t[n]:8.3f} ({t[n] / t['fp32']:5.2f})" for n in names]
+            print(f"{M:>4} " + " ".join(f"{c:>17}" for c in cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
