@@ -85,10 +85,13 @@ def test_compress_runs_within_budget(tmp_path, case, bits):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # fp32 summation order differs between kernels
 
 
+NATIVE = {"bayesq_bits": (), "lut_bits": ()}  # onnxruntime's own formats only
+
+
 def test_opset_raised_only_for_blocked_dequantize(tmp_path):
     out = tmp_path / "q.onnx"
     for bits, method in ((3.0, "bayesq"), (6.5, "rtn")):
-        rep = compress(_save(tmp_path, "cnn", models.cnn()), Recipe(bits=bits, method=method),
+        rep = compress(_save(tmp_path, "cnn", models.cnn()), Recipe(bits=bits, method=method, **NATIVE),
                        calib=models.cnn_data(), output=out).report
         q = onnx.load(out)
         used = {l["format"] for l in rep["layers"]}
@@ -98,7 +101,7 @@ def test_opset_raised_only_for_blocked_dequantize(tmp_path):
         assert {o.domain: o.version for o in q.opset_import}[""] == want, used
         assert q.ir_version == {21: 10, 25: 13}[want]
     out2 = tmp_path / "q2.onnx"
-    compress(_save(tmp_path, "mlp", models.mlp()), Recipe(bits=4.5), calib=models.mlp_data(), output=out2)
+    compress(_save(tmp_path, "mlp", models.mlp()), Recipe(bits=4.5, **NATIVE), calib=models.mlp_data(), output=out2)
     q2 = onnx.load(out2)
     assert {o.domain: o.version for o in q2.opset_import}[""] == models.OPSET
     assert "MatMulNBits" in {n.op_type for n in q2.graph.node}

@@ -6,6 +6,11 @@ from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, Float32, Form
 from ..types import WeightSite
 
 
+# bayesq ops read float16 scales and levels whatever the activations' type: half the bits of
+# float32 at a relative rounding of 2^-11, far below any quantization step
+F16 = "float16"
+
+
 def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True) -> list[Format]:
     """Uniform formats over ``recipe.blocks`` whose groups fit the reduction axis, plus fp32.
     A block longer than the axis only pads, so the largest block kept is the first >= L.
@@ -18,13 +23,13 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
     out: list[Format] = []
     if site.kind == "matmul":
         out += [MatMulNBits(b, g) for b in recipe.matmul_bits for g in fitting]
-        out += [BayesqUniform(b, g) for b in ours for g in fitting if g % 16 == 0]
-        out += [BayesqLut(b, 0) for b in luts]
+        out += [BayesqUniform(b, g, F16) for b in ours for g in fitting if g % 16 == 0]
+        out += [BayesqLut(b, 0, F16) for b in luts]
     elif site.kind == "conv":
         conv_blocks = sorted({g for g in (16, *blocks) if g <= site.L})
         out += [BlockedDequantize(b, g, signed=False) for b in recipe.conv_bits for g in conv_blocks]
-        out += [BayesqUniform(b, g) for b in ours for g in conv_blocks if g % 16 == 0]
-        out += [BayesqLut(b, 0) for b in luts]
+        out += [BayesqUniform(b, g, F16) for b in ours for g in conv_blocks if g % 16 == 0]
+        out += [BayesqLut(b, 0, F16) for b in luts]
     elif site.kind == "gather":
         out += [f for f in (GatherBlockQuantized(b, g) for b in recipe.gather_bits for g in fitting)
                 if f.supports(site.rows, site.L)]

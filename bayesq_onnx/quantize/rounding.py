@@ -76,11 +76,12 @@ def gptq_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = False) -> G
 
 def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray | None, zp: np.ndarray | None,
                bits: int, block: int, damp: float = 0.01, lazy_block: int = 128,
-               act_order: bool = False) -> UniformCodes:
+               act_order: bool = False, round_scale=None) -> UniformCodes:
     """GPTQ rounding of ``view`` (rows, L) with ``H = X^T X`` (L, L) over the view's ``L`` axis, or
     its precomputed :func:`gptq_factor` (then ``damp`` and ``act_order`` are the factor's), onto
-    the fixed grid ``(scale, zp)``, or onto dynamic min/max groups when both are ``None``.  Under
-    act_order each column keeps its own group's grid."""
+    the fixed grid ``(scale, zp)``, or onto dynamic min/max groups when both are ``None`` (their
+    scales passed through ``round_scale``, e.g. to the float16 the format stores, before use).
+    Under act_order each column keeps its own group's grid."""
     rows, L = view.shape
     dynamic = scale is None and zp is None
     if not dynamic:
@@ -110,7 +111,7 @@ def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray |
             if dynamic and c % block == 0:
                 g = c // block
                 s, z = minmax_grid(Wt[c:c + block].T, bits, block)
-                scale[:, g], zp[:, g] = s[:, 0], z[:, 0]
+                scale[:, g], zp[:, g] = (round_scale(s) if round_scale else s)[:, 0], z[:, 0]
             St[c], Zt[c] = scale[:, perm[c] // block], zp[:, perm[c] // block]
             codes[c] = _codes(W1[i], St[c], Zt[c], qmax)
             err[i] = (W1[i] - (codes[c] - Zt[c]) * St[c]) / U1[i, i]

@@ -11,10 +11,21 @@ from ..config import Method
 from ..formats import BayesqLut, Float32, Format, LutCodes, UniformCodes
 from ..posterior.expected_loss import expected_loss
 from ..posterior.laplace import DiagonalLaplace
-from .codebook import posterior_codebook, round_gptq_codebook
+from .codebook import codebook_codes, expected_codebook_loss, posterior_codebook, round_gptq_codebook
 from .grid import minmax_grid, search_grid
 from .hqq import hqq_grid
 from .rounding import gptq_factor, round_gptq, round_rtn
+
+
+def _rounder(fmt: Format):
+    """How ``fmt`` stores scales (e.g. to float16), or None when it stores them as computed."""
+    return getattr(fmt, "round_scales", None)
+
+
+def _stored(fmt: Format, scale: np.ndarray) -> np.ndarray:
+    """Scales as the format stores them: codes must be chosen on the grid the runtime will use."""
+    r = _rounder(fmt)
+    return scale if r is None else r(scale)
 
 
 class SiteQuantizer:
@@ -38,7 +49,13 @@ class SiteQuantizer:
     def _codebook(self, fmt: BayesqLut):
         """Posterior-weighted Lloyd-Max levels per group: ``(codebook (rows * G, 2**bits), codes, loss)``."""
         if (fmt, "lut") not in self._grids:
-            self._grids[fmt, "lut"] = posterior_codebook(self.posterior, 1 << fmt.bits, fmt.block or None)
+            block = fmt.block or None
+            codebook, _, _ = posterior_codebook(self.posterior, 1 << fmt.bits, block)
+            codebook = fmt.round_scales(codebook)   # the levels as stored (fp16 or fp32), then the codes
+            sigma = np.sqrt(self.posterior.sigma2.astype(np.float64))
+            self._grids[fmt, "lut"] = (codebook, codebook_codes(self.view, codebook, block=block),
+                                       expected_codebook_loss(self.view, sigma, self.posterior.precision, codebook,
+                                                              block=block))
         return self._grids[fmt, "lut"]
 
     def grid_kinds(self, fmt: Format) -> tuple[str, ...]:
@@ -73,12 +90,16 @@ class SiteQuantizer:
             elif kind == "posterior":
                 # clipping at 1.0, 0.9, ..., 0.4 of the group's range: each step is a full
                 # closed-form pass over the weights, so the spacing bounds the cost on big models
-                self._grids[fmt, kind] = search_grid(self.posterior, fmt.bits, fmt.block, n_steps=7, min_shrink=0.4)
-                return self._grids[fmt, kind]
+                scale, zp, loss = search_grid(self.posterior, fmt.bits, fmt.block, n_steps=7, min_shrink=0.4)
+                if np.array_equal(_stored(fmt, scale), scale):
+                    self._grids[fmt, kind] = scale, zp, loss
+                    return self._grids[fmt, kind]
+                scale = _stored(fmt, scale)
             elif kind == "hqq":
                 scale, zp = hqq_grid(self.view, fmt.bits, fmt.block)
             else:  # minmax, and dynamic groups wherever GPTQ does not run (Conv, Gather, act_order)
                 scale, zp = minmax_grid(self.view, fmt.bits, fmt.block)
+            scale = _stored(fmt, scale)
             self._grids[fmt, kind] = scale, zp, expected_loss(self.posterior, scale, zp, fmt.bits, fmt.block)
         return self._grids[fmt, kind]
 
@@ -110,13 +131,14 @@ class SiteQuantizer:
             if self._gptq:
                 if self._factor is None:  # H^-1's factor does not depend on the format
                     self._factor = gptq_factor(self.xtx, self._gptq_damp, self._act_order)
-                q = round_gptq(self.view, self._factor, scale, zp, fmt.bits, fmt.block)
+                q = round_gptq(self.view, self._factor, scale, zp, fmt.bits, fmt.block, round_scale=_rounder(fmt))
                 if self.method.grid == "posterior" and not self._act_order:
                     # The searched grid is fixed before error feedback moves the weights; the
                     # reference's dynamic min/max groups follow them.  Keep whichever leaves the
                     # smaller layer output error ||X (W - Q)^T||^2: never worse than plain GPTQ
                     # on the calibration rows, in the same format.
-                    alt = round_gptq(self.view, self._factor, None, None, fmt.bits, fmt.block)
+                    alt = round_gptq(self.view, self._factor, None, None, fmt.bits, fmt.block,
+                                     round_scale=_rounder(fmt))
                     if self.output_error(alt) < self.output_error(q):
                         q = alt
                 self._codes[fmt] = q
