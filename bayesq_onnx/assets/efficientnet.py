@@ -53,6 +53,7 @@ import numpy as np
 
 from bayesq_onnx.assets.cache import (Progress, cache_key, load_npz, package_version, require, sha256_file,
                                       staged_directory, versions, write_json, write_npz)
+from bayesq_onnx.assets.export import name_by_scope, save_export
 from bayesq_onnx.errors import BayesQError, first_line
 
 RECIPE_VERSION = 1
@@ -342,34 +343,6 @@ def _fold_pads_into_convs(model) -> int:
     return folded
 
 
-def _rename_conv_weights(model) -> None:
-    """The exporter names BN-folded conv weights ``onnx::Conv_<n>``; name them after the torch
-    module instead (``_blocks.3._expand_conv.weight`` / ``.bias``) so that sites and reports can
-    be read."""
-    inits = {t.name for t in model.graph.initializer}
-    taken = set(inits) | {v for n in model.graph.node for v in n.output}
-    renames: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type != "Conv":
-            continue
-        scope = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
-        for slot, suffix in ((1, "weight"), (2, "bias")):
-            if len(node.input) <= slot:
-                continue
-            old, new = node.input[slot], f"{scope}.{suffix}"
-            if old not in inits or not old.startswith("onnx::") or old in renames or not scope \
-                    or new in taken:
-                continue
-            renames[old] = new
-            taken.add(new)
-    for t in model.graph.initializer:
-        t.name = renames.get(t.name, t.name)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
-
-
 def export_onnx(module, path: Path, meta: Mapping[str, str]) -> dict[str, int]:
     """Export ``module`` to ``path`` (see the module docstring); returns the op counts."""
     torch = _require("torch", "pip install torch==2.13.0")
@@ -389,20 +362,15 @@ def export_onnx(module, path: Path, meta: Mapping[str, str]) -> dict[str, int]:
     finally:
         raw.unlink(missing_ok=True)
     _fold_pads_into_convs(model)
-    _rename_conv_weights(model)
+    name_by_scope(model, {"Conv": ((1, "weight"), (2, "bias"))})   # _blocks.3._expand_conv.weight
     ops: dict[str, int] = {}
     for n in model.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     for bad in ("BatchNormalization", "Pad"):
         if bad in ops:
             raise BayesQError(f"the exported {ARCH_NAME} still has {ops[bad]} {bad} node(s)")
-    model.doc_string = (f"{ARCH_NAME} (ImageNet, BatchNorm folded); input (x - 127) / 128 on 0-255 "
-                        f"RGB, NCHW; exported by bayesq_onnx.assets.efficientnet")
-    for k, v in meta.items():
-        p = model.metadata_props.add()
-        p.key, p.value = k, v
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
+    save_export(model, path, f"{ARCH_NAME} (ImageNet, BatchNorm folded); input (x - 127) / 128 on 0-255 "
+                             f"RGB, NCHW; exported by bayesq_onnx.assets.efficientnet", meta)
     return dict(sorted(ops.items()))
 
 

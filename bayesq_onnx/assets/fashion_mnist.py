@@ -33,6 +33,7 @@ import numpy as np
 
 from bayesq_onnx.assets.cache import (Progress, cache_key, load_npz, package_version, require, sha256_file,
                                       staged_directory, versions, write_json, write_npz)
+from bayesq_onnx.assets.export import name_by_scope, save_export
 from bayesq_onnx.errors import BayesQError
 
 RECIPE_VERSION = 1
@@ -270,31 +271,6 @@ def train(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, progress: Pr
 # ----------------------------------------------------------------------------- export
 
 
-def _rename_initializers(model) -> None:
-    """The exporter names folded Conv weights ``onnx::Conv_<n>``; give them the torch module path
-    (``stages.1.conv1.weight``, ``stages.1.proj.0.bias``) so sites and reports read by layer."""
-    inits = {t.name for t in model.graph.initializer}
-    taken = inits | {v for n in model.graph.node for v in n.output}
-    renames: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm"):
-            continue
-        parts = node.name.strip("/").split("/")[:-1]     # "/stages/stages.0/conv1/Conv"
-        scope = ".".join(p for p, nxt in zip(parts, parts[1:] + [""]) if not nxt.startswith(p + "."))
-        for slot, what in ((1, "weight"), (2, "bias")):
-            if len(node.input) <= slot:
-                continue
-            old, new = node.input[slot], f"{scope}.{what}"
-            if old in inits and old.startswith("onnx::") and old not in renames and scope and new not in taken:
-                renames[old] = new
-                taken.add(new)
-    for t in model.graph.initializer:
-        t.name = renames.get(t.name, t.name)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            node.input[i] = renames.get(name, name)
-
-
 def export_onnx(net, path: Path, meta: Mapping[str, str]) -> None:
     """TorchScript export in eval mode (BatchNorm folded into Conv), checked, written atomically."""
     torch = _torch()
@@ -312,15 +288,10 @@ def export_onnx(net, path: Path, meta: Mapping[str, str]) -> None:
     left = [n.name for n in model.graph.node if n.op_type == "BatchNormalization"]
     if left:
         raise BayesQError(f"ONNX export left {len(left)} BatchNormalization node(s) unfolded: {left[0]}")
-    _rename_initializers(model)
-    model.doc_string = "ResNet-style CNN trained on Fashion-MNIST; exported by bayesq_onnx.assets.fashion_mnist"
-    for k, v in meta.items():
-        p = model.metadata_props.add()
-        p.key, p.value = k, v
-    onnx.checker.check_model(model, full_check=True)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
+    # stages.1.conv1.weight, stages.1.proj.0.bias, head.1.weight
+    name_by_scope(model, {op: ((1, "weight"), (2, "bias")) for op in ("Conv", "Gemm")})
+    save_export(model, path, "ResNet-style CNN trained on Fashion-MNIST; exported by bayesq_onnx.assets.fashion_mnist",
+                meta)
 
 
 def _check_export(net, onnx_path: Path, x: np.ndarray) -> float:

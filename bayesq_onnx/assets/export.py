@@ -1,0 +1,51 @@
+"""What every asset's ONNX export shares: readable initializer names and a checked, atomic save."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+
+def _scope(node_name: str) -> str:
+    """The torch module path of an exported node: ``/stages/stages.0/conv1/Conv`` -> ``stages.0.conv1``
+    (a container's name is dropped where its child repeats it)."""
+    parts = node_name.strip("/").split("/")[:-1]
+    return ".".join(p for p, nxt in zip(parts, parts[1:] + [""]) if not nxt.startswith(p + "."))
+
+
+def name_by_scope(model, rules: Mapping[str, Sequence[tuple[int, str]]]) -> None:
+    """Give the exporter's ``onnx::<Op>_<n>`` initializers their torch names: the tensor at input
+    ``slot`` of an ``op_type`` node becomes ``<module path>.<suffix>`` (``rules[op_type]`` lists
+    the ``(slot, suffix)`` pairs), so that sites, reports and torch-side curvature match by name.
+    Names already taken, and tensors read by several nodes, keep the first name found."""
+    inits = {t.name for t in model.graph.initializer}
+    taken = inits | {v for n in model.graph.node for v in n.output}
+    renames: dict[str, str] = {}
+    for node in model.graph.node:
+        scope = _scope(node.name)
+        for slot, suffix in rules.get(node.op_type, ()):
+            if len(node.input) <= slot:
+                continue
+            old, new = node.input[slot], f"{scope}.{suffix}"
+            if old in inits and old.startswith("onnx::") and old not in renames and scope and new not in taken:
+                renames[old] = new
+                taken.add(new)
+    for t in model.graph.initializer:
+        t.name = renames.get(t.name, t.name)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renames.get(name, name)
+
+
+def save_export(model, path: Path, doc: str, meta: Mapping[str, str]) -> None:
+    """Document, fully check and write ``model`` to ``path`` (temp file, then rename)."""
+    import onnx
+
+    model.doc_string = doc
+    for k, v in meta.items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.checker.check_model(model, full_check=True)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
