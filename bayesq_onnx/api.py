@@ -134,12 +134,15 @@ class Analysis:
         uniforms = uniform_plans(sites, self.candidates, budget_bits)
         check, losses, quantizers = None, None, self.quantizers
         if self.uniform:
+            if not uniforms:
+                raise BayesQError(f"no uniform format fits a budget of {bits:g} bits/weight for --method "
+                                  f"{recipe.method}")
             plan = uniforms[0]
         else:
             losses = self.losses
             ours = [(p, self.quantizers) for p in [knapsack_plan(sites, self.candidates, losses, budget_bits),
                                                     *uniforms[:N_UNIFORM_CHECKED]]]
-            reference = [(replace(uniforms[0], label=f"gptq {uniforms[0].label}"), self.reference_quantizers)]
+            reference = [(replace(u, label=f"gptq {u.label}"), self.reference_quantizers) for u in uniforms[:1]]
             (plan, quantizers), check = _plan_check(ours + reference, sites, self.probe, self.held, self.batch)
         out_model = _lower(self.model, sites, plan, quantizers, recipe, forget=_single_use)
         rep = _report(recipe, sites, self.skipped, self.candidates, plan, quantizers, losses, check,
@@ -165,8 +168,10 @@ class Analysis:
 
 
 def _bayesq_ops(recipe: Recipe) -> bool:
-    """Whether formats only the bayesq ops execute may be chosen: always for the portable target;
+    """Whether formats only the bayesq ops execute may be chosen (unless the recipe says no): always for the portable target;
     for ort-cpu when the custom-op library was built (else a warning, and native formats only)."""
+    if not recipe.custom_ops:
+        return False
     if recipe.target == "portable" or custom_ops.available():
         return True
     log.warning("the bayesq custom-op library is not available (%s): using onnxruntime's native formats "

@@ -85,7 +85,7 @@ def test_compress_runs_within_budget(tmp_path, case, bits):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # fp32 summation order differs between kernels
 
 
-NATIVE = {"bayesq_bits": (), "lut_bits": ()}  # onnxruntime's own formats only
+NATIVE = {"custom_ops": False}  # onnxruntime's own formats only
 
 
 def test_opset_raised_only_for_blocked_dequantize(tmp_path):
@@ -296,7 +296,7 @@ def test_gptq_method_is_not_rtn_and_beats_it(tmp_path):
 
 @pytest.mark.parametrize("case,fields", [
     ("mlp", {"matmul_bits": (), "bayesq_bits": (3, 5)}),                  # affine widths only bayesq runs
-    ("mlp", {"matmul_bits": (2,), "bayesq_bits": (), "lut_bits": (2, 3)}),  # Lloyd-Max codebooks per row
+    ("mlp", {"matmul_bits": (), "bayesq_bits": (), "lut_bits": (2, 3)}),  # Lloyd-Max codebooks per row only
     ("cnn", {"conv_bits": (), "bayesq_bits": (3, 5)}),                     # Conv weight from DequantizeAffine
 ])
 def test_bayesq_formats_run_with_the_library_and_portably(tmp_path, case, fields):

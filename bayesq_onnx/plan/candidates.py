@@ -22,7 +22,13 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
     luts = list(recipe.lut_bits) if bayesq_ops and recipe.method_spec.planner == "knapsack" else []
     out: list[Format] = []
     if site.kind == "matmul":
-        out += [MatMulNBits(b, g) for b in recipe.matmul_bits for g in fitting]
+        if bayesq_ops:
+            # the same widths with fp16 scales store fewer bits than MatMulNBits (whose scales take
+            # the activations' fp32), and our kernels are fast at 2 and 8 bits where onnxruntime's
+            # exact (accuracy level 0) kernels are not (DESIGN.md §3)
+            ours = sorted(set(ours) | set(recipe.matmul_bits))
+        else:
+            out += [MatMulNBits(b, g) for b in recipe.matmul_bits for g in fitting]
         out += [BayesqUniform(b, g, F16) for b in ours for g in fitting if g % 16 == 0]
         out += [BayesqLut(b, 0, F16) for b in luts]
     elif site.kind == "conv":
