@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -53,7 +52,7 @@ import numpy as np
 
 from bayesq_onnx.assets.cache import (Progress, cache_key, load_npz, package_version, require, sha256_file,
                                       staged_directory, versions, write_json, write_npz)
-from bayesq_onnx.assets.export import name_by_scope, save_export
+from bayesq_onnx.assets.export import name_by_scope, save_export, torchscript_export
 from bayesq_onnx.errors import BayesQError, first_line
 
 RECIPE_VERSION = 1
@@ -346,21 +345,9 @@ def _fold_pads_into_convs(model) -> int:
 def export_onnx(module, path: Path, meta: Mapping[str, str]) -> dict[str, int]:
     """Export ``module`` to ``path`` (see the module docstring); returns the op counts."""
     torch = _require("torch", "pip install torch==2.13.0")
-    onnx = _require("onnx", "pip install onnx")
-    raw = path.with_name(path.name + ".raw")
-    example = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    dyn = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # the legacy-exporter notice and "Slice steps != 1 cannot be constant folded" (the
-            # Pads it leaves are folded below)
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), str(raw), input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], dynamic_axes=dyn, opset_version=OPSET,
-                              do_constant_folding=True, dynamo=False)
-        model = onnx.load(str(raw))
-    finally:
-        raw.unlink(missing_ok=True)
+    # the exporter leaves Pads before Convs ("Slice steps != 1 cannot be constant folded"): folded below
+    model = torchscript_export(module, (torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE),), [INPUT_NAME], [OUTPUT_NAME],
+                               OPSET)
     _fold_pads_into_convs(model)
     name_by_scope(model, {"Conv": ((1, "weight"), (2, "bias"))})   # _blocks.3._expand_conv.weight
     ops: dict[str, int] = {}

@@ -6,6 +6,28 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 
+def torchscript_export(module, args: tuple, input_names: Sequence[str], output_names: Sequence[str], opset: int):
+    """``module`` (eval mode, BatchNorm folded by constant folding) as an ``onnx.ModelProto`` through
+    the TorchScript exporter (``dynamo=False``: what all the assets were checked with), every input
+    and output dynamic along axis 0.  The exporter's warnings (its own deprecation, tracer notes
+    on fixed shapes) are not the user's to act on and are silenced."""
+    import tempfile
+    import warnings
+
+    import onnx
+    import torch
+
+    dyn = {k: {0: "batch"} for k in (*input_names, *output_names)}
+    with tempfile.TemporaryDirectory(prefix="bayesq-export-") as tmp, torch.no_grad(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = str(Path(tmp) / "raw.onnx")
+        torch.onnx.export(module, args, raw, input_names=list(input_names), output_names=list(output_names),
+                          dynamic_axes=dyn, opset_version=opset, do_constant_folding=True,
+                          training=torch.onnx.TrainingMode.EVAL, dynamo=False)
+        return onnx.load(raw)
+
+
 def _scope(node_name: str) -> str:
     """The torch module path of an exported node: ``/stages/stages.0/conv1/Conv`` -> ``stages.0.conv1``
     (a container's name is dropped where its child repeats it)."""

@@ -24,7 +24,6 @@ import dataclasses
 import gzip
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -33,7 +32,7 @@ import numpy as np
 
 from bayesq_onnx.assets.cache import (Progress, cache_key, load_npz, package_version, require, sha256_file,
                                       staged_directory, versions, write_json, write_npz)
-from bayesq_onnx.assets.export import name_by_scope, save_export
+from bayesq_onnx.assets.export import name_by_scope, save_export, torchscript_export
 from bayesq_onnx.errors import BayesQError
 
 RECIPE_VERSION = 1
@@ -274,17 +273,8 @@ def train(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, progress: Pr
 def export_onnx(net, path: Path, meta: Mapping[str, str]) -> None:
     """TorchScript export in eval mode (BatchNorm folded into Conv), checked, written atomically."""
     torch = _torch()
-    onnx = require("onnx", "pip install onnx", "Fashion-MNIST asset")
-    path = Path(path)
-    raw = path.with_name(path.name + ".raw")
-    dyn = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)   # the TorchScript exporter is on purpose
-        torch.onnx.export(net, (torch.zeros((2,) + IMAGE_SHAPE),), str(raw), input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes=dyn, opset_version=OPSET,
-                          do_constant_folding=True, training=torch.onnx.TrainingMode.EVAL, dynamo=False)
-    model = onnx.load(str(raw))
-    raw.unlink()
+    require("onnx", "pip install onnx", "Fashion-MNIST asset")
+    model = torchscript_export(net, (torch.zeros((2,) + IMAGE_SHAPE),), [INPUT_NAME], [OUTPUT_NAME], OPSET)
     left = [n.name for n in model.graph.node if n.op_type == "BatchNormalization"]
     if left:
         raise BayesQError(f"ONNX export left {len(left)} BatchNormalization node(s) unfolded: {left[0]}")

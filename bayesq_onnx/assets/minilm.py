@@ -35,7 +35,7 @@ import numpy as np
 
 from bayesq_onnx.assets.cache import (Progress, cache_key, package_version, require, sha256_file, staged_directory,
                                       versions, write_json, write_npz)
-from bayesq_onnx.assets.export import name_by_scope, save_export
+from bayesq_onnx.assets.export import name_by_scope, save_export, torchscript_export
 from bayesq_onnx.errors import BayesQError
 
 RECIPE_VERSION = 1
@@ -200,21 +200,9 @@ def _build_pooled_encoder(model_dir: Path, normalize: bool):
 
 
 def _export_onnx(module, example: Mapping[str, np.ndarray], path: Path, meta: Mapping[str, str]):
-    import warnings
-
     torch = _require("torch", "pip install torch==2.13.0")
-    onnx = _require("onnx", "pip install onnx")
-    raw = path.with_name(path.name + ".raw")
     args = tuple(torch.from_numpy(example[k]) for k in INPUT_NAMES)
-    dyn = {k: {0: "batch"} for k in INPUT_NAMES}
-    dyn[OUTPUT_NAME] = {0: "batch"}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # TracerWarnings about the (fixed) sequence length
-        torch.onnx.export(module, args, str(raw), input_names=list(INPUT_NAMES),
-                          output_names=[OUTPUT_NAME], dynamic_axes=dyn, opset_version=OPSET,
-                          do_constant_folding=True, dynamo=False)
-    model = onnx.load(str(raw))
-    raw.unlink()
+    model = torchscript_export(module, args, INPUT_NAMES, [OUTPUT_NAME], OPSET)
     name_by_scope(model, MATMUL_WEIGHTS)
     save_export(model, path, "all-MiniLM-L6-v2 (BERT, 6 layers) + attention-masked mean pooling; "
                              "exported by bayesq_onnx.assets.minilm", meta)

@@ -45,7 +45,7 @@ import numpy as np
 
 from bayesq_onnx.assets.cache import (Progress, cache_key, load_npz, package_version, require, sha256_file,
                                       staged_directory, versions, write_json, write_npz)
-from bayesq_onnx.assets.export import name_by_scope, save_export
+from bayesq_onnx.assets.export import name_by_scope, save_export, torchscript_export
 from bayesq_onnx.errors import BayesQError
 from bayesq_onnx.runtime.session import make_session
 
@@ -277,22 +277,11 @@ def tie_head(model) -> str | None:
 
 def _export_onnx(module, example: Mapping[str, np.ndarray], path: Path, seq_len: int,
                  meta: Mapping[str, str]) -> None:
-    import warnings
-
     from bayesq_onnx.assets.minilm import MATMUL_WEIGHTS
 
     torch = _require("torch", "pip install torch==2.13.0")
-    onnx = _require("onnx", "pip install onnx")
-    raw = path.with_name(path.name + ".raw")
     args = tuple(torch.from_numpy(example[k]) for k in INPUT_NAMES)
-    dyn = {k: {0: "batch"} for k in (*INPUT_NAMES, OUTPUT_NAME)}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # TracerWarnings about the (fixed) sequence length
-        torch.onnx.export(module, args, str(raw), input_names=list(INPUT_NAMES),
-                          output_names=[OUTPUT_NAME], dynamic_axes=dyn, opset_version=OPSET,
-                          do_constant_folding=True, dynamo=False)
-    model = onnx.load(str(raw))
-    raw.unlink()
+    model = torchscript_export(module, args, INPUT_NAMES, [OUTPUT_NAME], OPSET)
     tied = tie_head(model)
     if tied != EMBEDDING:
         raise BayesQError(f"exported SmolLM2's head is not tied to {EMBEDDING} (got {tied}): the "
