@@ -355,12 +355,3 @@ def test_gptq_codebook_lowers_output_error():
     # GPTQ minimises exactly this error greedily; on strongly correlated inputs it gains a lot
     # (0.09x measured here): 0.7 is a margin, not a measurement
     assert out_err(gq) < 0.7 * out_err(nearest)
-
-
-def test_posterior_codebook():
-    post = _posterior(4, 64, 11, 1e5)
-    cb, codes, loss = cbm.posterior_codebook(post, 4, 32)
-    ref = lloyd_max(post.mu, np.sqrt(post.sigma2.astype(np.float64)), post.precision, 4, block=32)
-    assert cb.tobytes() == ref[0].tobytes() and codes.tobytes() == ref[1].tobytes()
-    np.testing.assert_array_equal(loss, expected_codebook_loss(post.mu, np.sqrt(post.sigma2.astype(np.float64)),
-                                                               post.precision, cb, block=32))

@@ -43,7 +43,6 @@ import numpy as np
 from scipy.special import ndtr
 
 from ..errors import BayesQError
-from ..posterior.laplace import DiagonalLaplace
 from .grid import minmax_grid
 from .rounding import GPTQFactor, gptq_factor
 
@@ -526,15 +525,6 @@ def lloyd_max(mu, sigma, weight, levels: int, *, block: int | None = None, iters
         out[sl] = _lloyd_chunk(m[sl], s[sl], w[sl], c, iters, tol)
     codebook = out.astype(np.float32)
     return codebook, codebook_codes(mu, codebook, block=block)
-
-
-def posterior_codebook(post: DiagonalLaplace, levels: int, block: int | None = None, **kw
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`lloyd_max` on a Laplace posterior (sigma from its variance, weight its precision):
-    ``(codebook, codes, expected loss per group)``; the loss is on ``expected_loss``'s scale."""
-    sigma = np.sqrt(post.sigma2.astype(np.float64))
-    codebook, codes = lloyd_max(post.mu, sigma, post.precision, levels, block=block, **kw)
-    return codebook, codes, expected_codebook_loss(post.mu, sigma, post.precision, codebook, block=block)
 
 
 # ---------------------------------------------------------------------------------------------

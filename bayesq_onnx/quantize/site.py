@@ -11,7 +11,7 @@ from ..config import Method
 from ..formats import BayesqLut, Float32, Format, LutCodes, UniformCodes
 from ..posterior.expected_loss import expected_loss
 from ..posterior.laplace import DiagonalLaplace
-from .codebook import codebook_codes, expected_codebook_loss, posterior_codebook, round_gptq_codebook
+from .codebook import codebook_codes, expected_codebook_loss, lloyd_max, round_gptq_codebook
 from .grid import minmax_grid, search_grid
 from .hqq import hqq_grid
 from .rounding import gptq_factor, round_gptq, round_rtn
@@ -50,9 +50,9 @@ class SiteQuantizer:
         """Posterior-weighted Lloyd-Max levels per group: ``(codebook (rows * G, 2**bits), codes, loss)``."""
         if (fmt, "lut") not in self._grids:
             block = fmt.block or None
-            codebook, _, _ = posterior_codebook(self.posterior, 1 << fmt.bits, block)
-            codebook = fmt.round_scales(codebook)   # the levels as stored (fp16 or fp32), then the codes
             sigma = np.sqrt(self.posterior.sigma2.astype(np.float64))
+            codebook, _ = lloyd_max(self.posterior.mu, sigma, self.posterior.precision, 1 << fmt.bits, block=block)
+            codebook = fmt.round_scales(codebook)   # the levels as stored (fp16 or fp32), then the codes
             self._grids[fmt, "lut"] = (codebook, codebook_codes(self.view, codebook, block=block),
                                        expected_codebook_loss(self.view, sigma, self.posterior.precision, codebook,
                                                               block=block))
