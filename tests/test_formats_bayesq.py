@@ -151,6 +151,11 @@ def test_scale_dtype_defaults_and_errors():
     with pytest.raises(BayesQError, match="exceeds the float16 range"):
         BayesqLut(3, 16, "float16").round_scales(np.full((1, 3, 8), -1e5, np.float32))
     assert BayesqUniform(3, 16).pack(big)["scales"].dtype == np.float32     # fine in float32
+    # a positive scale below fp16's least subnormal keeps the least positive step, never 0 (a grid
+    # with no step: its closed-form loss divides by it); LUT levels may be 0
+    tiny = np.array([[1e-9, 2.0 ** -25, 2.0 ** -24]], np.float32)
+    assert fmt.round_scales(tiny).tolist() == [[2.0 ** -24] * 3]
+    assert BayesqLut(1, 0, "float16").round_scales(np.array([[[1e-9, 0.0]]], np.float32)).tolist() == [[[0.0, 0.0]]]
 
 
 def test_lut_from_uniform_dequantizes_identically():

@@ -75,6 +75,10 @@ def store_values(values: np.ndarray, scale_dtype: str, what: str) -> np.ndarray:
     if bad.any():
         raise BayesQError(f"bayesq float16 {what}: {float(np.abs(v[bad]).max()):.6g} exceeds the float16 "
                           f"range (65504); use scale_dtype='float32'")
+    if what == "scales":
+        # a positive scale below fp16's least subnormal (2**-24: a group of ~1e-7 weights) would
+        # round to 0, a grid with no step; keep the least positive step instead
+        h[(h == 0) & (v > 0)] = np.float16(2.0**-24)
     return h
 
 
