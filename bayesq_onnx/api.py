@@ -30,6 +30,7 @@ from .plan.greedy import lower_hull
 from .plan.planner import Plan, check_budget, knapsack_plan, uniform_plans
 from .plan.proxy import OutputDistortion
 from .posterior.laplace import DiagonalLaplace
+from .parallel import parallel_map
 from .progress import Progress
 from .quantize.site import SiteQuantizer
 from .runtime.probe import Probe
@@ -230,14 +231,18 @@ def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe) -> SiteQuantiz
 
 
 def _lower(m: onnx.ModelProto, sites, plan: Plan, quantizers, recipe: Recipe, forget: bool) -> onnx.ModelProto:
+    def pack(s):
+        fmt = plan.choice[s.name]
+        out = None if isinstance(fmt, Float32) else fmt.pack(quantizers[s.name].codes(fmt))
+        if forget:  # bounded memory on big models when no other budget will ask again
+            quantizers[s.name].forget()
+        return out
+
     packed = {}
     with Progress("packing", len(sites)) as p:
-        for s in sites:
-            fmt = plan.choice[s.name]
-            if not isinstance(fmt, Float32):
-                packed[s.name] = fmt.pack(quantizers[s.name].codes(fmt))
-            if forget:  # bounded memory on big models when no other budget will ask again
-                quantizers[s.name].forget()
+        for s, arrays in zip(sites, parallel_map(pack, sites)):
+            if arrays is not None:
+                packed[s.name] = arrays
             p.step()
     lower = lower_portable if recipe.target == "portable" else lower_ort_cpu
     out = lower(m, sites, plan.choice, packed, recipe.accuracy_level)
@@ -263,33 +268,39 @@ def _tables(recipe, sites, candidates, quantizers, probe, fit, batch) -> dict[st
     distortion = None
     if source != "closed_form":
         distortion = OutputDistortion(probe, take(fit, -(-recipe.proxy_samples // batch) * batch), batch)
+
+    def site_table(s) -> np.ndarray:
+        q, fs = quantizers[s.name], candidates[s.name]
+        costs = np.array([f.stored_bits(s.rows, s.L) for f in fs], np.float64)
+        hull = sorted(lower_hull(costs, np.array([q.screen_loss(f) for f in fs])), key=lambda j: costs[j])
+        table = np.full(len(fs), np.inf)
+        # proxy: a dozen measurements of this site, each running only the part of the model it reaches
+        measure = distortion.restricted_to([s.name]) if source == "proxy" else distortion
+
+        def measured(f):
+            return 0.0 if isinstance(f, Float32) else measure({s.name: s.from_view(q.dequantized(f))})
+
+        if source == "proxy":
+            for j in hull:
+                # where several grids are on offer, the measurement picks (and pins) the best
+                scores = []
+                for kind in q.grid_kinds(fs[j]):
+                    q.pin(fs[j], kind)
+                    scores.append((measured(fs[j]), kind))
+                table[j], best = min(scores)
+                q.pin(fs[j], best)
+        else:
+            for j in hull:
+                table[j] = q.expected_loss(fs[j])
+            if source == "scaled" and table[hull[0]] > 0:
+                table[hull] *= measured(fs[hull[0]]) / table[hull[0]]
+        return table
+
     losses = {}
     with Progress(f"loss tables ({source})", sum(len(candidates[s.name]) for s in sites)) as p:
-        for s in sites:
-            q, fs = quantizers[s.name], candidates[s.name]
-            costs = np.array([f.stored_bits(s.rows, s.L) for f in fs], np.float64)
-            hull = sorted(lower_hull(costs, np.array([q.screen_loss(f) for f in fs])), key=lambda j: costs[j])
-            table = np.full(len(fs), np.inf)
-
-            def measured(f):
-                return 0.0 if isinstance(f, Float32) else distortion({s.name: s.from_view(q.dequantized(f))})
-
-            if source == "proxy":
-                for j in hull:
-                    # where several grids are on offer, the measurement picks (and pins) the best
-                    scores = []
-                    for kind in q.grid_kinds(fs[j]):
-                        q.pin(fs[j], kind)
-                        scores.append((measured(fs[j]), kind))
-                    table[j], best = min(scores)
-                    q.pin(fs[j], best)
-            else:
-                for j in hull:
-                    table[j] = q.expected_loss(fs[j])
-                if source == "scaled" and table[hull[0]] > 0:
-                    table[hull] *= measured(fs[hull[0]]) / table[hull[0]]
-            p.step(len(fs))
+        for s, table in zip(sites, parallel_map(site_table, sites)):
             losses[s.name] = table
+            p.step(len(candidates[s.name]))
     return losses
 
 
@@ -301,7 +312,8 @@ def _plan_check(candidates: list[tuple[Plan, dict]], sites, probe, held, batch_s
     with Progress("plan check", len(candidates)) as p:
         scores = []
         for plan, qs in candidates:
-            scores.append(distortion({s.name: s.from_view(qs[s.name].dequantized(plan.choice[s.name])) for s in sites}))
+            views = parallel_map(lambda s: s.from_view(qs[s.name].dequantized(plan.choice[s.name])), sites)
+            scores.append(distortion({s.name: v for s, v in zip(sites, views)}))
             p.step()
     i = int(np.argmin(scores))  # ties keep the knapsack (listed first)
     n_weights = sum(s.size for s in sites)

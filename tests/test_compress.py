@@ -129,6 +129,20 @@ def test_same_seed_same_bytes(tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.parametrize("case", ["mlp", "cnn"])
+def test_same_bytes_for_any_number_of_worker_threads(tmp_path, monkeypatch, case):
+    """Sites are analysed, measured and packed on a thread pool (bayesq_onnx/parallel.py): the
+    output must not depend on how many threads there are."""
+    build, data = CASES[case]
+    src = _save(tmp_path, case, build())
+    out = []
+    for n in ("1", "3"):
+        monkeypatch.setenv("BAYESQ_WORKERS", n)
+        out.append(tmp_path / f"w{n}.onnx")
+        compress(src, Recipe(bits=3.0), calib=data(), output=out[-1])
+    assert out[0].read_bytes() == out[1].read_bytes()
+
+
 @pytest.mark.parametrize("method", ["bayesq", "gptq"])
 def test_analysis_reused_across_budgets_gives_the_same_bytes(tmp_path, method):
     """One analysis (statistics, grids, codes, tables) serves several budgets exactly as separate

@@ -6,9 +6,12 @@ model's own outputs does.  Each output counts as its relative squared error
 """
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 import numpy as np
 
 from ..errors import BayesQError
+from ..runtime.probe import ConeRun
 
 
 class OutputDistortion:
@@ -23,9 +26,22 @@ class OutputDistortion:
                        for k in self.outputs}
 
     def __call__(self, overrides: dict[str, np.ndarray]) -> float:
+        return self._distortion(self.probe.run(self.data, self.batch_size, outputs=self.outputs, overrides=overrides),
+                                self.outputs)
+
+    def restricted_to(self, names: list[str]) -> Callable[[dict[str, np.ndarray]], float]:
+        """The same distortion for overrides of ``names`` only, running just the part of the model
+        they reach (runtime.probe.ConeRun): for many measurements of one site.  Where the model
+        cannot be cut, this distortion itself."""
+        if self.probe.model is None:
+            return self
+        cone = ConeRun(self.probe, names, self.data, self.batch_size, self.outputs)
+        return lambda overrides: self._distortion(cone.run(overrides), cone.outputs)
+
+    def _distortion(self, runs: Iterable[dict[str, np.ndarray]], computed: list[str]) -> float:
+        """Outputs not ``computed`` are the reference's own: no error."""
         err = dict.fromkeys(self.outputs, 0.0)
-        for ref, out in zip(self.reference, self.probe.run(self.data, self.batch_size, outputs=self.outputs,
-                                                           overrides=overrides)):
-            for k in self.outputs:
+        for ref, out in zip(self.reference, runs):
+            for k in computed:
                 err[k] += float(np.square(out[k] - ref[k], dtype=np.float64).sum())
         return float(np.mean([err[k] / max(self.energy[k], 1e-30) for k in self.outputs]))

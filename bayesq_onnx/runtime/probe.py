@@ -1,5 +1,6 @@
 """A working copy of the model for measurement: site weights become graph inputs (so one session
-can run any mix of candidate weights) and chosen intermediate tensors become extra outputs."""
+can run any mix of candidate weights) and chosen intermediate tensors become extra outputs.
+:class:`ConeRun` runs only the part of it that some site weights reach (graph/cone.py)."""
 from __future__ import annotations
 
 import tempfile
@@ -11,6 +12,7 @@ import onnx
 from onnx import helper
 
 from ..calib.readers import batches
+from ..graph.cone import backward_slice, forward_cone, has_subgraphs, submodel
 from ..graph.model_io import save_model_atomic, to_array
 from .session import make_session
 
@@ -38,6 +40,9 @@ class Probe:
             if name not in have:
                 m.graph.output.append(onnx.ValueInfoProto(name=name))
         self._tmp = None
+        # the cut-down copies of ConeRun are built from this one: only where no subgraph can hide
+        # a dependency and every part serializes in one protobuf
+        self.model = m if not has_subgraphs(m.graph) and m.ByteSize() <= _PROTO_LIMIT else None
         if m.ByteSize() > _PROTO_LIMIT:
             self._tmp = tempfile.TemporaryDirectory(prefix="bayesq-probe-")
             path = save_model_atomic(m, Path(self._tmp.name) / "probe.onnx")
@@ -52,3 +57,43 @@ class Probe:
         weights = {**self.weights, **(overrides or {})}
         for feed in batches(data, batch_size):
             yield dict(zip(outputs, self.session.run(outputs, {**feed, **weights})))
+
+
+class ConeRun:
+    """The probe's outputs on fixed ``data`` with only the weights ``names`` varying: the tensors
+    entering their forward cone are computed once (by the part of the graph that feeds them), then
+    each :meth:`run` executes just the cone.  ``outputs``: the ones the cone changes (the others
+    equal the reference run's)."""
+
+    def __init__(self, probe: Probe, names: list[str], data: dict[str, np.ndarray], batch_size: int,
+                 outputs: list[str]):
+        if probe.model is None:
+            raise ValueError("this model cannot be cut (subgraphs, or over 2 GB)")
+        g = probe.model.graph
+        cone = forward_cone(g, set(names))
+        self.outputs = [o for o in outputs if o in cone.outputs]
+        graph_inputs = {v.name: v for v in g.input}
+        computed = [f for f in cone.frontier if f not in graph_inputs]
+        fed = [f for f in cone.frontier if f in graph_inputs and f not in probe.weights]
+        self._weights = {k: probe.weights[k] for k in [*names, *(f for f in cone.frontier if f in probe.weights)]}
+        self._feeds = [{k: feed[k] for k in fed} for feed in batches(data, batch_size)]
+        inputs = [graph_inputs[k] for k in [*fed, *self._weights]]
+        if computed and self.outputs:
+            prefix = backward_slice(g, computed, cone.nodes)
+            reads = [k for k in dict.fromkeys(i for n in prefix for i in n.input) if k in graph_inputs]
+            session = make_session(submodel(probe.model, prefix, [graph_inputs[k] for k in reads], computed))
+            for i, feed in enumerate(batches(data, batch_size)):
+                values = session.run(computed, {k: feed[k] if k in feed else probe.weights[k] for k in reads})
+                self._feeds[i].update(zip(computed, values))
+            first = self._feeds[0]
+            inputs += [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(first[k].dtype), None)
+                       for k in computed]
+        self.session = make_session(submodel(probe.model, cone.nodes, inputs, self.outputs)) if self.outputs else None
+
+    def run(self, overrides: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """:attr:`outputs` batch by batch, with ``overrides`` replacing some of the weights."""
+        if self.session is None:   # the weights reach no output
+            return
+        weights = {k: overrides.get(k, v) for k, v in self._weights.items()}
+        for feed in self._feeds:
+            yield dict(zip(self.outputs, self.session.run(self.outputs, {**feed, **weights})))

@@ -1,0 +1,31 @@
+"""Per-site work on a few threads: the sites of a model are independent (each has its own quantizer
+and its own measurements), and the heavy parts -- numpy on whole weight matrices, onnxruntime runs
+-- release the GIL, so threads overlap one site's numpy with another's forward passes."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MAX_WORKERS = 4   # beyond the cores, or past this, threads only contend for memory bandwidth
+
+
+def workers() -> int:
+    """``BAYESQ_WORKERS`` if set (1: everything in the calling thread), else the cores, at most 4."""
+    env = os.environ.get("BAYESQ_WORKERS")
+    return max(1, int(env)) if env else max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """``map(fn, items)``, results in order as they come (so the output never depends on the thread
+    count); an exception in ``fn`` is raised where its result would have been."""
+    items = list(items)
+    n = min(workers(), len(items))
+    if n <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(n, thread_name_prefix="bayesq") as pool:
+        yield from pool.map(fn, items)

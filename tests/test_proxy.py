@@ -1,0 +1,66 @@
+"""The task-aware proxy (plan/proxy.py) measured on the whole model and on one site's forward cone
+(runtime/probe.ConeRun, graph/cone.py): the same distortion, from less of the graph."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import models
+from bayesq_onnx import Analysis, Recipe
+from bayesq_onnx.graph.cone import forward_cone
+from bayesq_onnx.plan.proxy import OutputDistortion
+from bayesq_onnx.runtime.probe import ConeRun, Probe
+
+CASES = {"mlp": (models.mlp, models.mlp_data), "embed": (models.embed, models.embed_data),
+         "cnn": (models.cnn, models.cnn_data), "tied": (models.tied, models.tied_data)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cone_distortion_equals_whole_model_distortion(case):
+    build, data = CASES[case]
+    a = Analysis(build(), Recipe(bits=4.0), calib=data())
+    d = OutputDistortion(a.probe, a.fit, 8)
+    rng = np.random.default_rng(0)
+    for s in a.sites:
+        w = a.probe.weights[s.name]
+        noisy = (w + 0.05 * np.abs(w).mean() * rng.standard_normal(w.shape)).astype(np.float32)
+        whole, cone = d({s.name: noisy}), d.restricted_to([s.name])({s.name: noisy})
+        assert whole > 0
+        # the cone runs the same ops on the same inputs; only float32 rounding may differ where
+        # onnxruntime fuses differently across the cut (relative 1e-7 per output, squared errors
+        # of about 1e-3 relative: 1e-5 is far above that and far below any format's difference)
+        assert cone == pytest.approx(whole, rel=1e-5), s.name
+        assert d.restricted_to([s.name])({}) == pytest.approx(0.0, abs=1e-10)   # unchanged: no error
+
+
+def test_cone_runs_only_what_the_weight_reaches():
+    a = Analysis(models.mlp(), Recipe(bits=4.0), calib=models.mlp_data())
+    g = a.probe.model.graph
+    cone = forward_cone(g, {"W1"})
+    names = {o for n in cone.nodes for o in n.output}
+    assert {"a1", "a1b", "s1", "logits"} <= names and "a0" not in names and "r0" in cone.frontier
+    run = ConeRun(a.probe, ["W1"], a.fit, 8, ["logits", "aux"])
+    assert run.outputs == ["logits", "aux"]                       # aux reads a2, downstream of W1
+    last = ConeRun(a.probe, ["W3"], a.fit, 8, ["logits", "aux"])  # the head: one node, aux unchanged
+    assert last.outputs == ["logits"] and len(forward_cone(g, {"W3"}).nodes) == 1
+
+
+def test_graph_with_subgraphs_is_measured_whole():
+    """An If may read outer tensors its inputs do not list: no cutting, the whole model runs."""
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((64, 64)).astype(np.float32)
+    branch = lambda name, op: helper.make_graph([helper.make_node(op, ["h"], [f"y_{name}"])], name, [],
+                                                [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+             helper.make_node("Greater", ["sx", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch("t", "Relu"), else_branch=branch("e", "Neg"))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(np.float32(0), "zero")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    probe = Probe(m, ["W"])
+    assert probe.model is None
+    d = OutputDistortion(probe, {"x": rng.standard_normal((4, 1, 64)).astype(np.float32)[:, 0]}, 1)
+    assert d.restricted_to(["W"]) is d
