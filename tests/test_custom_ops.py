@@ -207,7 +207,7 @@ def test_threads_and_runs_give_identical_bytes(isa):
     K, N = 1000, 70
     fmt, p, _, _ = weight("affine", 3, K, N, 32, seed=3)
     m = matmul_model(fmt, p, K, N)
-    for M in (5, 40):                            # fused GEMV and the GEMM path
+    for M in (2, 40):                            # fused GEMV and the GEMM path (every ISA)
         A = np.random.default_rng(M).standard_normal((M, K)).astype(np.float32)
         outs = []
         for threads in (1, 2, 3):
@@ -216,6 +216,31 @@ def test_threads_and_runs_give_identical_bytes(isa):
             sess = make_session(m, sess_options=so)
             outs += [sess.run(None, {"A": A})[0].tobytes() for _ in range(2)]
         assert len(set(outs)) == 1, M
+
+
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+@pytest.mark.parametrize("bits", [1, 3, 4, 5, 8])
+def test_gemm_blocking_within_summation_bound_and_thread_invariant(isa, kind, bits):
+    """The GEMM path's blocking: K beyond one slice (512 codes with one row block, 2048 with
+    several), rows beyond one row block (M=300), the smallest GEMM row counts (4, 7), K % 4 tails,
+    more columns than one task; every thread count gives the same bytes."""
+    rng = np.random.default_rng(bits)
+    for K, N, block in [(2100, 100, 64), (1030, 40, 32), (131, 19, 0), (600, 200, 16)]:
+        if kind == "affine" and block == 0:
+            block = 16
+        fmt, p, V, zs = weight(kind, bits, K, N, block, seed=K + bits)
+        m = matmul_model(fmt, p, K, N)
+        sessions = []
+        for threads in (1, 3):
+            so = session_options()
+            so.intra_op_num_threads = threads
+            sessions.append(make_session(m, sess_options=so))
+        for M in (4, 7, 64, 300):
+            A = rng.standard_normal((M, K)).astype(np.float32)
+            y1, y3 = (s.run(None, {"A": A})[0] for s in sessions)
+            exact = A.astype(np.float64) @ V.T.astype(np.float64)
+            assert np.all(np.abs(y1 - exact) <= sum_bound(A, V, zs)), (K, N, block, M)
+            assert y1.tobytes() == y3.tobytes(), (K, N, block, M)
 
 
 def test_bad_inputs_fail_with_clear_messages(monkeypatch):

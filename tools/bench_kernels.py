@@ -2,7 +2,8 @@
 single-node model each, ``Y = A (M, K) @ W (K, N)``.
 
     python tools/bench_kernels.py [--quick] [--shapes 4096x4096,576x1536] [--ms 1,8,64] [--threads 0]
-                                  [--reps 15] [--block 32] [--isa auto]
+                                  [--reps 15] [--block 32] [--clock wall|cpu] [--only bq-lut3,...]
+                                  [--base-lib OLD/libbayesq_ops.so]
 
 For each shape and M all candidates are timed in alternation (one batch of runs of each, in a
 rotating order, repeated ``--reps`` times) and the table gives the median time per run in ms and
@@ -12,10 +13,12 @@ the numbers say nothing about accuracy.  ``--threads 0`` lets onnxruntime choose
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -72,32 +75,53 @@ def candidates(K: int, N: int, block: int, rng) -> dict[str, onnx.ModelProto]:
     return out
 
 
-def bench(models: dict[str, onnx.ModelProto], M: int, K: int, threads: int, reps: int, rng,
-          clock=time.perf_counter, stat=statistics.median) -> dict[str, float]:
-    so = session_options()
-    so.intra_op_num_threads = threads
-    A = rng.standard_normal((M, K)).astype(np.float32)
-    runs = {}
-    for name, m in models.items():
-        sess = ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
-        io = sess.io_binding()
-        io.bind_cpu_input("A", A)
-        io.bind_output("Y")
-        sess.run_with_iobinding(io)
+def time_alternating(runs: dict[str, Callable[[], object]], reps: int, clock=time.perf_counter,
+                     stat=statistics.median) -> dict[str, float]:
+    """ms per call of each function: batches of ~20 ms of each, in a rotating order, ``reps`` times."""
+    counts = {}
+    for name, f in runs.items():
+        f()                                      # warm-up (first-run allocations, caches)
         t = time.perf_counter()
-        sess.run_with_iobinding(io)
+        f()
         once = time.perf_counter() - t
-        runs[name] = (sess, io, max(1, min(200, int(0.02 / max(once, 1e-6)))))   # ~20 ms per batch
+        counts[name] = max(1, min(200, int(0.02 / max(once, 1e-6))))
     times: dict[str, list[float]] = {k: [] for k in runs}
     names = list(runs)
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:   # rotate who goes first
-            sess, io, n = runs[name]
+            f, n = runs[name], counts[name]
             t = clock()
             for _ in range(n):
-                sess.run_with_iobinding(io)
+                f()
             times[name].append((clock() - t) / n)
     return {k: stat(v) * 1e3 for k, v in times.items()}
+
+
+def options(threads: int, library: str | None = None) -> ort.SessionOptions:
+    """Session options with ``threads`` intra-op threads and the bayesq library (``library``: another
+    build of it, e.g. a baseline to compare with in the same run)."""
+    if library is None:
+        so = session_options()
+    else:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.register_custom_ops_library(library)
+    so.intra_op_num_threads = threads
+    return so
+
+
+def bench(models: dict[str, onnx.ModelProto], M: int, K: int, threads: int, reps: int, rng,
+          clock=time.perf_counter, stat=statistics.median, libs: dict[str, str] | None = None) -> dict[str, float]:
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    runs = {}
+    for name, m in models.items():
+        sess = ort.InferenceSession(m.SerializeToString(), sess_options=options(threads, (libs or {}).get(name)),
+                                    providers=["CPUExecutionProvider"])
+        io = sess.io_binding()
+        io.bind_cpu_input("A", A)
+        io.bind_output("Y")
+        runs[name] = functools.partial(sess.run_with_iobinding, io)
+    return time_alternating(runs, reps, clock, stat)
 
 
 def main(argv=None) -> int:
@@ -112,6 +136,9 @@ def main(argv=None) -> int:
                     help="min: the least disturbed batch (on a machine shared with other jobs)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU time (with --threads 1, a kernel's cost on a busy machine)")
+    ap.add_argument("--only", default="", help="candidates to time, comma-separated (fp32 always): e.g. bq-lut3")
+    ap.add_argument("--base-lib", default="", help="another build of libbayesq_ops.so: its bq candidates "
+                    "are timed too (as NAME@base), in the same alternation")
     args = ap.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(x) for x in args.ms.split(",")]
@@ -126,13 +153,21 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     for K, N in shapes:
         models = candidates(K, N, args.block, rng)
+        if args.only:
+            keep = {"fp32", *args.only.split(",")}
+            models = {k: v for k, v in models.items() if k in keep}
+        libs = {}
+        if args.base_lib:
+            for name in [k for k in models if k.startswith("bq-")]:
+                models[f"{name}@base"] = models[name]
+                libs[f"{name}@base"] = args.base_lib
         names = list(models)
         print(f"\nK={K} N={N}")
         print(f"{'M':>4} " + " ".join(f"{n:>17}" for n in names))
         for M in ms:
             t = bench(models, M, K, args.threads, args.reps, rng,
                       time.perf_counter if args.clock == "wall" else time.process_time,
-                      statistics.median if args.stat == "median" else min)
+                      statistics.median if args.stat == "median" else min, libs)
             cells = [f"{t[n]:8.3f} ({t[n] / t['fp32']:5.2f})" for n in names]
             print(f"{M:>4} " + " ".join(f"{c:>17}" for c in cells), flush=True)
     return 0

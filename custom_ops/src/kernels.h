@@ -43,11 +43,12 @@ struct Kernels {
     // SA: group_sums of A (affine weights only; [M][G]), computed once per call by the caller.
     void (*gemv)(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
                  int64_t n0, int64_t n1, const float* SA);
-    // One m-block of a GEMM on decoded columns: At is [K][mr] (A^T of mr rows, zero-padded), Wd is
-    // [nb][ldw] decoded columns; Y[i * ldy + j] = sum_k At[k*mr + i] * Wd[j*ldw + k], i < m_valid, j < nb.
-    void (*gemm)(const float* At, int64_t K, const float* Wd, int64_t ldw, int64_t nb, float* Y,
-                 int64_t ldy, int64_t m_valid);
-    int mr;             // rows per GEMM m-block
+    // The same product for many rows: Y[m * ldy + n] = sum_k A[m * lda + k] * V[n, k] for m < M,
+    // n in [n0, n1), weights decoded once per call.  Each element is summed in an order that depends
+    // only on K and M, never on n0, n1: tasks may split the columns any way and give the same bytes.
+    void (*gemm)(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
+                 int64_t n0, int64_t n1);
+    int gemm_cols;      // columns per GEMM task: a multiple of the kernel's panel width
     int gemm_min_rows;  // M at which the GEMM path beats the fused GEMV
 };
 
@@ -66,7 +67,8 @@ void group_sums(const QWeight& w, const float* A, int64_t M, int64_t lda, float*
 void half_to_float_f16c(const uint16_t* src, float* dst, int64_t n);
 void float_to_half_f16c(const float* src, uint16_t* dst, int64_t n);
 
-// A thread-local float buffer of at least n elements (kernels run on ORT's pool threads).
+// A thread-local float buffer of at least n elements, 64-byte aligned, one per slot 0..4 (kernels
+// run on ORT's pool threads).
 float* scratch(int slot, size_t n);
 
 }  // namespace bq

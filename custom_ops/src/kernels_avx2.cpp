@@ -270,7 +270,7 @@ void gemv_t(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, 
 
 // ---- decode --------------------------------------------------------------------------------------
 template <int B, bool LUT>
-void decode_t(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) {
+void decode_t(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld, int64_t cb, int64_t ce, bool tail) {
     const int64_t K = w.K, full = K / BQ_CHUNK, spg = steps_per_group(w);
     const int L = int((K % BQ_CHUNK) / BQ_STEPS), r = int(K % BQ_STEPS);
     Table<B, LUT> tab;
@@ -279,8 +279,14 @@ void decode_t(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) 
     for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* row = row_of(w, n);
         float* d = dst + (n - n0) * ld;
-        int64_t left = 0, g = -1;
-        for (int64_t c = 0; c < full; ++c) {
+        int64_t left = 0, g = -1;  // steps left in group g (then the next group is loaded)
+        if (cb > 0) {
+            const bool one = spg == std::numeric_limits<int64_t>::max();
+            g = one ? 0 : cb * BQ_STEPS / spg;
+            left = one ? spg : spg - cb * BQ_STEPS % spg;
+            tab.load(w, n, g);
+        }
+        for (int64_t c = cb; c < ce; ++c) {
             const Words wd[2] = {words<B>(row + c * BQ_LANES * B, 0), words<B>(row + c * BQ_LANES * B, 1)};
             unroll([&](auto ic) BQ_INLINE {
                 constexpr int I = decltype(ic)::value;
@@ -293,7 +299,7 @@ void decode_t(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) 
                     _mm256_storeu_ps(d + c * BQ_CHUNK + BQ_LANES * I + 8 * h, tab.get(code<B, I>(wd[h])));
             }, std::make_integer_sequence<int, BQ_STEPS>{});
         }
-        if (L) {
+        if (tail && L) {
             const int64_t k0 = full * BQ_CHUNK;
             widen(row + k0 * B / 8, L, B, buf);
             const Words wd[2] = {words<B>(buf, 0), words<B>(buf, 1)};
@@ -310,47 +316,10 @@ void decode_t(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) 
                 std::memcpy(d + kk, tmp, size_t(L) * sizeof(float));
             }, std::make_integer_sequence<int, BQ_STEPS>{});
         }
-        for (int i = 0; i < r; ++i) {
+        for (int i = 0; i < (tail ? r : 0); ++i) {
             const int64_t k = K - r + i;
             d[k] = value(w, n, group_of(w, k), bq_stream_at(row + (K - r) * B / 8, B, i));
         }
-    }
-}
-
-// ---- GEMM micro-kernel: 16 rows (two vectors of A^T) x NR columns ---------------------------------
-template <int NR>
-inline void micro(const float* At, int64_t K, const float* Wd, int64_t ldw, float* C) {
-    __m256 c0[NR], c1[NR];
-    for (int j = 0; j < NR; ++j) c0[j] = c1[j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; ++k) {
-        const __m256 a0 = _mm256_loadu_ps(At + k * 16), a1 = _mm256_loadu_ps(At + k * 16 + 8);
-        for (int j = 0; j < NR; ++j) {
-            const __m256 b = _mm256_broadcast_ss(Wd + j * ldw + k);
-            c0[j] = _mm256_fmadd_ps(a0, b, c0[j]);
-            c1[j] = _mm256_fmadd_ps(a1, b, c1[j]);
-        }
-    }
-    for (int j = 0; j < NR; ++j) {
-        _mm256_storeu_ps(C + j * 16, c0[j]);
-        _mm256_storeu_ps(C + j * 16 + 8, c1[j]);
-    }
-}
-
-void gemm(const float* At, int64_t K, const float* Wd, int64_t ldw, int64_t nb, float* Y, int64_t ldy,
-          int64_t m_valid) {
-    alignas(32) float acc[6 * 16];
-    int64_t j = 0;
-    auto store = [&](int nr) {  // row by row: Y's rows are far apart
-        for (int64_t i = 0; i < m_valid; ++i)
-            for (int r = 0; r < nr; ++r) Y[i * ldy + j + r] = acc[r * 16 + i];
-    };
-    for (; j + 6 <= nb; j += 6) {
-        micro<6>(At, K, Wd + j * ldw, ldw, acc);
-        store(6);
-    }
-    for (; j < nb; ++j) {
-        micro<1>(At, K, Wd + j * ldw, ldw, acc);
-        store(1);
     }
 }
 
@@ -370,16 +339,16 @@ void gemv_d(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, 
 }
 
 template <bool LUT>
-void decode_d(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) {
+void decode_d(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld, int64_t cb, int64_t ce, bool tail) {
     switch (w.bits) {
-        case 1: return decode_t<1, LUT>(w, n0, n1, dst, ld);
-        case 2: return decode_t<2, LUT>(w, n0, n1, dst, ld);
-        case 3: return decode_t<3, LUT>(w, n0, n1, dst, ld);
-        case 4: return decode_t<4, LUT>(w, n0, n1, dst, ld);
-        case 5: return decode_t<5, LUT>(w, n0, n1, dst, ld);
-        case 6: return decode_t<6, LUT>(w, n0, n1, dst, ld);
-        case 7: return decode_t<7, LUT>(w, n0, n1, dst, ld);
-        default: return decode_t<8, LUT>(w, n0, n1, dst, ld);
+        case 1: return decode_t<1, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 2: return decode_t<2, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 3: return decode_t<3, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 4: return decode_t<4, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 5: return decode_t<5, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 6: return decode_t<6, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 7: return decode_t<7, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        default: return decode_t<8, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
     }
 }
 
@@ -389,9 +358,103 @@ void gemv(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
     else gemv_d<false>(w, A, M, lda, Y, ldy, n0, n1, SA);
 }
 
+// Full chunks [cb, ce), then (tail) the partial chunk and the K % 8 codes; dst indexed by k.
+void decode_rows(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld, int64_t cb, int64_t ce, bool tail) {
+    if (w.is_lut) decode_d<true>(w, n0, n1, dst, ld, cb, ce, tail);
+    else decode_d<false>(w, n0, n1, dst, ld, cb, ce, tail);
+}
+
 void decode(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) {
-    if (w.is_lut) decode_d<true>(w, n0, n1, dst, ld);
-    else decode_d<false>(w, n0, n1, dst, ld);
+    decode_rows(w, n0, n1, dst, ld, 0, w.K / BQ_CHUNK, true);
+}
+
+// ---- GEMM: the scheme of kernels_avx512.cpp, 8 wide ------------------------------------------------
+// Panels of 4 columns; a vector holds 2 columns x 4 consecutive k (128-bit half L of vector x: column
+// 2L + x), so a row's 4 activations are one 128-bit broadcast load.  6 rows x 2 vectors = 12
+// accumulators, + 2 weight vectors + 1 broadcast = 15 of 16 registers.  Decoding is the plain
+// column decode into a small buffer, then one 128-bit insert (a load and an ALU op) per vector.
+// An element's sum order (4 chains per K pass of KC, passes in order) depends on K only.
+constexpr int MR = 6;
+constexpr int64_t KC = 1024;  // K per pass (a multiple of 128): a panel slice (4 x KC, 16 KB) fits L1
+
+inline int64_t k4s(int64_t K) { return (K + 3) / 4; }
+
+// Columns [n0, n1) (at most 4), k in [kb, ke) (kb a multiple of 128) as a panel slice:
+// P[(j * 2 + x) * 8 + 4L + kk] = V[n0 + 2L + x, kb + 4j + kk]; columns past n1 and k past K are 0.
+void pack_panel(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t kb, int64_t ke) {
+    const int64_t K = w.K, full = K / BQ_CHUNK;
+    float* T = scratch(2, size_t(4 * K));
+    decode_rows(w, n0, n1, T, K, kb / BQ_CHUNK, ke == K ? full : ke / BQ_CHUNK, ke == K);
+    const int nc = int(n1 - n0);
+    for (int64_t k = kb; k < ke; k += 4) {
+        const __m128i km = _mm_cmpgt_epi32(_mm_set1_epi32(int(std::min<int64_t>(4, K - k))), _mm_setr_epi32(0, 1, 2, 3));
+        auto quad = [&](int c) { return c < nc ? _mm_maskload_ps(T + c * K + k, km) : _mm_setzero_ps(); };
+        for (int x = 0; x < 2; ++x)
+            _mm256_store_ps(P + ((k - kb) / 4 * 2 + x) * 8, _mm256_insertf128_ps(_mm256_castps128_ps256(quad(x)), quad(2 + x), 1));
+    }
+}
+
+// Y tile (R rows x 4 columns, `cols` stored) (+)= A tile (R x kc, kc a multiple of 4) @ panel
+// (kc x 4): 4 chains per element (k mod 4), summed at the end; the first pass stores, later ones add.
+template <int R>
+void micro(const float* A, int64_t lda, const float* P, int64_t kc, float* Y, int64_t ldy, __m128i cols, bool first) {
+    __m256 c[R][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) c[i][0] = c[i][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kc; k += 4) {
+        const __m256 b0 = _mm256_load_ps(P + k * 4), b1 = _mm256_load_ps(P + k * 4 + 8);
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+            const __m256 a = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(A + i * lda + k));
+            c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+        // half L, lane kk of c[i][x] -> element 2L + x: sum over kk, two pairwise levels
+        const __m256 t = _mm256_add_ps(_mm256_unpacklo_ps(c[i][0], c[i][1]), _mm256_unpackhi_ps(c[i][0], c[i][1]));
+        const __m256 u = _mm256_add_ps(t, _mm256_shuffle_ps(t, t, 0x4E));
+        __m128 s = _mm256_castps256_ps128(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(u), 0x08)));
+        if (!first) s = _mm_add_ps(_mm_maskload_ps(Y + i * ldy, cols), s);
+        _mm_maskstore_ps(Y + i * ldy, cols, s);
+    }
+}
+
+using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, __m128i, bool);
+constexpr MicroFn micros[MR + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>};
+
+// Loops as in kernels_avx512.cpp: K slices, blocks of rows (~96 KB of A), panels, row tiles.
+void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
+    const int64_t K = w.K, np = (n1 - n0 + 3) / 4;
+    if (K % 4) {  // the micro-kernel reads 4 k at a time: A zero-padded to a multiple of 4 (rare shapes)
+        const int64_t K4 = k4s(K) * 4;
+        float* Ap = scratch(4, size_t(M * K4));
+        for (int64_t m = 0; m < M; ++m) {
+            std::memcpy(Ap + m * K4, A + m * lda, size_t(K) * sizeof(float));
+            std::memset(Ap + m * K4 + K, 0, size_t(K4 - K) * sizeof(float));
+        }
+        A = Ap;
+        lda = K4;
+    }
+    const int64_t MB = (24 << 10) / std::min(K, KC) / MR * MR + MR;
+    const bool reuse = MB < M;  // else one slice buffer serves every panel and stays in L1
+    float* P = scratch(0, size_t((reuse ? np : 1) * KC * 4));
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        for (int64_t mb = 0; mb < M; mb += MB) {
+            const int64_t me = std::min(M, mb + MB);
+            for (int64_t p = 0; p < np; ++p) {
+                const int64_t c0 = n0 + 4 * p, c1 = std::min(n1, c0 + 4);
+                float* S = reuse ? P + p * KC * 4 : P;
+                if (mb == 0) pack_panel(w, c0, c1, S, k0, k0 + kc);
+                const __m128i cols = _mm_cmpgt_epi32(_mm_set1_epi32(int(c1 - c0)), _mm_setr_epi32(0, 1, 2, 3));
+                for (int64_t m0 = mb; m0 < me; m0 += MR)
+                    micros[std::min<int64_t>(MR, me - m0)](A + m0 * lda + k0, lda, S, (kc + 3) / 4 * 4,
+                                                           Y + m0 * ldy + c0, ldy, cols, k0 == 0);
+            }
+        }
+    }
 }
 
 }  // namespace
@@ -412,7 +475,7 @@ void float_to_half_f16c(const float* src, uint16_t* dst, int64_t n) {
 }
 
 const Kernels* kernels_avx2() {
-    static const Kernels k{"avx2", decode, gemv, gemm, 16, 8};
+    static const Kernels k{"avx2", decode, gemv, gemm, 32, 8};
     return &k;
 }
 

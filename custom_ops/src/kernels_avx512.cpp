@@ -155,40 +155,60 @@ inline int64_t steps_per_group(const QWeight& w) {
     return (w.block == 0 || w.block >= w.K) ? std::numeric_limits<int64_t>::max() : w.block / BQ_LANES;
 }
 
+// Group countdown (g, steps left in it) for a loop starting at chunk cb > 0; loads g's table.
+template <class Load>
+inline void start_group(int64_t spg, int64_t cb, int64_t& g, int64_t& left, Load&& load) {
+    const int64_t s0 = cb * BQ_STEPS;
+    const bool one = spg == std::numeric_limits<int64_t>::max();
+    g = one ? 0 : s0 / spg;
+    left = one ? spg : spg - s0 % spg;
+    load(g);
+}
+
 // ---- fused GEMV: MR rows x NC columns starting at column n ----------------------------------------
 // LUT: acc += a * lut[q] with the group's table in registers.  Affine: the table is q * scale (one
 // multiply per group), and sum_g scale*zp*sum_{k in g} a (SA: per row and group, computed once per
 // call) is subtracted at the end: per step the same three instructions as the LUT.
+// A row's zero points, 16 groups at a time: 16 zero points = 2*B bytes of the stream; broadcast them
+// to every 128-bit lane, pshufb the two bytes holding zero point i into 32-bit lane i, shift by its
+// bit offset, mask.
+template <int B>
+struct ZeroPoints {
+    __m512i vidx, vsh;
+    ZeroPoints() {
+        alignas(64) int8_t idx[64];
+        alignas(64) int32_t sh[16];
+        for (int i = 0; i < 16; ++i) {
+            idx[4 * i] = int8_t(i * B / 8);
+            idx[4 * i + 1] = int8_t(i * B / 8 + 1);
+            idx[4 * i + 2] = idx[4 * i + 3] = int8_t(-128);
+            sh[i] = (i * B) % 8;
+        }
+        vidx = _mm512_load_si512(idx);
+        vsh = _mm512_load_si512(sh);
+    }
+    // groups g0 .. g0 + 15 of row n as floats (lanes past G: garbage)
+    inline __m512 get(const QWeight& w, int64_t n, int64_t g0) const {
+        if (!w.zp) return _mm512_set1_ps(float(1 << (B - 1)));
+        const uint8_t* zrow = w.zp + n * w.zp_bytes;
+        const int64_t b0 = g0 * B / 8, nbytes = std::min<int64_t>(2 * B, w.zp_bytes - b0);
+        const __m512i raw = _mm512_broadcast_i32x4(_mm_maskz_loadu_epi8(__mmask16((1u << nbytes) - 1), zrow + b0));
+        return _mm512_cvtepi32_ps(
+            _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(raw, vidx), vsh), _mm512_set1_epi32((1 << B) - 1)));
+    }
+};
+
 template <int B, int MR>
 inline void zp_correction(const QWeight& w, int64_t n, const float* SA, int64_t ldsa, float out[MR]) {
     const int64_t G = w.G;
     const float* s = w.scales + n * G;
     __m512 cv[MR];
     for (int m = 0; m < MR; ++m) cv[m] = _mm512_setzero_ps();
-    // 16 zero points = 2*B bytes of the stream: broadcast them to every 128-bit lane, pshufb the two
-    // bytes holding zero point i into 32-bit lane i, shift by its bit offset, mask
-    alignas(64) int8_t idx[64];
-    alignas(64) int32_t sh[16];
-    for (int i = 0; i < 16; ++i) {
-        idx[4 * i] = int8_t(i * B / 8);
-        idx[4 * i + 1] = int8_t(i * B / 8 + 1);
-        idx[4 * i + 2] = idx[4 * i + 3] = int8_t(-128);
-        sh[i] = (i * B) % 8;
-    }
-    const __m512i vidx = _mm512_load_si512(idx), vsh = _mm512_load_si512(sh), vmask = _mm512_set1_epi32((1 << B) - 1);
-    const uint8_t* zrow = w.zp ? w.zp + n * w.zp_bytes : nullptr;
+    const ZeroPoints<B> zps;
     for (int64_t g0 = 0; g0 < G; g0 += 16) {  // the last 16 groups or fewer: masked loads
         const int cnt = int(std::min<int64_t>(16, G - g0));
         const __mmask16 lanes = __mmask16((1u << cnt) - 1);
-        __m512 z;
-        if (zrow) {
-            const int64_t b0 = g0 * B / 8, nbytes = std::min<int64_t>(2 * B, w.zp_bytes - b0);
-            const __m512i raw = _mm512_broadcast_i32x4(_mm_maskz_loadu_epi8(__mmask16((1u << nbytes) - 1), zrow + b0));
-            z = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(raw, vidx), vsh), vmask));
-        } else {
-            z = _mm512_set1_ps(float(1 << (B - 1)));
-        }
-        const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, s + g0), z);
+        const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, s + g0), zps.get(w, n, g0));
         for (int m = 0; m < MR; ++m)
             cv[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(lanes, SA + m * ldsa + g0), cv[m]);
     }
@@ -300,15 +320,16 @@ void gemv_t(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, 
 
 // ---- decode (Dequantize op, GEMM panels) ----------------------------------------------------------
 template <int B, bool LUT>
-void decode_t(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) {
+void decode_t(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld, int64_t cb, int64_t ce, bool tail) {
     const int64_t K = w.K, full = K / BQ_CHUNK, spg = steps_per_group(w);
     const int L = int((K % BQ_CHUNK) / BQ_STEPS), r = int(K % BQ_STEPS);
     Table<B, LUT ? Mode::Lut : Mode::Affine> tab;
     for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* row = row_of(w, n);
         float* d = dst + (n - n0) * ld;
-        int64_t left = 0, g = -1;
-        for (int64_t c = 0; c < full; ++c) {
+        int64_t left = 0, g = -1;  // steps left in group g (then the next group is loaded)
+        if (cb > 0) start_group(spg, cb, g, left, [&](int64_t gg) BQ_INLINE { tab.load(w, n, gg); });
+        for (int64_t c = cb; c < ce; ++c) {
             const Words wd = words<B, true>(row + c * BQ_LANES * B, BQ_LANES, 0xFFFF);
             unroll([&](auto ic) BQ_INLINE {
                 constexpr int I = decltype(ic)::value;
@@ -320,7 +341,7 @@ void decode_t(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) 
                 _mm512_storeu_ps(d + c * BQ_CHUNK + BQ_LANES * I, tab.get(code<B, I>(wd)));
             }, std::make_integer_sequence<int, BQ_STEPS>{});
         }
-        if (L) {
+        if (tail && L) {
             const int64_t k0 = full * BQ_CHUNK;
             const __mmask16 mask = __mmask16((1u << L) - 1);
             const Words wd = words<B, false>(row + k0 * B / 8, L, mask);
@@ -335,56 +356,10 @@ void decode_t(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) 
                 _mm512_mask_storeu_ps(d + kk, mask, tab.get(code<B, I>(wd)));
             }, std::make_integer_sequence<int, BQ_STEPS>{});
         }
-        for (int i = 0; i < r; ++i) {
+        for (int i = 0; i < (tail ? r : 0); ++i) {
             const int64_t k = K - r + i;
             d[k] = value(w, n, group_of(w, k), bq_stream_at(row + (K - r) * B / 8, B, i));
         }
-    }
-}
-
-// ---- GEMM micro-kernel on decoded columns: 32 rows (two vectors of A^T) x NR columns ----------------
-// K is cut into panels of KC so that the A^T panel (KC x 32 floats, 16 KB) stays in L1 while every
-// column group of the task streams past it; partial sums live in a small buffer between panels.
-constexpr int64_t KC = 128, NBMAX = 32;
-
-template <int NR>
-inline void micro(const float* At, int64_t kc, const float* Wd, int64_t ldw, float* C, bool first) {
-    __m512 c0[NR], c1[NR];
-    for (int j = 0; j < NR; ++j) {
-        c0[j] = first ? _mm512_setzero_ps() : _mm512_load_ps(C + j * 32);
-        c1[j] = first ? _mm512_setzero_ps() : _mm512_load_ps(C + j * 32 + 16);
-    }
-    const float* wc[NR];
-    for (int j = 0; j < NR; ++j) wc[j] = Wd + j * ldw;
-    for (int64_t k = 0; k < kc; ++k) {
-        const __m512 a0 = _mm512_load_ps(At + k * 32), a1 = _mm512_load_ps(At + k * 32 + 16);
-        for (int j = 0; j < NR; ++j) {
-            const __m512 b = _mm512_set1_ps(wc[j][k]);
-            c0[j] = _mm512_fmadd_ps(a0, b, c0[j]);
-            c1[j] = _mm512_fmadd_ps(a1, b, c1[j]);
-        }
-    }
-    for (int j = 0; j < NR; ++j) {
-        _mm512_store_ps(C + j * 32, c0[j]);
-        _mm512_store_ps(C + j * 32 + 16, c1[j]);
-    }
-}
-
-void gemm(const float* At, int64_t K, const float* Wd, int64_t ldw, int64_t nb, float* Y, int64_t ldy,
-          int64_t m_valid) {
-    alignas(64) float acc[NBMAX * 32];
-    for (int64_t j0 = 0; j0 < nb; j0 += NBMAX) {
-        const int64_t nj = std::min(NBMAX, nb - j0);
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t kc = std::min(KC, K - k0);
-            const float* w = Wd + j0 * ldw + k0;
-            int64_t j = 0;
-            for (; j + 8 <= nj; j += 8) micro<8>(At + k0 * 32, kc, w + j * ldw, ldw, acc + j * 32, k0 == 0);
-            for (; j + 4 <= nj; j += 4) micro<4>(At + k0 * 32, kc, w + j * ldw, ldw, acc + j * 32, k0 == 0);
-            for (; j < nj; ++j) micro<1>(At + k0 * 32, kc, w + j * ldw, ldw, acc + j * 32, k0 == 0);
-        }
-        for (int64_t i = 0; i < m_valid; ++i)  // row by row: Y's rows are far apart, acc is in L1
-            for (int64_t j = 0; j < nj; ++j) Y[i * ldy + j0 + j] = acc[j * 32 + i];
     }
 }
 
@@ -405,16 +380,16 @@ void gemv_d(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, 
 }
 
 template <bool LUT>
-void decode_d(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) {
+void decode_d(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld, int64_t cb, int64_t ce, bool tail) {
     switch (w.bits) {
-        case 1: return decode_t<1, LUT>(w, n0, n1, dst, ld);
-        case 2: return decode_t<2, LUT>(w, n0, n1, dst, ld);
-        case 3: return decode_t<3, LUT>(w, n0, n1, dst, ld);
-        case 4: return decode_t<4, LUT>(w, n0, n1, dst, ld);
-        case 5: return decode_t<5, LUT>(w, n0, n1, dst, ld);
-        case 6: return decode_t<6, LUT>(w, n0, n1, dst, ld);
-        case 7: return decode_t<7, LUT>(w, n0, n1, dst, ld);
-        default: return decode_t<8, LUT>(w, n0, n1, dst, ld);
+        case 1: return decode_t<1, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 2: return decode_t<2, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 3: return decode_t<3, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 4: return decode_t<4, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 5: return decode_t<5, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 6: return decode_t<6, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        case 7: return decode_t<7, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
+        default: return decode_t<8, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
     }
 }
 
@@ -424,15 +399,310 @@ void gemv(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
     else gemv_d<false>(w, A, M, lda, Y, ldy, n0, n1, SA);
 }
 
+// Full chunks [cb, ce), then (tail) the partial chunk and the K % 8 codes; dst indexed by k.
+void decode_rows(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld, int64_t cb, int64_t ce, bool tail) {
+    if (w.is_lut) decode_d<true>(w, n0, n1, dst, ld, cb, ce, tail);
+    else decode_d<false>(w, n0, n1, dst, ld, cb, ce, tail);
+}
+
 void decode(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) {
-    if (w.is_lut) decode_d<true>(w, n0, n1, dst, ld);
-    else decode_d<false>(w, n0, n1, dst, ld);
+    decode_rows(w, n0, n1, dst, ld, 0, w.K / BQ_CHUNK, true);
+}
+
+// ---- GEMM ---------------------------------------------------------------------------------------------
+// A task (a block of columns, all rows of A) decodes its columns once, exactly, into panels of 16
+// columns.  A panel vector holds 4 columns x 4 consecutive k (128-bit lane L of vector x: column
+// 4L + x, k = 4j .. 4j + 3), so the micro-kernel broadcasts 4 activations of a row (a plain 128-bit
+// broadcast load) against 4 vectors: 4 + 6 loads and no shuffle per 24 FMAs, A read in place.  The
+// layout makes decoding cheap: the lane words of 4 columns go through one 4 x 4 transpose of 128-bit
+// lanes per chunk (8 shuffles per 512 codes), then each vector of codes is one lookup in a table of
+// the 4 columns (b <= 4: 4 x 2^b entries, one or two permutes) -- a vector per weight vector, as in
+// the GEMV; one column per vector (MLAS's layout) would need a 16 x 16 transpose of the decoded
+// floats, 4 shuffles per 16 weights: at M = 64 that made the GEMM ~15% slower than onnxruntime's.
+// The price is a 4-lane sum per output at the end of a K pass, paid per row and column, not per
+// weight.  An element's sum order (4 chains per pass, passes in order) depends only on K and the K
+// slicing (see gemm), never on its tile or task: the bytes do not depend on the thread count.
+constexpr int MR = 6;          // 6 rows x 4 vectors = 24 accumulators (of 32 registers)
+// K per pass (multiples of 128): one row block: a panel slice (16 x KC) fits L1; several: the panels
+// are in L2 anyway, and fewer passes save their sums
+constexpr int64_t KC_L1 = 512, KC_L2 = 2048;
+
+inline int64_t k4s(int64_t K) { return (K + 3) / 4; }  // vectors of 4 k per panel column group
+
+// 4 x 4 transpose of 128-bit lanes: o[j] lane L = d[L] lane j.
+inline void transpose_lanes(const __m512 d[4], __m512 o[4]) {
+    const __m512 t0 = _mm512_shuffle_f32x4(d[0], d[1], 0x44), t1 = _mm512_shuffle_f32x4(d[0], d[1], 0xEE);
+    const __m512 t2 = _mm512_shuffle_f32x4(d[2], d[3], 0x44), t3 = _mm512_shuffle_f32x4(d[2], d[3], 0xEE);
+    o[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+    o[1] = _mm512_shuffle_f32x4(t0, t2, 0xDD);
+    o[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+    o[3] = _mm512_shuffle_f32x4(t1, t3, 0xDD);
+}
+
+// 16 rows r[0..15] of 16 floats -> their transpose, in place (64 shuffles).
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {  // 128-bit lane L: elements 4L..4L+3 of a row pair, interleaved
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    auto lo = [](__m512 a, __m512 b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
+    auto hi = [](__m512 a, __m512 b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
+    for (int i = 0; i < 16; i += 4) {  // r[4g + c], lane L: column 4L + c of rows 4g..4g+3
+        r[i] = lo(t[i], t[i + 2]);
+        r[i + 1] = hi(t[i], t[i + 2]);
+        r[i + 2] = lo(t[i + 1], t[i + 3]);
+        r[i + 3] = hi(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {  // then a 4 x 4 transpose of 128-bit lanes for each c
+        const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+        const __m512 v2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88), v3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+        t[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        t[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+        t[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        t[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// Zero points and scales of a panel's 16 columns, groups [gb, ge) (and a few before), group-major:
+// zero points ZS[g * 16 + j], scales ZS[(G + g) * 16 + j], so that a group's table registers are two
+// loads and permutes away.  Absent columns: zero point and scale 0, so their values are 0.
+template <int B>
+void panel_affine(const QWeight& w, int64_t n0, int64_t n1, float* ZS, int64_t gb, int64_t ge) {
+    const int64_t G = w.G;
+    const ZeroPoints<B> zps;
+    for (int64_t g0 = gb / 16 * 16; g0 < ge; g0 += 16) {  // zero points 16 at a time, from a byte boundary
+        const int gn = int(std::min<int64_t>(16, G - g0));
+        __m512 z[16], s[16];
+        for (int j = 0; j < 16; ++j) {
+            const bool in = n0 + j < n1;
+            z[j] = in ? zps.get(w, n0 + j, g0) : _mm512_setzero_ps();
+            s[j] = in ? _mm512_maskz_loadu_ps(__mmask16((1u << gn) - 1), w.scales + (n0 + j) * G + g0) : _mm512_setzero_ps();
+        }
+        transpose16(z);
+        transpose16(s);
+        for (int i = 0; i < gn; ++i) {
+            _mm512_store_ps(ZS + (g0 + i) * 16, z[i]);
+            _mm512_store_ps(ZS + (G + g0 + i) * 16, s[i]);
+        }
+    }
+}
+
+// The values of 4 panel columns 4L + x (col[L] < 0: absent, zeros) at one group: entry L * 2^B + q,
+// 16 per register.
+template <int B, bool LUT>
+struct QuadTable {
+    static constexpr int NT = B <= 2 ? 1 : B == 3 ? 2 : 4;
+    __m512 t[NT];
+    __m512i pick[NT];  // affine: entry e -> panel column 4 (e >> B) + x
+    __m512 iota[NT];   // affine: entry e -> q
+
+    explicit QuadTable(int x) {
+        const __m512i e = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (int r = 0; r < NT; ++r) {
+            const __m512i er = _mm512_add_epi32(e, _mm512_set1_epi32(16 * r));
+            pick[r] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(er, B), 2), _mm512_set1_epi32(x));
+            iota[r] = _mm512_cvtepi32_ps(_mm512_and_si512(er, _mm512_set1_epi32((1 << B) - 1)));
+        }
+    }
+
+    inline void load(const QWeight& w, const int64_t col[4], const float* ZS, int64_t g) {
+        if constexpr (LUT) {
+            constexpr int E = 1 << B;
+            for (int r = 0; r < NT; ++r) {
+                t[r] = _mm512_setzero_ps();
+                for (int L = 0; L < 4; ++L) {
+                    const int first = L * E - 16 * r;  // lane of this column's entry 0 in register r
+                    if (col[L] < 0 || first >= 16 || first + E <= 0) continue;
+                    // masked lanes are not read: the pointer may point before the table
+                    t[r] = _mm512_mask_loadu_ps(t[r], __mmask16(((1u << E) - 1) << first),
+                                                w.lut + ((col[L] * w.G + g) << B) - first);
+                }
+            }
+        } else {  // the reference's (q - zp) * s
+            const __m512 z = _mm512_load_ps(ZS + g * 16), s = _mm512_load_ps(ZS + (w.G + g) * 16);
+            for (int r = 0; r < NT; ++r)
+                t[r] = _mm512_mul_ps(_mm512_sub_ps(iota[r], _mm512_permutexvar_ps(pick[r], z)),
+                                     _mm512_permutexvar_ps(pick[r], s));
+        }
+    }
+
+    // codes in the low B bits of each lane (lane L * 4 + kk: column L), higher bits ignored
+    inline __m512 get(__m512i c) const {
+        const __m512i hi = _mm512_set_epi32(3 << B, 3 << B, 3 << B, 3 << B, 2 << B, 2 << B, 2 << B, 2 << B,
+                                            1 << B, 1 << B, 1 << B, 1 << B, 0, 0, 0, 0);
+        const __m512i idx = _mm512_ternarylogic_epi32(c, _mm512_set1_epi32((1 << B) - 1), hi, 0xEA);  // (c & m) | hi
+        if constexpr (NT == 1) return _mm512_permutexvar_ps(idx, t[0]);
+        else if constexpr (NT == 2) return _mm512_permutex2var_ps(t[0], idx, t[1]);
+        else return _mm512_mask_blend_ps(0xFF00, _mm512_permutex2var_ps(t[0], idx, t[1]), _mm512_permutex2var_ps(t[2], idx, t[3]));
+    }
+};
+
+// Panel columns L * 4 + x (L = 0..3; col[L] < 0: absent), full chunks [cb, ce), straight from the
+// codes; P is the panel slice starting at chunk cb.
+template <int B, bool LUT>
+void pack_quad(const QWeight& w, const int64_t col[4], int x, const float* ZS, float* P, int64_t cb, int64_t ce) {
+    const int64_t spg = steps_per_group(w);
+    const uint8_t* row[4];
+    for (int L = 0; L < 4; ++L) row[L] = row_of(w, col[L] < 0 ? col[0] : col[L]);  // absent: zero table
+    QuadTable<B, LUT> tab(x);
+    int64_t left = 0, g = -1;  // steps left in group g (then the next group is loaded)
+    if (cb > 0) start_group(spg, cb, g, left, [&](int64_t gg) BQ_INLINE { tab.load(w, col, ZS, gg); });
+    for (int64_t c = cb; c < ce; ++c) {
+        __m512 wd[4], xf[4];
+        for (int L = 0; L < 4; ++L) wd[L] = _mm512_castsi512_ps(words<B, true>(row[L] + c * BQ_LANES * B, BQ_LANES, 0xFFFF).lo);
+        transpose_lanes(wd, xf);  // xf[j] lane 4L + kk: lane word 4j + kk of column L
+        __m512i X[4];
+        for (int j = 0; j < 4; ++j) X[j] = _mm512_castps_si512(xf[j]);
+        float* p = P + ((c - cb) * (BQ_CHUNK / 4) * 4 + x) * 16;
+        unroll([&](auto ic) BQ_INLINE {
+            constexpr int I = decltype(ic)::value;
+            if (left == 0) {
+                tab.load(w, col, ZS, ++g);
+                left = spg;
+            }
+            --left;
+            for (int j = 0; j < 4; ++j) _mm512_store_ps(p + (4 * I + j) * 64, tab.get(_mm512_srli_epi32(X[j], B * I)));
+        }, std::make_integer_sequence<int, BQ_STEPS>{});
+    }
+}
+
+template <int B, bool LUT>
+void pack_quads(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t cb, int64_t ce) {
+    float* ZS = nullptr;
+    if constexpr (!LUT) {  // the groups of this K slice
+        ZS = scratch(3, size_t(32 * w.G));
+        panel_affine<B>(w, n0, n1, ZS, group_of(w, cb * BQ_CHUNK), group_of(w, ce * BQ_CHUNK - 1) + 1);
+    }
+    for (int x = 0; x < 4; ++x) {
+        int64_t col[4];
+        for (int L = 0; L < 4; ++L) col[L] = n0 + 4 * L + x < n1 ? n0 + 4 * L + x : -1;
+        if (col[0] >= 0) {
+            pack_quad<B, LUT>(w, col, x, ZS, P, cb, ce);
+        } else {
+            for (int64_t j = 0; j < (ce - cb) * (BQ_CHUNK / 4); ++j) _mm512_store_ps(P + (4 * j + x) * 16, _mm512_setzero_ps());
+        }
+    }
+}
+
+// Columns [n0, n1) (at most 16), k in [kb, ke) (kb a multiple of 128) as a panel slice:
+// P[(j * 4 + x) * 16 + 4L + kk] = V[n0 + 4L + x, kb + 4j + kk]; columns past n1 and k past K are 0.
+void pack_panel(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t kb, int64_t ke) {
+    const int64_t K = w.K, full = K / BQ_CHUNK;
+    int64_t k = kb;  // k decoded so far
+    if (w.bits <= 4 && kb < full * BQ_CHUNK) {
+        const int64_t cb = kb / BQ_CHUNK, ce = std::min(full, ke / BQ_CHUNK);
+        switch (w.bits * 2 + w.is_lut) {
+            case 2: pack_quads<1, false>(w, n0, n1, P, cb, ce); break;
+            case 3: pack_quads<1, true>(w, n0, n1, P, cb, ce); break;
+            case 4: pack_quads<2, false>(w, n0, n1, P, cb, ce); break;
+            case 5: pack_quads<2, true>(w, n0, n1, P, cb, ce); break;
+            case 6: pack_quads<3, false>(w, n0, n1, P, cb, ce); break;
+            case 7: pack_quads<3, true>(w, n0, n1, P, cb, ce); break;
+            case 8: pack_quads<4, false>(w, n0, n1, P, cb, ce); break;
+            default: pack_quads<4, true>(w, n0, n1, P, cb, ce); break;
+        }
+        k = ce * BQ_CHUNK;
+    }
+    if (k == ke) return;
+    // the rest (b > 4; the partial chunk and K % 8 codes) decoded to floats, then 4 x 4 lane transposes
+    const int nc = int(n1 - n0);
+    float* T = scratch(2, size_t(16 * K));
+    decode_rows(w, n0, n1, T, K, k / BQ_CHUNK, ke == K ? full : ke / BQ_CHUNK, ke == K);
+    for (; k < ke; k += 16) {
+        const __mmask16 km = __mmask16((1u << std::min<int64_t>(16, K - k)) - 1);
+        const int jn = int(std::min<int64_t>(4, k4s(K) - k / 4));
+        for (int x = 0; x < 4; ++x) {
+            __m512 d[4], o[4];  // columns x, 4 + x, 8 + x, 12 + x: 16 k each
+            for (int L = 0; L < 4; ++L)
+                d[L] = 4 * L + x < nc ? _mm512_maskz_loadu_ps(km, T + (4 * L + x) * K + k) : _mm512_setzero_ps();
+            transpose_lanes(d, o);
+            for (int j = 0; j < jn; ++j) _mm512_store_ps(P + ((k - kb) / 4 + j) * 64 + x * 16, o[j]);
+        }
+    }
+}
+
+// Y tile (R rows x 16 columns, `cols` stored) (+)= A tile (R x kc, kc a multiple of 4) @ panel
+// (kc x 16): 4 chains per element (k mod 4), summed at the end; the first pass stores, later ones add.
+template <int R>
+void micro(const float* A, int64_t lda, const float* P, int64_t kc, float* Y, int64_t ldy, __mmask16 cols, bool first) {
+    // (unrolled by hand: GCC keeps the accumulators in registers only if every index is a constant)
+    __m512 c[R][4];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+        for (int x = 0; x < 4; ++x) c[i][x] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kc; k += 4) {
+        const float* p = P + k * 16;
+        const __m512 b0 = _mm512_load_ps(p), b1 = _mm512_load_ps(p + 16), b2 = _mm512_load_ps(p + 32),
+                     b3 = _mm512_load_ps(p + 48);
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+            const __m512 a = _mm512_broadcast_f32x4(_mm_loadu_ps(A + i * lda + k));
+            c[i][0] = _mm512_fmadd_ps(a, b0, c[i][0]);
+            c[i][1] = _mm512_fmadd_ps(a, b1, c[i][1]);
+            c[i][2] = _mm512_fmadd_ps(a, b2, c[i][2]);
+            c[i][3] = _mm512_fmadd_ps(a, b3, c[i][3]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+        // lane (L, kk) of c[i][x] -> element 4L + x: sum over kk, two pairwise levels
+        const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(c[i][0], c[i][1]), _mm512_unpackhi_ps(c[i][0], c[i][1]));
+        const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(c[i][2], c[i][3]), _mm512_unpackhi_ps(c[i][2], c[i][3]));
+        __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+        if (!first) s = _mm512_add_ps(_mm512_maskz_loadu_ps(cols, Y + i * ldy), s);
+        _mm512_mask_storeu_ps(Y + i * ldy, cols, s);
+    }
+}
+
+using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, __mmask16, bool);
+constexpr MicroFn micros[MR + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>};
+
+// Loops (GotoBLAS's): K slices, blocks of rows, panels, row tiles.  A row block's slice of A (about
+// 150 KB) stays in L2 while the panels go past.  With one row block, a panel slice is decoded right
+// before its rows use it, into a buffer that serves every panel: it is read back from L1 and never
+// written back.  With several, every panel slice is kept (in L2) for the next blocks.  The K slices
+// depend on K and on whether M exceeds one block, never on the columns or the thread count.
+// (Measured on an Emerald Rapids Xeon: larger row blocks, or small K slices with many rows, are slower.)
+void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
+    const int64_t K = w.K, np = (n1 - n0 + 15) / 16;
+    if (K % 4) {  // the micro-kernel reads 4 k at a time: A zero-padded to a multiple of 4 (rare shapes)
+        const int64_t K4 = k4s(K) * 4;
+        float* Ap = scratch(4, size_t(M * K4));
+        for (int64_t m = 0; m < M; ++m) {
+            std::memcpy(Ap + m * K4, A + m * lda, size_t(K) * sizeof(float));
+            std::memset(Ap + m * K4 + K, 0, size_t(K4 - K) * sizeof(float));
+        }
+        A = Ap;
+        lda = K4;
+    }
+    auto rows = [K](int64_t kc) { return (36 << 10) / std::min(K, kc) / MR * MR + MR; };  // ~144 KB of A
+    const bool reuse = rows(KC_L1) < M;
+    const int64_t KC = reuse ? KC_L2 : KC_L1, MB = rows(KC);
+    float* P = scratch(0, size_t((reuse ? np : 1) * KC * 16));
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        for (int64_t mb = 0; mb < M; mb += MB) {
+            const int64_t me = std::min(M, mb + MB);
+            for (int64_t p = 0; p < np; ++p) {
+                const int64_t c0 = n0 + 16 * p, c1 = std::min(n1, c0 + 16);
+                float* S = reuse ? P + p * KC * 16 : P;
+                if (mb == 0) pack_panel(w, c0, c1, S, k0, k0 + kc);
+                for (int64_t m0 = mb; m0 < me; m0 += MR)
+                    micros[std::min<int64_t>(MR, me - m0)](A + m0 * lda + k0, lda, S, (kc + 3) / 4 * 4,
+                                                           Y + m0 * ldy + c0, ldy, __mmask16((1u << (c1 - c0)) - 1),
+                                                           k0 == 0);
+            }
+        }
+    }
 }
 
 }  // namespace
 
 const Kernels* kernels_avx512() {
-    static const Kernels k{"avx512", decode, gemv, gemm, 32, 16};
+    static const Kernels k{"avx512", decode, gemv, gemm, 96, 4};
     return &k;
 }
 

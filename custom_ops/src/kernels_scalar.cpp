@@ -8,7 +8,7 @@
 namespace bq {
 
 float* scratch(int slot, size_t n) {
-    thread_local std::vector<float> buf[4];
+    thread_local std::vector<float> buf[5];
     if (buf[slot].size() < n + 16) buf[slot].resize(n + 16);
     return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf[slot].data()) + 63) & ~uintptr_t(63));
 }
@@ -69,20 +69,14 @@ void gemv_scalar(const QWeight& w, const float* A, int64_t M, int64_t lda, float
     }
 }
 
-static void gemm_scalar(const float* At, int64_t K, const float* Wd, int64_t ldw, int64_t nb, float* Y,
-                        int64_t ldy, int64_t m_valid) {
-    const int mr = 4;
-    for (int64_t j = 0; j < nb; ++j)
-        for (int64_t i = 0; i < m_valid; ++i) {
-            float s = 0.f;
-            for (int64_t k = 0; k < K; ++k) s += At[k * mr + i] * Wd[j * ldw + k];
-            Y[i * ldy + j] = s;
-        }
+// Decoding a column once and reusing it for every row is all a scalar GEMM could do: the GEMV does it.
+static void gemm_scalar(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
+                        int64_t n0, int64_t n1) {
+    gemv_scalar(w, A, M, lda, Y, ldy, n0, n1, nullptr);
 }
 
 const Kernels* kernels_scalar() {
-    // The scalar GEMM gains nothing over the GEMV loop except reusing decoded columns across rows.
-    static const Kernels k{"scalar", decode_scalar, gemv_scalar, gemm_scalar, 4, 8};
+    static const Kernels k{"scalar", decode_scalar, gemv_scalar, gemm_scalar, 16, 8};
     return &k;
 }
 

@@ -259,10 +259,6 @@ struct QKernel {
     }
 };
 
-float* align64(float* p) {
-    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
-}
-
 // Columns per task: about 64 tasks (the pool balances them dynamically), at least min_cols, whole
 // groups of 4 columns (the SIMD GEMVs' unit).
 int64_t column_block(int64_t N, int64_t min_cols) {
@@ -334,32 +330,14 @@ struct MatMulKernel : QKernel {
                 add_bias(n0, n1);
             });
         } else {
-            // A^T packed in m-blocks of kr->mr rows (zero-padded), then column blocks decoded once
-            // into a thread-local buffer and multiplied with every m-block.
-            const int64_t mr = kr->mr, mblocks = (M + mr - 1) / mr;
-            std::vector<float> at_buf(size_t(mblocks * K * mr) + 16);
-            float* at = align64(at_buf.data());  // whole-cache-line vector loads in the micro-kernel
-            parallel_for(ctx, size_t(mblocks), [&](size_t mb) {
-                float* dst = at + mb * K * mr;
-                const int64_t m0 = int64_t(mb) * mr, rows = std::min<int64_t>(mr, M - m0);
-                for (int64_t k = 0; k < K; ++k) {  // contiguous writes; the rows are read as parallel streams
-                    float* d = dst + k * mr;
-                    for (int64_t i = 0; i < rows; ++i) d[i] = a[(m0 + i) * K + k];
-                    for (int64_t i = rows; i < mr; ++i) d[i] = 0.f;
-                }
-            });
-            const int64_t nb = 32;
+            // Column blocks: each task decodes its columns once and runs every row of A through them
+            // (so a task's panels are reused by all rows; the sums never depend on the split).
+            const int64_t nb = kr->gemm_cols;
             parallel_for(ctx, size_t((N + nb - 1) / nb), [&](size_t t) {
                 const int64_t n0 = int64_t(t) * nb, n1 = std::min(N, n0 + nb);
-                float* wd = scratch(0, size_t(nb * K));
                 QWeight ws;
                 const int64_t base = wt.rows(n0, n1, &ws);
-                kr->decode(ws, n0 - base, n1 - base, wd, K);
-                for (int64_t mb = 0; mb < mblocks; ++mb) {
-                    const int64_t m0 = mb * mr;
-                    kr->gemm(at + mb * K * mr, K, wd, K, n1 - n0, y + m0 * N + n0, N,
-                             std::min<int64_t>(mr, M - m0));
-                }
+                kr->gemm(ws, a, M, K, y + base, N, n0 - base, n1 - base);
                 add_bias(n0, n1);
             });
         }
