@@ -12,6 +12,7 @@ from onnx.reference import ReferenceEvaluator
 import models
 from bayesq_onnx import Analysis, Recipe, compress, make_session
 from bayesq_onnx.runtime.reference_ops import REFERENCE_OPS
+from bayesq_onnx.runtime.session import _foldable, session_options
 
 CASES = {"mlp": (models.mlp, models.mlp_data), "embed": (models.embed, models.embed_data),
          "cnn": (models.cnn, models.cnn_data), "tied": (models.tied, models.tied_data)}
@@ -337,3 +338,31 @@ def test_bayesq_formats_run_with_the_library_and_portably(tmp_path, case, fields
     plain = ort.InferenceSession(str(tmp_path / "portable.onnx"), providers=["CPUExecutionProvider"])
     for g, w in zip(plain.run(None, data), outs["ort-cpu"]):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)  # same weights, summation order only
+
+
+@pytest.mark.parametrize("fields", [{"conv_bits": (), "bayesq_bits": (3, 5)},   # bayesq DequantizeAffine
+                                    {"custom_ops": False}])                      # blocked DequantizeLinear
+def test_make_session_folds_constant_dequantize_nodes(tmp_path, fields):
+    """make_session turns Dequantize nodes on constant (Conv) weights into float32 initializers once,
+    so onnxruntime prepacks the convolutions; the outputs are those of the unfolded graph, the file
+    is untouched, and weights feeding a MatMul are left to the fused ops."""
+    src, data = _save(tmp_path, "cnn", models.cnn()), models.cnn_data()
+    out = tmp_path / "q.onnx"
+    compress(src, Recipe(bits=4.0, **fields), calib=data, output=out)
+    before = out.read_bytes()
+    q = onnx.load(out)
+    deq = [n for n in q.graph.node if n.op_type.startswith("Dequantize")]
+    assert deq, "the plan put no Conv weight in a dequantized format"
+    assert [n.output[0] for n in _foldable(q)] == [n.output[0] for n in deq]
+    so = session_options()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    folded = make_session(out, sess_options=so).run(None, data)
+    assert not [n for n in onnx.load(tmp_path / "optimized.onnx").graph.node if n.op_type.startswith("Dequantize")]
+    plain = make_session(out, fold=False).run(None, data)
+    for f, p in zip(folded, plain):
+        # the same float32 weights; only the convolution algorithm (prepacked or not) may differ
+        np.testing.assert_allclose(f, p, rtol=1e-5, atol=1e-6)
+    assert out.read_bytes() == before
+    mlp = tmp_path / "mlp.onnx"
+    compress(_save(tmp_path, "mlp", models.mlp()), Recipe(bits=3.0), calib=models.mlp_data(), output=mlp)
+    assert not _foldable(onnx.load(mlp))   # MatMul weights stay packed for the fused kernels

@@ -6,8 +6,8 @@
 Without paths: all-MiniLM-L6-v2 as ``bayesq-onnx demo`` leaves it in the cache (``$BAYESQ_CACHE``,
 else ~/.cache/bayesq-onnx): ``minilm-*/model.onnx`` against ``demo/minilm.bayesq.3.onnx``; run
 ``bayesq-onnx demo`` once to write both.  Inputs are ``batch x seq`` (integer inputs: token ids below
-1000, ones for a mask, zeros otherwise; float inputs: normal noise); a shape the graph's fixed
-dimensions refuse is skipped.  Both models are timed in alternation as in bench_kernels.py (batches
+1000, ones for a mask, zeros otherwise; float inputs: normal noise), or ``batch`` alone for inputs
+whose other dimensions are fixed (images); a shape the graph's fixed dimensions refuse is skipped.  Both models are timed in alternation as in bench_kernels.py (batches
 of ~20 ms, rotating order, median); the table gives ms per run and compressed / fp32 (< 1: faster).
 ``--threads 1 --clock cpu`` measures the work on a machine shared with other jobs.
 """
@@ -49,31 +49,35 @@ def default_models() -> tuple[Path, Path]:
     return fp32[-1], compressed
 
 
-def feeds(model: onnx.ModelProto, batch: int, seq: int, rng) -> dict[str, np.ndarray] | None:
-    """Inputs of shape (batch, seq), or None when a fixed dimension of the graph refuses it."""
+def feeds(model: onnx.ModelProto, batch: int, seq: int | None, rng) -> dict[str, np.ndarray] | None:
+    """Inputs with ``batch`` first and ``seq`` in every other free dimension (fixed ones as the graph
+    says), or None when the graph refuses it (a fixed batch, or a free dimension and no ``seq``)."""
     out = {}
     for vi in model.graph.input:
         t = vi.type.tensor_type
         dims = [d.dim_value or None for d in t.shape.dim]
-        if len(dims) != 2 or any(d is not None and d != want for d, want in zip(dims, (batch, seq))):
+        shape = [batch] + [d or seq for d in dims[1:]]
+        if (dims and dims[0] not in (None, batch)) or None in shape:
             return None
         if t.elem_type in ONNX_INT:
             dtype = ONNX_INT[t.elem_type]
             if "mask" in vi.name:
-                out[vi.name] = np.ones((batch, seq), dtype)
+                out[vi.name] = np.ones(shape, dtype)
             elif "ids" in vi.name and "type" not in vi.name:
-                out[vi.name] = rng.integers(0, 1000, (batch, seq)).astype(dtype)
+                out[vi.name] = rng.integers(0, 1000, shape).astype(dtype)
             else:
-                out[vi.name] = np.zeros((batch, seq), dtype)
+                out[vi.name] = np.zeros(shape, dtype)
         else:
-            out[vi.name] = rng.standard_normal((batch, seq)).astype(np.float32)
+            out[vi.name] = rng.standard_normal(shape).astype(np.float32)
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", help="FP32.onnx COMPRESSED.onnx (default: the demo's MiniLM)")
-    ap.add_argument("--shapes", default="1x64,4x64,16x64", help="batch x seq, comma-separated")
+    ap.add_argument("--shapes", default="1x64,4x64,16x64",
+                    help="BATCHxSEQ (SEQ fills the free dimensions after the batch) or BATCH (fixed-size "
+                    "inputs, e.g. images), comma-separated")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's choice)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU time (with --threads 1, the work on a busy machine)")
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     for shape in args.shapes.split(","):
-        batch, seq = (int(x) for x in shape.split("x"))
+        batch, seq = (int(x) for x in shape.split("x")) if "x" in shape else (int(shape), None)
         f = feeds(protos[0], batch, seq, rng)
         if f is None or feeds(protos[1], batch, seq, rng) is None:
             print(f"{shape:>8}  skipped: the graph's fixed input dimensions refuse it")
