@@ -7,6 +7,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
 
+from .errors import BayesQError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -16,7 +18,11 @@ MAX_WORKERS = 4   # beyond the cores, or past this, threads only contend for mem
 def workers() -> int:
     """``BAYESQ_WORKERS`` if set (1: everything in the calling thread), else the cores, at most 4."""
     env = os.environ.get("BAYESQ_WORKERS")
-    return max(1, int(env)) if env else max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if not env:
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if not env.isdigit() or int(env) < 1:
+        raise BayesQError(f"BAYESQ_WORKERS must be a positive integer, got {env!r}")
+    return int(env)
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
