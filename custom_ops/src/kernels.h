@@ -63,6 +63,10 @@ void gemv_scalar(const QWeight& w, const float* A, int64_t M, int64_t lda, float
 // SA[m * G + g] = sum of A[m, k] over the k of group g (the affine GEMVs' zero-point term).
 void group_sums(const QWeight& w, const float* A, int64_t M, int64_t lda, float* SA);
 
+// A (M rows, lda apart) copied with each row zero-padded from K to a multiple of 4 (scratch slot 4);
+// *lda_out receives the padded row length.  For GEMM micro-kernels that read 4 k at a time.
+const float* pad_k4(const float* A, int64_t M, int64_t lda, int64_t K, int64_t* lda_out);
+
 // F16C conversions (kernels_avx2.cpp; call only when the CPU has AVX2/F16C).
 void half_to_float_f16c(const uint16_t* src, float* dst, int64_t n);
 void float_to_half_f16c(const float* src, uint16_t* dst, int64_t n);

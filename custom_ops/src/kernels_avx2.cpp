@@ -377,7 +377,6 @@ void decode(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) {
 constexpr int MR = 6;
 constexpr int64_t KC = 1024;  // K per pass (a multiple of 128): a panel slice (4 x KC, 16 KB) fits L1
 
-inline int64_t k4s(int64_t K) { return (K + 3) / 4; }
 
 // Columns [n0, n1) (at most 4), k in [kb, ke) (kb a multiple of 128) as a panel slice:
 // P[(j * 2 + x) * 8 + 4L + kk] = V[n0 + 2L + x, kb + 4j + kk]; columns past n1 and k past K are 0.
@@ -427,16 +426,7 @@ constexpr MicroFn micros[MR + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro
 // Loops as in kernels_avx512.cpp: K slices, blocks of rows (~96 KB of A), panels, row tiles.
 void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
     const int64_t K = w.K, np = (n1 - n0 + 3) / 4;
-    if (K % 4) {  // the micro-kernel reads 4 k at a time: A zero-padded to a multiple of 4 (rare shapes)
-        const int64_t K4 = k4s(K) * 4;
-        float* Ap = scratch(4, size_t(M * K4));
-        for (int64_t m = 0; m < M; ++m) {
-            std::memcpy(Ap + m * K4, A + m * lda, size_t(K) * sizeof(float));
-            std::memset(Ap + m * K4 + K, 0, size_t(K4 - K) * sizeof(float));
-        }
-        A = Ap;
-        lda = K4;
-    }
+    if (K % 4) A = pad_k4(A, M, lda, K, &lda);  // the micro-kernel reads 4 k at a time (rare shapes)
     const int64_t MB = (24 << 10) / std::min(K, KC) / MR * MR + MR;
     const bool reuse = MB < M;  // else one slice buffer serves every panel and stays in L1
     float* P = scratch(0, size_t((reuse ? np : 1) * KC * 4));

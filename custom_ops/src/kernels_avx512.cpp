@@ -668,16 +668,7 @@ constexpr MicroFn micros[MR + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro
 // (Measured on an Emerald Rapids Xeon: larger row blocks, or small K slices with many rows, are slower.)
 void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
     const int64_t K = w.K, np = (n1 - n0 + 15) / 16;
-    if (K % 4) {  // the micro-kernel reads 4 k at a time: A zero-padded to a multiple of 4 (rare shapes)
-        const int64_t K4 = k4s(K) * 4;
-        float* Ap = scratch(4, size_t(M * K4));
-        for (int64_t m = 0; m < M; ++m) {
-            std::memcpy(Ap + m * K4, A + m * lda, size_t(K) * sizeof(float));
-            std::memset(Ap + m * K4 + K, 0, size_t(K4 - K) * sizeof(float));
-        }
-        A = Ap;
-        lda = K4;
-    }
+    if (K % 4) A = pad_k4(A, M, lda, K, &lda);  // the micro-kernel reads 4 k at a time (rare shapes)
     auto rows = [K](int64_t kc) { return (36 << 10) / std::min(K, kc) / MR * MR + MR; };  // ~144 KB of A
     const bool reuse = rows(KC_L1) < M;
     const int64_t KC = reuse ? KC_L2 : KC_L1, MB = rows(KC);

@@ -42,6 +42,17 @@ void decode_scalar(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t
     for (int64_t n = n0; n < n1; ++n) decode_row(w, n, dst + (n - n0) * ld);
 }
 
+const float* pad_k4(const float* A, int64_t M, int64_t lda, int64_t K, int64_t* lda_out) {
+    const int64_t K4 = (K + 3) / 4 * 4;
+    float* Ap = scratch(4, size_t(M * K4));
+    for (int64_t m = 0; m < M; ++m) {
+        std::memcpy(Ap + m * K4, A + m * lda, size_t(K) * sizeof(float));
+        std::memset(Ap + m * K4 + K, 0, size_t(K4 - K) * sizeof(float));
+    }
+    *lda_out = K4;
+    return Ap;
+}
+
 void group_sums(const QWeight& w, const float* A, int64_t M, int64_t lda, float* SA) {
     for (int64_t m = 0; m < M; ++m)
         for (int64_t g = 0; g < w.G; ++g) {
