@@ -262,9 +262,7 @@ def test_large_output_goes_to_external_data(tmp_path, monkeypatch):
     place, and onnxruntime reads the measuring copy from a file (the limits are lowered here so a
     small model takes those paths)."""
     from bayesq_onnx.graph import model_io
-    from bayesq_onnx.runtime import probe
-    monkeypatch.setattr(model_io, "_TWO_GB", 1000)
-    monkeypatch.setattr(probe, "_PROTO_LIMIT", 1000)  # the measuring copy goes through a file too
+    monkeypatch.setattr(model_io, "PROTO_LIMIT", 1000)  # the output, and the measuring copy, go through files
     out = tmp_path / "q.onnx"
     compress(_save(tmp_path, "mlp", models.mlp()), Recipe(bits=3.0), calib=models.mlp_data(), output=out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "q.onnx", "q.onnx.data"]

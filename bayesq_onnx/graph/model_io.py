@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from ..errors import BayesQError, first_line
 
-_TWO_GB = 2**31 - 1
+PROTO_LIMIT = 2**31 - 1   # protobuf's limit on one serialized message (bytes)
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -89,7 +89,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     data_name = path.name + ".data"
     tmp_data = None
     try:
-        if model.ByteSize() > _TWO_GB:
+        if model.ByteSize() > PROTO_LIMIT:
             tmp_data = f".{data_name}.tmp"
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=tmp_data, size_threshold=1024)

@@ -13,11 +13,9 @@ from onnx import helper
 
 from ..calib.readers import batches
 from ..graph.cone import backward_slice, forward_cone, has_subgraphs, submodel
+from ..graph import model_io
 from ..graph.model_io import save_model_atomic, to_array
 from .session import make_session
-
-_PROTO_LIMIT = 2**31 - 1
-
 
 class Probe:
     def __init__(self, model: onnx.ModelProto, weight_names: list[str], extra_outputs: list[str] = ()):
@@ -42,8 +40,9 @@ class Probe:
         self._tmp = None
         # the cut-down copies of ConeRun are built from this one: only where no subgraph can hide
         # a dependency and every part serializes in one protobuf
-        self.model = m if not has_subgraphs(m.graph) and m.ByteSize() <= _PROTO_LIMIT else None
-        if m.ByteSize() > _PROTO_LIMIT:
+        fits = m.ByteSize() <= model_io.PROTO_LIMIT
+        self.model = m if fits and not has_subgraphs(m.graph) else None
+        if not fits:
             self._tmp = tempfile.TemporaryDirectory(prefix="bayesq-probe-")
             path = save_model_atomic(m, Path(self._tmp.name) / "probe.onnx")
             self.session = make_session(path)
@@ -76,15 +75,20 @@ class ConeRun:
         computed = [f for f in cone.frontier if f not in graph_inputs]
         fed = [f for f in cone.frontier if f in graph_inputs and f not in probe.weights]
         self._weights = {k: probe.weights[k] for k in [*names, *(f for f in cone.frontier if f in probe.weights)]}
-        self._feeds = [{k: feed[k] for k in fed} for feed in batches(data, batch_size)]
         inputs = [graph_inputs[k] for k in [*fed, *self._weights]]
-        if computed and self.outputs:
+        if not (computed and self.outputs):
+            computed = []
+        else:
             prefix = backward_slice(g, computed, cone.nodes)
             reads = [k for k in dict.fromkeys(i for n in prefix for i in n.input) if k in graph_inputs]
             session = make_session(submodel(probe.model, prefix, [graph_inputs[k] for k in reads], computed))
-            for i, feed in enumerate(batches(data, batch_size)):
+        self._feeds = []
+        for feed in batches(data, batch_size):
+            self._feeds.append({k: feed[k] for k in fed})
+            if computed:
                 values = session.run(computed, {k: feed[k] if k in feed else probe.weights[k] for k in reads})
-                self._feeds[i].update(zip(computed, values))
+                self._feeds[-1].update(zip(computed, values))
+        if computed:
             first = self._feeds[0]
             inputs += [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(first[k].dtype), None)
                        for k in computed]

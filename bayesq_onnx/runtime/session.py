@@ -7,7 +7,9 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
+from ..graph import model_io
 from . import custom_ops
 
 DEFAULT_PROVIDERS = ["CPUExecutionProvider"]
@@ -49,23 +51,21 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
     return ort.InferenceSession(model, sess_options=so, providers=providers, **kw)
 
 
-_PROTO_LIMIT = 2**31 - 1
-
-
 def _fold_dequantize(model, so: ort.SessionOptions, providers) -> onnx.ModelProto | None:
     """``model`` with its foldable Dequantize nodes replaced by their outputs, or None when it has
     none (or would not fit one protobuf once folded)."""
     if isinstance(model, (str, os.PathLike)):
-        head = onnx.load(str(model), load_external_data=False)
-        if not _foldable(head):
-            return None
-        model = onnx.load(str(model))
+        path, model = model, onnx.load(str(model), load_external_data=False)   # tensors only if needed
     elif isinstance(model, bytes):
-        model = onnx.load_from_string(model)
-    g = model.graph
+        path, model = None, onnx.load_from_string(model)
+    else:
+        path = None
     nodes = _foldable(model)
     if not nodes:
         return None
+    if path is not None:
+        load_external_data_for_model(model, str(Path(path).parent))
+    g = model.graph
     used = {i for n in nodes for i in n.input if i}
     part = helper.make_graph(nodes, "fold", [], [onnx.ValueInfoProto(name=n.output[0]) for n in nodes],
                              [t for t in g.initializer if t.name in used])
@@ -82,7 +82,7 @@ def _fold_dequantize(model, so: ort.SessionOptions, providers) -> onnx.ModelProt
     inits += [numpy_helper.from_array(v, n.output[0]) for n, v in zip(nodes, values)]
     del out.graph.initializer[:]
     out.graph.initializer.extend(inits)
-    return out if out.ByteSize() <= _PROTO_LIMIT else None
+    return out if out.ByteSize() <= model_io.PROTO_LIMIT else None
 
 
 def _foldable(model: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "bayesq/layout.h"
 
@@ -32,6 +33,26 @@ static inline float value(const QWeight& w, int64_t n, int64_t g, int q) {
     if (w.is_lut) return w.lut[(n * w.G + g) * (int64_t(1) << w.bits) + q];
     return (float(q) - float(zero_point(w, n, g))) * w.scales[n * w.G + g];
 }
+// f(std::integral_constant<int, bits>, std::bool_constant<is_lut>) for w: the SIMD kernels are
+// templates on both.  static, as above: each ISA's translation unit instantiates its own.
+template <class F>
+static inline void with_format(const QWeight& w, F&& f) {
+    auto go = [&](auto lut) {
+        switch (w.bits) {
+            case 1: return f(std::integral_constant<int, 1>{}, lut);
+            case 2: return f(std::integral_constant<int, 2>{}, lut);
+            case 3: return f(std::integral_constant<int, 3>{}, lut);
+            case 4: return f(std::integral_constant<int, 4>{}, lut);
+            case 5: return f(std::integral_constant<int, 5>{}, lut);
+            case 6: return f(std::integral_constant<int, 6>{}, lut);
+            case 7: return f(std::integral_constant<int, 7>{}, lut);
+            default: return f(std::integral_constant<int, 8>{}, lut);
+        }
+    };
+    if (w.is_lut) go(std::true_type{});
+    else go(std::false_type{});
+}
+
 // Whether every SIMD step (16, or the partial chunk's lanes, consecutive k) can use one group's table.
 static inline bool simd_groups(const QWeight& w) { return w.block == 0 || w.block >= w.K || w.block % BQ_LANES == 0; }
 

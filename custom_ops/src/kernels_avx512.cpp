@@ -363,46 +363,14 @@ void decode_t(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld, 
     }
 }
 
-// ---- dispatch on (bits, format) ----------------------------------------------------------------------
-template <bool LUT>
-void gemv_d(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1,
-            const float* SA) {
-    switch (w.bits) {
-        case 1: return gemv_t<1, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
-        case 2: return gemv_t<2, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
-        case 3: return gemv_t<3, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
-        case 4: return gemv_t<4, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
-        case 5: return gemv_t<5, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
-        case 6: return gemv_t<6, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
-        case 7: return gemv_t<7, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
-        default: return gemv_t<8, LUT>(w, A, M, lda, Y, ldy, n0, n1, SA);
-    }
-}
-
-template <bool LUT>
-void decode_d(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld, int64_t cb, int64_t ce, bool tail) {
-    switch (w.bits) {
-        case 1: return decode_t<1, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
-        case 2: return decode_t<2, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
-        case 3: return decode_t<3, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
-        case 4: return decode_t<4, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
-        case 5: return decode_t<5, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
-        case 6: return decode_t<6, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
-        case 7: return decode_t<7, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
-        default: return decode_t<8, LUT>(w, n0, n1, dst, ld, cb, ce, tail);
-    }
-}
-
 void gemv(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1,
           const float* SA) {
-    if (w.is_lut) gemv_d<true>(w, A, M, lda, Y, ldy, n0, n1, SA);
-    else gemv_d<false>(w, A, M, lda, Y, ldy, n0, n1, SA);
+    with_format(w, [&](auto b, auto lut) { gemv_t<b.value, lut.value>(w, A, M, lda, Y, ldy, n0, n1, SA); });
 }
 
 // Full chunks [cb, ce), then (tail) the partial chunk and the K % 8 codes; dst indexed by k.
 void decode_rows(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld, int64_t cb, int64_t ce, bool tail) {
-    if (w.is_lut) decode_d<true>(w, n0, n1, dst, ld, cb, ce, tail);
-    else decode_d<false>(w, n0, n1, dst, ld, cb, ce, tail);
+    with_format(w, [&](auto b, auto lut) { decode_t<b.value, lut.value>(w, n0, n1, dst, ld, cb, ce, tail); });
 }
 
 void decode(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld) {

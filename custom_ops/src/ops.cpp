@@ -206,6 +206,18 @@ struct Weight {
     }
 };
 
+// f() with any exception turned into an onnxruntime status ("what: message"): nothing may unwind
+// through the C API.
+template <class F>
+OrtStatusPtr guarded(OrtErrorCode code, const std::string& what, F&& f) {
+    try {
+        f();
+        return nullptr;
+    } catch (const std::exception& e) {
+        return g_api->CreateStatus(code, (what + ": " + e.what()).c_str());
+    }
+}
+
 struct QKernel {
     const Kernels* kern;
     int64_t K, N, block;
@@ -345,12 +357,7 @@ struct MatMulKernel : QKernel {
     }
 
     OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-        try {
-            Compute(ctx);
-            return nullptr;
-        } catch (const std::exception& e) {
-            return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, (std::string("bayesq matmul: ") + e.what()).c_str());
-        }
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq matmul", [&] { Compute(ctx); });
     }
 };
 
@@ -393,12 +400,7 @@ struct DequantizeKernel : QKernel {
     }
 
     OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
-        try {
-            Compute(ctx);
-            return nullptr;
-        } catch (const std::exception& e) {
-            return g_api->CreateStatus(ORT_RUNTIME_EXCEPTION, (std::string("bayesq dequantize: ") + e.what()).c_str());
-        }
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq dequantize", [&] { Compute(ctx); });
     }
 };
 
@@ -409,12 +411,7 @@ constexpr ONNXTensorElementDataType U8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 
 template <class Make>
 OrtStatusPtr create(void** out, const char* what, Make make) {
-    try {
-        *out = make();
-        return nullptr;
-    } catch (const std::exception& e) {
-        return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("bayesq ") + what + ": " + e.what()).c_str());
-    }
+    return guarded(ORT_INVALID_ARGUMENT, std::string("bayesq ") + what, [&] { *out = make(); });
 }
 
 // One registration per (activation type T, scales/LUT type S): onnxruntime merges same-named ops into
