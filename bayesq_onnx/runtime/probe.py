@@ -15,7 +15,20 @@ from ..calib.readers import batches
 from ..graph.cone import backward_slice, forward_cone, has_subgraphs, submodel
 from ..graph import model_io
 from ..graph.model_io import save_model_atomic, to_array
-from .session import make_session
+from .session import make_session, session_options
+
+
+def _session(model, one_thread: bool = False):
+    """Measurement sessions never spin-wait between runs: they alternate with numpy work, on this
+    thread and on the other workers' (MiniLM's proxy measurements: 18% less wall time).  The cone
+    sessions run one site each, and the sites run side by side (``parallel.py``), so each gets one
+    thread (another 13%); always one, whatever the worker count, so that a measurement -- and the
+    plan built on it -- never depends on it."""
+    so = session_options(**{"session.intra_op.allow_spinning": "0"})
+    if one_thread:
+        so.intra_op_num_threads = 1
+    return make_session(model, sess_options=so)
+
 
 class Probe:
     def __init__(self, model: onnx.ModelProto, weight_names: list[str], extra_outputs: list[str] = ()):
@@ -45,9 +58,9 @@ class Probe:
         if not fits:
             self._tmp = tempfile.TemporaryDirectory(prefix="bayesq-probe-")
             path = save_model_atomic(m, Path(self._tmp.name) / "probe.onnx")
-            self.session = make_session(path)
+            self.session = _session(path)
         else:
-            self.session = make_session(m)
+            self.session = _session(m)
 
     def run(self, data: dict[str, np.ndarray], batch_size: int, outputs: list[str] | None = None,
             overrides: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -81,7 +94,7 @@ class ConeRun:
         else:
             prefix = backward_slice(g, computed, cone.nodes)
             reads = [k for k in dict.fromkeys(i for n in prefix for i in n.input) if k in graph_inputs]
-            session = make_session(submodel(probe.model, prefix, [graph_inputs[k] for k in reads], computed))
+            session = _session(submodel(probe.model, prefix, [graph_inputs[k] for k in reads], computed), True)
         self._feeds = []
         for feed in batches(data, batch_size):
             self._feeds.append({k: feed[k] for k in fed})
@@ -92,7 +105,7 @@ class ConeRun:
             first = self._feeds[0]
             inputs += [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(first[k].dtype), None)
                        for k in computed]
-        self.session = make_session(submodel(probe.model, cone.nodes, inputs, self.outputs)) if self.outputs else None
+        self.session = _session(submodel(probe.model, cone.nodes, inputs, self.outputs), True) if self.outputs else None
 
     def run(self, overrides: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """:attr:`outputs` batch by batch, with ``overrides`` replacing some of the weights."""
