@@ -17,7 +17,7 @@ import onnx
 from .calib.capture import capture_stats
 from .calib.readers import (check_calibration, fixed_batch, input_specs, load_calibration, n_samples, split,
                             synthetic_calibration, take)
-from .config import METHODS, Recipe
+from .config import Recipe
 from .curvature.activation import ActivationCurvature
 from .curvature.from_file import FileCurvature
 from .errors import BayesQError, first_line
@@ -121,8 +121,7 @@ class Analysis:
     def reference_quantizers(self) -> dict[str, SiteQuantizer]:
         """The same sites quantized as ``--method gptq`` does, for the plan check (made on first use)."""
         if self._reference is None:
-            self._reference = {s.name: SiteQuantizer(q.view, q.posterior, q.xtx, METHODS["gptq"], self.recipe.gptq_damp)
-                               for s in self.sites for q in [self.quantizers[s.name]]}
+            self._reference = {s.name: self.quantizers[s.name].reference() for s in self.sites}
         return self._reference
 
     def compress(self, bits: float, *, output: str | os.PathLike | None = None,

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import Method
+from ..config import METHODS, Method
 from ..formats import BayesqLut, Float32, Format, LutCodes, UniformCodes
 from ..posterior.expected_loss import expected_loss, rounding_loss
 from ..posterior.laplace import DiagonalLaplace
 from .codebook import codebook_codes, expected_codebook_loss, lloyd_max, round_gptq_codebook
 from .grid import minmax_grid, search_grid
 from .hqq import hqq_grid
-from .rounding import gptq_factor, round_gptq, round_rtn
+from .rounding import GPTQFactor, gptq_factor, round_gptq, round_rtn
 
 
 def _rounder(fmt: Format):
@@ -28,11 +28,19 @@ def _stored(fmt: Format, scale: np.ndarray) -> np.ndarray:
     return scale if r is None else r(scale)
 
 
+class _GPTQWork:
+    """What GPTQ computes for a site whatever the grid, shared by the quantizers of that site."""
+
+    def __init__(self):
+        self.factor: GPTQFactor | None = None             # of H^-1: independent of the format
+        self.own: dict[Format, UniformCodes] = {}         # GPTQ's own codes (dynamic groups)
+
+
 class SiteQuantizer:
     def __init__(self, view: np.ndarray, posterior: DiagonalLaplace, xtx: np.ndarray | None,
                  method: Method, gptq_damp: float = 0.01, act_order: bool = False):
         self.view, self.posterior, self.method = view, posterior, method
-        self.xtx, self._gptq_damp, self._act_order, self._factor = xtx, gptq_damp, act_order, None
+        self.xtx, self._gptq_damp, self._act_order, self._work = xtx, gptq_damp, act_order, _GPTQWork()
         self._grids: dict[tuple[Format, str], tuple] = {}   # small: one scale and zero point per group
         self._codes: dict[Format, UniformCodes] = {}
         self._pinned: dict[Format, str] = {}                  # grid kind chosen by measurement
@@ -129,16 +137,14 @@ class SiteQuantizer:
         if fmt not in self._codes:
             scale, zp = (None, None) if self._dynamic else self._grid(fmt)[:2]
             if self._gptq:
-                if self._factor is None:  # H^-1's factor does not depend on the format
-                    self._factor = gptq_factor(self.xtx, self._gptq_damp, self._act_order)
-                q = round_gptq(self.view, self._factor, scale, zp, fmt.bits, fmt.block, round_scale=_rounder(fmt))
+                q = (self._own_gptq(fmt) if self._dynamic else
+                     round_gptq(self.view, self._factor(), scale, zp, fmt.bits, fmt.block, round_scale=_rounder(fmt)))
                 if self.method.grid == "posterior" and not self._act_order:
                     # The searched grid is fixed before error feedback moves the weights; the
                     # reference's dynamic min/max groups follow them.  Keep whichever leaves the
                     # smaller layer output error ||X (W - Q)^T||^2: never worse than plain GPTQ
                     # on the calibration rows, in the same format.
-                    alt = round_gptq(self.view, self._factor, None, None, fmt.bits, fmt.block,
-                                     round_scale=_rounder(fmt))
+                    alt = self._own_gptq(fmt)
                     if self.output_error(alt) < self.output_error(q):
                         q = alt
                 self._codes[fmt] = q
@@ -156,11 +162,31 @@ class SiteQuantizer:
         if rounding == "nearest" or not self._gptq:
             return LutCodes(nearest, lut, fmt.bits, fmt.block)
         if fmt not in self._codes:
-            if self._factor is None:
-                self._factor = gptq_factor(self.xtx, self._gptq_damp, self._act_order)
-            self._codes[fmt] = LutCodes(round_gptq_codebook(self.view, self._factor, codebook, block),
+            self._codes[fmt] = LutCodes(round_gptq_codebook(self.view, self._factor(), codebook, block),
                                         lut, fmt.bits, fmt.block)
         return self._codes[fmt]
+
+    def _factor(self) -> GPTQFactor:
+        if self._work.factor is None:
+            self._work.factor = gptq_factor(self.xtx, self._gptq_damp, self._act_order)
+        return self._work.factor
+
+    def _own_gptq(self, fmt: Format) -> UniformCodes:
+        """GPTQ's own codes in ``fmt``: dynamic min/max groups (the reference's default)."""
+        if fmt not in self._work.own:
+            self._work.own[fmt] = round_gptq(self.view, self._factor(), None, None, fmt.bits, fmt.block,
+                                             round_scale=_rounder(fmt))
+        return self._work.own[fmt]
+
+    def reference(self) -> SiteQuantizer:
+        """This site quantized as ``--method gptq`` does.  Without act_order it shares this one's
+        GPTQ work: the factor of ``H^-1``, and GPTQ's own codes, which :meth:`codes` computes
+        anyway to compare with the searched grid's (the plan check would otherwise round every
+        site twice the same way)."""
+        ref = SiteQuantizer(self.view, self.posterior, self.xtx, METHODS["gptq"], self._gptq_damp)
+        if not self._act_order:
+            ref._work = self._work
+        return ref
 
     def output_error(self, q: UniformCodes) -> float:
         """``||X (W - Q)^T||^2 = tr(E H E^T)`` with ``H = X^T X``: the layer's own output error."""
@@ -173,4 +199,4 @@ class SiteQuantizer:
 
     def forget(self) -> None:
         """Drop cached codes and the GPTQ factor once packed: bounded memory on big models."""
-        self._codes, self._factor = {}, None
+        self._codes, self._work = {}, _GPTQWork()
