@@ -180,7 +180,7 @@ def test_bayesq_codes_never_worse_than_reference_gptq_on_the_layer():
         assert ours.output_error(ours.codes(fmt)) <= ref.output_error(ref.codes(fmt))
 
 
-def test_reference_shares_gptq_work_and_equals_an_independent_gptq_quantizer():
+def test_reference_shares_gptq_work_and_equals_an_independent_gptq_quantizer(monkeypatch):
     from bayesq_onnx.config import METHODS
     from bayesq_onnx.formats import MatMulNBits
     from bayesq_onnx.posterior.laplace import DiagonalLaplace
@@ -194,22 +194,18 @@ def test_reference_shares_gptq_work_and_equals_an_independent_gptq_quantizer():
     post = DiagonalLaplace.fit(W, np.broadcast_to(2 * np.diag(H), W.shape), 1e-2)
     ours = SiteQuantizer(W, post, H, METHODS["bayesq"])
     alone = SiteQuantizer(W, post, H, METHODS["gptq"])
-    calls = []
-    real = site_mod.round_gptq
-    site_mod.round_gptq = lambda *a, **k: calls.append(a[2] is None) or real(*a, **k)
-    try:
-        ref = ours.reference()
-        for fmt in (MatMulNBits(2, 32), MatMulNBits(4, 64)):
-            ours.codes(fmt)                  # searched grid and GPTQ's own, to compare
-            n = len(calls)
-            got = ref.codes(fmt)             # GPTQ's own again: shared, not recomputed
-            assert len(calls) == n
-            want = alone.codes(fmt)
-            np.testing.assert_array_equal(got.codes, want.codes)
-            np.testing.assert_array_equal(got.scale, want.scale)
-            np.testing.assert_array_equal(got.zero_point, want.zero_point)
-    finally:
-        site_mod.round_gptq = real
+    ref = ours.reference()
+    for fmt in (MatMulNBits(2, 32), MatMulNBits(4, 64)):
+        ours.codes(fmt)                  # searched grid and GPTQ's own, to compare
+        want = alone.codes(fmt)
+        rounded = []
+        monkeypatch.setattr(site_mod, "round_gptq", lambda *a, **k: rounded.append(1))
+        got = ref.codes(fmt)             # GPTQ's own again: shared, not recomputed
+        monkeypatch.undo()
+        assert not rounded
+        np.testing.assert_array_equal(got.codes, want.codes)
+        np.testing.assert_array_equal(got.scale, want.scale)
+        np.testing.assert_array_equal(got.zero_point, want.zero_point)
     # with act_order the bayesq quantizer's factor is permuted: nothing is shared
     ordered = SiteQuantizer(W, post, H, METHODS["bayesq"], act_order=True)
     np.testing.assert_array_equal(ordered.reference().codes(MatMulNBits(4, 64)).codes,

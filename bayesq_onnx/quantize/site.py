@@ -98,7 +98,7 @@ class SiteQuantizer:
             elif kind == "posterior":
                 # clipping at 1.0, 0.9, ..., 0.4 of the group's range, screened at sigma -> 0;
                 # the closed form decides between min/max and the two best-screened ranges (on
-                # MiniLM 99.99% of groups get the grid the full search picks, at 0.4-0.6x its cost)
+                # MiniLM 99.99% of groups get the grid the full search picks, at 0.5-0.7x its cost)
                 scale, zp, loss = search_grid(self.posterior, fmt.bits, fmt.block, n_steps=7, min_shrink=0.4)
                 if np.array_equal(_stored(fmt, scale), scale):
                     self._grids[fmt, kind] = scale, zp, loss
