@@ -27,6 +27,8 @@ METHODS: dict[str, Method] = {
 
 
 TARGETS = ("ort-cpu", "portable")
+# where the knapsack's loss tables come from (Recipe.tables; "auto" picks one, see table_source)
+TABLE_SOURCES = ("auto", "proxy", "scaled", "closed_form")
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,8 @@ class Recipe:
             raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose from {list(TARGETS)}")
-        if self.tables not in ("auto", "proxy", "scaled", "closed_form"):
-            raise ValueError(f"unknown tables {self.tables!r}")
+        if self.tables not in TABLE_SOURCES:
+            raise ValueError(f"unknown tables {self.tables!r}; choose from {list(TABLE_SOURCES)}")
         if not (self.bits > 0):
             raise ValueError(f"--bits must be positive, got {self.bits}")
         if not 0 <= self.holdout < 1:
