@@ -8,46 +8,106 @@ import os
 import sys
 from pathlib import Path
 
-from .config import METHODS, TARGETS
+from .config import METHODS, TABLE_SOURCES, TARGETS
 from .errors import BayesQError, first_line
 
+log = logging.getLogger("bayesq_onnx.cli")
 EXIT_BAD_INPUT = 2
+PROG = "bayesq-onnx"
+COMMANDS = ("compress", "eval", "curvature", "demo")
+
+# a few words per loss-table source for --tables; a source added to config.TABLE_SOURCES without an
+# entry here is still offered, under its bare name
+TABLES_HELP = {
+    "auto": "the default for the curvature given (proxy; closed_form with --curvature)",
+    "proxy": "each candidate measured end to end on calibration data",
+    "scaled": "the closed form rescaled by one measurement per site (for big models)",
+    "closed_form": "the closed form alone (for curvature files)",
+}
+
+
+class _UsageError(BayesQError):
+    """A malformed command line (argparse's complaint), already prefixed with the subcommand."""
+
+
+class _Exit(Exception):
+    """--help or --version done: leave main() with this status (argparse would sys.exit)."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default prints the usage block too)
-        raise BayesQError(f"{self.prog}: {message}")
+    """One line, exit 2 for a bad command line (argparse's default prints the usage block and exits
+    itself).  The message names the subcommand; main() adds the "bayesq-onnx: error:" prefix once."""
+
+    def error(self, message):
+        command = self.prog[len(PROG):].strip() if self.prog.startswith(PROG) else self.prog
+        raise _UsageError(f"{command}: {message}" if command else message)
+
+    def exit(self, status=0, message=None):
+        if message:
+            print(message, end="", file=sys.stderr)
+        raise _Exit(status)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bayesq-onnx", description="BayesQ post-training weight quantization for ONNX models.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(PROG)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        from . import __version__
+        return __version__
 
-    c = sub.add_parser("compress", help="quantize a model's weights to a bit budget")
+
+def _tables_help() -> str:
+    what = "; ".join(f"{t}: {TABLES_HELP[t]}" if t in TABLES_HELP else t for t in TABLE_SOURCES)
+    return f"where the allocator's loss tables come from (bayesq only) -- {what} (default: auto)"
+
+
+def _parser(lenient: bool = False) -> argparse.ArgumentParser:
+    """The command line.  ``lenient``: nothing is required (a parse that only looks for unknown
+    arguments, whose message must win over a "required" one: a misspelt --bits is reported as such)."""
+    req = not lenient
+    p = _Parser(prog=PROG, description="BayesQ post-training weight quantization for ONNX models.",
+                allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"{PROG} {_version()}",
+                   help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="quantize a model's weights to a bit budget", allow_abbrev=False)
     c.add_argument("model", help="input .onnx model (never modified)")
-    c.add_argument("--bits", type=float, required=True, help="budget: stored bits per quantized weight, all included")
+    c.add_argument("--bits", type=float, required=req,
+                   help="budget: stored bits per quantized weight, all included")
     c.add_argument("--calib", help=".npz (keys = input names, axis 0 = samples) or a directory of them; "
                                    "without it, synthetic data is used (with a warning)")
     c.add_argument("-o", "--output", help="output model (default: MODEL.bq.onnx)")
     c.add_argument("--report", help="write the JSON report here")
     c.add_argument("--method", default="bayesq", help=f"one of {', '.join(sorted(METHODS))} (default: bayesq)")
     c.add_argument("--curvature", help="CURV.npz: diagonal curvature per initializer and sample (bayesq-onnx curvature)")
+    c.add_argument("--tables", default="auto", choices=TABLE_SOURCES, help=_tables_help())
     c.add_argument("--target", default="ort-cpu", help=f"one of {', '.join(TARGETS)}: ort-cpu runs formats beyond "
                    "onnxruntime's with the bayesq custom-op library; portable rebuilds them with standard ops")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--quiet", action="store_true", help="no progress output")
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic calibration data (default 0; everything else is deterministic)")
+    c.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
 
-    e = sub.add_parser("eval", help="compare a quantized model with its reference in onnxruntime")
-    e.add_argument("ref")
-    e.add_argument("quant")
-    e.add_argument("--data", required=True, help=".npz of inputs (axis 0 = samples)")
-    e.add_argument("--labels", help=".npy of integer labels, one per sample")
-    e.add_argument("--json", help="write the metrics here as JSON")
-    e.add_argument("--quiet", action="store_true")
+    e = sub.add_parser("eval", help="compare a quantized model with its reference in onnxruntime",
+                       allow_abbrev=False)
+    e.add_argument("ref", help="reference .onnx model (e.g. the fp32 original)")
+    e.add_argument("quant", help="the .onnx model to compare with it (e.g. written by compress)")
+    e.add_argument("--data", required=req, help=".npz of inputs (keys = input names, axis 0 = samples)")
+    e.add_argument("--labels", help=".npy of integer labels, one per sample (or per position: the logits' "
+                                    "shape without its last axis); accuracy of both models on logits outputs")
+    e.add_argument("--json", help="write all the metrics here as JSON (the terminal gets a summary)")
+    e.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
 
-    g = sub.add_parser("curvature", help="diagonal curvature of a model's weights (CURV.npz for compress --curvature)")
+    g = sub.add_parser("curvature", help="diagonal curvature of a model's weights (CURV.npz for compress --curvature)",
+                       allow_abbrev=False)
     g.add_argument("model", help="input .onnx model (never modified)")
-    g.add_argument("--calib", required=True, help=".npz (keys = input names, axis 0 = samples) or a directory of them")
+    g.add_argument("--calib", required=req,
+                   help=".npz (keys = input names, axis 0 = samples) or a directory of them")
     g.add_argument("--source", default="fisher", help="fisher (default), hutchinson or activation")
     g.add_argument("--probes", type=int, help="hutchinson: Rademacher probes (default 32); fisher: labels sampled "
                                               "per input (default: the exact expectation when affordable, else 1)")
@@ -59,44 +119,80 @@ def _parser() -> argparse.ArgumentParser:
                                                                 "default 1: the curvature of the mean loss)")
     g.add_argument("--kfac", help="also write K-FAC factors A/<weight>, G/<weight> of linear sites here (fisher)")
     g.add_argument("--report", help="write settings, timing and the estimator's spread here as JSON")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampled labels and Hutchinson probes (default 0)")
     g.add_argument("--threads", type=int, help="torch threads (default: torch's; on a busy machine 1 is often faster)")
-    g.add_argument("-o", dest="out", required=True, help="CURV.npz to write")
-    g.add_argument("--quiet", action="store_true", help="no progress output")
+    g.add_argument("-o", dest="out", required=req, help="CURV.npz to write")
+    g.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
 
-    d = sub.add_parser("demo", help="the main job on a real model: all-MiniLM-L6-v2 on fortunes text")
-    d.add_argument("--bits", type=float, default=3.0)
+    d = sub.add_parser("demo", help="the main job on a real model: all-MiniLM-L6-v2 on fortunes text",
+                       allow_abbrev=False)
+    d.add_argument("--bits", type=float, default=3.0, help="budget in stored bits per weight (default 3.0)")
     d.add_argument("--cache", default=None, help="asset cache directory (default: $BAYESQ_CACHE or ~/.cache/bayesq-onnx)")
-    d.add_argument("--method", default="bayesq")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--method", default="bayesq",
+                   help=f"the method compared with rtn: one of {', '.join(sorted(METHODS))} (default: bayesq)")
+    d.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
     return p
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; an unknown argument is named before any other complaint about the command line
+    (argparse checks required arguments first, so ``--bitz 3`` would read as "--bits is required")."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args, unknown = _parser().parse_known_args(argv)
+        command = args.command
+    except _UsageError:
+        try:  # the same line parsed with nothing required: only to find unknown arguments
+            lenient, unknown = _parser(lenient=True).parse_known_args(argv)
+        except _UsageError:
+            unknown = []
+        if not unknown:
+            raise
+        command = lenient.command
+    if unknown:
+        raise _UsageError(f"{command + ': ' if command else ''}unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        print(_parser().format_help(), end="")
+        raise _UsageError(f"a command is required: one of {', '.join(COMMANDS)} (see the usage above)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bayesq_onnx").propagate = False
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
         _setup_logging(args.quiet)
         return {"compress": _compress, "eval": _eval, "curvature": _curvature, "demo": _demo}[args.command](args)
+    except _Exit as e:
+        return e.status
     except BayesQError as e:
-        print(f"bayesq-onnx: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("bayesq-onnx: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug of ours: one line unless asked for the traceback
         if os.environ.get("BAYESQ_DEBUG"):
             raise
-        print(f"bayesq-onnx: internal error: {type(e).__name__}: {first_line(e)} "
+        print(f"{PROG}: internal error: {type(e).__name__}: {first_line(e)} "
               "(set BAYESQ_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+
+
+class _Formatter(logging.Formatter):
+    """``bayesq-onnx: message`` for progress, ``bayesq-onnx: warning: message`` for warnings."""
+
+    def format(self, record):
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"{PROG}: {level}{record.getMessage()}"
 
 
 def _setup_logging(quiet: bool) -> None:
     logger = logging.getLogger("bayesq_onnx")
     logger.handlers.clear()
     h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(logging.Formatter("bayesq-onnx: %(message)s"))
+    h.setFormatter(_Formatter())
     logger.addHandler(h)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
@@ -104,10 +200,14 @@ def _setup_logging(quiet: bool) -> None:
 def _recipe(args):
     from .config import Recipe
     try:
-        return Recipe(bits=args.bits, method=args.method, seed=args.seed, curvature=args.curvature,
-                      target=args.target)
+        recipe = Recipe(bits=args.bits, method=args.method, seed=args.seed, curvature=args.curvature,
+                        tables=args.tables, target=args.target)
     except ValueError as e:
         raise BayesQError(str(e)) from None
+    if args.tables != "auto" and recipe.method_spec.planner != "knapsack":
+        log.warning("--tables does nothing with --method %s (it plans one uniform format, without loss tables)",
+                    args.method)
+    return recipe
 
 
 def _compress(args) -> int:
