@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -230,8 +229,37 @@ def _eval(args) -> int:
     if args.json:
         from .graph.model_io import save_json_atomic
         save_json_atomic(metrics, args.json)
-    print(json.dumps(metrics, indent=2))
+    print(_eval_summary(metrics, args.json))
     return 0
+
+
+def _eval_summary(m: dict, json_path: str | None) -> str:
+    """A few lines for the terminal: per output its agreement with the reference (all metrics: --json)."""
+    def num(x, fmt=".4g"):
+        return "n/a" if x is None else format(x, fmt)
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    lines = [f"{m['quant_model']} vs {m['ref_model']}: {m['n_samples']} samples "
+             f"(onnxruntime {m['quant_seconds']:.2f} s vs {m['ref_seconds']:.2f} s)"]
+    for name, o in m["outputs"].items():
+        if "cosine" in o:
+            parts = [f"cosine {num(o['cosine'], '.4f')} (min {num(o['cosine_min'], '.4f')})"]
+        else:
+            parts = [f"exact match {pct(o['exact_match'])}"]
+        parts.append(f"max abs error {num(o['max_abs_error'])} (reference max abs {num(o['ref_max_abs'])})")
+        if o.get("logits"):
+            parts.append(f"top-1 agreement {pct(o['top1_agreement'])}, KL {num(o['kl'])} nats")
+            if "accuracy_ref" in o:
+                parts.append(f"accuracy {pct(o['accuracy_ref'])} -> {pct(o['accuracy_quant'])} "
+                             f"({o['n_labelled']} labelled)")
+        if o["nonfinite_ref"] or o["nonfinite_quant"]:
+            parts.append(f"non-finite values {o['nonfinite_ref']} -> {o['nonfinite_quant']}")
+        lines.append(f"  {name}: " + "; ".join(parts))
+    if json_path:
+        lines.append(f"all metrics in {json_path}")
+    return "\n".join(lines)
 
 
 def _curvature(args) -> int:

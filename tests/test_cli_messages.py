@@ -1,12 +1,15 @@
 """What the command line says: usage errors named once and per subcommand, --version, no
-abbreviations, unknown flags named, --tables, help for every option."""
+abbreviations, unknown flags named, --tables, help for every option, and eval's summary/warnings."""
 from __future__ import annotations
 
 import argparse
+import json
 from importlib import metadata
 
+import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 import models
 from bayesq_onnx import cli
@@ -151,3 +154,90 @@ def test_every_argument_has_help():
                for a in p._actions if not isinstance(a, argparse._SubParsersAction) and not a.help]
     assert missing == []
     assert all(not p.allow_abbrev for p in [parser, *subparsers.choices.values()])
+
+
+# 7. eval: a summary on the terminal, JSON only in the file, a warning for labels that do nothing
+
+def _perturbed(mlp_path, rename_logits=None):
+    """The mlp with W1 slightly off (a stand-in for a quantized model), optionally with its logits output
+    renamed so that nothing is logits-like."""
+    m = models.mlp()
+    for t in m.graph.initializer:
+        if t.name == "W1":
+            a = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array(a + 0.05 * np.random.default_rng(3).standard_normal(a.shape)
+                                               .astype(np.float32), "W1"))
+    ref = models.mlp()
+    if rename_logits:
+        for g in (m.graph, ref.graph):
+            for n in g.node:
+                n.output[:] = [rename_logits if o == "logits" else o for o in n.output]
+            for o in g.output:
+                if o.name == "logits":
+                    o.name = rename_logits
+        onnx.save(ref, mlp_path.parent / "ref.onnx")
+        mlp_path = mlp_path.parent / "ref.onnx"
+    q = mlp_path.parent / "q.onnx"
+    onnx.save(m, q)
+    return str(mlp_path), str(q)
+
+
+@pytest.fixture
+def eval_data(tmp_path):
+    np.savez(tmp_path / "d.npz", **models.mlp_data(32, seed=5))
+    np.save(tmp_path / "l.npy", np.arange(32) % 32)
+    return str(tmp_path / "d.npz"), str(tmp_path / "l.npy")
+
+
+@pytest.mark.parametrize("with_json", [True, False])
+def test_eval_prints_a_summary_not_json(tmp_path, mlp_path, eval_data, capsys, with_json):
+    ref, quant = _perturbed(mlp_path)
+    data, labels = eval_data
+    out_json = tmp_path / "m.json"
+    argv = ["eval", ref, quant, "--data", data, "--labels", labels] + (["--json", str(out_json)] if with_json else [])
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert "{" not in out and '"' not in out, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 + with_json, lines          # header, logits, aux (+ where the JSON went)
+    assert lines[0].startswith(f"{quant} vs {ref}: 32 samples")
+    logits_line = next(line for line in lines if line.startswith("  logits: "))
+    aux_line = next(line for line in lines if line.startswith("  aux: "))
+    for word in ("cosine", "max abs error", "top-1 agreement", "KL", "accuracy", "(32 labelled)"):
+        assert word in logits_line, (word, logits_line)
+    assert "cosine" in aux_line and "max abs error" in aux_line and "top-1" not in aux_line
+    assert out_json.exists() == with_json
+    if with_json:
+        assert lines[-1] == f"all metrics in {out_json}"
+        lo = json.loads(out_json.read_text())["outputs"]["logits"]
+        assert f"cosine {lo['cosine']:.4f}" in logits_line and lo["cosine"] < 1 - 1e-4   # really perturbed
+        assert f"max abs error {lo['max_abs_error']:.4g}" in logits_line
+        assert f"KL {lo['kl']:.4g} nats" in logits_line
+        assert (f"accuracy {100 * lo['accuracy_ref']:.1f}% -> {100 * lo['accuracy_quant']:.1f}%"
+                in logits_line)
+
+
+def test_eval_warns_when_labels_do_nothing(tmp_path, mlp_path, eval_data, capsys):
+    ref, quant = _perturbed(mlp_path, rename_logits="scores")
+    data, labels = eval_data
+    assert main(["eval", ref, quant, "--data", data, "--labels", labels, "--json", str(tmp_path / "m.json")]) == 0
+    out, err = capsys.readouterr()
+    warnings = err.strip().splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("bayesq-onnx: warning: the labels are ignored: "
+                                                         "no output is logits-like"), warnings
+    assert "accuracy" not in out and "top-1" not in out
+    # without labels: no warning
+    assert main(["eval", ref, quant, "--data", data]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_eval_warns_when_no_label_counts(tmp_path, mlp_path, eval_data, capsys):
+    ref, quant = _perturbed(mlp_path)
+    data, _ = eval_data
+    np.save(tmp_path / "neg.npy", -np.ones(32, np.int64))
+    assert main(["eval", ref, quant, "--data", data, "--labels", str(tmp_path / "neg.npy")]) == 0
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == ["bayesq-onnx: warning: the labels are ignored: none is >= 0 (negative "
+                                        "labels mark positions to skip), so no accuracy is computed"]
+    assert "accuracy n/a -> n/a (0 labelled)" in out

@@ -15,6 +15,7 @@ or by the heuristic "name contains 'logit'" when ``logits`` is None), over every
 - ``top1_agreement``: fraction of positions where the argmaxes agree;
 - with ``labels`` (shape = output shape without its last axis; negative labels are ignored):
   ``accuracy_ref``, ``accuracy_quant`` and ``n_labelled``.
+  Labels that score nothing (no logits-like output, or no label >= 0) log a warning.
 
 Metrics are plain Python floats/ints (a non-finite metric is ``None``), so the result is
 JSON-serializable.  ``compare_models`` streams batches through both models and accumulates the
@@ -22,6 +23,7 @@ same statistics without keeping the outputs.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -33,6 +35,8 @@ from ..errors import BayesQError, first_line
 from ..runtime.session import make_session
 
 __all__ = ["compare_outputs", "compare_models", "is_logits_like"]
+
+log = logging.getLogger(__name__)
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -201,6 +205,16 @@ class _Comparison:
 
     def result(self, with_labels: bool) -> dict[str, Any]:
         n = max((s.n_samples for s in self.stats.values()), default=0)
+        if with_labels:  # labels that change nothing are said to, not silently dropped
+            scored = [s for s in self.stats.values() if s.logits_like]
+            if not scored:
+                what = ("a float output of >= 2 axes, last axis >= 2, whose name contains 'logit'"
+                        if self.logits is None else "none was named as logits")
+                log.warning("the labels are ignored: no output is logits-like (%s), so no accuracy is computed",
+                            what)
+            elif not any(s.n_lab for s in scored):
+                log.warning("the labels are ignored: none is >= 0 (negative labels mark positions to skip), "
+                            "so no accuracy is computed")
         return {"n_samples": n,
                 "outputs": {k: s.result(with_labels) for k, s in self.stats.items()}}
 
