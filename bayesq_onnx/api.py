@@ -258,8 +258,8 @@ def _tables(recipe, sites, candidates, quantizers, probe, fit, batch) -> dict[st
 
     - ``proxy``: the task-aware distortion measured for every hull candidate (one forward pass each);
     - ``scaled``: the closed form, rescaled per site so that its cheapest candidate's entry equals
-      that candidate's measured distortion (one forward pass per site: for big models; DESIGN.md
-      §2 measured it as the better of the cheap tables);
+      that candidate's measured distortion (one forward pass per site: for big models; docs/design.md,
+      "Loss tables" measured it as the better of the cheap tables);
     - ``closed_form``: the closed form itself (comparable across sites with curvature from a file).
 
     Off-hull candidates get +inf."""
@@ -304,7 +304,7 @@ def _tables(recipe, sites, candidates, quantizers, probe, fit, batch) -> dict[st
 
 
 def _plan_check(candidates: list[tuple[Plan, dict]], sites, probe, held, batch_size):
-    """Product rule (DESIGN.md §2, lesson 6): measure the knapsack plan end to end on held-back data
+    """Product rule (docs/design.md, "Plan check"): measure the knapsack plan end to end on held-back data
     against the uniform plans at the same budget -- with our grids, and with the reference GPTQ's
     codes -- and ship the best.  ``candidates``: ``(plan, quantizers)``, the knapsack first."""
     distortion = OutputDistortion(probe, held, batch_size)

@@ -40,7 +40,7 @@ class Recipe:
     tables: str = "auto"                          # "proxy" | "scaled" | "closed_form" | "auto" (closed_form iff curvature)
     target: str = "ort-cpu"                       # "ort-cpu" (bayesq formats run by our library) | "portable"
     custom_ops: bool = True                       # False: onnxruntime's native formats only
-    matmul_bits: tuple[int, ...] = (2, 4, 8)      # MatMulNBits executes 2/4/8 only (DESIGN §3)
+    matmul_bits: tuple[int, ...] = (2, 4, 8)      # MatMulNBits executes 2/4/8 only (docs/design.md, "What the runtimes accept")
     bayesq_bits: tuple[int, ...] = (3, 5, 6)      # affine widths only the bayesq ops run (MatMul and Conv)
     lut_bits: tuple[int, ...] = (2, 3, 4)         # Lloyd-Max codebooks, one per row (bayesq planner only)
     conv_bits: tuple[int, ...] = (2, 4, 8)        # blocked DequantizeLinear; 2 bits raises the opset to 25

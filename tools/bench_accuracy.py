@@ -3,8 +3,8 @@
     python tools/bench_accuracy.py [--quick] [--models minilm,fashion_mnist,...] [--budgets 2.5,3.0,3.5,4.0]
                                    [--methods rtn,gptq,hqq,bayesq] [--cache DIR] [--out DIR]
 
-Models and data are built from packages into the asset cache (``bayesq_onnx.assets``; see DESIGN.md
-§4).  Each method analyses a model once (statistics, grids, codes, loss tables) and then compresses
+Models and data are built from packages into the asset cache (``bayesq_onnx.assets``; see docs/design.md,
+"Real models and data").  Each method analyses a model once (statistics, grids, codes, loss tables) and then compresses
 it at every budget; a baseline takes the uniform format with the most stored bits within the
 budget, so its achieved bits can fall short of the budget: ``bayesq@gptq`` is bayesq run at exactly
 the bits gptq achieved, the strictly matched comparison.  Every row carries its achieved

@@ -1,6 +1,6 @@
 """Real models and data for benchmarks and tests, generated from installed packages into a cache.
 
-Nothing here downloads: models come from PyPI wheels, text from Debian packages (see DESIGN.md 4).
+Nothing here downloads: models come from PyPI wheels, text from Debian packages (see docs/design.md, "Real models and data").
 Heavy dependencies (torch, transformers) are imported only when an asset has to be built.
 """
 import os

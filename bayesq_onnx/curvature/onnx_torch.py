@@ -2,7 +2,7 @@
 keyed by initializer name (the ONNX-only route to gradient curvature: no torch source needed).
 
 Why this means (issue 5, item 3): onnxruntime-training installs into the same ``onnxruntime/``
-folder as onnxruntime 1.32 (DESIGN.md §3), so it would need its own environment and a process
+folder as onnxruntime 1.32 (docs/design.md, "What the runtimes accept"), so it would need its own environment and a process
 boundary; a backward of our own would have to be written and checked op by op, twice for double
 backward.  Executing the graph node by node with torch ops gets first and second derivatives of
 every covered op from torch for free, and the float initializers are the leaves, so nothing has to

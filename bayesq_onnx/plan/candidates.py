@@ -25,7 +25,7 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
         if bayesq_ops:
             # the same widths with fp16 scales store fewer bits than MatMulNBits (whose scales take
             # the activations' fp32), and our kernels are fast at 2 and 8 bits where onnxruntime's
-            # exact (accuracy level 0) kernels are not (DESIGN.md §3)
+            # exact (accuracy level 0) kernels are not (docs/design.md, "What the runtimes accept")
             ours = sorted(set(ours) | set(recipe.matmul_bits))
         else:
             out += [MatMulNBits(b, g) for b in recipe.matmul_bits for g in fitting]

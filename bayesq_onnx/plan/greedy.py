@@ -1,5 +1,5 @@
 """Greedy multiple-choice knapsack: each block gets one candidate format; spend a bit budget where
-it buys the largest loss drop per stored bit (DESIGN §2, "Allocation").
+it buys the largest loss drop per stored bit (docs/design.md, "Allocation").
 
 Quality bound: upgrades along each block's lower convex hull, taken in ratio order up to the first
 one that does not fit, are the LP-relaxation optimum minus a fraction of that one upgrade.  The

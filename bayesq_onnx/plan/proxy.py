@@ -1,6 +1,6 @@
 """The task-aware proxy: end-to-end output distortion on calibration data.
 
-Per-layer errors do not compare across layers (DESIGN.md §2, lesson 1); the distortion of the
+Per-layer errors do not compare across layers (docs/design.md, "Loss tables"); the distortion of the
 model's own outputs does.  Each output counts as its relative squared error
 ``||y - y_ref||^2 / ||y_ref||^2`` (so outputs of different scales weigh alike), averaged over outputs.
 """

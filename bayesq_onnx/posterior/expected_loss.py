@@ -1,4 +1,4 @@
-"""Posterior-expected distortion of the affine uniform quantizer (DESIGN §2, "Expected loss").
+"""Posterior-expected distortion of the affine uniform quantizer (docs/design.md, "Expected loss").
 
 For ``w ~ N(mu, sigma^2)`` and ``Q(w) = (clip(round(w/s) + zp, 0, M) - zp) * s`` work in code
 units: ``x = mu/s + zp``, ``k = sigma/s``.  ``Q`` is constant between the thresholds

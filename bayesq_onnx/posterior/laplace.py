@@ -1,4 +1,4 @@
-"""Diagonal Laplace posterior around the trained weights (DESIGN §2, "Posterior")."""
+"""Diagonal Laplace posterior around the trained weights (docs/design.md, "Posterior")."""
 from __future__ import annotations
 
 from dataclasses import dataclass

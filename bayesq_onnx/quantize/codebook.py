@@ -1,4 +1,4 @@
-"""Posterior-weighted Lloyd-Max codebooks for the LUT formats (DESIGN §2, "Codebooks").
+"""Posterior-weighted Lloyd-Max codebooks for the LUT formats (docs/design.md, "Codebooks").
 
 Each weight is a Gaussian ``w_i ~ N(mu_i, sigma_i^2)`` with importance ``weight_i`` (the posterior
 precision ``h_i + lambda``).  A group's codebook ``c_0 <= ... <= c_{K-1}`` is chosen to minimise

@@ -1,5 +1,5 @@
 """Per-group affine grids: the plain min/max range, or the clipping range that minimises the
-posterior-expected whitened distortion (DESIGN §2, "the clipping range ... by line search")."""
+posterior-expected whitened distortion (docs/design.md, "Clipping range")."""
 from __future__ import annotations
 
 import numpy as np
