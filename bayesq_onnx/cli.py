@@ -18,9 +18,10 @@ COMMANDS = ("compress", "eval", "curvature", "demo")
 # a few words per loss-table source for --tables; a source added to config.TABLE_SOURCES without an
 # entry here is still offered, under its bare name
 TABLES_HELP = {
-    "auto": "the default for the curvature given (proxy; closed_form with --curvature)",
-    "proxy": "each candidate measured end to end on calibration data",
-    "scaled": "the closed form rescaled by one measurement per site (for big models)",
+    "auto": "the default for the curvature given (kron; closed_form with --curvature)",
+    "kron": "each candidate's predicted layer error times the site's end-to-end factor, measured once "
+            "per site (fast)",
+    "proxy": "each candidate measured end to end on calibration data (slow: a dozen passes per weight)",
     "closed_form": "the closed form alone (for curvature files)",
 }
 
@@ -128,8 +129,8 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                        allow_abbrev=False)
     d.add_argument("--bits", type=float, default=3.0, help="budget in stored bits per weight (default 3.0)")
     d.add_argument("--cache", default=None, help="asset cache directory (default: $BAYESQ_CACHE or ~/.cache/bayesq-onnx)")
-    d.add_argument("--method", default="bayesq",
-                   help=f"the method compared with rtn: one of {', '.join(sorted(METHODS))} (default: bayesq)")
+    d.add_argument("--baseline", default="gptq", help="the uniform method bayesq is compared with at the same "
+                   f"stored bits: one of {', '.join(sorted(m for m in METHODS if m != 'bayesq'))} (default: gptq)")
     d.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
     return p
 
@@ -304,7 +305,10 @@ def _curvature(args) -> int:
 
 def _demo(args) -> int:
     from .demo import run_demo
-    run_demo(bits=args.bits, method=args.method, cache=args.cache)
+    if args.baseline not in METHODS or args.baseline == "bayesq":
+        raise BayesQError(f"--baseline must be a uniform method, one of "
+                          f"{sorted(m for m in METHODS if m != 'bayesq')}; got {args.baseline!r}")
+    run_demo(bits=args.bits, baseline=args.baseline, cache=args.cache)
     return 0
 
 

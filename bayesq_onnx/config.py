@@ -28,7 +28,7 @@ METHODS: dict[str, Method] = {
 
 TARGETS = ("ort-cpu", "portable")
 # where the knapsack's loss tables come from (Recipe.tables; "auto" picks one, see table_source)
-TABLE_SOURCES = ("auto", "proxy", "scaled", "closed_form")
+TABLE_SOURCES = ("auto", "kron", "proxy", "closed_form")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Recipe:
     method: str = "bayesq"
     seed: int = 0
     curvature: str | None = None                  # CURV.npz path (diagonal curvature per initializer)
-    tables: str = "auto"                          # "proxy" | "scaled" | "closed_form" | "auto" (closed_form iff curvature)
+    tables: str = "auto"                          # TABLE_SOURCES; "auto": closed_form with a curvature file, else kron
     target: str = "ort-cpu"                       # "ort-cpu" (bayesq formats run by our library) | "portable"
     custom_ops: bool = True                       # False: onnxruntime's native formats only
     matmul_bits: tuple[int, ...] = (2, 4, 8)      # MatMulNBits executes 2/4/8 only (docs/design.md, "What the runtimes accept")
@@ -49,7 +49,8 @@ class Recipe:
     keep_fp32: bool = True                        # fp32 is a candidate too
     min_elements: int = 1024                      # smaller weights are skipped (nothing to gain)
     holdout: float = 0.25                         # calibration share held back for the plan check
-    proxy_samples: int = 32                       # samples the task-aware tables are measured on
+    proxy_samples: int = 32                       # samples the task-aware (proxy) tables are measured on
+    scale_samples: int = 8                        # samples each site's end-to-end factor (kron) is measured on
     batch_size: int = 8                           # onnxruntime batch for calibration passes
     evidence: float = 1e6                         # rows the weights were trained on (activation posterior)
     damping: float = 1e-2                         # Laplace prior precision, relative to mean(h)
@@ -78,7 +79,7 @@ class Recipe:
     def table_source(self) -> str:
         if self.tables != "auto":
             return self.tables
-        return "closed_form" if self.curvature else "proxy"
+        return "closed_form" if self.curvature else "kron"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -24,7 +24,10 @@ class Progress:
         now = time.monotonic()
         if now - self._last >= self.every and self.done < self.total:
             self._last = now
-            log.info("%s: %d/%d (%.0f s)", self.what, self.done, self.total, now - self._t0)
+            elapsed = now - self._t0
+            # the rate so far: sites and batches of one model cost alike to within a few x
+            left = elapsed * (self.total - self.done) / max(self.done, 1)
+            log.info("%s: %d/%d (%.0f s, about %.0f s left)", self.what, self.done, self.total, elapsed, left)
 
     def __exit__(self, *exc):
         if exc[0] is None:

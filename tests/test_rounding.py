@@ -177,7 +177,7 @@ def test_bayesq_codes_never_worse_than_reference_gptq_on_the_layer():
     post = DiagonalLaplace.fit(W, np.broadcast_to(2 * np.diag(H), W.shape), 1e-2)
     ours, ref = (SiteQuantizer(W, post, H, METHODS[m]) for m in ("bayesq", "gptq"))
     for fmt in (MatMulNBits(2, 32), MatMulNBits(4, 64), MatMulNBits(8, 128)):
-        assert ours.output_error(ours.codes(fmt)) <= ref.output_error(ref.codes(fmt))
+        assert ours.layer_error(ours.codes(fmt)) <= ref.layer_error(ref.codes(fmt))
 
 
 def test_reference_shares_gptq_work_and_equals_an_independent_gptq_quantizer(monkeypatch):

@@ -37,6 +37,8 @@ from bayesq_onnx.runtime.session import make_session  # noqa: E402
 from bayesq_onnx.validate.compare import compare_outputs  # noqa: E402
 
 METHODS = ("rtn", "gptq", "hqq", "bayesq")
+# bayesq with a loss-table source other than the default: bayesq-proxy, bayesq-closed_form, ...
+VARIANT = "bayesq-"
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5)   # 4.5: the first budget that fits 4-bit g128 with fp32 scales
 QUICK_BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
@@ -115,8 +117,7 @@ def _fashion_mnist(cache: Path, quick: bool) -> Task:
 
 def _smollm2(cache: Path, quick: bool) -> Task:
     """SmolLM2-135M-Instruct: next-token perplexity on Jane Austen's Persuasion (calibrated on the
-    other novels).  Its 211 sites make per-candidate proxy tables too slow for the benchmark, so
-    bayesq uses the scaled tables (one measured distortion per site)."""
+    other novels)."""
     from bayesq_onnx.assets import prepare_smollm2
     from bayesq_onnx.assets.smollm2 import perplexity
 
@@ -125,7 +126,7 @@ def _smollm2(cache: Path, quick: bool) -> Task:
     return Task(a.model, load_npz(a.calib), lambda p: {"perplexity": perplexity(p, data)}, "perplexity", False,
                 # groups of 64 and 128 only: 16 candidates per MatMul site instead of 28, about half
                 # the closed-form work per site; every method gets the same format set
-                {"tables": "scaled", "proxy_samples": 8, "batch_size": 4, "blocks": (64, 128)},
+                {"batch_size": 4, "blocks": (64, 128)},
                 # every 2-bit plan breaks this model, so the informative budgets start at 3 (3-bit
                 # g128 with fp16 scales: 3.15 bits/weight; 4-bit g64: 4.31)
                 budgets=(3.0, 3.5, 4.0, 4.5))
@@ -151,10 +152,12 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
              "seconds": 0.0, **task.evaluate(task.model)}]
     _say(rows[-1])
     achieved: dict[float, float] = {}           # budget -> bits gptq achieved there
-    order = [m for m in methods if m != "bayesq"] + (["bayesq"] if "bayesq" in methods else [])
-    for method in order:
+    ours = [m for m in methods if m == "bayesq" or m.startswith(VARIANT)]
+    for method in [m for m in methods if m not in ours] + ours:
         fields = dict(task.recipe, method=method)
-        if proxy_samples and method == "bayesq":
+        if method.startswith(VARIANT):
+            fields.update(method="bayesq", tables=method[len(VARIANT):])
+        if proxy_samples and method in ours:
             fields["proxy_samples"] = proxy_samples
         t0 = time.perf_counter()
         try:
@@ -163,8 +166,8 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             logging.warning("%s/%s: %s", name, method, e)
             continue
         points = [(b, method) for b in budgets]
-        if method == "bayesq" and "gptq" in methods:   # strictly matched: gptq's achieved bits
-            points += [(a, "bayesq@gptq") for a in dict.fromkeys(achieved[b] for b in budgets if b in achieved)
+        if method in ours and "gptq" in methods:   # strictly matched: gptq's achieved bits
+            points += [(a, f"{method}@gptq") for a in dict.fromkeys(achieved[b] for b in budgets if b in achieved)
                        if a not in budgets]
         for bits, label in points:
             out = out_dir / f"{name}.{label}.{bits:.4g}.onnx"
@@ -249,7 +252,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", help=f"comma-separated, from {','.join(TASKS)} (default: all, or the quick set)")
     ap.add_argument("--budgets", help=f"comma-separated (default: {','.join(map(str, BUDGETS))}, "
                     "or the model's own list)")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated, from {','.join(METHODS)}, or {VARIANT}TABLES for bayesq with other "
+                         "loss tables (e.g. bayesq-proxy)")
     ap.add_argument("--proxy-samples", type=int, help="bayesq's proxy samples (default: the recipe's)")
     ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--out", type=Path, default=Path("bench-accuracy"))

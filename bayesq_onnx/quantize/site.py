@@ -123,13 +123,52 @@ class SiteQuantizer:
         closed form at sigma -> 0): enough to rank a site's own formats before the expensive work,
         and blind to the posterior mass of barely-seen weights beyond the clipping range, which
         otherwise ranks formats by range width alone (rare embedding rows)."""
+        return self._rounding_error(fmt, self.posterior.precision)
+
+    def layer_loss(self, fmt: Format) -> float:
+        """The layer output error ``||X (W - Q)^T||^2`` that ``fmt``'s codes are predicted to leave,
+        without rounding them: the min/max grid's rounding error of each weight times what an error
+        there costs -- where GPTQ runs, its conditional precision ``1 / U_ii^2`` (``H^-1 = U^T U``:
+        the cost of an error in column ``i`` once the columns after it have compensated for it, which
+        is exactly how GPTQ accumulates its error), elsewhere the posterior precision.  Measured on
+        MiniLM: within 0.75-1.25x of the GPTQ-rounded codes' error at 2-6 bits (8-bit errors, far
+        below every other candidate's, come out up to 4x high)."""
+        return self._rounding_error(fmt, self._layer_weights())
+
+    def layer_error(self, q: UniformCodes | LutCodes) -> float:
+        """The layer output error that codes ``q`` leave, in :meth:`layer_loss`'s units: with GPTQ's
+        ``H = X^T X`` the exact ``||X (W - Q)^T||^2 = tr(E H E^T)``; elsewhere the precision-weighted
+        squared error."""
+        e = q.dequantize().astype(np.float64) - self.view
+        if self._gptq:
+            return float(np.einsum("rk,rk->", e @ self.xtx, e))
+        return float((np.broadcast_to(self.posterior.precision, e.shape) * np.square(e)).sum())
+
+    def _layer_weights(self) -> np.ndarray:
+        if not self._gptq:
+            return self.posterior.precision
+        f = self._factor()
+        w = np.empty(self.view.shape[1], np.float64)
+        w[f.perm] = 1.0 / np.square(np.diag(f.U))
+        w[f.dead] = 0.0       # inputs that are always 0: their weights never reach the output
+        return w[None, :]
+
+    def _rounding_error(self, fmt: Format, weight: np.ndarray) -> float:
+        """``sum_i weight_i (Q(mu_i) - mu_i)^2`` on the min/max grid, or on the codebook's levels."""
         if isinstance(fmt, Float32):
             return 0.0
         if isinstance(fmt, BayesqLut):  # no cheap stand-in: the codebook is what it would be screened by
             err = self.codes(fmt, rounding="nearest").dequantize() - self.view
-            return float((np.broadcast_to(self.posterior.precision, err.shape) * np.square(err, dtype=np.float64)).sum())
-        return float(rounding_loss(self.posterior, *minmax_grid(self.view, fmt.bits, fmt.block), fmt.bits,
-                                   fmt.block).sum())
+            return float((np.broadcast_to(weight, err.shape) * np.square(err, dtype=np.float64)).sum())
+        post = DiagonalLaplace(self.posterior.mu, np.broadcast_to(weight, self.view.shape))
+        return float(rounding_loss(post, *minmax_grid(self.view, fmt.bits, fmt.block), fmt.bits, fmt.block).sum())
+
+    def quick_codes(self, fmt: Format) -> UniformCodes | LutCodes:
+        """Codes in ``fmt`` at the cost of one rounding: GPTQ's own (dynamic min/max groups) where
+        GPTQ runs, else :meth:`codes`."""
+        if self._gptq and not self._act_order and not isinstance(fmt, BayesqLut):
+            return self._own_gptq(fmt)
+        return self.codes(fmt)
 
     def codes(self, fmt: Format, rounding: str | None = None) -> UniformCodes | LutCodes:
         if isinstance(fmt, BayesqLut):
@@ -145,7 +184,7 @@ class SiteQuantizer:
                     # smaller layer output error ||X (W - Q)^T||^2: never worse than plain GPTQ
                     # on the calibration rows, in the same format.
                     alt = self._own_gptq(fmt)
-                    if self.output_error(alt) < self.output_error(q):
+                    if self.layer_error(alt) < self.layer_error(q):
                         q = alt
                 self._codes[fmt] = q
             else:
@@ -187,11 +226,6 @@ class SiteQuantizer:
         if not self._act_order:
             ref._work = self._work
         return ref
-
-    def output_error(self, q: UniformCodes) -> float:
-        """``||X (W - Q)^T||^2 = tr(E H E^T)`` with ``H = X^T X``: the layer's own output error."""
-        e = q.dequantize().astype(np.float64) - self.view
-        return float(np.einsum("rk,rk->", e @ self.xtx, e))
 
     def dequantized(self, fmt: Format) -> np.ndarray:
         """The weights the runtime will compute with, as a view."""

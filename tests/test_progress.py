@@ -1,0 +1,18 @@
+"""Progress lines: throttled, with the elapsed time and an estimate of what is left."""
+import logging
+
+from bayesq_onnx import progress
+
+
+def test_progress_lines_carry_an_eta(monkeypatch, caplog):
+    clock = iter([0.0, 6.0, 7.0, 13.0, 15.0, 20.0])   # start, one reading per step, one at exit
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger="bayesq_onnx.progress"):
+        with progress.Progress("tables", 4) as p:
+            p.step()        # t=6: 1/4 after 6 s -> 18 s left
+            p.step()        # t=7: within 5 s of the last line: silent
+            p.step()        # t=13: 3/4 after 13 s -> 4 s left
+            p.step()        # done: no ETA line, the closing line instead
+    assert [r.getMessage() for r in caplog.records] == [
+        "tables: 0/4", "tables: 1/4 (6 s, about 18 s left)", "tables: 3/4 (13 s, about 4 s left)",
+        "tables: 4/4 done in 20.0 s"]
