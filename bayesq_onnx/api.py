@@ -109,16 +109,27 @@ class Analysis:
         self.curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
         self.quantizers = {s.name: _site_quantizer(s, weights[s.name], self.curvature, stats[s.name].xtx, recipe)
                            for s in sites}
-        self._losses, self._reference = None, None
+        self._losses, self._reference, self._distortion = None, None, None
         self.seconds = time.perf_counter() - t0
 
     @property
     def losses(self) -> dict[str, np.ndarray]:
         """The knapsack's loss tables (computed on first use)."""
         if self._losses is None:
-            self._losses = _tables(self.recipe, self.sites, self.candidates, self.quantizers, self.probe,
-                                   self.fit, self.batch)
+            measured = self.recipe.table_source != "closed_form"
+            self._losses = _tables(self.recipe, self.sites, self.candidates, self.quantizers,
+                                   self._scale_distortion if measured else None)
         return self._losses
+
+    @property
+    def _scale_distortion(self) -> OutputDistortion:
+        """The output distortion the tables are measured with (``proxy_samples``, or ``scale_samples``
+        for kron) of the fitting data."""
+        if self._distortion is None:
+            r = self.recipe
+            n = r.scale_samples if r.table_source == "kron" else r.proxy_samples
+            self._distortion = OutputDistortion(self.probe, take(self.fit, -(-n // self.batch) * self.batch), self.batch)
+        return self._distortion
 
     @property
     def reference_quantizers(self) -> dict[str, SiteQuantizer]:
@@ -143,8 +154,10 @@ class Analysis:
             plan = uniforms[0]
         else:
             losses = self.losses
-            ours = [(p, self.quantizers) for p in [knapsack_plan(sites, self.candidates, losses, budget_bits),
-                                                    *uniforms[:N_UNIFORM_CHECKED[recipe.table_source]]]]
+            knapsack = knapsack_plan(sites, self.candidates, losses, budget_bits)
+            if recipe.table_source == "kron":
+                _choose_grids(knapsack, sites, self.quantizers, self._scale_distortion)
+            ours = [(p, self.quantizers) for p in [knapsack, *uniforms[:N_UNIFORM_CHECKED[recipe.table_source]]]]
             reference = [(replace(u, label=f"gptq {u.label}"), self.reference_quantizers) for u in uniforms[:1]]
             (plan, quantizers), check = _plan_check(ours + reference, sites, self.probe, self.held, self.batch)
         out_model = _lower(self.model, sites, plan, quantizers, recipe, forget=_single_use)
@@ -255,7 +268,7 @@ def _lower(m: onnx.ModelProto, sites, plan: Plan, quantizers, recipe: Recipe, fo
     return out
 
 
-def _tables(recipe, sites, candidates, quantizers, probe, fit, batch) -> dict[str, np.ndarray]:
+def _tables(recipe, sites, candidates, quantizers, distortion) -> dict[str, np.ndarray]:
     """Loss of every (site, candidate): the allocator's input, by ``recipe.table_source``:
 
     - ``kron``: the layer output error each candidate is predicted to leave
@@ -273,11 +286,6 @@ def _tables(recipe, sites, candidates, quantizers, probe, fit, batch) -> dict[st
     taking: they get +inf without being rounded or measured.  The hull comes from the layer loss
     (kron) or from the closed form at sigma -> 0 (the others)."""
     source = recipe.table_source
-    samples = recipe.scale_samples if source == "kron" else recipe.proxy_samples
-    distortion = None
-    if source != "closed_form":
-        distortion = OutputDistortion(probe, take(fit, -(-samples // batch) * batch), batch)
-
     def site_table(s) -> np.ndarray:
         q, fs = quantizers[s.name], candidates[s.name]
         costs = np.array([f.stored_bits(s.rows, s.L) for f in fs], np.float64)
@@ -315,6 +323,26 @@ def _tables(recipe, sites, candidates, quantizers, probe, fit, batch) -> dict[st
             losses[s.name] = table
             p.step()
     return losses
+
+
+def _choose_grids(plan: Plan, sites, quantizers, distortion) -> None:
+    """Where a site offers several grids for its planned format (Conv and Gather: no ``X^T X`` for
+    GPTQ to judge them by), measure each end to end and pin the best, as the proxy tables do for
+    every candidate: the diagonal expected loss that the search minimises can favour clipping the
+    model does not tolerate.  Each format is decided once, whatever budget asks again."""
+    def choose(s):
+        q, f = quantizers[s.name], plan.choice[s.name]
+        kinds = q.grid_kinds(f)
+        if len(kinds) > 1 and f not in q.measured_grids:
+            scores = []
+            for kind in kinds:
+                q.pin(f, kind)
+                scores.append((distortion({s.name: s.from_view(q.dequantized(f))}), kind))
+            q.pin(f, min(scores)[1])
+            q.measured_grids.add(f)
+
+    for _ in parallel_map(choose, sites):
+        pass
 
 
 def _scale_reference(site, formats, hull) -> int | None:

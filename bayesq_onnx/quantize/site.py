@@ -44,6 +44,7 @@ class SiteQuantizer:
         self._grids: dict[tuple[Format, str], tuple] = {}   # small: one scale and zero point per group
         self._codes: dict[Format, UniformCodes] = {}
         self._pinned: dict[Format, str] = {}                  # grid kind chosen by measurement
+        self.measured_grids: set[Format] = set()              # formats whose grid kinds were all measured
 
     @property
     def _gptq(self) -> bool:
@@ -164,11 +165,14 @@ class SiteQuantizer:
         return float(rounding_loss(post, *minmax_grid(self.view, fmt.bits, fmt.block), fmt.bits, fmt.block).sum())
 
     def quick_codes(self, fmt: Format) -> UniformCodes | LutCodes:
-        """Codes in ``fmt`` at the cost of one rounding: GPTQ's own (dynamic min/max groups) where
-        GPTQ runs, else :meth:`codes`."""
-        if self._gptq and not self._act_order and not isinstance(fmt, BayesqLut):
+        """Real codes in ``fmt`` at the cost of one rounding and no grid search: GPTQ's own (dynamic
+        min/max groups) where GPTQ runs, else nearest on the min/max grid; codebooks need their
+        Lloyd-Max levels (:meth:`codes`)."""
+        if isinstance(fmt, BayesqLut):
+            return self.codes(fmt)
+        if self._gptq and not self._act_order:
             return self._own_gptq(fmt)
-        return self.codes(fmt)
+        return round_rtn(self.view, *minmax_grid(self.view, fmt.bits, fmt.block), fmt.bits, fmt.block)
 
     def codes(self, fmt: Format, rounding: str | None = None) -> UniformCodes | LutCodes:
         if isinstance(fmt, BayesqLut):
