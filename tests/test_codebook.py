@@ -292,6 +292,71 @@ def test_deterministic_and_independent_of_batching(monkeypatch):
     assert a[0].tobytes() == c[0].tobytes() and a[1].tobytes() == c[1].tobytes()
 
 
+
+def _estep_walk(mu, sig, w, c):
+    """The E-step as first written: every element walks outwards from its cell one threshold
+    at a time while ``a < 6``, accumulating in the same order as ``codebook._estep``."""
+    from scipy.special import ndtr
+    g, K = c.shape
+    thr = 0.5 * (c[:, 1:] + c[:, :-1])
+    near = np.sum(thr[:, None, :] < mu[:, :, None], axis=2)
+    cell = (np.arange(g)[:, None] * K + near).ravel()
+    cf, tf = c.ravel(), thr.ravel()
+    d = cf[cell] - mu.ravel()
+    loss = d * d + (sig * sig).ravel()
+    A = np.bincount(cell, w.ravel(), g * K)
+    Bm = np.bincount(cell, (w * mu).ravel(), g * K)
+    nf, mf, reach = near.ravel(), mu.ravel(), (6.0 * sig).ravel()
+    gs0 = np.repeat(np.arange(g), mu.shape[1])
+    if K > 1:
+        below = tf[gs0 * (K - 1) + np.maximum(nf - 1, 0)]
+        above = tf[gs0 * (K - 1) + np.minimum(nf, K - 2)]
+        live = np.flatnonzero(((nf > 0) & (mf - below < reach)) | ((nf < K - 1) & (above - mf < reach)))
+    else:
+        live = np.zeros(0, np.intp)
+    acc = np.zeros(live.size)
+    for up in (True, False):
+        pos, ms, ss, ws = np.arange(live.size), mf[live], sig.ravel()[live], w.ravel()[live]
+        gs, ns = gs0[live], nf[live]
+        for k in range(K - 1):
+            j = ns + k if up else ns - k - 1
+            ok = (j <= K - 2) if up else (j >= 0)
+            j = np.clip(j, 0, K - 2)
+            t = tf[gs * (K - 1) + j]
+            a = (t - ms) / ss if up else (ms - t) / ss
+            ok &= a < 6.0
+            pos, ms, ss, ws, gs, ns, j, a = (x[ok] for x in (pos, ms, ss, ws, gs, ns, j, a))
+            if not pos.size:
+                break
+            tail = ndtr(-a)
+            dens = np.exp(-0.5 * a * a) * 0.3989422804014327
+            cj = gs * K + j
+            acc[pos] += (cf[cj + 1] - cf[cj]) * (dens - a * tail)
+            mass, mom = ws * tail, ws * (ms * tail + (ss if up else -ss) * dens)
+            idx = np.concatenate([cj + 1, cj] if up else [cj, cj + 1])
+            A += np.bincount(idx, np.concatenate([mass, -mass]), g * K)
+            Bm += np.bincount(idx, np.concatenate([mom, -mom]), g * K)
+    loss[live] -= 2.0 * sig.ravel()[live] * acc
+    return np.maximum(loss, 0.0).reshape(mu.shape), A.reshape(g, K), Bm.reshape(g, K)
+
+
+@pytest.mark.parametrize("K", [1, 2, 5, 16])
+def test_estep_is_the_plain_walk_bit_for_bit(K):
+    """The E-step's bookkeeping (index arithmetic, compaction) changes no bit of the walk's sums:
+    widths from 0 (never live) to many level spacings (walks of every length)."""
+    rng = np.random.default_rng(K)
+    G, n = 7, 300
+    mu = rng.standard_t(3, (G, n)) * 0.05
+    sigma = np.exp(rng.uniform(np.log(1e-5), np.log(0.2), (G, n)))
+    sigma[:, :10] = 0.0
+    w = rng.gamma(2.0, 1.0, (G, n))
+    c = np.sort(rng.standard_normal((G, K)) * 0.1, axis=1).astype(np.float32).astype(np.float64)
+    c[0, 1:] = c[0, 0] if K > 1 else c[0]                  # equal levels: empty cells
+    got, ref = cbm._estep(mu, sigma, w, c, stats=True), _estep_walk(mu, sigma, w, c)
+    for x, y in zip(got, ref):
+        assert x.tobytes() == y.tobytes()
+    assert cbm._estep(mu, sigma, w, c, stats=False).tobytes() == ref[0].tobytes()
+
 def test_bad_input():
     mu = np.zeros((2, 8))
     with pytest.raises(BayesQError, match="levels"):

@@ -169,27 +169,28 @@ def _estep(mu, sig, w, c, stats: bool):
     else:
         live = np.zeros(0, np.intp)
     if live.size:
-        B = mu.shape[1]
-        mu0, s0, w0 = mu.ravel()[live], sig.ravel()[live], w.ravel()[live]
-        g0, n0 = live // B, near.ravel()[live]
+        mu0, s0, w0, n0 = mf[live], sig.ravel()[live], w.ravel()[live], nf[live]
         acc = np.zeros(live.size)
         for up in (True, False):
-            pos = np.arange(live.size)
-            ms, ss, ws, gs, ns = mu0, s0, w0, g0, n0
+            pos, ms, ss, ws = np.arange(live.size), mu0, s0, w0
+            # steps left in this direction; flat tf / cf indices of the first threshold beyond
+            # mu's cell and of the cell on mu's side of it (step k adds +k up, -k down)
+            left = K - 1 - n0 if up else n0
+            tj = row[live] + (n0 if up else n0 - 1)
+            cj = cell[live] if up else cell[live] - 1
             for k in range(K - 1):
-                j = ns + k if up else ns - k - 1        # the k-th threshold beyond mu's cell
-                ok = (j <= K - 2) if up else (j >= 0)
-                j = np.clip(j, 0, K - 2)
-                t = tf[gs * (K - 1) + j]
-                a = (t - ms) / ss if up else (ms - t) / ss
+                ok = left > k
+                tk = tf[np.where(ok, tj, 0)]            # past the last threshold: any index, dropped
+                a = (tk - ms) / ss if up else (ms - tk) / ss
                 ok &= a < _Z_CUT
                 if not ok.all():
-                    pos, ms, ss, ws, gs, ns, j, t, a = (x[ok] for x in (pos, ms, ss, ws, gs, ns, j, t, a))
-                if not pos.size:
-                    break
+                    # keep the elements still walking (index + take: cheaper than 8 boolean masks)
+                    keep = np.flatnonzero(ok)
+                    if not keep.size:
+                        break
+                    pos, ms, ss, ws, left, tj, cj, a = (x[keep] for x in (pos, ms, ss, ws, left, tj, cj, a))
                 tail = ndtr(-a)                         # mass beyond t, away from mu
                 dens = np.exp(-0.5 * a * a) * _INV_SQRT_2PI
-                cj = gs * K + j
                 acc[pos] += (cf[cj + 1] - cf[cj]) * (dens - a * tail)
                 if stats:
                     mass = ws * tail
@@ -198,6 +199,8 @@ def _estep(mu, sig, w, c, stats: bool):
                     idx = np.concatenate([cj + 1, cj] if up else [cj, cj + 1])
                     A += np.bincount(idx, np.concatenate([mass, -mass]), g * K)
                     Bm += np.bincount(idx, np.concatenate([mom, -mom]), g * K)
+                step = 1 if up else -1
+                tj, cj = tj + step, cj + step
         loss[live] -= 2.0 * s0 * acc
     # round-off can leave a hair below 0 where sigma dominates and the terms cancel
     loss = np.maximum(loss, 0.0).reshape(mu.shape)
