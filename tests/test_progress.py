@@ -7,6 +7,8 @@ from bayesq_onnx import progress
 def test_progress_lines_carry_an_eta(monkeypatch, caplog):
     clock = iter([0.0, 6.0, 7.0, 13.0, 15.0, 20.0])   # start, one reading per step, one at exit
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    # the CLI (run by earlier tests) stops bayesq_onnx's records at its own handler
+    monkeypatch.setattr(logging.getLogger("bayesq_onnx"), "propagate", True)
     with caplog.at_level(logging.INFO, logger="bayesq_onnx.progress"):
         with progress.Progress("tables", 4) as p:
             p.step()        # t=6: 1/4 after 6 s -> 18 s left
