@@ -2,3 +2,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/models.py builds the small test graphs
+
+import onnx  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def mlp_path(tmp_path):
+    """The small MLP of tests/models.py saved as a file, in a directory of its own."""
+    import models
+    p = tmp_path / "in" / "mlp.onnx"
+    p.parent.mkdir()
+    onnx.save(models.mlp(), p)
+    return p

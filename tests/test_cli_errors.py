@@ -13,12 +13,6 @@ import models
 from bayesq_onnx.cli import main
 
 
-@pytest.fixture
-def mlp_path(tmp_path):
-    p = tmp_path / "in" / "mlp.onnx"
-    p.parent.mkdir()
-    onnx.save(models.mlp(), p)
-    return p
 
 
 def _npz(path, **arrays):

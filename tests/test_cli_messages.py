@@ -17,12 +17,6 @@ from bayesq_onnx.cli import main
 from bayesq_onnx.config import TABLE_SOURCES
 
 
-@pytest.fixture
-def mlp_path(tmp_path):
-    p = tmp_path / "in" / "mlp.onnx"
-    p.parent.mkdir()
-    onnx.save(models.mlp(), p)
-    return p
 
 
 def _error_line(capsys, argv) -> tuple[str, str]:
