@@ -118,11 +118,11 @@ class Analysis:
         if self._losses is None:
             measured = self.recipe.table_source != "closed_form"
             self._losses = _tables(self.recipe, self.sites, self.candidates, self.quantizers,
-                                   self._scale_distortion if measured else None)
+                                   self._table_distortion if measured else None)
         return self._losses
 
     @property
-    def _scale_distortion(self) -> OutputDistortion:
+    def _table_distortion(self) -> OutputDistortion:
         """The output distortion the tables are measured with (``proxy_samples``, or ``scale_samples``
         for kron) of the fitting data."""
         if self._distortion is None:
@@ -156,7 +156,7 @@ class Analysis:
             losses = self.losses
             knapsack = knapsack_plan(sites, self.candidates, losses, budget_bits)
             if recipe.table_source == "kron":
-                _choose_grids(knapsack, sites, self.quantizers, self._scale_distortion)
+                _choose_grids(knapsack, sites, self.quantizers, self._table_distortion)
             ours = [(p, self.quantizers) for p in [knapsack, *uniforms[:N_UNIFORM_CHECKED[recipe.table_source]]]]
             reference = [(replace(u, label=f"gptq {u.label}"), self.reference_quantizers) for u in uniforms[:1]]
             (plan, quantizers), check = _plan_check(ours + reference, sites, self.probe, self.held, self.batch)
