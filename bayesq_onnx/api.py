@@ -276,7 +276,8 @@ def _tables(recipe, sites, candidates, quantizers, distortion) -> dict[str, np.n
       model's output distortion per unit of layer output error, measured once per site with one
       candidate's real codes.  The output-side factor of a Kronecker-factored curvature, reduced
       to a scalar: on MiniLM it varies by 200x between sites and by +-15% between the formats of
-      one site.  One forward pass per site, on ``recipe.scale_samples`` samples.
+      one site.  Measured from the site's segment of the model on (``OutputDistortion.segmented``),
+      on ``recipe.scale_samples`` samples.
     - ``proxy``: the task-aware distortion measured for every candidate on the site's hull (a dozen
       forward passes of the site's cone each).
     - ``closed_form``: the posterior-expected loss itself (comparable across sites only with
@@ -286,19 +287,18 @@ def _tables(recipe, sites, candidates, quantizers, distortion) -> dict[str, np.n
     taking: they get +inf without being rounded or measured.  The hull comes from the layer loss
     (kron) or from the closed form at sigma -> 0 (the others)."""
     source = recipe.table_source
+    # kron: one measurement per site, from the site's segment of the model on
+    from_segment = distortion.segmented([s.name for s in sites]) if source == "kron" else None
+
     def site_table(s) -> np.ndarray:
         q, fs = quantizers[s.name], candidates[s.name]
-        costs = np.array([f.stored_bits(s.rows, s.L) for f in fs], np.float64)
-        screen = np.array([(q.layer_loss if source == "kron" else q.screen_loss)(f) for f in fs])
-        hull = sorted(lower_hull(costs, screen), key=lambda j: costs[j])
-        table = np.full(len(fs), np.inf)
+        table, hull = _hull_table(s, fs, q.layer_loss if source == "kron" else q.screen_loss)
         if source == "kron":
             ref = _scale_reference(s, fs, hull)
-            table[hull] = screen[hull]
             if ref is not None:
                 codes = q.quick_codes(fs[ref])
                 err = q.layer_error(codes)
-                table[hull] *= distortion({s.name: s.from_view(codes.dequantize())}) / err if err > 0 else 0.0
+                table[hull] *= from_segment({s.name: s.from_view(codes.dequantize())}) / err if err > 0 else 0.0
         elif source == "proxy":
             # a dozen measurements of this site, each running only the part of the model it reaches
             measure = distortion.restricted_to([s.name])
@@ -325,8 +325,19 @@ def _tables(recipe, sites, candidates, quantizers, distortion) -> dict[str, np.n
     return losses
 
 
+def _hull_table(site, formats, screen) -> tuple[np.ndarray, list[int]]:
+    """A table that is +inf off the lower convex hull of (stored bits, ``screen``) and holds the
+    screen on it, and the hull (by stored bits)."""
+    costs = np.array([f.stored_bits(site.rows, site.L) for f in formats], np.float64)
+    values = np.array([screen(f) for f in formats])
+    hull = sorted(lower_hull(costs, values), key=lambda j: costs[j])
+    table = np.full(len(formats), np.inf)
+    table[hull] = values[hull]
+    return table, hull
+
+
 def _choose_grids(plan: Plan, sites, quantizers, distortion) -> None:
-    """Where a site offers several grids for its planned format (Conv and Gather: no ``X^T X`` for
+    """Where a site offers several grids for its planned format (grouped Conv and Gather: no ``X^T X`` for
     GPTQ to judge them by), measure each end to end and pin the best, as the proxy tables do for
     every candidate: the diagonal expected loss that the search minimises can favour clipping the
     model does not tolerate.  Each format is decided once, whatever budget asks again."""

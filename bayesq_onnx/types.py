@@ -46,7 +46,7 @@ class SkippedSite:
 class SiteStats:
     """Forward statistics of one site's inputs over the calibration set."""
 
-    xtx: np.ndarray | None = None   # (L, L) float64 sum of x x^T over all rows seen (matmul sites)
+    xtx: np.ndarray | None = None   # (L, L) float64 sum of x x^T over all rows seen (matmul; conv: channels over positions)
     n_xtx: int = 0                  # rows of X in xtx
-    sq: np.ndarray | None = None    # broadcastable to the view: conv (1, L) sums of x^2, gather (rows, 1) index counts
+    sq: np.ndarray | None = None    # broadcastable to the view: grouped conv (1, L) sums of x^2, gather (rows, 1) index counts
     n_sq: int = 0                   # samples (conv) or indices (gather) in sq

@@ -105,3 +105,39 @@ def tied(seed=0, vocab=300, d=64, seq=8) -> onnx.ModelProto:
 
 def tied_data(n=48, vocab=300, seq=8, seed=1):
     return {"ids": np.random.default_rng(seed).integers(0, vocab, (n, seq)).astype(np.int64)}
+
+
+def residual(seed=0, d=64, h=128, blocks=3) -> onnx.ModelProto:
+    """A residual stream through ``blocks`` MLP blocks (``x + relu(norm(x) W_up) W_down``), with a
+    scale read from the stream's Shape (a value no weight changes) and a Transpose-fed head."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, x = {"one": np.ones(1, np.float32)}, [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "last"], ["width"], axis=0),
+        helper.make_node("Cast", ["width"], ["widthf"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["one", "widthf"], ["inv_width"]),
+    ], "x"
+    inits["last"] = np.array(-1, np.int64)
+    for b in range(blocks):
+        inits[f"up{b}"], inits[f"down{b}"] = _w(rng, d, h), _w(rng, h, d)
+        nodes += [helper.make_node("Shape", [x], [f"shp{b}"]),            # shape of the stream: no value flows
+                  helper.make_node("ReduceSumSquare", [x], [f"ss{b}"], axes=[1], keepdims=1),
+                  helper.make_node("Mul", [f"ss{b}", "inv_width"], [f"ms{b}"]),
+                  helper.make_node("Add", [f"ms{b}", "one"], [f"ms1{b}"]),
+                  helper.make_node("Sqrt", [f"ms1{b}"], [f"rms{b}"]),
+                  helper.make_node("Div", [x, f"rms{b}"], [f"n{b}"]),
+                  helper.make_node("MatMul", [f"n{b}", f"up{b}"], [f"u{b}"]),
+                  helper.make_node("Relu", [f"u{b}"], [f"r{b}"]),
+                  helper.make_node("MatMul", [f"r{b}", f"down{b}"], [f"dn{b}"]),
+                  helper.make_node("Reshape", [f"dn{b}", f"shp{b}"], [f"dr{b}"]),
+                  helper.make_node("Add", [x, f"dr{b}"], [f"h{b}"])]
+        x = f"h{b}"
+    inits["headT"] = _w(rng, 16, d)
+    nodes += [helper.make_node("Transpose", ["headT"], ["head"], perm=[1, 0]),
+              helper.make_node("MatMul", [x, "head"], ["logits"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 16])], inits)
+
+
+def residual_data(n=48, d=64, seed=1) -> dict[str, np.ndarray]:
+    return mlp_data(n, d, seed)

@@ -1,5 +1,6 @@
-"""The task-aware proxy (plan/proxy.py) measured on the whole model and on one site's forward cone
-(runtime/probe.ConeRun, graph/cone.py): the same distortion, from less of the graph."""
+"""The task-aware proxy (plan/proxy.py) measured on the whole model, on one site's forward cone
+(runtime/probe.ConeRun) and from one site's segment on (runtime/probe.SegmentRun, graph/cone.py):
+the same distortion, from less of the graph."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,12 +9,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import models
 from bayesq_onnx import Analysis, Recipe
-from bayesq_onnx.graph.cone import forward_cone
+from bayesq_onnx.graph.cone import forward_cone, segments
 from bayesq_onnx.plan.proxy import OutputDistortion
 from bayesq_onnx.runtime.probe import ConeRun, Probe
 
 CASES = {"mlp": (models.mlp, models.mlp_data), "embed": (models.embed, models.embed_data),
-         "cnn": (models.cnn, models.cnn_data), "tied": (models.tied, models.tied_data)}
+         "cnn": (models.cnn, models.cnn_data), "tied": (models.tied, models.tied_data),
+         "residual": (models.residual, models.residual_data)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -26,11 +28,13 @@ def test_cone_distortion_equals_whole_model_distortion(case):
         w = a.probe.weights[s.name]
         noisy = (w + 0.05 * np.abs(w).mean() * rng.standard_normal(w.shape)).astype(np.float32)
         whole, cone = d({s.name: noisy}), d.restricted_to([s.name])({s.name: noisy})
+        segmented = d.segmented([t.name for t in a.sites])({s.name: noisy})
         assert whole > 0
-        # the cone runs the same ops on the same inputs; only float32 rounding may differ where
-        # onnxruntime fuses differently across the cut (relative 1e-7 per output, squared errors
-        # of about 1e-3 relative: 1e-5 is far above that and far below any format's difference)
+        # the cone and the segments run the same ops on the same inputs; only float32 rounding may
+        # differ where onnxruntime fuses differently across a cut (relative 1e-7 per output, squared
+        # errors of about 1e-3 relative: 1e-5 is far above that and far below any format's difference)
         assert cone == pytest.approx(whole, rel=1e-5), s.name
+        assert segmented == pytest.approx(whole, rel=1e-5), s.name
         assert d.restricted_to([s.name])({}) == pytest.approx(0.0, abs=1e-10)   # unchanged: no error
 
 
@@ -64,3 +68,31 @@ def test_graph_with_subgraphs_is_measured_whole():
     assert probe.model is None
     d = OutputDistortion(probe, {"x": rng.standard_normal((4, 1, 64)).astype(np.float32)[:, 0]}, 1)
     assert d.restricted_to(["W"]) is d
+
+
+def test_segments_cut_the_residual_stream_between_blocks():
+    """One segment per block, cut where the stream is the only live tensor: a Shape of the stream
+    carries no value and the head's Transpose only prepares a weight, so neither keeps it open.
+    In the first block the stream is the model's input, which no weight changes: there the ReLU
+    between the two weights is a cut too."""
+    a = Analysis(models.residual(), Recipe(bits=4.0), calib=models.residual_data())
+    names = {s.name for s in a.sites}
+    assert names == {"up0", "down0", "up1", "down1", "up2", "down2", "headT"}
+    segs = segments(a.probe.model.graph, names, a.probe.outputs)
+    assert [(sg.start, sg.end) for sg in segs] == [(None, "r0"), ("r0", "h0"), ("h0", "h1"), ("h1", "h2"), ("h2", None)]
+    reads = [{i for n in sg.nodes for i in n.input} & names for sg in segs]
+    assert reads == [{"up0"}, {"down0"}, {"up1", "down1"}, {"up2", "down2"}, {"headT"}]
+    assert [n.op_type for n in segs[-1].nodes] == ["Transpose", "MatMul"]
+
+
+def test_a_tied_weight_is_measured_through_every_segment_that_reads_it():
+    """The tied table is read by the first segment (Gather) and the last (head): the segmented
+    measurement changes it in both, as the whole model does."""
+    a = Analysis(models.tied(), Recipe(bits=4.0), calib=models.tied_data())
+    d = OutputDistortion(a.probe, a.fit, 8)
+    s = next(s for s in a.sites if s.kind == "tied")
+    w = a.probe.weights[s.name]
+    noisy = (w + 0.05 * np.abs(w).mean() * np.random.default_rng(0).standard_normal(w.shape)).astype(np.float32)
+    only_head = d.segmented([t.name for t in a.sites])
+    # rel: float32 rounding across the cuts only (see above)
+    assert only_head({s.name: noisy}) == pytest.approx(d({s.name: noisy}), rel=1e-5)

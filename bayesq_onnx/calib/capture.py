@@ -10,8 +10,8 @@ from ..types import SiteStats, WeightSite
 
 
 def capture_stats(probe, sites: list[WeightSite], data: dict[str, np.ndarray], batch_size: int) -> dict[str, SiteStats]:
-    """``X^T X`` over every row entering a matmul site (the GPTQ / K-FAC input factor), per-channel
-    sums of squares for conv sites, index counts for gather sites (tied sites get both)."""
+    """``X^T X`` over every row entering a matmul site (the GPTQ / K-FAC input factor) and over every
+    position of a conv site's input channels, index counts for gather sites (tied sites get both)."""
     acts = list(dict.fromkeys(a for s in sites for a in s.activations))
     stats = {s.name: SiteStats() for s in sites}
     n = len(next(iter(data.values())))
@@ -32,12 +32,18 @@ def _accumulate(site: WeightSite, st: SiteStats, x: np.ndarray) -> None:
         x = x.reshape(-1, site.L).astype(np.float64)
         st.xtx = (x.T @ x) if st.xtx is None else st.xtx + x.T @ x
         st.n_xtx += x.shape[0]
-    elif site.kind == "conv":
-        # every weight w[o, i, r] meets channel i at (almost) every position: sum x_i^2 over positions
+    elif site.kind == "conv" and x.shape[1] == site.L:
+        # every weight w[o, i, r, s] meets channel i at (almost) every position, shifted by its tap
+        # (r, s): the channel Gram over positions is each tap's X^T X (exact for 1x1 convolutions;
+        # for k x k it leaves out padding and the correlation between taps, see docs/design.md)
+        x = np.moveaxis(x, 1, -1).reshape(-1, site.L).astype(np.float64)
+        st.xtx = (x.T @ x) if st.xtx is None else st.xtx + x.T @ x
+        st.n_xtx += x.shape[0]
+    elif site.kind == "conv":  # grouped: each group's weights see their own channels
         axes = (0,) + tuple(range(2, x.ndim))
         sq = np.square(x, dtype=np.float64).sum(axis=axes).reshape(1, x.shape[1])
         st.sq = sq if st.sq is None else st.sq + sq
-        st.n_sq += x.size // x.shape[1]  # positions: a conv "row" is one patch
+        st.n_sq += x.size // x.shape[1]
     elif site.kind == "gather":
         counts = np.bincount(x.reshape(-1).astype(np.int64) % site.rows, minlength=site.rows)
         counts = counts.astype(np.float64).reshape(site.rows, 1)

@@ -22,7 +22,7 @@ class ActivationCurvature(CurvatureSource):
         self.stats, self.evidence = stats, evidence
 
     def diagonal(self, site: WeightSite) -> np.ndarray:
-        """``2 diag(X^T X)`` per input (matmul), channel energies (conv), index counts (gather), each
+        """``2 diag(X^T X)`` per input (matmul, and conv channels), channel energies (grouped conv), index counts (gather), each
         per calibration row times ``evidence``; a tied embedding/head gets the sum of both uses."""
         st = self.stats[site.name]
         h = np.zeros((1, 1))

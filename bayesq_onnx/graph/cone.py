@@ -13,6 +13,10 @@ import onnx
 from onnx import helper
 
 
+def _reads_shape(n: onnx.NodeProto) -> bool:
+    return n.op_type in ("Shape", "Size") and n.domain in ("", "ai.onnx")
+
+
 @dataclass(frozen=True)
 class Cone:
     nodes: list[onnx.NodeProto]      # the nodes the sources reach, in graph order
@@ -33,9 +37,11 @@ def forward_cone(graph: onnx.GraphProto, sources: set[str]) -> Cone:
     for n in graph.node:
         if any(i in reached for i in n.input if i):
             nodes.append(n)
-            reached.update(o for o in n.output if o)
+            if not _reads_shape(n):   # new weights never change a shape: what reads one is not downstream
+                reached.update(o for o in n.output if o)
     inits = {t.name for t in graph.initializer}
-    frontier = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in reached and i not in inits))
+    computed = {o for n in nodes for o in n.output}
+    frontier = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in computed and i not in inits))
     return Cone(nodes, frontier, [o.name for o in graph.output if o.name in reached])
 
 
@@ -62,3 +68,69 @@ def submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[o
     m = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     m.functions.extend(model.functions)
     return m
+
+
+@dataclass(frozen=True)
+class Segment:
+    nodes: list[onnx.NodeProto]      # a run of the sources' cone, in graph order
+    start: str | None                # the cut it starts from (None: the first, fed by the sources)
+    end: str | None                  # the cut it ends at (None: the last, ending at the graph outputs)
+
+
+def segments(graph: onnx.GraphProto, sources: set[str], outputs: list[str]) -> list[Segment]:
+    """The forward cone of ``sources`` cut into segments at single tensors that everything the
+    sources change passes through (the residual stream between transformer sublayers, the feature
+    map between CNN blocks), one cut before each source's first reader that follows a cut, the
+    latest such one: a segment holds whole blocks, and whatever changes in it leaves through its
+    end.  ``outputs``: the graph outputs that count (not the probe's extra ones).  A model with no
+    such tensor is one segment."""
+    cone = forward_cone(graph, sources).nodes
+    # nodes that only reshape weights (a Transpose feeding a MatMul) run with their readers: their
+    # outputs are weights too, not part of the stream the cuts are looked for in
+    data = {v.name for v in graph.input} - sources
+    for n in graph.node:
+        if any(i in data for i in n.input):
+            data.update(o for o in n.output if o)
+    # and what reads a shape is left to the reference run: it is the same whatever the weights
+    cone = [n for n in cone if not _reads_shape(n)]
+    prep = [n for n in cone if not any(i in data for i in n.input)]
+    nodes = [n for n in cone if any(i in data for i in n.input)]
+    weights = set(sources) | {o for n in prep for o in n.output}
+    produced = {o for n in nodes for o in n.output if o}
+    last_use = {}
+    for i, n in enumerate(nodes):
+        for t in n.input:
+            if t in produced:
+                last_use[t] = i
+    for o in outputs:
+        if o in produced:
+            last_use[o] = len(nodes)                 # a graph output stays live to the end
+    cuts, live = {}, set()                           # node index -> the one tensor live after it
+    for i, n in enumerate(nodes):
+        live.update(o for o in n.output if last_use.get(o, -1) > i)
+        live.difference_update(t for t in n.input if last_use.get(t) == i)
+        if len(live) == 1:
+            cuts[i] = next(iter(live))
+    readers = [i for i, n in enumerate(nodes) if any(t in weights for t in n.input)]
+    kept = []
+    for r in readers:
+        before = [i for i in cuts if i < r and (not kept or i > kept[-1])]
+        if before:
+            kept.append(max(before))
+    bounds = [-1, *kept, len(nodes) - 1]
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        part = nodes[a + 1:b + 1]
+        out.append(Segment(backward_slice_of(prep, part) + part, cuts.get(a),
+                           cuts.get(b) if b < len(nodes) - 1 else None))
+    return out
+
+
+def backward_slice_of(pool: list[onnx.NodeProto], nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """The nodes of ``pool`` (in its order) that ``nodes`` need, directly or through each other."""
+    needed, keep = {i for n in nodes for i in n.input if i}, []
+    for n in reversed(pool):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    return keep[::-1]
