@@ -162,7 +162,7 @@ def _flatten(out):
 def map_curvature(curv: dict, pmap: dict[str, ParamLocation]) -> dict[str, np.ndarray]:
     """Torch-side curvature (parameter name -> tensor or array in the parameter's shape, e.g. from
     ``curvature.fisher.fisher_diagonal`` with ``module_forward``) -> ``{initializer: array}`` in the
-    initializer's layout, float32, for ``compute.save_npz_atomic``.  See the module docstring for
+    initializer's layout, float32, for ``graph.model_io.save_npz_atomic``.  See the module docstring for
     tied and merged parameters."""
     per_init: dict[str, dict[str, np.ndarray]] = {}
     for name, c in curv.items():
