@@ -301,10 +301,10 @@ def export_source(source: str, path: str | os.PathLike, *, inputs: tuple[Example
     if Path(source).is_dir():
         module, args, names, out_names, dyn = _transformers_source(Path(source), seq_len, batch, seed)
     else:
+        module = _module_source(source)
         if not inputs:
             raise BayesQError("exporting a module needs its example inputs: --input NAME:SHAPE[:DTYPE] "
                               "(e.g. --input x:1x64)")
-        module = _module_source(source)
         gen = torch.Generator().manual_seed(seed)
         args = tuple(_example_tensor(torch, i, gen) for i in inputs)
         names = tuple(i.name for i in inputs)
