@@ -94,7 +94,8 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
     x.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "torchscript"),
                    help="torch's exporter: auto (default) tries dynamo (needs the onnxscript package) and "
                         "falls back to TorchScript where it fails")
-    x.add_argument("--opset", type=int, default=17, help="ONNX opset to export to (default 17)")
+    x.add_argument("--opset", type=int, help="ONNX opset to export to (default: 17 with TorchScript, 18 with "
+                                               "dynamo, the lowest it implements)")
     x.add_argument("--compress-bits", type=float, metavar="BITS",
                    help="then compress the exported model at this budget (as compress --bits) to "
                         "NAME.bq.onnx, its report to NAME.bq.json")

@@ -52,7 +52,7 @@ class ParamLocation:
 
 
 def export(module, args, path: str | os.PathLike, *, input_names=None, output_names=None, dynamic_axes=None,
-           opset: int = 17, exporter: str = "torchscript", readable_names: bool = False,
+           opset: int | None = 17, exporter: str = "torchscript", readable_names: bool = False,
            **export_kwargs) -> dict[str, ParamLocation]:
     """``torch.onnx.export`` to ``path``, written atomically, and the map of every named parameter (tied
     ones under each name).  ``exporter``: ``torchscript`` (``dynamo=False``, constant folding on),
@@ -73,15 +73,25 @@ def export(module, args, path: str | os.PathLike, *, input_names=None, output_na
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    if exporter not in EXPORTERS:
+        raise BayesQError(f"unknown exporter {exporter!r}; choose from {list(EXPORTERS)}")
+    tries = ("dynamo", "torchscript") if exporter == "auto" else (exporter,)
     try:
-        used_exporter = _torch_export(module, args, tmp, exporter, input_names=input_names,
-                                      output_names=output_names, dynamic_axes=dynamic_axes, opset_version=opset,
-                                      **export_kwargs)
-        model = onnx.load(tmp)
-        constants_to_initializers(model)   # the names compress sees (graph.model_io.load_model does the same)
-        read = {n for node in model.graph.node for n in node.input}
-        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name in read}
-        pmap = map_parameters(params, inits, used)   # before the rename: an unmappable export is not kept
+        for i, how in enumerate(tries):
+            try:
+                _torch_export(module, args, tmp, how, input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, opset=opset, **export_kwargs)
+                model = onnx.load(tmp)
+                constants_to_initializers(model)   # the names compress sees (model_io.load_model does the same)
+                read = {n for node in model.graph.node for n in node.input}
+                inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name in read}
+                pmap = map_parameters(params, inits, used)   # an export that cannot be mapped is not kept
+                break
+            except Exception as e:
+                if i == len(tries) - 1:
+                    raise
+                # dynamo needs onnxscript, does not trace every module, and may fold parameters away
+                log.info("the %s exporter did not do (%s); using %s", how, first_line(e), tries[i + 1])
         if readable_names:
             pmap = _rename_initializers(model, pmap)
             save_model_atomic(model, path)
@@ -91,7 +101,7 @@ def export(module, args, path: str | os.PathLike, *, input_names=None, output_na
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 is not what a new file gets
             os.replace(tmp, path)
-        log.info("exported with the %s exporter", used_exporter)
+        log.info("exported with the %s exporter", how)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -104,24 +114,30 @@ def export(module, args, path: str | os.PathLike, *, input_names=None, output_na
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
 
-def _torch_export(module, args, tmp: str, exporter: str, **kw) -> str:
-    """One ``torch.onnx.export`` call by ``exporter`` (see :func:`export`); the exporter used."""
+def _torch_export(module, args, tmp: str, how: str, opset: int | None, **kw) -> None:
+    """One ``torch.onnx.export`` call, ``how`` = ``dynamo`` or ``torchscript``, quietly: tracer warnings
+    and the dynamo exporter's progress prints and logs are not the user's to act on.  ``opset``
+    None: 17 for TorchScript, 18 for dynamo (the lowest it implements)."""
+    import contextlib
+    import io
+
     import torch
 
-    if exporter not in EXPORTERS:
-        raise BayesQError(f"unknown exporter {exporter!r}; choose from {list(EXPORTERS)}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # TracerWarnings about shapes fixed at export, deprecations
-        if exporter != "torchscript":
-            try:
-                torch.onnx.export(module, args, tmp, dynamo=True, external_data=False, **kw)
-                return "dynamo"
-            except Exception as e:
-                if exporter == "dynamo":
-                    raise
-                log.info("the dynamo exporter failed (%s); using TorchScript", first_line(e))
-        torch.onnx.export(module, args, tmp, dynamo=False, **kw)
-    return "torchscript"
+    loggers = [logging.getLogger(n) for n in ("torch", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            if how == "dynamo":
+                torch.onnx.export(module, args, tmp, dynamo=True, external_data=False, verbose=False,
+                                  opset_version=opset or 18, **kw)
+            else:
+                torch.onnx.export(module, args, tmp, dynamo=False, opset_version=opset or 17, **kw)
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 def _rename_initializers(model, pmap: dict[str, ParamLocation]) -> dict[str, ParamLocation]:
@@ -290,7 +306,7 @@ class ExportResult:
 
 def export_source(source: str, path: str | os.PathLike, *, inputs: tuple[ExampleInput, ...] = (),
                   output_names: tuple[str, ...] = (), seq_len: int = 16, batch: int = 2,
-                  exporter: str = "auto", opset: int = 17, seed: int = 0) -> ExportResult:
+                  exporter: str = "auto", opset: int | None = None, seed: int = 0) -> ExportResult:
     """What ``bayesq-onnx export`` does: ``source`` is ``file.py:factory`` (``factory()`` returns a
     ``torch.nn.Module``, traced with ``inputs``) or a transformers model directory (``config.json``
     and weights, loaded offline; inputs ``input_ids`` and ``attention_mask`` of ``batch`` x ``seq_len``,
