@@ -77,7 +77,8 @@ class Analysis:
         t0 = time.perf_counter()
         self.recipe, self._input = recipe, model
         m = self.model = _read_model(model)
-        sites, skipped = find_sites(m, recipe.min_elements)
+        sites, skipped = find_sites(m, recipe.min_elements, recipe.exclude, recipe.include,
+                                    [p for p, _ in recipe.pins])
         if not sites:
             why = f" ({skipped[0].name}: {skipped[0].reason})" if skipped else ""
             raise BayesQError(f"no quantizable weights found{why}")

@@ -13,7 +13,7 @@ from .errors import BayesQError, first_line
 log = logging.getLogger("bayesq_onnx.cli")
 EXIT_BAD_INPUT = 2
 PROG = "bayesq-onnx"
-COMMANDS = ("compress", "eval", "curvature", "demo")
+COMMANDS = ("export", "calib", "compress", "eval", "curvature", "demo")
 
 # a few words per loss-table source for --tables; a source added to config.TABLE_SOURCES without an
 # entry here is still offered, under its bare name
@@ -76,20 +76,88 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                    help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    x = sub.add_parser("export", help="a PyTorch module or a transformers model directory to ONNX (needs torch)",
+                       allow_abbrev=False)
+    x.add_argument("source", help="FILE.py:FACTORY (FACTORY() returns a torch.nn.Module; give --input) or a "
+                                  "transformers model directory (config.json and weights, loaded offline; "
+                                  "inputs input_ids and attention_mask, output logits)")
+    x.add_argument("-o", "--output", required=req,
+                   help="the .onnx to write; the parameter->initializer map goes beside it as NAME.params.json")
+    x.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE[:DTYPE]",
+                   help="an example input of the module, in forward's order, e.g. x:1x64 or ids:2x16:int64 "
+                        "(dtype float32, float16, int64, int32 or bool; default float32; floats are random "
+                        "normal, integers 0); axis 0 is exported as a dynamic batch axis")
+    x.add_argument("--output-names", metavar="A,B", help="names of the module's outputs (default: output, or "
+                                                         "output_0, output_1, ...; transformers: logits)")
+    x.add_argument("--seq-len", type=int, default=16,
+                   help="transformers: length of the example sequence (the axis stays dynamic; default 16)")
+    x.add_argument("--exporter", default="auto", choices=("auto", "dynamo", "torchscript"),
+                   help="torch's exporter: auto (default) tries dynamo (needs the onnxscript package) and "
+                        "falls back to TorchScript where it fails")
+    x.add_argument("--opset", type=int, help="ONNX opset to export to (default: 17 with TorchScript, 18 with "
+                                               "dynamo, the lowest it implements)")
+    x.add_argument("--compress-bits", type=float, metavar="BITS",
+                   help="then compress the exported model at this budget (as compress --bits) to "
+                        "NAME.bq.onnx, its report to NAME.bq.json")
+    x.add_argument("--calib", help="with --compress-bits: the calibration .npz (default: synthetic data, "
+                                   "with a warning)")
+    x.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
+
+    k = sub.add_parser("calib", help="build a calibration .npz for a model: from text, images or at random",
+                       allow_abbrev=False)
+    k.add_argument("model", help="the .onnx model the data is for (its input names, dtypes and shapes are checked)")
+    k.add_argument("-o", "--output", required=req, help="the .npz to write")
+    src = k.add_mutually_exclusive_group(required=req)
+    src.add_argument("--text", metavar="FILE", help="a UTF-8 text file, one sample per non-empty line "
+                                                    "(needs --tokenizer)")
+    src.add_argument("--images", metavar="DIR", help="a folder of images (png, jpg, ...; the first --samples "
+                                                     "by file name) for a model with one (N, C, H, W) float input")
+    src.add_argument("--random", action="store_true",
+                     help="random but valid data from the graph (what compress uses without --calib)")
+    k.add_argument("--tokenizer", metavar="tokenizer.json", help="--text: the tokenizer (tokenizers package)")
+    k.add_argument("--seq-len", type=int, help=f"--text: tokens per sample when the model's sequence axis is "
+                                               f"dynamic (default 64); longer lines are cut, shorter padded")
+    k.add_argument("--samples", type=int, default=64, help="how many samples at most (default 64)")
+    k.add_argument("--size", metavar="HxW", help="--images: size when the model's height/width are dynamic")
+    k.add_argument("--crop", action="store_true", help="--images: scale the shorter side to the size and crop "
+                                                       "the centre (default: stretch to the size)")
+    k.add_argument("--mean", metavar="M[,M,M]", default="0",
+                   help="--images: subtracted per channel after scaling to [0, 1] (default 0; e.g. "
+                        "0.485,0.456,0.406)")
+    k.add_argument("--std", metavar="S[,S,S]", default="1",
+                   help="--images: then divided by, per channel (default 1; e.g. 0.229,0.224,0.225)")
+    k.add_argument("--seed", type=int, default=0, help="--random: the seed (default 0)")
+    k.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
+
     c = sub.add_parser("compress", help="quantize a model's weights to a bit budget", allow_abbrev=False)
     c.add_argument("model", help="input .onnx model (never modified)")
-    c.add_argument("--bits", type=float, required=req,
-                   help="budget: stored bits per quantized weight, all included")
+    # recipe options default to None: given ones override --recipe's values, the others keep them
+    c.add_argument("--bits", type=float,
+                   help="budget: stored bits per quantized weight, all included (required unless --recipe)")
     c.add_argument("--calib", help=".npz (keys = input names, axis 0 = samples) or a directory of them; "
                                    "without it, synthetic data is used (with a warning)")
     c.add_argument("-o", "--output", help="output model (default: MODEL.bq.onnx)")
     c.add_argument("--report", help="write the JSON report here")
-    c.add_argument("--method", default="bayesq", help=f"one of {', '.join(sorted(METHODS))} (default: bayesq)")
+    c.add_argument("--recipe", metavar="FILE", help="start from a saved recipe: a JSON recipe or a report "
+                   "(which holds the one it used); options given here override its values")
+    c.add_argument("--method", help=f"one of {', '.join(sorted(METHODS))} (default: bayesq)")
     c.add_argument("--curvature", help="CURV.npz: diagonal curvature per initializer and sample (bayesq-onnx curvature)")
-    c.add_argument("--tables", default="auto", choices=TABLE_SOURCES, help=_tables_help())
-    c.add_argument("--target", default="ort-cpu", help=f"one of {', '.join(TARGETS)}: ort-cpu runs formats beyond "
-                   "onnxruntime's with the bayesq custom-op library; portable rebuilds them with standard ops")
-    c.add_argument("--seed", type=int, default=0,
+    c.add_argument("--tables", choices=TABLE_SOURCES, help=_tables_help())
+    c.add_argument("--target", help=f"one of {', '.join(TARGETS)}: ort-cpu runs formats beyond "
+                   "onnxruntime's with the bayesq custom-op library; portable rebuilds them with standard ops "
+                   "(default: ort-cpu)")
+    c.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="keep the weights whose initializer or consumer node name matches PATTERN (fnmatch: "
+                        "*, ?, [..]) as they are; reported as skipped (repeatable)")
+    c.add_argument("--include", action="append", metavar="PATTERN",
+                   help="quantize only weights whose initializer or consumer node name matches (repeatable; "
+                        "--exclude wins)")
+    c.add_argument("--pin", action="append", metavar="PATTERN=BITS",
+                   help="weights matching PATTERN may only take formats with BITS code bits (32: fp32 within "
+                        "the budget); the first matching pin applies (repeatable)")
+    c.add_argument("--threads", type=int, help="sites analysed in parallel (as BAYESQ_WORKERS; default: the "
+                                               "cores, at most 4; the output does not depend on it)")
+    c.add_argument("--seed", type=int,
                    help="seed of the synthetic calibration data (default 0; everything else is deterministic)")
     c.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
 
@@ -155,6 +223,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.command is None:
         print(_parser().format_help(), end="")
         raise _UsageError(f"a command is required: one of {', '.join(COMMANDS)} (see the usage above)")
+    if args.command == "compress" and args.bits is None and args.recipe is None:
+        raise _UsageError("compress: the following arguments are required: --bits (or --recipe)")
     return args
 
 
@@ -163,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(argv)
         _setup_logging(args.quiet)
-        return {"compress": _compress, "eval": _eval, "curvature": _curvature, "demo": _demo}[args.command](args)
+        return {"export": _export, "calib": _calib, "compress": _compress, "eval": _eval, "curvature": _curvature,
+                "demo": _demo}[args.command](args)
     except _Exit as e:
         return e.status
     except BayesQError as e:
@@ -198,30 +269,141 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _recipe(args):
+    """The recipe: --recipe's (if given) with every option given on the command line put over it."""
+    from dataclasses import replace
+
     from .config import Recipe
+    given = {"bits": args.bits, "method": args.method, "seed": args.seed, "curvature": args.curvature,
+             "tables": args.tables, "target": args.target,
+             "exclude": tuple(args.exclude) if args.exclude else None,
+             "include": tuple(args.include) if args.include else None,
+             "pins": tuple(_pin(p) for p in args.pin) if args.pin else None}
+    given = {k: v for k, v in given.items() if v is not None}
     try:
-        recipe = Recipe(bits=args.bits, method=args.method, seed=args.seed, curvature=args.curvature,
-                        tables=args.tables, target=args.target)
+        recipe = replace(Recipe.load(args.recipe), **given) if args.recipe else Recipe(**given)
     except ValueError as e:
         raise BayesQError(str(e)) from None
-    if args.tables != "auto" and recipe.method_spec.planner != "knapsack":
+    if args.tables is not None and args.tables != "auto" and recipe.method_spec.planner != "knapsack":
         log.warning("--tables does nothing with --method %s (it plans one uniform format, without loss tables)",
-                    args.method)
+                    recipe.method)
     return recipe
+
+
+def _pin(text: str) -> tuple[str, int]:
+    pattern, sep, bits = text.rpartition("=")
+    if not sep or not pattern or not bits.strip().isdigit() or int(bits) < 1:
+        raise BayesQError(f"--pin expects NAME_PATTERN=BITS (e.g. 'lm_head*=8'), got {text!r}")
+    return pattern, int(bits)
 
 
 def _compress(args) -> int:
     from .api import compress
+    from .parallel import use_workers
     recipe = _recipe(args)
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".bq.onnx")
     if out.resolve() == Path(args.model).resolve():
         raise BayesQError("the output path is the input model: choose another -o")
-    res = compress(args.model, recipe, calib=args.calib, output=out, report=args.report)
-    r = res.report
-    print(f"{out}: {r['bits_per_weight']:.3f} bits/weight stored ({r['code_bits_per_weight']:.3f} in codes), "
-          f"{len(r['layers'])} weights quantized, {len(r['skipped'])} skipped, plan: {r['plan']}, "
-          f"{r['output_bytes'] / 1e6:.2f} MB")
+    with use_workers(args.threads):
+        res = compress(args.model, recipe, calib=args.calib, output=out, report=args.report)
+    print(_compress_summary(out, res.report))
     return 0
+
+
+def _compress_summary(out: Path, r: dict) -> str:
+    return (f"{out}: {r['bits_per_weight']:.3f} bits/weight stored ({r['code_bits_per_weight']:.3f} in codes), "
+            f"{len(r['layers'])} weights quantized, {len(r['skipped'])} skipped, plan: {r['plan']}, "
+            f"{r['output_bytes'] / 1e6:.2f} MB")
+
+
+def _export(args) -> int:
+    from .graph.model_io import check_writable, save_json_atomic
+    from .torch_export import ExampleInput, export_source, parameter_map_json
+
+    out = Path(args.output)
+    params_json = out.with_suffix(".params.json")
+    bq_out, bq_report = out.with_suffix(".bq.onnx"), out.with_suffix(".bq.json")
+    inputs = tuple(_example_input(t, ExampleInput) for t in args.input)
+    if Path(args.source).is_dir() and inputs:
+        raise BayesQError("--input is for module sources: a transformers model takes input_ids and attention_mask")
+    if args.calib and args.compress_bits is None:
+        raise BayesQError("--calib does nothing without --compress-bits")
+    if args.compress_bits is not None:
+        from .config import Recipe
+        try:
+            recipe = Recipe(bits=args.compress_bits)
+        except ValueError as e:
+            raise BayesQError(str(e).replace("--bits", "--compress-bits")) from None
+    for p in (out, params_json) + ((bq_out, bq_report) if args.compress_bits is not None else ()):
+        check_writable(p)
+    names = tuple(n.strip() for n in args.output_names.split(",")) if args.output_names else ()
+    res = export_source(args.source, out, inputs=inputs, output_names=names, seq_len=args.seq_len,
+                        exporter=args.exporter, opset=args.opset)
+    save_json_atomic(parameter_map_json(res.pmap), params_json)
+    mapped = sum(1 for loc in res.pmap.values() if loc.uses)
+    print(f"{out}: {res.source} exported, inputs {', '.join(res.input_names)}, outputs "
+          f"{', '.join(res.output_names)}; {mapped} of {len(res.pmap)} parameters mapped ({params_json}); "
+          f"onnxruntime vs torch max abs difference {res.max_abs_error:.2g}")
+    if args.compress_bits is not None:
+        from .api import compress
+        rep = compress(out, recipe, calib=args.calib, output=bq_out, report=bq_report).report
+        print(_compress_summary(bq_out, rep))
+    return 0
+
+
+def _example_input(text: str, cls):
+    name, _, rest = text.partition(":")
+    shape_text, _, dtype = rest.partition(":")
+    dims = shape_text.lower().split("x")
+    if not name or not all(d.isdigit() and int(d) > 0 for d in dims):
+        raise BayesQError(f"--input expects NAME:SHAPE[:DTYPE] with SHAPE like 2x16, got {text!r}")
+    return cls(name, tuple(int(d) for d in dims), dtype or "float32")
+
+
+def _calib(args) -> int:
+    from .calib import build
+    from .graph.model_io import check_writable, load_model, save_npz_atomic
+
+    out = Path(args.output)
+    if out.resolve() == Path(args.model).resolve():
+        raise BayesQError("the output path is the input model: choose another -o")
+    if args.samples < 1:
+        raise BayesQError(f"--samples must be >= 1, got {args.samples}")
+    if args.text and not args.tokenizer:
+        raise BayesQError("--text needs --tokenizer tokenizer.json")
+    unused = [f for f, v, use in (("--tokenizer", args.tokenizer, args.text), ("--seq-len", args.seq_len, args.text),
+                                   ("--size", args.size, args.images), ("--crop", args.crop, args.images),
+                                   ("--mean", args.mean != "0", args.images), ("--std", args.std != "1", args.images))
+              if v and not use]
+    if unused:
+        raise BayesQError(f"{', '.join(unused)} only applies to "
+                          + ("--text" if unused[0] in ("--tokenizer", "--seq-len") else "--images"))
+    check_writable(out)
+    model = load_model(args.model)
+    if args.random:
+        data = build.random_calibration(model, args.samples, args.seed)
+    elif args.text:
+        data = build.text_calibration(model, args.text, args.tokenizer, args.samples, args.seq_len)
+    else:
+        opts = build.ImageOptions(size=_size(args.size) if args.size else None, crop=args.crop,
+                                  mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"))
+        data = build.image_calibration(model, args.images, args.samples, opts)
+    save_npz_atomic(data, out)
+    print(f"{out}: " + ", ".join(f"{k} {v.dtype} {'x'.join(map(str, v.shape))}" for k, v in data.items()))
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, sep, w = text.lower().partition("x")
+    if not sep or not h.isdigit() or not w.isdigit() or int(h) < 1 or int(w) < 1:
+        raise BayesQError(f"--size expects HxW, e.g. 224x224, got {text!r}")
+    return int(h), int(w)
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise BayesQError(f"{flag} expects numbers separated by commas, got {text!r}") from None
 
 
 def _eval(args) -> int:

@@ -1,7 +1,10 @@
 """Recipes: frozen dataclasses that say *what* to do; they never read data."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 CONFIG_VERSION = 1
@@ -58,6 +61,11 @@ class Recipe:
     act_order: bool = False                       # GPTQ columns by decreasing diag(H) (grids then fixed first)
     accuracy_level: int = 0                       # MatMulNBits: 0 = exact fp32 maths (what the plan check measured)
     synthetic_samples: int = 32                   # samples in the synthetic fallback calibration
+    # fnmatch patterns on initializer or consumer node names (graph/sites.py): excluded weights stay
+    # as they are; with include patterns, only the weights some pattern matches are quantized
+    exclude: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    pins: tuple[tuple[str, int], ...] = ()        # (pattern, code bits): matching weights take only such formats
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -70,6 +78,13 @@ class Recipe:
             raise ValueError(f"--bits must be positive, got {self.bits}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+        for what, patterns in (("exclude", self.exclude), ("include", self.include)):
+            if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+                raise ValueError(f"{what} must be a list of non-empty name patterns, got {patterns!r}")
+        for pin in self.pins:
+            if (not isinstance(pin, tuple) or len(pin) != 2 or not isinstance(pin[0], str) or not pin[0]
+                    or isinstance(pin[1], bool) or not isinstance(pin[1], int) or pin[1] < 1):
+                raise ValueError(f"a pin is (name pattern, code bits >= 1), got {pin!r}")
 
     @property
     def method_spec(self) -> Method:
@@ -96,4 +111,31 @@ class Recipe:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown recipe fields: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        if "bits" not in d:
+            raise ValueError("the recipe has no 'bits' (the budget)")
+        return cls(**{k: _tuples(v) for k, v in d.items()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Recipe":
+        """A recipe saved as JSON: ``to_dict()``'s form, or a compress report (which holds the recipe it
+        used under ``"recipe"``).  Bad files raise ``BayesQError`` naming the file."""
+        from .errors import BayesQError
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise BayesQError(f"recipe file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise BayesQError(f"cannot read recipe file {path}: {e}") from None
+        if isinstance(d, dict) and isinstance(d.get("recipe"), dict):
+            d = d["recipe"]
+        if not isinstance(d, dict):
+            raise BayesQError(f"recipe file {path} holds no recipe (a JSON object of recipe fields, or a report)")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise BayesQError(f"recipe file {path}: {e}") from None
+
+
+def _tuples(v):
+    """JSON lists back to the tuples a frozen recipe holds (pins are lists of pairs)."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from .api import Analysis, compress
-from .assets import default_cache, load_npz, prepare_minilm
 from .config import Recipe
 from .validate.compare import compare_models
 
@@ -20,6 +19,10 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(bits: float = 3.0, baseline: str = "gptq", cache: str | os.PathLike | None = None) -> list[dict]:
+    # the benchmark assets (and through them torch and transformers) stay out of the compressor's
+    # import path: only the demo, an entry point beside the CLI, reaches for them
+    from .assets import default_cache, load_npz, prepare_minilm
+
     cache = Path(cache) if cache else default_cache()
     asset = prepare_minilm(cache, progress=log.info)
     out_dir = cache / "demo"

@@ -3,6 +3,7 @@ and its own measurements), and the heavy parts -- numpy on whole weight matrices
 -- release the GIL, so threads overlap one site's numpy with another's forward passes."""
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -15,10 +16,28 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 MAX_WORKERS = 4   # beyond the cores, or past this, threads only contend for memory bandwidth
+_override: int | None = None   # set by use_workers (the CLI's --threads)
+
+
+@contextlib.contextmanager
+def use_workers(n: int | None):
+    """Within the block, ``workers()`` is ``n`` (None: unchanged).  A process-wide setting rather than
+    an environment variable, so that a caller's environment is left as it was."""
+    global _override
+    if n is not None and n < 1:
+        raise BayesQError(f"--threads must be >= 1, got {n}")
+    before, _override = _override, (n if n is not None else _override)
+    try:
+        yield
+    finally:
+        _override = before
 
 
 def workers() -> int:
-    """``BAYESQ_WORKERS`` if set (1: everything in the calling thread), else the cores, at most 4."""
+    """``use_workers``'s count inside one, else ``BAYESQ_WORKERS`` if set (1: everything in the
+    calling thread), else the cores, at most 4."""
+    if _override is not None:
+        return _override
     env = os.environ.get("BAYESQ_WORKERS")
     if not env:
         return max(1, min(MAX_WORKERS, os.cpu_count() or 1))

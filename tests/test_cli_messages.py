@@ -36,21 +36,25 @@ def _error_line(capsys, argv) -> tuple[str, str]:
 def test_no_arguments_prints_usage_and_one_error_line(capsys):
     line, out = _error_line(capsys, [])
     assert out.startswith("usage: bayesq-onnx"), out
-    for command in ("compress", "eval", "curvature", "demo"):
+    for command in ("export", "calib", "compress", "eval", "curvature", "demo"):
         assert command in out
         assert command in line
     assert "command is required" in line
 
 
 @pytest.mark.parametrize("argv, want", [
-    (["compress", "m.onnx"], "bayesq-onnx: error: compress: the following arguments are required: --bits"),
+    (["compress", "m.onnx"], "bayesq-onnx: error: compress: the following arguments are required: --bits "
+                             "(or --recipe)"),
     (["eval", "a.onnx", "b.onnx"], "bayesq-onnx: error: eval: the following arguments are required: --data"),
     (["curvature", "m.onnx", "-o", "c.npz"],
      "bayesq-onnx: error: curvature: the following arguments are required: --calib"),
     (["compress", "m.onnx", "--bits", "three"], "bayesq-onnx: error: compress: argument --bits: invalid float "
                                                 "value: 'three'"),
-    (["nonsense"], "bayesq-onnx: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'compress', "
-                   "'eval', 'curvature', 'demo')"),
+    (["nonsense"], "bayesq-onnx: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'export', "
+                   "'calib', 'compress', 'eval', 'curvature', 'demo')"),
+    (["export", "net.py:make"], "bayesq-onnx: error: export: the following arguments are required: -o/--output"),
+    (["calib", "m.onnx", "-o", "c.npz"], "bayesq-onnx: error: calib: one of the arguments --text --images --random "
+                                         "is required"),
 ])
 def test_parser_errors_name_the_subcommand_once(capsys, argv, want):
     line, _ = _error_line(capsys, argv)

@@ -4,34 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import importlib.metadata
-import io
 import json
 import os
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-from bayesq_onnx.errors import BayesQError
+from bayesq_onnx.errors import BayesQError, require  # noqa: F401 (the assets' import point)
+from bayesq_onnx.graph.model_io import write_npz  # noqa: F401
 
 Progress = Callable[[str], None]
-
-
-def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Like ``np.savez`` (uncompressed, keys in the given order) but byte-for-byte reproducible:
-    ``np.savez`` stamps each member with the current time."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
-        for key, arr in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue())
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -58,14 +44,6 @@ def cache_key(params: Mapping[str, object], *files: Path) -> str:
         h.update(str(f.name).encode() + b"\0")
         h.update(hashlib.sha256(Path(f).read_bytes()).digest())
     return h.hexdigest()[:16]
-
-
-def require(module: str, install: str, what: str):
-    """Import ``module`` or fail in one line saying ``what`` needs it and how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise BayesQError(f"the {what} needs the Python package '{module}' ({install}): {e}") from None
 
 
 def package_version(dist: str, install: str, what: str) -> str:

@@ -21,16 +21,15 @@ source is needed and nothing has to be mapped.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..assets.cache import require, write_npz
 from ..calib.readers import check_calibration, fixed_batch, input_specs, load_calibration, n_samples
-from ..errors import BayesQError, first_line
+from ..errors import BayesQError, first_line, require
+from ..graph.model_io import save_npz_atomic
 
 SOURCES = ("fisher", "hutchinson", "activation")
 LIKELIHOODS = ("categorical", "gaussian")   # fisher.LIKELIHOODS (kept here: torch loads only when needed)
@@ -113,29 +112,6 @@ def compute_curvature(model, calib, source: str = "fisher", probes: int | None =
     if factors is not None:
         save_npz_atomic(factors, kfac_path)
     return CurvatureResult(arrays, info)
-
-
-def save_npz_atomic(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
-    """Reproducible bytes (``assets.cache.write_npz``), written to a temp file and renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_npz(Path(tmp), arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise BayesQError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -1,9 +1,11 @@
 """Loading and saving models: clear errors for bad files, atomic writes, no surprise mutation."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +128,39 @@ def save_json_atomic(obj, path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_npz(path: str | os.PathLike, arrays) -> None:
+    """Like ``np.savez`` (uncompressed, keys in the given order) but byte-for-byte reproducible:
+    ``np.savez`` stamps each member with the current time."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, arr in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buf.getvalue())
+
+
+def save_npz_atomic(arrays, path: str | os.PathLike) -> Path:
+    """Reproducible bytes (:func:`write_npz`), written to a temp file and renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_npz(tmp, arrays)
+        _plain_permissions(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise BayesQError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def _strict_json(o):

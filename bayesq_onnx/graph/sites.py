@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from fnmatch import fnmatchcase
 
 import onnx
 from onnx import helper
 
+from ..errors import BayesQError
 from ..types import SkippedSite, WeightSite
 
 MIN_CONV_BLOCK = 16  # blocked DequantizeLinear needs at least one group of this many input channels
@@ -72,9 +74,45 @@ def _classify(node, slot, shape, uses):
     return f"used by {op} (input {slot}), which no format here rewrites"
 
 
-def find_sites(model: onnx.ModelProto, min_elements: int = 1024) -> tuple[list[WeightSite], list[SkippedSite]]:
+def site_matches(site: WeightSite, pattern: str) -> bool:
+    """Whether an ``--exclude`` / ``--include`` / ``--pin`` pattern (fnmatch, case-sensitive) names the
+    site: its initializer or any node that reads it."""
+    return any(fnmatchcase(n, pattern) for n in (site.name, *site.consumers))
+
+
+def find_sites(model: onnx.ModelProto, min_elements: int = 1024, exclude=(), include=(),
+               pinned=()) -> tuple[list[WeightSite], list[SkippedSite]]:
     """Every float32 initializer of rank >= 2 becomes a site or a skipped entry with its reason
-    (rank-0/1 tensors -- biases, norms, shapes -- are not weights in our sense)."""
+    (rank-0/1 tensors -- biases, norms, shapes -- are not weights in our sense).
+
+    The user's selection (``Recipe.exclude`` / ``include``) applies to weights that would otherwise be
+    sites: an excluded one stays as it is and is reported as skipped.  A pattern that names nothing
+    is an error (a typo would otherwise silently quantize everything), as is a ``pinned`` pattern
+    (``Recipe.pins``) that names no site left to quantize."""
+    sites, skipped = _find_sites(model, min_elements)
+    if exclude or include:
+        names = {t.name for t in model.graph.initializer} | {n.name for n in model.graph.node}
+        for flag, patterns in (("--exclude", exclude), ("--include", include)):
+            for p in patterns:
+                if not any(fnmatchcase(n, p) for n in names):
+                    raise BayesQError(f"{flag} {p!r} matches no initializer or node name in the model")
+        kept = []
+        for s in sites:
+            hit = next((p for p in exclude if site_matches(s, p)), None)
+            if hit is not None:
+                skipped.append(SkippedSite(s.name, f"excluded by --exclude {hit}"))
+            elif include and not any(site_matches(s, p) for p in include):
+                skipped.append(SkippedSite(s.name, f"not matched by --include {' '.join(include)}"))
+            else:
+                kept.append(s)
+        sites = kept
+    for p in pinned:
+        if not any(site_matches(s, p) for s in sites):
+            raise BayesQError(f"--pin {p!r} matches no weight that is quantized (initializer or node name)")
+    return sites, skipped
+
+
+def _find_sites(model: onnx.ModelProto, min_elements: int) -> tuple[list[WeightSite], list[SkippedSite]]:
     uses = _uses(model)
     by_name = {n.name: n for n in model.graph.node}
     in_subgraphs = _subgraph_names(model)

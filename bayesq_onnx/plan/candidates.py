@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from ..config import Recipe
+from ..errors import BayesQError
 from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
+from ..graph.sites import site_matches
 from ..types import WeightSite
 
 
@@ -15,7 +17,9 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
     """Uniform formats over ``recipe.blocks`` whose groups fit the reduction axis, plus fp32.
     A block longer than the axis only pads, so the largest block kept is the first >= L.
     ``bayesq_ops``: offer the formats only the bayesq custom ops (or the portable lowering) run:
-    other affine widths, and (for the knapsack) one Lloyd-Max codebook per row."""
+    other affine widths, and (for the knapsack) one Lloyd-Max codebook per row.
+    A site that a pin of ``recipe.pins`` names (the first that does) keeps only the formats with the
+    pin's code bits (32: fp32)."""
     blocks = sorted(b for b in recipe.blocks)
     fitting = [b for b in blocks if b <= site.L] or blocks[:1]
     ours = list(recipe.bayesq_bits) if bayesq_ops else []
@@ -44,6 +48,15 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
         # coincide byte for byte only when no group is padded
         out += [f for f in (GatherBlockQuantized(b, g) for b in recipe.gather_bits for g in fitting)
                 if f.supports(site.rows, site.L) and site.L % f.block == 0]
+    pin = next(((p, b) for p, b in recipe.pins if site_matches(site, p)), None)
+    if pin is not None:
+        offered = out + [Float32()]
+        out = [f for f in offered if f.bits == pin[1]]
+        if not out:
+            have = ", ".join(str(b) for b in sorted({f.bits for f in offered}))
+            raise BayesQError(f"--pin '{pin[0]}={pin[1]}': no format for {site.name} ({site.op_type}) has "
+                              f"{pin[1]} code bits; it can take {have}")
+        return out
     if recipe.keep_fp32 or not out:
         out.append(Float32())
     return out
