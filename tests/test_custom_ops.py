@@ -1,5 +1,5 @@
 """The bayesq custom-op library (custom_ops/) in onnxruntime against the numpy reference ops, on every
-kernel set this CPU runs (BAYESQ_ISA=scalar|avx2|avx512): dequantization bit for bit, matmul within
+kernel set this CPU runs (BAYESQ_ISA=scalar|avx2|avx512|neon): dequantization bit for bit, matmul within
 a stated fp32 summation bound, fp16 activations, float16 scales / LUT levels (identical to the same
 values in float32), bias, threads, errors, and a whole small graph through make_session.  Skipped, with the reason, only when the library was not built."""
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _isas() -> list[str]:
         return ["scalar"]
     out = []
     old = os.environ.get("BAYESQ_ISA")
-    for isa in ("scalar", "avx2", "avx512"):
+    for isa in ("scalar", "avx2", "avx512", "neon"):
         os.environ["BAYESQ_ISA"] = isa
         try:
             if custom_ops.kernel_isa() == isa:   # an ISA this CPU lacks reports "invalid BAYESQ_ISA"
