@@ -17,11 +17,16 @@ from bayesq_onnx.formats.bayesq_uniform import groups
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_dequantize_node, bayesq_matmul_node
 from bayesq_onnx.runtime import custom_ops
 from bayesq_onnx.runtime.reference_ops import REFERENCE_OPS
-from bayesq_onnx.runtime.session import make_session, session_options
+from bayesq_onnx.runtime.session import make_session as _make_session, session_options
 
 pytestmark = pytest.mark.skipif(not custom_ops.available(), reason=str(custom_ops.unavailable_reason()))
 
 EPS32 = float(np.finfo(np.float32).eps)
+
+
+def make_session(model, **kw):
+    """Sessions that run the bayesq kernels under test: never unpacked to fp32 MatMuls at load."""
+    return _make_session(model, unpack="never", **kw)
 
 
 def _isas() -> list[str]:
