@@ -1,5 +1,5 @@
 """The bayesq custom-op library (custom_ops/) in onnxruntime against the numpy reference ops, on every
-kernel set this CPU runs (BAYESQ_ISA=scalar|avx2|avx512): dequantization bit for bit, matmul within
+kernel set this CPU runs (BAYESQ_ISA=scalar|avx2|avx512|neon): dequantization bit for bit, matmul within
 a stated fp32 summation bound, fp16 activations, float16 scales / LUT levels (identical to the same
 values in float32), bias, threads, errors, and a whole small graph through make_session.  Skipped, with the reason, only when the library was not built."""
 from __future__ import annotations
@@ -17,11 +17,16 @@ from bayesq_onnx.formats.bayesq_uniform import groups
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_dequantize_node, bayesq_matmul_node
 from bayesq_onnx.runtime import custom_ops
 from bayesq_onnx.runtime.reference_ops import REFERENCE_OPS
-from bayesq_onnx.runtime.session import make_session, session_options
+from bayesq_onnx.runtime.session import make_session as _make_session, session_options
 
 pytestmark = pytest.mark.skipif(not custom_ops.available(), reason=str(custom_ops.unavailable_reason()))
 
 EPS32 = float(np.finfo(np.float32).eps)
+
+
+def make_session(model, **kw):
+    """Sessions that run the bayesq kernels under test: never unpacked to fp32 MatMuls at load."""
+    return _make_session(model, unpack="never", **kw)
 
 
 def _isas() -> list[str]:
@@ -29,7 +34,7 @@ def _isas() -> list[str]:
         return ["scalar"]
     out = []
     old = os.environ.get("BAYESQ_ISA")
-    for isa in ("scalar", "avx2", "avx512"):
+    for isa in ("scalar", "avx2", "avx512", "neon"):
         os.environ["BAYESQ_ISA"] = isa
         try:
             if custom_ops.kernel_isa() == isa:   # an ISA this CPU lacks reports "invalid BAYESQ_ISA"

@@ -69,7 +69,7 @@ def _lib(path: str) -> ctypes.CDLL:
 
 
 def kernel_isa() -> str:
-    """The kernels a session created now uses: ``avx512``, ``avx2`` or ``scalar`` (``$BAYESQ_ISA``
+    """The kernels a session created now uses: ``avx512``, ``avx2``, ``neon`` or ``scalar`` (``$BAYESQ_ISA``
     forces one; the library reads it when a session creates its kernels)."""
     lib = _lib(str(require()))
     lib.BayesqKernelIsa.restype = ctypes.c_char_p

@@ -1,4 +1,4 @@
-// Kernel interface shared by the per-ISA translation units (scalar, AVX2, AVX-512).
+// Kernel interface shared by the per-ISA translation units (scalar, AVX2, AVX-512, NEON).
 #pragma once
 
 #include <cstddef>
@@ -76,6 +76,7 @@ struct Kernels {
 const Kernels* kernels_scalar();
 const Kernels* kernels_avx2();    // null when not compiled in
 const Kernels* kernels_avx512();  // null when not compiled in
+const Kernels* kernels_neon();    // null when not compiled in (AArch64 only)
 
 // Scalar building blocks the SIMD kernels reuse for rare shapes (straddling groups, K % 8 tails).
 void decode_scalar(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld);

@@ -2,7 +2,7 @@
 // (signatures and layout: include/bayesq/layout.h).  Built against the ORT C/C++ API headers of
 // API version 21; loads in any later onnxruntime (the C API only grows).
 //
-// Kernels are picked once per kernel instance (session): BAYESQ_ISA=avx512|avx2|scalar forces one
+// Kernels are picked once per kernel instance (session): BAYESQ_ISA=avx512|avx2|neon|scalar forces one
 // (tests use it to check every path on one machine), otherwise the best the CPU supports.  Work is
 // split over N through ORT's intra-op thread pool (KernelContext_ParallelFor).
 #define ORT_API_MANUAL_INIT
@@ -19,6 +19,10 @@
 #include <vector>
 
 #include "kernels.h"
+
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#endif
 
 namespace bq {
 namespace {
@@ -46,18 +50,32 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// Advanced SIMD is part of the AArch64 base architecture on Linux; the hwcap check only guards
+// against unusual kernels or emulators that hide it.
+bool cpu_has_neon() {
+#if defined(__aarch64__) && defined(__linux__)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
+#elif defined(__aarch64__)
+    return true;
+#else
+    return false;
+#endif
+}
+
 const Kernels* select_kernels() {
     const char* env = std::getenv("BAYESQ_ISA");
     std::string want = env && *env ? env : "auto";
     const Kernels* a512 = cpu_has_avx512() ? kernels_avx512() : nullptr;
     const Kernels* a2 = cpu_has_avx2() ? kernels_avx2() : nullptr;
-    if (want == "auto") return a512 ? a512 : a2 ? a2 : kernels_scalar();
+    const Kernels* neon = cpu_has_neon() ? kernels_neon() : nullptr;
+    if (want == "auto") return a512 ? a512 : a2 ? a2 : neon ? neon : kernels_scalar();
     if (want == "scalar") return kernels_scalar();
     if (want == "avx2" && a2) return a2;
     if (want == "avx512" && a512) return a512;
-    if (want == "avx2" || want == "avx512")
+    if (want == "neon" && neon) return neon;
+    if (want == "avx2" || want == "avx512" || want == "neon")
         throw Error("BAYESQ_ISA=" + want + ": this CPU (or this build) does not support it");
-    throw Error("BAYESQ_ISA=" + want + ": expected auto, avx512, avx2 or scalar");
+    throw Error("BAYESQ_ISA=" + want + ": expected auto, avx512, avx2, neon or scalar");
 }
 
 int64_t attr_int(const OrtKernelInfo* info, const char* name, bool required, int64_t dflt) {

@@ -1,0 +1,132 @@
+"""make_session's load-time unpack policy (runtime/session.py): ``always`` turns bayesq MatMuls into fp32
+MatMuls on the weight dequantized bit-exactly (outputs checked against numpy on the reference
+dequantization), ``never`` hands onnxruntime the graph unchanged, ``auto`` follows unpack_rule."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bayesq_onnx.errors import BayesQError
+from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_matmul_node
+from bayesq_onnx.runtime import custom_ops, session
+from bayesq_onnx.runtime.reference_ops import _bq_affine, _bq_lut
+from bayesq_onnx.runtime.session import make_session, session_options, unpack_rule
+
+from test_custom_ops import EPS32, weight
+
+pytestmark = pytest.mark.skipif(not custom_ops.available(), reason=str(custom_ops.unavailable_reason()))
+
+K1, N1, N2 = 200, 48, 24    # K1 % 8 != 0: the K tail is unpacked too
+
+
+def two_layer(fp16=False):
+    """x -> MatMulLut (3 bits, bias) -> Relu -> MatMulAffine (5 bits, zero points); and the weights
+    W (K, N) as numpy's reference dequantization gives them, straight from the packed tensors."""
+    T = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+    f1, p1, _, _ = weight("lut", 3, K1, N1, 0, seed=1)
+    f2, p2, _, _ = weight("affine", 5, N1, N2, 16, seed=2)
+    b1 = np.random.default_rng(3).standard_normal(N1).astype(np.float16 if fp16 else np.float32)
+    n1, i1 = bayesq_matmul_node("x", "h", "l1", f1, p1, K1, N1, bias="b1")
+    n2, i2 = bayesq_matmul_node("hr", "y", "l2", f2, p2, N1, N2)
+    g = helper.make_graph([n1, helper.make_node("Relu", ["h"], ["hr"]), n2], "g",
+                          [helper.make_tensor_value_info("x", T, [None, K1])],
+                          [helper.make_tensor_value_info("y", T, [None, N2]),
+                           helper.make_tensor_value_info("h", T, [None, N1])],
+                          i1 + i2 + [numpy_helper.from_array(b1, "b1")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), BAYESQ_OPSET])
+    W1 = _bq_lut(p1["B"], p1["lut"], K1, N1, 3, 0).T
+    W2 = _bq_affine(p2["B"], p2["scales"], p2["zero_points"], N1, N2, 5, 16).T
+    return m, W1, W2, b1
+
+
+def rewritten(m, unpack, fold=True):
+    return session._rewrite(m, session_options(), session.DEFAULT_PROVIDERS, fold, unpack)
+
+
+def bound(A, W):
+    """fp32 summation-order bound (onnxruntime's MatMul and numpy each: Higham's gamma_K)."""
+    return 2 * A.shape[-1] * EPS32 * (np.abs(A) @ np.abs(W)) + 1e-30
+
+
+def test_always_unpacks_to_the_reference_dequantization():
+    m, W1, W2, b1 = two_layer()
+    out = rewritten(m, "always")
+    assert not [n for n in out.graph.node if n.domain == custom_ops.DOMAIN]
+    assert [n.op_type for n in out.graph.node] == ["MatMul", "Add", "Relu", "MatMul"]   # float32: no casts
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert inits["h__bq_unpacked_W"].tobytes() == W1.astype(np.float32).tobytes()     # bit-exact
+    assert inits["y__bq_unpacked_W"].tobytes() == W2.astype(np.float32).tobytes()
+    assert not any(k.startswith(("l1_", "l2_")) for k in inits)                           # packed ones gone
+
+    x = np.random.default_rng(0).standard_normal((5, K1)).astype(np.float32)
+    y, h = make_session(m, unpack="always").run(None, {"x": x})
+    h_ref = x @ W1 + b1
+    # the bias adds one rounding to the summation bound
+    assert np.all(np.abs(h - h_ref) <= bound(x, W1) + EPS32 * np.abs(h_ref))
+    hr = np.maximum(h, 0)                    # layer 2 checked on the session's own layer-1 output
+    assert np.all(np.abs(y - hr @ W2) <= bound(hr, W2))
+
+
+def test_always_with_float16_activations_computes_in_fp32_and_rounds_once():
+    m, W1, W2, b1 = two_layer(fp16=True)
+    out = rewritten(m, "always")
+    assert not [n for n in out.graph.node if n.domain == custom_ops.DOMAIN]
+    x = np.random.default_rng(1).standard_normal((4, K1)).astype(np.float16)
+    y, h = make_session(m, unpack="always").run(None, {"x": x})
+    assert h.dtype == y.dtype == np.float16
+    exact = x.astype(np.float32) @ W1 + b1.astype(np.float32)
+    # one fp16 rounding (half an ulp: 2^-11 relative, 6e-8 absolute below fp16's normal range) plus
+    # the fp32 summation bound
+    assert np.all(np.abs(h.astype(np.float32) - exact) <= 2.0 ** -11 * np.abs(exact) + bound(x.astype(np.float32), W1)
+                  + 6e-8)
+
+
+def test_never_hands_onnxruntime_the_graph_unchanged(monkeypatch):
+    m, *_ = two_layer()
+    assert rewritten(m, "never") is None     # nothing to fold or unpack: the model is passed as given
+    seen = []
+    real = session.ort.InferenceSession
+    monkeypatch.setattr(session.ort, "InferenceSession", lambda model, **kw: seen.append(model) or real(model, **kw))
+    x = np.random.default_rng(0).standard_normal((2, K1)).astype(np.float32)
+    packed = make_session(m, unpack="never").run(None, {"x": x})
+    assert seen == [m.SerializeToString()]
+    unpacked = make_session(m, unpack="always").run(None, {"x": x})
+    g = onnx.load_from_string(seen[-1]).graph
+    assert not [n for n in g.node if n.domain == custom_ops.DOMAIN]
+    # the same function either way (summation orders differ: a relative 1e-5, ~100 eps, is far above
+    # that and far below any decoding error)
+    for a, b in zip(packed, unpacked):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_unpack_rule_on_small_cases(monkeypatch):
+    monkeypatch.setattr(session, "MEASURED_SLOWDOWN", {"x": [(100, 100, 1.5), (1000, 1000, 1.05)]})
+    assert unpack_rule(100, 100, "x")          # measured 1.5x slower than fp32
+    assert unpack_rule(150, 120, "x")          # nearest measured size (log scale) is 100 x 100
+    assert not unpack_rule(800, 1500, "x")     # nearest is 1000 x 1000: within 1.1x
+    assert not unpack_rule(4096, 4096, "x")
+    assert unpack_rule(4096, 4096, "neon")     # no measurement for this set: unpack
+
+
+def test_auto_follows_the_rule_per_weight(monkeypatch):
+    m, *_ = two_layer()
+    isa = custom_ops.kernel_isa()
+    # layer 1 (200 x 48) measured slow, layer 2 (48 x 24) fast, on the set in use
+    monkeypatch.setattr(session, "MEASURED_SLOWDOWN", {isa: [(K1, N1, 2.0), (N1, N2, 0.5)]})
+    out = rewritten(m, "auto")
+    assert [n.op_type for n in out.graph.node] == ["MatMul", "Add", "Relu", "MatMulAffine"]
+    monkeypatch.setattr(session, "MEASURED_SLOWDOWN", {isa: [(K1, N1, 0.5), (N1, N2, 0.5)]})
+    assert rewritten(m, "auto") is None
+    x = np.random.default_rng(0).standard_normal((3, K1)).astype(np.float32)
+    assert make_session(m).run(None, {"x": x})[0].shape == (3, N2)        # auto is the default
+
+
+def test_bad_policy_and_bad_isa(monkeypatch):
+    m, *_ = two_layer()
+    with pytest.raises(BayesQError, match="unpack='sometimes'"):
+        make_session(m, unpack="sometimes")
+    monkeypatch.setenv("BAYESQ_ISA", "sse9")   # auto keeps the ops, whose kernels then say why
+    with pytest.raises(Exception, match="BAYESQ_ISA=sse9"):
+        make_session(m)
