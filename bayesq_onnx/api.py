@@ -21,14 +21,15 @@ from .config import Recipe
 from .curvature.activation import ActivationCurvature
 from .curvature.from_file import FileCurvature
 from .errors import BayesQError, first_line
-from .formats import BayesqLut, Float32
+from .formats import Float32
 from .graph.model_io import check_writable, load_model, prepare_model, save_json_atomic, save_model_atomic, to_array
 from .graph.sites import find_sites
 from .lower.ort_cpu import lower_ort_cpu, lower_portable
 from .plan.candidates import candidate_formats
-from .plan.greedy import lower_hull
-from .plan.planner import Plan, check_budget, knapsack_plan, uniform_plans
+from .plan.check import Contender, check_plans, grid_of
+from .plan.planner import check_budget, knapsack_plan, uniform_plans
 from .plan.proxy import OutputDistortion
+from .plan.tables import TABLE_PASSES, Grids, Tables
 from .posterior.laplace import DiagonalLaplace
 from .parallel import parallel_map
 from .progress import Progress
@@ -41,10 +42,6 @@ __all__ = ["compress", "Analysis", "make_session", "Result", "Recipe"]
 
 log = logging.getLogger(__name__)
 REPORT_VERSION = 1
-# uniform plans with our grids that the plan check measures beside the knapsack and the reference GPTQ's
-# (the most-bits ones within budget); each costs a rounding of every site, so the fast tables skip them:
-# on MiniLM at 3 bits they left 3.2-3.8x the knapsack plan's distortion, the reference 6.3x
-N_UNIFORM_CHECKED = {"proxy": 3, "closed_form": 3, "kron": 0}
 
 
 @dataclass
@@ -110,27 +107,29 @@ class Analysis:
         self.curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
         self.quantizers = {s.name: _site_quantizer(s, weights[s.name], self.curvature, stats[s.name].xtx, recipe)
                            for s in sites}
-        self._losses, self._reference, self._distortion = None, None, None
+        self.tables_pass = None     # the knapsack's loss-table pass (made on first use)
+        self._tables: Tables | None = None
+        self._reference = None
+        self.grids: Grids = {}      # grid kinds chosen by measurement: grow as budgets ask for formats
         self.seconds = time.perf_counter() - t0
 
     @property
     def losses(self) -> dict[str, np.ndarray]:
         """The knapsack's loss tables (computed on first use)."""
-        if self._losses is None:
-            measured = self.recipe.table_source != "closed_form"
-            self._losses = _tables(self.recipe, self.sites, self.candidates, self.quantizers,
-                                   self._table_distortion if measured else None)
-        return self._losses
+        if self._tables is None:
+            source = self.recipe.table_source
+            self.tables_pass = TABLE_PASSES[source](None if source == "closed_form" else self._table_distortion)
+            self._tables = self.tables_pass(self.sites, self.candidates, self.quantizers)
+            self.grids.update(self._tables.grids)
+        return self._tables.losses
 
     @property
     def _table_distortion(self) -> OutputDistortion:
         """The output distortion the tables are measured with (``proxy_samples``, or ``scale_samples``
         for kron) of the fitting data."""
-        if self._distortion is None:
-            r = self.recipe
-            n = r.scale_samples if r.table_source == "kron" else r.proxy_samples
-            self._distortion = OutputDistortion(self.probe, take(self.fit, -(-n // self.batch) * self.batch), self.batch)
-        return self._distortion
+        r = self.recipe
+        n = r.scale_samples if r.table_source == "kron" else r.proxy_samples
+        return OutputDistortion(self.probe, take(self.fit, -(-n // self.batch) * self.batch), self.batch)
 
     @property
     def reference_quantizers(self) -> dict[str, SiteQuantizer]:
@@ -147,22 +146,23 @@ class Analysis:
         check_budget(sites, self.candidates, bits)
         budget_bits = bits * self.n_weights
         uniforms = uniform_plans(sites, self.candidates, budget_bits)
-        check, losses, quantizers = None, None, self.quantizers
+        check, losses = None, None
         if self.uniform:
             if not uniforms:
                 raise BayesQError(f"no uniform format fits a budget of {bits:g} bits/weight for --method "
                                   f"{recipe.method}")
-            plan = uniforms[0]
+            chosen = Contender(uniforms[0], self.quantizers, {})
         else:
             losses = self.losses
             knapsack = knapsack_plan(sites, self.candidates, losses, budget_bits)
-            if recipe.table_source == "kron":
-                _choose_grids(knapsack, sites, self.quantizers, self._table_distortion)
-            ours = [(p, self.quantizers) for p in [knapsack, *uniforms[:N_UNIFORM_CHECKED[recipe.table_source]]]]
-            reference = [(replace(u, label=f"gptq {u.label}"), self.reference_quantizers) for u in uniforms[:1]]
-            (plan, quantizers), check = _plan_check(ours + reference, sites, self.probe, self.held, self.batch)
-        out_model = _lower(self.model, sites, plan, quantizers, recipe, forget=_single_use)
-        rep = _report(recipe, sites, self.skipped, self.candidates, plan, quantizers, losses, check,
+            self.grids.update(self.tables_pass.grids_for(knapsack, sites, self.quantizers, self.grids))
+            ours = [Contender(p, self.quantizers, self.grids)
+                    for p in [knapsack, *uniforms[:self.tables_pass.uniform_checked]]]
+            reference = [Contender(replace(u, label=f"gptq {u.label}"), self.reference_quantizers, {})
+                         for u in uniforms[:1]]
+            chosen, check = check_plans(ours + reference, sites, self.probe, self.held, self.batch)
+        out_model = _lower(self.model, sites, chosen, recipe, forget=_single_use)
+        rep = _report(recipe, sites, self.skipped, self.candidates, chosen, losses, check,
                       self.n_weights, self.calib_source, self.n_calib, n_samples(self.fit),
                       n_samples(self.held), self.curvature.name)
         # a reused analysis is paid once: each budget's report counts its own work plus the analysis
@@ -242,14 +242,17 @@ def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe) -> SiteQuantiz
     h = curvature.diagonal(site)
     if not np.any(h > 0):  # never reached by the data: no information, weigh all alike
         h = np.ones_like(h)
+    # a convolution's grid is decided end to end: its layer output error misjudges clipping
     return SiteQuantizer(view, DiagonalLaplace.fit(view, h, recipe.damping), xtx, recipe.method_spec,
-                         recipe.gptq_damp, recipe.act_order)
+                         recipe.gptq_damp, recipe.act_order, measure_grids=site.kind == "conv")
 
 
-def _lower(m: onnx.ModelProto, sites, plan: Plan, quantizers, recipe: Recipe, forget: bool) -> onnx.ModelProto:
+def _lower(m: onnx.ModelProto, sites, chosen: Contender, recipe: Recipe, forget: bool) -> onnx.ModelProto:
+    plan, quantizers = chosen.plan, chosen.quantizers
+
     def pack(s):
         fmt = plan.choice[s.name]
-        out = None if isinstance(fmt, Float32) else fmt.pack(quantizers[s.name].codes(fmt))
+        out = None if isinstance(fmt, Float32) else fmt.pack(quantizers[s.name].codes(fmt, grid_of(chosen, s)))
         if forget:  # bounded memory on big models when no other budget will ask again
             quantizers[s.name].forget()
         return out
@@ -269,141 +272,19 @@ def _lower(m: onnx.ModelProto, sites, plan: Plan, quantizers, recipe: Recipe, fo
     return out
 
 
-def _tables(recipe, sites, candidates, quantizers, distortion) -> dict[str, np.ndarray]:
-    """Loss of every (site, candidate): the allocator's input, by ``recipe.table_source``:
-
-    - ``kron``: the layer output error each candidate is predicted to leave
-      (:meth:`SiteQuantizer.layer_loss`, no rounding), times the site's end-to-end factor: the
-      model's output distortion per unit of layer output error, measured once per site with one
-      candidate's real codes.  The output-side factor of a Kronecker-factored curvature, reduced
-      to a scalar: on MiniLM it varies by 200x between sites and by +-15% between the formats of
-      one site.  Measured from the site's segment of the model on (``OutputDistortion.segmented``),
-      on ``recipe.scale_samples`` samples.
-    - ``proxy``: the task-aware distortion measured for every candidate on the site's hull (a dozen
-      forward passes of the site's cone each).
-    - ``closed_form``: the posterior-expected loss itself (comparable across sites only with
-      gradient curvature from a file).
-
-    Within a site the candidates off the lower convex hull of (stored bits, loss) are never worth
-    taking: they get +inf without being rounded or measured.  The hull comes from the layer loss
-    (kron) or from the closed form at sigma -> 0 (the others)."""
-    source = recipe.table_source
-    # kron: one measurement per site, from the site's segment of the model on
-    from_segment = distortion.segmented([s.name for s in sites]) if source == "kron" else None
-
-    def site_table(s) -> np.ndarray:
-        q, fs = quantizers[s.name], candidates[s.name]
-        table, hull = _hull_table(s, fs, q.layer_loss if source == "kron" else q.screen_loss)
-        if source == "kron":
-            ref = _scale_reference(s, fs, hull)
-            if ref is not None:
-                codes = q.quick_codes(fs[ref])
-                err = q.layer_error(codes)
-                table[hull] *= from_segment({s.name: s.from_view(codes.dequantize())}) / err if err > 0 else 0.0
-        elif source == "proxy":
-            # a dozen measurements of this site, each running only the part of the model it reaches
-            measure = distortion.restricted_to([s.name])
-            for j in hull:
-                if isinstance(fs[j], Float32):
-                    table[j] = 0.0
-                    continue
-                # where several grids are on offer, the measurement picks (and pins) the best
-                scores = []
-                for kind in q.grid_kinds(fs[j]):
-                    q.pin(fs[j], kind)
-                    scores.append((measure({s.name: s.from_view(q.dequantized(fs[j]))}), kind))
-                table[j], best = min(scores)
-                q.pin(fs[j], best)
-        else:
-            table[hull] = [q.expected_loss(fs[j]) for j in hull]
-        return table
-
-    losses = {}
-    with Progress(f"loss tables ({source})", len(sites)) as p:
-        for s, table in zip(sites, parallel_map(site_table, sites)):
-            losses[s.name] = table
-            p.step()
-    return losses
-
-
-def _hull_table(site, formats, screen) -> tuple[np.ndarray, list[int]]:
-    """A table that is +inf off the lower convex hull of (stored bits, ``screen``) and holds the
-    screen on it, and the hull (by stored bits)."""
-    costs = np.array([f.stored_bits(site.rows, site.L) for f in formats], np.float64)
-    values = np.array([screen(f) for f in formats])
-    hull = sorted(lower_hull(costs, values), key=lambda j: costs[j])
-    table = np.full(len(formats), np.inf)
-    table[hull] = values[hull]
-    return table, hull
-
-
-def _choose_grids(plan: Plan, sites, quantizers, distortion) -> None:
-    """Where a site offers several grids for its planned format (grouped Conv and Gather: no ``X^T X`` for
-    GPTQ to judge them by), measure each end to end and pin the best, as the proxy tables do for
-    every candidate: the diagonal expected loss that the search minimises can favour clipping the
-    model does not tolerate.  Each format is decided once, whatever budget asks again."""
-    def choose(s):
-        q, f = quantizers[s.name], plan.choice[s.name]
-        kinds = q.grid_kinds(f)
-        if len(kinds) > 1 and f not in q.measured_grids:
-            scores = []
-            for kind in kinds:
-                q.pin(f, kind)
-                scores.append((distortion({s.name: s.from_view(q.dequantized(f))}), kind))
-            q.pin(f, min(scores)[1])
-            q.measured_grids.add(f)
-
-    for _ in parallel_map(choose, sites):
-        pass
-
-
-def _scale_reference(site, formats, hull) -> int | None:
-    """The candidate whose real codes measure a site's end-to-end factor under ``kron``: an affine
-    one on the hull (one rounding; codebooks need Lloyd-Max first), nearest to 4 bits per weight,
-    where errors are small enough to stay linear and large enough to measure."""
-    affine = [j for j in hull if not isinstance(formats[j], (Float32, BayesqLut))] or \
-             [j for j in hull if not isinstance(formats[j], Float32)]
-    if not affine:
-        return None
-    return min(affine, key=lambda j: abs(formats[j].stored_bits(site.rows, site.L) / site.size - 4.0))
-
-
-def _plan_check(candidates: list[tuple[Plan, dict]], sites, probe, held, batch_size):
-    """Product rule (docs/design.md, "Plan check"): measure the knapsack plan end to end on held-back data
-    against the uniform plans at the same budget -- with our grids, and with the reference GPTQ's
-    codes -- and ship the best.  ``candidates``: ``(plan, quantizers)``, the knapsack first."""
-    distortion = OutputDistortion(probe, held, batch_size)
-    with Progress("plan check", len(candidates)) as p:
-        scores = []
-        for plan, qs in candidates:
-            views = parallel_map(lambda s: s.from_view(qs[s.name].dequantized(plan.choice[s.name])), sites)
-            scores.append(distortion({s.name: v for s, v in zip(sites, views)}))
-            p.step()
-    i = int(np.argmin(scores))  # ties keep the knapsack (listed first)
-    n_weights = sum(s.size for s in sites)
-    check = {"metric": "relative output squared error on held-back calibration data",
-             "candidates": [{"plan": pl.label, "bits_per_weight": pl.stored_bits / n_weights, "distortion": d}
-                            for d, (pl, _) in zip(scores, candidates)],
-             "chosen": candidates[i][0].label,
-             "knapsack_vs_best_uniform": scores[0] / min(scores[1:]) if len(scores) > 1 else None}
-    if i:
-        log.warning("plan check: %s beats the knapsack plan on held-back data (%.3g vs %.3g); shipping it",
-                    candidates[i][0].label, scores[i], scores[0])
-    return candidates[i], check
-
-
-def _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check, n_weights,
+def _report(recipe, sites, skipped, candidates, chosen: Contender, losses, check, n_weights,
             calib_source, n_all, n_fit, n_held, curvature_name) -> dict:
+    plan, quantizers = chosen.plan, chosen.quantizers
     layers = []
     for s in sites:
         f = plan.choice[s.name]
         j = candidates[s.name].index(f)
         layers.append({
             "name": s.name, "op_type": s.op_type, "shape": list(s.shape), "format": f.name,
-            "bits": f.bits, "block_size": f.block, "grid": quantizers[s.name].grid_kind(f),
+            "bits": f.bits, "block_size": f.block, "grid": grid_of(chosen, s),
             "stored_bits": f.stored_bits(s.rows, s.L),
             "bits_per_weight": f.stored_bits(s.rows, s.L) / s.size,
-            "expected_loss": quantizers[s.name].expected_loss(f),
+            "expected_loss": quantizers[s.name].expected_loss(f, grid_of(chosen, s)),
             # None: no table (uniform planner) or a candidate the pre-screen dropped (never chosen by greedy)
             "table_loss": None if losses is None or not np.isfinite(losses[s.name][j]) else float(losses[s.name][j]),
         })

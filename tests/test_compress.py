@@ -206,7 +206,7 @@ def test_kron_tables_are_the_layer_loss_times_one_measured_factor_per_site(tmp_p
     """``tables="kron"`` (the default): within a site the entries keep the predicted layer losses'
     ratios; the site's factor is the measured output distortion of one candidate's real codes per
     unit of their layer output error."""
-    from bayesq_onnx.api import _scale_reference
+    from bayesq_onnx.plan.tables import _scale_reference
     from bayesq_onnx.calib.readers import take
     from bayesq_onnx.plan.proxy import OutputDistortion
 

@@ -42,13 +42,14 @@ class _GPTQWork:
 
 class SiteQuantizer:
     def __init__(self, view: np.ndarray, posterior: DiagonalLaplace, xtx: np.ndarray | None,
-                 method: Method, gptq_damp: float = 0.01, act_order: bool = False):
-        self.view, self.posterior, self.method = view, posterior, method
+                 method: Method, gptq_damp: float = 0.01, act_order: bool = False, measure_grids: bool = False):
+        """``measure_grids``: the searched and the min/max grid are both offered to be measured end to
+        end (:meth:`grid_kinds`) even where GPTQ runs, instead of the layer output error choosing."""
+        self.view, self.posterior, self.method, self.measure_grids = view, posterior, method, measure_grids
         self.xtx, self._gptq_damp, self._act_order, self._work = xtx, gptq_damp, act_order, _GPTQWork()
+        # caches of pure functions of (format, grid kind): the answers never depend on the call order
         self._grids: dict[tuple[Format, str], tuple] = {}   # small: one scale and zero point per group
-        self._codes: dict[Format, UniformCodes] = {}
-        self._pinned: dict[Format, str] = {}                  # grid kind chosen by measurement
-        self.measured_grids: set[Format] = set()              # formats whose grid kinds were all measured
+        self._codes: dict[tuple[Format, str], UniformCodes] = {}
 
     @property
     def _gptq(self) -> bool:
@@ -72,33 +73,33 @@ class SiteQuantizer:
         return self._grids[fmt, "lut"]
 
     def grid_kinds(self, fmt: Format) -> tuple[str, ...]:
-        """The grids worth measuring end to end in this format.  Where GPTQ runs, its layer output
-        error already picks the grid (see :meth:`codes`); elsewhere (grouped Conv, Gather) the diagonal
-        expected loss that the search minimises can favour clipping that the model does not
-        tolerate (measured on a Fashion-MNIST CNN: 3x the end-to-end error of min/max on some
-        convs at 2 bits), so min/max is offered too."""
+        """The grids worth measuring end to end in this format.  Where GPTQ runs on a matmul, its
+        layer output error already picks the grid (see :meth:`codes`); elsewhere (convolutions,
+        Gather: ``measure_grids``, or no ``X^T X``) the diagonal expected loss that the search
+        minimises, and even the layer output error, can favour clipping that the model does not
+        tolerate -- measured on a Fashion-MNIST CNN: at 2 bits, GPTQ on the searched grid left
+        15-30% less layer error than on min/max groups and 2-9x the end-to-end distortion -- so
+        min/max is offered too (where GPTQ runs: its own dynamic min/max groups)."""
         if isinstance(fmt, BayesqLut):
             return ("lut",)
-        if isinstance(fmt, Float32) or self._gptq or self.method.grid != "posterior":
+        if isinstance(fmt, Float32) or self.method.grid != "posterior" or (self._gptq and not self.measure_grids):
             return (self.method.grid,)
         return ("posterior", "minmax")
 
-    def pin(self, fmt: Format, kind: str) -> None:
-        """Use the ``kind`` grid for ``fmt`` from now on (one of :meth:`grid_kinds`)."""
-        if kind not in self.grid_kinds(fmt):
+    def grid_kind(self, fmt: Format, kind: str | None = None) -> str:
+        """The grid ``fmt`` is rounded on when ``kind`` is asked for: ``kind``, checked, or else the
+        first on offer."""
+        kinds = self.grid_kinds(fmt)
+        if kind is None:
+            return kinds[0]
+        if kind not in kinds:
             raise ValueError(f"grid {kind!r} is not offered for {fmt.name}")
-        if self._pinned.get(fmt, self.method.grid) != kind:
-            self._codes.pop(fmt, None)
-        self._pinned[fmt] = kind
+        return kind
 
-    def grid_kind(self, fmt: Format) -> str:
-        return self._pinned.get(fmt, self.grid_kinds(fmt)[0])
-
-    def _grid(self, fmt: Format):
-        kind = self.grid_kind(fmt)
+    def _grid(self, fmt: Format, kind: str):
         if (fmt, kind) not in self._grids:
             if self._dynamic:
-                q = self.codes(fmt)
+                q = self.codes(fmt, kind)
                 scale, zp = q.scale, q.zero_point
             elif kind == "posterior":
                 # clipping at 1.0, 0.9, ..., 0.4 of the group's range, screened at sigma -> 0;
@@ -117,11 +118,11 @@ class SiteQuantizer:
             self._grids[fmt, kind] = scale, zp, expected_loss(self.posterior, scale, zp, fmt.bits, fmt.block)
         return self._grids[fmt, kind]
 
-    def expected_loss(self, fmt: Format) -> float:
+    def expected_loss(self, fmt: Format, kind: str | None = None) -> float:
         """Closed-form posterior-expected whitened distortion of the format's grid (0 for fp32)."""
         if isinstance(fmt, BayesqLut):
             return float(self._codebook(fmt)[2].sum())
-        return 0.0 if isinstance(fmt, Float32) else float(self._grid(fmt)[2].sum())
+        return 0.0 if isinstance(fmt, Float32) else float(self._grid(fmt, self.grid_kind(fmt, kind))[2].sum())
 
     def screen_loss(self, fmt: Format) -> float:
         """Precision-weighted rounding error of the posterior mean on the plain min/max grid (the
@@ -209,15 +210,19 @@ class SiteQuantizer:
             return self._own_gptq(fmt)
         return round_rtn(self.view, *minmax_grid(self.view, fmt.bits, fmt.block), fmt.bits, fmt.block)
 
-    def codes(self, fmt: Format, rounding: str | None = None) -> UniformCodes | LutCodes:
+    def codes(self, fmt: Format, kind: str | None = None) -> UniformCodes | LutCodes:
+        """The codes in ``fmt`` on the ``kind`` grid (one of :meth:`grid_kinds`; default the first)."""
         if isinstance(fmt, BayesqLut):
-            return self._lut_codes(fmt, rounding)
-        if fmt not in self._codes:
-            scale, zp = (None, None) if self._dynamic else self._grid(fmt)[:2]
+            return self._lut_codes(fmt)
+        kind = self.grid_kind(fmt, kind)
+        if (fmt, kind) not in self._codes:
+            own = self._gptq and not self._act_order and (self._dynamic or kind == "minmax")
+            scale, zp = (None, None) if own else self._grid(fmt, kind)[:2]
             if self._gptq:
-                q = (self._own_gptq(fmt) if self._dynamic else
+                q = (self._own_gptq(fmt) if own else
                      round_gptq(self.view, self._factor(), scale, zp, fmt.bits, fmt.block, round_scale=_rounder(fmt)))
-                if self.method.grid == "posterior" and not self._act_order:
+                if self.method.grid == "posterior" and kind == "posterior" and not self.measure_grids \
+                        and not self._act_order:
                     # The searched grid is fixed before error feedback moves the weights; the
                     # reference's dynamic min/max groups follow them.  Keep whichever leaves the
                     # smaller layer output error ||X (W - Q)^T||^2: never worse than plain GPTQ
@@ -225,24 +230,24 @@ class SiteQuantizer:
                     alt = self._own_gptq(fmt)
                     if self.layer_error(alt) < self.layer_error(q):
                         q = alt
-                self._codes[fmt] = q
+                self._codes[fmt, kind] = q
             else:
-                self._codes[fmt] = round_rtn(self.view, scale, zp, fmt.bits, fmt.block)
-        return self._codes[fmt]
+                self._codes[fmt, kind] = round_rtn(self.view, scale, zp, fmt.bits, fmt.block)
+        return self._codes[fmt, kind]
 
-    def _lut_codes(self, fmt: BayesqLut, rounding: str | None) -> LutCodes:
-        """Lloyd-Max levels, then GPTQ error feedback onto them where ``X^T X`` is known (unless
-        ``rounding="nearest"``: the codes Lloyd-Max itself assigns)."""
+    def _lut_codes(self, fmt: BayesqLut) -> LutCodes:
+        """Lloyd-Max levels, then GPTQ error feedback onto them where ``X^T X`` is known (else the
+        codes Lloyd-Max itself assigns)."""
         codebook, nearest, _ = self._codebook(fmt)
         rows, L = self.view.shape
         block = fmt.block or L
         lut = codebook.reshape(rows, -1, 1 << fmt.bits)
-        if rounding == "nearest" or not self._gptq:
+        if not self._gptq:
             return LutCodes(nearest, lut, fmt.bits, fmt.block)
-        if fmt not in self._codes:
-            self._codes[fmt] = LutCodes(round_gptq_codebook(self.view, self._factor(), codebook, block),
-                                        lut, fmt.bits, fmt.block)
-        return self._codes[fmt]
+        if (fmt, "lut") not in self._codes:
+            self._codes[fmt, "lut"] = LutCodes(round_gptq_codebook(self.view, self._factor(), codebook, block),
+                                               lut, fmt.bits, fmt.block)
+        return self._codes[fmt, "lut"]
 
     def _factor(self) -> GPTQFactor:
         if self._work.factor is None:
@@ -266,9 +271,9 @@ class SiteQuantizer:
             ref._work = self._work
         return ref
 
-    def dequantized(self, fmt: Format) -> np.ndarray:
+    def dequantized(self, fmt: Format, kind: str | None = None) -> np.ndarray:
         """The weights the runtime will compute with, as a view."""
-        return self.view if isinstance(fmt, Float32) else self.codes(fmt).dequantize()
+        return self.view if isinstance(fmt, Float32) else self.codes(fmt, kind).dequantize()
 
     def forget(self) -> None:
         """Drop cached codes and the GPTQ factor once packed: bounded memory on big models."""
