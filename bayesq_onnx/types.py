@@ -23,6 +23,7 @@ class WeightSite:
     L: int
     consumers: tuple[str, ...]      # names of the consuming nodes
     activations: tuple[str, ...]    # tensors whose statistics give this site's curvature
+    dtype: str = "float32"          # the initializer's and its consumers' float type: float32, float16, bfloat16
 
     @property
     def size(self) -> int:

@@ -80,6 +80,26 @@ def to_array(t: onnx.TensorProto):
     return numpy_helper.to_array(t)
 
 
+def check_python_io(model: onnx.ModelProto) -> None:
+    """onnxruntime's Python API can neither feed nor return bfloat16 tensors: say so before any run."""
+    inits = {t.name for t in model.graph.initializer}
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for v in values:
+            if v.name not in inits and v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
+                raise BayesQError(f"graph {kind} {v.name!r} is bfloat16, which onnxruntime's Python API cannot "
+                                  f"pass; Cast it from/to float32 or float16 inside the graph")
+
+
+def bfloat16_hint(model: onnx.ModelProto) -> str:
+    """Why onnxruntime may refuse a bfloat16 model, to append to its message ("" for other models)."""
+    types = [t.data_type for t in model.graph.initializer] + \
+            [v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]]
+    if onnx.TensorProto.BFLOAT16 not in types:
+        return ""
+    return ("; onnxruntime's CPU kernels do not compute MatMul, Gemm or Conv in bfloat16: convert the "
+            "model to float16 or float32")
+
+
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write ``model`` to ``path`` via a temp file and rename, so a failure leaves nothing half-written.
     Models over 2 GB go to one external-data file beside it (``<name>.data``), also renamed into place."""

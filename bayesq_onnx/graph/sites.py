@@ -11,6 +11,9 @@ from onnx import helper
 from ..errors import BayesQError
 from ..types import SkippedSite, WeightSite
 
+# the weight types quantized (numerics in float32 views; formats store scales in the model's type)
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+               onnx.TensorProto.BFLOAT16: "bfloat16"}
 MIN_CONV_BLOCK = 16  # blocked DequantizeLinear needs at least one group of this many input channels
 
 
@@ -82,7 +85,7 @@ def site_matches(site: WeightSite, pattern: str) -> bool:
 
 def find_sites(model: onnx.ModelProto, min_elements: int = 1024, exclude=(), include=(),
                pinned=()) -> tuple[list[WeightSite], list[SkippedSite]]:
-    """Every float32 initializer of rank >= 2 becomes a site or a skipped entry with its reason
+    """Every float (float32, float16, bfloat16) initializer of rank >= 2 becomes a site or a skipped entry with its reason
     (rank-0/1 tensors -- biases, norms, shapes -- are not weights in our sense).
 
     The user's selection (``Recipe.exclude`` / ``include``) applies to weights that would otherwise be
@@ -122,11 +125,11 @@ def _find_sites(model: onnx.ModelProto, min_elements: int) -> tuple[list[WeightS
         shape = tuple(init.dims)
         if len(shape) < 2 or init.name not in uses and init.name not in in_subgraphs:
             continue
-        if init.data_type != onnx.TensorProto.FLOAT:
-            # integer tensors (shapes, indices) are not weights; a non-fp32 weight is worth a note
+        if init.data_type not in FLOAT_TYPES:
+            # integer tensors (shapes, indices) are not weights; a weight of another type is worth a note
             if any(not isinstance(_classify(n, s, shape, uses), str) for n, s in uses[init.name]):
                 skipped.append(SkippedSite(init.name, f"dtype {onnx.TensorProto.DataType.Name(init.data_type)}: "
-                                                      "only float32 weights are quantized"))
+                                                      "only float32, float16 and bfloat16 weights are quantized"))
             continue
         if init.name in graph_inputs:
             skipped.append(SkippedSite(init.name, "also a graph input, so it can be overridden at run time"))
@@ -158,5 +161,6 @@ def _find_sites(model: onnx.ModelProto, min_elements: int) -> tuple[list[WeightS
             shape=shape, perm=perm, rows=math.prod(permuted[:-1]), L=permuted[-1],
             consumers=tuple(c for _, _, _, cs in found for c in cs),
             activations=tuple(dict.fromkeys(a for _, _, acts, _ in found for a in acts)),
+            dtype=FLOAT_TYPES[init.data_type],
         ))
     return sites, skipped
