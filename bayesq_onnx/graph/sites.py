@@ -14,7 +14,7 @@ from ..types import SkippedSite, WeightSite
 # the weight types quantized (numerics in float32 views; formats store scales in the model's type)
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                onnx.TensorProto.BFLOAT16: "bfloat16"}
-MIN_CONV_BLOCK = 16  # blocked DequantizeLinear needs at least one group of this many input channels
+MIN_CONV_BLOCK = 16  # fewer input channels per group than this: Conv weights are grouped per output channel
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -67,8 +67,9 @@ def _classify(node, slot, shape, uses):
         return "transposed, then used by something other than MatMul's weight input"
     if op == "Conv" and slot == 1 and len(shape) == 4:
         if shape[1] < MIN_CONV_BLOCK:
-            return (f"Conv with {shape[1]} input channels per group (< {MIN_CONV_BLOCK}): "
-                    "too few to block along the input-channel axis")
+            # too few input channels per group (depthwise: 1) to block along them: the view is one
+            # row per output channel, its groups that channel's taps (identity perm: see _find_sites)
+            return "conv", (0, 1, 2, 3), (node.input[0],), (node.name,)
         return "conv", (0, 2, 3, 1), (node.input[0],), (node.name,)
     if op == "Gather" and slot == 0 and len(shape) == 2 and _attr(node, "axis", 0) == 0:
         return "gather", (0, 1), (node.input[1],), (node.name,)
@@ -155,6 +156,8 @@ def _find_sites(model: onnx.ModelProto, min_elements: int) -> tuple[list[WeightS
             continue
         (kind, perm), = kinds
         permuted = [shape[p] for p in perm]
+        if kind == "conv" and perm == (0, 1, 2, 3):   # the flat view of a depthwise / few-channel Conv
+            permuted = [shape[0], math.prod(shape[1:])]
         sites.append(WeightSite(
             name=init.name, kind=kind,
             op_type="/".join(sorted({by_name[c].op_type for _, _, _, cs in found for c in cs} - {"Transpose"})),

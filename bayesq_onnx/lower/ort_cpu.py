@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 import onnx
-from onnx import helper, version_converter
+from onnx import helper, numpy_helper, version_converter
 
 from ..errors import BayesQError, first_line
 from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
@@ -44,6 +44,18 @@ def _typed(out: str, produced: str, want: str) -> tuple[str, list[onnx.NodeProto
 
 def _prefix(name: str) -> str:
     return "bq_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def _flat(s: WeightSite, out: str, pre: str) -> tuple[str, tuple[int, ...], int, list, list]:
+    """Where and how a dequantizing op writes weight ``out`` of site ``s``: ``(name, shape, axis,
+    nodes, initializers)``.  Its view's ``L`` is one native axis (``perm[-1]``), so the op writes the
+    native layout itself; or, for a flat view (depthwise Conv: ``L`` spans every axis but the
+    first), the op writes the ``(rows, L)`` view and a Reshape (folded at load) makes it native."""
+    if not s.flat:
+        return out, s.shape, s.perm[-1], [], []
+    shape = numpy_helper.from_array(np.array(s.shape, np.int64), f"{pre}_shape")
+    flat = f"{out}__bq_view"
+    return flat, (s.rows, s.L), 1, [helper.make_node("Reshape", [flat, shape.name], [out], name=f"{pre}_reshape")], [shape]
 
 
 def lower_ort_cpu(model: onnx.ModelProto, sites: list[WeightSite], choice: dict[str, Format],
@@ -75,20 +87,21 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
             continue
         drop_inits.add(s.name)
         pre, p = _prefix(s.name), packed[s.name]
-        axis = s.perm[-1]   # the native axis that is the view's L (view = moveaxis(W, axis, -1))
         if isinstance(fmt, BAYESQ_FORMATS) and (portable or s.kind == "conv"):
             # the weight keeps its name (and type), now computed from the packed tensors in native layout
-            w, cast = _typed(s.name, "float32", s.dtype)
+            w2, shape, ax, reshape, rs = _flat(s, s.name, pre)
+            w, cast = _typed(w2, "float32", s.dtype)
             if portable:
-                ns, ts = portable_weight_nodes(w, pre, fmt, p, s.shape, axis)
+                ns, ts = portable_weight_nodes(w, pre, fmt, p, shape, ax)
                 head += ns
                 new_inits += [t for t in ts if t.name not in shared_tables]
                 shared_tables.update(t.name for t in ts if t.name.startswith("bq_pos_"))  # portable.py's naming
             else:
-                node, ts = bayesq_dequantize_node(w, pre, fmt, p, s.shape, axis)
+                node, ts = bayesq_dequantize_node(w, pre, fmt, p, shape, ax)
                 head.append(node)
                 new_inits += ts
-            head += cast
+            head += cast + reshape
+            new_inits += rs
         elif isinstance(fmt, (MatMulNBits, *BAYESQ_FORMATS)):
             if isinstance(fmt, MatMulNBits) and fmt.scale_dtype != s.dtype:
                 raise BayesQError(f"{s.name}: MatMulNBits has no {s.dtype} kernel (its scales take the "
@@ -116,10 +129,11 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
         elif isinstance(fmt, BlockedDequantize):
             # the weight tensor keeps its name, now produced by DequantizeLinear in native layout (its
             # output type is the scales'; a Cast where that is not the weight's)
-            w, cast = _typed(s.name, fmt.scale_dtype, s.dtype)
-            node, ts = dequantize_node(w, pre, fmt, p, s.shape, axis=1)
-            head += [node, *cast]
-            new_inits += ts
+            w2, shape, ax, reshape, rs = _flat(s, s.name, pre)
+            w, cast = _typed(w2, fmt.scale_dtype, s.dtype)
+            node, ts = dequantize_node(w, pre, fmt, p, shape, axis=ax)
+            head += [node, *cast, *reshape]
+            new_inits += ts + rs
         elif isinstance(fmt, GatherBlockQuantized):  # an embedding, possibly tied to the output head
             for cname in s.consumers:
                 c = nodes[cname]

@@ -40,8 +40,11 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
         out += [BayesqLut(b, 0, F16) for b in luts]
     elif site.kind == "conv":
         conv_blocks = sorted({g for g in (16, *blocks) if g <= site.L})
-        out += [BlockedDequantize(b, g, signed=False, scale_dtype=sd) for b in recipe.conv_bits for g in conv_blocks]
-        out += [BayesqUniform(b, g, F16) for b in ours for g in conv_blocks if g % 16 == 0]
+        # a depthwise Conv's row is one output channel's taps (site.flat): a group per channel too
+        dq_blocks = sorted({*conv_blocks, site.L}) if site.flat else conv_blocks
+        bq_blocks = [g for g in conv_blocks if g % 16 == 0] or ([-(-site.L // 16) * 16] if site.flat else [])
+        out += [BlockedDequantize(b, g, signed=False, scale_dtype=sd) for b in recipe.conv_bits for g in dq_blocks]
+        out += [BayesqUniform(b, g, F16) for b in ours for g in bq_blocks]
         out += [BayesqLut(b, 0, F16) for b in luts]
     elif site.kind == "gather":
         out += [f for f in (GatherBlockQuantized(b, g, sd) for b in recipe.gather_bits for g in fitting)
