@@ -22,7 +22,7 @@ from .curvature.activation import ActivationCurvature
 from .curvature.from_file import FileCurvature
 from .errors import BayesQError, first_line
 from .formats import Float32
-from .graph.model_io import check_writable, load_model, prepare_model, save_json_atomic, save_model_atomic, to_array
+from .graph.model_io import bfloat16_hint, check_writable, load_model, prepare_model, save_json_atomic, save_model_atomic, to_array
 from .graph.sites import find_sites
 from .lower.ort_cpu import lower_ort_cpu, lower_portable
 from .plan.candidates import candidate_formats
@@ -207,7 +207,8 @@ def _read_model(model) -> onnx.ModelProto:
 
 def _read_weights(m: onnx.ModelProto, sites) -> dict[str, np.ndarray]:
     inits = {t.name: t for t in m.graph.initializer}
-    weights = {s.name: to_array(inits[s.name]) for s in sites}
+    # float16 / bfloat16 weights are analysed in float32 (exact); formats store the model's type
+    weights = {s.name: to_array(inits[s.name]).astype(np.float32) for s in sites}
     for name, w in weights.items():
         if not np.isfinite(w).all():
             raise BayesQError(f"weight {name!r} contains NaN or Inf")
@@ -234,7 +235,7 @@ def _probe(m: onnx.ModelProto, sites) -> Probe:
     try:
         return Probe(m, [s.name for s in sites], [a for s in sites for a in s.activations])
     except Exception as e:  # unknown ops, bad graphs: onnxruntime says why
-        raise BayesQError(f"onnxruntime cannot run the model: {first_line(e)}") from None
+        raise BayesQError(f"onnxruntime cannot run the model: {first_line(e)}{bfloat16_hint(m)}") from None
 
 
 def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe) -> SiteQuantizer:
@@ -265,10 +266,13 @@ def _lower(m: onnx.ModelProto, sites, chosen: Contender, recipe: Recipe, forget:
             p.step()
     lower = lower_portable if recipe.target == "portable" else lower_ort_cpu
     out = lower(m, sites, plan.choice, packed, recipe.accuracy_level)
+    full = _passes_full_check(m)
     try:  # the full check (with shape inference) whenever the input model passes it too
-        onnx.checker.check_model(out, full_check=_passes_full_check(m))
+        onnx.checker.check_model(out, full_check=full)
     except Exception as e:  # a bug of ours, not the user's: say so plainly
-        raise RuntimeError(f"internal error: the lowered model fails onnx.checker: {first_line(e)}") from e
+        # an input the checker refused (and onnxruntime runs: model_io.prepare_model) may keep its fault
+        if full or first_line(e) != _checker_error(m):
+            raise RuntimeError(f"internal error: the lowered model fails onnx.checker: {first_line(e)}") from e
     return out
 
 
@@ -305,6 +309,14 @@ def _report(recipe, sites, skipped, candidates, chosen: Contender, losses, check
                              for st in plan.steps],
         "recipe": recipe.to_dict(),
     }
+
+
+def _checker_error(model: onnx.ModelProto) -> str | None:
+    try:
+        onnx.checker.check_model(model)
+        return None
+    except Exception as e:
+        return first_line(e)
 
 
 def _passes_full_check(model: onnx.ModelProto) -> bool:

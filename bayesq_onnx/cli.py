@@ -153,8 +153,8 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                    help="quantize only weights whose initializer or consumer node name matches (repeatable; "
                         "--exclude wins)")
     c.add_argument("--pin", action="append", metavar="PATTERN=BITS",
-                   help="weights matching PATTERN may only take formats with BITS code bits (32: fp32 within "
-                        "the budget); the first matching pin applies (repeatable)")
+                   help="weights matching PATTERN may only take formats with BITS code bits (32: fp32, 16: a float16 or "
+                        "bfloat16 weight kept, within the budget); the first matching pin applies (repeatable)")
     c.add_argument("--threads", type=int, help="sites analysed in parallel (as BAYESQ_WORKERS; default: the "
                                                "cores, at most 4; the output does not depend on it)")
     c.add_argument("--seed", type=int,

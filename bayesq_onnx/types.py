@@ -23,6 +23,13 @@ class WeightSite:
     L: int
     consumers: tuple[str, ...]      # names of the consuming nodes
     activations: tuple[str, ...]    # tensors whose statistics give this site's curvature
+    dtype: str = "float32"          # the initializer's and its consumers' float type: float32, float16, bfloat16
+
+    @property
+    def flat(self) -> bool:
+        """The view is a plain reshape whose ``L`` spans several native axes (``perm`` the identity):
+        a Conv with few input channels per group (depthwise), one row per output channel."""
+        return self.L != self.shape[self.perm[-1]]
 
     @property
     def size(self) -> int:
@@ -48,5 +55,5 @@ class SiteStats:
 
     xtx: np.ndarray | None = None   # (L, L) float64 sum of x x^T over all rows seen (matmul; conv: channels over positions)
     n_xtx: int = 0                  # rows of X in xtx
-    sq: np.ndarray | None = None    # broadcastable to the view: grouped conv (1, L) sums of x^2, gather (rows, 1) index counts
+    sq: np.ndarray | None = None    # broadcastable to the view: grouped conv (rows, L) sums of x^2, gather (rows, 1) index counts
     n_sq: int = 0                   # samples (conv) or indices (gather) in sq

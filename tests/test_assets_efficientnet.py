@@ -232,9 +232,9 @@ def test_prepare_exports_a_sane_model(tmp_path, monkeypatch):
     assert [o.name for o in model.graph.output] == ["logits"]
     sites, skipped = find_sites(model, 1024)
     kinds = sorted((s.op_type, s.kind) for s in sites)
-    assert kinds.count(("Conv", "conv")) == 31 and kinds.count(("Gemm", "matmul")) == 1
-    assert len(sites) == 32
-    assert sum("input channels per group" in s.reason for s in skipped) == 14   # depthwise
+    assert kinds.count(("Conv", "conv")) == 45 and kinds.count(("Gemm", "matmul")) == 1
+    assert len(sites) == 46
+    assert sum(s.flat for s in sites) == 14   # depthwise: one group per output channel
     assert all(not s.name.startswith("onnx::") for s in sites)                  # module names
 
     man = json.loads(asset.manifest.read_text())

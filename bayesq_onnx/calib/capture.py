@@ -32,16 +32,18 @@ def _accumulate(site: WeightSite, st: SiteStats, x: np.ndarray) -> None:
         x = x.reshape(-1, site.L).astype(np.float64)
         st.xtx = (x.T @ x) if st.xtx is None else st.xtx + x.T @ x
         st.n_xtx += x.shape[0]
-    elif site.kind == "conv" and x.shape[1] == site.L:
+    elif site.kind == "conv" and x.shape[1] == site.shape[1] == site.L:
         # every weight w[o, i, r, s] meets channel i at (almost) every position, shifted by its tap
         # (r, s): the channel Gram over positions is each tap's X^T X (exact for 1x1 convolutions;
         # for k x k it leaves out padding and the correlation between taps, see docs/design.md)
         x = np.moveaxis(x, 1, -1).reshape(-1, site.L).astype(np.float64)
         st.xtx = (x.T @ x) if st.xtx is None else st.xtx + x.T @ x
         st.n_xtx += x.shape[0]
-    elif site.kind == "conv":  # grouped: each group's weights see their own channels
-        axes = (0,) + tuple(range(2, x.ndim))
-        sq = np.square(x, dtype=np.float64).sum(axis=axes).reshape(1, x.shape[1])
+    elif site.kind == "conv":  # grouped: w[o, i, ...] meets input channel (o // (O / g)) * (I / g) + i alone
+        e = np.square(x, dtype=np.float64).sum(axis=(0,) + tuple(range(2, x.ndim)))
+        O, per = site.shape[0], site.shape[1]
+        ch = np.arange(O)[:, None] // (O // (x.shape[1] // per)) * per + np.arange(per)
+        sq = site.to_view(np.broadcast_to(e[ch].reshape(O, per, *[1] * (len(site.shape) - 2)), site.shape))
         st.sq = sq if st.sq is None else st.sq + sq
         st.n_sq += x.size // x.shape[1]
     elif site.kind == "gather":

@@ -11,6 +11,7 @@ import onnx
 from onnx import helper
 
 from ..errors import BayesQError, first_line
+from ..graph.model_io import check_python_io
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class InputSpec:
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    check_python_io(model)
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for vi in model.graph.input:

@@ -1,7 +1,8 @@
 """ONNX ``DequantizeLinear`` with blocked quantization (``block_size`` attribute, opset >= 21).
 
 ``y = (x - x_zero_point) * x_scale`` with ``x_scale``/``x_zero_point`` shaped like ``x`` except the
-blocked axis, whose length is ``ceil(L / block)``.  Any ``block >= 1`` is legal.  ``x`` and
+blocked axis, whose length is ``ceil(L / block)``.  Any ``block >= 1`` is legal.  The output has ``x_scale``'s
+type (``scale_dtype``: float32, or float16 for a float16 model).  ``x`` and
 ``x_zero_point`` share one type: (U)INT8, (U)INT4 (opset 21, IR 10) or (U)INT2 (opset 25, IR 13).
 
 The view's rows are independent and ``L`` is the blocked axis; ``pack`` returns arrays in view layout
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import Format, UniformCodes, n_groups
+from .bayesq_uniform import SCALE_DTYPES, check_scale_dtype, round_values, store_values
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,10 @@ class BlockedDequantize(Format):
     bits: int
     block: int
     signed: bool = False
+    scale_dtype: str = "float32"   # sets the output type: float16 in a float16 model
 
     def __post_init__(self):
+        check_scale_dtype(self.scale_dtype)
         if self.bits not in (2, 4, 8):
             raise ValueError(f"DequantizeLinear integer types are 2, 4 or 8 bits, got {self.bits}")
         if self.block < 1:
@@ -35,7 +39,12 @@ class BlockedDequantize(Format):
 
     @property
     def name(self) -> str:
-        return f"dq-{'' if self.signed else 'u'}int{self.bits}-g{self.block}"
+        return f"dq-{'' if self.signed else 'u'}int{self.bits}-g{self.block}" + \
+            ("-f16" if self.scale_dtype == "float16" else "")
+
+    def round_scales(self, scale: np.ndarray) -> np.ndarray:
+        """float32 scales exactly as stored (fp16-rounded for float16): codes are chosen on these."""
+        return round_values(scale, self.scale_dtype, "scales")
 
     @property
     def offset(self) -> int:
@@ -53,14 +62,14 @@ class BlockedDequantize(Format):
     def stored_bits(self, rows: int, L: int) -> int:
         g = rows * n_groups(L, self.block)
         packed = lambda n: 8 * -(-n * self.bits // 8)   # sub-byte tensors pack over the whole tensor
-        return packed(rows * L) + packed(g) + 32 * g
+        return packed(rows * L) + packed(g) + 8 * np.dtype(SCALE_DTYPES[self.scale_dtype]).itemsize * g
 
     def pack(self, q: UniformCodes) -> dict[str, np.ndarray]:
         assert q.bits == self.bits and q.block == self.block, (q.bits, q.block, self)
         dt = np.int8 if self.signed else np.uint8
         conv = lambda a: (a.astype(np.int16) - self.offset).astype(dt)
         return {"x": conv(q.codes),
-                "x_scale": np.ascontiguousarray(q.scale, dtype=np.float32),
+                "x_scale": store_values(q.scale, self.scale_dtype, "scales"),
                 "x_zero_point": conv(q.zero_point)}
 
     def unpack(self, packed: dict[str, np.ndarray], rows: int, L: int) -> UniformCodes:

@@ -5,7 +5,7 @@ Layout (onnxruntime ``docs/ContribOperators.md`` and ``contrib_ops/cpu/quantizat
 * ``B``: uint8 ``(N, k_blocks, blob_size)``, ``k_blocks = ceil(K / block)``, ``blob_size = block * bits / 8``;
   codes of one (column n, block) packed LSB-first along K (4 bits: element 2j in the low nibble of
   byte j; 2 bits: element 4j+i at bits 2i..2i+1).  The last block of a column is padded to ``block``.
-* ``scales``: dtype of ``A`` (fp32 here), shape ``(N, k_blocks)`` (1-D ``(N * k_blocks,)`` also accepted).
+* ``scales``: dtype of ``A`` (``scale_dtype``: float32, or float16 for a float16 model), shape ``(N, k_blocks)`` (1-D ``(N * k_blocks,)`` also accepted).
 * ``zero_points`` (uint8, packed like ``B``): ``(N, ceil(k_blocks * bits / 8))``, each column packed
   on its own with its own byte padding.
 * ``W[k, n] = (q[n, k] - zp[n, k // block]) * scale[n, k // block]``.
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import Format, UniformCodes, check_ort_packed, n_groups
+from .bayesq_uniform import SCALE_DTYPES, check_scale_dtype, round_values, store_values
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -44,13 +45,19 @@ def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
 class MatMulNBits(Format):
     bits: int
     block: int
+    scale_dtype: str = "float32"   # must be the activations' type (the op's T1): float16 in a float16 model
 
     def __post_init__(self):
         check_ort_packed("MatMulNBits", self.bits, self.block)
+        check_scale_dtype(self.scale_dtype)
 
     @property
     def name(self) -> str:
-        return f"matmulnbits-b{self.bits}-g{self.block}"
+        return f"matmulnbits-b{self.bits}-g{self.block}" + ("-f16" if self.scale_dtype == "float16" else "")
+
+    def round_scales(self, scale: np.ndarray) -> np.ndarray:
+        """float32 scales exactly as stored (fp16-rounded for float16): codes are chosen on these."""
+        return round_values(scale, self.scale_dtype, "scales")
 
     def _sizes(self, rows: int, L: int) -> tuple[int, int, int]:
         nb = n_groups(L, self.block)
@@ -58,7 +65,8 @@ class MatMulNBits(Format):
 
     def stored_bits(self, rows: int, L: int) -> int:
         nb, blob, zp_bytes = self._sizes(rows, L)
-        return 8 * rows * (nb * blob + 4 * nb + zp_bytes)
+        sbytes = np.dtype(SCALE_DTYPES[self.scale_dtype]).itemsize
+        return 8 * rows * (nb * blob + sbytes * nb + zp_bytes)
 
     def pack(self, q: UniformCodes) -> dict[str, np.ndarray]:
         assert q.bits == self.bits and q.block == self.block, (q.bits, q.block, self)
@@ -70,7 +78,7 @@ class MatMulNBits(Format):
         codes[:, K:] = q.zero_point[:, -1:]
         return {
             "B": pack_bits(codes.reshape(N, nb, self.block), self.bits),
-            "scales": np.ascontiguousarray(q.scale, dtype=np.float32).reshape(N, nb),
+            "scales": store_values(q.scale, self.scale_dtype, "scales").reshape(N, nb),
             "zero_points": pack_bits(q.zero_point, self.bits),
         }
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import zipfile
@@ -14,6 +15,7 @@ from onnx import numpy_helper
 
 from ..errors import BayesQError, first_line
 
+log = logging.getLogger(__name__)
 PROTO_LIMIT = 2**31 - 1   # protobuf's limit on one serialized message (bytes)
 
 
@@ -26,20 +28,38 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as e:  # protobuf and external-data errors have many types
         raise BayesQError(f"cannot read {path} as an ONNX model: {first_line(e)}") from None
-    return prepare_model(model, str(path))
+    return prepare_model(model, str(path), str(path))
 
 
-def prepare_model(model: onnx.ModelProto, source: str = "the model") -> onnx.ModelProto:
-    """Check a model and normalize it in place (Constant weights -> initializers, unique node names)."""
+def prepare_model(model: onnx.ModelProto, source: str = "the model", path: str | None = None) -> onnx.ModelProto:
+    """Check a model and normalize it in place (Constant weights -> initializers, unique node names).
+    ``path``: the file it was read from (onnxruntime loads big models from there)."""
     if not model.graph.node:
         raise BayesQError(f"{source} is not a usable ONNX model (its graph has no nodes)")
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise BayesQError(f"{source} fails onnx.checker: {first_line(e)}") from None
+        # exporters write models the checker refuses (e.g. graph outputs without a type) that
+        # onnxruntime runs: only a model it cannot load either is an error
+        why = ort_load_error(model, path)
+        if why is not None:
+            raise BayesQError(f"{source} fails onnx.checker: {first_line(e)}; onnxruntime cannot load it either: "
+                              f"{why}") from None
+        log.warning("%s fails onnx.checker (%s); onnxruntime loads it, so going on", source, first_line(e))
     constants_to_initializers(model)
     name_nodes(model)
     return model
+
+
+def ort_load_error(model: onnx.ModelProto, path: str | None = None) -> str | None:
+    """None if onnxruntime creates a session for the model (custom ops registered), else its reason."""
+    from ..runtime.session import make_session   # the runtime layer sits above this one
+    try:
+        make_session(path if path is not None and model.ByteSize() > PROTO_LIMIT else model, fold=False,
+                     unpack="never")
+        return None
+    except Exception as e:
+        return first_line(e)
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -78,6 +98,26 @@ def constants_to_initializers(model: onnx.ModelProto) -> None:
 
 def to_array(t: onnx.TensorProto):
     return numpy_helper.to_array(t)
+
+
+def check_python_io(model: onnx.ModelProto) -> None:
+    """onnxruntime's Python API can neither feed nor return bfloat16 tensors: say so before any run."""
+    inits = {t.name for t in model.graph.initializer}
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for v in values:
+            if v.name not in inits and v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16:
+                raise BayesQError(f"graph {kind} {v.name!r} is bfloat16, which onnxruntime's Python API cannot "
+                                  f"pass; Cast it from/to float32 or float16 inside the graph")
+
+
+def bfloat16_hint(model: onnx.ModelProto) -> str:
+    """Why onnxruntime may refuse a bfloat16 model, to append to its message ("" for other models)."""
+    types = [t.data_type for t in model.graph.initializer] + \
+            [v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]]
+    if onnx.TensorProto.BFLOAT16 not in types:
+        return ""
+    return ("; onnxruntime's CPU kernels do not compute MatMul, Gemm or Conv in bfloat16: convert the "
+            "model to float16 or float32")
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

@@ -11,7 +11,10 @@ from onnx import helper
 from ..errors import BayesQError
 from ..types import SkippedSite, WeightSite
 
-MIN_CONV_BLOCK = 16  # blocked DequantizeLinear needs at least one group of this many input channels
+# the weight types quantized (numerics in float32 views; formats store scales in the model's type)
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+               onnx.TensorProto.BFLOAT16: "bfloat16"}
+MIN_CONV_BLOCK = 16  # fewer input channels per group than this: Conv weights are grouped per output channel
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -64,8 +67,9 @@ def _classify(node, slot, shape, uses):
         return "transposed, then used by something other than MatMul's weight input"
     if op == "Conv" and slot == 1 and len(shape) == 4:
         if shape[1] < MIN_CONV_BLOCK:
-            return (f"Conv with {shape[1]} input channels per group (< {MIN_CONV_BLOCK}): "
-                    "too few to block along the input-channel axis")
+            # too few input channels per group (depthwise: 1) to block along them: the view is one
+            # row per output channel, its groups that channel's taps (identity perm: see _find_sites)
+            return "conv", (0, 1, 2, 3), (node.input[0],), (node.name,)
         return "conv", (0, 2, 3, 1), (node.input[0],), (node.name,)
     if op == "Gather" and slot == 0 and len(shape) == 2 and _attr(node, "axis", 0) == 0:
         return "gather", (0, 1), (node.input[1],), (node.name,)
@@ -82,7 +86,7 @@ def site_matches(site: WeightSite, pattern: str) -> bool:
 
 def find_sites(model: onnx.ModelProto, min_elements: int = 1024, exclude=(), include=(),
                pinned=()) -> tuple[list[WeightSite], list[SkippedSite]]:
-    """Every float32 initializer of rank >= 2 becomes a site or a skipped entry with its reason
+    """Every float (float32, float16, bfloat16) initializer of rank >= 2 becomes a site or a skipped entry with its reason
     (rank-0/1 tensors -- biases, norms, shapes -- are not weights in our sense).
 
     The user's selection (``Recipe.exclude`` / ``include``) applies to weights that would otherwise be
@@ -122,11 +126,11 @@ def _find_sites(model: onnx.ModelProto, min_elements: int) -> tuple[list[WeightS
         shape = tuple(init.dims)
         if len(shape) < 2 or init.name not in uses and init.name not in in_subgraphs:
             continue
-        if init.data_type != onnx.TensorProto.FLOAT:
-            # integer tensors (shapes, indices) are not weights; a non-fp32 weight is worth a note
+        if init.data_type not in FLOAT_TYPES:
+            # integer tensors (shapes, indices) are not weights; a weight of another type is worth a note
             if any(not isinstance(_classify(n, s, shape, uses), str) for n, s in uses[init.name]):
                 skipped.append(SkippedSite(init.name, f"dtype {onnx.TensorProto.DataType.Name(init.data_type)}: "
-                                                      "only float32 weights are quantized"))
+                                                      "only float32, float16 and bfloat16 weights are quantized"))
             continue
         if init.name in graph_inputs:
             skipped.append(SkippedSite(init.name, "also a graph input, so it can be overridden at run time"))
@@ -152,11 +156,14 @@ def _find_sites(model: onnx.ModelProto, min_elements: int) -> tuple[list[WeightS
             continue
         (kind, perm), = kinds
         permuted = [shape[p] for p in perm]
+        if kind == "conv" and perm == (0, 1, 2, 3):   # the flat view of a depthwise / few-channel Conv
+            permuted = [shape[0], math.prod(shape[1:])]
         sites.append(WeightSite(
             name=init.name, kind=kind,
             op_type="/".join(sorted({by_name[c].op_type for _, _, _, cs in found for c in cs} - {"Transpose"})),
             shape=shape, perm=perm, rows=math.prod(permuted[:-1]), L=permuted[-1],
             consumers=tuple(c for _, _, _, cs in found for c in cs),
             activations=tuple(dict.fromkeys(a for _, _, acts, _ in found for a in acts)),
+            dtype=FLOAT_TYPES[init.data_type],
         ))
     return sites, skipped

@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 import onnx
-from onnx import helper, version_converter
+from onnx import helper, numpy_helper, version_converter
 
 from ..errors import BayesQError, first_line
 from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
@@ -28,10 +28,34 @@ from .nodes import MS_DOMAIN, dequantize_node, gather_block_quantized_node, matm
 from .portable import portable_weight_nodes
 
 BAYESQ_FORMATS = (BayesqUniform, BayesqLut)
+ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+              "bfloat16": onnx.TensorProto.BFLOAT16}
+
+
+def _typed(out: str, produced: str, want: str) -> tuple[str, list[onnx.NodeProto]]:
+    """Where an op that yields ``produced`` (its output's float type) should write so that ``out``
+    has type ``want``: ``out`` itself, or a temporary and a Cast to ``want`` (the bayesq Dequantize
+    ops yield float32; onnxruntime's CPU ops have no bfloat16 kernels)."""
+    if produced == want:
+        return out, []
+    tmp = f"{out}__bq_{produced}"
+    return tmp, [helper.make_node("Cast", [tmp], [out], to=ONNX_TYPES[want], name=f"{tmp}_cast")]
 
 
 def _prefix(name: str) -> str:
     return "bq_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def _flat(s: WeightSite, out: str, pre: str) -> tuple[str, tuple[int, ...], int, list, list]:
+    """Where and how a dequantizing op writes weight ``out`` of site ``s``: ``(name, shape, axis,
+    nodes, initializers)``.  Its view's ``L`` is one native axis (``perm[-1]``), so the op writes the
+    native layout itself; or, for a flat view (depthwise Conv: ``L`` spans every axis but the
+    first), the op writes the ``(rows, L)`` view and a Reshape (folded at load) makes it native."""
+    if not s.flat:
+        return out, s.shape, s.perm[-1], [], []
+    shape = numpy_helper.from_array(np.array(s.shape, np.int64), f"{pre}_shape")
+    flat = f"{out}__bq_view"
+    return flat, (s.rows, s.L), 1, [helper.make_node("Reshape", [flat, shape.name], [out], name=f"{pre}_reshape")], [shape]
 
 
 def lower_ort_cpu(model: onnx.ModelProto, sites: list[WeightSite], choice: dict[str, Format],
@@ -63,19 +87,25 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
             continue
         drop_inits.add(s.name)
         pre, p = _prefix(s.name), packed[s.name]
-        axis = s.perm[-1]   # the native axis that is the view's L (view = moveaxis(W, axis, -1))
         if isinstance(fmt, BAYESQ_FORMATS) and (portable or s.kind == "conv"):
-            # the weight keeps its name, now computed from the packed tensors in native layout
+            # the weight keeps its name (and type), now computed from the packed tensors in native layout
+            w2, shape, ax, reshape, rs = _flat(s, s.name, pre)
+            w, cast = _typed(w2, "float32", s.dtype)
             if portable:
-                ns, ts = portable_weight_nodes(s.name, pre, fmt, p, s.shape, axis)
+                ns, ts = portable_weight_nodes(w, pre, fmt, p, shape, ax)
                 head += ns
                 new_inits += [t for t in ts if t.name not in shared_tables]
                 shared_tables.update(t.name for t in ts if t.name.startswith("bq_pos_"))  # portable.py's naming
             else:
-                node, ts = bayesq_dequantize_node(s.name, pre, fmt, p, s.shape, axis)
+                node, ts = bayesq_dequantize_node(w, pre, fmt, p, shape, ax)
                 head.append(node)
                 new_inits += ts
+            head += cast + reshape
+            new_inits += rs
         elif isinstance(fmt, (MatMulNBits, *BAYESQ_FORMATS)):
+            if isinstance(fmt, MatMulNBits) and fmt.scale_dtype != s.dtype:
+                raise BayesQError(f"{s.name}: MatMulNBits has no {s.dtype} kernel (its scales take the "
+                                  f"activations' type)")
             shared = None
             for cname in s.consumers:
                 c = nodes[cname]
@@ -97,17 +127,21 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
                 replace[cname] = [node] if bias is None or fused_bias else \
                     [node, helper.make_node("Add", [out, bias], [c.output[0]], name=cname + "_bias")]
         elif isinstance(fmt, BlockedDequantize):
-            # the weight tensor keeps its name, now produced by DequantizeLinear in native layout
-            node, ts = dequantize_node(s.name, pre, fmt, p, s.shape, axis=1)
-            head.append(node)
-            new_inits += ts
+            # the weight tensor keeps its name, now produced by DequantizeLinear in native layout (its
+            # output type is the scales'; a Cast where that is not the weight's)
+            w2, shape, ax, reshape, rs = _flat(s, s.name, pre)
+            w, cast = _typed(w2, fmt.scale_dtype, s.dtype)
+            node, ts = dequantize_node(w, pre, fmt, p, shape, axis=ax)
+            head += [node, *cast, *reshape]
+            new_inits += ts + rs
         elif isinstance(fmt, GatherBlockQuantized):  # an embedding, possibly tied to the output head
             for cname in s.consumers:
                 c = nodes[cname]
                 if c.op_type == "Gather":
-                    node, table = gather_block_quantized_node(c.input[1], c.output[0], pre, fmt, p)
+                    y, cast = _typed(c.output[0], fmt.scale_dtype, s.dtype)   # output type = the scales'
+                    node, table = gather_block_quantized_node(c.input[1], y, pre, fmt, p)
                     node.name = cname
-                    replace[cname] = [node]
+                    replace[cname] = [node, *cast]
                 elif c.op_type == "Transpose":
                     replace[cname] = []
                 else:  # the head's MatMul, after the removed Transpose

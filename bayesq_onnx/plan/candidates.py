@@ -19,12 +19,15 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
     ``bayesq_ops``: offer the formats only the bayesq custom ops (or the portable lowering) run:
     other affine widths, and (for the knapsack) one Lloyd-Max codebook per row.
     A site that a pin of ``recipe.pins`` names (the first that does) keeps only the formats with the
-    pin's code bits (32: fp32)."""
+    pin's code bits (32: fp32; 16: a float16 / bfloat16 weight kept as it is)."""
     blocks = sorted(b for b in recipe.blocks)
     fitting = [b for b in blocks if b <= site.L] or blocks[:1]
     ours = list(recipe.bayesq_bits) if bayesq_ops else []
     luts = list(recipe.lut_bits) if bayesq_ops and recipe.method_spec.planner == "knapsack" else []
     out: list[Format] = []
+    # onnxruntime's ops take scales in the activations' type (float16 in a float16 model); in a
+    # bfloat16 one, which its CPU kernels do not compute in, fp32 scales and a Cast (lower/ort_cpu.py)
+    sd = "float16" if site.dtype == "float16" else "float32"
     if site.kind == "matmul":
         if bayesq_ops:
             # the same widths with fp16 scales store fewer bits than MatMulNBits (whose scales take
@@ -32,25 +35,28 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
             # exact (accuracy level 0) kernels are not (docs/design.md, "What the runtimes accept")
             ours = sorted(set(ours) | set(recipe.matmul_bits))
         else:
-            out += [MatMulNBits(b, g) for b in recipe.matmul_bits for g in fitting]
+            out += [MatMulNBits(b, g, sd) for b in recipe.matmul_bits for g in fitting]
         out += [BayesqUniform(b, g, F16) for b in ours for g in fitting if g % 16 == 0]
         out += [BayesqLut(b, 0, F16) for b in luts]
     elif site.kind == "conv":
         conv_blocks = sorted({g for g in (16, *blocks) if g <= site.L})
-        out += [BlockedDequantize(b, g, signed=False) for b in recipe.conv_bits for g in conv_blocks]
-        out += [BayesqUniform(b, g, F16) for b in ours for g in conv_blocks if g % 16 == 0]
+        # a depthwise Conv's row is one output channel's taps (site.flat): a group per channel too
+        dq_blocks = sorted({*conv_blocks, site.L}) if site.flat else conv_blocks
+        bq_blocks = [g for g in conv_blocks if g % 16 == 0] or ([-(-site.L // 16) * 16] if site.flat else [])
+        out += [BlockedDequantize(b, g, signed=False, scale_dtype=sd) for b in recipe.conv_bits for g in dq_blocks]
+        out += [BayesqUniform(b, g, F16) for b in ours for g in bq_blocks]
         out += [BayesqLut(b, 0, F16) for b in luts]
     elif site.kind == "gather":
-        out += [f for f in (GatherBlockQuantized(b, g) for b in recipe.gather_bits for g in fitting)
+        out += [f for f in (GatherBlockQuantized(b, g, sd) for b in recipe.gather_bits for g in fitting)
                 if f.supports(site.rows, site.L)]
     elif site.kind == "tied":
         # one packed table serves the Gather and (reshaped) the head's MatMulNBits: the layouts
         # coincide byte for byte only when no group is padded
-        out += [f for f in (GatherBlockQuantized(b, g) for b in recipe.gather_bits for g in fitting)
+        out += [f for f in (GatherBlockQuantized(b, g, sd) for b in recipe.gather_bits for g in fitting)
                 if f.supports(site.rows, site.L) and site.L % f.block == 0]
     pin = next(((p, b) for p, b in recipe.pins if site_matches(site, p)), None)
     if pin is not None:
-        offered = out + [Float32()]
+        offered = out + [Float32.keep(site.dtype)]
         out = [f for f in offered if f.bits == pin[1]]
         if not out:
             have = ", ".join(str(b) for b in sorted({f.bits for f in offered}))
@@ -58,5 +64,5 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
                               f"{pin[1]} code bits; it can take {have}")
         return out
     if recipe.keep_fp32 or not out:
-        out.append(Float32())
+        out.append(Float32.keep(site.dtype))
     return out

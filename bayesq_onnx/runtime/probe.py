@@ -38,14 +38,27 @@ class Probe:
         names = set(weight_names)
         self.weights: dict[str, np.ndarray] = {}
         keep = []
+        casts = []
         for t in m.graph.initializer:
             if t.name in names:
-                self.weights[t.name] = to_array(t)
-                m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+                # fed as float32, as the numerics make them; a float16 / bfloat16 weight is rounded
+                # to its type inside the graph, as the stored model's values are
+                self.weights[t.name] = to_array(t).astype(np.float32)
+                m.graph.input.append(helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims)))
+                if t.data_type != onnx.TensorProto.FLOAT:
+                    casts.append(helper.make_node("Cast", [t.name], [t.name + "__bq_typed"], to=t.data_type,
+                                                  name=t.name + "__bq_cast"))
             else:
                 keep.append(t)
         del m.graph.initializer[:]
         m.graph.initializer.extend(keep)
+        if casts:
+            typed = {c.input[0]: c.output[0] for c in casts}
+            for n in m.graph.node:
+                n.input[:] = [typed.get(i, i) for i in n.input]
+            nodes = casts + list(m.graph.node)
+            del m.graph.node[:]
+            m.graph.node.extend(nodes)
         self.outputs = [o.name for o in m.graph.output]
         have = set(self.outputs)
         for name in dict.fromkeys(extra_outputs):
