@@ -385,11 +385,19 @@ def _plan_check(candidates: list[tuple[Plan, dict]], sites, probe, held, batch_s
              "candidates": [{"plan": pl.label, "bits_per_weight": pl.stored_bits / n_weights, "distortion": d}
                             for d, (pl, _) in zip(scores, candidates)],
              "chosen": candidates[i][0].label,
-             "knapsack_vs_best_uniform": scores[0] / min(scores[1:]) if len(scores) > 1 else None}
+             "knapsack_vs_best_uniform": _ratio(scores[0], min(scores[1:])) if len(scores) > 1 else None}
     if i:
         log.warning("plan check: %s beats the knapsack plan on held-back data (%.3g vs %.3g); shipping it",
                     candidates[i][0].label, scores[i], scores[0])
     return candidates[i], check
+
+
+def _ratio(knapsack: float, best_other: float) -> float | None:
+    """knapsack / best other distortion; both can be 0 (outputs that carry nothing, weights too small
+    to change them): equal then, and no ratio when only the other is 0."""
+    if best_other > 0:
+        return knapsack / best_other
+    return 1.0 if knapsack == 0 else None
 
 
 def _report(recipe, sites, skipped, candidates, plan, quantizers, losses, check, n_weights,
