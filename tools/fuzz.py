@@ -48,7 +48,7 @@ def main() -> int:
     tracebacks = sum(any("Traceback" in d for d in o.details) for _, o in crashes)
     kinds = Counter(c.kind for c, o in outcomes if o.status == "checked")
     # refusals grouped by their wording (paths and numbers left out)
-    reasons = Counter(re.sub(r"\S*/\S*|\d+(\.\d+)?", "_", o.message)[:100] for _, o in outcomes
+    reasons = Counter(re.sub(r"(?<![\w/])/\S+|\d+(\.\d+)?", "_", o.message)[:100] for _, o in outcomes
                       if o.status == "rejected")
     print(f"{len(outcomes)} examples in {time.perf_counter() - t0:.0f} s: {status['checked']} written and checked "
           f"({sum(o.outputs_checked for _, o in outcomes)} outputs against the reference ops; "
