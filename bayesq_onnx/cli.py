@@ -13,7 +13,7 @@ from .errors import BayesQError, first_line
 log = logging.getLogger("bayesq_onnx.cli")
 EXIT_BAD_INPUT = 2
 PROG = "bayesq-onnx"
-COMMANDS = ("export", "calib", "compress", "eval", "curvature", "demo")
+COMMANDS = ("export", "calib", "compress", "eval", "report", "inspect", "curvature", "demo")
 
 # a few words per loss-table source for --tables; a source added to config.TABLE_SOURCES without an
 # entry here is still offered, under its bare name
@@ -138,6 +138,8 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                                    "without it, synthetic data is used (with a warning)")
     c.add_argument("-o", "--output", help="output model (default: MODEL.bq.onnx)")
     c.add_argument("--report", help="write the JSON report here")
+    c.add_argument("--html", metavar="REPORT.html", help="write the report as a self-contained HTML page here "
+                   "(bits per layer against sensitivity, budget curve, size breakdown, skipped weights, recipe)")
     c.add_argument("--recipe", metavar="FILE", help="start from a saved recipe: a JSON recipe or a report "
                    "(which holds the one it used); options given here override its values")
     c.add_argument("--method", help=f"one of {', '.join(sorted(METHODS))} (default: bayesq)")
@@ -170,6 +172,18 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                                     "shape without its last axis); accuracy of both models on logits outputs")
     e.add_argument("--json", help="write all the metrics here as JSON (the terminal gets a summary)")
     e.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
+
+    r = sub.add_parser("report", help="a compress report (JSON) as a self-contained HTML page", allow_abbrev=False)
+    r.add_argument("report", metavar="REPORT.json", help="the report compress --report wrote")
+    r.add_argument("-o", "--output", metavar="REPORT.html",
+                   help="the HTML page to write (default: REPORT.json with the suffix .html)")
+    r.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
+
+    i = sub.add_parser("inspect", help="list what a model file stores: quantized weights, formats, bits, sizes "
+                       "(read from the graph, nothing is run)", allow_abbrev=False)
+    i.add_argument("model", help="the .onnx model, compressed or not")
+    i.add_argument("--json", action="store_true", help="print the listing as JSON on stdout (for scripts)")
+    i.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
 
     g = sub.add_parser("curvature", help="diagonal curvature of a model's weights (CURV.npz for compress --curvature)",
                        allow_abbrev=False)
@@ -233,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(argv)
         _setup_logging(args.quiet)
-        return {"export": _export, "calib": _calib, "compress": _compress, "eval": _eval, "curvature": _curvature,
-                "demo": _demo}[args.command](args)
+        return {"export": _export, "calib": _calib, "compress": _compress, "eval": _eval, "report": _report,
+                "inspect": _inspect, "curvature": _curvature, "demo": _demo}[args.command](args)
     except _Exit as e:
         return e.status
     except BayesQError as e:
@@ -303,9 +317,54 @@ def _compress(args) -> int:
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".bq.onnx")
     if out.resolve() == Path(args.model).resolve():
         raise BayesQError("the output path is the input model: choose another -o")
+    if args.html:
+        from .graph.model_io import check_writable
+        if Path(args.html).resolve() in (out.resolve(), Path(args.model).resolve()):
+            raise BayesQError("--html would overwrite the model: choose another path")
+        check_writable(args.html)
     with use_workers(args.threads):
         res = compress(args.model, recipe, calib=args.calib, output=out, report=args.report)
+    if args.html:
+        _write_html(res.report, args.html)
     print(_compress_summary(out, res.report))
+    return 0
+
+
+def _write_html(report: dict, path) -> None:
+    from .graph.model_io import save_text_atomic
+    from .report_html import render_html
+    text = render_html(report)
+    try:
+        save_text_atomic(text, path)
+    except OSError as e:
+        raise BayesQError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+
+
+def _report(args) -> int:
+    import json
+    src = Path(args.report)
+    out = Path(args.output) if args.output else src.with_suffix(".html")
+    if out.resolve() == src.resolve():
+        raise BayesQError("the output path is the report itself: choose another -o")
+    if not src.is_file():
+        raise BayesQError(f"report not found: {src}")
+    try:
+        report = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BayesQError(f"cannot read {src} as JSON: {first_line(e)}") from None
+    from .graph.model_io import check_writable
+    check_writable(out)
+    _write_html(report, out)
+    print(f"{out}: {len(report['layers'])} layers, {len(report.get('skipped') or [])} skipped")
+    return 0
+
+
+def _inspect(args) -> int:
+    import json
+
+    from .graph.inspect import inspect_model, summary_lines
+    info = inspect_model(args.model)
+    print(json.dumps(info, indent=2) if args.json else "\n".join(summary_lines(info)))
     return 0
 
 

@@ -76,6 +76,12 @@ class Recipe:
             raise ValueError(f"unknown tables {self.tables!r}; choose from {list(TABLE_SOURCES)}")
         if not (self.bits > 0):
             raise ValueError(f"--bits must be positive, got {self.bits}")
+        # every format takes these: onnxruntime's packed ops need powers of two >= 16 (formats/base.py),
+        # the bayesq ops multiples of 16, blocked DequantizeLinear any size
+        if (isinstance(self.blocks, str) or not self.blocks
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 16 and not b & (b - 1)
+                           for b in self.blocks)):
+            raise ValueError(f"blocks must be powers of two >= 16 (group sizes), got {self.blocks!r}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         for what, patterns in (("exclude", self.exclude), ("include", self.include)):

@@ -20,15 +20,19 @@ PROTO_LIMIT = 2**31 - 1   # protobuf's limit on one serialized message (bytes)
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load a model with its external data; the caller gets its own copy to edit."""
+    """Load a model with its external data, checked and normalized; the caller gets its own copy to edit."""
+    return prepare_model(read_model(path), str(Path(path)), str(Path(path)))
+
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """The file as it is, with its external data: no check, no normalization (for reading only)."""
     path = Path(path)
     if not path.is_file():
         raise BayesQError(f"model not found: {path}")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        return onnx.load(str(path), load_external_data=True)
     except Exception as e:  # protobuf and external-data errors have many types
         raise BayesQError(f"cannot read {path} as an ONNX model: {first_line(e)}") from None
-    return prepare_model(model, str(path), str(path))
 
 
 def prepare_model(model: onnx.ModelProto, source: str = "the model", path: str | None = None) -> onnx.ModelProto:
@@ -156,13 +160,18 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 
 def save_json_atomic(obj, path) -> None:
     """A report as strict JSON, written like the models: temp file, then rename."""
+    save_text_atomic(json.dumps(_strict_json(obj), indent=2, allow_nan=False), path)
+
+
+def save_text_atomic(text: str, path) -> None:
+    """UTF-8 text (a JSON or HTML report), written like the models: temp file, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     _plain_permissions(tmp)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_strict_json(obj), f, indent=2, allow_nan=False)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -15,11 +15,17 @@ several weights adds each such name once.  onnxruntime constant-folds the whole 
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from ..formats import BayesqLut, BayesqUniform
 from ..formats.bayesq_uniform import code_positions, group_index, groups, stream_positions
+
+
+# the code position table of a weight's codes: names its K and bits (graph/inspect.py reads them back)
+CODE_TABLE = re.compile(r"bq_pos_K(?P<K>\d+)_b(?P<bits>\d+)_lo")
 
 
 def _t(a: np.ndarray, name: str) -> TensorProto:
@@ -30,7 +36,7 @@ def _unpack(src: str, n: int, bits: int, stream: bool, pre: str, out: str
             ) -> tuple[list[NodeProto], list[TensorProto]]:
     """uint32 ``out (rows, n)``: the codes of packed ``src (rows, bytes)``."""
     lo, hi, shift = (stream_positions if stream else code_positions)(n, bits)
-    tag = f"bq_pos_{'zp' if stream else 'K'}{n}_b{bits}"   # shared by every tensor of that geometry
+    tag = f"bq_pos_{'zp' if stream else 'K'}{n}_b{bits}"   # shared by every tensor of that geometry; CODE_TABLE
     inits = [_t(lo.astype(np.int64), f"{tag}_lo"), _t(hi.astype(np.int64), f"{tag}_hi"),
              _t((32 - bits - shift).astype(np.uint32), f"{tag}_lsh"), _t(np.array(32 - bits, np.uint32), f"{tag}_rsh"),
              _t(np.array(8, np.uint32), "bq_pos_u32_8")]

@@ -40,11 +40,19 @@ def check_plans(contenders: list[Contender], sites, probe, held, batch_size) -> 
               "candidates": [{"plan": c.plan.label, "bits_per_weight": c.plan.stored_bits / n_weights, "distortion": d}
                              for d, c in zip(scores, contenders)],
               "chosen": contenders[i].plan.label,
-              "knapsack_vs_best_uniform": scores[0] / min(scores[1:]) if len(scores) > 1 else None}
+              "knapsack_vs_best_uniform": _ratio(scores[0], min(scores[1:])) if len(scores) > 1 else None}
     if i:
         log.warning("plan check: %s beats the knapsack plan on held-back data (%.3g vs %.3g); shipping it",
                     contenders[i].plan.label, scores[i], scores[0])
     return contenders[i], report
+
+
+def _ratio(knapsack: float, best_other: float) -> float | None:
+    """knapsack / best other distortion; both can be 0 (outputs that carry nothing, weights too small
+    to change them): equal then, and no ratio when only the other is 0."""
+    if best_other > 0:
+        return knapsack / best_other
+    return 1.0 if knapsack == 0 else None
 
 
 def dequantized(c: Contender, site) -> np.ndarray:
