@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 
 import fuzzing
 from bayesq_onnx import api
+from bayesq_onnx.plan import tables
 from bayesq_onnx.cli import main
 from bayesq_onnx.graph import model_io
 
@@ -62,8 +63,8 @@ def _partial_save(model, path, *args, **kwargs):
 # (module, function) to interrupt: each stage of compress, and the writes themselves
 STAGES = {
     "calibration": (api, "capture_stats"),
-    "loss tables": (api, "_tables"),
-    "plan check": (api, "_plan_check"),
+    "loss tables": (tables.KronTables, "__call__"),
+    "plan check": (api, "check_plans"),
     "lowering": (api, "lower_ort_cpu"),
     "model write": (model_io.onnx, "save_model"),
 }
