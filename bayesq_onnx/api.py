@@ -33,7 +33,7 @@ from .plan.tables import TABLE_PASSES, Grids, Tables
 from .posterior.laplace import DiagonalLaplace
 from .parallel import parallel_map
 from .progress import Progress
-from .quantize.site import SiteQuantizer
+from .quantize.site import SharedFactor, SiteQuantizer
 from .runtime.probe import Probe
 from .runtime import custom_ops
 from .runtime.session import make_session
@@ -105,8 +105,9 @@ class Analysis:
         except Exception as e:
             raise BayesQError(f"onnxruntime failed on the calibration data: {first_line(e)}") from None
         self.curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
-        self.quantizers = {s.name: _site_quantizer(s, weights[s.name], self.curvature, stats[s.name].xtx, recipe)
-                           for s in sites}
+        factors = {}   # one GPTQ factor per distinct X^T X (sites reading one input share it)
+        self.quantizers = {s.name: _site_quantizer(s, weights[s.name], self.curvature, stats[s.name].xtx, recipe,
+                                                   factors) for s in sites}
         self.tables_pass = None     # the knapsack's loss-table pass (made on first use)
         self._tables: Tables | None = None
         self._reference = None
@@ -238,14 +239,16 @@ def _probe(m: onnx.ModelProto, sites) -> Probe:
         raise BayesQError(f"onnxruntime cannot run the model: {first_line(e)}{bfloat16_hint(m)}") from None
 
 
-def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe) -> SiteQuantizer:
+def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe, factors: dict) -> SiteQuantizer:
     view = site.to_view(weight)
     h = curvature.diagonal(site)
     if not np.any(h > 0):  # never reached by the data: no information, weigh all alike
         h = np.ones_like(h)
     # a convolution's grid is decided end to end: its layer output error misjudges clipping
+    factor = None if xtx is None else \
+        factors.setdefault(id(xtx), SharedFactor(xtx, recipe.gptq_damp, recipe.act_order))
     return SiteQuantizer(view, DiagonalLaplace.fit(view, h, recipe.damping), xtx, recipe.method_spec,
-                         recipe.gptq_damp, recipe.act_order, measure_grids=site.kind == "conv")
+                         recipe.gptq_damp, recipe.act_order, measure_grids=site.kind == "conv", factor=factor)
 
 
 def _lower(m: onnx.ModelProto, sites, chosen: Contender, recipe: Recipe, forget: bool) -> onnx.ModelProto:

@@ -310,6 +310,29 @@ def test_conv_sites_get_the_channel_gram_and_gptq():
     assert out_err(gptq) < 0.8 * out_err(nearest)
 
 
+def test_sites_reading_one_input_share_its_gram_and_gptq_factor():
+    """q, k and v (here: two weights on one input) hold one ``X^T X`` and one GPTQ factor: computed
+    once, stored once; and it is the input's Gram."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    W = {n: rng.standard_normal((64, 64)).astype(np.float32) for n in ("Wa", "Wb", "Wc")}
+    nodes = [helper.make_node("MatMul", ["x", "Wa"], ["a"]), helper.make_node("MatMul", ["x", "Wb"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["s"]), helper.make_node("MatMul", ["s", "Wc"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+                          [numpy_helper.from_array(w, n) for n, w in W.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    data = models.mlp_data(40)
+    a = Analysis(m, Recipe(bits=4.0), calib=data)
+    qa, qb, qc = (a.quantizers[n] for n in ("Wa", "Wb", "Wc"))
+    assert qa.xtx is qb.xtx and qa.xtx is not qc.xtx
+    assert qa._work.factor is qb._work.factor and qa._work.factor is not qc._work.factor
+    x = a.fit["x"].astype(np.float64)                          # the samples not held back for the plan check
+    np.testing.assert_allclose(qa.xtx, x.T @ x, rtol=1e-9)   # the same sums batch by batch: float64 rounding
+    assert qa._factor() is qb._factor()
+
+
 def test_fixed_batch_model(tmp_path):
     """Exports without dynamic axes run one fixed batch at a time; calibration and the plan check
     must feed them that way."""

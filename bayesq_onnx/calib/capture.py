@@ -11,34 +11,62 @@ from ..types import SiteStats, WeightSite
 
 def capture_stats(probe, sites: list[WeightSite], data: dict[str, np.ndarray], batch_size: int) -> dict[str, SiteStats]:
     """``X^T X`` over every row entering a matmul site (the GPTQ / K-FAC input factor) and over every
-    position of a conv site's input channels, index counts for gather sites (tied sites get both)."""
+    position of a conv site's input channels, index counts for gather sites (tied sites get both).
+    Sites that read the same input (q, k and v; gate and up) share one ``X^T X`` array: computed
+    once, held once."""
     acts = list(dict.fromkeys(a for s in sites for a in s.activations))
     stats = {s.name: SiteStats() for s in sites}
+    grams: dict[tuple[str, str], list] = {}       # (input, layout) -> [sum of x x^T, rows]
+    uses: dict[str, list[tuple[str, str]]] = {s.name: [] for s in sites}
     n = len(next(iter(data.values())))
     with Progress("calibration", n) as p:
         for out in probe.run(data, batch_size, outputs=acts):
+            done = set()
             for s in sites:
-                st = stats[s.name]
                 for a in s.activations:
-                    _accumulate(s, st, out[a])
+                    layout = _gram_layout(s, out[a])
+                    if layout is None:
+                        _accumulate(s, stats[s.name], out[a])
+                        continue
+                    if (a, layout) not in uses[s.name]:
+                        uses[s.name].append((a, layout))
+                    if (a, layout) not in done:
+                        _gram(grams.setdefault((a, layout), [None, 0]), out[a], layout, s.L)
+                        done.add((a, layout))
             p.step(len(out[acts[0]]) if acts else batch_size)
+    for s in sites:
+        if uses[s.name]:
+            st, parts = stats[s.name], [grams[k] for k in uses[s.name]]
+            st.xtx = parts[0][0] if len(parts) == 1 else sum(g for g, _ in parts)
+            st.n_xtx = sum(r for _, r in parts)
     return stats
 
 
-def _accumulate(site: WeightSite, st: SiteStats, x: np.ndarray) -> None:
-    if site.kind == "tied":  # both uses: index counts from the Gather, X^T X from the head
-        _accumulate(replace(site, kind="gather" if x.dtype.kind in "iu" else "matmul"), st, x)
-    elif site.kind == "matmul":
-        x = x.reshape(-1, site.L).astype(np.float64)
-        st.xtx = (x.T @ x) if st.xtx is None else st.xtx + x.T @ x
-        st.n_xtx += x.shape[0]
-    elif site.kind == "conv" and x.shape[1] == site.shape[1] == site.L:
+def _gram_layout(site: WeightSite, x: np.ndarray) -> str | None:
+    """How a site's use of input ``x`` feeds an ``X^T X``: "rows" (matmul), "channels" (conv), or
+    None (grouped conv, gather: other statistics)."""
+    kind = site.kind
+    if kind == "tied":  # both uses: index counts from the Gather, X^T X from the head
+        kind = "gather" if x.dtype.kind in "iu" else "matmul"
+    if kind == "matmul":
+        return "rows"
+    if kind == "conv" and x.shape[1] == site.shape[1] == site.L:
         # every weight w[o, i, r, s] meets channel i at (almost) every position, shifted by its tap
         # (r, s): the channel Gram over positions is each tap's X^T X (exact for 1x1 convolutions;
         # for k x k it leaves out padding and the correlation between taps, see docs/design.md)
-        x = np.moveaxis(x, 1, -1).reshape(-1, site.L).astype(np.float64)
-        st.xtx = (x.T @ x) if st.xtx is None else st.xtx + x.T @ x
-        st.n_xtx += x.shape[0]
+        return "channels"
+    return None
+
+
+def _gram(acc: list, x: np.ndarray, layout: str, L: int) -> None:
+    x = (np.moveaxis(x, 1, -1) if layout == "channels" else x).reshape(-1, L).astype(np.float64)
+    acc[0] = x.T @ x if acc[0] is None else acc[0] + x.T @ x
+    acc[1] += x.shape[0]
+
+
+def _accumulate(site: WeightSite, st: SiteStats, x: np.ndarray) -> None:
+    if site.kind == "tied":
+        _accumulate(replace(site, kind="gather"), st, x)
     elif site.kind == "conv":  # grouped: w[o, i, ...] meets input channel (o // (O / g)) * (I / g) + i alone
         e = np.square(x, dtype=np.float64).sum(axis=(0,) + tuple(range(2, x.ndim)))
         O, per = site.shape[0], site.shape[1]

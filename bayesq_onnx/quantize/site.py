@@ -5,6 +5,8 @@ and their expected losses come out, cached per format because planners ask for m
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..config import METHODS, Method
@@ -32,21 +34,40 @@ def _stored(fmt: Format, scale: np.ndarray) -> np.ndarray:
 SCREEN_ROWS = 128
 
 
+class SharedFactor:
+    """GPTQ's factor of one ``X^T X`` (independent of the format and of the weights), computed once
+    for every site that reads the same input -- q, k and v; gate and up -- whichever thread asks
+    first; the others wait for it."""
+
+    def __init__(self, xtx: np.ndarray, damp: float, act_order: bool):
+        self._args, self._lock, self._value = (xtx, damp, act_order), threading.Lock(), None
+
+    def get(self) -> GPTQFactor:
+        with self._lock:
+            if self._value is None:
+                self._value = gptq_factor(*self._args)
+            return self._value
+
+
 class _GPTQWork:
     """What GPTQ computes for a site whatever the grid, shared by the quantizers of that site."""
 
-    def __init__(self):
-        self.factor: GPTQFactor | None = None             # of H^-1: independent of the format
+    def __init__(self, factor: SharedFactor | None):
+        self.factor = factor                              # of H^-1: independent of the format
         self.own: dict[Format, UniformCodes] = {}         # GPTQ's own codes (dynamic groups)
 
 
 class SiteQuantizer:
     def __init__(self, view: np.ndarray, posterior: DiagonalLaplace, xtx: np.ndarray | None,
-                 method: Method, gptq_damp: float = 0.01, act_order: bool = False, measure_grids: bool = False):
+                 method: Method, gptq_damp: float = 0.01, act_order: bool = False, measure_grids: bool = False,
+                 factor: SharedFactor | None = None):
         """``measure_grids``: the searched and the min/max grid are both offered to be measured end to
-        end (:meth:`grid_kinds`) even where GPTQ runs, instead of the layer output error choosing."""
+        end (:meth:`grid_kinds`) even where GPTQ runs, instead of the layer output error choosing.
+        ``factor``: GPTQ's factor of ``xtx`` with these settings, shared with other sites (default:
+        this site's own)."""
         self.view, self.posterior, self.method, self.measure_grids = view, posterior, method, measure_grids
-        self.xtx, self._gptq_damp, self._act_order, self._work = xtx, gptq_damp, act_order, _GPTQWork()
+        self.xtx, self._gptq_damp, self._act_order = xtx, gptq_damp, act_order
+        self._work = _GPTQWork(factor or self._new_factor())
         # caches of pure functions of (format, grid kind): the answers never depend on the call order
         self._grids: dict[tuple[Format, str], tuple] = {}   # small: one scale and zero point per group
         self._codes: dict[tuple[Format, str], UniformCodes] = {}
@@ -249,10 +270,11 @@ class SiteQuantizer:
                                                lut, fmt.bits, fmt.block)
         return self._codes[fmt, "lut"]
 
+    def _new_factor(self) -> SharedFactor | None:
+        return None if self.xtx is None else SharedFactor(self.xtx, self._gptq_damp, self._act_order)
+
     def _factor(self) -> GPTQFactor:
-        if self._work.factor is None:
-            self._work.factor = gptq_factor(self.xtx, self._gptq_damp, self._act_order)
-        return self._work.factor
+        return self._work.factor.get()
 
     def _own_gptq(self, fmt: Format) -> UniformCodes:
         """GPTQ's own codes in ``fmt``: dynamic min/max groups (the reference's default)."""
@@ -277,4 +299,4 @@ class SiteQuantizer:
 
     def forget(self) -> None:
         """Drop cached codes and the GPTQ factor once packed: bounded memory on big models."""
-        self._codes, self._work = {}, _GPTQWork()
+        self._codes, self._work = {}, _GPTQWork(self._new_factor())
