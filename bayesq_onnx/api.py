@@ -287,7 +287,7 @@ def _lower(m: onnx.ModelProto, sites, chosen: Contender, recipe: Recipe, forget:
 
 
 def _report(recipe, sites, skipped, candidates, chosen: Contender, losses, check, n_weights,
-            calib_source, n_all, n_fit, n_held, curvature_name, others=(0, 0)) -> dict:
+            calib_source, n_all, n_fit, n_held, curvature_name, others) -> dict:
     plan, quantizers = chosen.plan, chosen.quantizers
     layers = []
     for s in sites:
@@ -309,7 +309,8 @@ def _report(recipe, sites, skipped, candidates, chosen: Contender, losses, check
         "budget": recipe.bits, "bits_per_weight": stored / n_weights, "code_bits_per_weight": codes / n_weights,
         "n_weights": n_weights,
         # the whole model: quantized weights as stored, every other float initializer in its own type
-        "bits_per_weight_all": (stored + others[1]) / (n_weights + others[0]), "n_weights_all": n_weights + others[0], "plan": plan.label, "plan_check": check,
+        "bits_per_weight_all": (stored + others[1]) / (n_weights + others[0]), "n_weights_all": n_weights + others[0],
+        "plan": plan.label, "plan_check": check,
         "curvature": curvature_name, "tables": recipe.table_source if recipe.method_spec.planner == "knapsack" else None,
         "calibration": {"source": calib_source, "samples": n_all, "fit": n_fit, "held_back": n_held},
         "layers": layers, "skipped": [{"name": k.name, "reason": k.reason} for k in skipped],

@@ -143,3 +143,11 @@ def test_report_counts_bits_over_all_weights():
     stored = sum(l["stored_bits"] for l in rep["layers"])
     assert rep["bits_per_weight_all"] == pytest.approx((stored + 32 * sum(others.values())) / n, rel=1e-12)
     assert rep["bits_per_weight"] < rep["bits_per_weight_all"]   # fp32 leftovers raise the model's figure
+
+
+def test_tables_option_is_ignored_with_hawq_and_says_so(tmp_path, mlp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)   # stop right after the recipe: no compression needed here
+    main(["compress", str(mlp_path), "--bits", "4", "--method", "hawq", "--tables", "proxy",
+          "-o", str(tmp_path / "q.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "bayesq-onnx: warning: --tables does nothing with --method hawq (its loss tables are always hawq)"

@@ -52,8 +52,11 @@ def fisher_traces(model, sites, data: dict[str, np.ndarray], seed: int = 0) -> d
     output = model.graph.output[0].name
     likelihood = likelihood_for(output)
     log.info("hawq: Hessian trace from the diagonal Fisher (%s likelihood on %r)", likelihood, output)
-    res = compute_curvature(model, data, source="fisher", likelihood=likelihood, output=output, seed=seed,
-                            threads=1)
+    try:
+        res = compute_curvature(model, data, source="fisher", likelihood=likelihood, output=output, seed=seed,
+                                threads=1)
+    except BayesQError as e:   # e.g. an op the interpreter lacks: say which method needed it
+        raise BayesQError(f"--method hawq (Hessian trace): {e}") from None
     missing = [s.name for s in sites if s.name not in res]
     if missing:  # every float initializer gets a gradient; a site without one is a bug of ours
         raise RuntimeError(f"internal error: no Fisher diagonal for {missing[0]!r}")
