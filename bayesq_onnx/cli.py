@@ -372,7 +372,8 @@ def _inspect(args) -> int:
 
 
 def _compress_summary(out: Path, r: dict) -> str:
-    return (f"{out}: {r['bits_per_weight']:.3f} bits/weight stored ({r['code_bits_per_weight']:.3f} in codes), "
+    return (f"{out}: {r['bits_per_weight']:.3f} bits/weight stored ({r['code_bits_per_weight']:.3f} in codes; "
+            f"{r['bits_per_weight_all']:.3f} over all float weights), "
             f"{len(r['layers'])} weights quantized, {len(r['skipped'])} skipped, plan: {r['plan']}, "
             f"{r['output_bytes'] / 1e6:.2f} MB")
 
