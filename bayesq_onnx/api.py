@@ -20,16 +20,17 @@ from .calib.readers import (check_calibration, fixed_batch, input_specs, load_ca
 from .config import Recipe
 from .curvature.activation import ActivationCurvature
 from .curvature.from_file import FileCurvature
+from .curvature.trace import check_trace_source, file_traces, fisher_traces
 from .errors import BayesQError, first_line
 from .formats import Float32
 from .graph.model_io import bfloat16_hint, check_writable, load_model, prepare_model, save_json_atomic, save_model_atomic, to_array
-from .graph.sites import find_sites
+from .graph.sites import find_sites, float_initializer_bits
 from .lower.ort_cpu import lower_ort_cpu, lower_portable
 from .plan.candidates import candidate_formats
 from .plan.check import Contender, check_plans, grid_of
 from .plan.planner import check_budget, knapsack_plan, uniform_plans
 from .plan.proxy import OutputDistortion
-from .plan.tables import TABLE_PASSES, Grids, Tables
+from .plan.tables import TABLE_PASSES, Grids, HawqTables, Tables
 from .posterior.laplace import DiagonalLaplace
 from .parallel import parallel_map
 from .progress import Progress
@@ -83,8 +84,12 @@ class Analysis:
         weights = _read_weights(m, sites)
         self.candidates = {s.name: candidate_formats(s, recipe, _bayesq_ops(recipe)) for s in sites}
         self.n_weights = sum(s.size for s in sites)
+        # every other float initializer, as stored (skipped weights, biases, norms): the all-weights figure
+        self.other_weights, self.other_bits = float_initializer_bits(m, {s.name for s in sites})
         if _check_bits is not None:
             check_budget(sites, self.candidates, _check_bits)
+        if recipe.table_source == "hawq":
+            check_trace_source(recipe.method, recipe.curvature)
         # every check of the user's input is done before the first progress line
         for path in _check_paths:
             if path is not None:
@@ -119,7 +124,12 @@ class Analysis:
         """The knapsack's loss tables (computed on first use)."""
         if self._tables is None:
             source = self.recipe.table_source
-            self.tables_pass = TABLE_PASSES[source](None if source == "closed_form" else self._table_distortion)
+            if source == "hawq":    # the mean Hessian trace per site, from the curvature file or the Fisher
+                traces = file_traces(self.sites, self.curvature) if self.recipe.curvature else \
+                    fisher_traces(self.model, self.sites, self.fit, self.recipe.seed)
+                self.tables_pass = HawqTables(traces)
+            else:
+                self.tables_pass = TABLE_PASSES[source](None if source == "closed_form" else self._table_distortion)
             self._tables = self.tables_pass(self.sites, self.candidates, self.quantizers)
             self.grids.update(self._tables.grids)
         return self._tables.losses
@@ -165,7 +175,7 @@ class Analysis:
         out_model = _lower(self.model, sites, chosen, recipe, forget=_single_use)
         rep = _report(recipe, sites, self.skipped, self.candidates, chosen, losses, check,
                       self.n_weights, self.calib_source, self.n_calib, n_samples(self.fit),
-                      n_samples(self.held), self.curvature.name)
+                      n_samples(self.held), self.curvature.name, (self.other_weights, self.other_bits))
         # a reused analysis is paid once: each budget's report counts its own work plus the analysis
         rep["seconds"] = round(time.perf_counter() - t0 + (0 if _single_use else self.seconds), 3)
         if isinstance(self._input, (str, os.PathLike)):
@@ -280,7 +290,7 @@ def _lower(m: onnx.ModelProto, sites, chosen: Contender, recipe: Recipe, forget:
 
 
 def _report(recipe, sites, skipped, candidates, chosen: Contender, losses, check, n_weights,
-            calib_source, n_all, n_fit, n_held, curvature_name) -> dict:
+            calib_source, n_all, n_fit, n_held, curvature_name, others) -> dict:
     plan, quantizers = chosen.plan, chosen.quantizers
     layers = []
     for s in sites:
@@ -300,7 +310,10 @@ def _report(recipe, sites, skipped, candidates, chosen: Contender, losses, check
     return {
         "version": REPORT_VERSION, "tool": "bayesq-onnx", "method": recipe.method, "target": recipe.target,
         "budget": recipe.bits, "bits_per_weight": stored / n_weights, "code_bits_per_weight": codes / n_weights,
-        "n_weights": n_weights, "plan": plan.label, "plan_check": check,
+        "n_weights": n_weights,
+        # the whole model: quantized weights as stored, every other float initializer in its own type
+        "bits_per_weight_all": (stored + others[1]) / (n_weights + others[0]), "n_weights_all": n_weights + others[0],
+        "plan": plan.label, "plan_check": check,
         "curvature": curvature_name, "tables": recipe.table_source if recipe.method_spec.planner == "knapsack" else None,
         "calibration": {"source": calib_source, "samples": n_all, "fit": n_fit, "held_back": n_held},
         "layers": layers, "skipped": [{"name": k.name, "reason": k.reason} for k in skipped],

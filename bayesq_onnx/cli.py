@@ -211,7 +211,7 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                        allow_abbrev=False)
     d.add_argument("--bits", type=float, default=3.0, help="budget in stored bits per weight (default 3.0)")
     d.add_argument("--cache", default=None, help="asset cache directory (default: $BAYESQ_CACHE or ~/.cache/bayesq-onnx)")
-    d.add_argument("--baseline", default="gptq", help="the uniform method bayesq is compared with at the same "
+    d.add_argument("--baseline", default="gptq", help="the method bayesq is compared with at the same "
                    f"stored bits: one of {', '.join(sorted(m for m in METHODS if m != 'bayesq'))} (default: gptq)")
     d.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
     return p
@@ -300,6 +300,9 @@ def _recipe(args):
     if args.tables is not None and args.tables != "auto" and recipe.method_spec.planner != "knapsack":
         log.warning("--tables does nothing with --method %s (it plans one uniform format, without loss tables)",
                     recipe.method)
+    elif args.tables is not None and args.tables != "auto" and recipe.method_spec.tables is not None:
+        log.warning("--tables does nothing with --method %s (its loss tables are always %s)",
+                    recipe.method, recipe.method_spec.tables)
     return recipe
 
 
@@ -369,7 +372,8 @@ def _inspect(args) -> int:
 
 
 def _compress_summary(out: Path, r: dict) -> str:
-    return (f"{out}: {r['bits_per_weight']:.3f} bits/weight stored ({r['code_bits_per_weight']:.3f} in codes), "
+    return (f"{out}: {r['bits_per_weight']:.3f} bits/weight stored ({r['code_bits_per_weight']:.3f} in codes; "
+            f"{r['bits_per_weight_all']:.3f} over all float weights), "
             f"{len(r['layers'])} weights quantized, {len(r['skipped'])} skipped, plan: {r['plan']}, "
             f"{r['output_bytes'] / 1e6:.2f} MB")
 
@@ -547,7 +551,7 @@ def _curvature(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
     if args.baseline not in METHODS or args.baseline == "bayesq":
-        raise BayesQError(f"--baseline must be a uniform method, one of "
+        raise BayesQError(f"--baseline must be a baseline method, one of "
                           f"{sorted(m for m in METHODS if m != 'bayesq')}; got {args.baseline!r}")
     run_demo(bits=args.bits, baseline=args.baseline, cache=args.cache)
     return 0

@@ -18,6 +18,8 @@ class Method:
     grid: str      # "posterior" (expected-loss range search), "minmax", "hqq" (half-quadratic
                    # zero-point fit) or "dynamic" (min/max of each group when GPTQ reaches it)
     rounding: str  # "gptq" (error feedback with X^T X) or "rtn"
+    tables: str | None = None   # the loss-table pass (plan/tables.py) this method always uses;
+                                # None: Recipe.tables decides (knapsack planner only)
 
 
 METHODS: dict[str, Method] = {
@@ -26,6 +28,10 @@ METHODS: dict[str, Method] = {
     # the reference algorithm's defaults (IST-DASLab/gptq): dynamic groups, no act_order
     "gptq": Method(planner="uniform", grid="dynamic", rounding="gptq"),
     "hqq": Method(planner="uniform", grid="hqq", rounding="rtn"),
+    # mixed precision as the field does it (HAWQ-V2/V3 sensitivity: mean Hessian trace of one global
+    # loss times the squared quantization error), allocated and rounded as bayesq and gptq are:
+    # the same candidates and knapsack, GPTQ's own codes (docs/design.md, "HAWQ baseline")
+    "hawq": Method(planner="knapsack", grid="dynamic", rounding="gptq", tables="hawq"),
 }
 
 
@@ -98,6 +104,8 @@ class Recipe:
 
     @property
     def table_source(self) -> str:
+        if self.method_spec.tables is not None:
+            return self.method_spec.tables
         if self.tables != "auto":
             return self.tables
         return "closed_form" if self.curvature else "kron"

@@ -1,15 +1,17 @@
-"""Accuracy scoreboard: fp32, rtn, gptq, hqq and bayesq at matched stored-bit budgets on real models.
+"""Accuracy scoreboard: fp32, rtn, gptq, hqq, hawq and bayesq at matched stored-bit budgets on real models.
 
     python tools/bench_accuracy.py [--quick] [--models minilm,fashion_mnist,...] [--budgets 2.5,3.0,3.5,4.0]
-                                   [--methods rtn,gptq,hqq,bayesq] [--cache DIR] [--out DIR]
+                                   [--methods rtn,gptq,hqq,hawq,bayesq] [--cache DIR] [--out DIR]
 
 Models and data are built from packages into the asset cache (``bayesq_onnx.assets``; see docs/design.md,
 "Real models and data").  Each method analyses a model once (statistics, grids, codes, loss tables) and then compresses
 it at every budget; a baseline takes the uniform format with the most stored bits within the
-budget, so its achieved bits can fall short of the budget: ``bayesq@gptq`` is bayesq run at exactly
-the bits gptq achieved, the strictly matched comparison.  Every row carries its achieved
-``bits_per_weight`` (all stored bits: codes, scales, zero points) and its wall time (analysis plus
-that budget's planning, packing and writing; not the evaluation).
+budget, so its achieved bits can fall short of the budget: ``bayesq@gptq`` (and ``hawq@gptq``, for
+every knapsack method) is that method run at exactly the bits gptq achieved, the strictly matched
+comparison.  Every row carries its achieved ``bits_per_weight`` (all stored bits of the quantized
+weights: codes, scales, zero points), ``bits_all`` (the same over every float initializer, the
+ones left in float included) and its wall time (analysis plus that budget's planning, packing and
+writing; not the evaluation).
 
 Writes ``results.csv``, ``results.md`` and ``results.png`` (metric vs bits, one panel per model)
 into ``--out`` and prints the markdown table.
@@ -32,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bayesq_onnx import Analysis, Recipe  # noqa: E402
 from bayesq_onnx.assets import default_cache, load_npz  # noqa: E402
+from bayesq_onnx.config import METHODS as REGISTRY  # noqa: E402
 from bayesq_onnx.errors import BayesQError  # noqa: E402
 from bayesq_onnx.runtime.session import make_session  # noqa: E402
 from bayesq_onnx.validate.compare import compare_outputs  # noqa: E402
 
-METHODS = ("rtn", "gptq", "hqq", "bayesq")
+METHODS = ("rtn", "gptq", "hqq", "hawq", "bayesq")
 # bayesq with a loss-table source other than the default: bayesq-proxy, bayesq-closed_form, ...
 VARIANT = "bayesq-"
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5)   # 4.5: the first budget that fits 4-bit g128 with fp32 scales
@@ -148,12 +151,14 @@ def _run(path: Path, data: dict[str, np.ndarray], output: str, batch: int = 64) 
 
 
 def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_samples: int | None) -> list[dict]:
-    rows = [{"model": name, "method": "fp32", "budget": None, "bits_per_weight": 32.0, "plan": "fp32",
+    rows = [{"model": name, "method": "fp32", "budget": None, "bits_per_weight": 32.0, "bits_all": 32.0, "plan": "fp32",
              "seconds": 0.0, **task.evaluate(task.model)}]
     _say(rows[-1])
     achieved: dict[float, float] = {}           # budget -> bits gptq achieved there
     ours = [m for m in methods if m == "bayesq" or m.startswith(VARIANT)]
-    for method in [m for m in methods if m not in ours] + ours:
+    # knapsack methods reach their budget: each is also run at gptq's achieved bits, so after gptq
+    matched = [m for m in methods if m in REGISTRY and REGISTRY[m].planner == "knapsack" and m not in ours] + ours
+    for method in [m for m in methods if m not in matched] + matched:
         fields = dict(task.recipe, method=method)
         if method.startswith(VARIANT):
             fields.update(method="bayesq", tables=method[len(VARIANT):])
@@ -166,7 +171,7 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             logging.warning("%s/%s: %s", name, method, e)
             continue
         points = [(b, method) for b in budgets]
-        if method in ours and "gptq" in methods:   # strictly matched: gptq's achieved bits
+        if method in matched and "gptq" in methods:   # strictly matched: gptq's achieved bits
             points += [(a, f"{method}@gptq") for a in dict.fromkeys(achieved[b] for b in budgets if b in achieved)
                        if a not in budgets]
         for bits, label in points:
@@ -181,7 +186,7 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             t_eval = time.perf_counter()
             # seconds: this method's compression wall time so far (one analysis, then each budget), no evaluation
             rows.append({"model": name, "method": label, "budget": bits, "bits_per_weight": rep["bits_per_weight"],
-                         "plan": rep["plan"], "seconds": time.perf_counter() - t0, **task.evaluate(out)})
+                         "bits_all": rep["bits_per_weight_all"], "plan": rep["plan"], "seconds": time.perf_counter() - t0, **task.evaluate(out)})
             t0 += time.perf_counter() - t_eval   # evaluation is not compression time
             out.unlink()
             _say(rows[-1])
@@ -207,14 +212,15 @@ def write_outputs(rows: list[dict], tasks: dict[str, Task], out_dir: Path) -> st
     lines = []
     for name, task in tasks.items():
         mine = [r for r in rows if r["model"] == name]
-        metrics = [k for k in keys if k not in ("model", "method", "budget", "bits_per_weight", "plan", "seconds")
+        metrics = [k for k in keys if k not in ("model", "method", "budget", "bits_per_weight", "bits_all", "plan",
+                                                "seconds")
                    and any(k in r for r in mine)]
         arrow = "↑" if task.higher_is_better else "↓"
         lines += [f"### {name} ({task.metric} {arrow})", "",
-                  "| method | budget | bits/weight | " + " | ".join(metrics) + " | plan | seconds |",
-                  "|---|---|---|" + "---|" * len(metrics) + "---|---|"]
+                  "| method | budget | bits/weight | all weights | " + " | ".join(metrics) + " | plan | seconds |",
+                  "|---|---|---|---|" + "---|" * len(metrics) + "---|---|"]
         for r in mine:
-            lines.append(f"| {r['method']} | {_fmt(r['budget'])} | {r['bits_per_weight']:.3f} | "
+            lines.append(f"| {r['method']} | {_fmt(r['budget'])} | {r['bits_per_weight']:.3f} | {r['bits_all']:.3f} | "
                          + " | ".join(_fmt(r.get(k)) for k in metrics) + f" | {r['plan']} | {r['seconds']:.0f} |")
         lines.append("")
     md = "\n".join(lines)

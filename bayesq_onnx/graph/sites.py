@@ -78,6 +78,22 @@ def _classify(node, slot, shape, uses):
     return f"used by {op} (input {slot}), which no format here rewrites"
 
 
+# bits per element of the float initializers that stay as they are (the all-weights figure of the report)
+FLOAT_BITS = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.BFLOAT16: 16,
+              onnx.TensorProto.DOUBLE: 64}
+
+
+def float_initializer_bits(model: onnx.ModelProto, leave_out=()) -> tuple[int, int]:
+    """Elements and stored bits of every float initializer not named in ``leave_out`` (any rank:
+    skipped weights, biases, norms), each in its own type."""
+    n = bits = 0
+    for t in model.graph.initializer:
+        if t.name not in leave_out and t.data_type in FLOAT_BITS:
+            size = math.prod(t.dims)
+            n, bits = n + size, bits + size * FLOAT_BITS[t.data_type]
+    return n, bits
+
+
 def site_matches(site: WeightSite, pattern: str) -> bool:
     """Whether an ``--exclude`` / ``--include`` / ``--pin`` pattern (fnmatch, case-sensitive) names the
     site: its initializer or any node that reads it."""

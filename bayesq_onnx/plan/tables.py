@@ -129,7 +129,34 @@ class ClosedFormTables:
         return {}
 
 
-TABLE_PASSES = {t.name: t for t in (KronTables, ProxyTables, ClosedFormTables)}
+class HawqTables:
+    """HAWQ-V2/V3's sensitivity, the field's mixed-precision baseline (``--method hawq``): the mean
+    Hessian trace of one global loss over the site's weights, ``Tr(H_i) / n_i``, times the squared
+    quantization error ``||W - Q(W)||^2`` of the candidate on the min/max grid rounded to nearest (or
+    its codebook's levels; :meth:`SiteQuantizer.weight_error`), as the papers define it: the
+    perturbation of the quantizer, before GPTQ's error feedback, which moves weights on purpose and
+    whose larger weight-space error would rank formats by how much GPTQ compensated, not by harm.
+    The traces come from ``curvature/trace.py``; nothing is rounded or measured here."""
+
+    name = "hawq"
+    uniform_checked = 0   # its uniform plans with GPTQ's own codes are the reference GPTQ plan
+
+    def __init__(self, traces: dict[str, float]):
+        self.traces = traces
+
+    def __call__(self, sites, candidates, quantizers) -> Tables:
+        def site_table(s) -> np.ndarray:
+            table, _ = _hull_table(s, candidates[s.name], quantizers[s.name].weight_error)
+            # a trace of 0 (no gradient reaches the site) makes every format free: 0, not 0 * inf
+            return np.where(np.isfinite(table), self.traces[s.name] * table, np.inf)
+
+        return Tables(_per_site(self.name, sites, site_table))
+
+    def grids_for(self, plan: Plan, sites, quantizers, known: Grids) -> Grids:
+        return {}   # one grid per format: GPTQ's own (dynamic) min/max groups
+
+
+TABLE_PASSES = {t.name: t for t in (KronTables, ProxyTables, ClosedFormTables, HawqTables)}
 
 
 def _per_site(name: str, sites, site_table) -> dict[str, np.ndarray]:

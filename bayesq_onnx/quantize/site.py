@@ -162,6 +162,12 @@ class SiteQuantizer:
         below every other candidate's, come out up to 4x high)."""
         return self._rounding_error(fmt, self._layer_weights())
 
+    def weight_error(self, fmt: Format) -> float:
+        """``||W - Q(W)||^2``, unweighted, on the min/max grid rounded to nearest (or the codebook's
+        levels): HAWQ's quantization perturbation, before any error feedback moves the weights.
+        Estimated from :data:`SCREEN_ROWS` rows as :meth:`layer_loss` is."""
+        return self._rounding_error(fmt, np.ones((1, 1)))
+
     def layer_error(self, q: UniformCodes | LutCodes) -> float:
         """The layer output error that codes ``q`` leave, in :meth:`layer_loss`'s units: with GPTQ's
         ``H = X^T X`` the exact ``||X (W - Q)^T||^2 = tr(E H E^T)``; elsewhere the precision-weighted
