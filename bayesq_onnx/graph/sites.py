@@ -28,8 +28,8 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 def _uses(model: onnx.ModelProto):
     """Who reads each main-graph name: main-graph nodes, and nodes inside subgraphs (If branches,
     Loop and Scan bodies) that read it from the outer scope -- where a subgraph defines the name
-    itself, that definition hides the outer one.  Also, keyed by ``id(node)`` of each node inside a
-    subgraph: ``hidden``, the names its enclosing subgraphs define (calibration cannot read them: the
+    itself, that definition hides the outer one.  Also, keyed by the name of each node inside a
+    subgraph (names are unique model-wide: model_io.name_nodes): ``hidden``, the names its enclosing subgraphs define (calibration cannot read them: the
     probe's extra outputs are main-graph tensors), and ``owner``, the op type of the main-graph node
     holding it; and the subgraphs' own initializers."""
     uses, hidden, owner, local_inits = defaultdict(list), {}, {}, []
@@ -40,7 +40,7 @@ def _uses(model: onnx.ModelProto):
                 if name and name not in local:
                     uses[name].append((node, i))
             if top is not None:
-                hidden[id(node)], owner[id(node)] = local, top
+                hidden[node.name], owner[node.name] = local, top
             for sub in subgraphs(node):
                 local_inits.extend(sub.initializer)
                 defined = {v.name for v in sub.input} | {t.name for t in sub.initializer} | \
@@ -62,7 +62,7 @@ def _classify(node, slot, shape, uses, hidden):
     op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
     def found(kind, perm, readers, act_slot, extra=()):
-        unseen = tuple(r.name for r in readers if r.input[act_slot] in hidden.get(id(r), ()))
+        unseen = tuple(r.name for r in readers if r.input[act_slot] in hidden.get(r.name, ()))
         return (kind, perm, tuple(r.input[act_slot] for r in readers if r.name not in unseen),
                 tuple(extra) + tuple(r.name for r in readers), unseen)
 
@@ -75,7 +75,7 @@ def _classify(node, slot, shape, uses, hidden):
             return "Gemm with alpha or beta != 1"
         return found("matmul", ((0, 1) if _attr(node, "transB", 0) else (1, 0)), [node], 0)
     if op == "Transpose" and slot == 0 and len(shape) == 2 and list(_attr(node, "perm", [1, 0])) == [1, 0]:
-        if id(node) in hidden:   # its readers are in the subgraph's scope, which _uses does not index
+        if node.name in hidden:   # its readers are in the subgraph's scope, which _uses does not index
             return "transposed inside a control-flow subgraph"
         after = uses.get(node.output[0], [])
         if after and all(n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and s == 1 for n, s in after):
@@ -178,7 +178,7 @@ def _find_sites(model: onnx.ModelProto, min_elements: int) -> tuple[list[WeightS
             consumers=consumers,
             activations=tuple(dict.fromkeys(a for _, _, acts, _, _ in found for a in acts)),
             dtype=FLOAT_TYPES[init.data_type],
-            subgraph="/".join(sorted({owner[id(by_name[c])] for c in consumers if id(by_name[c]) in owner})),
+            subgraph="/".join(sorted({owner[c] for c in consumers if c in owner})),
             unseen=tuple(u for _, _, _, _, us in found for u in us),
         ))
     for t in local_inits:   # a subgraph's own weights: only the main graph's are rewritten
