@@ -29,9 +29,10 @@ def _uses(model: onnx.ModelProto):
     """Who reads each main-graph name: main-graph nodes, and nodes inside subgraphs (If branches,
     Loop and Scan bodies) that read it from the outer scope -- where a subgraph defines the name
     itself, that definition hides the outer one.  Also, keyed by the name of each node inside a
-    subgraph (names are unique model-wide: model_io.name_nodes): ``hidden``, the names its enclosing subgraphs define (calibration cannot read them: the
-    probe's extra outputs are main-graph tensors), and ``owner``, the op type of the main-graph node
-    holding it; and the subgraphs' own initializers."""
+    subgraph (unique model-wide once model_io.name_nodes has run): ``hidden``, the names its
+    enclosing subgraphs define (calibration cannot read them: the probe's extra outputs are
+    main-graph tensors), and ``owner``, the op type of the main-graph node holding it; and the
+    subgraphs' own initializers."""
     uses, hidden, owner, local_inits = defaultdict(list), {}, {}, []
 
     def walk(graph, local: frozenset, top: str | None):
@@ -39,7 +40,7 @@ def _uses(model: onnx.ModelProto):
             for i, name in enumerate(node.input):
                 if name and name not in local:
                     uses[name].append((node, i))
-            if top is not None:
+            if top is not None and node.name:
                 hidden[node.name], owner[node.name] = local, top
             for sub in subgraphs(node):
                 local_inits.extend(sub.initializer)
@@ -105,13 +106,16 @@ def find_sites(model: onnx.ModelProto, min_elements: int = 1024, exclude=(), inc
     """Every float (float32, float16, bfloat16) initializer of rank >= 2 becomes a site or a skipped entry with its reason
     (rank-0/1 tensors -- biases, norms, shapes -- are not weights in our sense).
 
+    Node names must be unique across the main graph and its subgraphs (``model_io.prepare_model``
+    makes them so): consumers are named, and rewritten, by them.
+
     The user's selection (``Recipe.exclude`` / ``include``) applies to weights that would otherwise be
     sites: an excluded one stays as it is and is reported as skipped.  A pattern that names nothing
     is an error (a typo would otherwise silently quantize everything), as is a ``pinned`` pattern
     (``Recipe.pins``) that names no site left to quantize."""
     sites, skipped = _find_sites(model, min_elements)
     if exclude or include:
-        names = {t.name for t in model.graph.initializer} | {n.name for n in model.graph.node}
+        names = {t.name for t in model.graph.initializer} | {n.name for n in all_nodes(model.graph)}
         for flag, patterns in (("--exclude", exclude), ("--include", include)):
             for p in patterns:
                 if not any(fnmatchcase(n, p) for n in names):
