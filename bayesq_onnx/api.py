@@ -24,7 +24,7 @@ from .curvature.trace import check_trace_source, file_traces, fisher_traces
 from .errors import BayesQError, first_line
 from .formats import Float32
 from .graph.model_io import bfloat16_hint, check_writable, load_model, prepare_model, save_json_atomic, save_model_atomic, to_array
-from .graph.sites import find_sites, float_initializer_bits
+from .graph.sites import find_sites, float_initializer_bits, statistics_note
 from .lower.ort_cpu import lower_ort_cpu, lower_portable
 from .plan.candidates import candidate_formats
 from .plan.check import Contender, check_plans, grid_of
@@ -304,6 +304,7 @@ def _report(recipe, sites, skipped, candidates, chosen: Contender, losses, check
             "expected_loss": quantizers[s.name].expected_loss(f, grid_of(chosen, s)),
             # None: no table (uniform planner) or a candidate the pre-screen dropped (never chosen by greedy)
             "table_loss": None if losses is None or not np.isfinite(losses[s.name][j]) else float(losses[s.name][j]),
+            **statistics_note(s),   # read inside a subgraph: what its statistics come from
         })
     stored = sum(l["stored_bits"] for l in layers)
     codes = sum(plan.choice[s.name].code_bits(s.rows, s.L) for s in sites)

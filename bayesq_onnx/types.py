@@ -24,6 +24,8 @@ class WeightSite:
     consumers: tuple[str, ...]      # names of the consuming nodes
     activations: tuple[str, ...]    # tensors whose statistics give this site's curvature
     dtype: str = "float32"          # the initializer's and its consumers' float type: float32, float16, bfloat16
+    subgraph: str = ""              # op types (If, Loop, Scan) holding consumers read from a subgraph; "" none
+    unseen: tuple[str, ...] = ()    # consumers whose input is computed inside a subgraph: no statistics from them
 
     @property
     def flat(self) -> bool:

@@ -141,3 +141,54 @@ def residual(seed=0, d=64, h=128, blocks=3) -> onnx.ModelProto:
 
 def residual_data(n=48, d=64, seed=1) -> dict[str, np.ndarray]:
     return mlp_data(n, d, seed)
+
+
+def branches(seed=0, d=64, h=96) -> onnx.ModelProto:
+    """An If whose condition is computed per batch (the mean of x > 0): the then branch reads W1
+    (MatMul) and E (an embedding Gather on the ids), the else branch reads W2 (Gemm, transB) --
+    all main-graph initializers read from the outer scope, on main-graph inputs -- then a main-graph
+    MatMul on the If's output."""
+    rng = np.random.default_rng(seed)
+    out = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+    then = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["m1"]),
+                              helper.make_node("Gather", ["E", "ids"], ["e1"]),
+                              helper.make_node("Add", ["m1", "e1"], ["y1"])], "then", [], [out("y1")])
+    other = helper.make_graph([helper.make_node("Gemm", ["x", "W2"], ["y2"], transB=1)], "else", [], [out("y2")])
+    nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], keepdims=0),
+             helper.make_node("Greater", ["mean", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["hid"], then_branch=then, else_branch=other),
+             helper.make_node("Relu", ["hid"], ["r"]),
+             helper.make_node("MatMul", ["r", "W3"], ["y"])]
+    inits = {"W1": _w(rng, d, h), "W2": _w(rng, h, d), "E": _w(rng, 40, h, scale=0.5), "W3": _w(rng, h, 32),
+             "zero": np.array(0.0, np.float32)}
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d]),
+                          helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])], inits)
+
+
+def branches_data(n=64, d=64, seed=1):
+    rng = np.random.default_rng(seed)
+    # a shifted mean per sample, so that batches go both ways
+    x = rng.standard_normal((n, d)).astype(np.float32) + rng.choice([-0.3, 0.3], (n, 1)).astype(np.float32)
+    return {"x": x, "ids": rng.integers(0, 40, n).astype(np.int64)}
+
+
+def loop(seed=0, d=64, steps=3) -> onnx.ModelProto:
+    """A Loop of ``steps`` iterations, ``h = tanh(h @ W)``: W is a main-graph initializer read by the
+    body, on a loop-carried tensor computed inside it (calibration cannot see it); then a main-graph
+    MatMul."""
+    rng = np.random.default_rng(seed)
+    vi = lambda n, t=TensorProto.FLOAT, s=None: helper.make_tensor_value_info(n, t, s)
+    body = helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]),
+                              helper.make_node("MatMul", ["h_in", "W"], ["hw"]),
+                              helper.make_node("Tanh", ["hw"], ["h_out"])], "body",
+                             [vi("i", TensorProto.INT64, []), vi("c_in", TensorProto.BOOL, []), vi("h_in")],
+                             [vi("c_out", TensorProto.BOOL, []), vi("h_out")])
+    nodes = [helper.make_node("Loop", ["steps", "", "x"], ["h"], body=body),
+             helper.make_node("MatMul", ["h", "W3"], ["y"])]
+    inits = {"W": _w(rng, d, d, scale=1.5 / np.sqrt(d)), "W3": _w(rng, d, 32), "steps": np.array(steps, np.int64)}
+    return _model(nodes, [vi("x", TensorProto.FLOAT, ["n", d])], [vi("y", TensorProto.FLOAT, ["n", 32])], inits)
+
+
+def loop_data(n=64, d=64, seed=1):
+    return {"x": np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)}

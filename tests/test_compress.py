@@ -346,20 +346,6 @@ def test_fixed_batch_model(tmp_path):
     assert make_session(str(out)).run(None, {"x": models.mlp_data(1)["x"]})[0].shape == (1, 32)
 
 
-def test_weight_read_in_subgraph_is_skipped_with_reason():
-    from onnx import TensorProto, helper, numpy_helper
-    from bayesq_onnx.graph.sites import find_sites
-    W = numpy_helper.from_array(np.ones((64, 64), np.float32), "W")
-    out = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-    then = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y1"])], "t", [], [out("y1")])
-    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y2"])], "e", [], [out("y2")])
-    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
-                          [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-                           helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])], [out("y")], [W])
-    sites, skipped = find_sites(helper.make_model(g))
-    assert sites == [] and [(s.name, s.reason) for s in skipped] == [("W", "read inside a control-flow subgraph")]
-
-
 def test_input_with_external_data(tmp_path):
     """Exporters often write weights beside the graph (model.onnx + model.onnx.data)."""
     src = tmp_path / "ext.onnx"

@@ -1,5 +1,6 @@
 """A new user's session, as README's walk-through runs it: export a torch module -> build calibration
-data -> compress with an exclusion and a pin -> eval; and the other sources of export and calib."""
+data -> compress with an exclusion and a pin -> HTML report -> inspect -> eval; and the other
+sources of export and calib."""
 from __future__ import annotations
 
 import json
@@ -42,7 +43,8 @@ def _inits(path) -> dict[str, np.ndarray]:
 def test_readme_walkthrough(tmp_path, capsys):
     pytest.importorskip("torch")
     (tmp_path / "net.py").write_text(NET)
-    net, calib, out, report = (tmp_path / n for n in ("net.onnx", "calib.npz", "net.bq.onnx", "report.json"))
+    net, calib, out, report, html = (tmp_path / n for n in ("net.onnx", "calib.npz", "net.bq.onnx", "report.json",
+                                                             "report.html"))
 
     # 1. export: the model, and the parameter map beside it
     assert main(["export", f"{tmp_path / 'net.py'}:make", "--input", "x:1x64", "-o", str(net), "--quiet"]) == 0
@@ -61,7 +63,8 @@ def test_readme_walkthrough(tmp_path, capsys):
 
     # 3. compress: the head stays fp32, fc1 pinned to 8 bits
     assert main(["compress", str(net), "--bits", "5", "--calib", str(calib), "--exclude", "head.*",
-                 "--pin", "fc1.weight=8", "-o", str(out), "--report", str(report), "--quiet"]) == 0
+                 "--pin", "fc1.weight=8", "-o", str(out), "--report", str(report), "--html", str(html),
+                 "--quiet"]) == 0
     rep = json.loads(report.read_text())
     assert {"name": "head.weight", "reason": "excluded by --exclude head.*"} in rep["skipped"]
     layers = {l["name"]: l for l in rep["layers"]}
@@ -69,7 +72,24 @@ def test_readme_walkthrough(tmp_path, capsys):
     assert layers["fc2.weight"]["bits"] < 8   # the pin is not the budget: fc2 pays for it
     np.testing.assert_array_equal(_inits(out)["head.weight"], inits["head.weight"])   # untouched, fp32
 
-    # 4. eval against the original
+    # 4. the HTML report: one page naming every weight, the excluded head among the skipped
+    page = html.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<h2>Skipped weights</h2>" in page
+    assert all(name in page for name in ("fc1.weight", "fc2.weight", "excluded by --exclude head.*"))
+
+    # 5. inspect: what the file stores, read from its graph, is what the report says
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    # (inspect names a weight as its packed tensors do: "." written "_")
+    assert {e["name"]: (e["bits"], 8 * e["bytes"]) for e in info["quantized"]} == \
+        {k.replace(".", "_"): (l["bits"], l["stored_bits"]) for k, l in layers.items()}
+    assert [f["name"] for f in info["float_weights"]] == ["head.weight"]
+    assert info["file_bytes"] == rep["output_bytes"]
+    assert main(["inspect", str(out)]) == 0
+    assert "2 quantized weights" in capsys.readouterr().out
+
+    # 6. eval against the original
     assert main(["eval", str(net), str(out), "--data", str(calib), "--json", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["outputs"]["output"]["cosine"] > 0.95
 

@@ -24,6 +24,20 @@ class Cone:
     outputs: list[str]               # graph outputs the cone computes (the others do not change)
 
 
+def subgraphs(node: onnx.NodeProto):
+    """The graphs a node holds (If's branches, Loop's and Scan's bodies)."""
+    for a in node.attribute:
+        yield from ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)
+
+
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of the subgraphs inside it, at any depth (parents first)."""
+    for n in graph.node:
+        yield n
+        for sub in subgraphs(n):
+            yield from all_nodes(sub)
+
+
 def has_subgraphs(graph: onnx.GraphProto) -> bool:
     """Nodes with subgraphs (If, Loop, Scan) may read outer tensors their inputs do not list, so a
     cone through them could miss a dependency: callers then run the whole graph."""

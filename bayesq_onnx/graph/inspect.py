@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, GatherBlockQuantized, MatMulNBits
 from ..lower.portable import CODE_TABLE
+from .cone import all_nodes
 from .model_io import constants_to_initializers, read_model
 
 MS = "com.microsoft"
@@ -85,7 +86,7 @@ def inspect_model(path: str | os.PathLike) -> dict:
     constants_to_initializers(model)   # a weight held in a Constant node is a weight too
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
+    producer = {o: n for n in all_nodes(g) for o in n.output}
 
     def constant(name: str) -> str | None:
         """The initializer behind ``name``, through Reshape/Identity of constants (a tied head's B)."""
@@ -115,7 +116,7 @@ def inspect_model(path: str | os.PathLike) -> dict:
     def init_inputs(node, slots):
         return [constant(node.input[i]) for i in slots if i < len(node.input) and node.input[i]]
 
-    for node in g.node:
+    for node in all_nodes(g):   # a quantized weight's reader may sit in an If branch or Loop body
         dom, op, a = _domain(node), node.op_type, _attrs(node)
         if dom == MS and op == "MatMulNBits":
             codes = constant(node.input[1])

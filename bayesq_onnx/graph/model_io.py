@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..errors import BayesQError, first_line
+from .cone import all_nodes
 
 log = logging.getLogger(__name__)
 PROTO_LIMIT = 2**31 - 1   # protobuf's limit on one serialized message (bytes)
@@ -67,10 +68,12 @@ def ort_load_error(model: onnx.ModelProto, path: str | None = None) -> str | Non
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
-    """Give every top-level node a unique name: sites and reports refer to nodes by name."""
-    taken = {n.name for n in model.graph.node if n.name}
+    """Give every node a unique name, across the main graph and its subgraphs: sites, the lowering
+    and reports refer to nodes by name (a weight's reader may sit in an If branch or a Loop body)."""
+    nodes = list(all_nodes(model.graph))
+    taken = {n.name for n in nodes if n.name}
     seen = set()
-    for i, node in enumerate(model.graph.node):
+    for i, node in enumerate(nodes):
         if not node.name or node.name in seen:
             base = f"{node.op_type}_{i}"
             name, k = base, 0

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper, version_converter
 
 from ..errors import BayesQError, first_line
 from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
+from ..graph.cone import all_nodes, subgraphs
 from ..types import WeightSite
 from .bayesq_nodes import BAYESQ_DOMAIN, BAYESQ_OPSET, bayesq_dequantize_node, bayesq_matmul_node
 from .nodes import MS_DOMAIN, dequantize_node, gather_block_quantized_node, matmulnbits_node, tied_head_nodes
@@ -74,7 +75,7 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
     formats = [choice[s.name] for s in sites]
     _raise_opset(m, formats)  # before rewriting: the converter must only see ops of the old opset
     g = m.graph
-    nodes = {n.name: n for n in g.node}
+    nodes = {n.name: n for n in all_nodes(g)}   # a consumer may sit in a subgraph (If, Loop, Scan)
     inits = {t.name: t for t in g.initializer}
     replace: dict[str, list[onnx.NodeProto]] = {}   # consumer name -> nodes taking its place
     head: list[onnx.NodeProto] = []                  # DequantizeLinear nodes (inputs are all constants)
@@ -151,9 +152,10 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
             new_inits += table
         else:
             raise BayesQError(f"no ort-cpu lowering for format {fmt.name}")
-    body = []
-    for n in g.node:
-        body.extend(replace.get(n.name, [n]))
+    # a consumer inside a subgraph is rewritten there; its packed tensors stay main-graph
+    # initializers, which the subgraph reads from the outer scope
+    _replace_nodes(g, replace)
+    body = list(g.node)
     del g.node[:]
     g.node.extend(head + body)
     kept = [t for t in g.initializer if t.name not in drop_inits]
@@ -162,9 +164,20 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
     if any(isinstance(f, (MatMulNBits, GatherBlockQuantized)) for f in formats) and \
             not any(o.domain == MS_DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    if any(n.domain == BAYESQ_DOMAIN for n in g.node) and not any(o.domain == BAYESQ_DOMAIN for o in m.opset_import):
+    if any(n.domain == BAYESQ_DOMAIN for n in all_nodes(g)) and not any(o.domain == BAYESQ_DOMAIN for o in m.opset_import):
         m.opset_import.append(BAYESQ_OPSET)
     return m
+
+
+def _replace_nodes(graph: onnx.GraphProto, replace: dict[str, list[onnx.NodeProto]]) -> None:
+    """Each node named in ``replace`` by the nodes given there, in ``graph`` and its subgraphs."""
+    body = []
+    for n in graph.node:
+        for sub in subgraphs(n):
+            _replace_nodes(sub, replace)
+        body.extend(replace.get(n.name, [n]))
+    del graph.node[:]
+    graph.node.extend(body)
 
 
 def _raise_opset(m: onnx.ModelProto, formats: list[Format]) -> None:

@@ -13,7 +13,7 @@ import onnx
 from onnx import helper
 
 from ..calib.readers import batches
-from ..graph.cone import backward_slice, forward_cone, has_subgraphs, segments, submodel
+from ..graph.cone import all_nodes, backward_slice, forward_cone, has_subgraphs, segments, submodel
 from ..graph import model_io
 from ..graph.model_io import save_model_atomic, to_array
 from .session import make_session, session_options
@@ -54,7 +54,7 @@ class Probe:
         m.graph.initializer.extend(keep)
         if casts:
             typed = {c.input[0]: c.output[0] for c in casts}
-            for n in m.graph.node:
+            for n in all_nodes(m.graph):   # readers inside subgraphs see the Cast's output from the outer scope
                 n.input[:] = [typed.get(i, i) for i in n.input]
             nodes = casts + list(m.graph.node)
             del m.graph.node[:]

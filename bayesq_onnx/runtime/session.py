@@ -12,6 +12,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from ..errors import BayesQError
 from ..graph import model_io
+from ..graph.cone import all_nodes
 from . import custom_ops
 
 DEFAULT_PROVIDERS = ["CPUExecutionProvider"]
@@ -137,7 +138,8 @@ def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str) 
     out.CopyFrom(model)
     del out.graph.node[:]
     out.graph.node.extend(keep)
-    still = {i for n in keep for i in n.input} | {o.name for o in g.output}
+    # initializers read inside subgraphs (from the outer scope) stay too
+    still = {i for n in all_nodes(out.graph) for i in n.input} | {o.name for o in g.output}
     new_inits = [t for t in g.initializer if t.name in still]
     new_inits += [numpy_helper.from_array(v, n.output[0]) for n, v in zip(nodes, values)]
     del out.graph.initializer[:]
