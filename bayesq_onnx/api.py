@@ -190,8 +190,13 @@ class Analysis:
         if report is not None:
             try:
                 save_json_atomic(rep, report)
-            except OSError as e:
-                raise BayesQError(f"cannot write {report}: {e.strerror or first_line(e)}") from None
+            except BaseException as e:
+                if output is not None:   # all or nothing: no model without the report asked for
+                    for p in (Path(output), Path(output).with_name(Path(output).name + ".data")):
+                        p.unlink(missing_ok=True)
+                if isinstance(e, OSError):
+                    raise BayesQError(f"cannot write {report}: {e.strerror or first_line(e)}") from None
+                raise
         return Result(out_model, rep, Path(output) if output is not None else None)
 
 

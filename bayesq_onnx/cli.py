@@ -327,8 +327,15 @@ def _compress(args) -> int:
         check_writable(args.html)
     with use_workers(args.threads):
         res = compress(args.model, recipe, calib=args.calib, output=out, report=args.report)
-    if args.html:
-        _write_html(res.report, args.html)
+    try:
+        if args.html:
+            _write_html(res.report, args.html)
+    except BaseException:
+        # all or nothing: a model without the report asked for (Ctrl-C, a full disk) is removed too
+        for p in (out, out.with_name(out.name + ".data"), args.report):
+            if p is not None:
+                Path(p).unlink(missing_ok=True)
+        raise
     print(_compress_summary(out, res.report))
     return 0
 
