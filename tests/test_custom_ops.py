@@ -248,6 +248,23 @@ def test_gemm_blocking_within_summation_bound_and_thread_invariant(isa, kind, bi
             assert y1.tobytes() == y3.tobytes(), (K, N, block, M)
 
 
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_every_row_count_around_the_switch_and_the_tiles(isa, kind, bits):
+    """Through onnxruntime, so the GEMV/GEMM switch (per ISA and code width) is on the path: every M of
+    the GEMV's 4-row blocks and their remainders (1..9), GEMM tiles of 6 rows and row blocks (63-65,
+    150); K and N not multiples of a chunk (128), a GEMV K slice (1024) or a GEMM panel (4 / 16)."""
+    rng = np.random.default_rng(bits)
+    for K, N, block in [(1100, 6, 32), (203, 13, 16)]:
+        fmt, p, V, zs = weight(kind, bits, K, N, block, seed=K + bits)
+        sess = make_session(matmul_model(fmt, p, K, N))
+        for M in [*range(1, 10), 63, 64, 65, 150]:
+            A = rng.standard_normal((M, K)).astype(np.float32)
+            y = sess.run(None, {"A": A})[0]
+            exact = A.astype(np.float64) @ V.T.astype(np.float64)
+            assert np.all(np.abs(y - exact) <= sum_bound(A, V, zs)), (K, N, block, M)
+
+
 def test_bad_inputs_fail_with_clear_messages(monkeypatch):
     K, N = 64, 4
     fmt, p, _, _ = weight("lut", 3, K, N, 0, seed=0)

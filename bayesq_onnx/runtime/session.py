@@ -37,17 +37,19 @@ UNPACK = ("auto", "never", "always")
 # weight when the packed op was measured slower than fp32 by more than SLOWER_LIMIT at some M.  M (rows
 # per call) is not known at load time, so the rule takes the worst measured M: it only knows the
 # kernels in use (the ISA) and the weight's size (K x N, to the nearest measured one in log scale).
-# Measured with tools/bench_kernels.py --threads 1 --clock cpu --stat min --reps 5 --ms 1,8,64 --only
+# Measured with tools/bench_kernels.py --threads 1 --clock cpu --stat min --reps 5 --ms 1,2,4,8,16,64 --only
 # bq-lut3,bq-u3-g32,bq-u4-g32 (BAYESQ_ISA forcing each set), onnxruntime 1.32, one thread of a shared
-# 2-core Xeon with AVX-512; value: the worst ratio packed / fp32 over those M and formats.  The worst M
-# is 8 for the SIMD sets (the GEMV's weakest point: at M = 1 the 4096 x 4096 weights are 0.25-0.45x
-# fp32 on AVX-512, 0.47-0.85x on AVX2) and 1 for scalar.  So today `auto` unpacks every weight on
-# these sets; re-measure when the kernels change.
+# 2-core Zen 4 EPYC (AVX-512; AVX2 forced runs against the same MLAS fp32); value: the worst ratio
+# packed / fp32 over those M and formats (scalar: the earlier M = 1, 8, 64 run).  After the AVX2 GEMV
+# row blocks and the direct panel decode (README "Measured"), the worst cases are u4-g32 at M = 2-8 and,
+# for weights small enough that fp32 runs from cache, every M below 16; at M = 1 the 4096 x 4096 weights
+# are 0.23-0.50x fp32 on AVX2 and 0.27-0.47x on AVX-512, at M = 64 0.94-1.04x.  No row is under the
+# limit yet, so `auto` still unpacks every weight on these sets; re-measure when the kernels change.
 SLOWER_LIMIT = 1.1
 MEASURED_SLOWDOWN: dict[str, list[tuple[int, int, float]]] = {
     # isa: [(K, N, worst packed / fp32 time)]
-    "avx512": [(384, 1536, 1.67), (1536, 384, 1.68), (1024, 1024, 1.72), (4096, 4096, 1.39)],
-    "avx2": [(384, 1536, 2.44), (1536, 384, 2.34), (1024, 1024, 2.53), (4096, 4096, 1.72)],
+    "avx512": [(384, 1536, 2.47), (1536, 384, 2.17), (1024, 1024, 2.26), (4096, 4096, 1.38)],
+    "avx2": [(384, 1536, 3.04), (1536, 384, 2.67), (1024, 1024, 2.79), (4096, 4096, 1.27)],
     "scalar": [(384, 1536, 69.5), (1024, 1024, 74.1)],
     # "neon": never measured (no ARM machine): like any set without a row here, `auto` unpacks
 }

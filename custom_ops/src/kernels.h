@@ -70,7 +70,9 @@ struct Kernels {
     void (*gemm)(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
                  int64_t n0, int64_t n1);
     int gemm_cols;      // columns per GEMM task: a multiple of the kernel's panel width
-    int gemm_min_rows;  // M at which the GEMM path beats the fused GEMV
+    // M from which the GEMM path beats the fused GEMV, by code width (index: bits; LUT and affine
+    // alike): measured per kernel set, see each set's table
+    int gemm_min_rows[BQ_MAX_BITS + 1];
 };
 
 const Kernels* kernels_scalar();

@@ -80,10 +80,10 @@ struct Table {
     __m256 t0, t1, zp, s;
     const float* base = nullptr;
 
-    static inline __m256 iota(int half) {
-        alignas(32) float v[8];
-        for (int j = 0; j < 8; ++j) v[j] = float(B <= 3 ? (j & ((1 << B) - 1)) : j + 8 * half);
-        return _mm256_load_ps(v);
+    static inline __m256 iota(int half) {  // entry j's code: j mod 2^b (b <= 3: replicated), or j + 8 half
+        if constexpr (B == 1) return _mm256_setr_ps(0, 1, 0, 1, 0, 1, 0, 1);
+        else if constexpr (B == 2) return _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3);
+        else return half ? _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15) : _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
     }
 
     inline void load(const QWeight& w, int64_t n, int64_t g) {
@@ -117,6 +117,18 @@ struct Table {
                 zp = z;
                 s = sc;
             }
+        }
+    }
+
+    // affine values with the zero point given (already extracted): the same arithmetic as load()
+    inline void load_zp(const QWeight& w, int64_t n, int64_t g, float zpf) {
+        const __m256 z = _mm256_set1_ps(zpf), sc = _mm256_set1_ps(w.scales[n * w.G + g]);
+        if constexpr (B <= 4) {
+            t0 = _mm256_mul_ps(_mm256_sub_ps(iota(0), z), sc);
+            if constexpr (B == 4) t1 = _mm256_mul_ps(_mm256_sub_ps(iota(1), z), sc);
+        } else {
+            zp = z;
+            s = sc;
         }
     }
 
@@ -158,15 +170,35 @@ inline __m256i half_mask(int L, int h) {  // lanes 8h.. of a chunk with L lanes
     return _mm256_load_si256(reinterpret_cast<const __m256i*>(m));
 }
 
-// ---- fused GEMV (the affine scheme of kernels_avx512.cpp: tables q * s, zero points at the end) -------------------------------------
-template <int B, bool LUT, int MR, int NC>
-void gemv_block(const QWeight& w, const float* A, int64_t lda, const float* SA, int64_t ldsa, float* Y, int64_t ldy,
-                int64_t n) {
+// Group countdown (g, steps left in it) for a loop starting at chunk cb > 0; loads g's table.
+template <class Load>
+inline void start_group(int64_t spg, int64_t cb, int64_t& g, int64_t& left, Load&& load) {
+    const int64_t s0 = cb * BQ_STEPS;
+    const bool one = spg == std::numeric_limits<int64_t>::max();
+    g = one ? 0 : s0 / spg;
+    left = one ? spg : spg - s0 % spg;
+    load(g);
+}
+
+// ---- fused GEMV (the affine scheme of kernels_avx512.cpp: tables q * s, zero points at the end) -------
+// MR rows x NC columns per block: each weight vector is decoded once (a shift and a one-register
+// lookup for b <= 3) and feeds MR FMAs.  An FMA has 4 cycles of latency and two issue per cycle, so 8
+// independent chains keep them busy: where MR * NC is smaller, each output has P chains (one per chunk
+// half).  K is cut into slices of GEMV_KS chunks (1024 k): 4 rows of A (16 KB) stay in L1 while a
+// task's columns pass; each output adds its slices' sums in order (the order depends on K and M only).
+constexpr int64_t GEMV_KS = 8;
+constexpr int GEMV_MR = 4;
+constexpr int64_t GEMV_PREFETCH = 2048;  // bytes ahead in a column's codes  // rows per block (then 3, 2 or 1 for the rest)
+
+template <int B, bool LUT, int MR, int NC, int P>
+void gemv_block(const QWeight& w, const float* A, int64_t lda, float* Y, int64_t ldy, int64_t n, int64_t cb,
+                int64_t ce, bool tail, bool first) {
     const int64_t K = w.K, full = K / BQ_CHUNK;
-    __m256 acc[MR][NC];
+    __m256 acc[MR][NC][P];
     float extra[MR][NC] = {};
     for (int m = 0; m < MR; ++m)
-        for (int j = 0; j < NC; ++j) acc[m][j] = _mm256_setzero_ps();
+        for (int j = 0; j < NC; ++j)
+            for (int p = 0; p < P; ++p) acc[m][j][p] = _mm256_setzero_ps();
     Table<B, LUT, !LUT> tab[NC];
     const uint8_t* row[NC];
     for (int j = 0; j < NC; ++j) row[j] = row_of(w, n + j);
@@ -177,12 +209,13 @@ void gemv_block(const QWeight& w, const float* A, int64_t lda, const float* SA, 
         for (int j = 0; j < NC; ++j) tab[j].load(w, n + j, gn);
         g = gn;
     };
+    if (cb > 0 && cb < ce) start_group(spg, cb, g, left, enter);
     auto scalar = [&](int j, int64_t k, int q) BQ_INLINE {
         const int64_t gk = group_of(w, k);
         const float v = LUT ? value(w, n + j, gk, q) : float(q) * w.scales[(n + j) * w.G + gk];
         for (int m = 0; m < MR; ++m) extra[m][j] += A[m * lda + k] * v;
     };
-    // one step of a (possibly widened) chunk: lanes at a + stride*I (+8 for the upper half)
+    // one step of a (possibly widened) chunk: lanes at a + 8h
     auto step = [&](const Words (&wd)[NC][2], const float* a, auto ic, const __m256i* msk) BQ_INLINE {
         constexpr int I = decltype(ic)::value;
         for (int h = 0; h < 2; ++h) {
@@ -191,15 +224,19 @@ void gemv_block(const QWeight& w, const float* A, int64_t lda, const float* SA, 
                 av[m] = msk ? _mm256_maskload_ps(a + m * lda + 8 * h, msk[h]) : _mm256_loadu_ps(a + m * lda + 8 * h);
             for (int j = 0; j < NC; ++j) {
                 const __m256 v = tab[j].get(code<B, I>(wd[j][h]));
-                for (int m = 0; m < MR; ++m) acc[m][j] = _mm256_fmadd_ps(av[m], v, acc[m][j]);
+                for (int m = 0; m < MR; ++m) acc[m][j][h % P] = _mm256_fmadd_ps(av[m], v, acc[m][j][h % P]);
             }
         }
     };
 
-    for (int64_t c = 0; c < full; ++c) {
+    for (int64_t c = cb; c < ce; ++c) {
         Words wd[NC][2];
-        for (int j = 0; j < NC; ++j)
+        for (int j = 0; j < NC; ++j) {
+            // the codes stream from memory at a few GB/s without this (measured: the word loads stalled);
+            // past the row's end it fetches the next rows, read next
+            _mm_prefetch(reinterpret_cast<const char*>(row[j] + c * BQ_LANES * B + GEMV_PREFETCH), _MM_HINT_T0);
             for (int h = 0; h < 2; ++h) wd[j][h] = words<B>(row[j] + c * BQ_LANES * B, h);
+        }
         unroll([&](auto ic) BQ_INLINE {
             if (left == 0) {
                 enter(g + 1);
@@ -210,7 +247,7 @@ void gemv_block(const QWeight& w, const float* A, int64_t lda, const float* SA, 
         }, std::make_integer_sequence<int, BQ_STEPS>{});
     }
 
-    const int L = int((K % BQ_CHUNK) / BQ_STEPS);
+    const int L = tail ? int((K % BQ_CHUNK) / BQ_STEPS) : 0;
     if (L) {
         const int64_t k0 = full * BQ_CHUNK;
         const __m256i msk[2] = {half_mask(L, 0), half_mask(L, 1)};
@@ -233,39 +270,112 @@ void gemv_block(const QWeight& w, const float* A, int64_t lda, const float* SA, 
         }, std::make_integer_sequence<int, BQ_STEPS>{});
     }
 
-    const int r = int(K % BQ_STEPS);
+    const int r = tail ? int(K % BQ_STEPS) : 0;
     for (int i = 0; i < r; ++i)
         for (int j = 0; j < NC; ++j) scalar(j, K - r + i, bq_stream_at(row[j] + (K - r) * B / 8, B, i));
 
-    for (int j = 0; j < NC; ++j) {
-        float corr[MR] = {};
-        if constexpr (!LUT) {
-            const float* s = w.scales + (n + j) * w.G;
-            for (int64_t gg = 0; gg < w.G; ++gg) {
-                const float sz = s[gg] * float(zero_point(w, n + j, gg));
-                for (int m = 0; m < MR; ++m) corr[m] += sz * SA[m * ldsa + gg];
-            }
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NC; ++j) {
+            __m256 s = acc[m][j][0];
+            if constexpr (P == 2) s = _mm256_add_ps(s, acc[m][j][1]);
+            const float y = hsum(s) + extra[m][j];
+            float& out = Y[m * ldy + n + j];
+            out = first ? y : out + y;
         }
-        for (int m = 0; m < MR; ++m) Y[m * ldy + n + j] = hsum(acc[m][j]) + extra[m][j] - corr[m];
-    }
 }
 
 template <int B, bool LUT, int MR>
-void gemv_rows(const QWeight& w, const float* A, int64_t lda, const float* SA, int64_t ldsa, float* Y, int64_t ldy,
-               int64_t n0, int64_t n1) {
+void gemv_rows(const QWeight& w, const float* A, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1,
+               int64_t cb, int64_t ce, bool tail, bool first) {
+    constexpr int P = MR <= 2 ? 2 : 1;  // 2 columns x MR rows x P chains: 6 or 8 chains
     int64_t n = n0;
-    for (; n + 2 <= n1; n += 2) gemv_block<B, LUT, MR, 2>(w, A, lda, SA, ldsa, Y, ldy, n);
-    for (; n < n1; ++n) gemv_block<B, LUT, MR, 1>(w, A, lda, SA, ldsa, Y, ldy, n);
+    for (; n + 2 <= n1; n += 2) gemv_block<B, LUT, MR, 2, P>(w, A, lda, Y, ldy, n, cb, ce, tail, first);
+    for (; n < n1; ++n) gemv_block<B, LUT, MR, 1, 2>(w, A, lda, Y, ldy, n, cb, ce, tail, first);
+}
+
+// A row's zero points, 8 groups at a time: 8 zero points are B bytes of the stream; broadcast 16 bytes
+// to both 128-bit lanes, pshufb the two bytes holding zero point i into 32-bit lane i, shift by its bit
+// offset, mask.
+template <int B>
+struct ZeroPoints {
+    __m256i vidx, vsh;
+    ZeroPoints() {
+        alignas(32) int8_t idx[32];
+        alignas(32) int32_t sh[8];
+        for (int i = 0; i < 8; ++i) {
+            idx[4 * i] = int8_t(i * B / 8);
+            idx[4 * i + 1] = int8_t(i * B / 8 + 1);
+            idx[4 * i + 2] = idx[4 * i + 3] = int8_t(-128);
+            sh[i] = (i * B) % 8;
+        }
+        vidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
+        vsh = _mm256_load_si256(reinterpret_cast<const __m256i*>(sh));
+    }
+    // groups g0 .. g0 + 7 of row n (g0 a multiple of 8) as floats; lanes past G: garbage
+    inline __m256 get(const QWeight& w, int64_t n, int64_t g0) const {
+        if (!w.zp) return _mm256_set1_ps(float(1 << (B - 1)));
+        const uint8_t* z = w.zp + n * w.zp_bytes + g0 * B / 8;
+        // bytes past the row belong to the next rows (their zero points land in lanes past G, whose
+        // scales are masked to 0); only the last row's end is copied, not to read past the tensor
+        const int64_t avail = (w.N - n) * w.zp_bytes - g0 * B / 8;
+        __m128i raw;
+        if (avail >= 16) {
+            raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(z));
+        } else {
+            alignas(16) uint8_t buf[16] = {};
+            for (int64_t i = 0; i < avail; ++i) buf[i] = z[i];
+            raw = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+        }
+        const __m256i v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw), vidx);
+        return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, vsh), _mm256_set1_epi32((1 << B) - 1)));
+    }
+};
+
+inline __m256i first_lanes(int64_t cnt) {  // lanes < cnt set
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(cnt, 8))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// Y[m, n] -= sum_g scale[n, g] * zp[n, g] * SA[m, g]: the zero points' share of the affine GEMV.
+template <int B>
+void zp_correct(const QWeight& w, const float* SA, int64_t M, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
+    const int64_t G = w.G;
+    const ZeroPoints<B> zps;
+    for (int64_t n = n0; n < n1; ++n) {
+        const float* s = w.scales + n * G;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int mr = int(std::min<int64_t>(4, M - m0));
+            __m256 cv[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t g0 = 0; g0 < G; g0 += 8) {
+                const __m256i lanes = first_lanes(G - g0);
+                const __m256 sz = _mm256_mul_ps(_mm256_maskload_ps(s + g0, lanes), zps.get(w, n, g0));
+                for (int m = 0; m < mr; ++m)
+                    cv[m] = _mm256_fmadd_ps(sz, _mm256_maskload_ps(SA + (m0 + m) * G + g0, lanes), cv[m]);
+            }
+            for (int m = 0; m < mr; ++m) Y[(m0 + m) * ldy + n] -= hsum(cv[m]);
+        }
+    }
 }
 
 template <int B, bool LUT>
 void gemv_t(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
             int64_t n1, const float* SA) {
-    const int64_t G = w.G;
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2)
-        gemv_rows<B, LUT, 2>(w, A + m * lda, lda, LUT ? nullptr : SA + m * G, G, Y + m * ldy, ldy, n0, n1);
-    if (m < M) gemv_rows<B, LUT, 1>(w, A + m * lda, lda, LUT ? nullptr : SA + m * G, G, Y + m * ldy, ldy, n0, n1);
+    const int64_t full = w.K / BQ_CHUNK;
+    // one or two rows of A fit L1 whole: no slices, which would break the code streams' prefetch
+    const int64_t ks = M <= 2 ? std::max<int64_t>(full, 1) : GEMV_KS;
+    for (int64_t cb = 0; cb == 0 || cb < full; cb += ks) {  // K < 128: one pass, the tail only
+        const int64_t ce = std::min(full, cb + ks);
+        const bool first = cb == 0, tail = ce == full;
+        int64_t m = 0;
+        for (; m + GEMV_MR <= M; m += GEMV_MR)
+            gemv_rows<B, LUT, GEMV_MR>(w, A + m * lda, lda, Y + m * ldy, ldy, n0, n1, cb, ce, tail, first);
+        const int64_t rest = M - m;
+        const float* a = A + m * lda;
+        float* y = Y + m * ldy;
+        if (rest == 3) gemv_rows<B, LUT, 3>(w, a, lda, y, ldy, n0, n1, cb, ce, tail, first);
+        else if (rest == 2) gemv_rows<B, LUT, 2>(w, a, lda, y, ldy, n0, n1, cb, ce, tail, first);
+        else if (rest == 1) gemv_rows<B, LUT, 1>(w, a, lda, y, ldy, n0, n1, cb, ce, tail, first);
+    }
+    if constexpr (!LUT) zp_correct<B>(w, SA, M, Y, ldy, n0, n1);
 }
 
 // ---- decode --------------------------------------------------------------------------------------
@@ -347,14 +457,83 @@ constexpr int MR = 6;
 constexpr int64_t KC = 1024;  // K per pass (a multiple of 128): a panel slice (4 x KC, 16 KB) fits L1
 
 
+// Full chunks [cb, ce) of columns n0 + x and n0 + 2 + x (x = 0, 1), straight from the codes: each
+// chunk step gives a column 8 consecutive k (one lookup, exact values); two vperm2f128 interleave the
+// two columns' vectors by 128-bit halves into the panel's vectors of 4 k.  Columns past n1: zeros.
+template <int B, bool LUT>
+void pack_pairs(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t kb, int64_t cb, int64_t ce) {
+    const int64_t spg = steps_per_group(w);
+    for (int x = 0; x < 2; ++x) {
+        const int64_t ca = n0 + x, cc = n0 + 2 + x;
+        float* p0 = P + (cb * BQ_CHUNK - kb) / 4 * 16 + 8 * x;
+        if (ca >= n1) {
+            for (int64_t j = 0; j < (ce - cb) * (BQ_CHUNK / 4); ++j) _mm256_store_ps(p0 + 16 * j, _mm256_setzero_ps());
+            continue;
+        }
+        const bool two = cc < n1;
+        const uint8_t* ra = row_of(w, ca);
+        const uint8_t* rc = row_of(w, two ? cc : ca);
+        Table<B, LUT> ta, tc;
+        // affine: the slice's zero points of both columns extracted 8 at a time beforehand (one
+        // bit-stream read per group cost as much as the rest of the decode)
+        float* zb = nullptr;
+        if constexpr (!LUT) {
+            const int64_t g0 = group_of(w, cb * BQ_CHUNK) / 8 * 8, g1 = group_of(w, ce * BQ_CHUNK - 1) + 1;
+            zb = scratch(3, size_t(2 * (w.G + 8))) - g0;  // zb[g], zb[w.G + 8 + g]
+            const ZeroPoints<B> zps;
+            for (int64_t gg = g0; gg < g1; gg += 8) {
+                _mm256_storeu_ps(zb + gg, zps.get(w, ca, gg));
+                _mm256_storeu_ps(zb + w.G + 8 + gg, zps.get(w, two ? cc : ca, gg));
+            }
+        }
+        int64_t left = 0, g = -1;
+        auto load = [&](int64_t gg) BQ_INLINE {
+            if constexpr (LUT) {
+                ta.load(w, ca, gg);
+                if (two) tc.load(w, cc, gg);
+            } else {
+                ta.load_zp(w, ca, gg, zb[gg]);
+                if (two) tc.load_zp(w, cc, gg, zb[w.G + 8 + gg]);
+            }
+        };
+        if (cb > 0) start_group(spg, cb, g, left, load);
+        for (int64_t c = cb; c < ce; ++c) {
+            const Words wa[2] = {words<B>(ra + c * BQ_LANES * B, 0), words<B>(ra + c * BQ_LANES * B, 1)};
+            const Words wc[2] = {words<B>(rc + c * BQ_LANES * B, 0), words<B>(rc + c * BQ_LANES * B, 1)};
+            float* p = p0 + (c - cb) * (BQ_CHUNK / 4) * 16;
+            unroll([&](auto ic) BQ_INLINE {
+                constexpr int I = decltype(ic)::value;
+                if (left == 0) {
+                    load(++g);
+                    left = spg;
+                }
+                --left;
+                for (int h = 0; h < 2; ++h) {
+                    const __m256 va = ta.get(code<B, I>(wa[h]));
+                    const __m256 vc = two ? tc.get(code<B, I>(wc[h])) : _mm256_setzero_ps();
+                    _mm256_store_ps(p + (4 * I + 2 * h) * 16, _mm256_permute2f128_ps(va, vc, 0x20));
+                    _mm256_store_ps(p + (4 * I + 2 * h + 1) * 16, _mm256_permute2f128_ps(va, vc, 0x31));
+                }
+            }, std::make_integer_sequence<int, BQ_STEPS>{});
+        }
+    }
+}
+
 // Columns [n0, n1) (at most 4), k in [kb, ke) (kb a multiple of 128) as a panel slice:
 // P[(j * 2 + x) * 8 + 4L + kk] = V[n0 + 2L + x, kb + 4j + kk]; columns past n1 and k past K are 0.
+// Full chunks via pack_pairs; the partial chunk and the K % 8 codes are decoded to floats first.
 void pack_panel(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t kb, int64_t ke) {
-    const int64_t K = w.K, full = K / BQ_CHUNK;
+    const int64_t K = w.K, full = K / BQ_CHUNK, cb = kb / BQ_CHUNK, ce = std::min(full, ke / BQ_CHUNK);
+    int64_t k = kb;
+    if (cb < ce) {
+        with_format(w, [&](auto b, auto lut) { pack_pairs<b.value, lut.value>(w, n0, n1, P, kb, cb, ce); });
+        k = ce * BQ_CHUNK;
+    }
+    if (k == ke) return;
     float* T = scratch(2, size_t(4 * K));
-    decode_rows(w, n0, n1, T, K, kb / BQ_CHUNK, ke == K ? full : ke / BQ_CHUNK, ke == K);
+    decode_rows(w, n0, n1, T, K, full, full, true);  // the tail only (k >= full * 128)
     const int nc = int(n1 - n0);
-    for (int64_t k = kb; k < ke; k += 4) {
+    for (; k < ke; k += 4) {
         const __m128i km = _mm_cmpgt_epi32(_mm_set1_epi32(int(std::min<int64_t>(4, K - k))), _mm_setr_epi32(0, 1, 2, 3));
         auto quad = [&](int c) { return c < nc ? _mm_maskload_ps(T + c * K + k, km) : _mm_setzero_ps(); };
         for (int x = 0; x < 2; ++x)
@@ -434,7 +613,14 @@ void float_to_half_f16c(const float* src, uint16_t* dst, int64_t n) {
 }
 
 const Kernels* kernels_avx2() {
-    static const Kernels k{"avx2", decode, gemv, gemm, 32, 8};
+    // GEMV/GEMM switch by bits: the first M where the GEMM was as fast as the GEMV, single thread on a
+    // Zen 4 EPYC (BAYESQ_ISA=avx2, BAYESQ_GEMM_MIN_ROWS forcing each path, tools/bench_kernels.py
+    // --clock cpu --stat min, shapes 4096x4096, 1024x1024, 384x1536, M = 2..32).  b = 3 (lut3, u3-g32):
+    // the two are within 5% of each other at M = 8 and the GEMM wins from 12 on (4096x4096 lut3: 2.9 vs
+    // 3.6 ms at M = 6, 6.8 vs 5.9 at 12).  b = 4 (u4-g32: a two-register table, so the GEMV's lookups
+    // cost twice): GEMV faster at M = 4 (3.5 vs 3.8 ms), GEMM from 6 on (5.4 vs 6.2); M = 5 is a
+    // 4-row block plus one row, so 5.  b = 1, 2 decode like 3; b >= 5 (not measured) like 4.
+    static const Kernels k{"avx2", decode, gemv, gemm, 32, {0, 8, 8, 8, 5, 5, 5, 5, 5}};
     return &k;
 }
 

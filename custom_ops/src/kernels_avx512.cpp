@@ -661,7 +661,12 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
 }  // namespace
 
 const Kernels* kernels_avx512() {
-    static const Kernels k{"avx512", decode, gemv, gemm, 96, 4};
+    // GEMV/GEMM switch by bits, measured as for AVX2 (kernels_avx2.cpp): b = 3 (lut3, u3-g32) on
+    // 4096x4096 the GEMV wins up to M = 8 (lut3 3.5 vs 4.1 ms) and ties at 12; on weights that stay in
+    // cache (1024x1024, 384x1536) the GEMM wins from M = 4-6 by 5-20%, but there the packed ops lose to
+    // fp32 anyway and `auto` unpacks them, so the large weights decide: 8.  b = 4 (u4-g32, two-register
+    // tables): equal at M = 4 (3.9 ms both), GEMM beyond: 4.  b = 1, 2 like 3; b >= 5 like 4.
+    static const Kernels k{"avx512", decode, gemv, gemm, 96, {0, 8, 8, 8, 4, 4, 4, 4, 4}};
     return &k;
 }
 

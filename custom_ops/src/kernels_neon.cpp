@@ -413,8 +413,8 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
 
 const Kernels* kernels_neon() {
     // gemm_cols 16: a task's decoded columns (16 x K floats, 256 KB at K = 4096) stay in L2.
-    // gemm_min_rows 8: AVX2's switch point, not measured on ARM.
-    static const Kernels k{"neon", decode, gemv, gemm, 16, 8};
+    // gemm_min_rows 8: AVX2's former switch point, not measured on ARM.
+    static const Kernels k{"neon", decode, gemv, gemm, 16, {8, 8, 8, 8, 8, 8, 8, 8, 8}};
     return &k;
 }
 

@@ -87,7 +87,8 @@ static void gemm_scalar(const QWeight& w, const float* A, int64_t M, int64_t lda
 }
 
 const Kernels* kernels_scalar() {
-    static const Kernels k{"scalar", decode_scalar, gemv_scalar, gemm_scalar, 16, 8};
+    // gemm is the GEMV here: the switch point does not matter
+    static const Kernels k{"scalar", decode_scalar, gemv_scalar, gemm_scalar, 16, {8, 8, 8, 8, 8, 8, 8, 8, 8}};
     return &k;
 }
 

@@ -345,7 +345,7 @@ struct MatMulKernel : QKernel {
         };
 
         const Kernels* kr = simd_groups(w) ? kern : kernels_scalar();
-        if (M < (gemm_min_rows > 0 ? gemm_min_rows : kr->gemm_min_rows)) {
+        if (M < (gemm_min_rows > 0 ? gemm_min_rows : kr->gemm_min_rows[bits])) {
             std::vector<float> sa;
             if (!is_lut) {
                 sa.resize(size_t(M * w.G));

@@ -213,8 +213,11 @@ int main(int argc, char** argv) {
     // (K, N, block): full chunks; partial chunks of 8, 9 and 15 lanes (the latter two straddle groups
     // of 16); K % 8 tails; K < 8; odd N; one group per row; then GEMM blocking: several K slices
     // (K > 512), K % 4 tails, more columns than one task, and M over one row block below
+    // (K > 1024: several GEMV K slices of 1024, the last one partial; 1100 x 6: a slice ending in a
+    // partial chunk, N not a multiple of the 4-column GEMM panels)
     const int64_t shapes[][3] = {{203, 13, 16}, {576, 9, 32}, {255, 5, 64}, {136, 4, 0},  {5, 3, 16},
-                                 {1000, 7, 128}, {2100, 24, 64}, {1030, 20, 32}, {131, 19, 0}, {600, 36, 16}};
+                                 {1000, 7, 128}, {2100, 24, 64}, {1030, 20, 32}, {131, 19, 0}, {600, 36, 16},
+                                 {1100, 6, 32}};
     int status = 0;
     for (const std::string& isa : isas) {
         const Kernels* kr = kernels_named(isa);
@@ -233,9 +236,11 @@ int main(int argc, char** argv) {
                     const Packed p = make(c, rng);
                     const std::string what = isa + " " + name(c);
                     check_decode(*kr, p, what);
-                    for (int64_t M : {1, 2, 3}) check_matmul(*kr, p, M, false, std::min<int64_t>(4, c.N), rng, what);
-                    std::vector<int64_t> ms = {1, 7, 64};
-                    if (c.K > 1000) ms.push_back(150);
+                    // GEMV: blocks of 4 rows and every remainder (1-3 rows); GEMM: a tile's row counts
+                    // 1-6 and past it, row blocks (63-65, 150)
+                    for (int64_t M = 1; M <= 9; ++M) check_matmul(*kr, p, M, false, std::min<int64_t>(4, c.N), rng, what);
+                    std::vector<int64_t> ms = {1, 7, 8, 9, 64};
+                    if (c.K > 1000) ms.insert(ms.end(), {63, 65, 150});
                     for (int64_t M : ms) check_matmul(*kr, p, M, true, c.N / 2 | 1, rng, what);
                 }
         std::printf("%s: %ld checks, %ld failed\n", kr->name, g_checks - checks0, g_failures - failures0);
