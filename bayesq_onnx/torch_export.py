@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import BayesQError, first_line, require
+from .graph.model_io import rename_initializers
 from .graph.sites import _subgraph_names
 
 log = logging.getLogger(__name__)
@@ -159,11 +160,7 @@ def _rename_initializers(model, pmap: dict[str, ParamLocation]) -> dict[str, Par
         if new not in taken:
             renames[old] = new
             taken.add(new)
-    for t in model.graph.initializer:
-        t.name = renames.get(t.name, t.name)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            node.input[i] = renames.get(name, name)
+    rename_initializers(model, renames)
     return {k: ParamLocation(tuple(InitializerUse(renames.get(u.initializer, u.initializer), u.layout)
                                    for u in loc.uses), loc.tensor, loc.shape)
             for k, loc in pmap.items()}

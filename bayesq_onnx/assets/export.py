@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..graph.model_io import rename_initializers
+
 
 def torchscript_export(module, args: tuple, input_names: Sequence[str], output_names: Sequence[str], opset: int):
     """``module`` (eval mode, BatchNorm folded by constant folding) as an ``onnx.ModelProto`` through
@@ -52,11 +54,7 @@ def name_by_scope(model, rules: Mapping[str, Sequence[tuple[int, str]]]) -> None
             if old in inits and old.startswith("onnx::") and old not in renames and scope and new not in taken:
                 renames[old] = new
                 taken.add(new)
-    for t in model.graph.initializer:
-        t.name = renames.get(t.name, t.name)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            node.input[i] = renames.get(name, name)
+    rename_initializers(model, renames)
 
 
 def save_export(model, path: Path, doc: str, meta: Mapping[str, str]) -> None:

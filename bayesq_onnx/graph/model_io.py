@@ -103,6 +103,15 @@ def constants_to_initializers(model: onnx.ModelProto) -> None:
         model.graph.node.extend(keep)
 
 
+def rename_initializers(model: onnx.ModelProto, renames: dict[str, str]) -> None:
+    """Rename initializers, and the main graph's node inputs that read them, in place."""
+    for t in model.graph.initializer:
+        t.name = renames.get(t.name, t.name)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renames.get(name, name)
+
+
 def to_array(t: onnx.TensorProto):
     return numpy_helper.to_array(t)
 
