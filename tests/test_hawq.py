@@ -109,6 +109,22 @@ def test_hawq_reads_the_trace_from_a_curvature_file(tmp_path):
         np.testing.assert_allclose(an.losses[s.name][j], want, rtol=RTOL)
 
 
+def test_a_site_no_gradient_reaches_costs_nothing_and_stays_finite(tmp_path):
+    """A trace of 0 (a curvature file of zeros for one weight) makes that weight's hull free, never
+    NaN (0 * inf): found by tools/fuzz.py on all-zero calibration data."""
+    import warnings
+
+    m, data = _two_layer()
+    curv = {"W1": np.zeros((D, H), np.float32), "W2": np.ones((H, D), np.float32)}
+    np.savez(tmp_path / "c.npz", **curv)
+    r = Recipe(bits=4.0, method="hawq", custom_ops=False, blocks=(16, 32), curvature=str(tmp_path / "c.npz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # numpy's "invalid value" warning fails the test
+        an = Analysis(m, r, calib=data)
+        t = an.losses["W1"]
+    assert not np.isnan(t).any() and np.all(t[np.isfinite(t)] == 0) and np.isinf(t).any()
+
+
 def test_hawq_runs_within_budget_and_writes_the_same_bytes(tmp_path):
     pytest.importorskip("torch")
     m, data = models.mlp(), models.mlp_data()

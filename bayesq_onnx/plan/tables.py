@@ -146,9 +146,11 @@ class HawqTables:
 
     def __call__(self, sites, candidates, quantizers) -> Tables:
         def site_table(s) -> np.ndarray:
-            table, _ = _hull_table(s, candidates[s.name], quantizers[s.name].weight_error)
-            # a trace of 0 (no gradient reaches the site) makes every format free: 0, not 0 * inf
-            return np.where(np.isfinite(table), self.traces[s.name] * table, np.inf)
+            table, hull = _hull_table(s, candidates[s.name], quantizers[s.name].weight_error)
+            # off the hull stays +inf: a trace of 0 (no gradient reaches the site) makes every
+            # format on it free, and 0 * inf would be NaN
+            table[hull] *= self.traces[s.name]
+            return table
 
         return Tables(_per_site(self.name, sites, site_table))
 
