@@ -96,3 +96,31 @@ def test_a_tied_weight_is_measured_through_every_segment_that_reads_it():
     only_head = d.segmented([t.name for t in a.sites])
     # rel: float32 rounding across the cuts only (see above)
     assert only_head({s.name: noisy}) == pytest.approx(d({s.name: noisy}), rel=1e-5)
+
+
+def test_a_shape_of_the_cone_feeding_the_frontier_is_computed_by_the_prefix():
+    """As BERT's attention mask: the Shape of a tensor the weights change sizes a mask outside the
+    cone, which the cone then reads.  The shape is the same whatever the weights, so the mask is
+    part of the frontier; the part of the model that computes it must include that Shape."""
+    rng = np.random.default_rng(0)
+    W = {n: (rng.standard_normal((64, 64)) / 8).astype(np.float32) for n in ("W1", "W2")}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Shape", ["h"], ["shp"]),
+             helper.make_node("Expand", ["mask", "shp"], ["m"]),      # outside the cone: mask and a shape
+             helper.make_node("Mul", ["h", "m"], ["hm"]),
+             helper.make_node("MatMul", ["hm", "W2"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64]),
+                                       helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["n", 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])],
+                          [numpy_helper.from_array(w, n) for n, w in W.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    data = {"x": models.mlp_data(32)["x"], "mask": (rng.random((32, 1)) > 0.3).astype(np.float32)}
+    a = Analysis(m, Recipe(bits=4.0), calib=data)
+    d = OutputDistortion(a.probe, a.fit, 8)
+    for name in ("W1", "W2"):
+        w = a.probe.weights[name]
+        noisy = (w + 0.05 * np.abs(w).mean() * rng.standard_normal(w.shape)).astype(np.float32)
+        whole = d({name: noisy})
+        # rel: float32 rounding across the cuts only (see above)
+        assert d.restricted_to([name])({name: noisy}) == pytest.approx(whole, rel=1e-5)
+        assert d.segmented(["W1", "W2"])({name: noisy}) == pytest.approx(whole, rel=1e-5)

@@ -106,7 +106,9 @@ class ConeRun:
         if not (computed and self.outputs):
             computed = []
         else:
-            prefix = backward_slice(g, computed, cone.nodes)
+            # not cut off from the cone: a Shape of a cone tensor (in the cone, yet its output is the
+            # same whatever the weights) may feed the frontier, e.g. an attention mask sized by it
+            prefix = backward_slice(g, computed, [])
             reads = [k for k in dict.fromkeys(i for n in prefix for i in n.input) if k in graph_inputs]
             session = _session(submodel(probe.model, prefix, [graph_inputs[k] for k in reads], computed), True)
         self._feeds = []
