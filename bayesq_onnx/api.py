@@ -30,7 +30,7 @@ from .plan.candidates import candidate_formats
 from .plan.check import Contender, check_plans, grid_of
 from .plan.planner import check_budget, knapsack_plan, uniform_plans
 from .plan.proxy import OutputDistortion
-from .plan.tables import TABLE_PASSES, Grids, HawqTables, Tables
+from .plan.tables import MEASURED, ClosedFormTables, Grids, HawqTables, Tables
 from .posterior.laplace import DiagonalLaplace
 from .parallel import parallel_map
 from .progress import Progress
@@ -128,8 +128,10 @@ class Analysis:
                 traces = file_traces(self.sites, self.curvature) if self.recipe.curvature else \
                     fisher_traces(self.model, self.sites, self.fit, self.recipe.seed)
                 self.tables_pass = HawqTables(traces)
+            elif source == "closed_form":
+                self.tables_pass = ClosedFormTables()
             else:
-                self.tables_pass = TABLE_PASSES[source](None if source == "closed_form" else self._table_distortion)
+                self.tables_pass = MEASURED[source](self._table_distortion)
             self._tables = self.tables_pass(self.sites, self.candidates, self.quantizers)
             self.grids.update(self._tables.grids)
         return self._tables.losses

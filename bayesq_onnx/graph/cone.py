@@ -59,12 +59,12 @@ def forward_cone(graph: onnx.GraphProto, sources: set[str]) -> Cone:
     return Cone(nodes, frontier, [o.name for o in graph.output if o.name in reached])
 
 
-def backward_slice(graph: onnx.GraphProto, targets: list[str], exclude: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """The nodes (not in ``exclude``) needed to compute ``targets``, in graph order."""
-    skip = {id(n) for n in exclude}
+def backward_slice(nodes, targets) -> list[onnx.NodeProto]:
+    """The nodes of ``nodes`` (in their order: a graph's, or any topologically ordered part of
+    it) needed to compute the tensors ``targets``, directly or through each other."""
     needed, keep = set(targets), []
-    for n in reversed(graph.node):
-        if id(n) not in skip and any(o in needed for o in n.output):
+    for n in reversed(list(nodes)):
+        if any(o in needed for o in n.output):
             keep.append(n)
             needed.update(i for i in n.input if i)
     return keep[::-1]
@@ -135,16 +135,7 @@ def segments(graph: onnx.GraphProto, sources: set[str], outputs: list[str]) -> l
     out = []
     for a, b in zip(bounds, bounds[1:]):
         part = nodes[a + 1:b + 1]
-        out.append(Segment(backward_slice_of(prep, part) + part, cuts.get(a),
+        reads = {i for n in part for i in n.input if i}
+        out.append(Segment(backward_slice(prep, reads) + part, cuts.get(a),
                            cuts.get(b) if b < len(nodes) - 1 else None))
     return out
-
-
-def backward_slice_of(pool: list[onnx.NodeProto], nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """The nodes of ``pool`` (in its order) that ``nodes`` need, directly or through each other."""
-    needed, keep = {i for n in nodes for i in n.input if i}, []
-    for n in reversed(pool):
-        if any(o in needed for o in n.output):
-            keep.append(n)
-            needed.update(i for i in n.input if i)
-    return keep[::-1]

@@ -113,9 +113,6 @@ class ClosedFormTables:
     name = "closed_form"
     uniform_checked = 3
 
-    def __init__(self, distortion: OutputDistortion | None = None):
-        pass
-
     def __call__(self, sites, candidates, quantizers) -> Tables:
         def site_table(s) -> np.ndarray:
             q, fs = quantizers[s.name], candidates[s.name]
@@ -158,7 +155,7 @@ class HawqTables:
         return {}   # one grid per format: GPTQ's own (dynamic) min/max groups
 
 
-TABLE_PASSES = {t.name: t for t in (KronTables, ProxyTables, ClosedFormTables, HawqTables)}
+MEASURED = {t.name: t for t in (KronTables, ProxyTables)}   # the passes built on an OutputDistortion
 
 
 def _per_site(name: str, sites, site_table) -> dict[str, np.ndarray]:

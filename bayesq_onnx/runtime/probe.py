@@ -108,7 +108,7 @@ class ConeRun:
         else:
             # not cut off from the cone: a Shape of a cone tensor (in the cone, yet its output is the
             # same whatever the weights) may feed the frontier, e.g. an attention mask sized by it
-            prefix = backward_slice(g, computed, [])
+            prefix = backward_slice(g.node, computed)
             reads = [k for k in dict.fromkeys(i for n in prefix for i in n.input) if k in graph_inputs]
             session = _session(submodel(probe.model, prefix, [graph_inputs[k] for k in reads], computed), True)
         self._feeds = []
@@ -156,13 +156,16 @@ class SegmentRun:
         wanted = list(dict.fromkeys(cuts + side))
         self.values = [dict(feed) for feed in batches(data, batch_size)]
         if wanted:
-            prefix = submodel(m, backward_slice(g, wanted, []), list(graph_inputs.values()), wanted)
+            prefix = submodel(m, backward_slice(g.node, wanted), list(graph_inputs.values()), wanted)
             session = _session(prefix, True)
             for v in self.values:
                 v.update(zip(wanted, session.run(wanted, {k: v[k] if k in v else probe.weights[k]
                                                           for k in graph_inputs})))
         first = self.values[0]
         self.weights = probe.weights
+        self._first: dict[str, int] = {}       # weight -> the first segment reading it
+        for b, sg in reversed(list(enumerate(self.segments))):
+            self._first.update((i, b) for n in sg.nodes for i in n.input if i in probe.weights)
         self._reads, self._sessions = [], []
         for sg, r in zip(self.segments, reads):
             start = [sg.start] if sg.start is not None else []
@@ -175,7 +178,7 @@ class SegmentRun:
 
     def first_segment(self, name: str) -> int | None:
         """The first segment that reads weight ``name`` (None: none does)."""
-        return next((b for b, sg in enumerate(self.segments) for n in sg.nodes if name in n.input), None)
+        return self._first.get(name)
 
     def run(self, b: int, overrides: dict[str, np.ndarray], start: list[np.ndarray] | None = None
             ) -> list[dict[str, np.ndarray]]:

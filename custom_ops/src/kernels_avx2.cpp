@@ -108,19 +108,11 @@ struct Table {
                 if constexpr (B == 4) t1 = _mm256_mul_ps(iota(1), s);
             }
         } else {
-            const __m256 z = _mm256_set1_ps(float(zero_point(w, n, g)));
-            const __m256 sc = _mm256_set1_ps(w.scales[n * w.G + g]);
-            if constexpr (B <= 4) {
-                t0 = _mm256_mul_ps(_mm256_sub_ps(iota(0), z), sc);
-                if constexpr (B == 4) t1 = _mm256_mul_ps(_mm256_sub_ps(iota(1), z), sc);
-            } else {
-                zp = z;
-                s = sc;
-            }
+            load_zp(w, n, g, float(zero_point(w, n, g)));
         }
     }
 
-    // affine values with the zero point given (already extracted): the same arithmetic as load()
+    // affine values with the zero point given (already extracted)
     inline void load_zp(const QWeight& w, int64_t n, int64_t g, float zpf) {
         const __m256 z = _mm256_set1_ps(zpf), sc = _mm256_set1_ps(w.scales[n * w.G + g]);
         if constexpr (B <= 4) {
