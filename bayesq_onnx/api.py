@@ -34,6 +34,7 @@ from .plan.tables import MEASURED, ClosedFormTables, Grids, HawqTables, Tables
 from .posterior.laplace import DiagonalLaplace
 from .parallel import parallel_map
 from .progress import Progress
+from .quantize.backend import backend
 from .quantize.site import SharedFactor, SiteQuantizer
 from .runtime.probe import Probe
 from .runtime import custom_ops
@@ -90,6 +91,7 @@ class Analysis:
             check_budget(sites, self.candidates, _check_bits)
         if recipe.table_source == "hawq":
             check_trace_source(recipe.method, recipe.curvature)
+        gptq_backend = backend(recipe.device)
         # every check of the user's input is done before the first progress line
         for path in _check_paths:
             if path is not None:
@@ -112,7 +114,7 @@ class Analysis:
         self.curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
         factors = {}   # one GPTQ factor per distinct X^T X (sites reading one input share it)
         self.quantizers = {s.name: _site_quantizer(s, weights[s.name], self.curvature, stats[s.name].xtx, recipe,
-                                                   factors) for s in sites}
+                                                   factors, gptq_backend) for s in sites}
         self.tables_pass = None     # the knapsack's loss-table pass (made on first use)
         self._tables: Tables | None = None
         self._reference = None
@@ -256,16 +258,17 @@ def _probe(m: onnx.ModelProto, sites) -> Probe:
         raise BayesQError(f"onnxruntime cannot run the model: {first_line(e)}{bfloat16_hint(m)}") from None
 
 
-def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe, factors: dict) -> SiteQuantizer:
+def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe, factors: dict, gptq_backend) -> SiteQuantizer:
     view = site.to_view(weight)
     h = curvature.diagonal(site)
     if not np.any(h > 0):  # never reached by the data: no information, weigh all alike
         h = np.ones_like(h)
     # a convolution's grid is decided end to end: its layer output error misjudges clipping
     factor = None if xtx is None else \
-        factors.setdefault(id(xtx), SharedFactor(xtx, recipe.gptq_damp, recipe.act_order))
+        factors.setdefault(id(xtx), SharedFactor(xtx, recipe.gptq_damp, recipe.act_order, gptq_backend))
     return SiteQuantizer(view, DiagonalLaplace.fit(view, h, recipe.damping), xtx, recipe.method_spec,
-                         recipe.gptq_damp, recipe.act_order, measure_grids=site.kind == "conv", factor=factor)
+                         recipe.gptq_damp, recipe.act_order, measure_grids=site.kind == "conv", factor=factor,
+                         backend=gptq_backend)
 
 
 def _lower(m: onnx.ModelProto, sites, chosen: Contender, recipe: Recipe, forget: bool) -> onnx.ModelProto:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import METHODS, TABLE_SOURCES, TARGETS
+from .config import DEVICES, METHODS, TABLE_SOURCES, TARGETS
 from .errors import BayesQError, first_line
 
 log = logging.getLogger("bayesq_onnx.cli")
@@ -159,6 +159,8 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                         "bfloat16 weight kept, within the budget); the first matching pin applies (repeatable)")
     c.add_argument("--threads", type=int, help="sites analysed in parallel (as BAYESQ_WORKERS; default: the "
                                                "cores, at most 4; the output does not depend on it)")
+    c.add_argument("--device", choices=DEVICES, help="where GPTQ's rounding runs: cpu (default), cuda (torch on "
+                   "the GPU; the output bytes can differ from cpu's) or auto (cuda when torch sees a GPU)")
     c.add_argument("--seed", type=int,
                    help="seed of the synthetic calibration data (default 0; everything else is deterministic)")
     c.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
@@ -288,7 +290,7 @@ def _recipe(args):
 
     from .config import Recipe
     given = {"bits": args.bits, "method": args.method, "seed": args.seed, "curvature": args.curvature,
-             "tables": args.tables, "target": args.target,
+             "tables": args.tables, "target": args.target, "device": args.device,
              "exclude": tuple(args.exclude) if args.exclude else None,
              "include": tuple(args.include) if args.include else None,
              "pins": tuple(_pin(p) for p in args.pin) if args.pin else None}

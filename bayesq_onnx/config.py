@@ -38,6 +38,8 @@ METHODS: dict[str, Method] = {
 TARGETS = ("ort-cpu", "portable")
 # where the knapsack's loss tables come from (Recipe.tables; "auto" picks one, see table_source)
 TABLE_SOURCES = ("auto", "kron", "proxy", "closed_form")
+# where GPTQ's factor and error feedback run (quantize/backend.py); "auto": cuda when torch sees a GPU
+DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Recipe:
     damping: float = 1e-2                         # Laplace prior precision, relative to mean(h)
     gptq_damp: float = 0.01                       # GPTQ dampening, relative to mean(diag H)
     act_order: bool = False                       # GPTQ columns by decreasing diag(H) (grids then fixed first)
+    device: str = "cpu"                           # DEVICES: where GPTQ runs (the bytes may differ across devices)
     accuracy_level: int = 0                       # MatMulNBits: 0 = exact fp32 maths (what the plan check measured)
     synthetic_samples: int = 32                   # samples in the synthetic fallback calibration
     # fnmatch patterns on initializer or consumer node names (graph/sites.py): excluded weights stay
@@ -78,6 +81,8 @@ class Recipe:
             raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose from {list(TARGETS)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; choose from {list(DEVICES)}")
         if self.tables not in TABLE_SOURCES:
             raise ValueError(f"unknown tables {self.tables!r}; choose from {list(TABLE_SOURCES)}")
         if not (self.bits > 0):

@@ -79,7 +79,7 @@ def test_dynamic_groups_match_reference_fasterquant(bits, block, lazy):
     X = _correlated(400, L, bits)
     X[:, 7] = 0.0                            # a dead input
     W = rng.standard_normal((11, L)).astype(np.float32)
-    q = round_gptq(W, X.T @ X, None, None, bits, block, damp=0.01, lazy_block=lazy)
+    q = round_gptq(W, X.T @ X, None, None, bits, block, damp=0.01, lazy_block=lazy, dtype=np.float64)
     # same float64 arithmetic up to summation order: codes agree exactly (see above)
     np.testing.assert_array_equal(q.codes, _reference_fasterquant(W, X.T @ X, bits, block, lazy, 0.01))
     # the grid it returns is the one it rounded onto
@@ -94,7 +94,7 @@ def test_dynamic_groups_match_slow_reference_when_batches_are_groups(bits, block
     L = 40
     X = _correlated(300, L, bits)
     W = rng.standard_normal((7, L)).astype(np.float32)
-    q = round_gptq(W, X.T @ X, None, None, bits, block, damp=0.01, lazy_block=block)
+    q = round_gptq(W, X.T @ X, None, None, bits, block, damp=0.01, lazy_block=block, dtype=np.float64)
     np.testing.assert_array_equal(q.codes, _reference(W, X.T @ X, None, None, bits, block, 0.01, False))
 
 
@@ -131,7 +131,8 @@ def test_gptq_matches_slow_reference(bits, block, lazy, act_order):
     H = X.T @ X
     W = rng.standard_normal((9, L)).astype(np.float32)
     scale, zp = minmax_grid(W, bits, block)
-    q = round_gptq(W, H, scale, zp, bits, block, damp=0.01, lazy_block=lazy, act_order=act_order)
+    q = round_gptq(W, H, scale, zp, bits, block, damp=0.01, lazy_block=lazy, act_order=act_order,
+                   dtype=np.float64)
     want = _reference(W, H, scale, zp, bits, block, 0.01, act_order)
     # Same arithmetic in float64 up to summation order (~1e-13): a code could only differ if a
     # weight landed within that of a rounding threshold, which random data does not do.

@@ -44,7 +44,7 @@ from scipy.special import ndtr
 
 from ..errors import BayesQError
 from .grid import minmax_grid
-from .rounding import GPTQFactor, gptq_factor
+from .rounding import GPTQFactor, error_feedback, gptq_factor
 
 _Z_CUT = 6.0          # thresholds beyond 6 sigma: R(6) < 2e-10 relative to sigma^2, dropped
 _CHUNK = 1 << 20      # element-levels per pass: bounds the (element, threshold) pairs
@@ -562,11 +562,11 @@ def codebook_dequantize(codes, codebook, *, block: int | None = None) -> np.ndar
 
 
 def round_gptq_codebook(view, H: np.ndarray | GPTQFactor, codebook, block: int, *, damp: float = 0.01,
-                        lazy_block: int = 128, act_order: bool = False) -> np.ndarray:
+                        lazy_block: int = 128, act_order: bool = False, dtype=np.float32) -> np.ndarray:
     """GPTQ error-feedback rounding of a ``(rows, L)`` view onto fixed per-group codebooks
     ``(rows * ceil(L / block), levels)``: ``rounding.round_gptq`` with the nearest codebook
-    level in place of the affine grid (same column order, lazy batches and ``H`` handling via
-    ``rounding.gptq_factor``).  Returns uint8 codes ``(rows, L)``."""
+    level in place of the affine grid (the same column loop, ``rounding.error_feedback``, and
+    ``H`` handling, ``rounding.gptq_factor``).  Returns uint8 codes ``(rows, L)``."""
     view = np.asarray(view)
     if view.ndim != 2:
         raise BayesQError(f"GPTQ needs a (rows, L) view, got shape {view.shape}")
@@ -576,31 +576,21 @@ def round_gptq_codebook(view, H: np.ndarray | GPTQFactor, codebook, block: int, 
     ng = -(-L // block)
     c = _check_codebook(codebook, rows * ng)
     try:
-        f = H if isinstance(H, GPTQFactor) else gptq_factor(H, damp, act_order)
+        f = H if isinstance(H, GPTQFactor) else gptq_factor(H, damp, act_order, dtype)
     except ValueError as e:
         raise BayesQError(str(e)) from None
-    if f.U.shape != (L, L):
-        raise BayesQError(f"H must be ({L}, {L}) for a view with L={L}, got {f.U.shape}")
-    U, perm = f.U, f.perm
+    if tuple(f.U.shape) != (L, L):
+        raise BayesQError(f"H must be ({L}, {L}) for a view with L={L}, got {tuple(f.U.shape)}")
+    be = f.backend
     lev = c.reshape(rows, ng, -1).transpose(1, 0, 2)           # (groups, rows, K)
+    # the thresholds in float64, then in the working precision: as codebook_codes computes them
     thr = 0.5 * (lev[..., 1:] + lev[..., :-1])
-    r_idx = np.arange(rows)
-    Wt = np.array(view.T, np.float64)
-    Wt[f.dead] = 0.0
-    Wt = Wt[perm]
-    grp = perm // block
-    codes = np.empty((L, rows), np.intp)
-    for i1 in range(0, L, lazy_block):
-        i2 = min(i1 + lazy_block, L)
-        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]
-        err = np.empty((i2 - i1, rows))
-        for i in range(i2 - i1):
-            col, g = i1 + i, grp[i1 + i]
-            k = np.sum(thr[g] < W1[i][:, None], axis=1)
-            codes[col] = k
-            err[i] = (W1[i] - lev[g, r_idx, k]) / U1[i, i]
-            W1[i + 1:] -= U1[i, i + 1:, None] * err[i]
-        Wt[i2:] -= U[i1:i2, i2:].T @ err
-    out = np.empty((rows, L), np.uint8)
-    out[:, perm] = codes.T
-    return out
+    groups = {}
+
+    def quantize(col, w):
+        g = f.perm[col] // block
+        if g not in groups:
+            groups[g] = be.put(thr[g], f.dtype), be.put(lev[g], f.dtype)
+        return be.nearest_level(w, *groups[g])
+
+    return error_feedback(view, f, quantize, lazy_block)

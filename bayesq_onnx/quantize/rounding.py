@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.lapack
 
 from ..formats.base import UniformCodes
+from .backend import NUMPY, NumpyBackend
 from .grid import minmax_grid
 
 
@@ -48,15 +50,32 @@ def round_rtn(view: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, bl
 class GPTQFactor:
     """What GPTQ needs from ``H`` whatever the grid: computed once per site, reused per format."""
 
-    U: np.ndarray       # upper Cholesky factor of the dampened, permuted H^-1 (L, L)
+    U: object           # upper Cholesky factor of the dampened, permuted H^-1 (L, L), on the backend
+    diag: np.ndarray    # its diagonal, float64: 1 / diag^2 is each column's conditional precision
     perm: np.ndarray    # column order (act_order: decreasing diag H)
     dead: np.ndarray    # inputs with diag(H) == 0
+    backend: object = NUMPY
+
+    @property
+    def dtype(self):
+        return np.float64 if str(self.U.dtype).endswith("float64") else np.float32
 
 
-def gptq_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = False) -> GPTQFactor:
+def gptq_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = False, dtype=np.float32,
+                backend=NUMPY) -> GPTQFactor:
     """As the reference: inputs with ``diag(H) == 0`` never reach the output, so their weights are
     set to 0 and their diagonal to 1; ``damp * mean(diag H)`` is added to the diagonal;
-    ``act_order`` quantizes columns by decreasing ``diag(H)``."""
+    ``act_order`` quantizes columns by decreasing ``diag(H)``.
+
+    The factor is computed in float64 (``H``'s condition number reaches ``~L / damp``, 1e5-1e6 at
+    L = 1k-6k, too close to float32's 1/eps for a Cholesky) and stored in ``dtype``: float32 by
+    default, as the reference's column updates run, since a coefficient rounded to 6e-8 of itself
+    moves the weights by far less than the quantization error they absorb -- and it halves the
+    largest buffer of a site.  Without forming ``H^-1``: with ``J`` the order reversal and
+    ``J H J = C C^T``, ``H^-1 = (J C^-1 J)^T (J C^-1 J)`` and ``J C^-1 J`` is upper triangular with a
+    positive diagonal, so it *is* the upper Cholesky factor of ``H^-1`` -- one Cholesky and one
+    triangular inverse (2/3 L^3 flops) instead of a Cholesky, a solve against the identity and a
+    second Cholesky (8/3 L^3)."""
     L = H.shape[0]
     if H.shape != (L, L):
         raise ValueError(f"H must be square, got {H.shape}")
@@ -66,58 +85,115 @@ def gptq_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = False) -> G
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(L)
     H = H[np.ix_(perm, perm)]
     H[np.diag_indices(L)] += damp * np.mean(np.diag(H))
-    try:
-        Hinv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(H, lower=True), np.eye(L))
-        U = scipy.linalg.cholesky(Hinv, lower=False)
-    except np.linalg.LinAlgError:
-        raise ValueError("H is not positive definite after dampening; raise damp") from None
-    return GPTQFactor(U, perm, dead)
+    if isinstance(backend, NumpyBackend):
+        try:
+            C = scipy.linalg.cholesky(H[::-1, ::-1], lower=True, overwrite_a=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            raise ValueError("H is not positive definite after dampening; raise damp") from None
+        del H
+        Cinv, info = scipy.linalg.lapack.dtrtri(C, lower=1, overwrite_c=1)
+        if info != 0:
+            raise ValueError("H is not positive definite after dampening; raise damp")
+        U = np.array(Cinv[::-1, ::-1], dtype)
+        diag = np.diag(Cinv)[::-1].astype(np.float64)
+    else:
+        torch = backend.torch
+        Hr = torch.tensor(np.ascontiguousarray(H[::-1, ::-1]), device=backend.device)
+        del H
+        C, info = torch.linalg.cholesky_ex(Hr)
+        if int(info) != 0:
+            raise ValueError("H is not positive definite after dampening; raise damp")
+        del Hr
+        Cinv = torch.linalg.solve_triangular(C, torch.eye(L, dtype=C.dtype, device=C.device), upper=False)
+        del C
+        U = Cinv.flip(0, 1).to(backend._dtype(dtype))
+        diag = Cinv.diagonal().flip(0).cpu().numpy().astype(np.float64)
+    return GPTQFactor(U, diag, perm, dead, backend)
+
+
+# columns whose updates are applied one by one inside a lazy batch; the rest of the batch gets
+# them as one matrix product per sub-block (same sums, less memory traffic on wide views)
+_SUB_BLOCK = 16
+
+
+def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 128, start=None):
+    """GPTQ's column loop on ``view`` (rows, L) with factor ``f``, in the factor's dtype and on its
+    backend: ``quantize(c, w)`` gives column ``c``'s codes and dequantized values from its current
+    weights ``w`` (rows,).  ``start(c, Wt)``, if given, is called at each lazy batch's columns with
+    the weights as they stand at the batch start (dynamic groups read those).  Returns the codes
+    ``(rows, L)`` as numpy, in the view's column order."""
+    rows, L = view.shape
+    if tuple(f.U.shape) != (L, L):
+        raise ValueError(f"H must be ({L}, {L}) for a view with L={L}, got {tuple(f.U.shape)}")
+    be, U, dtype = f.backend, f.U, f.dtype
+    # Work on W^T (one row per input index): every column update below is contiguous.
+    Wt = np.asarray(view).T.astype(dtype)
+    Wt[f.dead] = 0.0
+    Wt = be.put(Wt[f.perm], dtype)
+    codes = be.empty((L, rows), np.float32)
+    for i1 in range(0, L, lazy_block):
+        i2 = min(i1 + lazy_block, L)
+        W1 = Wt[i1:i2] if start is None else be.put(Wt[i1:i2], dtype)   # Wt[i1:i2] keeps the batch start
+        err = be.empty((i2 - i1, rows), dtype)
+        for j1 in range(i1, i2, _SUB_BLOCK):
+            j2 = min(j1 + _SUB_BLOCK, i2)
+            for c in range(j1, j2):
+                if start is not None:
+                    start(c, Wt)
+                w = W1[c - i1]
+                q, deq = quantize(c, w)
+                codes[c] = q
+                e = err[c - i1]
+                e[:] = (w - deq) / U[c, c]
+                W1[c - i1 + 1:j2 - i1] -= U[c, c + 1:j2, None] * e
+            W1[j2 - i1:] -= U[j1:j2, j2:i2].T @ err[j1 - i1:j2 - i1]
+        Wt[i2:] -= U[i1:i2, i2:].T @ err
+    out = np.empty((rows, L), np.uint8)
+    out[:, f.perm] = be.get(codes).T
+    return out
 
 
 def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray | None, zp: np.ndarray | None,
                bits: int, block: int, damp: float = 0.01, lazy_block: int = 128,
-               act_order: bool = False, round_scale=None) -> UniformCodes:
+               act_order: bool = False, round_scale=None, dtype=np.float32) -> UniformCodes:
     """GPTQ rounding of ``view`` (rows, L) with ``H = X^T X`` (L, L) over the view's ``L`` axis, or
-    its precomputed :func:`gptq_factor` (then ``damp`` and ``act_order`` are the factor's), onto
-    the fixed grid ``(scale, zp)``, or onto dynamic min/max groups when both are ``None`` (their
-    scales passed through ``round_scale``, e.g. to the float16 the format stores, before use).
-    Under act_order each column keeps its own group's grid."""
+    its precomputed :func:`gptq_factor` (then ``damp``, ``act_order`` and ``dtype`` are the
+    factor's), onto the fixed grid ``(scale, zp)``, or onto dynamic min/max groups when both are
+    ``None`` (their scales passed through ``round_scale``, e.g. to the float16 the format stores,
+    before use).  Under act_order each column keeps its own group's grid."""
     rows, L = view.shape
     dynamic = scale is None and zp is None
     if not dynamic:
         _check(view, scale, zp, block)
-    f = H if isinstance(H, GPTQFactor) else gptq_factor(H, damp, act_order)
-    if f.U.shape != (L, L):
-        raise ValueError(f"H must be ({L}, {L}) for a view with L={L}, got {f.U.shape}")
+    f = H if isinstance(H, GPTQFactor) else gptq_factor(H, damp, act_order, dtype)
+    if tuple(f.U.shape) != (L, L):
+        raise ValueError(f"H must be ({L}, {L}) for a view with L={L}, got {tuple(f.U.shape)}")
     if dynamic and not np.array_equal(f.perm, np.arange(L)):
         raise ValueError("dynamic groups follow the column order: act_order needs a fixed grid")
-    qmax = (1 << bits) - 1
-    U, perm = f.U, f.perm
-    # Work on W^T (one row per input index): every column update below is contiguous.
-    Wt = np.array(np.asarray(view).T, np.float64)
-    Wt[f.dead] = 0.0
-    Wt = Wt[perm]
+    be, qmax, ng = f.backend, (1 << bits) - 1, -(-L // block)
     if dynamic:
-        scale, zp = np.empty((rows, -(-L // block)), np.float32), np.empty((rows, -(-L // block)), np.uint8)
-    St, Zt = np.empty((L, rows)), np.empty((L, rows))
+        scale, zp = np.empty((rows, ng), np.float32), np.empty((rows, ng), np.uint8)
+    # each column's grid, as rows of (L, rows) in the rounding order, in the working precision
+    # (float32 grids are exact in it; the division rounds as the reference's does)
+    grid = {}
 
-    codes = np.empty((L, rows), np.float64)
-    for i1 in range(0, L, lazy_block):
-        i2 = min(i1 + lazy_block, L)
-        W1, U1 = Wt[i1:i2].copy(), U[i1:i2, i1:i2]   # Wt[i1:i2] keeps the batch-start weights
-        err = np.empty((i2 - i1, rows))
-        for i in range(i2 - i1):
-            c = i1 + i
-            if dynamic and c % block == 0:
-                g = c // block
-                s, z = minmax_grid(Wt[c:c + block].T, bits, block)
-                scale[:, g], zp[:, g] = (round_scale(s) if round_scale else s)[:, 0], z[:, 0]
-            St[c], Zt[c] = scale[:, perm[c] // block], zp[:, perm[c] // block]
-            codes[c] = _codes(W1[i], St[c], Zt[c], qmax)
-            err[i] = (W1[i] - (codes[c] - Zt[c]) * St[c]) / U1[i, i]
-            W1[i + 1:] -= U1[i, i + 1:, None] * err[i]
-        Wt[i2:] -= U[i1:i2, i2:].T @ err
+    def load(g):
+        grid[g] = be.put(scale[:, g], f.dtype), be.put(zp[:, g], f.dtype)
 
-    out = np.empty((rows, L), np.uint8)
-    out[:, perm] = codes.T
-    return UniformCodes(out, scale.astype(np.float32), zp.astype(np.uint8), bits, block)
+    def start(c, Wt):
+        if c % block == 0:
+            g = c // block
+            s, z = minmax_grid(be.get(Wt[c:c + block]).T, bits, block)
+            scale[:, g], zp[:, g] = (round_scale(s) if round_scale else s)[:, 0], z[:, 0]
+            load(g)
+
+    if not dynamic:
+        for g in range(ng):
+            load(g)
+
+    def quantize(c, w):
+        s, z = grid[f.perm[c] // block]
+        return be.affine_codes(w, s, z, qmax)
+
+    codes = error_feedback(view, f, quantize, lazy_block, start if dynamic else None)
+    return UniformCodes(codes, scale.astype(np.float32), zp.astype(np.uint8), bits, block)

@@ -16,6 +16,7 @@ from ..posterior.laplace import DiagonalLaplace
 from .codebook import codebook_codes, codebook_dequantize, expected_codebook_loss, lloyd_max, round_gptq_codebook
 from .grid import minmax_grid, search_grid
 from .hqq import hqq_grid
+from .backend import NUMPY
 from .rounding import GPTQFactor, gptq_factor, round_gptq, round_rtn
 
 
@@ -39,13 +40,14 @@ class SharedFactor:
     for every site that reads the same input -- q, k and v; gate and up -- whichever thread asks
     first; the others wait for it."""
 
-    def __init__(self, xtx: np.ndarray, damp: float, act_order: bool):
+    def __init__(self, xtx: np.ndarray, damp: float, act_order: bool, backend=NUMPY):
         self._args, self._lock, self._value = (xtx, damp, act_order), threading.Lock(), None
+        self.backend = backend
 
     def get(self) -> GPTQFactor:
         with self._lock:
             if self._value is None:
-                self._value = gptq_factor(*self._args)
+                self._value = gptq_factor(*self._args, backend=self.backend)
             return self._value
 
 
@@ -60,13 +62,15 @@ class _GPTQWork:
 class SiteQuantizer:
     def __init__(self, view: np.ndarray, posterior: DiagonalLaplace, xtx: np.ndarray | None,
                  method: Method, gptq_damp: float = 0.01, act_order: bool = False, measure_grids: bool = False,
-                 factor: SharedFactor | None = None):
+                 factor: SharedFactor | None = None, backend=NUMPY):
         """``measure_grids``: the searched and the min/max grid are both offered to be measured end to
         end (:meth:`grid_kinds`) even where GPTQ runs, instead of the layer output error choosing.
         ``factor``: GPTQ's factor of ``xtx`` with these settings, shared with other sites (default:
-        this site's own)."""
+        this site's own).  ``backend``: where GPTQ runs (``quantize.backend``; a shared factor
+        brings its own)."""
         self.view, self.posterior, self.method, self.measure_grids = view, posterior, method, measure_grids
         self.xtx, self._gptq_damp, self._act_order = xtx, gptq_damp, act_order
+        self._backend = factor.backend if factor is not None else backend
         self._work = _GPTQWork(factor or self._new_factor())
         # caches of pure functions of (format, grid kind): the answers never depend on the call order
         self._grids: dict[tuple[Format, str], tuple] = {}   # small: one scale and zero point per group
@@ -182,7 +186,7 @@ class SiteQuantizer:
             return self.posterior.precision
         f = self._factor()
         w = np.empty(self.view.shape[1], np.float64)
-        w[f.perm] = 1.0 / np.square(np.diag(f.U))
+        w[f.perm] = 1.0 / np.square(f.diag)
         w[f.dead] = 0.0       # inputs that are always 0: their weights never reach the output
         return w[None, :]
 
@@ -277,7 +281,7 @@ class SiteQuantizer:
         return self._codes[fmt, "lut"]
 
     def _new_factor(self) -> SharedFactor | None:
-        return None if self.xtx is None else SharedFactor(self.xtx, self._gptq_damp, self._act_order)
+        return None if self.xtx is None else SharedFactor(self.xtx, self._gptq_damp, self._act_order, self._backend)
 
     def _factor(self) -> GPTQFactor:
         return self._work.factor.get()
@@ -294,7 +298,7 @@ class SiteQuantizer:
         GPTQ work: the factor of ``H^-1``, and GPTQ's own codes, which :meth:`codes` computes
         anyway to compare with the searched grid's (the plan check would otherwise round every
         site twice the same way)."""
-        ref = SiteQuantizer(self.view, self.posterior, self.xtx, METHODS["gptq"], self._gptq_damp)
+        ref = SiteQuantizer(self.view, self.posterior, self.xtx, METHODS["gptq"], self._gptq_damp, backend=self._backend)
         if not self._act_order:
             ref._work = self._work
         return ref

@@ -1,0 +1,96 @@
+"""Where GPTQ's error feedback runs: numpy on the CPU (no torch needed), or torch on a GPU.
+
+The column loop (rounding.error_feedback) is written once against the few operations below, so
+both backends run the same arithmetic; a backend's results are deterministic for given inputs (no
+atomics, no reductions whose order depends on the thread count: matmuls of at most 128 inner terms
+are never split over threads by BLAS or cuBLAS), though not bit-equal across backends.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import DEVICES
+from ..errors import BayesQError
+
+
+class NumpyBackend:
+    name = "cpu"
+
+    def put(self, a, dtype) -> np.ndarray:
+        """``a`` as a fresh array of ``dtype`` (the loop writes into it)."""
+        return np.array(a, dtype)
+
+    def get(self, a) -> np.ndarray:
+        return np.asarray(a)
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    def affine_codes(self, w, scale, zp, qmax: int):
+        """Nearest code of each weight on its grid (the reference's ``quantize``: divide, round half
+        to even, shift, clip) and the value it stands for."""
+        q = np.rint(w / scale)
+        q += zp
+        np.clip(q, 0, qmax, out=q)
+        return q, (q - zp) * scale
+
+    def nearest_level(self, w, thr, lev):
+        """Index of the nearest level (the number of thresholds below ``w``; a tie goes to the lower
+        level) and the level, per row: ``thr`` (rows, K-1), ``lev`` (rows, K)."""
+        k = np.count_nonzero(thr < w[:, None], axis=1)
+        return k, lev[np.arange(w.shape[0]), k]
+
+
+class TorchBackend:
+    def __init__(self, device):
+        import torch
+        self.torch, self.device = torch, torch.device(device)
+        self.name = str(self.device)
+
+    def _dtype(self, dtype):
+        return {np.dtype(np.float32): self.torch.float32, np.dtype(np.float64): self.torch.float64,
+                np.dtype(np.uint8): self.torch.uint8, np.dtype(np.int64): self.torch.int64}[np.dtype(dtype)]
+
+    def put(self, a, dtype):
+        if isinstance(a, self.torch.Tensor):
+            return a.to(self.device, self._dtype(dtype), copy=True)
+        return self.torch.tensor(np.asarray(a, dtype), device=self.device)
+
+    def get(self, a) -> np.ndarray:
+        return a.cpu().numpy() if isinstance(a, self.torch.Tensor) else np.asarray(a)
+
+    def empty(self, shape, dtype):
+        return self.torch.empty(shape, dtype=self._dtype(dtype), device=self.device)
+
+    def affine_codes(self, w, scale, zp, qmax: int):
+        q = self.torch.round(w / scale)        # round half to even, as np.rint
+        q += zp
+        q.clamp_(0, qmax)
+        return q, (q - zp) * scale
+
+    def nearest_level(self, w, thr, lev):
+        k = (thr < w[:, None]).sum(dim=1)
+        return k, lev.gather(1, k[:, None])[:, 0]
+
+
+NUMPY = NumpyBackend()
+
+
+def backend(device: str = "cpu"):
+    """The backend for a recipe's ``device``: ``"cpu"`` numpy; ``"cuda"`` torch on the GPU (a clear
+    error without one); ``"auto"`` cuda when torch sees a GPU, else cpu."""
+    if device not in DEVICES:
+        raise BayesQError(f"unknown device {device!r}; choose from {list(DEVICES)}")
+    if device == "cpu":
+        return NUMPY
+    try:
+        import torch
+    except ImportError:
+        if device == "auto":
+            return NUMPY
+        raise BayesQError("--device cuda needs torch (pip install torch)") from None
+    if torch.cuda.is_available():
+        return TorchBackend("cuda")
+    if device == "auto":
+        return NUMPY
+    raise BayesQError("--device cuda: torch sees no GPU (torch.cuda.is_available() is False)")
