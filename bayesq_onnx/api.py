@@ -75,6 +75,7 @@ class Analysis:
                  _check_paths=()):
         t0 = time.perf_counter()
         self.recipe, self._input = recipe, model
+        gptq_backend = backend(recipe.device)     # before reading the model: --device cuda without a GPU
         m = self.model = _read_model(model)
         sites, skipped = find_sites(m, recipe.min_elements, recipe.exclude, recipe.include,
                                     [p for p, _ in recipe.pins])
@@ -91,7 +92,6 @@ class Analysis:
             check_budget(sites, self.candidates, _check_bits)
         if recipe.table_source == "hawq":
             check_trace_source(recipe.method, recipe.curvature)
-        gptq_backend = backend(recipe.device)
         # every check of the user's input is done before the first progress line
         for path in _check_paths:
             if path is not None:

@@ -1,9 +1,10 @@
 """Where GPTQ's error feedback runs: numpy on the CPU (no torch needed), or torch on a GPU.
 
 The column loop (rounding.error_feedback) is written once against the few operations below, so
-both backends run the same arithmetic; a backend's results are deterministic for given inputs (no
-atomics, no reductions whose order depends on the thread count: matmuls of at most 128 inner terms
-are never split over threads by BLAS or cuBLAS), though not bit-equal across backends.
+both backends run the same arithmetic.  Each repeats its own bytes -- numpy whatever the BLAS thread
+count (BLAS splits a product over its output, not over the at most 128 terms each entry sums here;
+tests/test_gptq_backends.py checks it), torch on one GPU run to run -- but the two differ in the
+last bits of their sums, so a weight within ~1e-7 of a rounding threshold may round differently.
 """
 from __future__ import annotations
 
