@@ -130,7 +130,7 @@ def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 
     Wt = np.asarray(view).T.astype(dtype)
     Wt[f.dead] = 0.0
     Wt = be.put(Wt[f.perm], dtype)
-    codes = be.empty((L, rows), np.float32)
+    codes = be.empty((L, rows), np.uint8)          # codes are integers 0..255: exact in uint8
     for i1 in range(0, L, lazy_block):
         i2 = min(i1 + lazy_block, L)
         W1 = Wt[i1:i2] if start is None else be.put(Wt[i1:i2], dtype)   # Wt[i1:i2] keeps the batch start
