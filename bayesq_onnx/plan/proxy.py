@@ -29,6 +29,11 @@ class OutputDistortion:
         return self._distortion(self.probe.run(self.data, self.batch_size, outputs=self.outputs, overrides=overrides),
                                 self.outputs)
 
+    def of_outputs(self, runs: Iterable[dict[str, np.ndarray]]) -> float:
+        """The distortion of model outputs computed elsewhere, batch by batch as the reference's."""
+        runs = list(runs)
+        return self._distortion(runs, [k for k in self.outputs if k in runs[0]])
+
     def restricted_to(self, names: list[str]) -> Callable[[dict[str, np.ndarray]], float]:
         """The same distortion for overrides of ``names`` only, running just the part of the model
         they reach (runtime.probe.ConeRun): for many measurements of one site.  Where the model

@@ -15,24 +15,33 @@ from onnx import helper
 from ..calib.readers import batches
 from ..graph.cone import all_nodes, backward_slice, forward_cone, has_subgraphs, segments, submodel
 from ..graph import model_io
-from ..graph.model_io import save_model_atomic, to_array
+from ..graph.model_io import save_model_atomic
 from .session import make_session, session_options
 
 
-def _session(model, one_thread: bool = False):
+def _session(model, one_thread: bool = False, external=None):
     """Measurement sessions never spin-wait between runs: they alternate with numpy work, on this
     thread and on the other workers' (MiniLM's proxy measurements: 18% less wall time).  The cone
     sessions run one site each, and the sites run side by side (``parallel.py``), so each gets one
     thread (another 13%); always one, whatever the worker count, so that a measurement -- and the
     plan built on it -- never depends on it."""
     so = session_options(**{"session.intra_op.allow_spinning": "0"})
+    # a streamed analysis holds a session per segment: each with its own arena, kept at its peak
+    # (a head's logits, an MLP's widest activation) for the session's life, they would add up to
+    # more than the model
+    so.enable_cpu_mem_arena = False
     if one_thread:
         so.intra_op_num_threads = 1
-    return make_session(model, sess_options=so)
+    return make_session(model, sess_options=so, external_data=external)
 
 
 class Probe:
-    def __init__(self, model: onnx.ModelProto, weight_names: list[str], extra_outputs: list[str] = ()):
+    def __init__(self, model: onnx.ModelProto, weight_names: list[str], extra_outputs: list[str] = (),
+                 files: model_io.WeightFiles | None = None):
+        """``files``: where ``model``'s external tensors are (``model_io.open_model``): site weights
+        are then fed memory-mapped, and the sessions map the other initializers from there."""
+        files = files or model_io.WeightFiles(None)
+        self.external = files.base
         m = onnx.ModelProto()
         m.CopyFrom(model)
         names = set(weight_names)
@@ -43,7 +52,7 @@ class Probe:
             if t.name in names:
                 # fed as float32, as the numerics make them; a float16 / bfloat16 weight is rounded
                 # to its type inside the graph, as the stored model's values are
-                self.weights[t.name] = to_array(t).astype(np.float32)
+                self.weights[t.name] = files.array(t).astype(np.float32, copy=False)
                 m.graph.input.append(helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims)))
                 if t.data_type != onnx.TensorProto.FLOAT:
                     casts.append(helper.make_node("Cast", [t.name], [t.name + "__bq_typed"], to=t.data_type,
@@ -71,10 +80,10 @@ class Probe:
         self.model = m if fits and not has_subgraphs(m.graph) else None
         if not fits:
             self._tmp = tempfile.TemporaryDirectory(prefix="bayesq-probe-")
-            path = save_model_atomic(m, Path(self._tmp.name) / "probe.onnx")
+            path = save_model_atomic(m, Path(self._tmp.name) / "probe.onnx", files)   # its data beside it
             self.session = _session(path)
         else:
-            self.session = _session(m)
+            self.session = _session(m, external=self.external)
 
     def run(self, data: dict[str, np.ndarray], batch_size: int, outputs: list[str] | None = None,
             overrides: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -110,7 +119,8 @@ class ConeRun:
             # same whatever the weights) may feed the frontier, e.g. an attention mask sized by it
             prefix = backward_slice(g.node, computed)
             reads = [k for k in dict.fromkeys(i for n in prefix for i in n.input) if k in graph_inputs]
-            session = _session(submodel(probe.model, prefix, [graph_inputs[k] for k in reads], computed), True)
+            session = _session(submodel(probe.model, prefix, [graph_inputs[k] for k in reads], computed), True,
+                               probe.external)
         self._feeds = []
         for feed in batches(data, batch_size):
             self._feeds.append({k: feed[k] for k in fed})
@@ -121,7 +131,8 @@ class ConeRun:
             first = self._feeds[0]
             inputs += [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(first[k].dtype), None)
                        for k in computed]
-        self.session = _session(submodel(probe.model, cone.nodes, inputs, self.outputs), True) if self.outputs else None
+        self.session = _session(submodel(probe.model, cone.nodes, inputs, self.outputs), True, probe.external) \
+            if self.outputs else None
 
     def run(self, overrides: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """:attr:`outputs` batch by batch, with ``overrides`` replacing some of the weights."""
@@ -157,7 +168,7 @@ class SegmentRun:
         self.values = [dict(feed) for feed in batches(data, batch_size)]
         if wanted:
             prefix = submodel(m, backward_slice(g.node, wanted), list(graph_inputs.values()), wanted)
-            session = _session(prefix, True)
+            session = _session(prefix, True, probe.external)
             for v in self.values:
                 v.update(zip(wanted, session.run(wanted, {k: v[k] if k in v else probe.weights[k]
                                                           for k in graph_inputs})))
@@ -174,7 +185,7 @@ class SegmentRun:
                       for k in dict.fromkeys(start + r)]
             outs = [sg.end] if sg.end is not None else [o for o in self.outputs if o in inside]
             self._reads.append([v.name for v in inputs])
-            self._sessions.append((_session(submodel(m, sg.nodes, inputs, outs), True), outs))
+            self._sessions.append((_session(submodel(m, sg.nodes, inputs, outs), True, probe.external), outs))
 
     def first_segment(self, name: str) -> int | None:
         """The first segment that reads weight ``name`` (None: none does)."""

@@ -1,0 +1,143 @@
+"""The probe's model run one segment at a time (graph/cone.segments of every site weight), so that
+data passes through a model far larger than memory with only one segment's tensors live: the
+analysis reads each segment's site activations as it goes and replaces a segment's weights with
+their quantized values as it runs.  A model that cannot be cut (subgraphs) is one segment: the
+probe's whole session."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..calib.readers import batches
+from ..graph.cone import backward_slice, segments, submodel
+from .probe import Probe, _session
+
+
+class Stream:
+    def __init__(self, probe: Probe, sites):
+        self.probe, self.weights = probe, probe.weights
+        acts = list(dict.fromkeys(a for st in sites for a in st.activations))
+        names = {st.name for st in sites}
+        if probe.model is None:
+            self._whole(sites, acts)
+            return
+        m, g = probe.model, probe.model.graph
+        self._model = m
+        segs = segments(g, names, probe.outputs)
+        self.graph_inputs = {v.name: v for v in g.input}
+        inside = {o for sg in segs for n in sg.nodes for o in n.output}
+        inits = {t.name for t in g.initializer}
+        self.reads, self.outs, self.ends, self._sessions = [], [], [], []
+        for k, sg in enumerate(segs):
+            made = {o for n in sg.nodes for o in n.output}
+            reads = list(dict.fromkeys(i for n in sg.nodes for i in n.input if i and i not in made and i not in inits))
+            outs = [sg.end] if sg.end is not None else [o for o in probe.outputs if o in inside]
+            self.reads.append(reads)
+            self.outs.append(outs)
+            self.ends.append(sg.end)
+            self._sessions.append(None)   # made on first use, when the types of its inputs are known
+        self.segments = segs
+        # each site activation is captured once, in the first segment where a site reads it along
+        # with its weight (a tied table: the indices in the first, the head's input in the last)
+        self.capture: list[list[str]] = [[] for _ in segs]
+        where: dict[str, int] = {}
+        for st in sites:
+            for a in st.activations:
+                k = next((k for k, sg in enumerate(segs) if st.name in self.reads[k] and
+                          any(a in n.input for n in sg.nodes)), None)
+                if k is not None:
+                    where[a] = min(k, where.get(a, k))
+        for a, k in where.items():
+            self.capture[k].append(a)
+            if a in {o for n in segs[k].nodes for o in n.output} and a not in self.outs[k]:
+                self.outs[k].append(a)
+        # what the segments read from outside them that is neither a graph input nor a cut: masks,
+        # positions (independent of the weights), computed once per batch by their own slice
+        cuts = {sg.start for sg in segs if sg.start is not None}
+        self.side = list(dict.fromkeys(t for r in self.reads for t in r
+                                       if t not in self.graph_inputs and t not in cuts and t not in inside))
+        self._side_session = None
+        if self.side:
+            part = backward_slice(g.node, self.side)
+            need = [k for k in dict.fromkeys(i for n in part for i in n.input) if k in self.graph_inputs]
+            self._side_reads = need
+            self._side_session = _session(submodel(m, part, [self.graph_inputs[k] for k in need], self.side), True,
+                                          probe.external)
+        # the segments that read each weight, and each activation's readers' segment
+        self.readers: dict[str, list[int]] = {}
+        for k, r in enumerate(self.reads):
+            for t in r:
+                if t in names:
+                    self.readers.setdefault(t, []).append(k)
+
+    def _whole(self, sites, acts) -> None:
+        p = self.probe
+        self.segments = [None]
+        self.graph_inputs = {}
+        self.reads = [[i.name for i in p.session.get_inputs()]]
+        self.outs = [list(dict.fromkeys([*p.outputs, *acts]))]
+        self.capture = [acts]
+        self.ends = [None]
+        self.side = []
+        self._side_session = None
+        self._sessions = [(p.session, self.outs[0])]
+        self.readers = {s.name: [0] for s in sites}
+
+    def __len__(self) -> int:
+        return len(self.reads)
+
+    def last_reader(self, name: str) -> int:
+        """The last segment that reads weight ``name`` (a tied embedding: the head's), or the last."""
+        return max(self.readers.get(name, [len(self) - 1]))
+
+    def start(self, data: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
+        """One state per batch: its graph inputs and the side tensors; :meth:`advance` adds each cut."""
+        states = [dict(feed) for feed in batches(data, batch_size)]
+        if self._side_session is not None:
+            for st in states:
+                st.update(zip(self.side, self._side_session.run(
+                    self.side, {k: st[k] if k in st else self.weights[k] for k in self._side_reads})))
+        return states
+
+    def advance(self, k: int, states: list[dict[str, np.ndarray]], overrides: dict[str, np.ndarray] | None = None
+                ) -> list[dict[str, np.ndarray]]:
+        """Run segment ``k`` on each state (with ``overrides`` of the weights it reads): the state
+        moves on to its end cut (the start cut is dropped), and its outputs -- the site activations
+        captured in it (:attr:`capture`), and at the last segment the graph outputs -- are returned
+        per batch."""
+        overrides = overrides or {}
+        session, outs = self._session(k, states[0])
+        start = self.segments[k].start if self.segments[k] is not None else None
+        results = []
+        for st in states:
+            feed = {t: overrides[t] if t in overrides else self.weights[t] if t in self.weights else st[t]
+                    for t in self.reads[k]}
+            out = dict(zip(outs, session.run(outs, feed)))
+            for a in self.capture[k]:     # read, not computed, here: a graph input, a side tensor, the start cut
+                if a not in out:
+                    out[a] = feed[a]
+            if start is not None:
+                st.pop(start, None)
+            if self.ends[k] is not None:
+                st[self.ends[k]] = out[self.ends[k]]
+            results.append(out)
+        return results
+
+    def _session(self, k: int, state: dict[str, np.ndarray]):
+        if self._sessions[k] is None:
+            inputs = [self.graph_inputs[t] if t in self.graph_inputs else
+                      helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(self._value(t, state).dtype), None)
+                      for t in self.reads[k]]
+            outs = [o for o in self.outs[k] if o not in self.graph_inputs]
+            self._sessions[k] = (_session(submodel(self._model, self.segments[k].nodes, inputs, outs), True,
+                                          self.probe.external), outs)
+        return self._sessions[k]
+
+    def _value(self, t: str, state: dict[str, np.ndarray]) -> np.ndarray:
+        return self.weights[t] if t in self.weights else state[t]
+
+
+def graph_outputs(stream: Stream, results: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The probe's graph outputs among a last segment's results."""
+    return [{k: r[k] for k in stream.probe.outputs if k in r} for r in results]
