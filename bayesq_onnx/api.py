@@ -200,7 +200,7 @@ class Analysis:
             knapsack = knapsack_plan(sites, self.candidates, losses, budget_bits)
             contenders = [Contender(p) for p in [knapsack, *uniforms[:self.tables_pass.uniform_checked]]] + \
                 [Contender(replace(u, label=f"gptq {u.label}"), reference=True) for u in uniforms[:1]]
-        packed, grids, expected = self._round(contenders)
+        packed, grids, expected = self._round(contenders, None if self.uniform else contenders[0].plan)
         if len(contenders) > 1:
             i, check = check_plans(contenders, packed, sites, self.stream, self.probe, self.held, self.batch)
         else:
@@ -236,12 +236,12 @@ class Analysis:
                 raise
         return Result(out_model, rep, Path(output) if output is not None else None)
 
-    def _round(self, contenders: list[Contender]):
+    def _round(self, contenders: list[Contender], knapsack=None):
         """Every contender's packed tensors, grid kinds and expected losses per site, rounded a
-        segment's sites at a time (the knapsack's and the reference GPTQ plan's share GPTQ's work)."""
+        segment's sites at a time (the knapsack's and the reference GPTQ plan's share GPTQ's work).
+        ``knapsack``: the plan whose formats get their grids measured where several are on offer."""
         sites, n = self.sites, len(contenders)
         packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
-        knapsack = None if self.uniform else contenders[0].plan
         with Progress("rounding and packing", len(sites)) as p:
             for qs in self.blocks():
                 block = [s for s in sites if s.name in qs]

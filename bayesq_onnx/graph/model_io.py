@@ -52,7 +52,7 @@ class WeightFiles:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 t.raw_data = np.ascontiguousarray(self.array(t)).tobytes()
                 del t.external_data[:]
-                t.data_location = onnx.TensorProto.DEFAULT
+                t.ClearField("data_location")   # unset, as in a model never stored externally: the same bytes
         return model
 
 
