@@ -114,7 +114,7 @@ class Analysis:
         if calib is None:
             log.warning("no calibration data given (--calib): using %d synthetic samples built from the input "
                         "types; quality will suffer on real data", recipe.synthetic_samples)
-        self.stream = Stream(self.probe, sites)
+        self.stream = Stream(self.probe, [s.name for s in sites], {s.name: s.activations for s in sites})
         self.curvature_name = self.file_curvature.name if self.file_curvature else ActivationCurvature.name
         self.tables_pass = None     # the knapsack's loss-table pass (made on first use)
         self._tables: Tables | None = None

@@ -1,7 +1,7 @@
 """A working copy of the model for measurement: site weights become graph inputs (so one session
 can run any mix of candidate weights) and chosen intermediate tensors become extra outputs.
-:class:`ConeRun` runs only the part of it that some site weights reach, :class:`SegmentRun` that part
-cut into segments that run one at a time (graph/cone.py)."""
+:class:`ConeRun` runs only the part of it that some site weights reach (graph/cone.py); runtime/stream.py
+runs it cut into segments, one at a time."""
 from __future__ import annotations
 
 import tempfile
@@ -13,7 +13,7 @@ import onnx
 from onnx import helper
 
 from ..calib.readers import batches
-from ..graph.cone import all_nodes, backward_slice, forward_cone, has_subgraphs, segments, submodel
+from ..graph.cone import all_nodes, backward_slice, forward_cone, has_subgraphs, submodel
 from ..graph import model_io
 from ..graph.model_io import save_model_atomic
 from .session import make_session, session_options
@@ -141,83 +141,3 @@ class ConeRun:
         weights = {k: overrides.get(k, v) for k, v in self._weights.items()}
         for feed in self._feeds:
             yield dict(zip(self.outputs, self.session.run(self.outputs, {**feed, **weights})))
-
-
-class SegmentRun:
-    """The probe's model on fixed ``data``, cut into the segments of the site weights' cone
-    (graph/cone.segments), each its own session: the model from any segment on, with some
-    weights replaced, runs from the reference values of that segment's start, which -- with the
-    tensors the segments read from outside the cone (masks, positions: independent of the
-    weights) -- come from one run of the reference model."""
-
-    def __init__(self, probe: Probe, names: list[str], data: dict[str, np.ndarray], batch_size: int):
-        if probe.model is None:
-            raise ValueError("this model cannot be cut (subgraphs, or over 2 GB)")
-        m, g = probe.model, probe.model.graph
-        self.segments = segments(g, set(names), probe.outputs)
-        self.outputs = probe.outputs
-        inside = {o for sg in self.segments for n in sg.nodes for o in n.output}
-        graph_inputs = {v.name: v for v in g.input}
-        inits = {t.name for t in g.initializer}
-        reads = [list(dict.fromkeys(i for n in sg.nodes for i in n.input if i and i not in inside and i not in inits))
-                 for sg in self.segments]
-        side = list(dict.fromkeys(t for r in reads for t in r if t not in graph_inputs))
-        cuts = [sg.end for sg in self.segments[:-1]]
-        # the reference run: every cut and every outside tensor a segment reads, batch by batch
-        wanted = list(dict.fromkeys(cuts + side))
-        self.values = [dict(feed) for feed in batches(data, batch_size)]
-        if wanted:
-            prefix = submodel(m, backward_slice(g.node, wanted), list(graph_inputs.values()), wanted)
-            session = _session(prefix, True, probe.external)
-            for v in self.values:
-                v.update(zip(wanted, session.run(wanted, {k: v[k] if k in v else probe.weights[k]
-                                                          for k in graph_inputs})))
-        first = self.values[0]
-        self.weights = probe.weights
-        self._first: dict[str, int] = {}       # weight -> the first segment reading it
-        for b, sg in reversed(list(enumerate(self.segments))):
-            self._first.update((i, b) for n in sg.nodes for i in n.input if i in probe.weights)
-        self._reads, self._sessions = [], []
-        for sg, r in zip(self.segments, reads):
-            start = [sg.start] if sg.start is not None else []
-            inputs = [graph_inputs[k] if k in graph_inputs else
-                      helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(first[k].dtype), None)
-                      for k in dict.fromkeys(start + r)]
-            outs = [sg.end] if sg.end is not None else [o for o in self.outputs if o in inside]
-            self._reads.append([v.name for v in inputs])
-            self._sessions.append((_session(submodel(m, sg.nodes, inputs, outs), True, probe.external), outs))
-
-    def first_segment(self, name: str) -> int | None:
-        """The first segment that reads weight ``name`` (None: none does)."""
-        return self._first.get(name)
-
-    def run(self, b: int, overrides: dict[str, np.ndarray], start: list[np.ndarray] | None = None
-            ) -> list[dict[str, np.ndarray]]:
-        """Segment ``b``'s outputs (its end cut, or the graph outputs it computes) batch by batch,
-        from ``start`` (its start cut's values per batch; default the reference's)."""
-        session, outs = self._sessions[b]
-        sg, result = self.segments[b], []
-        for i, ref in enumerate(self.values):
-            feed = {}
-            for k in self._reads[b]:
-                if k in overrides:
-                    feed[k] = overrides[k]
-                elif k in self.weights:
-                    feed[k] = self.weights[k]
-                elif start is not None and k == sg.start:
-                    feed[k] = start[i]
-                else:
-                    feed[k] = ref[k]
-            result.append(dict(zip(outs, session.run(outs, feed))))
-        return result
-
-    def tail(self, b: int, values: list[np.ndarray], overrides: dict[str, np.ndarray] | None = None
-             ) -> list[dict[str, np.ndarray]]:
-        """The graph outputs computed from segment ``b``'s end cut at ``values`` (per batch): the
-        segments after ``b`` one after the other, with ``overrides`` of the weights they read."""
-        for c in range(b + 1, len(self.segments)):
-            out = self.run(c, overrides or {}, values)
-            if self.segments[c].end is None:
-                return out
-            values = [o[self.segments[c].end] for o in out]
-        raise ValueError(f"segment {b} is the last")

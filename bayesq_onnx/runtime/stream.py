@@ -6,7 +6,6 @@ probe's whole session."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import helper
 
 from ..calib.readers import batches
@@ -15,13 +14,16 @@ from .probe import Probe, _session
 
 
 class Stream:
-    def __init__(self, probe: Probe, sites):
+    def __init__(self, probe: Probe, names: list[str], activations: dict[str, tuple[str, ...]] | None = None):
+        """``names``: the site weights (the cuts are those of their forward cone); ``activations``:
+        the inputs each of them reads, to be captured (:attr:`capture`)."""
         self.probe, self.weights = probe, probe.weights
-        acts = list(dict.fromkeys(a for st in sites for a in st.activations))
-        names = {st.name for st in sites}
+        activations = activations or {}
+        acts = list(dict.fromkeys(a for n in names for a in activations.get(n, ())))
         if probe.model is None:
-            self._whole(sites, acts)
+            self._whole(names, acts)
             return
+        names = set(names)
         m, g = probe.model, probe.model.graph
         self._model = m
         segs = segments(g, names, probe.outputs)
@@ -42,9 +44,9 @@ class Stream:
         # with its weight (a tied table: the indices in the first, the head's input in the last)
         self.capture: list[list[str]] = [[] for _ in segs]
         where: dict[str, int] = {}
-        for st in sites:
-            for a in st.activations:
-                k = next((k for k, sg in enumerate(segs) if st.name in self.reads[k] and
+        for name in names:
+            for a in activations.get(name, ()):
+                k = next((k for k, sg in enumerate(segs) if name in self.reads[k] and
                           any(a in n.input for n in sg.nodes)), None)
                 if k is not None:
                     where[a] = min(k, where.get(a, k))
@@ -71,7 +73,7 @@ class Stream:
                 if t in names:
                     self.readers.setdefault(t, []).append(k)
 
-    def _whole(self, sites, acts) -> None:
+    def _whole(self, names, acts) -> None:
         p = self.probe
         self.segments = [None]
         self.graph_inputs = {}
@@ -82,7 +84,7 @@ class Stream:
         self.side = []
         self._side_session = None
         self._sessions = [(p.session, self.outs[0])]
-        self.readers = {s.name: [0] for s in sites}
+        self.readers = {n: [0] for n in names}
 
     def __len__(self) -> int:
         return len(self.reads)
@@ -90,6 +92,10 @@ class Stream:
     def last_reader(self, name: str) -> int:
         """The last segment that reads weight ``name`` (a tied embedding: the head's), or the last."""
         return max(self.readers.get(name, [len(self) - 1]))
+
+    def first_reader(self, name: str) -> int | None:
+        """The first segment that reads weight ``name`` (None: none does)."""
+        return min(self.readers[name]) if name in self.readers else None
 
     def start(self, data: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
         """One state per batch: its graph inputs and the side tensors; :meth:`advance` adds each cut."""
@@ -138,6 +144,26 @@ class Stream:
         return self.weights[t] if t in self.weights else state[t]
 
 
-def graph_outputs(stream: Stream, results: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """The probe's graph outputs among a last segment's results."""
-    return [{k: r[k] for k in stream.probe.outputs if k in r} for r in results]
+class SegmentRun:
+    """The model on fixed ``data`` from any segment on, with some weights replaced: the states at
+    every segment's start come from one reference pass (with the masks and positions the segments
+    read beside the cut, independent of the weights), so a measurement runs only from the first
+    segment its weights change.  Each kept state holds one cut: a few MB on a few samples."""
+
+    def __init__(self, probe: Probe, names: list[str], data: dict[str, np.ndarray], batch_size: int):
+        self.stream = stream = Stream(probe, names)
+        states = stream.start(data, batch_size)
+        self.starts = []
+        for k in range(len(stream)):
+            self.starts.append([dict(st) for st in states])   # the arrays are shared, not copied
+            stream.advance(k, states)
+
+    def first_segment(self, name: str) -> int | None:
+        return self.stream.first_reader(name)
+
+    def outputs_from(self, k: int, overrides: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """The graph outputs per batch, running segments ``k`` onwards with ``overrides``."""
+        states = [dict(st) for st in self.starts[k]]
+        for j in range(k, len(self.stream)):
+            out = self.stream.advance(j, states, overrides)
+        return out
