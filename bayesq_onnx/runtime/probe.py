@@ -14,6 +14,7 @@ from onnx import helper
 
 from ..calib.readers import batches
 from ..graph.cone import all_nodes, backward_slice, forward_cone, has_subgraphs, segments, submodel
+from ..errors import BayesQError
 from ..graph import model_io
 from ..graph.model_io import save_model_atomic, to_array
 from .session import make_session, session_options
@@ -69,12 +70,24 @@ class Probe:
         # a dependency and every part serializes in one protobuf
         fits = m.ByteSize() <= model_io.PROTO_LIMIT
         self.model = m if fits and not has_subgraphs(m.graph) else None
+        self._proto = m if fits else None    # what a pickled copy rebuilds its session from
         if not fits:
             self._tmp = tempfile.TemporaryDirectory(prefix="bayesq-probe-")
             path = save_model_atomic(m, Path(self._tmp.name) / "probe.onnx")
             self.session = _session(path)
         else:
             self.session = _session(m)
+
+    # Pickled (to measure on Ray's workers: parallel.py) as the model, its session rebuilt on
+    # unpickling: onnxruntime sessions do not pickle.
+    def __getstate__(self):
+        if self._proto is None:
+            raise BayesQError("--ray: models over 2 GB are not measured on Ray yet (run without --ray)")
+        return {k: v for k, v in self.__dict__.items() if k != "session"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.session = _session(self._proto)
 
     def run(self, data: dict[str, np.ndarray], batch_size: int, outputs: list[str] | None = None,
             overrides: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -166,15 +179,28 @@ class SegmentRun:
         self._first: dict[str, int] = {}       # weight -> the first segment reading it
         for b, sg in reversed(list(enumerate(self.segments))):
             self._first.update((i, b) for n in sg.nodes for i in n.input if i in probe.weights)
-        self._reads, self._sessions = [], []
+        self._model, self._parts = m, []      # each segment's (inputs, outputs)
         for sg, r in zip(self.segments, reads):
             start = [sg.start] if sg.start is not None else []
             inputs = [graph_inputs[k] if k in graph_inputs else
                       helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(first[k].dtype), None)
                       for k in dict.fromkeys(start + r)]
             outs = [sg.end] if sg.end is not None else [o for o in self.outputs if o in inside]
-            self._reads.append([v.name for v in inputs])
-            self._sessions.append((_session(submodel(m, sg.nodes, inputs, outs), True), outs))
+            self._parts.append((inputs, outs))
+        self._reads = [[v.name for v in inputs] for inputs, _ in self._parts]
+        self._open()
+
+    def _open(self) -> None:
+        self._sessions = [(_session(submodel(self._model, sg.nodes, inputs, outs), True), outs)
+                          for sg, (inputs, outs) in zip(self.segments, self._parts)]
+
+    # pickled (parallel.py's Ray workers) without the sessions, rebuilt on unpickling
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_sessions"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
 
     def first_segment(self, name: str) -> int | None:
         """The first segment that reads weight ``name`` (None: none does)."""
