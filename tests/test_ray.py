@@ -116,3 +116,10 @@ def test_probe_and_segments_pickle_without_sessions():
         b = run.first_segment(s.name)
         for x, y in zip(run.run(b, noisy), run2.run(b, noisy)):
             assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_model_over_2gb_is_refused_in_one_line(cluster):
+    a = Analysis(models.mlp(), Recipe(bits=4.0), calib=models.mlp_data())
+    a.probe._proto = None   # what a probe over protobuf's 2 GB keeps: a file on this machine only
+    with use_ray("auto"), pytest.raises(BayesQError, match="^--ray: models over 2 GB are not measured on Ray yet"):
+        a.compress(4.0)

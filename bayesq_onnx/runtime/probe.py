@@ -13,8 +13,8 @@ import onnx
 from onnx import helper
 
 from ..calib.readers import batches
-from ..graph.cone import all_nodes, backward_slice, forward_cone, has_subgraphs, segments, submodel
 from ..errors import BayesQError
+from ..graph.cone import all_nodes, backward_slice, forward_cone, has_subgraphs, segments, submodel
 from ..graph import model_io
 from ..graph.model_io import save_model_atomic, to_array
 from .session import make_session, session_options
