@@ -167,7 +167,11 @@ def connect_ray(address: str, num_cpus: int | None = None) -> bool:
         else:
             ray.init(address=address, **common)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
-        raise BayesQError(f"cannot connect to Ray at {address}: {first_line(e)}") from None
+        # Ray 2.60 joins a cluster by HOST:PORT without its token (the default for `ray start`)
+        # unless told: the connection is then refused after 20 s of retries
+        hint = "" if address == "local" or os.environ.get("RAY_AUTH_MODE") else \
+            " (a cluster with token authentication needs RAY_AUTH_MODE=token here)"
+        raise BayesQError(f"cannot connect to Ray at {address}: {first_line(e)}{hint}") from None
     return True
 
 
