@@ -87,11 +87,10 @@ class ProxyTables:
         self.distortion = distortion
 
     def __call__(self, sites, candidates, quantizers) -> Tables:
-        grids: Grids = {}
-
-        def site_table(s) -> np.ndarray:
+        def site_table(s) -> tuple[np.ndarray, Grids]:
             q, fs = quantizers[s.name], candidates[s.name]
             table, hull = _hull_table(s, fs, q.screen_loss)
+            grids: Grids = {}
             measure = self.distortion.restricted_to([s.name])   # only the part of the model it reaches
             for j in hull:
                 if isinstance(fs[j], Float32):
@@ -99,10 +98,11 @@ class ProxyTables:
                     continue
                 table[j], grids[s.name, fs[j]] = min(
                     (measure({s.name: s.from_view(q.dequantized(fs[j], k))}), k) for k in q.grid_kinds(fs[j]))
-            return table
+            return table, grids
 
-        losses = _per_site(sites, site_table)
-        return Tables(losses, grids)
+        per_site = _per_site(sites, site_table)
+        return Tables({name: table for name, (table, _) in per_site.items()},
+                      {k: v for _, grids in per_site.values() for k, v in grids.items()})
 
     def grids_for(self, plan: Plan, sites, quantizers, known: Grids) -> Grids:
         return {}   # every hull candidate's grids were measured with the tables
@@ -160,7 +160,8 @@ class HawqTables:
 MEASURED = {t.name: t for t in (KronTables, ProxyTables)}   # the passes built on an OutputDistortion
 
 
-def _per_site(sites, site_table) -> dict[str, np.ndarray]:
+def _per_site(sites, site_table) -> dict:
+    """``site_table`` of every site, by site name (it returns all it finds: parallel.py)."""
     return dict(zip((s.name for s in sites), parallel_map(site_table, sites)))
 
 

@@ -13,6 +13,7 @@ import onnx
 from onnx import helper
 
 from ..calib.readers import batches
+from ..errors import BayesQError
 from ..graph.cone import all_nodes, backward_slice, forward_cone, has_subgraphs, submodel
 from ..graph import model_io
 from ..graph.model_io import save_model_atomic
@@ -78,12 +79,24 @@ class Probe:
         # a dependency and every part serializes in one protobuf
         fits = m.ByteSize() <= model_io.PROTO_LIMIT
         self.model = m if fits and not has_subgraphs(m.graph) else None
+        self._proto = m if fits else None    # what a pickled copy rebuilds its session from
         if not fits:
             self._tmp = tempfile.TemporaryDirectory(prefix="bayesq-probe-")
             path = save_model_atomic(m, Path(self._tmp.name) / "probe.onnx", files)   # its data beside it
             self.session = _session(path)
         else:
             self.session = _session(m, external=self.external)
+
+    # Pickled (to measure on Ray's workers: parallel.py) as the model, its session rebuilt on
+    # unpickling: onnxruntime sessions do not pickle.
+    def __getstate__(self):
+        if self._proto is None:
+            raise BayesQError("--ray: models over 2 GB are not measured on Ray yet (run without --ray)")
+        return {k: v for k, v in self.__dict__.items() if k != "session"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.session = _session(self._proto, external=self.external)
 
     def run(self, data: dict[str, np.ndarray], batch_size: int, outputs: list[str] | None = None,
             overrides: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:

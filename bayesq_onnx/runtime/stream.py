@@ -59,13 +59,11 @@ class Stream:
         cuts = {sg.start for sg in segs if sg.start is not None}
         self.side = list(dict.fromkeys(t for r in self.reads for t in r
                                        if t not in self.graph_inputs and t not in cuts and t not in inside))
-        self._side_session = None
+        self._side_session = None   # made on first use, as the segments' (they do not pickle: parallel.py)
         if self.side:
-            part = backward_slice(g.node, self.side)
-            need = [k for k in dict.fromkeys(i for n in part for i in n.input) if k in self.graph_inputs]
-            self._side_reads = need
-            self._side_session = _session(submodel(m, part, [self.graph_inputs[k] for k in need], self.side), True,
-                                          probe.external)
+            self._side_part = backward_slice(g.node, self.side)
+            self._side_reads = [k for k in dict.fromkeys(i for n in self._side_part for i in n.input)
+                                if k in self.graph_inputs]
         # the segments that read each weight, and each activation's readers' segment
         self.readers: dict[str, list[int]] = {}
         for k, r in enumerate(self.reads):
@@ -83,7 +81,8 @@ class Stream:
         self.ends = [None]
         self.side = []
         self._side_session = None
-        self._sessions = [(p.session, self.outs[0])]
+        self._sessions = [None]
+        self._model = None
         self.readers = {n: [0] for n in names}
 
     def __len__(self) -> int:
@@ -100,7 +99,10 @@ class Stream:
     def start(self, data: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
         """One state per batch: its graph inputs and the side tensors; :meth:`advance` adds each cut."""
         states = [dict(feed) for feed in batches(data, batch_size)]
-        if self._side_session is not None:
+        if self.side:
+            if self._side_session is None:
+                self._side_session = _session(submodel(self._model, self._side_part, [self.graph_inputs[k] for k in
+                                                       self._side_reads], self.side), True, self.probe.external)
             for st in states:
                 st.update(zip(self.side, self._side_session.run(
                     self.side, {k: st[k] if k in st else self.weights[k] for k in self._side_reads})))
@@ -130,7 +132,13 @@ class Stream:
             results.append(out)
         return results
 
+    # pickled (parallel.py's Ray workers) without sessions: they are made again on first use
+    def __getstate__(self):
+        return {**self.__dict__, "_sessions": [None] * len(self._sessions), "_side_session": None}
+
     def _session(self, k: int, state: dict[str, np.ndarray]):
+        if self._model is None:        # the whole model, uncut
+            return self.probe.session, self.outs[0]
         if self._sessions[k] is None:
             inputs = [self.graph_inputs[t] if t in self.graph_inputs else
                       helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(self._value(t, state).dtype), None)
