@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calib.capture import capture_stats
+from .calib.capture import StatsAccumulator
 from .calib.readers import (check_calibration, fixed_batch, input_specs, load_calibration, n_samples, split,
                             synthetic_calibration, take)
 from .config import Recipe
@@ -23,11 +23,12 @@ from .curvature.from_file import FileCurvature
 from .curvature.trace import check_trace_source, file_traces, fisher_traces
 from .errors import BayesQError, first_line
 from .formats import Float32
-from .graph.model_io import bfloat16_hint, check_writable, load_model, prepare_model, save_json_atomic, save_model_atomic, to_array
+from .graph.model_io import (WeightFiles, bfloat16_hint, check_writable, checkable, fits, open_model, prepare_model,
+                             save_json_atomic, save_model_atomic)
 from .graph.sites import find_sites, float_initializer_bits, statistics_note
 from .lower.ort_cpu import lower_ort_cpu, lower_portable
 from .plan.candidates import candidate_formats
-from .plan.check import Contender, check_plans, grid_of
+from .plan.check import Contender, check_plans
 from .plan.planner import check_budget, knapsack_plan, uniform_plans
 from .plan.proxy import OutputDistortion
 from .plan.tables import MEASURED, ClosedFormTables, Grids, HawqTables, Tables
@@ -37,6 +38,7 @@ from .progress import Progress
 from .quantize.backend import backend
 from .quantize.site import SharedFactor, SiteQuantizer
 from .runtime.probe import Probe
+from .runtime.stream import Stream
 from .runtime import custom_ops
 from .runtime.session import make_session
 
@@ -65,25 +67,31 @@ def compress(model: str | os.PathLike | onnx.ModelProto, recipe: Recipe | None =
 
 
 class Analysis:
-    """Everything that does not depend on the budget -- sites, calibration statistics, posteriors,
-    grids, codes and loss tables -- computed once, then :meth:`compress` for any number of budgets
+    """Everything that does not depend on the budget -- sites, calibration, the loss tables and the
+    grids they chose -- computed once, then :meth:`compress` for any number of budgets
     (``Analysis(m, recipe, calib=c).compress(3.0)`` is ``compress(m, recipe, calib=c)`` at 3.0 bits).
-    ``recipe.bits`` is ignored here."""
+    ``recipe.bits`` is ignored here.
+
+    Memory follows a segment of the model, not the model (docs/design.md, "Streaming"): weights stay
+    on disk, memory-mapped (``model_io.open_model``); calibration data passes through the model one
+    segment at a time (``runtime/stream.py``), and the sites whose inputs are complete are quantized,
+    measured and released before the next segment runs -- once for the tables, and once per budget
+    to round and pack the plans the check compares, then once per plan on held-back data."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, recipe: Recipe, *,
                  calib: str | os.PathLike | dict | None = None, _check_bits: float | None = None,
                  _check_paths=()):
         t0 = time.perf_counter()
         self.recipe, self._input = recipe, model
-        gptq_backend = backend(recipe.device)     # before reading the model: --device cuda without a GPU
-        m = self.model = _read_model(model)
+        self.gptq_backend = backend(recipe.device)   # before reading the model: --device cuda without a GPU
+        m, self.files = _read_model(model)
+        self.model = m
         sites, skipped = find_sites(m, recipe.min_elements, recipe.exclude, recipe.include,
                                     [p for p, _ in recipe.pins])
         if not sites:
             why = f" ({skipped[0].name}: {skipped[0].reason})" if skipped else ""
             raise BayesQError(f"no quantizable weights found{why}")
         self.sites, self.skipped = sites, skipped
-        weights = _read_weights(m, sites)
         self.candidates = {s.name: candidate_formats(s, recipe, _bayesq_ops(recipe)) for s in sites}
         self.n_weights = sum(s.size for s in sites)
         # every other float initializer, as stored (skipped weights, biases, norms): the all-weights figure
@@ -96,46 +104,75 @@ class Analysis:
         for path in _check_paths:
             if path is not None:
                 check_writable(path)
-        file_curvature = FileCurvature(recipe.curvature, sites, recipe.evidence) if recipe.curvature else None
+        self.file_curvature = FileCurvature(recipe.curvature, sites, recipe.evidence) if recipe.curvature else None
         data, self.calib_source, fixed = _read_calibration(m, calib, recipe)
         self.batch = fixed or recipe.batch_size
         self.uniform = recipe.method_spec.planner == "uniform"
         # only the knapsack's plan check needs held-back data; the uniform baselines calibrate on all of it
         self.fit, self.held = (data, take(data, 0)) if self.uniform else split(data, recipe.holdout, fixed or 1)
         self.n_calib = n_samples(data)
-        self.probe = _probe(m, sites)
+        self.probe = _probe(m, sites, self.files)
+        _check_finite(sites, self.probe.weights)
         if calib is None:
             log.warning("no calibration data given (--calib): using %d synthetic samples built from the input "
                         "types; quality will suffer on real data", recipe.synthetic_samples)
-        try:
-            stats = capture_stats(self.probe, sites, self.fit, self.batch)
-        except Exception as e:
-            raise BayesQError(f"onnxruntime failed on the calibration data: {first_line(e)}") from None
-        self.curvature = file_curvature or ActivationCurvature(stats, recipe.evidence)
-        factors = {}   # one GPTQ factor per distinct X^T X (sites reading one input share it)
-        self.quantizers = {s.name: _site_quantizer(s, weights[s.name], self.curvature, stats[s.name].xtx, recipe,
-                                                   factors, gptq_backend) for s in sites}
+        self.stream = Stream(self.probe, [s.name for s in sites], {s.name: s.activations for s in sites})
+        self.curvature_name = self.file_curvature.name if self.file_curvature else ActivationCurvature.name
         self.tables_pass = None     # the knapsack's loss-table pass (made on first use)
         self._tables: Tables | None = None
-        self._reference = None
         self.grids: Grids = {}      # grid kinds chosen by measurement: grow as budgets ask for formats
         self.seconds = time.perf_counter() - t0
 
+    def blocks(self, data: dict[str, np.ndarray] | None = None):
+        """The sites' quantizers, a segment's worth at a time, from one pass of ``data`` (default: the
+        fitting data) through the model: a site's statistics are complete after the last segment
+        that reads it.  Each dict is the caller's until the next one is asked for."""
+        recipe, stream = self.recipe, self.stream
+        acc = StatsAccumulator(self.sites)
+        ready = [[] for _ in range(len(stream))]
+        for s in self.sites:
+            ready[stream.last_reader(s.name)].append(s)
+        factors = {}   # one GPTQ factor per distinct X^T X (sites reading one input share it), while needed
+        states = _ort(stream.start, self.fit if data is None else data, self.batch)
+        for k in range(len(stream)):
+            for out in _ort(stream.advance, k, states):
+                acc.add({a: out[a] for a in stream.capture[k]})
+            if ready[k]:
+                stats = {s.name: acc.take(s) for s in ready[k]}
+                curvature = self.file_curvature or ActivationCurvature(stats, recipe.evidence)
+                block = {s.name: _site_quantizer(s, self.probe.weights[s.name], curvature, stats[s.name].xtx,
+                                                 recipe, factors, self.gptq_backend) for s in ready[k]}
+                factors = {i: f for i, f in factors.items() if acc.holds(f[0])}   # a later site shares it
+                yield block
+
+    def quantizers(self, names=None) -> dict[str, SiteQuantizer]:
+        """Quantizers of the sites ``names`` (default all) held at once: for tests and small models."""
+        want = set(names or (s.name for s in self.sites))
+        return {k: q for qs in self.blocks() for k, q in qs.items() if k in want}
+
     @property
     def losses(self) -> dict[str, np.ndarray]:
-        """The knapsack's loss tables (computed on first use)."""
+        """The knapsack's loss tables (computed on first use), one segment's sites at a time."""
         if self._tables is None:
             source = self.recipe.table_source
             if source == "hawq":    # the mean Hessian trace per site, from the curvature file or the Fisher
-                traces = file_traces(self.sites, self.curvature) if self.recipe.curvature else \
-                    fisher_traces(self.model, self.sites, self.fit, self.recipe.seed)
+                traces = file_traces(self.sites, self.file_curvature) if self.recipe.curvature else \
+                    fisher_traces(self.files.materialize(_copy(self.model)), self.sites, self.fit, self.recipe.seed)
                 self.tables_pass = HawqTables(traces)
             elif source == "closed_form":
                 self.tables_pass = ClosedFormTables()
             else:
-                self.tables_pass = MEASURED[source](self._table_distortion)
-            self._tables = self.tables_pass(self.sites, self.candidates, self.quantizers)
-            self.grids.update(self._tables.grids)
+                self.tables_pass = MEASURED[source](self._table_distortion, self.sites)
+            losses, grids = {}, {}
+            with Progress(f"loss tables ({self.tables_pass.name})", len(self.sites)) as p:
+                for qs in self.blocks():
+                    block = [s for s in self.sites if s.name in qs]
+                    t = self.tables_pass(block, self.candidates, qs)
+                    losses.update(t.losses)
+                    grids.update(t.grids)
+                    p.step(len(block))
+            self._tables = Tables({s.name: losses[s.name] for s in self.sites}, grids)
+            self.grids.update(grids)
         return self._tables.losses
 
     @property
@@ -145,13 +182,6 @@ class Analysis:
         r = self.recipe
         n = r.scale_samples if r.table_source == "kron" else r.proxy_samples
         return OutputDistortion(self.probe, take(self.fit, -(-n // self.batch) * self.batch), self.batch)
-
-    @property
-    def reference_quantizers(self) -> dict[str, SiteQuantizer]:
-        """The same sites quantized as ``--method gptq`` does, for the plan check (made on first use)."""
-        if self._reference is None:
-            self._reference = {s.name: self.quantizers[s.name].reference() for s in self.sites}
-        return self._reference
 
     def compress(self, bits: float, *, output: str | os.PathLike | None = None,
                  report: str | os.PathLike | None = None, _t0: float | None = None,
@@ -166,31 +196,36 @@ class Analysis:
             if not uniforms:
                 raise BayesQError(f"no uniform format fits a budget of {bits:g} bits/weight for --method "
                                   f"{recipe.method}")
-            chosen = Contender(uniforms[0], self.quantizers, {})
+            contenders = [Contender(uniforms[0])]
         else:
             losses = self.losses
             knapsack = knapsack_plan(sites, self.candidates, losses, budget_bits)
-            self.grids.update(self.tables_pass.grids_for(knapsack, sites, self.quantizers, self.grids))
-            ours = [Contender(p, self.quantizers, self.grids)
-                    for p in [knapsack, *uniforms[:self.tables_pass.uniform_checked]]]
-            reference = [Contender(replace(u, label=f"gptq {u.label}"), self.reference_quantizers, {})
-                         for u in uniforms[:1]]
-            chosen, check = check_plans(ours + reference, sites, self.probe, self.held, self.batch)
-        out_model = _lower(self.model, sites, chosen, recipe, forget=_single_use)
-        rep = _report(recipe, sites, self.skipped, self.candidates, chosen, losses, check,
+            contenders = [Contender(p) for p in [knapsack, *uniforms[:self.tables_pass.uniform_checked]]] + \
+                [Contender(replace(u, label=f"gptq {u.label}"), reference=True) for u in uniforms[:1]]
+        packed, grids, expected = self._round(contenders, None if self.uniform else contenders[0].plan)
+        if len(contenders) > 1:
+            i, check = check_plans(contenders, packed, sites, self.stream, self.probe, self.held, self.batch)
+        else:
+            i = 0
+        chosen = contenders[i]
+        out_model = _lower(self.model, self.files, sites, chosen, packed[i], recipe)
+        rep = _report(recipe, sites, self.skipped, self.candidates, chosen, grids[i], expected[i], losses, check,
                       self.n_weights, self.calib_source, self.n_calib, n_samples(self.fit),
-                      n_samples(self.held), self.curvature.name, (self.other_weights, self.other_bits))
+                      n_samples(self.held), self.curvature_name, (self.other_weights, self.other_bits))
         # a reused analysis is paid once: each budget's report counts its own work plus the analysis
         rep["seconds"] = round(time.perf_counter() - t0 + (0 if _single_use else self.seconds), 3)
         if isinstance(self._input, (str, os.PathLike)):
             rep["input"] = str(self._input)
+        if fits(out_model, self.files):   # self-contained; a bigger one refers to its data where it is written
+            self.files.materialize(out_model)
         if output is not None:
             try:
-                path = save_model_atomic(out_model, output)
+                path = save_model_atomic(out_model, output, self.files)
             except OSError as e:
                 raise BayesQError(f"cannot write {output}: {e.strerror or first_line(e)}") from None
             rep["output"] = str(path)
-            rep["output_bytes"] = path.stat().st_size
+            rep["output_bytes"] = path.stat().st_size + sum(
+                p.stat().st_size for p in [path.with_name(path.name + ".data")] if p.exists())
         if report is not None:
             try:
                 save_json_atomic(rep, report)
@@ -202,6 +237,36 @@ class Analysis:
                     raise BayesQError(f"cannot write {report}: {e.strerror or first_line(e)}") from None
                 raise
         return Result(out_model, rep, Path(output) if output is not None else None)
+
+    def _round(self, contenders: list[Contender], knapsack=None):
+        """Every contender's packed tensors, grid kinds and expected losses per site, rounded a
+        segment's sites at a time (the knapsack's and the reference GPTQ plan's share GPTQ's work).
+        ``knapsack``: the plan whose formats get their grids measured where several are on offer."""
+        sites, n = self.sites, len(contenders)
+        packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
+        with Progress("rounding and packing", len(sites)) as p:
+            for qs in self.blocks():
+                block = [s for s in sites if s.name in qs]
+                refs = {k: q.reference() for k, q in qs.items()} if any(c.reference for c in contenders) else {}
+                if knapsack is not None:   # the grids the knapsack's formats are rounded on, measured where on offer
+                    self.grids.update(self.tables_pass.grids_for(knapsack, block, qs, self.grids))
+
+                def pack(s):
+                    res = []
+                    for c in contenders:
+                        q, fmt = (refs if c.reference else qs)[s.name], c.plan.choice[s.name]
+                        kind = q.grid_kind(fmt, None if c.reference else self.grids.get((s.name, fmt)))
+                        arrays = None if isinstance(fmt, Float32) else fmt.pack(q.codes(fmt, kind))
+                        res.append((arrays, kind, q.expected_loss(fmt, kind)))
+                    return res
+
+                for s, res in zip(block, parallel_map(pack, block)):
+                    for i, (arrays, kind, loss) in enumerate(res):
+                        if arrays is not None:
+                            packed[i][s.name] = arrays
+                        grids[i][s.name], expected[i][s.name] = kind, loss
+                    p.step()
+        return packed, grids, expected
 
 
 def _bayesq_ops(recipe: Recipe) -> bool:
@@ -216,23 +281,34 @@ def _bayesq_ops(recipe: Recipe) -> bool:
     return False
 
 
-def _read_model(model) -> onnx.ModelProto:
-    """Our own checked, normalized copy (the caller's file or proto is never touched)."""
+def _read_model(model) -> tuple[onnx.ModelProto, WeightFiles]:
+    """Our own checked, normalized copy (the caller's file or proto is never touched): from a file,
+    with its weights left on disk (model_io.open_model)."""
     if isinstance(model, onnx.ModelProto):
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        return prepare_model(m)
-    return load_model(model)
+        return prepare_model(_copy(model)), WeightFiles(None)
+    return open_model(model)
 
 
-def _read_weights(m: onnx.ModelProto, sites) -> dict[str, np.ndarray]:
-    inits = {t.name: t for t in m.graph.initializer}
-    # float16 / bfloat16 weights are analysed in float32 (exact); formats store the model's type
-    weights = {s.name: to_array(inits[s.name]).astype(np.float32) for s in sites}
-    for name, w in weights.items():
-        if not np.isfinite(w).all():
-            raise BayesQError(f"weight {name!r} contains NaN or Inf")
-    return weights
+def _ort(run, *args):
+    """``run(*args)``, where an onnxruntime failure on the user's calibration data is a one-line error."""
+    try:
+        return run(*args)
+    except (BayesQError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:
+        raise BayesQError(f"onnxruntime failed on the calibration data: {first_line(e)}") from None
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _check_finite(sites, weights: dict[str, np.ndarray]) -> None:
+    for s in sites:   # one weight at a time: a mapped weight is read, not held
+        if not np.isfinite(weights[s.name]).all():
+            raise BayesQError(f"weight {s.name!r} contains NaN or Inf")
 
 
 def _read_calibration(m: onnx.ModelProto, calib, recipe: Recipe) -> tuple[dict, str, int | None]:
@@ -251,9 +327,9 @@ def _read_calibration(m: onnx.ModelProto, calib, recipe: Recipe) -> tuple[dict, 
     return data, source, fixed
 
 
-def _probe(m: onnx.ModelProto, sites) -> Probe:
+def _probe(m: onnx.ModelProto, sites, files: WeightFiles) -> Probe:
     try:
-        return Probe(m, [s.name for s in sites], [a for s in sites for a in s.activations])
+        return Probe(m, [s.name for s in sites], [a for s in sites for a in s.activations], files)
     except Exception as e:  # unknown ops, bad graphs: onnxruntime says why
         raise BayesQError(f"onnxruntime cannot run the model: {first_line(e)}{bfloat16_hint(m)}") from None
 
@@ -265,33 +341,18 @@ def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe, factors: dict,
         h = np.ones_like(h)
     # a convolution's grid is decided end to end: its layer output error misjudges clipping
     factor = None if xtx is None else \
-        factors.setdefault(id(xtx), SharedFactor(xtx, recipe.gptq_damp, recipe.act_order, gptq_backend))
+        factors.setdefault(id(xtx), (xtx, SharedFactor(xtx, recipe.gptq_damp, recipe.act_order, gptq_backend)))[1]
     return SiteQuantizer(view, DiagonalLaplace.fit(view, h, recipe.damping), xtx, recipe.method_spec,
                          recipe.gptq_damp, recipe.act_order, measure_grids=site.kind == "conv", factor=factor,
                          backend=gptq_backend)
 
 
-def _lower(m: onnx.ModelProto, sites, chosen: Contender, recipe: Recipe, forget: bool) -> onnx.ModelProto:
-    plan, quantizers = chosen.plan, chosen.quantizers
-
-    def pack(s):
-        fmt = plan.choice[s.name]
-        out = None if isinstance(fmt, Float32) else fmt.pack(quantizers[s.name].codes(fmt, grid_of(chosen, s)))
-        if forget:  # bounded memory on big models when no other budget will ask again
-            quantizers[s.name].forget()
-        return out
-
-    packed = {}
-    with Progress("packing", len(sites)) as p:
-        for s, arrays in zip(sites, parallel_map(pack, sites)):
-            if arrays is not None:
-                packed[s.name] = arrays
-            p.step()
+def _lower(m: onnx.ModelProto, files: WeightFiles, sites, chosen: Contender, packed, recipe: Recipe) -> onnx.ModelProto:
     lower = lower_portable if recipe.target == "portable" else lower_ort_cpu
-    out = lower(m, sites, plan.choice, packed, recipe.accuracy_level)
+    out = lower(m, sites, chosen.plan.choice, packed, recipe.accuracy_level)
     full = _passes_full_check(m)
     try:  # the full check (with shape inference) whenever the input model passes it too
-        onnx.checker.check_model(out, full_check=full)
+        onnx.checker.check_model(checkable(out), full_check=full)
     except Exception as e:  # a bug of ours, not the user's: say so plainly
         # an input the checker refused (and onnxruntime runs: model_io.prepare_model) may keep its fault
         if full or first_line(e) != _checker_error(m):
@@ -299,19 +360,19 @@ def _lower(m: onnx.ModelProto, sites, chosen: Contender, recipe: Recipe, forget:
     return out
 
 
-def _report(recipe, sites, skipped, candidates, chosen: Contender, losses, check, n_weights,
+def _report(recipe, sites, skipped, candidates, chosen: Contender, grids, expected, losses, check, n_weights,
             calib_source, n_all, n_fit, n_held, curvature_name, others) -> dict:
-    plan, quantizers = chosen.plan, chosen.quantizers
+    plan = chosen.plan
     layers = []
     for s in sites:
         f = plan.choice[s.name]
         j = candidates[s.name].index(f)
         layers.append({
             "name": s.name, "op_type": s.op_type, "shape": list(s.shape), "format": f.name,
-            "bits": f.bits, "block_size": f.block, "grid": grid_of(chosen, s),
+            "bits": f.bits, "block_size": f.block, "grid": grids[s.name],
             "stored_bits": f.stored_bits(s.rows, s.L),
             "bits_per_weight": f.stored_bits(s.rows, s.L) / s.size,
-            "expected_loss": quantizers[s.name].expected_loss(f, grid_of(chosen, s)),
+            "expected_loss": expected[s.name],
             # None: no table (uniform planner) or a candidate the pre-screen dropped (never chosen by greedy)
             "table_loss": None if losses is None or not np.isfinite(losses[s.name][j]) else float(losses[s.name][j]),
             **statistics_note(s),   # read inside a subgraph: what its statistics come from
@@ -340,7 +401,7 @@ def _report(recipe, sites, skipped, candidates, chosen: Contender, losses, check
 
 def _checker_error(model: onnx.ModelProto) -> str | None:
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(checkable(model))
         return None
     except Exception as e:
         return first_line(e)
@@ -348,7 +409,7 @@ def _checker_error(model: onnx.ModelProto) -> str | None:
 
 def _passes_full_check(model: onnx.ModelProto) -> bool:
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(checkable(model), full_check=True)
         return True
     except Exception:
         return False

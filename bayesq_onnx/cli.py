@@ -161,6 +161,9 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                                                "cores, at most 4; the output does not depend on it)")
     c.add_argument("--device", choices=DEVICES, help="where GPTQ's rounding runs: cpu (default), cuda (torch on "
                    "the GPU; the output bytes can differ from cpu's) or auto (cuda when torch sees a GPU)")
+    c.add_argument("--ray", metavar="ADDRESS", help="run the per-site work as tasks on a Ray cluster: auto "
+                   "(RAY_ADDRESS, or the cluster `ray start` runs here), local (start one on this machine for this "
+                   "run), or HOST:PORT / ray://HOST:PORT; needs the ray extra; the output does not depend on it")
     c.add_argument("--seed", type=int,
                    help="seed of the synthetic calibration data (default 0; everything else is deterministic)")
     c.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
@@ -317,7 +320,7 @@ def _pin(text: str) -> tuple[str, int]:
 
 def _compress(args) -> int:
     from .api import compress
-    from .parallel import use_workers
+    from .parallel import use_ray, use_workers
     recipe = _recipe(args)
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".bq.onnx")
     if out.resolve() == Path(args.model).resolve():
@@ -327,7 +330,9 @@ def _compress(args) -> int:
         if Path(args.html).resolve() in (out.resolve(), Path(args.model).resolve()):
             raise BayesQError("--html would overwrite the model: choose another path")
         check_writable(args.html)
-    with use_workers(args.threads):
+    if args.ray is not None and args.threads is not None:
+        log.warning("--threads does nothing with --ray (the cluster's CPUs decide)")
+    with use_workers(args.threads), use_ray(args.ray):
         res = compress(args.model, recipe, calib=args.calib, output=out, report=args.report)
     try:
         if args.html:

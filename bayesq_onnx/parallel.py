@@ -1,16 +1,21 @@
-"""Per-site work on a few threads: the sites of a model are independent (each has its own quantizer
-and its own measurements), and the heavy parts -- numpy on whole weight matrices, onnxruntime runs
--- release the GIL, so threads overlap one site's numpy with another's forward passes."""
+"""Per-site work fanned out by one executor per process: by default :class:`Threads` of this
+process; with ``use_ray`` (the CLI's ``--ray``) :class:`RayCluster`, tasks on a Ray cluster.  The
+sites of a model are independent (each has its own quantizer and its own measurements), and every
+caller reads the results in the order of its items, so the output never depends on the executor
+or its size."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from threadpoolctl import threadpool_limits
 
-from .errors import BayesQError
+from .errors import BayesQError, first_line
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,16 +51,149 @@ def workers() -> int:
     return int(env)
 
 
+class Threads:
+    """A few threads of this process: the heavy parts -- numpy on whole weight matrices,
+    onnxruntime runs -- release the GIL, so threads overlap one site's numpy with another's
+    forward passes."""
+
+    def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
+        n = min(workers(), len(items))
+        if n <= 1:
+            yield from map(fn, items)
+            return
+        # the workers fill the cores: BLAS threads on top of them oversubscribe, and OpenBLAS's
+        # factorizations then slow down manyfold (a 2048 x 2048 Cholesky: 0.18 s on one thread, 2.9 s
+        # on two beside another busy thread, measured on 2 cores)
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(n, thread_name_prefix="bayesq") as pool:
+            yield from pool.map(fn, items)
+
+
+class RayCluster:
+    """Each item a task on the Ray cluster this process is connected to (``use_ray``).  ``fn`` is a
+    closure over the analysis -- quantizers, the measurement model -- so it is put in the object
+    store once per map and unpickled once per worker (``_run_task``), where the measurement
+    sessions are rebuilt (runtime/probe.py); what a task computes reaches the caller only through
+    its result, never through ``fn``'s state.  Ray gives each task one CPU and its workers one
+    BLAS thread, as :class:`Threads` does."""
+
+    def __init__(self):
+        import ray
+        self._task = ray.remote(_run_task)
+
+    def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
+        import ray
+        if not items:
+            return
+        ref = ray.put(fn)
+        # the reference inside a list: Ray would otherwise fetch and unpickle fn for every task
+        # On an error the other tasks run to their end, uncancelled: ray.cancel racing a task's
+        # completion crashed Ray 2.60's driver (a failed check in its task manager).
+        for t in [self._task.remote([ref], item) for item in items]:
+            try:
+                ok, value = ray.get(t)
+            except ray.exceptions.RayTaskError:
+                raise    # a bug of ours on the worker: its traceback is in the message
+            except ray.exceptions.RayError as e:   # a worker or node lost, out of memory
+                raise BayesQError(f"Ray: {first_line(e)}") from None
+            if not ok:
+                raise value
+            yield value
+
+
+_executor: Threads | RayCluster = Threads()
+_task_fn: dict[str, Callable] = {}   # in a Ray worker: the current map's fn, by its object id
+
+
+def _run_task(boxed: list, item):
+    """One item of a :meth:`RayCluster.map`, on a worker: ``(True, fn(item))``, or ``(False, error)``
+    for the user's errors (BayesQError), which the caller raises as they are."""
+    import ray
+    key = boxed[0].hex()
+    if key not in _task_fn:
+        _task_fn.clear()   # a worker runs one task at a time: the previous map's fn is done with
+        _task_fn[key] = ray.get(boxed[0])
+    try:
+        return True, _task_fn[key](item)
+    except BayesQError as e:
+        return False, e
+
+
 def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    """``map(fn, items)``, results in order as they come (so the output never depends on the thread
-    count); an exception in ``fn`` is raised where its result would have been."""
-    items = list(items)
-    n = min(workers(), len(items))
-    if n <= 1:
-        yield from map(fn, items)
+    """``map(fn, items)`` on the current executor, results in order as they come; an exception in
+    ``fn`` is raised where its result would have been.  ``fn`` must return all it computes (under
+    Ray it runs on a copy of its closure)."""
+    return _executor.map(fn, list(items))
+
+
+@contextlib.contextmanager
+def use_ray(address: str | None, num_cpus: int | None = None):
+    """Within the block, per-site work runs on Ray (None: unchanged): see :func:`connect_ray`.  A
+    connection made here is closed at the end (a cluster started here stops)."""
+    global _executor
+    if address is None:
+        yield
         return
-    # the workers fill the cores: BLAS threads on top of them oversubscribe, and OpenBLAS's
-    # factorizations then slow down manyfold (a 2048 x 2048 Cholesky: 0.18 s on one thread, 2.9 s
-    # on two beside another busy thread, measured on 2 cores)
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(n, thread_name_prefix="bayesq") as pool:
-        yield from pool.map(fn, items)
+    opened = connect_ray(address, num_cpus)
+    before, _executor = _executor, RayCluster()
+    try:
+        yield
+    finally:
+        _executor = before
+        if opened:
+            import ray
+            ray.shutdown()
+
+
+def connect_ray(address: str, num_cpus: int | None = None) -> bool:
+    """Connect this process to Ray: ``local`` starts a cluster on this machine (``num_cpus``
+    workers, default its cores), ``auto`` joins ``RAY_ADDRESS`` or the cluster ``ray start`` left
+    running here, anything else is ``HOST:PORT`` or ``ray://HOST:PORT``.  The job ships this very
+    package to the workers (Ray's ``py_modules``), so they run the code this process runs.  False,
+    and nothing done, when the process is connected already (e.g. by the caller's ``ray.init``:
+    its workers must then import the same bayesq_onnx)."""
+    try:
+        import ray
+    except ImportError:
+        raise BayesQError("--ray needs the ray package: pip install 'bayesq-onnx[ray]'") from None
+    if ray.is_initialized():
+        return False
+    if address != "local":
+        _check_reachable(address)
+    # Ray's own INFO and WARNING lines (its start-up, its token notice) are not ours to print
+    common = dict(runtime_env={"py_modules": [str(Path(__file__).parent)]}, logging_level=logging.ERROR)
+    try:
+        if address == "local":
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **common)
+        else:
+            ray.init(address=address, **common)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        # Ray 2.60 joins a cluster by HOST:PORT without its token (the default for `ray start`)
+        # unless told: the connection is then refused after 20 s of retries
+        hint = "" if address == "local" or os.environ.get("RAY_AUTH_MODE") else \
+            " (a cluster with token authentication needs RAY_AUTH_MODE=token here)"
+        raise BayesQError(f"cannot connect to Ray at {address}: {first_line(e)}{hint}") from None
+    return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A one-line error at once for an address nothing listens at: Ray itself retries its
+    connection for minutes."""
+    if address == "auto":
+        try:   # where ray.init("auto") will connect: RAY_ADDRESS, or the latest `ray start` here
+            from ray._private.services import canonicalize_bootstrap_address
+            resolved = canonicalize_bootstrap_address("auto")
+        except ConnectionError:
+            raise BayesQError("--ray auto: no running Ray cluster found (start one with `ray start --head`, "
+                              "set RAY_ADDRESS, or use --ray local)") from None
+        except ImportError:   # a Ray without this helper: leave the search to ray.init
+            return
+        if resolved is None:
+            return
+        address = resolved
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise BayesQError(f"--ray expects auto, local, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise BayesQError(f"cannot connect to Ray at {address}: {e.strerror or first_line(e)}") from None

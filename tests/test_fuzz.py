@@ -62,7 +62,7 @@ def _partial_save(model, path, *args, **kwargs):
 
 # (module, function) to interrupt: each stage of compress, and the writes themselves
 STAGES = {
-    "calibration": (api, "capture_stats"),
+    "calibration": (api.StatsAccumulator, "add"),
     "loss tables": (tables.KronTables, "__call__"),
     "plan check": (api, "check_plans"),
     "lowering": (api, "lower_ort_cpu"),

@@ -1,5 +1,5 @@
 """The compressor's import path stays clean: compressing a model never loads the benchmark assets,
-the ONNX->torch interpreter, torch or transformers (they are optional and slow to import)."""
+the ONNX->torch interpreter, torch, transformers or ray (they are optional and slow to import)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import onnx
 import models
 
 FORBIDDEN = ("bayesq_onnx.assets", "bayesq_onnx.curvature.onnx_torch", "bayesq_onnx.torch_export",
-             "torch", "transformers")
+             "torch", "transformers", "ray")
 
 # run in a fresh interpreter: this test process may have imported any of them already
 SCRIPT = """

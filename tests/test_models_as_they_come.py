@@ -107,7 +107,7 @@ def test_float16_scales_are_rounded_before_the_codes():
     assert inits["bq_W1_scales"].dtype == np.float16
     codes = fmt.unpack({k: inits[f"bq_W1_{k}"] for k in ("B", "scales", "zero_points")}, 128, 128)
     numpy_w = codes.dequantize()             # (N, K) = W1^T, in fp32 from the fp16 scales
-    measured = an.quantizers["W1"].dequantized(fmt)
+    measured = an.quantizers()["W1"].dequantized(fmt)
     np.testing.assert_array_equal(numpy_w, measured)   # the same codes and the same (fp16) scales
     assert {a.i for a in node.attribute if a.name == "bits"} <= {2, 4, 8}
 
@@ -153,7 +153,7 @@ def test_bfloat16_gather_is_quantized_with_a_cast(tmp_path, custom_ops):
     rows = table.astype(ml_dtypes.bfloat16).astype(np.float32)[data["ids"]]
     W = next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == "W")
     if layers["W"]["format"] != "float32":   # the MatMul's weight as stored
-        W = Analysis(m, Recipe(bits=4.0, custom_ops=custom_ops), calib=data).quantizers["W"].dequantized(
+        W = Analysis(m, Recipe(bits=4.0, custom_ops=custom_ops), calib=data).quantizers()["W"].dequantized(
             next(f for f in Analysis(m, Recipe(bits=4.0, custom_ops=custom_ops), calib=data).candidates["W"]
                  if f.name == layers["W"]["format"])).T
     got = make_session(tmp_path / "q.onnx").run(None, data)[0]
@@ -263,7 +263,9 @@ def test_depthwise_curvature_is_each_channels_energy():
     r = make_session(probe).run(["r"], {k: v[:len(v) - len(v) // 4] for k, v in data.items()})[0]
     energy = np.square(r.astype(np.float64)).sum(axis=(0, 2, 3))            # (C,)
     site = next(s for s in an.sites if s.name == "DW")
-    h = an.curvature.diagonal(site)
+    from bayesq_onnx.calib.capture import capture_stats
+    from bayesq_onnx.curvature.activation import ActivationCurvature
+    h = ActivationCurvature(capture_stats(an.probe, an.sites, an.fit, an.batch), 1.0).diagonal(site)
     assert h.shape == (64, 9) and site.flat
     want = np.repeat(energy, 2)[:, None] * np.ones((1, 9))
     # equal up to the factor 2 * evidence / n; the activations come from differently batched runs

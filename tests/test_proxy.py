@@ -1,5 +1,5 @@
 """The task-aware proxy (plan/proxy.py) measured on the whole model, on one site's forward cone
-(runtime/probe.ConeRun) and from one site's segment on (runtime/probe.SegmentRun, graph/cone.py):
+(runtime/probe.ConeRun) and from one site's segment on (runtime/stream.SegmentRun, graph/cone.py):
 the same distortion, from less of the graph."""
 from __future__ import annotations
 

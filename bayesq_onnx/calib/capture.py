@@ -9,37 +9,67 @@ from ..progress import Progress
 from ..types import SiteStats, WeightSite
 
 
-def capture_stats(probe, sites: list[WeightSite], data: dict[str, np.ndarray], batch_size: int) -> dict[str, SiteStats]:
+class StatsAccumulator:
     """``X^T X`` over every row entering a matmul site (the GPTQ / K-FAC input factor) and over every
-    position of a conv site's input channels, index counts for gather sites (tied sites get both).
-    Sites that read the same input (q, k and v; gate and up) share one ``X^T X`` array: computed
-    once, held once."""
+    position of a conv site's input channels, index counts for gather sites (tied sites get both),
+    accumulated batch by batch from whichever activations come in (:meth:`add`).  Sites that read
+    the same input (q, k and v; gate and up) share one ``X^T X`` array: computed once, held once,
+    and freed when the last of them has taken its statistics (:meth:`take`)."""
+
+    def __init__(self, sites: list[WeightSite]):
+        self.sites = sites
+        self._stats = {s.name: SiteStats() for s in sites}
+        self._grams: dict[tuple[str, str], list] = {}       # (input, layout) -> [sum of x x^T, rows]
+        self._uses: dict[str, list[tuple[str, str]]] = {s.name: [] for s in sites}
+        self._readers = {}                                    # activation -> sites reading it
+        for s in sites:
+            for a in s.activations:
+                self._readers.setdefault(a, []).append(s)
+
+    def add(self, outputs: dict[str, np.ndarray]) -> None:
+        """One batch of activations (any subset of the sites' inputs)."""
+        for a, x in outputs.items():
+            done = set()
+            for s in self._readers.get(a, ()):
+                layout = _gram_layout(s, x)
+                if layout is None:
+                    _accumulate(s, self._stats[s.name], x)
+                    continue
+                if (a, layout) not in self._uses[s.name]:
+                    self._uses[s.name].append((a, layout))
+                if layout not in done:
+                    _gram(self._grams.setdefault((a, layout), [None, 0]), x, layout, s.L)
+                    done.add(layout)
+
+    def holds(self, xtx: np.ndarray) -> bool:
+        """Whether a site still to be taken shares this ``X^T X``."""
+        return any(g[0] is xtx for g in self._grams.values())
+
+    def take(self, site: WeightSite) -> SiteStats:
+        """The site's statistics, complete once every batch of its inputs has been added; a Gram no
+        other site still needs is released here."""
+        st = self._stats.pop(site.name)
+        keys = self._uses.pop(site.name)
+        if keys:
+            parts = [self._grams[k] for k in keys]
+            st.xtx = parts[0][0] if len(parts) == 1 else sum(g for g, _ in parts)
+            st.n_xtx = sum(r for _, r in parts)
+        for k in keys:
+            if not any(k in u for u in self._uses.values()):
+                del self._grams[k]
+        return st
+
+
+def capture_stats(probe, sites: list[WeightSite], data: dict[str, np.ndarray], batch_size: int) -> dict[str, SiteStats]:
+    """Every site's statistics from one pass of ``data`` through the whole model."""
     acts = list(dict.fromkeys(a for s in sites for a in s.activations))
-    stats = {s.name: SiteStats() for s in sites}
-    grams: dict[tuple[str, str], list] = {}       # (input, layout) -> [sum of x x^T, rows]
-    uses: dict[str, list[tuple[str, str]]] = {s.name: [] for s in sites}
+    acc = StatsAccumulator(sites)
     n = len(next(iter(data.values())))
     with Progress("calibration", n) as p:
         for out in probe.run(data, batch_size, outputs=acts):
-            done = set()
-            for s in sites:
-                for a in s.activations:
-                    layout = _gram_layout(s, out[a])
-                    if layout is None:
-                        _accumulate(s, stats[s.name], out[a])
-                        continue
-                    if (a, layout) not in uses[s.name]:
-                        uses[s.name].append((a, layout))
-                    if (a, layout) not in done:
-                        _gram(grams.setdefault((a, layout), [None, 0]), out[a], layout, s.L)
-                        done.add((a, layout))
+            acc.add(out)
             p.step(len(out[acts[0]]) if acts else batch_size)
-    for s in sites:
-        if uses[s.name]:
-            st, parts = stats[s.name], [grams[k] for k in uses[s.name]]
-            st.xtx = parts[0][0] if len(parts) == 1 else sum(g for g, _ in parts)
-            st.n_xtx = sum(r for _, r in parts)
-    return stats
+    return {s.name: acc.take(s) for s in sites}
 
 
 def _gram_layout(site: WeightSite, x: np.ndarray) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import zipfile
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ..errors import BayesQError, first_line
 from .cone import all_nodes
@@ -25,6 +26,113 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return prepare_model(read_model(path), str(Path(path)), str(Path(path)))
 
 
+class WeightFiles:
+    """Where the external data of a model opened by :func:`open_model` lives.  Its tensors stay on
+    disk and are memory-mapped when read: file-backed pages, which the kernel drops and reloads as
+    it needs, not the process's own memory -- a model far larger than that memory can be analysed
+    one part at a time.  ``WeightFiles(None)``: a model held wholly in memory."""
+
+    def __init__(self, base: str | os.PathLike | None, tmp: tempfile.TemporaryDirectory | None = None):
+        self.base, self._tmp = (Path(base) if base is not None else None), tmp   # tmp: kept alive with us
+
+    def array(self, t: onnx.TensorProto) -> np.ndarray:
+        """The tensor's values: read-only and memory-mapped when stored as external data."""
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+        shape = tuple(t.dims)
+        if math.prod(shape) == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.base / info["location"], dtype, "r", int(info.get("offset", 0)), shape)
+
+    def materialize(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """``model`` with every external tensor read into it (in place): a self-contained proto."""
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                t.raw_data = np.ascontiguousarray(self.array(t)).tobytes()
+                del t.external_data[:]
+                t.ClearField("data_location")   # unset, as in a model never stored externally: the same bytes
+        return model
+
+
+def has_external(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+SPILL_BYTES = 1 << 16   # inline initializers this big or bigger are moved out of the proto (open_model)
+_ALIGN = 1 << 16        # offsets in the spill file: page-aligned, so onnxruntime can map them too
+
+
+def open_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, WeightFiles]:
+    """The model's graph with its weights left on disk, checked and normalized like :func:`load_model`:
+    initializers stored as external data stay where they are; in a model without external data, the
+    big inline ones are first written to a temporary file (the proto's copy is freed), so that
+    either way weights are read memory-mapped, one at a time (:class:`WeightFiles`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BayesQError(f"model not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise BayesQError(f"cannot read {path} as an ONNX model: {first_line(e)}") from None
+    if has_external(model):
+        files = WeightFiles(path.parent)
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                _check_external(t, path.parent, path)
+    else:
+        files = _spill(model)
+    return prepare_model(model, str(path), str(path), files), files
+
+
+def _check_external(t: onnx.TensorProto, base: Path, path: Path) -> None:
+    info = {e.key: e.value for e in t.external_data}
+    where = info.get("location", "")
+    f = (base / where).resolve()
+    need = int(info.get("offset", 0)) + int(info.get("length", 0) or
+                                           math.prod(t.dims) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize)
+    if not where or Path(where).is_absolute() or base.resolve() not in f.parents or not f.is_file() \
+            or f.stat().st_size < need:
+        raise BayesQError(f"cannot read {path} as an ONNX model: the external data of {t.name!r} ({where!r}) is "
+                          f"missing, outside the model's folder, or too short")
+
+
+def _spill(model: onnx.ModelProto) -> WeightFiles:
+    """Move the big inline initializers of ``model`` to a temporary file (:data:`SPILL_BYTES`)."""
+    big = [t for t in model.graph.initializer if t.ByteSize() >= SPILL_BYTES]
+    if not big:
+        return WeightFiles(None)
+    tmp = tempfile.TemporaryDirectory(prefix="bayesq-weights-")
+    with open(Path(tmp.name) / "weights.bin", "wb") as f:
+        for t in big:
+            data = np.ascontiguousarray(numpy_helper.to_array(t)).tobytes()
+            f.write(b"\0" * (-f.tell() % _ALIGN))
+            offset = f.tell()
+            f.write(data)
+            for k in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(k)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", "weights.bin"), ("offset", str(offset)), ("length", str(len(data)))):
+                t.external_data.add(key=k, value=v)
+    return WeightFiles(tmp.name, tmp)
+
+
+def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy onnx.checker can check in memory: external initializers (whose files the checker looks
+    for relative to the working directory) become graph inputs of the same type and shape."""
+    if not has_external(model):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    ext = [t for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    keep = [t for t in m.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in ext)
+    return m
+
+
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     """The file as it is, with its external data: no check, no normalization (for reading only)."""
     path = Path(path)
@@ -36,17 +144,19 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise BayesQError(f"cannot read {path} as an ONNX model: {first_line(e)}") from None
 
 
-def prepare_model(model: onnx.ModelProto, source: str = "the model", path: str | None = None) -> onnx.ModelProto:
+def prepare_model(model: onnx.ModelProto, source: str = "the model", path: str | None = None,
+                  files: WeightFiles | None = None) -> onnx.ModelProto:
     """Check a model and normalize it in place (Constant weights -> initializers, unique node names).
-    ``path``: the file it was read from (onnxruntime loads big models from there)."""
+    ``path``: the file it was read from (onnxruntime loads big models from there); ``files``: where
+    its external data is (:func:`open_model`)."""
     if not model.graph.node:
         raise BayesQError(f"{source} is not a usable ONNX model (its graph has no nodes)")
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(checkable(model))
     except Exception as e:
         # exporters write models the checker refuses (e.g. graph outputs without a type) that
         # onnxruntime runs: only a model it cannot load either is an error
-        why = ort_load_error(model, path)
+        why = ort_load_error(model, path, files)
         if why is not None:
             raise BayesQError(f"{source} fails onnx.checker: {first_line(e)}; onnxruntime cannot load it either: "
                               f"{why}") from None
@@ -56,12 +166,12 @@ def prepare_model(model: onnx.ModelProto, source: str = "the model", path: str |
     return model
 
 
-def ort_load_error(model: onnx.ModelProto, path: str | None = None) -> str | None:
+def ort_load_error(model: onnx.ModelProto, path: str | None = None, files: WeightFiles | None = None) -> str | None:
     """None if onnxruntime creates a session for the model (custom ops registered), else its reason."""
     from ..runtime.session import make_session   # the runtime layer sits above this one
     try:
         make_session(path if path is not None and model.ByteSize() > PROTO_LIMIT else model, fold=False,
-                     unpack="never")
+                     unpack="never", external_data=files.base if files is not None else None)
         return None
     except Exception as e:
         return first_line(e)
@@ -136,10 +246,14 @@ def bfloat16_hint(model: onnx.ModelProto) -> str:
             "model to float16 or float32")
 
 
-def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, files: WeightFiles | None = None) -> Path:
     """Write ``model`` to ``path`` via a temp file and rename, so a failure leaves nothing half-written.
-    Models over 2 GB go to one external-data file beside it (``<name>.data``), also renamed into place."""
+    ``files``: where its external tensors are (``open_model``).  A model that fits one protobuf is
+    written whole; a bigger one goes to an external-data file beside it (``<name>.data``), written
+    tensor by tensor (external ones copied from their files in chunks), also renamed into place;
+    the model then refers to that file."""
     path = Path(path)
+    files = files or WeightFiles(None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -147,27 +261,48 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     data_name = path.name + ".data"
     tmp_data = None
     try:
-        if model.ByteSize() > PROTO_LIMIT:
-            tmp_data = f".{data_name}.tmp"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data, size_threshold=1024)
-            # the model refers to its data by relative location: rewrite it to the final name
-            m = onnx.load(tmp, load_external_data=False)
-            for t in m.graph.initializer:
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            onnx.save_model(m, tmp)
-            os.replace(path.parent / tmp_data, path.parent / data_name)
-        else:
+        if not fits(model, files):
+            tmp_data = path.parent / f".{data_name}.tmp"
+            _write_external(model, files, tmp_data, data_name)
             onnx.save_model(model, tmp)
+            os.replace(tmp_data, path.parent / data_name)
+        else:
+            onnx.save_model(files.materialize(model), tmp)
         os.replace(tmp, path)
     except BaseException:
-        for p in (tmp, tmp_data and path.parent / tmp_data):
+        for p in (tmp, tmp_data):
             if p and os.path.exists(p):
                 os.unlink(p)
         raise
     return path
+
+
+def fits(model: onnx.ModelProto, files: WeightFiles) -> bool:
+    """Whether ``model``, its external tensors read in, fits one protobuf."""
+    ext = sum(files.array(t).nbytes for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    return model.ByteSize() + ext <= PROTO_LIMIT
+
+
+def _write_external(model: onnx.ModelProto, files: WeightFiles, data_path: Path, data_name: str) -> None:
+    """Every initializer of 1 KiB or more into ``data_path``, one at a time (page-aligned), ``model``
+    rewritten to refer to it as ``data_name``."""
+    with open(data_path, "wb") as f:
+        for t in model.graph.initializer:
+            external = t.data_location == onnx.TensorProto.EXTERNAL
+            if not external and t.ByteSize() < 1024:
+                continue
+            a = np.ascontiguousarray(files.array(t))
+            f.write(b"\0" * (-f.tell() % _ALIGN))
+            offset = f.tell()
+            flat = a.reshape(-1).view(np.uint8)
+            for i in range(0, flat.size, 1 << 26):    # 64 MiB at a time: a mapped weight is never read whole
+                f.write(flat[i:i + (1 << 26)].tobytes())
+            for k in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(k)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(flat.size))):
+                t.external_data.add(key=k, value=v)
 
 
 def save_json_atomic(obj, path) -> None:

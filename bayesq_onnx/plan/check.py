@@ -12,7 +12,6 @@ from ..parallel import parallel_map
 from ..progress import Progress
 from .planner import Plan
 from .proxy import OutputDistortion
-from .tables import Grids
 
 log = logging.getLogger(__name__)
 
@@ -20,19 +19,26 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Contender:
     plan: Plan
-    quantizers: dict          # site name -> SiteQuantizer that rounds it
-    grids: Grids              # grid kinds chosen for its formats (absent: the quantizer's first)
+    reference: bool = False   # rounded as --method gptq does (the reference GPTQ plan), not with our grids
 
 
-def check_plans(contenders: list[Contender], sites, probe, held, batch_size) -> tuple[Contender, dict]:
+def check_plans(contenders: list[Contender], packed: list[dict], sites, stream, probe, held, batch_size
+                ) -> tuple[int, dict]:
     """The contender with the least output distortion on ``held`` (ties keep the first: the
-    knapsack's), and the report's ``plan_check`` entry."""
+    knapsack's), and the report's ``plan_check`` entry.  ``packed``: each contender's packed tensors
+    per site; held-back data runs through the model a segment at a time (``runtime/stream.py``), each
+    segment on its sites' weights decoded from them, so only one segment's weights are unpacked."""
     distortion = OutputDistortion(probe, held, batch_size)
+    by_name = {s.name: s for s in sites}
     with Progress("plan check", len(contenders)) as p:
         scores = []
-        for c in contenders:
-            views = parallel_map(lambda s: s.from_view(dequantized(c, s)), sites)
-            scores.append(distortion({s.name: v for s, v in zip(sites, views)}))
+        for c, arrays in zip(contenders, packed):
+            states = stream.start(held, batch_size)
+            for k in range(len(stream)):
+                names = [t for t in stream.reads[k] if t in arrays]
+                views = parallel_map(lambda t: decoded(c, arrays[t], by_name[t]), names)
+                out = stream.advance(k, states, dict(zip(names, views)))
+            scores.append(distortion.of_outputs(out))
             p.step()
     i = int(np.argmin(scores))
     n_weights = sum(s.size for s in sites)
@@ -44,7 +50,13 @@ def check_plans(contenders: list[Contender], sites, probe, held, batch_size) -> 
     if i:
         log.warning("plan check: %s beats the knapsack plan on held-back data (%.3g vs %.3g); shipping it",
                     contenders[i].plan.label, scores[i], scores[0])
-    return contenders[i], report
+    return i, report
+
+
+def decoded(c: Contender, arrays: dict[str, np.ndarray], site) -> np.ndarray:
+    """The weight ``c`` ships for ``site``, decoded from its packed tensors as the runtime does."""
+    fmt = c.plan.choice[site.name]
+    return site.from_view(fmt.unpack(arrays, site.rows, site.L).dequantize())
 
 
 def _ratio(knapsack: float, best_other: float) -> float | None:
@@ -53,15 +65,3 @@ def _ratio(knapsack: float, best_other: float) -> float | None:
     if best_other > 0:
         return knapsack / best_other
     return 1.0 if knapsack == 0 else None
-
-
-def dequantized(c: Contender, site) -> np.ndarray:
-    """The view ``c`` ships for ``site``."""
-    fmt = c.plan.choice[site.name]
-    return c.quantizers[site.name].dequantized(fmt, grid_of(c, site))
-
-
-def grid_of(c: Contender, site) -> str:
-    """The grid kind ``c`` rounds ``site`` on."""
-    fmt = c.plan.choice[site.name]
-    return c.quantizers[site.name].grid_kind(fmt, c.grids.get((site.name, fmt)))

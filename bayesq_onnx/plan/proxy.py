@@ -11,7 +11,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import BayesQError
-from ..runtime.probe import ConeRun, SegmentRun
+from ..runtime.probe import ConeRun
+from ..runtime.stream import SegmentRun
 
 
 class OutputDistortion:
@@ -28,6 +29,11 @@ class OutputDistortion:
     def __call__(self, overrides: dict[str, np.ndarray]) -> float:
         return self._distortion(self.probe.run(self.data, self.batch_size, outputs=self.outputs, overrides=overrides),
                                 self.outputs)
+
+    def of_outputs(self, runs: Iterable[dict[str, np.ndarray]]) -> float:
+        """The distortion of model outputs computed elsewhere, batch by batch as the reference's."""
+        runs = list(runs)
+        return self._distortion(runs, [k for k in self.outputs if k in runs[0]])
 
     def restricted_to(self, names: list[str]) -> Callable[[dict[str, np.ndarray]], float]:
         """The same distortion for overrides of ``names`` only, running just the part of the model
@@ -48,7 +54,7 @@ class OutputDistortion:
 
     def segmented(self, names: list[str]) -> Callable[[dict[str, np.ndarray]], float]:
         """The same distortion for overrides of ``names``, computed from the first segment they
-        change on (runtime.probe.SegmentRun): everything before it is run once for all
+        change on (runtime/stream.SegmentRun): everything before it is run once for all
         measurements, so one site costs the part of the model from its block on -- half a
         forward pass on average.  Where the model cannot be cut, this distortion itself."""
         if self.probe.model is None:
@@ -56,12 +62,7 @@ class OutputDistortion:
         run = SegmentRun(self.probe, names, self.data, self.batch_size)
 
         def measure(overrides: dict[str, np.ndarray]) -> float:
-            first = min((run.first_segment(k) for k in overrides), default=None)
-            if first is None:
-                return 0.0
-            out = run.run(first, overrides)
-            if run.segments[first].end is not None:
-                out = run.tail(first, [o[run.segments[first].end] for o in out], overrides)
-            return self._distortion(out, [k for k in self.outputs if k in out[0]])
+            first = min((k for k in map(run.first_segment, overrides) if k is not None), default=None)
+            return 0.0 if first is None else self.of_outputs(run.outputs_from(first, overrides))
         return measure
 

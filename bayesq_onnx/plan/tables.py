@@ -1,6 +1,7 @@
 """Loss tables, the knapsack's input: one pass per source (``Recipe.tables``, docs/design.md "Loss
-tables").  Each takes the sites, their candidates and quantizers and returns :class:`Tables`: a loss
-per (site, candidate), and the grid each measured format is to be rounded on.  Quantizers only
+tables").  Each takes some sites (a segment's worth at a time), their candidates and quantizers
+and returns :class:`Tables`: a loss per (site, candidate), and the grid each measured format is to
+be rounded on.  Quantizers only
 cache what they compute; every choice is in what a pass returns.
 
 Within a site the candidates off the lower convex hull of (stored bits, loss) are never worth
@@ -14,7 +15,6 @@ import numpy as np
 
 from ..formats import BayesqLut, Float32, Format
 from ..parallel import parallel_map
-from ..progress import Progress
 from .greedy import lower_hull
 from .planner import Plan
 from .proxy import OutputDistortion
@@ -39,11 +39,13 @@ class KronTables:
     name = "kron"
     uniform_checked = 0   # the plan check measures the knapsack against the reference GPTQ plan only
 
-    def __init__(self, distortion: OutputDistortion):
-        self.distortion = distortion
+    def __init__(self, distortion: OutputDistortion, sites):
+        self.distortion, self._names, self._from_segment = distortion, [s.name for s in sites], None
 
     def __call__(self, sites, candidates, quantizers) -> Tables:
-        from_segment = self.distortion.segmented([s.name for s in sites])
+        if self._from_segment is None:   # cut once for all the sites, whichever part is asked for first
+            self._from_segment = self.distortion.segmented(self._names)
+        from_segment = self._from_segment
 
         def site_table(s) -> np.ndarray:
             q, fs = quantizers[s.name], candidates[s.name]
@@ -55,7 +57,7 @@ class KronTables:
                 table[hull] *= from_segment({s.name: s.from_view(codes.dequantize())}) / err if err > 0 else 0.0
             return table
 
-        return Tables(_per_site(self.name, sites, site_table))
+        return Tables(_per_site(sites, site_table))
 
     def grids_for(self, plan: Plan, sites, quantizers, known: Grids) -> Grids:
         """Where a site offers several grids for its planned format (grouped Conv and Gather: no
@@ -81,15 +83,14 @@ class ProxyTables:
     name = "proxy"
     uniform_checked = 3   # uniform plans with our grids measured beside the knapsack's
 
-    def __init__(self, distortion: OutputDistortion):
+    def __init__(self, distortion: OutputDistortion, sites=None):
         self.distortion = distortion
 
     def __call__(self, sites, candidates, quantizers) -> Tables:
-        grids: Grids = {}
-
-        def site_table(s) -> np.ndarray:
+        def site_table(s) -> tuple[np.ndarray, Grids]:
             q, fs = quantizers[s.name], candidates[s.name]
             table, hull = _hull_table(s, fs, q.screen_loss)
+            grids: Grids = {}
             measure = self.distortion.restricted_to([s.name])   # only the part of the model it reaches
             for j in hull:
                 if isinstance(fs[j], Float32):
@@ -97,10 +98,11 @@ class ProxyTables:
                     continue
                 table[j], grids[s.name, fs[j]] = min(
                     (measure({s.name: s.from_view(q.dequantized(fs[j], k))}), k) for k in q.grid_kinds(fs[j]))
-            return table
+            return table, grids
 
-        losses = _per_site(self.name, sites, site_table)
-        return Tables(losses, grids)
+        per_site = _per_site(sites, site_table)
+        return Tables({name: table for name, (table, _) in per_site.items()},
+                      {k: v for _, grids in per_site.values() for k, v in grids.items()})
 
     def grids_for(self, plan: Plan, sites, quantizers, known: Grids) -> Grids:
         return {}   # every hull candidate's grids were measured with the tables
@@ -120,7 +122,7 @@ class ClosedFormTables:
             table[hull] = [q.expected_loss(fs[j]) for j in hull]
             return table
 
-        return Tables(_per_site(self.name, sites, site_table))
+        return Tables(_per_site(sites, site_table))
 
     def grids_for(self, plan: Plan, sites, quantizers, known: Grids) -> Grids:
         return {}
@@ -149,7 +151,7 @@ class HawqTables:
             table[hull] *= self.traces[s.name]
             return table
 
-        return Tables(_per_site(self.name, sites, site_table))
+        return Tables(_per_site(sites, site_table))
 
     def grids_for(self, plan: Plan, sites, quantizers, known: Grids) -> Grids:
         return {}   # one grid per format: GPTQ's own (dynamic) min/max groups
@@ -158,13 +160,9 @@ class HawqTables:
 MEASURED = {t.name: t for t in (KronTables, ProxyTables)}   # the passes built on an OutputDistortion
 
 
-def _per_site(name: str, sites, site_table) -> dict[str, np.ndarray]:
-    losses = {}
-    with Progress(f"loss tables ({name})", len(sites)) as p:
-        for s, table in zip(sites, parallel_map(site_table, sites)):
-            losses[s.name] = table
-            p.step()
-    return losses
+def _per_site(sites, site_table) -> dict:
+    """``site_table`` of every site, by site name (it returns all it finds: parallel.py)."""
+    return dict(zip((s.name for s in sites), parallel_map(site_table, sites)))
 
 
 def _hull_table(site, formats, screen) -> tuple[np.ndarray, list[int]]:

@@ -45,8 +45,13 @@ class NumpyBackend:
 class TorchBackend:
     def __init__(self, device):
         import torch
-        self.torch, self.device = torch, torch.device(device)
+        self.device = torch.device(device)
         self.name = str(self.device)
+
+    @property
+    def torch(self):   # not an attribute: a module does not pickle (Ray ships quantizers)
+        import torch
+        return torch
 
     def _dtype(self, dtype):
         return {np.dtype(np.float32): self.torch.float32, np.dtype(np.float64): self.torch.float64,

@@ -50,6 +50,12 @@ class SharedFactor:
                 self._value = gptq_factor(*self._args, backend=self.backend)
             return self._value
 
+    def __getstate__(self):   # a lock does not pickle (Ray ships quantizers to its workers)
+        return self._args, self._value, self.backend
+
+    def __setstate__(self, state):
+        (self._args, self._value, self.backend), self._lock = state, threading.Lock()
+
 
 class _GPTQWork:
     """What GPTQ computes for a site whatever the grid, shared by the quantizers of that site."""

@@ -67,7 +67,7 @@ def unpack_rule(K: int, N: int, isa: str) -> bool:
 
 def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=None,
                  sess_options: ort.SessionOptions | None = None, fold: bool = True, unpack: str = "auto",
-                 **kw) -> ort.InferenceSession:
+                 external_data: str | os.PathLike | None = None, **kw) -> ort.InferenceSession:
     """An InferenceSession for any model bayesq-onnx writes (or any other model).  The bayesq
     custom-op library is registered by ``session_options``; pass ``sess_options`` made by it (or call
     ``custom_ops.register`` on your own) to keep bayesq ops loadable.
@@ -84,10 +84,18 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
     ``never``: they stay packed (memory at the packed size).  ``always``: each becomes an fp32
     ``MatMul`` (+ ``Add`` for a bias) on its weight dequantized once here, bit-exactly (in memory
     only; the file stays small).  ``auto``: per weight, by :func:`unpack_rule` (the kernels in use and
-    the weight's size)."""
+    the weight's size).
+
+    ``external_data``: the folder a proto's external tensors are stored relative to
+    (``model_io.open_model``).  onnxruntime maps them from there, and is told not to prepack weights,
+    which would copy every one into the process's memory: the session then costs little more than
+    the files' pages."""
     if unpack not in UNPACK:
         raise BayesQError(f"unpack={unpack!r}: expected one of {', '.join(UNPACK)}")
     so = sess_options or session_options()
+    if external_data is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data))
+        so.add_session_config_entry("session.disable_prepacking", "1")
     providers = providers or DEFAULT_PROVIDERS
     rewritten = _rewrite(model, so, providers, fold, unpack)
     model = rewritten if rewritten is not None else model

@@ -1,0 +1,177 @@
+"""The probe's model run one segment at a time (graph/cone.segments of every site weight), so that
+data passes through a model far larger than memory with only one segment's tensors live: the
+analysis reads each segment's site activations as it goes and replaces a segment's weights with
+their quantized values as it runs.  A model that cannot be cut (subgraphs) is one segment: the
+probe's whole session."""
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from ..calib.readers import batches
+from ..graph.cone import backward_slice, segments, submodel
+from .probe import Probe, _session
+
+
+class Stream:
+    def __init__(self, probe: Probe, names: list[str], activations: dict[str, tuple[str, ...]] | None = None):
+        """``names``: the site weights (the cuts are those of their forward cone); ``activations``:
+        the inputs each of them reads, to be captured (:attr:`capture`)."""
+        self.probe, self.weights = probe, probe.weights
+        activations = activations or {}
+        acts = list(dict.fromkeys(a for n in names for a in activations.get(n, ())))
+        if probe.model is None:
+            self._whole(names, acts)
+            return
+        names = set(names)
+        m, g = probe.model, probe.model.graph
+        self._model = m
+        segs = segments(g, names, probe.outputs)
+        self.graph_inputs = {v.name: v for v in g.input}
+        inside = {o for sg in segs for n in sg.nodes for o in n.output}
+        inits = {t.name for t in g.initializer}
+        self.reads, self.outs, self.ends, self._sessions = [], [], [], []
+        for k, sg in enumerate(segs):
+            made = {o for n in sg.nodes for o in n.output}
+            reads = list(dict.fromkeys(i for n in sg.nodes for i in n.input if i and i not in made and i not in inits))
+            outs = [sg.end] if sg.end is not None else [o for o in probe.outputs if o in inside]
+            self.reads.append(reads)
+            self.outs.append(outs)
+            self.ends.append(sg.end)
+            self._sessions.append(None)   # made on first use, when the types of its inputs are known
+        self.segments = segs
+        # each site activation is captured once, in the first segment where a site reads it along
+        # with its weight (a tied table: the indices in the first, the head's input in the last)
+        self.capture: list[list[str]] = [[] for _ in segs]
+        where: dict[str, int] = {}
+        for name in names:
+            for a in activations.get(name, ()):
+                k = next((k for k, sg in enumerate(segs) if name in self.reads[k] and
+                          any(a in n.input for n in sg.nodes)), None)
+                if k is not None:
+                    where[a] = min(k, where.get(a, k))
+        for a, k in where.items():
+            self.capture[k].append(a)
+            if a in {o for n in segs[k].nodes for o in n.output} and a not in self.outs[k]:
+                self.outs[k].append(a)
+        # what the segments read from outside them that is neither a graph input nor a cut: masks,
+        # positions (independent of the weights), computed once per batch by their own slice
+        cuts = {sg.start for sg in segs if sg.start is not None}
+        self.side = list(dict.fromkeys(t for r in self.reads for t in r
+                                       if t not in self.graph_inputs and t not in cuts and t not in inside))
+        self._side_session = None   # made on first use, as the segments' (they do not pickle: parallel.py)
+        if self.side:
+            self._side_part = backward_slice(g.node, self.side)
+            self._side_reads = [k for k in dict.fromkeys(i for n in self._side_part for i in n.input)
+                                if k in self.graph_inputs]
+        # the segments that read each weight, and each activation's readers' segment
+        self.readers: dict[str, list[int]] = {}
+        for k, r in enumerate(self.reads):
+            for t in r:
+                if t in names:
+                    self.readers.setdefault(t, []).append(k)
+
+    def _whole(self, names, acts) -> None:
+        p = self.probe
+        self.segments = [None]
+        self.graph_inputs = {}
+        self.reads = [[i.name for i in p.session.get_inputs()]]
+        self.outs = [list(dict.fromkeys([*p.outputs, *acts]))]
+        self.capture = [acts]
+        self.ends = [None]
+        self.side = []
+        self._side_session = None
+        self._sessions = [None]
+        self._model = None
+        self.readers = {n: [0] for n in names}
+
+    def __len__(self) -> int:
+        return len(self.reads)
+
+    def last_reader(self, name: str) -> int:
+        """The last segment that reads weight ``name`` (a tied embedding: the head's), or the last."""
+        return max(self.readers.get(name, [len(self) - 1]))
+
+    def first_reader(self, name: str) -> int | None:
+        """The first segment that reads weight ``name`` (None: none does)."""
+        return min(self.readers[name]) if name in self.readers else None
+
+    def start(self, data: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
+        """One state per batch: its graph inputs and the side tensors; :meth:`advance` adds each cut."""
+        states = [dict(feed) for feed in batches(data, batch_size)]
+        if self.side:
+            if self._side_session is None:
+                self._side_session = _session(submodel(self._model, self._side_part, [self.graph_inputs[k] for k in
+                                                       self._side_reads], self.side), True, self.probe.external)
+            for st in states:
+                st.update(zip(self.side, self._side_session.run(
+                    self.side, {k: st[k] if k in st else self.weights[k] for k in self._side_reads})))
+        return states
+
+    def advance(self, k: int, states: list[dict[str, np.ndarray]], overrides: dict[str, np.ndarray] | None = None
+                ) -> list[dict[str, np.ndarray]]:
+        """Run segment ``k`` on each state (with ``overrides`` of the weights it reads): the state
+        moves on to its end cut (the start cut is dropped), and its outputs -- the site activations
+        captured in it (:attr:`capture`), and at the last segment the graph outputs -- are returned
+        per batch."""
+        overrides = overrides or {}
+        session, outs = self._session(k, states[0])
+        start = self.segments[k].start if self.segments[k] is not None else None
+        results = []
+        for st in states:
+            feed = {t: overrides[t] if t in overrides else self.weights[t] if t in self.weights else st[t]
+                    for t in self.reads[k]}
+            out = dict(zip(outs, session.run(outs, feed)))
+            for a in self.capture[k]:     # read, not computed, here: a graph input, a side tensor, the start cut
+                if a not in out:
+                    out[a] = feed[a]
+            if start is not None:
+                st.pop(start, None)
+            if self.ends[k] is not None:
+                st[self.ends[k]] = out[self.ends[k]]
+            results.append(out)
+        return results
+
+    # pickled (parallel.py's Ray workers) without sessions: they are made again on first use
+    def __getstate__(self):
+        return {**self.__dict__, "_sessions": [None] * len(self._sessions), "_side_session": None}
+
+    def _session(self, k: int, state: dict[str, np.ndarray]):
+        if self._model is None:        # the whole model, uncut
+            return self.probe.session, self.outs[0]
+        if self._sessions[k] is None:
+            inputs = [self.graph_inputs[t] if t in self.graph_inputs else
+                      helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(self._value(t, state).dtype), None)
+                      for t in self.reads[k]]
+            outs = [o for o in self.outs[k] if o not in self.graph_inputs]
+            self._sessions[k] = (_session(submodel(self._model, self.segments[k].nodes, inputs, outs), True,
+                                          self.probe.external), outs)
+        return self._sessions[k]
+
+    def _value(self, t: str, state: dict[str, np.ndarray]) -> np.ndarray:
+        return self.weights[t] if t in self.weights else state[t]
+
+
+class SegmentRun:
+    """The model on fixed ``data`` from any segment on, with some weights replaced: the states at
+    every segment's start come from one reference pass (with the masks and positions the segments
+    read beside the cut, independent of the weights), so a measurement runs only from the first
+    segment its weights change.  Each kept state holds one cut: a few MB on a few samples."""
+
+    def __init__(self, probe: Probe, names: list[str], data: dict[str, np.ndarray], batch_size: int):
+        self.stream = stream = Stream(probe, names)
+        states = stream.start(data, batch_size)
+        self.starts = []
+        for k in range(len(stream)):
+            self.starts.append([dict(st) for st in states])   # the arrays are shared, not copied
+            stream.advance(k, states)
+
+    def first_segment(self, name: str) -> int | None:
+        return self.stream.first_reader(name)
+
+    def outputs_from(self, k: int, overrides: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """The graph outputs per batch, running segments ``k`` onwards with ``overrides``."""
+        states = [dict(st) for st in self.starts[k]]
+        for j in range(k, len(self.stream)):
+            out = self.stream.advance(j, states, overrides)
+        return out

@@ -1,0 +1,109 @@
+"""The streamed analysis (docs/design.md, "Streaming"): weights read memory-mapped from disk, data
+passed through the model a segment at a time -- and the same numbers and bytes as the whole model
+held at once."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import models
+from bayesq_onnx import Analysis, Recipe, compress
+from bayesq_onnx.calib.capture import capture_stats
+from bayesq_onnx.errors import BayesQError
+from bayesq_onnx.graph import model_io
+from bayesq_onnx.plan.check import Contender, check_plans, decoded
+from bayesq_onnx.plan.planner import uniform_plans
+from bayesq_onnx.plan.proxy import OutputDistortion
+
+CASES = {"residual": (models.residual, models.residual_data), "tied": (models.tied, models.tied_data),
+         "cnn": (models.cnn, models.cnn_data), "loop": (models.loop, models.loop_data)}
+
+
+def _save_external(tmp_path, name, model) -> str:
+    p = tmp_path / f"{name}.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)   # onnx.save moves the tensors of the proto it is given out to the file
+    onnx.save(copy, str(p), save_as_external_data=True, location=f"{name}.bin", size_threshold=256)
+    return str(p)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_inline_external_and_in_memory_models_give_the_same_bytes(tmp_path, case):
+    """One model three ways -- a proto in memory, an inline file (spilled to a temp file and
+    mapped), an external-data file (mapped where it is) -- compresses to the same bytes."""
+    build, data = CASES[case]
+    m = build()
+    inline = tmp_path / f"{case}.onnx"
+    onnx.save(m, str(inline))
+    outs = []
+    for i, src in enumerate([m, str(inline), _save_external(tmp_path, case + "_ext", m)]):
+        out = tmp_path / f"q{i}.onnx"
+        compress(src, Recipe(bits=3.0), calib=data(), output=out)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_weights_are_memory_mapped_from_an_external_data_file(tmp_path):
+    src = _save_external(tmp_path, "mlp", models.mlp())
+    an = Analysis(src, Recipe(bits=4.0), calib=models.mlp_data())
+    w = an.probe.weights["W1"]
+    assert isinstance(w, np.memmap) and not w.flags.writeable
+    np.testing.assert_array_equal(w, onnx.numpy_helper.to_array(next(t for t in models.mlp().graph.initializer
+                                                                      if t.name == "W1")))
+
+
+@pytest.mark.parametrize("case", ["residual", "tied", "cnn"])
+def test_streamed_statistics_equal_one_pass_of_the_whole_model(case):
+    """Segment by segment (each site's activations read in the segment that reads its weight) the
+    statistics are those of one whole-model pass."""
+    build, data = CASES[case]
+    an = Analysis(build(), Recipe(bits=4.0), calib=data())
+    assert len(an.stream) > 1          # really cut
+    whole = capture_stats(an.probe, an.sites, an.fit, an.batch)
+    streamed = an.quantizers()
+    for s in an.sites:
+        want, got = whole[s.name].xtx, streamed[s.name].xtx
+        if want is None:
+            assert got is None
+        else:   # the same float64 sums of the same float32 activations, from other sessions: rounding only
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("case", ["residual", "tied"])
+def test_streamed_plan_check_equals_the_whole_model_distortion(case):
+    """The plan check's score of a plan, run a segment at a time on weights decoded from the packed
+    tensors, is the whole model's output distortion with all those weights at once."""
+    build, data = CASES[case]
+    an = Analysis(build(), Recipe(bits=4.0), calib=data())
+    plans = uniform_plans(an.sites, an.candidates, 3.0 * an.n_weights)[:2]
+    contenders = [Contender(p) for p in plans]
+    packed, _, _ = an._round(contenders)
+    _, report = check_plans(contenders, packed, an.sites, an.stream, an.probe, an.held, an.batch)
+    whole = OutputDistortion(an.probe, an.held, an.batch)
+    for c, arrays, entry in zip(contenders, packed, report["candidates"]):
+        d = whole({s.name: decoded(c, arrays[s.name], s) for s in an.sites if s.name in arrays})
+        assert entry["distortion"] > 0
+        # float32 activations through differently cut sessions: relative 1e-5 covers their rounding
+        assert entry["distortion"] == pytest.approx(d, rel=1e-5)
+
+
+def test_missing_external_data_is_a_one_line_error(tmp_path):
+    src = _save_external(tmp_path, "mlp", models.mlp())
+    (tmp_path / "mlp.bin").unlink()
+    with pytest.raises(BayesQError, match="external data of .* missing"):
+        compress(src, Recipe(bits=4.0), calib=models.mlp_data())
+
+
+def test_output_past_the_protobuf_limit_is_written_tensor_by_tensor(tmp_path, monkeypatch):
+    """Past 2 GB (lowered here) the output's tensors go one by one to ``<name>.data``, copied from
+    the mapped input where they are not quantized; the model reads back as the one written whole."""
+    src = _save_external(tmp_path, "mlp", models.mlp())
+    whole = compress(src, Recipe(bits=3.0), calib=models.mlp_data(), output=tmp_path / "whole.onnx")
+    monkeypatch.setattr(model_io, "PROTO_LIMIT", 1000)
+    compress(src, Recipe(bits=3.0), calib=models.mlp_data(), output=tmp_path / "split.onnx")
+    assert (tmp_path / "split.onnx.data").is_file()
+    split = onnx.load(str(tmp_path / "split.onnx"))   # loads its external data back
+    assert len(split.graph.initializer) == len(whole.model.graph.initializer)
+    for a, b in zip(split.graph.initializer, whole.model.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
