@@ -135,3 +135,15 @@ def test_cli_device_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("bayesq-onnx: error: --device cuda"), err
     assert not out.exists()
+
+
+def test_shared_factor_pickles_with_its_backend():
+    """Ray ships quantizers to its workers: the factor must keep its backend across a pickle."""
+    import pickle
+
+    from bayesq_onnx.quantize.site import SharedFactor
+    W, H = _problem(rows=8, L=64)
+    for be in (NUMPY, _torch_cpu()):
+        f = pickle.loads(pickle.dumps(SharedFactor(H, 0.01, False, be)))
+        assert type(f.backend) is type(be) and f.get().backend is f.backend
+        np.testing.assert_array_equal(np.asarray(be.get(f.get().U)), np.asarray(be.get(gptq_factor(H, backend=be).U)))
