@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..calib.readers import n_samples
-from ..formats import BayesqLut, Format, LutCodes, UniformCodes
+from ..formats import Format, LutCodes, UniformCodes
 from ..progress import Progress
 from ..types import WeightSite
 
