@@ -157,6 +157,10 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
     c.add_argument("--pin", action="append", metavar="PATTERN=BITS",
                    help="weights matching PATTERN may only take formats with BITS code bits (32: fp32, 16: a float16 or "
                         "bfloat16 weight kept, within the budget); the first matching pin applies (repeatable)")
+    c.add_argument("--distill", type=int, metavar="STEPS",
+                   help="tune the chosen plan's scales and codebook levels toward the fp32 outputs for STEPS Adam "
+                        "steps on the calibration data (needs torch); held-back data decides whether the tuned "
+                        "model ships (default: off)")
     c.add_argument("--threads", type=int, help="sites analysed in parallel (as BAYESQ_WORKERS; default: the "
                                                "cores, at most 4; the output does not depend on it)")
     c.add_argument("--ray", metavar="ADDRESS", help="run the per-site work as tasks on a Ray cluster: auto "
@@ -294,7 +298,7 @@ def _recipe(args):
              "tables": args.tables, "target": args.target,
              "exclude": tuple(args.exclude) if args.exclude else None,
              "include": tuple(args.include) if args.include else None,
-             "pins": tuple(_pin(p) for p in args.pin) if args.pin else None}
+             "pins": tuple(_pin(p) for p in args.pin) if args.pin else None, "distill": args.distill}
     given = {k: v for k, v in given.items() if v is not None}
     try:
         recipe = replace(Recipe.load(args.recipe), **given) if args.recipe else Recipe(**given)

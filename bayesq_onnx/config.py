@@ -72,6 +72,7 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     pins: tuple[tuple[str, int], ...] = ()        # (pattern, code bits): matching weights take only such formats
+    distill: int = 0                              # Adam steps of calibration-only distillation after rounding; 0: off
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -93,6 +94,8 @@ class Recipe:
         for what, patterns in (("exclude", self.exclude), ("include", self.include)):
             if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
                 raise ValueError(f"{what} must be a list of non-empty name patterns, got {patterns!r}")
+        if isinstance(self.distill, bool) or not isinstance(self.distill, int) or self.distill < 0:
+            raise ValueError(f"distill must be a number of steps >= 0, got {self.distill!r}")
         for pin in self.pins:
             if (not isinstance(pin, tuple) or len(pin) != 2 or not isinstance(pin[0], str) or not pin[0]
                     or isinstance(pin[1], bool) or not isinstance(pin[1], int) or pin[1] < 1):
