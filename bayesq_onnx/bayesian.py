@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from .config import KeepPosterior, Recipe
 from .errors import BayesQError, first_line
 from .formats import Float32
 from .graph.model_io import save_json_atomic, save_model_atomic, to_array
-from .lower.sampling import Layout, PosteriorWeight, SampleSets, SigmaStore, add_sampling, unfuse_matmuls
+from .lower.sampling import Layout, PosteriorWeight, SampleSets, SigmaStore, add_sampling, opset, unfuse_matmuls
 from .posterior.keep import (affine_like, compact, draw, laplace_sigma, log_quantize, mean_curvature,
                              quantize_sample, std_stored_bits, tune_prior)
 from .progress import Progress
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 SEARCH_STEPS = 5      # bisection steps for the means' budget, after the step down that made it fit
 MIN_STEP = 1 / 64     # the least step down (bits/weight): a total just over the budget still moves
 MAX_STEPS_DOWN = 20
+MAX_OPSET = 21        # onnxruntime 1.32 registers RandomNormalLike for opsets 1-21 only
 
 
 class BayesianAnalysis:
@@ -48,7 +50,15 @@ class BayesianAnalysis:
             raise BayesQError("--keep-posterior stores means in formats with a dequantize op: it needs the "
                               "bayesq formats (custom_ops=True)")
         self.keep = keep
+        # onnxruntime has no RandomNormalLike kernel from opset 22 on, and 2-bit DequantizeLinear would
+        # raise the opset to 25: 2-bit Conv weights take the bayesq affine format instead
+        recipe = replace(recipe, conv_bits=tuple(b for b in recipe.conv_bits if b != 2),
+                         bayesq_bits=tuple(sorted({*recipe.bayesq_bits, 2})))
         self.an = an = Analysis(model, recipe, calib=calib, _check_paths=_check_paths)
+        if recipe.target == "ort-cpu" and opset(an.model) > MAX_OPSET:
+            raise BayesQError(f"--keep-posterior: the model has opset {opset(an.model)}; onnxruntime draws "
+                              f"weights (RandomNormalLike) up to opset {MAX_OPSET} only (--target portable writes "
+                              "the model for other runtimes)")
         self.sites = [s for s in an.sites if s.kind in ("matmul", "conv")]
         if not self.sites:
             raise BayesQError("--keep-posterior: no MatMul or Conv weight to keep a posterior for")
