@@ -24,7 +24,7 @@ from .errors import BayesQError, first_line
 from .formats import Float32
 from .graph.model_io import save_json_atomic, save_model_atomic, to_array
 from .lower.sampling import Layout, PosteriorWeight, SampleSets, SigmaStore, add_sampling, opset, unfuse_matmuls
-from .posterior.keep import (affine_like, compact, draw, laplace_sigma, log_quantize, mean_curvature,
+from .posterior.keep import (PRIOR_GRID, affine_like, compact, draw, laplace_sigma, log_quantize, mean_curvature,
                              quantize_sample, std_stored_bits, tune_prior)
 from .progress import Progress
 from .runtime import custom_ops
@@ -75,8 +75,7 @@ class BayesianAnalysis:
                                   "samples: give --labels (one class per calibration sample) or --prior-precision")
             y = _labels(labels, an.n_calib)[n_samples(an.fit):]
             scale = mean_curvature(list(self.h.values()), [s.size for s in self.sites])
-            grid_n = 7
-            with Progress("prior precision", grid_n) as p:
+            with Progress("prior precision", len(PRIOR_GRID)) as p:
                 def scored(lam):
                     v = self._held_nll(lam, held, y)
                     p.step()
@@ -112,6 +111,12 @@ class BayesianAnalysis:
     def _formats(self, report: dict) -> dict:
         by_name = {l["name"]: l["format"] for l in report["layers"]}
         return {s.name: next(f for f in self.an.candidates[s.name] if f.name == by_name[s.name]) for s in self.an.sites}
+
+    def _codes(self, fmt, s) -> int:
+        """Code bits (no scales, zero points, offsets) stored for site ``s`` beyond or instead of its mean."""
+        f = affine_like(fmt, s.L)    # float32 values count as codes, as Format.code_bits has it
+        rows = s.rows if self.keep.mode == "spq" else self.h[s.name].shape[0]
+        return (self.keep.sets if self.keep.mode == "spq" else 1) * f.code_bits(rows, s.L)
 
     def _total(self, res: Result) -> tuple[int, int, int]:
         """(mean bits, posterior bits, total bits) of a compress result in this mode."""
@@ -232,8 +237,11 @@ class BayesianAnalysis:
                 l["posterior"] = {"store": f.name, "sigma_rows": int(self.h[s.name].shape[0]),
                                   "stored_bits": self._cost(fmts[s.name], s),
                                   "sigma_median": float(np.median(self.sigma[s.name]))}
+        codes = res.report["code_bits_per_weight"] * n + sum(self._codes(fmts[s.name], s) for s in self.sites)
+        if self.keep.mode == "spq":
+            codes -= sum(fmts[s.name].code_bits(s.rows, s.L) for s in self.sites)
         rep.update({
-            "budget": bits, "bits_per_weight": total / n,
+            "budget": bits, "bits_per_weight": total / n, "code_bits_per_weight": codes / n,
             "bits_per_weight_all": (total + an.other_bits) / (n + an.other_weights),
             "posterior": {
                 "mode": self.keep.mode, "sets": self.keep.sets if self.keep.mode == "spq" else None,
