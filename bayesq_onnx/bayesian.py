@@ -8,8 +8,6 @@
 """
 from __future__ import annotations
 
-import logging
-import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +26,8 @@ from .posterior.keep import (PRIOR_GRID, affine_like, compact, draw, laplace_sig
                              quantize_sample, std_stored_bits, tune_prior)
 from .progress import Progress
 from .runtime import custom_ops
-from .validate.uncertainty import nll, softmax
+from .validate.uncertainty import class_labels, nll, softmax
 
-log = logging.getLogger(__name__)
 SEARCH_STEPS = 5      # bisection steps for the means' budget, after the step down that made it fit
 MIN_STEP = 1 / 64     # the least step down (bits/weight): a total just over the budget still moves
 MAX_STEPS_DOWN = 20
@@ -73,7 +70,7 @@ class BayesianAnalysis:
             if labels is None or not n_samples(held):
                 raise BayesQError("--keep-posterior tunes the prior precision on held-back labelled calibration "
                                   "samples: give --labels (one class per calibration sample) or --prior-precision")
-            y = _labels(labels, an.n_calib)[n_samples(an.fit):]
+            y = class_labels(labels, an.n_calib, "calibration sample")[n_samples(an.fit):]
             scale = mean_curvature(list(self.h.values()), [s.size for s in self.sites])
             with Progress("prior precision", len(PRIOR_GRID)) as p:
                 def scored(lam):
@@ -260,19 +257,6 @@ class BayesianAnalysis:
 def _prefix(name: str) -> str:
     """The packed tensors' name prefix that the ort-cpu lowering gives a weight (lower/ort_cpu.py)."""
     return "bq_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
-
-
-def _labels(labels, n: int) -> np.ndarray:
-    if isinstance(labels, (str, os.PathLike)):
-        try:
-            labels = np.load(labels, allow_pickle=False)
-        except Exception as e:
-            raise BayesQError(f"cannot read labels {labels}: {first_line(e)}") from None
-    y = np.asarray(labels)
-    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
-        raise BayesQError(f"labels must be one non-negative integer class per calibration sample ({n}), "
-                          f"got {y.dtype} {y.shape}")
-    return y.astype(np.int64)
 
 
 def compress_bayesian(model, recipe: Recipe, keep: KeepPosterior, *, calib=None, labels=None, output=None,

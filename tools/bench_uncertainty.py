@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from bayesq_onnx.bayesian import BayesianAnalysis  # noqa: E402
 from bayesq_onnx.config import KeepPosterior, Recipe  # noqa: E402
 from bayesq_onnx.lower.sampling import SAMPLE_INPUT  # noqa: E402
 from bayesq_onnx.runtime.session import make_session  # noqa: E402
-from bayesq_onnx.validate.uncertainty import accuracy, auroc, decompose, ece, nll, sample_probs  # noqa: E402
+from bayesq_onnx.validate.uncertainty import accuracy, auroc, decompose, ece, model_kind, nll, sample_probs  # noqa: E402
 
 TUNE = slice(5000, 5512)
 BATCH = 250
@@ -67,9 +66,9 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
 
 
 def score(model: onnx.ModelProto, x_id, y_id, oods: dict, samples: int) -> dict:
-    sets = any(i.name == SAMPLE_INPUT for i in model.graph.input)
-    draws = any(n.op_type == "RandomNormalLike" for n in model.graph.node)
-    S = samples if (sets or draws) else 1
+    kind, n_sets = model_kind(model)
+    sets = kind == "sets"
+    S = n_sets if sets else samples if kind == "draws" else 1
     sess = make_session(model)
     run = lambda x: decompose(sample_probs(sess, {"image": x}, S, BATCH, sample_input=SAMPLE_INPUT if sets else None))  # noqa: E731
     d_in = run(x_id)

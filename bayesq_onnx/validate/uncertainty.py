@@ -15,6 +15,7 @@ in-distribution from out-of-distribution inputs.  Plain numpy; nothing here runs
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,6 +126,21 @@ def sample_probs(session, data: dict[str, np.ndarray], samples: int, batch_size:
 DEFAULT_SAMPLES = 16
 
 
+def class_labels(labels, n: int, per: str) -> np.ndarray:
+    """``labels`` (an array or a ``.npy`` path) as int64, one class >= 0 ``per`` sample of ``n``; a
+    BayesQError otherwise."""
+    from ..errors import BayesQError, first_line
+    if isinstance(labels, (str, os.PathLike)):
+        try:
+            labels = np.load(labels, allow_pickle=False)
+        except Exception as e:
+            raise BayesQError(f"cannot read labels {labels}: {first_line(e)}") from None
+    y = np.asarray(labels)
+    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+        raise BayesQError(f"labels must be one non-negative integer class per {per} ({n}), got {y.dtype} {y.shape}")
+    return y.astype(np.int64)
+
+
 def model_kind(model) -> tuple[str, int | None]:
     """``("draws", None)`` for a model with RandomNormalLike nodes (vpq, jq), ``("sets", S)`` for one
     with the ``bq_sample`` input (spq, S stored sets), else ``("deterministic", 1)``."""
@@ -172,14 +188,7 @@ def predict_file(model_path, data_path, samples: int | None = None, seed: int | 
     specs = [s for s in input_specs(m) if s.name != SAMPLE_INPUT] if kind == "sets" else input_specs(m)
     data = load_calibration(data_path, specs)
     n = len(next(iter(data.values())))
-    y = None
-    if labels is not None:
-        try:
-            y = np.load(labels, allow_pickle=False)
-        except Exception as e:
-            raise BayesQError(f"cannot read labels {labels}: {first_line(e)}") from None
-        if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
-            raise BayesQError(f"labels must be one integer class per input ({n}), got {y.dtype} {y.shape}")
+    y = None if labels is None else class_labels(labels, n, "input")
     try:
         session = make_session(m)
         probs = sample_probs(session, data, samples, batch_size,
