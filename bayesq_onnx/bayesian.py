@@ -47,6 +47,8 @@ class BayesianAnalysis:
             raise BayesQError("--keep-posterior stores means in formats with a dequantize op: it needs the "
                               "bayesq formats (custom_ops=True)")
         self.keep = keep
+        if labels is not None and keep.prior is None:   # a bad file fails before any work
+            labels = class_labels(labels, None, "calibration sample")
         # onnxruntime has no RandomNormalLike kernel from opset 22 on, and 2-bit DequantizeLinear would
         # raise the opset to 25: 2-bit Conv weights take the bayesq affine format instead
         recipe = replace(recipe, conv_bits=tuple(b for b in recipe.conv_bits if b != 2),
@@ -93,6 +95,8 @@ class BayesianAnalysis:
             if logits.ndim != 2 or logits.shape[-1] < 2:
                 raise BayesQError(f"--keep-posterior scores a classifier: output {self.output!r} has shape "
                                   f"{logits.shape[1:]} per sample, not one score per class")
+            if y.max() >= logits.shape[-1]:
+                raise BayesQError(f"--labels go up to {y.max()}; output {self.output!r} has {logits.shape[-1]} classes")
             probs = probs + softmax(logits)
         return nll(probs / self.keep.tune_samples, y)
 

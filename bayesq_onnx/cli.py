@@ -177,6 +177,16 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
     c.add_argument("--evidence", type=float, help="training samples the weights were fitted on: scales the "
                                                   "curvature into the posterior's precision (default 1e6)")
 
+    e = sub.add_parser("eval", help="compare a quantized model with its reference in onnxruntime",
+                       allow_abbrev=False)
+    e.add_argument("ref", help="reference .onnx model (e.g. the fp32 original)")
+    e.add_argument("quant", help="the .onnx model to compare with it (e.g. written by compress)")
+    e.add_argument("--data", required=req, help=".npz of inputs (keys = input names, axis 0 = samples)")
+    e.add_argument("--labels", help=".npy of integer labels, one per sample (or per position: the logits' "
+                                    "shape without its last axis); accuracy of both models on logits outputs")
+    e.add_argument("--json", help="write all the metrics here as JSON (the terminal gets a summary)")
+    e.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
+
     pr = sub.add_parser("predict", help="S forward samples of a --keep-posterior model per input: predictive "
                                         "mean and its uncertainty (total, aleatoric, epistemic)", allow_abbrev=False)
     pr.add_argument("model", help=".onnx model (one that samples its weights, or any classifier)")
@@ -188,16 +198,6 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
     pr.add_argument("-o", "--output", help="write per input: mean (N, C), total, aleatoric, epistemic (.npz)")
     pr.add_argument("--json", help="write the summary here as JSON")
     pr.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
-
-    e = sub.add_parser("eval", help="compare a quantized model with its reference in onnxruntime",
-                       allow_abbrev=False)
-    e.add_argument("ref", help="reference .onnx model (e.g. the fp32 original)")
-    e.add_argument("quant", help="the .onnx model to compare with it (e.g. written by compress)")
-    e.add_argument("--data", required=req, help=".npz of inputs (keys = input names, axis 0 = samples)")
-    e.add_argument("--labels", help=".npy of integer labels, one per sample (or per position: the logits' "
-                                    "shape without its last axis); accuracy of both models on logits outputs")
-    e.add_argument("--json", help="write all the metrics here as JSON (the terminal gets a summary)")
-    e.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
 
     r = sub.add_parser("report", help="a compress report (JSON) as a self-contained HTML page", allow_abbrev=False)
     r.add_argument("report", metavar="REPORT.json", help="the report compress --report wrote")

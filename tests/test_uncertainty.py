@@ -218,8 +218,14 @@ def test_keep_posterior_end_to_end(tmp_path, mlp_path, capsys):
     (["--labels", "y.npy"], "need --keep-posterior"),
     (["--keep-posterior"], "give --labels"),
     (["--keep-posterior", "--prior-precision", "-1"], "positive"),
+    (["--keep-posterior", "--labels", "float.npy"], "integer class"),
+    (["--keep-posterior", "--labels", "short.npy"], "per calibration sample (32)"),
+    (["--keep-posterior", "--labels", "missing.npy"], "cannot read labels"),
 ])
-def test_keep_posterior_errors(tmp_path, mlp_path, capsys, extra, msg):
+def test_keep_posterior_errors(tmp_path, mlp_path, capsys, monkeypatch, extra, msg):
+    monkeypatch.chdir(tmp_path)
+    np.save("float.npy", np.zeros(32))
+    np.save("short.npy", np.zeros(31, np.int64))
     np.savez(tmp_path / "c.npz", **models.mlp_data(n=32))
     code = main(["compress", str(mlp_path), "--bits", "5", "--calib", str(tmp_path / "c.npz"), "--quiet",
                  "-o", str(tmp_path / "o.onnx"), *extra])

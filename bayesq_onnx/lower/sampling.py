@@ -309,9 +309,11 @@ def unfuse_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, s
         w = made.get(packed[0])
         if w is None:
             w = made[packed[0]] = f"{packed[0]}__bq_W"
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            # shape and axis spelled out (the op's defaults), so that inspect reads the weight back
             body.append(helper.make_node(n.op_type.replace("MatMul", "Dequantize"), list(n.input[1:_n_weight_inputs(n) + 1]),
-                                         [w], name=f"{w}_dq", domain=BAYESQ_DOMAIN,
-                                         **{a.name: helper.get_attribute_value(a) for a in n.attribute}))
+                                         [w], name=f"{w}_dq", domain=BAYESQ_DOMAIN, **attrs,
+                                         shape=[attrs["K"], attrs["N"]], axis=0))
         body += _fp32_matmul(n, w, casts)
     del g.node[:]
     g.node.extend(body)

@@ -126,9 +126,9 @@ def sample_probs(session, data: dict[str, np.ndarray], samples: int, batch_size:
 DEFAULT_SAMPLES = 16
 
 
-def class_labels(labels, n: int, per: str) -> np.ndarray:
-    """``labels`` (an array or a ``.npy`` path) as int64, one class >= 0 ``per`` sample of ``n``; a
-    BayesQError otherwise."""
+def class_labels(labels, n: int | None, per: str) -> np.ndarray:
+    """``labels`` (an array or a ``.npy`` path) as int64, one class >= 0 ``per`` sample of ``n`` (None:
+    any number); a BayesQError otherwise."""
     from ..errors import BayesQError, first_line
     if isinstance(labels, (str, os.PathLike)):
         try:
@@ -136,8 +136,9 @@ def class_labels(labels, n: int, per: str) -> np.ndarray:
         except Exception as e:
             raise BayesQError(f"cannot read labels {labels}: {first_line(e)}") from None
     y = np.asarray(labels)
-    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
-        raise BayesQError(f"labels must be one non-negative integer class per {per} ({n}), got {y.dtype} {y.shape}")
+    if y.ndim != 1 or (n is not None and len(y) != n) or not np.issubdtype(y.dtype, np.integer) or (y < 0).any():
+        raise BayesQError(f"labels must be one non-negative integer class per {per}"
+                          f"{'' if n is None else f' ({n})'}, got {y.dtype} {y.shape}")
     return y.astype(np.int64)
 
 
