@@ -12,8 +12,9 @@ augmentation, vertical ones not).  Rows:
 - ``fp32``: the trained network; ``fp32 Laplace``: its posterior (fp32 means and standard
   deviations), weights drawn in the graph;
 - ``bayesq B``: the deterministic compressed model at B bits/weight;
-- ``vpq B`` / ``jq B``: means and standard deviations within B bits/weight (``--keep-posterior``),
-  drawn at run time (jq: each draw rounded to its weight's bits);
+- ``vpq B`` / ``jq B``: means and standard deviations within B bits per stored value
+  (``--keep-posterior --bits`` B times the values stored per weight: 1 + standard deviations per
+  weight), drawn at run time (jq: each draw rounded to its weight's bits);
 - ``spq B``: ``--sets`` stored weight sets of about B bits each (budget sets x B).
 
 Columns: accuracy, NLL and ECE of the predictive mean in distribution; OOD AUROC of the mutual
@@ -110,6 +111,9 @@ def main(argv=None) -> int:
     ba = BayesianAnalysis(asset.model, recipe, KeepPosterior(sets=args.sets), calib=calib, labels=labels)
     say(f"prior precision {ba.prior:.4g} (held-back NLL per candidate: "
         + ", ".join(f"{p:.3g}: {v:.4f}" for p, v in ba.prior_table) + ")")
+    # "B bits" means B bits per stored value, means and standard deviations alike: the budget per weight
+    # grows by the standard deviations stored per weight (one per input index: ~0; one per weight: 2x)
+    per_value = 1 + sum(ba.h[s.name].shape[0] * s.L for s in ba.sites) / ba.an.n_weights
     rows = {}
 
     def add(name, model, extra=None):
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
         add(f"bayesq {b:g}", det.model, {"bits_per_weight": det.report["bits_per_weight"]})
         for mode in ("vpq", "jq", "spq"):
             ba.keep = KeepPosterior(mode=mode, sets=args.sets)
-            res = ba.compress(b * (args.sets if mode == "spq" else 1))
+            res = ba.compress(b * (args.sets if mode == "spq" else per_value))
             p = res.report["posterior"]
             add(f"{mode} {b:g}", res.model, {"bits_per_weight": res.report["bits_per_weight"],
                                              "mean_bits": p["mean_bits_per_weight"], "posterior_bits": p["posterior_bits_per_weight"]})
