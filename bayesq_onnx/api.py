@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calib.capture import StatsAccumulator
+from .calib.capture import StatsAccumulator, capture_stats
 from .calib.readers import (check_calibration, fixed_batch, input_specs, load_calibration, n_samples, split,
                             synthetic_calibration, take)
 from .config import Recipe
@@ -145,6 +145,14 @@ class Analysis:
                                                  recipe, factors) for s in ready[k]}
                 factors = {i: f for i, f in factors.items() if acc.holds(f[0])}   # a later site shares it
                 yield block
+
+    def curvature(self):
+        """The curvature of every site at once: the file's, or the activation curvature from one
+        whole-model calibration pass (not streamed: for callers that need all of it, --keep-posterior)."""
+        if self.file_curvature is not None:
+            return self.file_curvature
+        return ActivationCurvature(_ort(capture_stats, self.probe, self.sites, self.fit, self.batch),
+                                   self.recipe.evidence)
 
     def quantizers(self, names=None) -> dict[str, SiteQuantizer]:
         """Quantizers of the sites ``names`` (default all) held at once: for tests and small models."""

@@ -156,3 +156,26 @@ class Recipe:
 def _tuples(v):
     """JSON lists back to the tuples a frozen recipe holds (pins are lists of pairs)."""
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+SAMPLING_MODES = ("vpq", "jq", "spq")   # lower/sampling.py
+
+
+@dataclass(frozen=True)
+class KeepPosterior:
+    """``compress --keep-posterior``: the Laplace posterior kept in the output (docs/design.md,
+    "Keeping the posterior"); the recipe's ``bits`` then budgets means and standard deviations together."""
+
+    mode: str = "vpq"             # vpq: draw at run time; jq: draw, then round the draw; spq: stored sets
+    sets: int = 8                 # spq: weight sets stored
+    seed: int = 0                 # run-time draws, SPQ sets and the prior tuning's draws
+    tune_samples: int = 8         # weight samples per prior precision tried on the held-back data
+    prior: float | None = None    # a fixed prior precision instead of tuning it (needs no labels)
+
+    def __post_init__(self):
+        if self.mode not in SAMPLING_MODES:
+            raise ValueError(f"unknown sampling mode {self.mode!r}; choose from {', '.join(SAMPLING_MODES)}")
+        if self.sets < 1 or self.tune_samples < 1:
+            raise ValueError(f"sets and tune_samples must be >= 1, got {self.sets}, {self.tune_samples}")
+        if self.prior is not None and not (self.prior > 0 and self.prior < float("inf")):
+            raise ValueError(f"the prior precision must be a positive number, got {self.prior}")
