@@ -50,10 +50,10 @@ class Recipe:
     target: str = "ort-cpu"                       # "ort-cpu" (bayesq formats run by our library) | "portable"
     custom_ops: bool = True                       # False: onnxruntime's native formats only
     matmul_bits: tuple[int, ...] = (2, 4, 8)      # MatMulNBits executes 2/4/8 only (docs/design.md, "What the runtimes accept")
-    bayesq_bits: tuple[int, ...] = (3, 5, 6)      # affine widths only the bayesq ops run (MatMul and Conv)
+    bayesq_bits: tuple[int, ...] = (3, 5, 6)      # affine widths only the bayesq ops run (MatMul, Conv, Gather)
     lut_bits: tuple[int, ...] = (2, 3, 4)         # Lloyd-Max codebooks, one per row (bayesq planner only)
     conv_bits: tuple[int, ...] = (2, 4, 8)        # blocked DequantizeLinear; 2 bits raises the opset to 25
-    gather_bits: tuple[int, ...] = (2, 4, 8)      # GatherBlockQuantized, uint8 data
+    gather_bits: tuple[int, ...] = (2, 4, 8)      # GatherBlockQuantized (uint8 data), or bayesq.GatherAffine
     blocks: tuple[int, ...] = (32, 64, 128, 256)  # group sizes offered to every format
     keep_fp32: bool = True                        # fp32 is a candidate too
     min_elements: int = 1024                      # smaller weights are skipped (nothing to gain)
