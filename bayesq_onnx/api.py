@@ -14,21 +14,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calib.capture import StatsAccumulator
+from .calib.capture import StatsAccumulator, capture_stats
 from .calib.readers import (check_calibration, fixed_batch, input_specs, load_calibration, n_samples, split,
                             synthetic_calibration, take)
 from .config import Recipe
 from .curvature.activation import ActivationCurvature
 from .curvature.from_file import FileCurvature
 from .curvature.trace import check_trace_source, file_traces, fisher_traces
-from .errors import BayesQError, first_line
+from .errors import BayesQError, first_line, require
 from .formats import Float32
 from .graph.model_io import (WeightFiles, bfloat16_hint, check_writable, checkable, fits, open_model, prepare_model,
                              save_json_atomic, save_model_atomic)
 from .graph.sites import find_sites, float_initializer_bits, statistics_note
 from .lower.ort_cpu import lower_ort_cpu, lower_portable
 from .plan.candidates import candidate_formats
-from .plan.check import Contender, check_plans
+from .plan.check import Contender, check_plans, held_back_distortions
 from .plan.planner import check_budget, knapsack_plan, uniform_plans
 from .plan.proxy import OutputDistortion
 from .plan.tables import MEASURED, ClosedFormTables, Grids, HawqTables, Tables
@@ -108,11 +108,14 @@ class Analysis:
         data, self.calib_source, fixed = _read_calibration(m, calib, recipe)
         self.batch = fixed or recipe.batch_size
         self.uniform = recipe.method_spec.planner == "uniform"
-        # only the knapsack's plan check needs held-back data; the uniform baselines calibrate on all of it
-        self.fit, self.held = (data, take(data, 0)) if self.uniform else split(data, recipe.holdout, fixed or 1)
+        # only the plan check and distillation need held-back data; the uniform baselines calibrate on all of it
+        self.fit, self.held = (data, take(data, 0)) if self.uniform and not recipe.distill else \
+            split(data, recipe.holdout, fixed or 1)
         self.n_calib = n_samples(data)
         self.probe = _probe(m, sites, self.files)
         _check_finite(sites, self.probe.weights)
+        # unsupported ops fail here, before any work
+        self._torch_model = _torch_model(m, self.files) if recipe.distill else None
         if calib is None:
             log.warning("no calibration data given (--calib): using %d synthetic samples built from the input "
                         "types; quality will suffer on real data", recipe.synthetic_samples)
@@ -144,6 +147,14 @@ class Analysis:
                                                  recipe, factors, self.gptq_backend) for s in ready[k]}
                 factors = {i: f for i, f in factors.items() if acc.holds(f[0])}   # a later site shares it
                 yield block
+
+    def curvature(self):
+        """The curvature of every site at once: the file's, or the activation curvature from one
+        whole-model calibration pass (not streamed: for callers that need all of it, --keep-posterior)."""
+        if self.file_curvature is not None:
+            return self.file_curvature
+        return ActivationCurvature(_ort(capture_stats, self.probe, self.sites, self.fit, self.batch),
+                                   self.recipe.evidence)
 
     def quantizers(self, names=None) -> dict[str, SiteQuantizer]:
         """Quantizers of the sites ``names`` (default all) held at once: for tests and small models."""
@@ -208,10 +219,12 @@ class Analysis:
         else:
             i = 0
         chosen = contenders[i]
-        out_model = _lower(self.model, self.files, sites, chosen, packed[i], recipe)
+        shipped, distilled = self._distill(chosen, packed[i], recipe.distill) if recipe.distill else (packed[i], None)
+        out_model = _lower(self.model, self.files, sites, chosen, shipped, recipe)
         rep = _report(recipe, sites, self.skipped, self.candidates, chosen, grids[i], expected[i], losses, check,
                       self.n_weights, self.calib_source, self.n_calib, n_samples(self.fit),
                       n_samples(self.held), self.curvature_name, (self.other_weights, self.other_bits))
+        rep["distill"] = distilled
         # a reused analysis is paid once: each budget's report counts its own work plus the analysis
         rep["seconds"] = round(time.perf_counter() - t0 + (0 if _single_use else self.seconds), 3)
         if isinstance(self._input, (str, os.PathLike)):
@@ -267,6 +280,43 @@ class Analysis:
                         grids[i][s.name], expected[i][s.name] = kind, loss
                     p.step()
         return packed, grids, expected
+
+    def _distill(self, chosen: Contender, packed: dict, steps: int) -> tuple[dict, dict]:
+        """The chosen plan's packed tensors with its scales and levels tuned toward the fp32 outputs on
+        the fitting data (quantize/distill.py), if that lowers the distortion on the held-back data;
+        the report's ``distill`` entry (docs/design.md, "Distillation")."""
+        from .curvature.trace import likelihood_for
+        from .quantize.distill import distill
+        quantized = [s for s in self.sites if s.name in packed]
+        fmts = {s.name: chosen.plan.choice[s.name] for s in quantized}
+        outputs = OutputDistortion(self.probe, take(self.held, self.batch), self.batch).outputs
+        model = self._torch_model
+        d = distill(lambda w, batch: model.run(batch, w, outputs=outputs), model.params, quantized,
+                    {s.name: (fmts[s.name], fmts[s.name].unpack(packed[s.name], s.rows, s.L)) for s in quantized},
+                    self.fit, outputs, {o for o in outputs if likelihood_for(o) == "categorical"},
+                    steps, self.batch, self.recipe.seed)
+        tuned = {k: fmts[k].pack(q) for k, q in d.codes.items()}
+        before, after = held_back_distortions([chosen, chosen], [packed, tuned], self.sites, self.stream,
+                                              self.probe, self.held, self.batch, "distillation check")
+        if after >= before:
+            log.warning("distillation: the tuned model does not lower the held-back distortion (%.4g vs %.4g); "
+                        "shipping the untuned one", after, before)
+        return (tuned if after < before else packed), {
+            "steps": steps, "calibration_loss": [d.loss_before, d.loss_after],
+            "held_back_distortion": [before, after], "shipped": bool(after < before)}
+
+
+def _torch_model(m: onnx.ModelProto, files):
+    """The model run by torch ops (curvature/onnx_torch.py), its weights replaceable by name: unlike the
+    rest of the analysis it holds every weight in memory."""
+    require("torch", "pip install torch==2.13.0", "distillation (--distill)")
+    from .curvature.onnx_torch import OnnxTorch, plain_graph
+    full = onnx.ModelProto()
+    full.CopyFrom(m)
+    try:
+        return OnnxTorch(plain_graph(files.materialize(full)))
+    except BayesQError as e:
+        raise BayesQError(f"--distill: {e}") from None
 
 
 def _bayesq_ops(recipe: Recipe) -> bool:

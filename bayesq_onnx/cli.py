@@ -7,13 +7,13 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEVICES, METHODS, TABLE_SOURCES, TARGETS
+from .config import DEVICES, METHODS, SAMPLING_MODES, TABLE_SOURCES, TARGETS
 from .errors import BayesQError, first_line
 
 log = logging.getLogger("bayesq_onnx.cli")
 EXIT_BAD_INPUT = 2
 PROG = "bayesq-onnx"
-COMMANDS = ("export", "calib", "compress", "eval", "report", "inspect", "curvature", "demo")
+COMMANDS = ("export", "calib", "compress", "eval", "predict", "report", "inspect", "curvature", "demo")
 
 # a few words per loss-table source for --tables; a source added to config.TABLE_SOURCES without an
 # entry here is still offered, under its bare name
@@ -157,6 +157,10 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
     c.add_argument("--pin", action="append", metavar="PATTERN=BITS",
                    help="weights matching PATTERN may only take formats with BITS code bits (32: fp32, 16: a float16 or "
                         "bfloat16 weight kept, within the budget); the first matching pin applies (repeatable)")
+    c.add_argument("--distill", type=int, metavar="STEPS",
+                   help="tune the chosen plan's scales and codebook levels toward the fp32 outputs for STEPS Adam "
+                        "steps on the calibration data (needs torch); held-back data decides whether the tuned "
+                        "model ships (default: off)")
     c.add_argument("--threads", type=int, help="sites analysed in parallel (as BAYESQ_WORKERS; default: the "
                                                "cores, at most 4; the output does not depend on it)")
     c.add_argument("--device", choices=DEVICES, help="where GPTQ's rounding runs: cpu (default), cuda (torch on "
@@ -167,6 +171,20 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int,
                    help="seed of the synthetic calibration data (default 0; everything else is deterministic)")
     c.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
+    c.add_argument("--keep-posterior", action="store_true",
+                   help="keep the Laplace posterior of every MatMul and Conv weight: means in the allocated formats, "
+                        "standard deviations log-quantized alike, weights drawn in the graph; --bits then budgets "
+                        "both together (docs/design.md, 'Keeping the posterior')")
+    c.add_argument("--labels", help="--keep-posterior: .npy of one integer class per calibration sample; the prior "
+                                    "precision is tuned on the held-back ones (lowest NLL)")
+    c.add_argument("--prior-precision", type=float, help="--keep-posterior: this prior precision instead of tuning it")
+    c.add_argument("--sampling", choices=SAMPLING_MODES,
+                   help="--keep-posterior: vpq draws weights from the stored means and standard deviations at "
+                        "each run; jq also rounds each draw to its weight's bits; spq stores --sets fixed "
+                        "quantized weight sets, picked by the input bq_sample (default vpq)")
+    c.add_argument("--sets", type=int, help="--sampling spq: weight sets stored (default 8)")
+    c.add_argument("--evidence", type=float, help="training samples the weights were fitted on: scales the "
+                                                  "curvature into the posterior's precision (default 1e6)")
 
     e = sub.add_parser("eval", help="compare a quantized model with its reference in onnxruntime",
                        allow_abbrev=False)
@@ -177,6 +195,18 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                                     "shape without its last axis); accuracy of both models on logits outputs")
     e.add_argument("--json", help="write all the metrics here as JSON (the terminal gets a summary)")
     e.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
+
+    pr = sub.add_parser("predict", help="S forward samples of a --keep-posterior model per input: predictive "
+                                        "mean and its uncertainty (total, aleatoric, epistemic)", allow_abbrev=False)
+    pr.add_argument("model", help=".onnx model (one that samples its weights, or any classifier)")
+    pr.add_argument("--data", required=req, help=".npz of inputs (keys = input names, axis 0 = samples)")
+    pr.add_argument("--samples", type=int, help="forward samples per input (default 16; an spq model: its sets)")
+    pr.add_argument("--seed", type=int, help="seed of the weight draws (default: the one compress stored)")
+    pr.add_argument("--batch-size", type=int, default=64, help="inputs per run (default 64; the draws depend on it)")
+    pr.add_argument("--labels", help=".npy of integer classes: accuracy, NLL and ECE of the predictive mean")
+    pr.add_argument("-o", "--output", help="write per input: mean (N, C), total, aleatoric, epistemic (.npz)")
+    pr.add_argument("--json", help="write the summary here as JSON")
+    pr.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
 
     r = sub.add_parser("report", help="a compress report (JSON) as a self-contained HTML page", allow_abbrev=False)
     r.add_argument("report", metavar="REPORT.json", help="the report compress --report wrote")
@@ -252,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(argv)
         _setup_logging(args.quiet)
-        return {"export": _export, "calib": _calib, "compress": _compress, "eval": _eval, "report": _report,
+        return {"export": _export, "calib": _calib, "compress": _compress, "eval": _eval, "predict": _predict, "report": _report,
                 "inspect": _inspect, "curvature": _curvature, "demo": _demo}[args.command](args)
     except _Exit as e:
         return e.status
@@ -293,10 +323,10 @@ def _recipe(args):
 
     from .config import Recipe
     given = {"bits": args.bits, "method": args.method, "seed": args.seed, "curvature": args.curvature,
-             "tables": args.tables, "target": args.target, "device": args.device,
+             "tables": args.tables, "target": args.target, "evidence": args.evidence, "device": args.device,
              "exclude": tuple(args.exclude) if args.exclude else None,
              "include": tuple(args.include) if args.include else None,
-             "pins": tuple(_pin(p) for p in args.pin) if args.pin else None}
+             "pins": tuple(_pin(p) for p in args.pin) if args.pin else None, "distill": args.distill}
     given = {k: v for k, v in given.items() if v is not None}
     try:
         recipe = replace(Recipe.load(args.recipe), **given) if args.recipe else Recipe(**given)
@@ -332,8 +362,14 @@ def _compress(args) -> int:
         check_writable(args.html)
     if args.ray is not None and args.threads is not None:
         log.warning("--threads does nothing with --ray (the cluster's CPUs decide)")
+    keep = _keep_posterior(args)
     with use_workers(args.threads), use_ray(args.ray):
-        res = compress(args.model, recipe, calib=args.calib, output=out, report=args.report)
+        if keep is None:
+            res = compress(args.model, recipe, calib=args.calib, output=out, report=args.report)
+        else:
+            from .bayesian import compress_bayesian
+            res = compress_bayesian(args.model, recipe, keep, calib=args.calib, labels=args.labels, output=out,
+                                    report=args.report)
     try:
         if args.html:
             _write_html(res.report, args.html)
@@ -344,6 +380,37 @@ def _compress(args) -> int:
                 Path(p).unlink(missing_ok=True)
         raise
     print(_compress_summary(out, res.report))
+    return 0
+
+
+def _keep_posterior(args):
+    """The --keep-posterior settings, or None; its options without it are an error."""
+    from .config import KeepPosterior
+    given = {"mode": args.sampling, "sets": args.sets, "prior": args.prior_precision}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not args.keep_posterior:
+        if given or args.labels:
+            raise BayesQError("--labels, --prior-precision, --sampling and --sets need --keep-posterior")
+        return None
+    try:
+        return KeepPosterior(seed=args.seed or 0, **given)
+    except ValueError as e:
+        raise BayesQError(str(e)) from None
+
+
+def _predict(args) -> int:
+    from .validate.uncertainty import predict_file
+    summary = predict_file(args.model, args.data, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+                           labels=args.labels, output=args.output)
+    if args.json:
+        from .graph.model_io import save_json_atomic
+        save_json_atomic(summary, args.json)
+    parts = [f"{summary['n_inputs']} inputs x {summary['samples']} samples ({summary['kind']})",
+             f"mean entropy {summary['total']:.4f} = aleatoric {summary['aleatoric']:.4f} + "
+             f"epistemic {summary['epistemic']:.4f} nats"]
+    if "accuracy" in summary:
+        parts.append(f"accuracy {100 * summary['accuracy']:.2f}%, NLL {summary['nll']:.4f}, ECE {summary['ece']:.4f}")
+    print(f"{args.model}: " + "; ".join(parts))
     return 0
 
 

@@ -52,10 +52,10 @@ class Recipe:
     target: str = "ort-cpu"                       # "ort-cpu" (bayesq formats run by our library) | "portable"
     custom_ops: bool = True                       # False: onnxruntime's native formats only
     matmul_bits: tuple[int, ...] = (2, 4, 8)      # MatMulNBits executes 2/4/8 only (docs/design.md, "What the runtimes accept")
-    bayesq_bits: tuple[int, ...] = (3, 5, 6)      # affine widths only the bayesq ops run (MatMul and Conv)
+    bayesq_bits: tuple[int, ...] = (3, 5, 6)      # affine widths only the bayesq ops run (MatMul, Conv, Gather)
     lut_bits: tuple[int, ...] = (2, 3, 4)         # Lloyd-Max codebooks, one per row (bayesq planner only)
     conv_bits: tuple[int, ...] = (2, 4, 8)        # blocked DequantizeLinear; 2 bits raises the opset to 25
-    gather_bits: tuple[int, ...] = (2, 4, 8)      # GatherBlockQuantized, uint8 data
+    gather_bits: tuple[int, ...] = (2, 4, 8)      # GatherBlockQuantized (uint8 data), or bayesq.GatherAffine
     blocks: tuple[int, ...] = (32, 64, 128, 256)  # group sizes offered to every format
     keep_fp32: bool = True                        # fp32 is a candidate too
     min_elements: int = 1024                      # smaller weights are skipped (nothing to gain)
@@ -75,6 +75,7 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     pins: tuple[tuple[str, int], ...] = ()        # (pattern, code bits): matching weights take only such formats
+    distill: int = 0                              # Adam steps of calibration-only distillation after rounding; 0: off
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -98,6 +99,8 @@ class Recipe:
         for what, patterns in (("exclude", self.exclude), ("include", self.include)):
             if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
                 raise ValueError(f"{what} must be a list of non-empty name patterns, got {patterns!r}")
+        if isinstance(self.distill, bool) or not isinstance(self.distill, int) or self.distill < 0:
+            raise ValueError(f"distill must be a number of steps >= 0, got {self.distill!r}")
         for pin in self.pins:
             if (not isinstance(pin, tuple) or len(pin) != 2 or not isinstance(pin[0], str) or not pin[0]
                     or isinstance(pin[1], bool) or not isinstance(pin[1], int) or pin[1] < 1):
@@ -158,3 +161,26 @@ class Recipe:
 def _tuples(v):
     """JSON lists back to the tuples a frozen recipe holds (pins are lists of pairs)."""
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+SAMPLING_MODES = ("vpq", "jq", "spq")   # lower/sampling.py
+
+
+@dataclass(frozen=True)
+class KeepPosterior:
+    """``compress --keep-posterior``: the Laplace posterior kept in the output (docs/design.md,
+    "Keeping the posterior"); the recipe's ``bits`` then budgets means and standard deviations together."""
+
+    mode: str = "vpq"             # vpq: draw at run time; jq: draw, then round the draw; spq: stored sets
+    sets: int = 8                 # spq: weight sets stored
+    seed: int = 0                 # run-time draws, SPQ sets and the prior tuning's draws
+    tune_samples: int = 8         # weight samples per prior precision tried on the held-back data
+    prior: float | None = None    # a fixed prior precision instead of tuning it (needs no labels)
+
+    def __post_init__(self):
+        if self.mode not in SAMPLING_MODES:
+            raise ValueError(f"unknown sampling mode {self.mode!r}; choose from {', '.join(SAMPLING_MODES)}")
+        if self.sets < 1 or self.tune_samples < 1:
+            raise ValueError(f"sets and tune_samples must be >= 1, got {self.sets}, {self.tune_samples}")
+        if self.prior is not None and not (self.prior > 0 and self.prior < float("inf")):
+            raise ValueError(f"the prior precision must be a positive number, got {self.prior}")

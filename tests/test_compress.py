@@ -108,18 +108,49 @@ def test_opset_raised_only_for_blocked_dequantize(tmp_path):
     assert "MatMulNBits" in {n.op_type for n in q2.graph.node}
 
 
-def test_tied_embedding_is_one_site_stored_once(tmp_path):
+@pytest.mark.parametrize("native", [False, True])
+def test_tied_embedding_is_one_site_stored_once(tmp_path, native):
+    """One table for the Gather and the output head: bayesq.GatherAffine/GatherLut and MatMulAffine/
+    MatMulLut read the same packed tensors; natively GatherBlockQuantized's, reshaped for MatMulNBits."""
     out = tmp_path / "q.onnx"
-    rep = compress(_save(tmp_path, "tied", models.tied()), Recipe(bits=4.5), calib=models.tied_data(),
-                   output=out).report
+    rep = compress(_save(tmp_path, "tied", models.tied()), Recipe(bits=4.5, **(NATIVE if native else {})),
+                   calib=models.tied_data(), output=out).report
     layer = {l["name"]: l for l in rep["layers"]}["E"]
-    assert layer["op_type"] == "Gather/MatMul" and layer["format"].startswith("gbq-")
+    assert layer["op_type"] == "Gather/MatMul" and layer["format"].startswith("gbq-" if native else "bq-")
     q = onnx.load(out)
     ops = [n.op_type for n in q.graph.node]
-    assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops and "Transpose" not in ops
+    assert "Transpose" not in ops
+    if native:
+        assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops
+    else:
+        gather = next(n for n in q.graph.node if n.op_type.startswith("Gather"))
+        head = next(n for n in q.graph.node if n.op_type.startswith("MatMul") and "bq_E_B" in n.input)
+        assert gather.domain == head.domain == "bayesq" and list(gather.input[1:]) == list(head.input[1:len(gather.input)])
     # the table's bytes appear once: both ops read the same initializers
     assert sum(8 * len(t.raw_data) for t in q.graph.initializer
                if t.name.startswith("bq_E_") and t.name != "bq_E_head_shape") == layer["stored_bits"]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_uniform_baselines_give_embeddings_the_same_bits(tmp_path, method):
+    """With the bayesq ops an embedding takes any width, so a uniform 3-bit plan is 3 bits on the
+    Gather too; GatherBlockQuantized (2/4/8 bits only) forces the plan down to 2 bits everywhere.
+    The 3-bit model runs as its reference ops say and is closer to fp32 than the 2-bit one."""
+    src = _save(tmp_path, "embed", models.embed())
+    data = models.embed_data()
+    bits = 3.4    # rows of 64: b3-g64 stores 3 + 16/64 (fp16 scale) + 8/64 (a zero-point byte) = 3.375
+    out, out2 = tmp_path / "q.onnx", tmp_path / "q2.onnx"
+    ours = {l["name"]: l for l in compress(src, Recipe(bits=bits, method=method), calib=data, output=out).report["layers"]}
+    assert ours["E"]["format"] == "bq-u3-g64-f16" and {l["bits"] for l in ours.values()} == {3}
+    native = compress(src, Recipe(bits=bits, method=method, **NATIVE), calib=data, output=out2).report["layers"]
+    assert {l["name"]: l["bits"] for l in native} == {"E": 2, "W": 2, "Wout": 2}
+    assert "GatherAffine" in {n.op_type for n in onnx.load(out).graph.node}
+    y, y2, ref = (make_session(m).run(None, data)[0] for m in (out, out2, src))
+    want = ReferenceEvaluator(str(out), new_ops=REFERENCE_OPS).run(None, data)[0]
+    # two fp32 matmuls of width 64 after the lookup: 1e-5 relative is far above their rounding and
+    # far below a wrong row or table (O(1))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert np.square(y - ref).mean() < np.square(y2 - ref).mean()
 
 
 def test_same_seed_same_bytes(tmp_path):

@@ -1,7 +1,8 @@
 """The bayesq custom-op library (custom_ops/) in onnxruntime against the numpy reference ops, on every
 kernel set this CPU runs (BAYESQ_ISA=scalar|avx2|avx512|neon): dequantization bit for bit, matmul within
 a stated fp32 summation bound, fp16 activations, float16 scales / LUT levels (identical to the same
-values in float32), bias, threads, errors, and a whole small graph through make_session.  Skipped, with the reason, only when the library was not built."""
+values in float32), bias, threads, errors, embedding lookups (GatherAffine / GatherLut, bit for bit,
+a table shared with a tied head), and a whole small graph through make_session.  Skipped, with the reason, only when the library was not built."""
 from __future__ import annotations
 
 import os
@@ -14,7 +15,7 @@ from onnx.reference import ReferenceEvaluator
 from bayesq_onnx.formats import BayesqLut, BayesqUniform, LutCodes, UniformCodes
 from bayesq_onnx.errors import BayesQError
 from bayesq_onnx.formats.bayesq_uniform import groups
-from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_dequantize_node, bayesq_matmul_node
+from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_dequantize_node, bayesq_gather_node, bayesq_matmul_node
 from bayesq_onnx.runtime import custom_ops
 from bayesq_onnx.runtime.reference_ops import REFERENCE_OPS
 from bayesq_onnx.runtime.session import make_session as _make_session, session_options
@@ -314,3 +315,57 @@ def test_small_graph_through_make_session(isa):
         # two chained fp32 layers of width <= 96: relative 1e-5 is ~100 eps, far above their rounding
         # (the per-layer bound is tested above) and far below any layout error (O(1) relative)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def gather_model(fmt, packed, V, D, itype=TensorProto.INT64):
+    node, inits = bayesq_gather_node("ids", "E", "t", fmt, packed, V, D)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", itype, [None, None])],
+                          [helper.make_tensor_value_info("E", TensorProto.FLOAT, [None, None, D])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), BAYESQ_OPSET])
+
+
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_gather_bit_exact(isa, kind, bits):
+    """Rows of a (V, D) table stored as a MatMul view (D = K, the row length; V = N rows): the kernels'
+    row decode against the reference, bit for bit; int64 and int32 indices, negative ones (from the
+    end, as ONNX Gather), repeats; float16 tables equal to the same values in float32."""
+    for D, V, block in CASES:
+        if kind == "affine" and block == 0:
+            block = 16
+        fmt, p, table, _ = weight(kind, bits, D, V, block, seed=D * bits + 1, scale_dtype="float16")
+        ids = np.random.default_rng(bits).integers(-V, V, (3, 70))     # > 64: several tasks
+        for itype, dt in ((TensorProto.INT64, np.int64), (TensorProto.INT32, np.int32)):
+            m = gather_model(fmt, p, V, D, itype)
+            got = make_session(m).run(None, {"ids": ids.astype(dt)})[0]
+            assert got.shape == (3, 70, D) and got.tobytes() == reference(m, {"ids": ids}).tobytes(), (D, V, block)
+            assert np.array_equal(got, table[ids])
+        f32, p32 = as_float32(fmt, p)
+        assert make_session(gather_model(f32, p32, V, D)).run(None, {"ids": ids})[0].tobytes() == got.tobytes()
+
+
+def test_gather_index_out_of_range_is_an_error():
+    fmt, p, _, _ = weight("affine", 3, 64, 10, 32, seed=0)
+    sess = make_session(gather_model(fmt, p, 10, 64))
+    assert sess.run(None, {"ids": np.array([[-10, 9]], np.int64)})[0].shape == (1, 2, 64)
+    for bad in (10, -11):
+        with pytest.raises(Exception, match=rf"index {bad} is out of range \[-10, 10\)"):
+            sess.run(None, {"ids": np.array([[0, bad]], np.int64)})
+
+
+def test_tied_table_read_by_gather_and_head(isa):
+    """One set of packed tensors (a 3-bit table, which GatherBlockQuantized cannot store) read by the
+    embedding's GatherAffine and, as W = table^T, by the head's MatMulAffine."""
+    V, D = 300, 64
+    fmt, p, table, zs = weight("affine", 3, D, V, 32, seed=4, scale_dtype="float16")
+    g_node, inits = bayesq_gather_node("ids", "e", "t", fmt, p, V, D)
+    h_node, h_inits = bayesq_matmul_node("e", "logits", "t", fmt, p, K=D, N=V)
+    assert [t.name for t in h_inits] == [t.name for t in inits] and list(h_node.input[1:]) == list(g_node.input[1:])
+    h_node.name = "head"
+    g = helper.make_graph([g_node, h_node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, V])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), BAYESQ_OPSET])
+    ids = np.array([0, 5, 299, -1, 42])
+    got = make_session(m).run(None, {"ids": ids})[0]
+    e = table[ids]
+    assert np.all(np.abs(got - e @ table.T) <= sum_bound(e, table, zs))

@@ -14,8 +14,8 @@ from bayesq_onnx.errors import BayesQError
 from bayesq_onnx.formats import BayesqLut, BayesqUniform, LutCodes, UniformCodes
 from bayesq_onnx.formats.bayesq_uniform import (code_positions, col_bytes, groups, pack_codes, pack_stream,
                                                 unpack_codes, unpack_stream)
-from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_dequantize_node, bayesq_matmul_node
-from bayesq_onnx.lower.portable import portable_weight_nodes
+from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_dequantize_node, bayesq_gather_node, bayesq_matmul_node
+from bayesq_onnx.lower.portable import portable_gather_nodes, portable_weight_nodes
 from bayesq_onnx.runtime.reference_ops import REFERENCE_OPS, _bq_codes
 
 # K with every kind of chunk: whole 128-code chunks, a partial-lane chunk (8, 9 or 15 lanes: one that
@@ -199,6 +199,13 @@ def test_reference_ops(kind, bits, scale_dtype):
     m = one_node_model([node], inits, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [2, K])], "Y", [2, N])
     Y = ReferenceEvaluator(m, new_ops=REFERENCE_OPS).run(None, {"A": A})[0]
     assert np.array_equal(Y, A @ V.T)            # the reference is this very numpy product
+    # an embedding lookup: rows of the view, ONNX Gather's index rule
+    node, inits = bayesq_gather_node("ids", "E", "w", fmt, p, V=N, D=K)
+    m = one_node_model([node], inits, [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])], "E", [2, 3, K])
+    ids = np.array([[0, 4, -1], [2, 2, -5]])
+    assert np.array_equal(ReferenceEvaluator(m, new_ops=REFERENCE_OPS).run(None, {"ids": ids})[0], V[ids])
+    with pytest.raises(IndexError, match=r"outside \[-5, 5\)"):
+        ReferenceEvaluator(m, new_ops=REFERENCE_OPS).run(None, {"ids": np.array([[0, 1, 5], [0, 0, 0]])})
 
 
 @pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
@@ -223,3 +230,24 @@ def test_portable_lowering_runs_on_plain_onnxruntime(kind, bits, K, block, scale
     W = ort.InferenceSession(one_node_model(nodes, inits, [], "W", [N, K, 1, 1], opsets=()).SerializeToString(),
                              providers=["CPUExecutionProvider"]).run(None, {})[0]
     assert np.array_equal(W, V.reshape(N, K, 1, 1))
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+@pytest.mark.parametrize("bits", [1, 3, 4, 6])
+def test_portable_gather_unpacks_only_the_rows_it_reads(kind, bits, scale_dtype):
+    """--target portable's embedding lookup: the packed rows are gathered by index, then unpacked with
+    standard ops; bit for bit the rows of the dequantized table, for any index shape and type.  No
+    initializer-only subgraph is left (onnxruntime could fold it into an fp32 table)."""
+    D, V = 203, 9
+    fmt, p, table = weight_case(kind, bits, D, V, 16 if kind == "affine" else 0, seed=bits, scale_dtype=scale_dtype)
+    nodes, inits = portable_gather_nodes("ids", "E", "t", fmt, p, V=V, D=D)
+    computed = {"ids"} | {o for n in nodes for o in n.output}
+    first = {n.name for n in nodes if not any(i in computed for i in n.input)}
+    assert not first, first      # every node depends on the indices
+    for shape, itype, dt in (([2, 5], TensorProto.INT64, np.int64), ([7], TensorProto.INT32, np.int32)):
+        m = one_node_model(nodes, inits, [helper.make_tensor_value_info("ids", itype, shape)], "E", shape + [D],
+                           opsets=())
+        ids = np.random.default_rng(bits).integers(-V, V, shape).astype(dt)
+        got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+        assert np.array_equal(got, table[ids])

@@ -30,6 +30,8 @@ CASES = {   # name: (model, data, recipe fields) covering every op the lowering 
     "dequantizelinear": (models.cnn, models.cnn_data, {"custom_ops": False}),
     "bayesq-dequantize": (models.cnn, models.cnn_data, {"conv_bits": ()}),
     "tied-gather": (models.tied, models.tied_data, {}),
+    "tied-gather-native": (models.tied, models.tied_data, {"custom_ops": False}),
+    "portable-gather": (models.embed, models.embed_data, {"target": "portable"}),
 }
 
 
@@ -53,9 +55,12 @@ def test_inspect_agrees_with_the_report(tmp_path, case):
     assert info["file_bytes"] == out.stat().st_size
     kept = {f["name"] for f in info["float_weights"]}
     assert {s["name"] for s in rep["skipped"]} <= kept   # skipped weights are still there, in float
-    if case == "tied-gather":  # one table, read by the Gather and (reshaped) by the head
-        (table,) = [e for e in info["quantized"] if e["op"].endswith("GatherBlockQuantized")]
-        assert len(table["nodes"]) == 2
+    if case.startswith("tied-gather"):  # one table, read by the Gather and (reshaped, natively) by the head
+        (table,) = [e for e in info["quantized"] if e["op"].endswith(("GatherBlockQuantized", "GatherAffine",
+                                                                        "GatherLut"))]
+        assert len(table["nodes"]) == 2 and table["shape"] == [300, 64]
+    if case == "portable-gather":   # found through the Gather of its packed rows
+        assert got["E"]["op"].startswith("portable") and got["E"]["shape"] == [500, 64]
 
 
 def test_inspect_cli_on_an_uncompressed_model(tmp_path, capsys):

@@ -131,25 +131,34 @@ def _bf16_gather_model():
 
 @pytest.mark.parametrize("custom_ops", [False, True])
 def test_bfloat16_gather_is_quantized_with_a_cast(tmp_path, custom_ops):
-    """GatherBlockQuantized has no bfloat16 kernel on CPU: fp32 scales, then a Cast to bfloat16 (the type
-    the graph declares), so the rest of the graph is untouched; the output matches numpy's gather of the
-    dequantized table rounded to bfloat16."""
+    """Neither GatherBlockQuantized (no bfloat16 kernel on CPU: fp32 scales) nor bayesq.GatherAffine
+    (float32 out) yields bfloat16: a Cast to bfloat16 (the type the graph declares) follows, so the
+    rest of the graph is untouched; the output matches numpy's gather of the dequantized table rounded
+    to bfloat16."""
     if custom_ops:
         pytest.importorskip("bayesq_onnx.runtime.custom_ops").require()
     m, data = _bf16_gather_model(), models.embed_data()
     rep = compress(m, Recipe(bits=4.0, custom_ops=custom_ops), calib=data, output=tmp_path / "q.onnx").report
     layers = {l["name"]: l for l in rep["layers"]}
-    assert layers["E"]["format"].startswith("gbq-") and not layers["E"]["format"].endswith("-f16")
     q = onnx.load(tmp_path / "q.onnx")
-    onnx.checker.check_model(q, full_check=True)
-    gbq = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
-    cast = next(n for n in q.graph.node if n.op_type == "Cast" and n.input[0] == gbq.output[0])
-    assert cast.output[0] == "e" and cast.attribute[0].i == TensorProto.BFLOAT16
+    onnx.checker.check_model(q, full_check=not custom_ops)   # the checker knows no custom domain
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    from bayesq_onnx.formats import GatherBlockQuantized
-    fmt = GatherBlockQuantized(layers["E"]["bits"], layers["E"]["block_size"])
-    table = fmt.unpack({"data": inits["bq_E_data"], "scales": inits["bq_E_scales"],
-                        "zero_points": inits["bq_E_zero_points"]}, 500, 64).dequantize()
+    if custom_ops:
+        from bayesq_onnx.formats import BayesqLut, BayesqUniform
+        gather = next(n for n in q.graph.node if n.op_type in ("GatherAffine", "GatherLut"))
+        fmt = (BayesqLut if gather.op_type == "GatherLut" else BayesqUniform)(
+            layers["E"]["bits"], layers["E"]["block_size"], "float16")
+        assert fmt.name == layers["E"]["format"]
+        packed = {k[len("bq_E_"):]: v for k, v in inits.items() if k.startswith("bq_E_")}
+    else:
+        from bayesq_onnx.formats import GatherBlockQuantized
+        assert layers["E"]["format"].startswith("gbq-") and not layers["E"]["format"].endswith("-f16")
+        gather = next(n for n in q.graph.node if n.op_type == "GatherBlockQuantized")
+        fmt = GatherBlockQuantized(layers["E"]["bits"], layers["E"]["block_size"])
+        packed = {"data": inits["bq_E_data"], "scales": inits["bq_E_scales"], "zero_points": inits["bq_E_zero_points"]}
+    cast = next(n for n in q.graph.node if n.op_type == "Cast" and n.input[0] == gather.output[0])
+    assert cast.output[0] == "e" and cast.attribute[0].i == TensorProto.BFLOAT16
+    table = fmt.unpack(packed, 500, 64).dequantize()
     rows = table.astype(ml_dtypes.bfloat16).astype(np.float32)[data["ids"]]
     W = next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == "W")
     if layers["W"]["format"] != "float32":   # the MatMul's weight as stored

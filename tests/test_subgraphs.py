@@ -41,14 +41,24 @@ def _dequantized(q: onnx.ModelProto, name: str, shape) -> np.ndarray:
     inits = list(q.graph.initializer)
     packed = {f"bq_{name}_B", f"bq_{name}_data"}
     node = next((n for n in all_nodes(q.graph) if n.domain and set(n.input) & packed), None)
+    picks = [n for n in all_nodes(q.graph) if n.op_type == "Gather" and n.input[0] == f"bq_{name}_B"
+             and n.input[1].endswith("_rows")]
+    if node is None and picks:   # portable lookup: the nodes that gather and unpack rows, on every row index
+        start = next(n for n in all_nodes(q.graph) if n.output[0] == picks[0].input[1])
+        tag = start.name[:-len("_u0")]
+        nodes = [n for n in all_nodes(q.graph) if n.name.startswith(tag + "_u")]
+        g = helper.make_graph(nodes, "w", [helper.make_tensor_value_info(start.input[0], TensorProto.INT64, None)],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)], inits)
+        return ReferenceEvaluator(helper.make_model(g, opset_imports=q.opset_import)).run(
+            None, {start.input[0]: np.arange(shape[0])})[0]
     if node is None:    # portable: the weight is a main-graph tensor computed from the packed one
         g = helper.make_graph([n for n in q.graph.node if n.name.startswith(f"bq_{name}_")], "w", [],
                               [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)], inits)
         return ReferenceEvaluator(helper.make_model(g, opset_imports=q.opset_import)).run(None, {})[0]
     n = onnx.NodeProto()
     n.CopyFrom(node)
-    gather = n.op_type == "GatherBlockQuantized"
-    n.input[1 if gather else 0] = "probe_in"
+    gather = n.op_type in ("GatherBlockQuantized", "GatherAffine", "GatherLut")
+    n.input[1 if n.op_type == "GatherBlockQuantized" else 0] = "probe_in"
     n.output[0] = "w"
     g = helper.make_graph([n], "w", [helper.make_tensor_value_info("probe_in", TensorProto.INT64 if gather
                                                                    else TensorProto.FLOAT, None)],
@@ -92,10 +102,13 @@ def test_weights_in_subgraphs_are_stored_packed_and_run(tmp_path, case, target):
     for k in nested:
         if target == "portable" and k != "E":   # standard ops rebuild it in the main graph; the subgraph reads it
             assert k in inner_reads and any(n.output[0] == k for n in q.graph.node)
+        elif target == "portable":              # the lookup gathers packed rows inside the subgraph
+            assert any(n.op_type == "Gather" and n.input[0] == "bq_E_B" for n in inner)
         else:                                   # the subgraph's reader is the packed op, on outer-scope tensors
-            op = {"E": "GatherBlockQuantized", "native": "MatMulNBits"}.get(k, {"native": "MatMulNBits"}.get(
-                target, "MatMulAffine"))
-            assert any(n.op_type == op and f"bq_{k}_{'data' if k == 'E' else 'B'}" in n.input for n in inner), k
+            ops = ({"GatherBlockQuantized"} if target == "native" else {"GatherAffine", "GatherLut"}) if k == "E" \
+                else ({"MatMulNBits"} if target == "native" else {"MatMulAffine", "MatMulLut"})
+            codes = f"bq_{k}_{'data' if k == 'E' and target == 'native' else 'B'}"
+            assert any(n.op_type in ops and codes in n.input for n in inner), k
 
     w = {k: _dequantized(q, k, l["shape"]) for k, l in layers.items()}
     session = make_session(str(out))

@@ -1,7 +1,8 @@
 """Accuracy scoreboard: fp32, rtn, gptq, hqq, hawq and bayesq at matched stored-bit budgets on real models.
 
     python tools/bench_accuracy.py [--quick] [--models minilm,fashion_mnist,...] [--budgets 2.5,3.0,3.5,4.0]
-                                   [--methods rtn,gptq,hqq,hawq,bayesq] [--cache DIR] [--out DIR]
+                                   [--methods rtn,gptq,hqq,hawq,bayesq,bayesq+distill] [--distill STEPS]
+                                   [--cache DIR] [--out DIR]
 
 Models and data are built from packages into the asset cache (``bayesq_onnx.assets``; see docs/design.md,
 "Real models and data").  Each method analyses a model once (statistics, grids, codes, loss tables) and then compresses
@@ -11,7 +12,11 @@ every knapsack method) is that method run at exactly the bits gptq achieved, the
 comparison.  Every row carries its achieved ``bits_per_weight`` (all stored bits of the quantized
 weights: codes, scales, zero points), ``bits_all`` (the same over every float initializer, the
 ones left in float included) and its wall time (analysis plus that budget's planning, packing and
-writing; not the evaluation).
+writing; not the evaluation).  A method named with ``+distill`` (``bayesq+distill``) is that method
+with calibration-only distillation (``--distill STEPS``, default 100 steps).  The headline metric
+of each model comes with its standard error (``*_se``; MiniLM: over the five folds, the others
+binomial over the evaluation samples): unpaired, so the difference of two rows on the same
+samples is usually known better than the two errors suggest.
 
 Writes ``results.csv``, ``results.md`` and ``results.png`` (metric vs bits, one panel per model)
 into ``--out`` and prints the markdown table.
@@ -42,6 +47,7 @@ from bayesq_onnx.validate.compare import compare_outputs  # noqa: E402
 METHODS = ("rtn", "gptq", "hqq", "hawq", "bayesq")
 # bayesq with a loss-table source other than the default: bayesq-proxy, bayesq-closed_form, ...
 VARIANT = "bayesq-"
+DISTILL = "+distill"   # suffix: the method with calibration-only distillation (--distill STEPS)
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5)   # 4.5: the first budget that fits 4-bit g128 with fp32 scales
 QUICK_BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
@@ -77,17 +83,21 @@ def _minilm(cache: Path, quick: bool) -> Task:
     data, labels = load_npz(a.eval_data), np.load(a.labels)
     folds = list(StratifiedKFold(5, shuffle=True, random_state=0).split(labels, labels))
 
-    def topic_accuracy(emb: np.ndarray) -> float:
+    def topic_accuracy(emb: np.ndarray) -> tuple[float, float]:
+        """Mean over the folds and its standard error."""
         emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-        return float(np.mean([LogisticRegression(C=10.0, max_iter=1000).fit(emb[tr], labels[tr]).score(emb[te], labels[te])
-                              for tr, te in folds]))
+        acc = [LogisticRegression(C=10.0, max_iter=1000).fit(emb[tr], labels[tr]).score(emb[te], labels[te])
+               for tr, te in folds]
+        return float(np.mean(acc)), float(np.std(acc, ddof=1) / np.sqrt(len(acc)))
 
     ref = _run(a.model, data, "embedding")
 
     def evaluate(path: Path) -> dict[str, float]:
         emb = _run(path, data, "embedding")
         cos = np.sum(emb * ref, 1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
-        return {"accuracy": topic_accuracy(emb), "cosine": float(np.mean(cos))}
+        acc, se = topic_accuracy(emb)
+        return {"accuracy": acc, "accuracy_se": se, "cosine": float(np.mean(cos)),
+                "cosine_se": float(np.std(cos, ddof=1) / np.sqrt(len(cos)))}
 
     return Task(a.model, load_npz(a.calib), evaluate, "accuracy", True, {})
 
@@ -100,10 +110,12 @@ def _efficientnet(cache: Path, quick: bool) -> Task:
     a = prepare_efficientnet(cache, n_calib=64, n_eval=128 if quick else 256, progress=logging.info)
     data = load_npz(a.eval_data)
     ref = {"logits": _run(a.model, data, "logits")}
+    n = len(ref["logits"])
 
     def evaluate(path: Path) -> dict[str, float]:
         m = compare_outputs(ref, {"logits": _run(path, data, "logits")}, logits={"logits"})["outputs"]["logits"]
-        return {"top1_agreement": m["top1_agreement"], "kl": m["kl"]}
+        return {"top1_agreement": m["top1_agreement"], "top1_agreement_se": _binomial_se(m["top1_agreement"], n),
+                "kl": m["kl"]}
 
     return Task(a.model, load_npz(a.calib), evaluate, "top1_agreement", True, {})
 
@@ -115,7 +127,12 @@ def _fashion_mnist(cache: Path, quick: bool) -> Task:
 
     a = prepare_fashion_mnist(cache, progress=logging.info)
     data, labels = load_npz(a.eval_data), np.load(a.labels)
-    return Task(a.model, load_npz(a.calib), lambda p: {"accuracy": accuracy(p, data, labels)}, "accuracy", True, {})
+
+    def evaluate(path: Path) -> dict[str, float]:
+        acc = accuracy(path, data, labels)
+        return {"accuracy": acc, "accuracy_se": _binomial_se(acc, len(labels))}
+
+    return Task(a.model, load_npz(a.calib), evaluate, "accuracy", True, {})
 
 
 def _smollm2(cache: Path, quick: bool) -> Task:
@@ -140,6 +157,10 @@ TASKS: dict[str, Callable[[Path, bool], Task]] = {"minilm": _minilm, "fashion_mn
 QUICK_MODELS = ("minilm", "fashion_mnist", "efficientnet")
 
 
+def _binomial_se(p: float, n: int) -> float:
+    return float(np.sqrt(p * (1 - p) / n))
+
+
 def _run(path: Path, data: dict[str, np.ndarray], output: str, batch: int = 64) -> np.ndarray:
     sess = make_session(path)
     n = len(next(iter(data.values())))
@@ -150,18 +171,23 @@ def _run(path: Path, data: dict[str, np.ndarray], output: str, batch: int = 64) 
 # ----------------------------------------------------------------------------- the run
 
 
-def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_samples: int | None) -> list[dict]:
+def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_samples: int | None,
+                distill: int = 100) -> list[dict]:
     rows = [{"model": name, "method": "fp32", "budget": None, "bits_per_weight": 32.0, "bits_all": 32.0, "plan": "fp32",
              "seconds": 0.0, **task.evaluate(task.model)}]
     _say(rows[-1])
     achieved: dict[float, float] = {}           # budget -> bits gptq achieved there
-    ours = [m for m in methods if m == "bayesq" or m.startswith(VARIANT)]
+    base = {m: m.removesuffix(DISTILL) for m in methods}
+    ours = [m for m in methods if base[m] == "bayesq" or m.startswith(VARIANT)]
     # knapsack methods reach their budget: each is also run at gptq's achieved bits, so after gptq
-    matched = [m for m in methods if m in REGISTRY and REGISTRY[m].planner == "knapsack" and m not in ours] + ours
+    matched = [m for m in methods if base[m] in REGISTRY and REGISTRY[base[m]].planner == "knapsack"
+               and m not in ours] + ours
     for method in [m for m in methods if m not in matched] + matched:
-        fields = dict(task.recipe, method=method)
+        fields = dict(task.recipe, method=base[method])
         if method.startswith(VARIANT):
-            fields.update(method="bayesq", tables=method[len(VARIANT):])
+            fields.update(method="bayesq", tables=base[method][len(VARIANT):])
+        if method.endswith(DISTILL):
+            fields["distill"] = distill
         if proxy_samples and method in ours:
             fields["proxy_samples"] = proxy_samples
         t0 = time.perf_counter()
@@ -187,6 +213,10 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             # seconds: this method's compression wall time so far (one analysis, then each budget), no evaluation
             rows.append({"model": name, "method": label, "budget": bits, "bits_per_weight": rep["bits_per_weight"],
                          "bits_all": rep["bits_per_weight_all"], "plan": rep["plan"], "seconds": time.perf_counter() - t0, **task.evaluate(out)})
+            if rep.get("distill"):   # shipped or refused, and the held-back distortion before -> after tuning
+                d = rep["distill"]
+                rows[-1]["distill"] = "{}: {:.4g} -> {:.4g}".format("shipped" if d["shipped"] else "refused",
+                                                                    *d["held_back_distortion"])
             t0 += time.perf_counter() - t_eval   # evaluation is not compression time
             out.unlink()
             _say(rows[-1])
@@ -260,7 +290,10 @@ def main(argv=None) -> int:
                     "or the model's own list)")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma-separated, from {','.join(METHODS)}, or {VARIANT}TABLES for bayesq with other "
-                         "loss tables (e.g. bayesq-proxy)")
+                         f"loss tables (e.g. bayesq-proxy); any of them with {DISTILL} (e.g. bayesq{DISTILL}) "
+                         "adds calibration-only distillation")
+    ap.add_argument("--distill", type=int, default=100, metavar="STEPS",
+                    help=f"distillation steps of the {DISTILL} methods (default 100)")
     ap.add_argument("--proxy-samples", type=int, help="bayesq's proxy samples (default: the recipe's)")
     ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--out", type=Path, default=Path("bench-accuracy"))
@@ -283,7 +316,7 @@ def main(argv=None) -> int:
             return 2
         rows += bench_model(name, tasks[name], methods,
                             budgets or list(tasks[name].budgets or (QUICK_BUDGETS if args.quick else BUDGETS)),
-                            args.out, args.proxy_samples)
+                            args.out, args.proxy_samples, args.distill)
         logging.info("%s: %.0f s so far", name, time.perf_counter() - t0)
         write_outputs(rows, tasks, args.out)     # partial results survive an interrupted run
     md = write_outputs(rows, tasks, args.out)

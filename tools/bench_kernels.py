@@ -1,9 +1,11 @@
 """Kernel timings: fp32 MatMul, MatMulNBits 4-bit (accuracy level 0 and 4) and the bayesq ops, one
-single-node model each, ``Y = A (M, K) @ W (K, N)``.
+single-node model each, ``Y = A (M, K) @ W (K, N)``; with ``--gather VxD``, embedding lookups
+instead: fp32 Gather, GatherBlockQuantized 4-bit and the bayesq Gather ops on a ``(V, D)`` table,
+``M`` random indices per run.
 
     python tools/bench_kernels.py [--quick] [--shapes 4096x4096,576x1536] [--ms 1,8,64] [--threads 0]
                                   [--reps 15] [--block 32] [--clock wall|cpu] [--only bq-lut3,...]
-                                  [--base-lib OLD/libbayesq_ops.so]
+                                  [--base-lib OLD/libbayesq_ops.so] [--gather 30522x384]
 
 For each shape and M all candidates are timed in alternation (one batch of runs of each, in a
 rotating order, repeated ``--reps`` times) and the table gives the median time per run in ms and
@@ -28,10 +30,11 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from bayesq_onnx.formats import BayesqLut, BayesqUniform, LutCodes, MatMulNBits, UniformCodes  # noqa: E402
+from bayesq_onnx.formats import (BayesqLut, BayesqUniform, GatherBlockQuantized, LutCodes, MatMulNBits,  # noqa: E402
+                                 UniformCodes)
 from bayesq_onnx.formats.bayesq_uniform import groups  # noqa: E402
-from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_matmul_node  # noqa: E402
-from bayesq_onnx.lower.nodes import matmulnbits_node  # noqa: E402
+from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_gather_node, bayesq_matmul_node  # noqa: E402
+from bayesq_onnx.lower.nodes import gather_block_quantized_node, matmulnbits_node  # noqa: E402
 from bayesq_onnx.runtime import custom_ops  # noqa: E402
 from bayesq_onnx.runtime.session import session_options  # noqa: E402
 
@@ -75,6 +78,35 @@ def candidates(K: int, N: int, block: int, rng) -> dict[str, onnx.ModelProto]:
     return out
 
 
+def _gather_model(nodes, inits, D, extra_opsets=()) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "bench", [helper.make_tensor_value_info("A", TensorProto.INT64, ["M"])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", D])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                               *extra_opsets])
+
+
+def gather_candidates(V: int, D: int, block: int, rng) -> dict[str, onnx.ModelProto]:
+    """Lookups ``Y = table[A]`` of a ``(V, D)`` table: fp32 Gather, GatherBlockQuantized 4-bit (fp32
+    scales, as in a float32 model), bayesq affine 3/4-bit and a 3-bit codebook per row (fp16 scales
+    and levels, as the planner offers them)."""
+    out = {"fp32": _gather_model([helper.make_node("Gather", ["T", "A"], ["Y"], axis=0)],
+                                 [numpy_helper.from_array((rng.standard_normal((V, D)) * 0.02).astype(np.float32), "T")], D)}
+    gbq = GatherBlockQuantized(4, block)
+    node, inits = gather_block_quantized_node("A", "Y", "t", gbq, gbq.pack(_uniform(rng, V, D, 4, block)))
+    out[f"gbq4-g{block}"] = _gather_model([node], inits, D)
+    if custom_ops.available():
+        for bits in (3, 4):
+            fmt = BayesqUniform(bits, block, "float16")
+            node, inits = bayesq_gather_node("A", "Y", "t", fmt, fmt.pack(_uniform(rng, V, D, bits, block)), V, D)
+            out[f"bq-u{bits}-g{block}"] = _gather_model([node], inits, D, [BAYESQ_OPSET])
+        fmt = BayesqLut(3, 0, "float16")
+        q = LutCodes(codes=rng.integers(0, 8, (V, D)).astype(np.uint8),
+                     lut=(rng.standard_normal((V, 1, 8)) * 0.02).astype(np.float32), bits=3, block=0)
+        node, inits = bayesq_gather_node("A", "Y", "t", fmt, fmt.pack(q), V, D)
+        out["bq-lut3"] = _gather_model([node], inits, D, [BAYESQ_OPSET])
+    return out
+
+
 def time_alternating(runs: dict[str, Callable[[], object]], reps: int, clock=time.perf_counter,
                      stat=statistics.median) -> dict[str, float]:
     """ms per call of each function: batches of ~20 ms of each, in a rotating order, ``reps`` times."""
@@ -111,8 +143,11 @@ def options(threads: int, library: str | None = None) -> ort.SessionOptions:
 
 
 def bench(models: dict[str, onnx.ModelProto], M: int, K: int, threads: int, reps: int, rng,
-          clock=time.perf_counter, stat=statistics.median, libs: dict[str, str] | None = None) -> dict[str, float]:
-    A = rng.standard_normal((M, K)).astype(np.float32)
+          clock=time.perf_counter, stat=statistics.median, libs: dict[str, str] | None = None,
+          rows: int = 0) -> dict[str, float]:
+    """ms per run of each model on ``A``: M x K activations, or (``rows``: a table's row count) M
+    random indices into it."""
+    A = rng.integers(0, rows, M) if rows else rng.standard_normal((M, K)).astype(np.float32)
     runs = {}
     for name, m in models.items():
         sess = ort.InferenceSession(m.SerializeToString(), sess_options=options(threads, (libs or {}).get(name)),
@@ -139,11 +174,16 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="candidates to time, comma-separated (fp32 always): e.g. bq-lut3")
     ap.add_argument("--base-lib", default="", help="another build of libbayesq_ops.so: its bq candidates "
                     "are timed too (as NAME@base), in the same alternation")
+    ap.add_argument("--gather", default="", help="VxD: time embedding lookups of a V x D table instead "
+                    "(M: indices per run)")
     args = ap.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(x) for x in args.ms.split(",")]
     if args.quick:
         shapes, ms, args.reps = [(4096, 4096)], [1, 64], 7
+    gather = tuple(int(x) for x in args.gather.split("x")) if args.gather else None
+    if gather:
+        shapes = [gather[::-1]]   # K = D (row length), N = V (rows), as the ops' attributes say
     if custom_ops.available():
         print(f"bayesq library: {custom_ops.library_path()} (kernels: {custom_ops.kernel_isa()})")
     else:
@@ -152,7 +192,7 @@ def main(argv=None) -> int:
           f"alternating batches, {args.clock} ms per run (ratio to fp32)")
     rng = np.random.default_rng(0)
     for K, N in shapes:
-        models = candidates(K, N, args.block, rng)
+        models = gather_candidates(N, K, args.block, rng) if gather else candidates(K, N, args.block, rng)
         if args.only:
             keep = {"fp32", *args.only.split(",")}
             models = {k: v for k, v in models.items() if k in keep}
@@ -162,12 +202,12 @@ def main(argv=None) -> int:
                 models[f"{name}@base"] = models[name]
                 libs[f"{name}@base"] = args.base_lib
         names = list(models)
-        print(f"\nK={K} N={N}")
+        print(f"\nlookups in a {N} x {K} table" if gather else f"\nK={K} N={N}")
         print(f"{'M':>4} " + " ".join(f"{n:>17}" for n in names))
         for M in ms:
             t = bench(models, M, K, args.threads, args.reps, rng,
                       time.perf_counter if args.clock == "wall" else time.process_time,
-                      statistics.median if args.stat == "median" else min, libs)
+                      statistics.median if args.stat == "median" else min, libs, rows=N if gather else 0)
             cells = [f"{t[n]:8.3f} ({t[n] / t['fp32']:5.2f})" for n in names]
             print(f"{M:>4} " + " ".join(f"{c:>17}" for c in cells), flush=True)
     return 0

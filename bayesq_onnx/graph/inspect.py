@@ -11,9 +11,11 @@ size where the lowering (``lower/nodes.py``, ``lower/bayesq_nodes.py``, ``lower/
   128); tensors ``data``, ``scales``, ``zero_points``; uint8 ``data`` holds ``8 / bits`` codes a byte;
 * ``DequantizeLinear`` of an integer (or float8) initializer: bits from its type, ``block_size``
   attribute (0: one scale per tensor or per channel);
-* ``bayesq.MatMulAffine`` / ``MatMulLut`` / ``DequantizeAffine`` / ``DequantizeLut``: attributes ``K``,
-  ``N``, ``bits``, ``block_size`` (0: one group per row), ``shape`` for the Dequantize ops;
-* ``--target portable``: standard ops unpacking ``<prefix>_B`` through the position table
+* ``bayesq.MatMulAffine`` / ``MatMulLut`` / ``DequantizeAffine`` / ``DequantizeLut`` / ``GatherAffine`` /
+  ``GatherLut``: attributes ``K``, ``N``, ``bits``, ``block_size`` (0: one group per row), ``shape`` for
+  the Dequantize ops (a Gather's table is ``N x K``; a tied head's MatMul reads the same tensors);
+* ``--target portable``: standard ops unpacking ``<prefix>_B`` (or, for an embedding lookup, its rows
+  gathered by index) through the position table
   ``bq_pos_K<K>_b<bits>_lo`` (``portable.CODE_TABLE``); the group of each position is the
   ``<prefix>_gidx`` (affine) or ``<prefix>_groupbase`` (codebook) initializer.
 
@@ -150,10 +152,12 @@ def inspect_model(path: str | os.PathLike) -> dict:
             add(codes, node, name=node.output[0], op="DequantizeLinear", bits=bits, block_size=block,
                 shape=list(t.dims), tensors=init_inputs(node, (1, 2)),
                 format=_format_name(lambda: BlockedDequantize(bits, block, signed)) if block else None)
-        elif dom == BAYESQ and op in ("MatMulAffine", "MatMulLut", "DequantizeAffine", "DequantizeLut"):
+        elif dom == BAYESQ and op in ("MatMulAffine", "MatMulLut", "DequantizeAffine", "DequantizeLut",
+                                      "GatherAffine", "GatherLut"):
             matmul = op.startswith("MatMul")
+            gather = op.startswith("Gather")
             lut = op.endswith("Lut")
-            first = 1 if matmul else 0
+            first = 1 if matmul or gather else 0
             slots = range(first, first + (2 if lut else 3))   # B, lut or B, scales, zero_points; then bias
             codes, *rest = init_inputs(node, slots)
             if codes is None:
@@ -162,12 +166,16 @@ def inspect_model(path: str | os.PathLike) -> dict:
             values = inits[rest[0]] if rest and rest[0] else None
             dtype = "float16" if values is not None and values.data_type == TensorProto.FLOAT16 else "float32"
             cls = BayesqLut if lut else BayesqUniform
-            add(codes, node, name=_our_name(codes, "B") if matmul else node.output[0], op=f"{BAYESQ}.{op}",
-                bits=bits, block_size=block, shape=[a.get("K", 0), a.get("N", 0)] if matmul else a.get("shape", []),
-                tensors=rest, format=_format_name(lambda: cls(bits, block, dtype)))
-        elif dom == "" and op == "Gather" and len(node.input) > 1 and node.input[0] in inits \
-                and node.input[0].endswith("_B") and CODE_TABLE.fullmatch(node.input[1]):
-            _add_portable(add, node, inits, g)
+            # a gather's table is (N, K): N rows (the vocabulary) of K
+            shape = ([a.get("K", 0), a.get("N", 0)] if matmul else [a.get("N", 0), a.get("K", 0)] if gather
+                     else a.get("shape", []))
+            add(codes, node, name=_our_name(codes, "B") if matmul or gather else node.output[0], op=f"{BAYESQ}.{op}",
+                bits=bits, block_size=block, shape=shape, tensors=rest,
+                format=_format_name(lambda: cls(bits, block, dtype)))
+        elif dom == "" and op == "Gather" and len(node.input) > 1 and CODE_TABLE.fullmatch(node.input[1]):
+            codes = _portable_codes(node.input[0], inits, producer)
+            if codes is not None:
+                _add_portable(add, node, codes, inits, g)
 
     quantized = list(entries.values())
     held = {t for e in quantized for t in e["tensors"]}
@@ -186,9 +194,17 @@ def inspect_model(path: str | os.PathLike) -> dict:
     }
 
 
-def _add_portable(add, node, inits, g) -> None:
+def _portable_codes(name: str, inits, producer) -> str | None:
+    """The packed codes initializer ``<prefix>_B`` that a portable unpacking reads: itself, or (an
+    embedding lookup) through the Gather of its rows by index."""
+    if name not in inits and name in producer and producer[name].op_type == "Gather" and not _domain(producer[name]):
+        name = producer[name].input[0]
+    return name if name in inits and name.endswith("_B") else None
+
+
+def _add_portable(add, node, codes, inits, g) -> None:
     """A ``--target portable`` weight, found at the Gather that reads its codes (lower/portable.py)."""
-    codes = node.input[0]
+    lookup = node.input[0] != codes    # an embedding lookup: the rows of a (N, K) table
     prefix = codes[:-len("_B")]
     m = CODE_TABLE.fullmatch(node.input[1])
     K, bits = int(m["K"]), int(m["bits"])
@@ -201,7 +217,7 @@ def _add_portable(add, node, inits, g) -> None:
     # an affine grid (whose block is positive); a block beyond K is the same grouping
     block = int(np.count_nonzero(gidx == 0)) if gidx.max(initial=0) > 0 or not lut else 0
     N = int(inits[codes].dims[0])
-    shape = [K, N]
+    shape = [N, K] if lookup else [K, N]
     out = f"{prefix}_nd"
     name = _our_name(codes, "B")
     for n in g.node:   # the final Transpose gives the weight its native layout and its name

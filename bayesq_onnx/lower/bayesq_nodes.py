@@ -60,3 +60,17 @@ def bayesq_dequantize_node(out: str, prefix: str, fmt: BayesqUniform | BayesqLut
                             K=K, N=N, bits=fmt.bits, block_size=fmt.block,
                             shape=[int(d) for d in native_shape], axis=axis)
     return node, inits
+
+
+def bayesq_gather_node(indices: str, out: str, prefix: str, fmt: BayesqUniform | BayesqLut,
+                       packed: dict[str, np.ndarray], V: int, D: int) -> tuple[NodeProto, list[TensorProto]]:
+    """``out = table[indices]`` (float32, shape ``indices.shape + (D,)``) for a ``(V, D)`` table packed
+    by ``fmt`` as a view of V rows of D: the layout of a MatMul weight ``table^T (D, V)``, so a tied
+    head's ``bayesq_matmul_node(..., K=D, N=V)`` reads the same initializers.  ``indices`` int64 or
+    int32.  Op ``bayesq.GatherAffine(indices, B, scales, zero_points)`` or
+    ``bayesq.GatherLut(indices, B, lut)``, attributes K (= D), N (= V), bits, block_size."""
+    inits = _inits(fmt, packed, prefix)
+    op = "GatherLut" if isinstance(fmt, BayesqLut) else "GatherAffine"
+    node = helper.make_node(op, [indices] + [t.name for t in inits], [out], name=prefix, domain=BAYESQ_DOMAIN,
+                            K=D, N=V, bits=fmt.bits, block_size=fmt.block)
+    return node, inits

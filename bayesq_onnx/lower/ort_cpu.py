@@ -2,12 +2,14 @@
 packed tensors and the consumer is rewritten to the op that executes them:
 MatMul/Gemm -> com.microsoft.MatMulNBits or bayesq.MatMulAffine/MatMulLut, Conv weight ->
 DequantizeLinear (blocked) or bayesq.DequantizeAffine/DequantizeLut, Gather ->
-com.microsoft.GatherBlockQuantized.  Sites left in fp32 are untouched.
+com.microsoft.GatherBlockQuantized or bayesq.GatherAffine/GatherLut (a tied table: one set of packed
+tensors read by the Gather and the head's MatMul op alike).  Sites left in fp32 are untouched.
 
 ``lower_ort_cpu`` uses the bayesq custom-op library; ``lower_portable`` (``--target portable``)
 rebuilds bayesq-format weights with standard ONNX ops instead (bitwise unpack + Gather), for
 runtimes without the library: the file stays small, but onnxruntime folds those constant
-subgraphs into fp32 weights at session start, so memory and speed are fp32's.
+subgraphs into fp32 weights at session start, so memory and speed are fp32's (an embedding lookup
+unpacks only the rows it gathers, at run time, and stays packed in memory).
 
 requires: the model the sites were found in; ensures: no fp32 copy of a quantized weight remains,
 opset raised only as far as the formats used need.
@@ -24,9 +26,9 @@ from ..errors import BayesQError, first_line
 from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
 from ..graph.cone import all_nodes, subgraphs
 from ..types import WeightSite
-from .bayesq_nodes import BAYESQ_DOMAIN, BAYESQ_OPSET, bayesq_dequantize_node, bayesq_matmul_node
+from .bayesq_nodes import BAYESQ_DOMAIN, BAYESQ_OPSET, bayesq_dequantize_node, bayesq_gather_node, bayesq_matmul_node
 from .nodes import MS_DOMAIN, dequantize_node, gather_block_quantized_node, matmulnbits_node, tied_head_nodes
-from .portable import portable_weight_nodes
+from .portable import portable_gather_nodes, portable_weight_nodes
 
 BAYESQ_FORMATS = (BayesqUniform, BayesqLut)
 ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
@@ -88,7 +90,18 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
             continue
         drop_inits.add(s.name)
         pre, p = _prefix(s.name), packed[s.name]
-        if isinstance(fmt, BAYESQ_FORMATS) and (portable or s.kind == "conv"):
+        if isinstance(fmt, BAYESQ_FORMATS) and portable and s.kind == "gather":
+            # each lookup gathers the packed rows it needs and unpacks those (the table stays packed)
+            for cname in s.consumers:
+                c = nodes[cname]
+                y, cast = _typed(c.output[0], "float32", s.dtype)
+                ns, ts = portable_gather_nodes(c.input[1], y, pre, fmt, p, V=s.rows, D=s.L, tmp=_prefix(cname))
+                replace[cname] = ns + cast
+                have = {t.name for t in new_inits}
+                new_inits += [t for t in ts if t.name not in have]
+                shared_tables.update(t.name for t in ts if t.name.startswith("bq_pos_"))
+        elif isinstance(fmt, BAYESQ_FORMATS) and (portable or s.kind == "conv"):
+            # (a tied table in portable form: dequantized whole, for its Gather and the head alike)
             # the weight keeps its name (and type), now computed from the packed tensors in native layout
             w2, shape, ax, reshape, rs = _flat(s, s.name, pre)
             w, cast = _typed(w2, "float32", s.dtype)
@@ -107,11 +120,22 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
             if isinstance(fmt, MatMulNBits) and fmt.scale_dtype != s.dtype:
                 raise BayesQError(f"{s.name}: MatMulNBits has no {s.dtype} kernel (its scales take the "
                                   f"activations' type)")
+            # a bayesq table is one packed view for every reader: the Gather of an embedding and, when
+            # tied, the output head's MatMul (x @ table^T: the view of W = table^T is the table)
             shared = None
             for cname in s.consumers:
                 c = nodes[cname]
                 if c.op_type == "Transpose":
                     replace[cname] = []
+                    continue
+                if c.op_type == "Gather":
+                    y, cast = _typed(c.output[0], "float32", s.dtype)    # the op yields float32
+                    node, ts = bayesq_gather_node(c.input[1], y, pre, fmt, p, V=s.rows, D=s.L)
+                    if shared is None:
+                        shared = ts
+                        new_inits += ts
+                    node.name = cname
+                    replace[cname] = [node, *cast]
                     continue
                 bias = c.input[2] if c.op_type == "Gemm" and len(c.input) > 2 and c.input[2] else None
                 fused_bias = bias if bias in inits and tuple(inits[bias].dims) == (s.rows,) else None

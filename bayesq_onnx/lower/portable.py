@@ -3,6 +3,7 @@ without the custom-op library (opset >= 13: Gather, Cast, BitShift, Add, Sub, Mu
 
     nodes, inits = portable_weight_nodes("W", "bq_w", fmt, packed, native_shape=(K, N), axis=0)
     # then MatMul(x, "W") as for an fp32 weight
+    nodes, inits = portable_gather_nodes("ids", "E", "bq_emb", fmt, packed, V, D)   # an embedding lookup
 
 Per code: two byte Gathers along K, ``lo | hi << 8`` in uint32, a left then a right BitShift that
 isolate its bits; the LUT is a Gather of ``code + (row * G + group) * 2**bits`` in the flat table;
@@ -12,6 +13,8 @@ result equals the numpy reference bit for bit.  The position tables are shared i
 ``(K, bits)`` (``bq_pos_*``): identical for every weight of that geometry, so a pass that lowers
 several weights adds each such name once.  onnxruntime constant-folds the whole subgraph at load
 (all its inputs are initializers): the file keeps the packed size, memory holds the fp32 weight.
+An embedding lookup gathers the packed rows of its indices first and unpacks only those: no
+constant subgraph, so the table stays packed in memory as well.
 """
 from __future__ import annotations
 
@@ -53,6 +56,67 @@ def _unpack(src: str, n: int, bits: int, stream: bool, pre: str, out: str
     return nodes, inits
 
 
+def _view_nodes(prefix: str, fmt: BayesqUniform | BayesqLut, packed: dict[str, np.ndarray], K: int, N: int,
+                rows: str | None = None, tmp: str | None = None) -> tuple[list[NodeProto], list[TensorProto], str]:
+    """Nodes computing the float32 view ``(N, K)`` of the packed weight (``f"{tmp}_view"``), or only
+    its rows named by the 1-D int tensor ``rows`` (an embedding lookup: the packed rows are gathered
+    first, so only they are unpacked, at run time).  Initializers ``f"{prefix}_<role>"`` hold the
+    packed data (plus the shared position tables); computed tensors are named ``f"{tmp}_..."`` (default
+    ``prefix``: several lookups of one table each take their own)."""
+    tmp = tmp or prefix
+    bits, G = fmt.bits, groups(K, fmt.block)
+    gidx = group_index(K, fmt.block)
+    nodes: list[NodeProto] = []
+
+    def src(name: str) -> str:   # a packed tensor, or its selected rows
+        if rows is None:
+            return name
+        picked = f"{tmp}{name[len(prefix):]}_rows"
+        nodes.append(helper.make_node("Gather", [name, rows], [picked], axis=0))
+        return picked
+
+    inits = [_t(packed["B"], f"{prefix}_B")]
+    un, pos = _unpack(src(f"{prefix}_B"), K, bits, False, f"{tmp}_q", f"{tmp}_q")
+    nodes += un
+    inits += pos
+    view = f"{tmp}_view"
+    half = fmt.scale_dtype == "float16"
+    if isinstance(fmt, BayesqLut):
+        lut_out = f"{tmp}_view16" if half else view
+        inits += [_t(np.asarray(packed["lut"], fmt.scale_dtype).reshape(-1), f"{prefix}_lut"),
+                  _t((np.arange(N, dtype=np.int64) * (G << bits)).reshape(N, 1), f"{prefix}_rowbase"),
+                  _t((gidx << bits).reshape(1, K), f"{prefix}_groupbase")]
+        rowbase = src(f"{prefix}_rowbase")
+        nodes += [helper.make_node("Cast", [f"{tmp}_q"], [f"{tmp}_q64"], to=TensorProto.INT64),
+                  helper.make_node("Add", [f"{tmp}_q64", rowbase], [f"{tmp}_i1"]),
+                  helper.make_node("Add", [f"{tmp}_i1", f"{prefix}_groupbase"], [f"{tmp}_idx"]),
+                  helper.make_node("Gather", [f"{prefix}_lut", f"{tmp}_idx"], [lut_out], axis=0)]
+        if half:
+            nodes.append(helper.make_node("Cast", [lut_out], [view], to=TensorProto.FLOAT))
+    else:
+        sk = f"{tmp}_sk16" if half else f"{tmp}_sk"
+        inits += [_t(np.asarray(packed["scales"], fmt.scale_dtype).reshape(N, G), f"{prefix}_scales"),
+                  _t(packed["zero_points"], f"{prefix}_zero_points"), _t(gidx, f"{prefix}_gidx")]
+        scales, zps = src(f"{prefix}_scales"), src(f"{prefix}_zero_points")
+        zn, zi = _unpack(zps, G, bits, True, f"{tmp}_z", f"{tmp}_zq")
+        nodes += zn
+        inits += zi
+        nodes += [helper.make_node("Cast", [f"{tmp}_q"], [f"{tmp}_qf"], to=TensorProto.FLOAT),
+                  helper.make_node("Cast", [f"{tmp}_zq"], [f"{tmp}_zf"], to=TensorProto.FLOAT),
+                  helper.make_node("Gather", [f"{tmp}_zf", f"{prefix}_gidx"], [f"{tmp}_zk"], axis=1),
+                  helper.make_node("Gather", [scales, f"{prefix}_gidx"], [sk], axis=1),
+                  *([helper.make_node("Cast", [sk], [f"{tmp}_sk"], to=TensorProto.FLOAT)] if half else []),
+                  helper.make_node("Sub", [f"{tmp}_qf", f"{tmp}_zk"], [f"{tmp}_centred"]),
+                  helper.make_node("Mul", [f"{tmp}_centred", f"{tmp}_sk"], [view])]
+    return nodes, inits, view
+
+
+def _named(nodes: list[NodeProto], prefix: str) -> list[NodeProto]:
+    for i, n in enumerate(nodes):
+        n.name = f"{prefix}_u{i}"
+    return nodes
+
+
 def portable_weight_nodes(out: str, prefix: str, fmt: BayesqUniform | BayesqLut, packed: dict[str, np.ndarray],
                           native_shape: tuple[int, ...], axis: int) -> tuple[list[NodeProto], list[TensorProto]]:
     """Nodes computing the fp32 weight ``out`` of ``native_shape`` (``nodes.dequantize_node``'s view
@@ -62,38 +126,7 @@ def portable_weight_nodes(out: str, prefix: str, fmt: BayesqUniform | BayesqLut,
     shape = [int(d) for d in native_shape]
     K = shape[axis]
     N = int(np.prod(shape, dtype=np.int64)) // K
-    bits, G = fmt.bits, groups(K, fmt.block)
-    gidx = group_index(K, fmt.block)
-    inits = [_t(packed["B"], f"{prefix}_B")]
-    nodes, pos = _unpack(f"{prefix}_B", K, bits, False, f"{prefix}_q", f"{prefix}_q")
-    inits += pos
-    view = f"{prefix}_view"
-    half = fmt.scale_dtype == "float16"
-    if isinstance(fmt, BayesqLut):
-        lut_out = f"{prefix}_view16" if half else view
-        inits += [_t(np.asarray(packed["lut"], fmt.scale_dtype).reshape(-1), f"{prefix}_lut"),
-                  _t((np.arange(N, dtype=np.int64) * (G << bits)).reshape(N, 1), f"{prefix}_rowbase"),
-                  _t((gidx << bits).reshape(1, K), f"{prefix}_groupbase")]
-        nodes += [helper.make_node("Cast", [f"{prefix}_q"], [f"{prefix}_q64"], to=TensorProto.INT64),
-                  helper.make_node("Add", [f"{prefix}_q64", f"{prefix}_rowbase"], [f"{prefix}_i1"]),
-                  helper.make_node("Add", [f"{prefix}_i1", f"{prefix}_groupbase"], [f"{prefix}_idx"]),
-                  helper.make_node("Gather", [f"{prefix}_lut", f"{prefix}_idx"], [lut_out], axis=0)]
-        if half:
-            nodes.append(helper.make_node("Cast", [lut_out], [view], to=TensorProto.FLOAT))
-    else:
-        sk = f"{prefix}_sk16" if half else f"{prefix}_sk"
-        inits += [_t(np.asarray(packed["scales"], fmt.scale_dtype).reshape(N, G), f"{prefix}_scales"),
-                  _t(packed["zero_points"], f"{prefix}_zero_points"), _t(gidx, f"{prefix}_gidx")]
-        zn, zi = _unpack(f"{prefix}_zero_points", G, bits, True, f"{prefix}_z", f"{prefix}_zq")
-        nodes += zn
-        inits += zi
-        nodes += [helper.make_node("Cast", [f"{prefix}_q"], [f"{prefix}_qf"], to=TensorProto.FLOAT),
-                  helper.make_node("Cast", [f"{prefix}_zq"], [f"{prefix}_zf"], to=TensorProto.FLOAT),
-                  helper.make_node("Gather", [f"{prefix}_zf", f"{prefix}_gidx"], [f"{prefix}_zk"], axis=1),
-                  helper.make_node("Gather", [f"{prefix}_scales", f"{prefix}_gidx"], [sk], axis=1),
-                  *([helper.make_node("Cast", [sk], [f"{prefix}_sk"], to=TensorProto.FLOAT)] if half else []),
-                  helper.make_node("Sub", [f"{prefix}_qf", f"{prefix}_zk"], [f"{prefix}_centred"]),
-                  helper.make_node("Mul", [f"{prefix}_centred", f"{prefix}_sk"], [view])]
+    nodes, inits, view = _view_nodes(prefix, fmt, packed, K, N)
     # view (N, K) = moveaxis(W, axis, -1).reshape(N, K): reshape to the other axes + K, move K back
     rest = shape[:axis] + shape[axis + 1:]
     perm = list(range(len(rest)))
@@ -101,9 +134,27 @@ def portable_weight_nodes(out: str, prefix: str, fmt: BayesqUniform | BayesqLut,
     inits.append(_t(np.array(rest + [K], np.int64), f"{prefix}_viewshape"))
     nodes += [helper.make_node("Reshape", [view, f"{prefix}_viewshape"], [f"{prefix}_nd"]),
               helper.make_node("Transpose", [f"{prefix}_nd"], [out], perm=perm)]
-    for i, n in enumerate(nodes):
-        n.name = f"{prefix}_u{i}"
-    return nodes, _dedupe(inits)
+    return _named(nodes, prefix), _dedupe(inits)
+
+
+def portable_gather_nodes(indices: str, out: str, prefix: str, fmt: BayesqUniform | BayesqLut,
+                          packed: dict[str, np.ndarray], V: int, D: int, tmp: str | None = None
+                          ) -> tuple[list[NodeProto], list[TensorProto]]:
+    """``out = table[indices]`` (float32, ``indices.shape + (D,)``) for a ``(V, D)`` table packed by
+    ``fmt`` (view: V rows of D), with standard ops: the packed rows (codes, scales, zero points, or
+    the codebook's row offsets) are gathered by index and only those are unpacked, so the table stays
+    packed in memory too (nothing here is constant: onnxruntime cannot fold it).  ONNX Gather's index
+    rule (negative indices count from the end).  ``tmp``: as in :func:`_view_nodes` (computed tensors
+    and nodes; each lookup of one table needs its own)."""
+    tmp = tmp or prefix
+    flat = f"{tmp}_rows"
+    inits = [_t(np.array([-1], np.int64), f"{prefix}_flatshape"), _t(np.array([D], np.int64), f"{prefix}_D")]
+    head = [helper.make_node("Reshape", [indices, f"{prefix}_flatshape"], [flat])]
+    nodes, vinits, view = _view_nodes(prefix, fmt, packed, D, V, rows=flat, tmp=tmp)
+    tail = [helper.make_node("Shape", [indices], [f"{tmp}_ishape"]),
+            helper.make_node("Concat", [f"{tmp}_ishape", f"{prefix}_D"], [f"{tmp}_oshape"], axis=0),
+            helper.make_node("Reshape", [view, f"{tmp}_oshape"], [out])]
+    return _named(head + nodes + tail, tmp), _dedupe(inits + vinits)
 
 
 def _dedupe(inits: list[TensorProto]) -> list[TensorProto]:

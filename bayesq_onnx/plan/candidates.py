@@ -17,7 +17,8 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
     """Uniform formats over ``recipe.blocks`` whose groups fit the reduction axis, plus fp32.
     A block longer than the axis only pads, so the largest block kept is the first >= L.
     ``bayesq_ops``: offer the formats only the bayesq custom ops (or the portable lowering) run:
-    other affine widths, and (for the knapsack) one Lloyd-Max codebook per row.
+    other affine widths, and (for the knapsack) one Lloyd-Max codebook per row; embeddings (and tied
+    embedding/head tables) then take the bayesq formats instead of GatherBlockQuantized.
     A site that a pin of ``recipe.pins`` names (the first that does) keeps only the formats with the
     pin's code bits (32: fp32; 16: a float16 / bfloat16 weight kept as it is)."""
     blocks = sorted(b for b in recipe.blocks)
@@ -45,6 +46,12 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
         bq_blocks = [g for g in conv_blocks if g % 16 == 0] or ([-(-site.L // 16) * 16] if site.flat else [])
         out += [BlockedDequantize(b, g, signed=False, scale_dtype=sd) for b in recipe.conv_bits for g in dq_blocks]
         out += [BayesqUniform(b, g, F16) for b in ours for g in bq_blocks]
+        out += [BayesqLut(b, 0, F16) for b in luts]
+    elif site.kind in ("gather", "tied") and bayesq_ops:
+        # bayesq.GatherAffine / GatherLut read the MatMul ops' layout: any width (3 bits included, which
+        # GatherBlockQuantized lacks), any row length, fp16 scales, and one table for a tied head
+        widths = sorted(set(ours) | set(recipe.gather_bits))
+        out += [BayesqUniform(b, g, F16) for b in widths for g in fitting if g % 16 == 0]
         out += [BayesqLut(b, 0, F16) for b in luts]
     elif site.kind == "gather":
         out += [f for f in (GatherBlockQuantized(b, g, sd) for b in recipe.gather_bits for g in fitting)

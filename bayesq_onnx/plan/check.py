@@ -28,18 +28,7 @@ def check_plans(contenders: list[Contender], packed: list[dict], sites, stream, 
     knapsack's), and the report's ``plan_check`` entry.  ``packed``: each contender's packed tensors
     per site; held-back data runs through the model a segment at a time (``runtime/stream.py``), each
     segment on its sites' weights decoded from them, so only one segment's weights are unpacked."""
-    distortion = OutputDistortion(probe, held, batch_size)
-    by_name = {s.name: s for s in sites}
-    with Progress("plan check", len(contenders)) as p:
-        scores = []
-        for c, arrays in zip(contenders, packed):
-            states = stream.start(held, batch_size)
-            for k in range(len(stream)):
-                names = [t for t in stream.reads[k] if t in arrays]
-                views = parallel_map(lambda t: decoded(c, arrays[t], by_name[t]), names)
-                out = stream.advance(k, states, dict(zip(names, views)))
-            scores.append(distortion.of_outputs(out))
-            p.step()
+    scores = held_back_distortions(contenders, packed, sites, stream, probe, held, batch_size, "plan check")
     i = int(np.argmin(scores))
     n_weights = sum(s.size for s in sites)
     report = {"metric": "relative output squared error on held-back calibration data",
@@ -51,6 +40,24 @@ def check_plans(contenders: list[Contender], packed: list[dict], sites, stream, 
         log.warning("plan check: %s beats the knapsack plan on held-back data (%.3g vs %.3g); shipping it",
                     contenders[i].plan.label, scores[i], scores[0])
     return i, report
+
+
+def held_back_distortions(contenders: list[Contender], packed: list[dict], sites, stream, probe, held, batch_size,
+                          what: str) -> list[float]:
+    """Each contender's output distortion on ``held``, from its packed tensors (:func:`check_plans`)."""
+    distortion = OutputDistortion(probe, held, batch_size)
+    by_name = {s.name: s for s in sites}
+    with Progress(what, len(contenders)) as p:
+        scores = []
+        for c, arrays in zip(contenders, packed):
+            states = stream.start(held, batch_size)
+            for k in range(len(stream)):
+                names = [t for t in stream.reads[k] if t in arrays]
+                views = parallel_map(lambda t: decoded(c, arrays[t], by_name[t]), names)
+                out = stream.advance(k, states, dict(zip(names, views)))
+            scores.append(distortion.of_outputs(out))
+            p.step()
+    return scores
 
 
 def decoded(c: Contender, arrays: dict[str, np.ndarray], site) -> np.ndarray:

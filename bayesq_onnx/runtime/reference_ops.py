@@ -180,4 +180,29 @@ class DequantizeLut(OpRun):
         return _bq_native(_bq_lut(B, lut, K, N, bits, block_size), K, N, shape, axis)
 
 
-REFERENCE_OPS = [MatMulNBits, GatherBlockQuantized, MatMulAffine, MatMulLut, DequantizeAffine, DequantizeLut]
+def _bq_rows(V, indices):
+    """Rows ``indices`` of the view ``V (N, K)``: ONNX Gather's rule (negative indices count from the
+    end; outside ``[-N, N)`` an error)."""
+    N = V.shape[0]
+    idx = np.asarray(indices).astype(np.int64)
+    if idx.size and (idx.min() < -N or idx.max() >= N):
+        raise IndexError(f"bayesq gather: indices outside [-{N}, {N})")
+    return (V[np.where(idx < 0, idx + N, idx)],)
+
+
+class GatherAffine(OpRun):
+    op_domain = "bayesq"
+
+    def _run(self, indices, B, scales, zero_points=None, K=None, N=None, bits=None, block_size=None):
+        return _bq_rows(_bq_affine(B, scales, zero_points, K, N, bits, block_size), indices)
+
+
+class GatherLut(OpRun):
+    op_domain = "bayesq"
+
+    def _run(self, indices, B, lut, K=None, N=None, bits=None, block_size=None):
+        return _bq_rows(_bq_lut(B, lut, K, N, bits, block_size), indices)
+
+
+REFERENCE_OPS = [MatMulNBits, GatherBlockQuantized, MatMulAffine, MatMulLut, DequantizeAffine, DequantizeLut,
+                 GatherAffine, GatherLut]

@@ -192,7 +192,7 @@ def _may_have_float16(model: onnx.ModelProto) -> bool:
     type is independent of the activations').  Without any, float16 has no way in."""
     g = model.graph
     F16 = TensorProto.FLOAT16
-    tables = {n.input[2 if n.op_type.startswith("MatMul") else 1] for n in g.node   # scales / lut
+    tables = {n.input[2 if n.op_type.startswith(("MatMul", "Gather")) else 1] for n in g.node   # scales / lut
               if n.domain == custom_ops.DOMAIN and len(n.input) > 2}
     if any(v.type.tensor_type.elem_type == F16 for v in [*g.input, *g.output, *g.value_info]):
         return True

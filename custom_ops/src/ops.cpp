@@ -1,5 +1,5 @@
-// The `bayesq` onnxruntime custom-op library: MatMulAffine, MatMulLut, DequantizeAffine, DequantizeLut
-// (signatures and layout: include/bayesq/layout.h).  Built against the ORT C/C++ API headers of
+// The `bayesq` onnxruntime custom-op library: MatMulAffine, MatMulLut, DequantizeAffine, DequantizeLut,
+// GatherAffine, GatherLut (signatures and layout: include/bayesq/layout.h).  Built against the ORT C/C++ API headers of
 // API version 21; loads in any later onnxruntime (the C API only grows).
 //
 // Kernels are picked once per kernel instance (session): BAYESQ_ISA=avx512|avx2|neon|scalar forces one
@@ -422,6 +422,45 @@ struct DequantizeKernel : QKernel {
     }
 };
 
+// Rows of a packed table picked by index (an embedding lookup): each row is decoded, exactly, by the
+// kernels' row decode straight into the output; a float16 table widens only the rows it reads.
+struct GatherKernel : QKernel {
+    GatherKernel(const OrtKernelInfo* info, bool lut) : QKernel(info, lut) {}
+
+    void Compute(OrtKernelContext* ctx) {
+        const Weight wt = weight(ctx, 1);
+        Tensor I = input(ctx, 0);
+        // ONNX Gather's rule: indices in [-N, N), negative ones count from the end; others are an error
+        std::vector<int64_t> rows(size_t(I.numel));
+        for (int64_t i = 0; i < I.numel; ++i) {
+            const int64_t v = I.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 ? int64_t(static_cast<const int32_t*>(I.data)[i])
+                                                                            : static_cast<const int64_t*>(I.data)[i];
+            if (v < -N || v >= N)
+                throw Error("index " + std::to_string(v) + " is out of range [-" + std::to_string(N) + ", " +
+                            std::to_string(N) + ")");
+            rows[size_t(i)] = v < 0 ? v + N : v;
+        }
+        std::vector<int64_t> yshape = I.shape;
+        yshape.push_back(K);
+        float* out = static_cast<float*>(output(ctx, 0, yshape));
+        const Kernels* kr = simd_groups(wt.w) ? kern : kernels_scalar();
+        const int64_t per_task = 64;   // rows per task: one row is a few hundred ns, a task a few us
+        parallel_for(ctx, size_t((I.numel + per_task - 1) / per_task), [&](size_t t) {
+            const int64_t i0 = int64_t(t) * per_task, i1 = std::min(I.numel, i0 + per_task);
+            for (int64_t i = i0; i < i1; ++i) {
+                const int64_t n = rows[size_t(i)];
+                QWeight ws;
+                const int64_t base = wt.rows(n, n + 1, &ws);
+                kr->decode(ws, n - base, n + 1 - base, out + i * K, K);
+            }
+        });
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq gather", [&] { Compute(ctx); });
+    }
+};
+
 // ---- op descriptions ---------------------------------------------------------------------------------
 constexpr ONNXTensorElementDataType F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr ONNXTensorElementDataType F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
@@ -477,9 +516,33 @@ struct DequantizeOp : Ort::CustomOpBase<DequantizeOp, DequantizeKernel, true> {
     ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
 };
 
+// indices: int64 or int32 (one registration each, as for the table types)
+struct GatherOp : Ort::CustomOpBase<GatherOp, GatherKernel, true> {
+    bool lut;
+    ONNXTensorElementDataType idx, s;  // indices type, scales / LUT type
+    GatherOp(bool lut_, ONNXTensorElementDataType idx_, ONNXTensorElementDataType s_) : lut(lut_), idx(idx_), s(s_) {}
+    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+        return create(kernel, GetName(), [&] { return new GatherKernel(info, lut); });
+    }
+    const char* GetName() const { return lut ? "GatherLut" : "GatherAffine"; }
+    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+    // affine: indices, B, scales, zero_points?   LUT: indices, B, lut
+    size_t GetInputTypeCount() const { return lut ? 3 : 4; }
+    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 ? idx : i == 2 ? s : U8; }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+        return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
+};
+
 MatMulOp g_matmul[] = {{false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
                        {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
 DequantizeOp g_dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
+constexpr ONNXTensorElementDataType I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+constexpr ONNXTensorElementDataType I32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+GatherOp g_gather[] = {{false, I64, F32}, {false, I64, F16}, {false, I32, F32}, {false, I32, F16},
+                       {true, I64, F32},  {true, I64, F16},  {true, I32, F32},  {true, I32, F16}};
 
 }  // namespace
 }  // namespace bq
@@ -499,6 +562,8 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     for (OrtCustomOp& op : bq::g_matmul)
         if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
     for (OrtCustomOp& op : bq::g_dequantize)
+        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
+    for (OrtCustomOp& op : bq::g_gather)
         if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
     return api->AddCustomOpDomain(options, domain);
 }

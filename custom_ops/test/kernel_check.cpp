@@ -1,6 +1,6 @@
 // Kernel check: calls a kernel set's entry points (decode, gemv, gemm) directly on generated packed
 // weights and compares them with a plain reference computed from the unpacked codes: decoding bit for
-// bit, matmuls within the fp32 summation bound, and column splits giving identical bytes.  No
+// bit (blocks of rows, and single rows as the Gather ops decode them), matmuls within the fp32 summation bound, and column splits giving identical bytes.  No
 // onnxruntime: it runs where the library cannot, e.g. the NEON kernels under qemu-aarch64
 // (tests/test_neon.py cross-compiles it with kernels_scalar.cpp and kernels_neon.cpp).
 //
@@ -133,6 +133,16 @@ void check_decode(const Kernels& kr, const Packed& p, const std::string& what) {
         ++g_checks;
         if (!ok) fail(what + ": decode from column " + std::to_string(n0) + " differs from the reference");
     }
+    // one row at a time, in any order: what GatherAffine / GatherLut do per index
+    std::vector<float> row(size_t(w.K), -7.f);
+    bool ok = true;
+    for (int64_t n = w.N - 1; n >= 0 && ok; --n) {
+        kr.decode(w, n, n + 1, row.data(), w.K);
+        if (n == 0) perturb(&row[0]);
+        ok = std::memcmp(row.data(), &p.V[size_t(n * w.K)], size_t(w.K) * sizeof(float)) == 0;
+    }
+    ++g_checks;
+    if (!ok) fail(what + ": single-row decode (gather) differs from the reference");
 }
 
 // gemv (gemm=false) or gemm: within the summation bound of the exact product, and the same bytes when

@@ -45,6 +45,12 @@
  *       enumerate, in C order, the axes of `shape` other than `axis` (shape[axis] == K), i.e.
  *       V = moveaxis(W, axis, -1).reshape(-1, K).  Default: W (K, N) = V^T for a MatMul.
  *       A Conv weight (O, I, kh, kw) quantized along I: shape = [O, I, kh, kw], axis = 1.
+ *   GatherAffine(indices: I, B: uint8, scales: S, zero_points?: uint8) -> Y: float[*indices.shape, K]
+ *   GatherLut   (indices: I, B: uint8, lut: S)                         -> Y: float[*indices.shape, K]
+ *       Y[..., :] = V[indices[...], :]: rows of the view, i.e. an embedding table (N rows of K) stored
+ *       exactly as a MatMul weight's view, so one packed table serves a Gather and (tied) the output
+ *       head's MatMul* (x @ table^T: W = table^T, V = table).  I = int64 or int32; indices in [-N, N),
+ *       negative ones count from the end (ONNX Gather), others are an error.  Rows decode bit-exactly.
  *   Attributes (all ops): K, N, bits (1..8), block_size (0 or >= 1); Dequantize*: shape, axis.
  */
 #ifndef BAYESQ_LAYOUT_H
