@@ -27,7 +27,10 @@ METHODS: dict[str, Method] = {
     "rtn": Method(planner="uniform", grid="minmax", rounding="rtn"),
     # the reference algorithm's defaults (IST-DASLab/gptq): dynamic groups, no act_order
     "gptq": Method(planner="uniform", grid="dynamic", rounding="gptq"),
-    "hqq": Method(planner="uniform", grid="hqq", rounding="rtn"),
+    # not the reference HQQ: its half-quadratic lp fit under the integer zero points our formats
+    # store (the reference's float zero point would cost 16-32 bits per group), with a closed-form
+    # scale step instead (quantize/hqq.py); named for that difference
+    "hqq-int": Method(planner="uniform", grid="hqq", rounding="rtn"),
     # mixed precision as the field does it (HAWQ-V2/V3 sensitivity: mean Hessian trace of one global
     # loss times the squared quantization error), allocated and rounded as bayesq and gptq are:
     # the same candidates and knapsack, GPTQ's own codes (docs/design.md, "HAWQ baseline")

@@ -408,7 +408,7 @@ def test_large_output_goes_to_external_data(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("method", ["gptq", "hqq"])
+@pytest.mark.parametrize("method", ["gptq", "hqq-int"])
 def test_baselines_share_rtn_formats(tmp_path, case, method):
     """Baselines differ from RTN only in their codes and grids: the same uniform plan, the same
     stored bits, and a model onnxruntime runs exactly as the numpy reference ops do."""

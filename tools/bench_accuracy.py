@@ -1,7 +1,7 @@
-"""Accuracy scoreboard: fp32, rtn, gptq, hqq, hawq and bayesq at matched stored-bit budgets on real models.
+"""Accuracy scoreboard: fp32, rtn, gptq, hqq-int, hawq and bayesq at matched stored-bit budgets on real models.
 
     python tools/bench_accuracy.py [--quick] [--models minilm,fashion_mnist,...] [--budgets 2.5,3.0,3.5,4.0]
-                                   [--methods rtn,gptq,hqq,hawq,bayesq,bayesq+distill] [--distill STEPS]
+                                   [--methods rtn,gptq,hqq-int,hawq,bayesq,bayesq+distill] [--distill STEPS]
                                    [--cache DIR] [--out DIR]
 
 Models and data are built from packages into the asset cache (``bayesq_onnx.assets``; see docs/design.md,
@@ -44,7 +44,7 @@ from bayesq_onnx.errors import BayesQError  # noqa: E402
 from bayesq_onnx.runtime.session import make_session  # noqa: E402
 from bayesq_onnx.validate.compare import compare_outputs  # noqa: E402
 
-METHODS = ("rtn", "gptq", "hqq", "hawq", "bayesq")
+METHODS = ("rtn", "gptq", "hqq-int", "hawq", "bayesq")
 # bayesq with a loss-table source other than the default: bayesq-proxy, bayesq-closed_form, ...
 VARIANT = "bayesq-"
 DISTILL = "+distill"   # suffix: the method with calibration-only distillation (--distill STEPS)
@@ -176,13 +176,15 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
     rows = [{"model": name, "method": "fp32", "budget": None, "bits_per_weight": 32.0, "bits_all": 32.0, "plan": "fp32",
              "seconds": 0.0, **task.evaluate(task.model)}]
     _say(rows[-1])
-    achieved: dict[float, float] = {}           # budget -> bits gptq achieved there
+    achieved: dict[float, float] = {}           # budget -> bits gptq achieved there, floored (the @gptq budget)
+    gptq_bits: dict[float, float] = {}          # that budget -> gptq's exact bits
     base = {m: m.removesuffix(DISTILL) for m in methods}
     ours = [m for m in methods if base[m] == "bayesq" or m.startswith(VARIANT)]
     # knapsack methods reach their budget: each is also run at gptq's achieved bits, so after gptq
     matched = [m for m in methods if base[m] in REGISTRY and REGISTRY[base[m]].planner == "knapsack"
                and m not in ours] + ours
-    for method in [m for m in methods if m not in matched] + matched:
+    # gptq first: the other baselines' rows are matched to its bits, the knapsack methods run at them
+    for method in sorted((m for m in methods if m not in matched), key=lambda m: m != "gptq") + matched:
         fields = dict(task.recipe, method=base[method])
         if method.startswith(VARIANT):
             fields.update(method="bayesq", tables=base[method][len(VARIANT):])
@@ -209,10 +211,16 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
                 continue
             if method == "gptq":
                 achieved[bits] = math.floor(rep["bits_per_weight"] * 1e4) / 1e4   # never above gptq's bits
+                gptq_bits[achieved[bits]] = rep["bits_per_weight"]
+            # the gptq row this one is compared with: a uniform baseline's at the same budget (the same
+            # plan, so the same bits), a knapsack method's @gptq at the bits gptq reached
+            matched_to = gptq_bits.get(bits) if method in matched else gptq_bits.get(achieved.get(bits))
             t_eval = time.perf_counter()
             # seconds: this method's compression wall time so far (one analysis, then each budget), no evaluation
+            _check_matched(name, label, rep["bits_per_weight"], matched_to, exact=method not in matched)
             rows.append({"model": name, "method": label, "budget": bits, "bits_per_weight": rep["bits_per_weight"],
-                         "bits_all": rep["bits_per_weight_all"], "plan": rep["plan"], "seconds": time.perf_counter() - t0, **task.evaluate(out)})
+                         "bits_all": rep["bits_per_weight_all"], "gptq_bits": matched_to, "plan": rep["plan"],
+                         "seconds": time.perf_counter() - t0, **task.evaluate(out)})
             if rep.get("distill"):   # shipped or refused, and the held-back distortion before -> after tuning
                 d = rep["distill"]
                 rows[-1]["distill"] = "{}: {:.4g} -> {:.4g}".format("shipped" if d["shipped"] else "refused",
@@ -221,6 +229,33 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             out.unlink()
             _say(rows[-1])
     return rows
+
+
+def _check_matched(model: str, label: str, bits: float, gptq: float | None, exact: bool) -> None:
+    """A matched row never stores more bits than gptq's (the comparison would favour it), and a uniform
+    baseline stores exactly gptq's (the same plan): anything else is a bug of the scoreboard."""
+    if gptq is None:
+        return
+    if bits > gptq or (exact and bits != gptq):
+        raise RuntimeError(f"{model}/{label}: {bits:.6f} bits/weight, matched to gptq's {gptq:.6f}")
+
+
+def matched_table(rows: list[dict], name: str, task: Task) -> list[str]:
+    """Markdown: every method at gptq's stored bits, one line per gptq row, with the largest shortfall
+    (gptq's bits minus a method's; a knapsack cannot always spend the last few bits)."""
+    mine = [r for r in rows if r["model"] == name and r.get("gptq_bits") is not None]
+    points = list(dict.fromkeys(r["gptq_bits"] for r in mine))
+    methods = list(dict.fromkeys(r["method"] for r in mine))
+    if not points:
+        return []
+    arrow = "↑" if task.higher_is_better else "↓"
+    lines = [f"### {name} at gptq's stored bits ({task.metric} {arrow})", "",
+             "| gptq's bits | " + " | ".join(methods) + " | largest shortfall |", "|---|" + "---|" * (len(methods) + 1)]
+    for b in points:
+        at = {r["method"]: r for r in mine if r["gptq_bits"] == b}
+        lines.append(f"| {b:.4f} | " + " | ".join(_fmt(at[m][task.metric]) if m in at else "-" for m in methods)
+                     + f" | {max(b - r['bits_per_weight'] for r in at.values()):.4f} |")
+    return lines + [""]
 
 
 def _say(row: dict) -> None:
@@ -242,8 +277,8 @@ def write_outputs(rows: list[dict], tasks: dict[str, Task], out_dir: Path) -> st
     lines = []
     for name, task in tasks.items():
         mine = [r for r in rows if r["model"] == name]
-        metrics = [k for k in keys if k not in ("model", "method", "budget", "bits_per_weight", "bits_all", "plan",
-                                                "seconds")
+        metrics = [k for k in keys if k not in ("model", "method", "budget", "bits_per_weight", "bits_all", "gptq_bits",
+                                                "plan", "seconds")
                    and any(k in r for r in mine)]
         arrow = "↑" if task.higher_is_better else "↓"
         lines += [f"### {name} ({task.metric} {arrow})", "",
@@ -253,6 +288,7 @@ def write_outputs(rows: list[dict], tasks: dict[str, Task], out_dir: Path) -> st
             lines.append(f"| {r['method']} | {_fmt(r['budget'])} | {r['bits_per_weight']:.3f} | {r['bits_all']:.3f} | "
                          + " | ".join(_fmt(r.get(k)) for k in metrics) + f" | {r['plan']} | {r['seconds']:.0f} |")
         lines.append("")
+        lines += matched_table(rows, name, task)
     md = "\n".join(lines)
     (out_dir / "results.md").write_text(md + "\n")
     _plot(rows, tasks, out_dir / "results.png")

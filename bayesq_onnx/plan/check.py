@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Contender:
     plan: Plan
-    reference: bool = False   # rounded as --method gptq does (the reference GPTQ plan), not with our grids
+    # rounded by the reference GPTQ as --method gptq does, not with our grids; calibrated like every
+    # contender on the fitting data only (--method gptq uses all of it: docs/design.md, "Plan check")
+    reference: bool = False
 
 
 def check_plans(contenders: list[Contender], packed: list[dict], sites, stream, probe, held, batch_size

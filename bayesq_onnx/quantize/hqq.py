@@ -1,4 +1,6 @@
-"""HQQ (Half-Quadratic Quantization, Badri & Shaji 2023): a calibration-free baseline grid.
+"""HQQ's half-quadratic grid fit under integer zero points: the calibration-free baseline
+``--method hqq-int`` (Half-Quadratic Quantization, Badri & Shaji 2023, adapted; not the reference
+HQQ, whose zero points are floats, hence the name).
 
 HQQ fits the affine grid of each group to an lp error, ``p < 1`` (errors are treated as sparse
 outliers), ``min_z ||W - (clip(rint(W/s + z)) - z) s||_p^p``, by half-quadratic splitting: an
