@@ -124,6 +124,7 @@ class Analysis:
         self.tables_pass = None     # the knapsack's loss-table pass (made on first use)
         self._tables: Tables | None = None
         self.grids: Grids = {}      # grid kinds chosen by measurement: grow as budgets ask for formats
+        self._rounded = {}          # what _round packed for earlier budgets
         self.seconds = time.perf_counter() - t0
 
     def blocks(self, data: dict[str, np.ndarray] | None = None):
@@ -213,7 +214,8 @@ class Analysis:
             knapsack = knapsack_plan(sites, self.candidates, losses, budget_bits)
             contenders = [Contender(p) for p in [knapsack, *uniforms[:self.tables_pass.uniform_checked]]] + \
                 [Contender(replace(u, label=f"gptq {u.label}"), reference=True) for u in uniforms[:1]]
-        packed, grids, expected = self._round(contenders, None if self.uniform else contenders[0].plan)
+        packed, grids, expected = self._round(contenders, None if self.uniform else contenders[0].plan,
+                                              keep=not _single_use)
         if len(contenders) > 1:
             i, check = check_plans(contenders, packed, sites, self.stream, self.probe, self.held, self.batch)
         else:
@@ -251,11 +253,13 @@ class Analysis:
                 raise
         return Result(out_model, rep, Path(output) if output is not None else None)
 
-    def _round(self, contenders: list[Contender], knapsack=None):
+    def _round(self, contenders: list[Contender], knapsack=None, keep: bool = False):
         """Every contender's packed tensors, grid kinds and expected losses per site, rounded a
         segment's sites at a time (the knapsack's and the reference GPTQ plan's share GPTQ's work).
-        ``knapsack``: the plan whose formats get their grids measured where several are on offer."""
-        sites, n = self.sites, len(contenders)
+        ``knapsack``: the plan whose formats get their grids measured where several are on offer.
+        ``keep``: remember the packed results for later budgets (an analysis used more than once):
+        a format a site takes again is not rounded again (packed tensors are small)."""
+        sites, n, cache = self.sites, len(contenders), self._rounded
         packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
         with Progress("rounding and packing", len(sites)) as p:
             for qs in self.blocks():
@@ -269,15 +273,21 @@ class Analysis:
                     for c in contenders:
                         q, fmt = (refs if c.reference else qs)[s.name], c.plan.choice[s.name]
                         kind = q.grid_kind(fmt, None if c.reference else self.grids.get((s.name, fmt)))
-                        arrays = None if isinstance(fmt, Float32) else fmt.pack(q.codes(fmt, kind))
-                        res.append((arrays, kind, q.expected_loss(fmt, kind)))
+                        key = (s.name, fmt, kind, c.reference)
+                        if key not in cache:
+                            arrays = None if isinstance(fmt, Float32) else fmt.pack(q.codes(fmt, kind))
+                            res.append((key, (arrays, q.expected_loss(fmt, kind))))
+                        else:
+                            res.append((key, cache[key]))
                     return res
 
                 for s, res in zip(block, parallel_map(pack, block)):
-                    for i, (arrays, kind, loss) in enumerate(res):
+                    for i, (key, (arrays, loss)) in enumerate(res):
+                        if keep:
+                            cache[key] = arrays, loss
                         if arrays is not None:
                             packed[i][s.name] = arrays
-                        grids[i][s.name], expected[i][s.name] = kind, loss
+                        grids[i][s.name], expected[i][s.name] = key[2], loss
                     p.step()
         return packed, grids, expected
 
