@@ -130,7 +130,8 @@ class Analysis:
     def blocks(self, data: dict[str, np.ndarray] | None = None):
         """The sites' quantizers, a segment's worth at a time, from one pass of ``data`` (default: the
         fitting data) through the model: a site's statistics are complete after the last segment
-        that reads it.  Each dict is the caller's until the next one is asked for."""
+        that reads it.  Yields those sites and their quantizers (by name), the caller's until the
+        next block is asked for."""
         recipe, stream = self.recipe, self.stream
         acc = StatsAccumulator(self.sites)
         ready = [[] for _ in range(len(stream))]
@@ -147,7 +148,7 @@ class Analysis:
                 block = {s.name: _site_quantizer(s, self.probe.weights[s.name], curvature, stats[s.name].xtx,
                                                  recipe, factors, self.gptq_backend) for s in ready[k]}
                 factors = {i: f for i, f in factors.items() if acc.holds(f[0])}   # a later site shares it
-                yield block
+                yield ready[k], block
 
     def curvature(self):
         """The curvature of every site at once: the file's, or the activation curvature from one
@@ -160,7 +161,7 @@ class Analysis:
     def quantizers(self, names=None) -> dict[str, SiteQuantizer]:
         """Quantizers of the sites ``names`` (default all) held at once: for tests and small models."""
         want = set(names or (s.name for s in self.sites))
-        return {k: q for qs in self.blocks() for k, q in qs.items() if k in want}
+        return {k: q for _, qs in self.blocks() for k, q in qs.items() if k in want}
 
     @property
     def losses(self) -> dict[str, np.ndarray]:
@@ -177,8 +178,7 @@ class Analysis:
                 self.tables_pass = MEASURED[source](self._table_distortion, self.sites)
             losses, grids = {}, {}
             with Progress(f"loss tables ({self.tables_pass.name})", len(self.sites)) as p:
-                for qs in self.blocks():
-                    block = [s for s in self.sites if s.name in qs]
+                for block, qs in self.blocks():
                     t = self.tables_pass(block, self.candidates, qs)
                     losses.update(t.losses)
                     grids.update(t.grids)
@@ -262,8 +262,7 @@ class Analysis:
         sites, n, cache = self.sites, len(contenders), self._rounded
         packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
         with Progress("rounding and packing", len(sites)) as p:
-            for qs in self.blocks():
-                block = [s for s in sites if s.name in qs]
+            for block, qs in self.blocks():
                 refs = {k: q.reference() for k, q in qs.items()} if any(c.reference for c in contenders) else {}
                 if knapsack is not None:   # the grids the knapsack's formats are rounded on, measured where on offer
                     self.grids.update(self.tables_pass.grids_for(knapsack, block, qs, self.grids))

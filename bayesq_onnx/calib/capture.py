@@ -17,7 +17,6 @@ class StatsAccumulator:
     and freed when the last of them has taken its statistics (:meth:`take`)."""
 
     def __init__(self, sites: list[WeightSite]):
-        self.sites = sites
         self._stats = {s.name: SiteStats() for s in sites}
         self._grams: dict[tuple[str, str], list] = {}       # (input, layout) -> [sum of x x^T, rows]
         self._uses: dict[str, list[tuple[str, str]]] = {s.name: [] for s in sites}

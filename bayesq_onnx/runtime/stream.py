@@ -31,9 +31,9 @@ class Stream:
         inside = {o for sg in segs for n in sg.nodes for o in n.output}
         inits = {t.name for t in g.initializer}
         self.reads, self.outs, self.ends, self._sessions = [], [], [], []
-        for k, sg in enumerate(segs):
-            made = {o for n in sg.nodes for o in n.output}
-            reads = list(dict.fromkeys(i for n in sg.nodes for i in n.input if i and i not in made and i not in inits))
+        made = [{o for n in sg.nodes for o in n.output} for sg in segs]
+        for sg, made_here in zip(segs, made):
+            reads = list(dict.fromkeys(i for n in sg.nodes for i in n.input if i and i not in made_here and i not in inits))
             outs = [sg.end] if sg.end is not None else [o for o in probe.outputs if o in inside]
             self.reads.append(reads)
             self.outs.append(outs)
@@ -52,7 +52,7 @@ class Stream:
                     where[a] = min(k, where.get(a, k))
         for a, k in where.items():
             self.capture[k].append(a)
-            if a in {o for n in segs[k].nodes for o in n.output} and a not in self.outs[k]:
+            if a in made[k] and a not in self.outs[k]:
                 self.outs[k].append(a)
         # what the segments read from outside them that is neither a graph input nor a cut: masks,
         # positions (independent of the weights), computed once per batch by their own slice
@@ -64,7 +64,7 @@ class Stream:
             self._side_part = backward_slice(g.node, self.side)
             self._side_reads = [k for k in dict.fromkeys(i for n in self._side_part for i in n.input)
                                 if k in self.graph_inputs]
-        # the segments that read each weight, and each activation's readers' segment
+        # the segments that read each weight
         self.readers: dict[str, list[int]] = {}
         for k, r in enumerate(self.reads):
             for t in r:
