@@ -12,6 +12,7 @@ from bayesq_onnx import Analysis, Recipe
 from bayesq_onnx.graph.cone import forward_cone, segments
 from bayesq_onnx.plan.proxy import OutputDistortion
 from bayesq_onnx.runtime.probe import ConeRun, Probe
+from bayesq_onnx.runtime.stream import SegmentRun
 
 CASES = {"mlp": (models.mlp, models.mlp_data), "embed": (models.embed, models.embed_data),
          "cnn": (models.cnn, models.cnn_data), "tied": (models.tied, models.tied_data),
@@ -124,3 +125,26 @@ def test_a_shape_of_the_cone_feeding_the_frontier_is_computed_by_the_prefix():
         # rel: float32 rounding across the cuts only (see above)
         assert d.restricted_to([name])({name: noisy}) == pytest.approx(whole, rel=1e-5)
         assert d.segmented(["W1", "W2"])({name: noisy}) == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["tied", "residual"])
+def test_a_linear_head_is_read_from_its_input(case, monkeypatch):
+    """A last segment that is only ``x @ W`` (here through a Transpose) is not run for the sites
+    before it: the distortion of ``x @ W`` is read from ``x`` with the Gram ``W W^T``, and is the
+    whole model's.  The head's own measurement still runs it."""
+    build, data = CASES[case]
+    a = Analysis(build(), Recipe(bits=4.0), calib=data())
+    d = OutputDistortion(a.probe, a.fit, 8)
+    measure = d.segmented([t.name for t in a.sites])
+    rng = np.random.default_rng(0)
+    ran = []
+    real = SegmentRun.outputs_from
+    monkeypatch.setattr(SegmentRun, "outputs_from", lambda self, k, o: ran.append(k) or real(self, k, o))
+    for s in a.sites:
+        w = a.probe.weights[s.name]
+        noisy = (w + 0.05 * np.abs(w).mean() * rng.standard_normal(w.shape)).astype(np.float32)
+        ran.clear()
+        # rel: the head's logits differences carry float32 rounding of the logits themselves in the
+        # whole run (about 1e-7 of |y| against differences of 1e-3 of it); the Gram path does not
+        assert measure({s.name: noisy}) == pytest.approx(d({s.name: noisy}), rel=1e-5), s.name
+        assert bool(ran) == (s.name == {"tied": "E", "residual": "headT"}[case]), s.name

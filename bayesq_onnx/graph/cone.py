@@ -139,3 +139,29 @@ def segments(graph: onnx.GraphProto, sources: set[str], outputs: list[str]) -> l
         out.append(Segment(backward_slice(prep, reads) + part, cuts.get(a),
                            cuts.get(b) if b < len(nodes) - 1 else None))
     return out
+
+
+def linear_tail(segment: Segment, outputs: list[str]) -> tuple[str, bool] | None:
+    """``(W, transposed)`` when ``segment`` is only ``y = x @ W`` (``x @ W^T`` with ``transposed``:
+    a tied head reading the embedding through a Transpose) plus perhaps a bias, ``x`` its start
+    cut and ``y`` the one output that counts: a change of ``x`` then changes ``y`` by ``dx @ W``,
+    which a distortion can read from ``x`` alone (plan/proxy.py).  Else None."""
+    nodes, x = list(segment.nodes), segment.start
+    if x is None or len(outputs) != 1:
+        return None
+    std = all(n.domain in ("", "ai.onnx") for n in nodes)
+    transposed = bool(nodes) and nodes[0].op_type == "Transpose" and \
+        [list(a.ints) for a in nodes[0].attribute if a.name == "perm"] in ([], [[1, 0]])
+    weight = nodes[0].input[0] if transposed else None
+    rest = nodes[1:] if transposed else nodes
+    if not std or not 1 <= len(rest) <= 2:
+        return None
+    mm = rest[0]
+    if mm.op_type != "MatMul" or mm.input[0] != x or (transposed and mm.input[1] != nodes[0].output[0]):
+        return None
+    y = mm.output[0]
+    if len(rest) == 2:
+        if rest[1].op_type != "Add" or y not in rest[1].input:
+            return None
+        y = rest[1].output[0]
+    return (weight if transposed else mm.input[1], transposed) if y == outputs[0] else None

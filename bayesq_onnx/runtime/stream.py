@@ -175,3 +175,12 @@ class SegmentRun:
         for j in range(k, len(self.stream)):
             out = self.stream.advance(j, states, overrides)
         return out
+
+    def cut_from(self, k: int, stop: int, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The cut segment ``stop`` starts from, per batch, running segments ``k`` to ``stop - 1``
+        with ``overrides``; its reference value is ``starts[stop][b][cut]``."""
+        states = [dict(st) for st in self.starts[k]]
+        for j in range(k, stop):
+            self.stream.advance(j, states, overrides)
+        cut = self.stream.segments[stop].start
+        return [st[cut] for st in states]
