@@ -298,7 +298,8 @@ def test_deterministic_and_independent_of_batching(monkeypatch):
 
 def _estep_walk(mu, sig, w, c):
     """The E-step as first written: every element walks outwards from its cell one threshold
-    at a time while ``a < 6``, accumulating in the same order as ``codebook._estep``."""
+    at a time while ``a < 6``, accumulating in the same order as ``codebook._estep`` (the mass
+    crossing each threshold, then the cells on its two sides)."""
     from scipy.special import ndtr
     g, K = c.shape
     thr = 0.5 * (c[:, 1:] + c[:, :-1])
@@ -318,6 +319,7 @@ def _estep_walk(mu, sig, w, c):
     else:
         live = np.zeros(0, np.intp)
     acc = np.zeros(live.size)
+    flow, flow_m = np.zeros(g * max(K - 1, 1)), np.zeros(g * max(K - 1, 1))   # net up across each threshold
     for up in (True, False):
         pos, ms, ss, ws = np.arange(live.size), mf[live], sig.ravel()[live], w.ravel()[live]
         gs, ns = gs0[live], nf[live]
@@ -336,10 +338,14 @@ def _estep_walk(mu, sig, w, c):
             cj = gs * K + j
             acc[pos] += (cf[cj + 1] - cf[cj]) * (dens - a * tail)
             mass, mom = ws * tail, ws * (ms * tail + (ss if up else -ss) * dens)
-            idx = np.concatenate([cj + 1, cj] if up else [cj, cj + 1])
-            A += np.bincount(idx, np.concatenate([mass, -mass]), g * K)
-            Bm += np.bincount(idx, np.concatenate([mom, -mom]), g * K)
+            flow += np.bincount(gs * (K - 1) + j, mass if up else -mass, flow.size)
+            flow_m += np.bincount(gs * (K - 1) + j, mom if up else -mom, flow.size)
     loss[live] -= 2.0 * sig.ravel()[live] * acc
+    if live.size:   # threshold j moves mass from cell j to cell j + 1
+        A, Bm = A.reshape(g, K), Bm.reshape(g, K)
+        for tot, f in ((A, flow), (Bm, flow_m)):
+            tot[:, 1:] += f.reshape(g, K - 1)
+            tot[:, :-1] -= f.reshape(g, K - 1)
     return np.maximum(loss, 0.0).reshape(mu.shape), A.reshape(g, K), Bm.reshape(g, K)
 
 

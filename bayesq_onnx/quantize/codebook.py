@@ -177,37 +177,47 @@ def _estep(mu, sig, w, c, stats: bool, z_cut: float = _Z_CUT):
     if live.size:
         mu0, s0, w0, n0 = mf[live], sig.ravel()[live], w.ravel()[live], nf[live]
         acc = np.zeros(live.size)
+        # thresholds padded with -inf / +inf at each group's ends, and the level gap across each
+        # (0 at the pads): a walk stops at a pad by itself (a = inf), whichever its length
+        tp = np.empty((g, K + 1))
+        tp[:, 0], tp[:, 1:K], tp[:, K] = -np.inf, thr, np.inf
+        gap = np.zeros((g, K + 1))
+        gap[:, 1:K] = c[:, 1:] - c[:, :-1]
+        tpf, gapf = tp.ravel(), gap.ravel()
+        if stats:
+            flow = np.zeros(g * (K + 1))     # weight moved up across each threshold (net)
+            flow_m = np.zeros(g * (K + 1))   # and its first moment
+        base = np.repeat(np.arange(g) * (K + 1), mu.shape[1])[live] + n0
         for up in (True, False):
             pos, ms, ss, ws = np.arange(live.size), mu0, s0, w0
-            # steps left in this direction; flat tf / cf indices of the first threshold beyond
-            # mu's cell and of the cell on mu's side of it (step k adds +k up, -k down)
-            left = K - 1 - n0 if up else n0
-            tj = row[live] + (n0 if up else n0 - 1)
-            cj = cell[live] if up else cell[live] - 1
-            for k in range(K - 1):
-                ok = left > k
-                tk = tf[np.where(ok, tj, 0)]            # past the last threshold: any index, dropped
+            # padded index of the first threshold beyond mu's cell (step k adds +k up, -k down)
+            tj = base + 1 if up else base
+            for _ in range(K - 1):
+                tk = tpf[tj]
                 a = (tk - ms) / ss if up else (ms - tk) / ss
-                ok &= a < z_cut
+                ok = a < z_cut
                 if not ok.all():
-                    # keep the elements still walking (index + take: cheaper than 8 boolean masks)
+                    # keep the elements still walking (index + take: cheaper than boolean masks)
                     keep = np.flatnonzero(ok)
                     if not keep.size:
                         break
-                    pos, ms, ss, ws, left, tj, cj, a = (x[keep] for x in (pos, ms, ss, ws, left, tj, cj, a))
+                    pos, ms, ss, ws, tj, a = (x[keep] for x in (pos, ms, ss, ws, tj, a))
                 tail = ndtr(-a)                         # mass beyond t, away from mu
                 dens = np.exp(-0.5 * a * a) * _INV_SQRT_2PI
-                acc[pos] += (cf[cj + 1] - cf[cj]) * (dens - a * tail)
+                acc[pos] += gapf[tj] * (dens - a * tail)
                 if stats:
-                    mass = ws * tail
-                    mom = ws * (ms * tail + (ss if up else -ss) * dens)   # E[w 1{beyond t}]
-                    # the cell beyond t gains the mass, the cell on mu's side of t loses it
-                    idx = np.concatenate([cj + 1, cj] if up else [cj, cj + 1])
-                    A += np.bincount(idx, np.concatenate([mass, -mass]), g * K)
-                    Bm += np.bincount(idx, np.concatenate([mom, -mom]), g * K)
-                step = 1 if up else -1
-                tj, cj = tj + step, cj + step
+                    # the cell beyond t gains the mass (and E[w 1{beyond t}]), the one on mu's side loses it
+                    mom = ws * (ms * tail + (ss if up else -ss) * dens)
+                    flow += np.bincount(tj, ws * tail if up else -ws * tail, flow.size)
+                    flow_m += np.bincount(tj, mom if up else -mom, flow.size)
+                tj = tj + 1 if up else tj - 1
         loss[live] -= 2.0 * s0 * acc
+        if stats:
+            A, Bm = A.reshape(g, K), Bm.reshape(g, K)
+            for tot, f in ((A, flow), (Bm, flow_m)):
+                f = f.reshape(g, K + 1)[:, 1:K]       # threshold j: from cell j to cell j + 1
+                tot[:, 1:] += f
+                tot[:, :-1] -= f
     # round-off can leave a hair below 0 where sigma dominates and the terms cancel
     loss = np.maximum(loss, 0.0).reshape(mu.shape)
     if stats:
