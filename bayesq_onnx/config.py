@@ -79,6 +79,9 @@ class Recipe:
     include: tuple[str, ...] = ()
     pins: tuple[tuple[str, int], ...] = ()        # (pattern, code bits): matching weights take only such formats
     distill: int = 0                              # Adam steps of calibration-only distillation after rounding; 0: off
+    # blocks rounded in graph order, each calibrated on the outputs of the blocks already quantized
+    # (docs/design.md, "Sequential"); False: every block on the fp32 model's activations
+    sequential: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -102,6 +105,8 @@ class Recipe:
         for what, patterns in (("exclude", self.exclude), ("include", self.include)):
             if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
                 raise ValueError(f"{what} must be a list of non-empty name patterns, got {patterns!r}")
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be true or false, got {self.sequential!r}")
         if isinstance(self.distill, bool) or not isinstance(self.distill, int) or self.distill < 0:
             raise ValueError(f"distill must be a number of steps >= 0, got {self.distill!r}")
         for pin in self.pins:
