@@ -278,9 +278,11 @@ class Analysis:
         sites, n, cache = self.sites, len(contenders), self._rounded
         packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
         feed = quantized_weights(contenders[0], packed[0]) if self.recipe.sequential else None
-        keep = keep and feed is None   # sequential: a site's codes depend on the plan of the sites before it
         with Progress("rounding and packing", len(sites)) as p:
-            for block, qs in self.blocks(quantized=feed):
+            for j, (block, qs) in enumerate(self.blocks(quantized=feed)):
+                # sequential: a site's codes depend on the plan of the sites before it, so only the first
+                # block, which no quantized weight reaches, shares its results across budgets
+                reuse = cache if feed is None or j == 0 else {}
                 refs = {k: q.reference() for k, q in qs.items()} if any(c.reference for c in contenders) else {}
                 if knapsack is not None:   # the grids the knapsack's formats are rounded on, measured where on offer
                     self.grids.update(self.tables_pass.grids_for(knapsack, block, qs, self.grids))
@@ -291,17 +293,17 @@ class Analysis:
                         q, fmt = (refs if c.reference else qs)[s.name], c.plan.choice[s.name]
                         kind = q.grid_kind(fmt, None if c.reference else self.grids.get((s.name, fmt)))
                         key = (s.name, fmt, kind, c.reference)
-                        if key not in cache:
+                        if key not in reuse:
                             arrays = None if isinstance(fmt, Float32) else fmt.pack(q.codes(fmt, kind))
                             res.append((key, (arrays, q.expected_loss(fmt, kind))))
                         else:
-                            res.append((key, cache[key]))
+                            res.append((key, reuse[key]))
                     return res
 
                 for s, res in zip(block, parallel_map(pack, block)):
                     for i, (key, (arrays, loss)) in enumerate(res):
                         if keep:
-                            cache[key] = arrays, loss
+                            reuse[key] = arrays, loss
                         if arrays is not None:
                             packed[i][s.name] = arrays
                         grids[i][s.name], expected[i][s.name] = key[2], loss

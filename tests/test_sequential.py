@@ -154,3 +154,15 @@ def test_cli_flag(tmp_path, mlp_path):
                  str(tmp_path / "c.npz"), "-o", str(tmp_path / "q.onnx"), "--report", str(rep), "--quiet"]) == 0
     r = json.loads(rep.read_text())
     assert r["recipe"]["sequential"] is True and r["sequential"]["on"] is True
+
+
+def test_an_analysis_used_for_several_budgets_gives_the_bytes_of_separate_runs(tmp_path):
+    """What an analysis keeps from one budget's rounding for the next (only the first block's, which
+    no quantized weight reaches) leaves every budget's bytes as a fresh run's."""
+    r = Recipe(bits=3.0, sequential=True)
+    an = Analysis(models.residual(), r, calib=models.residual_data())
+    for bits in (3.0, 4.0, 2.5):
+        an.compress(bits, output=tmp_path / f"a{bits}.onnx")
+        compress(models.residual(), r, bits=bits, calib=models.residual_data(), output=tmp_path / f"b{bits}.onnx")
+        assert (tmp_path / f"a{bits}.onnx").read_bytes() == (tmp_path / f"b{bits}.onnx").read_bytes()
+    assert an._rounded    # the first block's results were kept
