@@ -280,18 +280,18 @@ class Analysis:
         feed = quantized_weights(contenders[0], packed[0]) if self.recipe.sequential else None
         with Progress("rounding and packing", len(sites)) as p:
             for j, (block, qs) in enumerate(self.blocks(quantized=feed)):
-                # sequential: a site's codes depend on the plan of the sites before it, so only the first
-                # block, which no quantized weight reaches, shares its results across budgets
-                reuse = cache if feed is None or j == 0 else {}
+                # sequential: a site's codes and measured grids depend on the plan of the sites before it,
+                # so only the first block, which no quantized weight reaches, shares them across budgets
+                reuse, known = (cache, self.grids) if feed is None or j == 0 else ({}, dict(self.grids))
                 refs = {k: q.reference() for k, q in qs.items()} if any(c.reference for c in contenders) else {}
                 if knapsack is not None:   # the grids the knapsack's formats are rounded on, measured where on offer
-                    self.grids.update(self.tables_pass.grids_for(knapsack, block, qs, self.grids))
+                    known.update(self.tables_pass.grids_for(knapsack, block, qs, known))
 
                 def pack(s):
                     res = []
                     for c in contenders:
                         q, fmt = (refs if c.reference else qs)[s.name], c.plan.choice[s.name]
-                        kind = q.grid_kind(fmt, None if c.reference else self.grids.get((s.name, fmt)))
+                        kind = q.grid_kind(fmt, None if c.reference else known.get((s.name, fmt)))
                         key = (s.name, fmt, kind, c.reference)
                         if key not in reuse:
                             arrays = None if isinstance(fmt, Float32) else fmt.pack(q.codes(fmt, kind))
