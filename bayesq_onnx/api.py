@@ -120,7 +120,7 @@ class Analysis:
             log.warning("no calibration data given (--calib): using %d synthetic samples built from the input "
                         "types; quality will suffer on real data", recipe.synthetic_samples)
         self.stream = Stream(self.probe, [s.name for s in sites], {s.name: s.activations for s in sites})
-        if recipe.sequential and len(self.stream) == 1:
+        if recipe.rounds_sequentially and len(self.stream) == 1:
             log.warning("--sequential does nothing here: the model cannot be cut into blocks (subgraphs, or over "
                         "2 GB), so every site is calibrated on the fp32 model's activations")
         self.curvature_name = self.file_curvature.name if self.file_curvature else ActivationCurvature.name
@@ -239,7 +239,7 @@ class Analysis:
                       n_samples(self.held), self.curvature_name, (self.other_weights, self.other_bits))
         rep["distill"] = distilled
         # whether later blocks were calibrated on the quantized model (one segment: nothing to feed forward)
-        rep["sequential"] = {"on": recipe.sequential and len(self.stream) > 1, "segments": len(self.stream)}
+        rep["sequential"] = {"on": recipe.rounds_sequentially and len(self.stream) > 1, "segments": len(self.stream)}
         # a reused analysis is paid once: each budget's report counts its own work plus the analysis
         rep["seconds"] = round(time.perf_counter() - t0 + (0 if _single_use else self.seconds), 3)
         if isinstance(self._input, (str, os.PathLike)):
@@ -272,12 +272,12 @@ class Analysis:
         ``knapsack``: the plan whose formats get their grids measured where several are on offer.
         ``keep``: remember the packed results for later budgets (an analysis used more than once):
         a format a site takes again is not rounded again (packed tensors are small).
-        Sequential (``recipe.sequential``): each block is calibrated on the model quantized as the
+        Sequential (``recipe.rounds_sequentially``): each block is calibrated on the model quantized as the
         first contender ships it up to there, and every contender of the budget is rounded on those
         same activations (docs/design.md, "Sequential")."""
         sites, n, cache = self.sites, len(contenders), self._rounded
         packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
-        feed = quantized_weights(contenders[0], packed[0]) if self.recipe.sequential else None
+        feed = quantized_weights(contenders[0], packed[0]) if self.recipe.rounds_sequentially else None
         with Progress("rounding and packing", len(sites)) as p:
             for j, (block, qs) in enumerate(self.blocks(quantized=feed)):
                 # sequential: a site's codes and measured grids depend on the plan of the sites before it,

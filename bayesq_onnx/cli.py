@@ -161,10 +161,10 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                    help="tune the chosen plan's scales and codebook levels toward the fp32 outputs for STEPS Adam "
                         "steps on the calibration data (needs torch); held-back data decides whether the tuned "
                         "model ships (default: off)")
-    c.add_argument("--sequential", action="store_true", default=None,
+    c.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="round the blocks in graph order, each calibrated on the outputs of the blocks already "
-                        "quantized, as the reference GPTQ pipeline does (default: off; every block calibrated on "
-                        "the fp32 model)")
+                        "quantized, as the reference GPTQ pipeline does; --no-sequential: every block calibrated "
+                        "on the fp32 model (default: on for gptq, off for the others)")
     c.add_argument("--threads", type=int, help="sites analysed in parallel (as BAYESQ_WORKERS; default: the "
                                                "cores, at most 4; the output does not depend on it)")
     c.add_argument("--device", choices=DEVICES, help="where GPTQ's rounding runs: cpu (default), cuda (torch on "
@@ -343,6 +343,9 @@ def _recipe(args):
     elif args.tables is not None and args.tables != "auto" and recipe.method_spec.tables is not None:
         log.warning("--tables does nothing with --method %s (its loss tables are always %s)",
                     recipe.method, recipe.method_spec.tables)
+    if args.sequential and recipe.method_spec.rounding != "gptq":
+        log.warning("--sequential does nothing with --method %s (its codes are rounded to nearest, without the "
+                    "calibration statistics)", recipe.method)
     return recipe
 
 

@@ -145,15 +145,16 @@ def test_a_model_that_cannot_be_cut_warns_and_reports_it(caplog):
     assert res.report["sequential"] == {"on": False, "segments": 1}
 
 
-def test_cli_flag(tmp_path, mlp_path):
+@pytest.mark.parametrize("flag, method, on", [("--sequential", "bayesq", True), ("--no-sequential", "gptq", False)])
+def test_cli_flag(tmp_path, mlp_path, flag, method, on):
     import json
     from bayesq_onnx.cli import main
     np.savez(tmp_path / "c.npz", **models.mlp_data())
     rep = tmp_path / "r.json"
-    assert main(["compress", str(mlp_path), "--bits", "3", "--method", "gptq", "--sequential", "--calib",
+    assert main(["compress", str(mlp_path), "--bits", "3", "--method", method, flag, "--calib",
                  str(tmp_path / "c.npz"), "-o", str(tmp_path / "q.onnx"), "--report", str(rep), "--quiet"]) == 0
     r = json.loads(rep.read_text())
-    assert r["recipe"]["sequential"] is True and r["sequential"]["on"] is True
+    assert r["recipe"]["sequential"] is on and r["sequential"]["on"] is on
 
 
 @pytest.mark.parametrize("build, data, budgets", [(models.residual, models.residual_data, (3.0, 4.0, 2.5)),
@@ -176,3 +177,23 @@ def test_an_analysis_used_for_several_budgets_gives_the_bytes_of_separate_runs(t
     first = min(an.stream.last_reader(s.name) for s in an.sites)
     assert {name for name, _ in set(an.grids) - from_tables} <= \
         {s.name for s in an.sites if an.stream.last_reader(s.name) == first}
+
+
+def test_defaults_per_method_and_where_it_changes_nothing(caplog):
+    """On by default for gptq only (README, "Measured"); codes rounded to nearest never read the
+    statistics, so rtn and hqq-int never run sequentially."""
+    assert Recipe(bits=3.0, method="gptq").rounds_sequentially
+    assert not Recipe(bits=3.0, method="gptq", sequential=False).rounds_sequentially
+    assert not Recipe(bits=3.0).rounds_sequentially and Recipe(bits=3.0, sequential=True).rounds_sequentially
+    assert not Recipe(bits=3.0, method="rtn", sequential=True).rounds_sequentially
+    with pytest.raises(ValueError, match="sequential must be"):
+        Recipe(bits=3.0, sequential="yes")
+    m, _ = _chain(seed=1)
+    assert compress(m, Recipe(bits=BITS, method="gptq"), calib=models.mlp_data()).report["sequential"]["on"]
+
+
+def test_cli_warns_where_sequential_does_nothing(tmp_path, mlp_path, capsys):
+    from bayesq_onnx.cli import main
+    assert main(["compress", str(mlp_path), "--bits", "3", "--method", "rtn", "--sequential",
+                 "-o", str(tmp_path / "q.onnx")]) == 0
+    assert "--sequential does nothing with --method rtn" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Accuracy scoreboard: fp32, rtn, gptq, hqq-int, hawq and bayesq at matched stored-bit budgets on real models.
 
     python tools/bench_accuracy.py [--quick] [--models minilm,fashion_mnist,...] [--budgets 2.5,3.0,3.5,4.0]
-                                   [--methods rtn,gptq,gptq-seq,hqq-int,hawq,bayesq,bayesq+distill] [--distill STEPS]
+                                   [--methods rtn,gptq,gptq-noseq,hqq-int,hawq,bayesq,bayesq-seq] [--distill STEPS]
                                    [--cache DIR] [--out DIR]
 
 Models and data are built from packages into the asset cache (``bayesq_onnx.assets``; see docs/design.md,
@@ -12,8 +12,9 @@ every knapsack method) is that method run at exactly the bits gptq achieved, the
 comparison.  Every row carries its achieved ``bits_per_weight`` (all stored bits of the quantized
 weights: codes, scales, zero points), ``bits_all`` (the same over every float initializer, the
 ones left in float included) and its wall time (analysis plus that budget's planning, packing and
-writing; not the evaluation).  A method named with ``-seq`` (``gptq-seq``) is that method in
-sequential mode (``--sequential``); one named with ``+distill`` (``bayesq+distill``,
+writing; not the evaluation).  A method named with ``-seq`` (``bayesq-seq``) or ``-noseq``
+(``gptq-noseq``) is that method with sequential mode (``--sequential``) on or off, whatever its
+default; one named with ``+distill`` (``bayesq+distill``,
 ``bayesq-seq+distill``) is that method with calibration-only distillation (``--distill STEPS``,
 default 100 steps).  The headline metric
 of each model comes with its standard error (``*_se``; MiniLM: over the five folds, the others
@@ -50,7 +51,8 @@ METHODS = ("rtn", "gptq", "hqq-int", "hawq", "bayesq")
 # bayesq with a loss-table source other than the default: bayesq-proxy, bayesq-closed_form, ...
 VARIANT = "bayesq-"
 DISTILL = "+distill"   # suffix: the method with calibration-only distillation (--distill STEPS)
-SEQUENTIAL = "-seq"    # suffix (before any +distill): the method in sequential mode (--sequential)
+# suffixes (before any +distill): the method with sequential mode on or off, whatever its default
+SEQUENTIAL = {"-seq": True, "-noseq": False}
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5)   # 4.5: the first budget that fits 4-bit g128 with fp32 scales
 QUICK_BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
@@ -181,7 +183,7 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
     _say(rows[-1])
     achieved: dict[float, float] = {}           # budget -> bits gptq achieved there, floored (the @gptq budget)
     gptq_bits: dict[float, float] = {}          # that budget -> gptq's exact bits
-    base = {m: m.removesuffix(DISTILL).removesuffix(SEQUENTIAL) for m in methods}
+    base = {m: _sequential(m)[0] for m in methods}
     ours = [m for m in methods if base[m] == "bayesq" or base[m].startswith(VARIANT)]
     # knapsack methods reach their budget: each is also run at gptq's achieved bits, so after gptq
     matched = [m for m in methods if base[m] in REGISTRY and REGISTRY[base[m]].planner == "knapsack"
@@ -191,8 +193,8 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
         fields = dict(task.recipe, method=base[method])
         if base[method].startswith(VARIANT):
             fields.update(method="bayesq", tables=base[method][len(VARIANT):])
-        if method.removesuffix(DISTILL).endswith(SEQUENTIAL):
-            fields["sequential"] = True
+        if _sequential(method)[1] is not None:
+            fields["sequential"] = _sequential(method)[1]
         if method.endswith(DISTILL):
             fields["distill"] = distill
         if proxy_samples and method in ours:
@@ -234,6 +236,15 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             out.unlink()
             _say(rows[-1])
     return rows
+
+
+def _sequential(method: str) -> tuple[str, bool | None]:
+    """The method without its suffixes, and the sequential mode its name asks for (None: the default)."""
+    name = method.removesuffix(DISTILL)
+    for suffix, on in SEQUENTIAL.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), on
+    return name, None
 
 
 def _check_matched(model: str, label: str, bits: float, gptq: float | None, exact: bool) -> None:
@@ -331,8 +342,9 @@ def main(argv=None) -> int:
                     "or the model's own list)")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma-separated, from {','.join(METHODS)}, or {VARIANT}TABLES for bayesq with other "
-                         f"loss tables (e.g. bayesq-proxy); any of them with {SEQUENTIAL} (e.g. gptq{SEQUENTIAL}) "
-                         f"in sequential mode, and then with {DISTILL} (e.g. bayesq{DISTILL}) with "
+                         f"loss tables (e.g. bayesq-proxy); any of them with {' or '.join(SEQUENTIAL)} "
+                         "(e.g. gptq-noseq, bayesq-seq) with sequential mode on or off whatever the method's default, "
+                         f"and then with {DISTILL} (e.g. bayesq{DISTILL}) with "
                          "calibration-only distillation")
     ap.add_argument("--distill", type=int, default=100, metavar="STEPS",
                     help=f"distillation steps of the {DISTILL} methods (default 100)")
