@@ -139,7 +139,9 @@ def test_sequential_stays_streamed(monkeypatch, build, data):
     assert ours == want
 
 
-def test_a_model_that_cannot_be_cut_warns_and_reports_it(caplog):
+def test_a_model_that_cannot_be_cut_warns_and_reports_it(caplog, monkeypatch):
+    import logging
+    monkeypatch.setattr(logging.getLogger("bayesq_onnx"), "propagate", True)   # the CLI's tests turn it off
     res = compress(models.loop(), Recipe(bits=3.0, sequential=True), calib=models.loop_data())
     assert "--sequential does nothing here" in caplog.text
     assert res.report["sequential"] == {"on": False, "segments": 1}
@@ -179,7 +181,7 @@ def test_an_analysis_used_for_several_budgets_gives_the_bytes_of_separate_runs(t
         {s.name for s in an.sites if an.stream.last_reader(s.name) == first}
 
 
-def test_defaults_per_method_and_where_it_changes_nothing(caplog):
+def test_defaults_per_method_and_where_it_changes_nothing():
     """On by default for gptq only (README, "Measured"); codes rounded to nearest never read the
     statistics, so rtn and hqq-int never run sequentially."""
     assert Recipe(bits=3.0, method="gptq").rounds_sequentially
