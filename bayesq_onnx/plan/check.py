@@ -71,9 +71,10 @@ def decoded(c: Contender, arrays: dict[str, np.ndarray], site) -> np.ndarray:
 def quantized_weights(c: Contender, packed: dict):
     """Sequential mode's feedback (``Analysis.blocks``): the weights ``c`` ships for a block's sites,
     decoded from ``packed`` (filled as the block is rounded); an fp32 site is not in it and stays."""
-    return lambda block: dict(zip([s.name for s in block if s.name in packed],
-                                  parallel_map(lambda s: decoded(c, packed[s.name], s),
-                                               [s for s in block if s.name in packed])))
+    def weights(block) -> dict[str, np.ndarray]:
+        mine = [s for s in block if s.name in packed]
+        return dict(zip([s.name for s in mine], parallel_map(lambda s: decoded(c, packed[s.name], s), mine)))
+    return weights
 
 
 def _ratio(knapsack: float, best_other: float) -> float | None:
