@@ -28,7 +28,7 @@ from .graph.model_io import (WeightFiles, bfloat16_hint, check_writable, checkab
 from .graph.sites import find_sites, float_initializer_bits, statistics_note
 from .lower.ort_cpu import lower_ort_cpu, lower_portable
 from .plan.candidates import candidate_formats
-from .plan.check import Contender, check_plans, held_back_distortions
+from .plan.check import Contender, check_plans, held_back_distortions, quantized_weights
 from .plan.planner import check_budget, knapsack_plan, uniform_plans
 from .plan.proxy import OutputDistortion
 from .plan.tables import MEASURED, ClosedFormTables, Grids, HawqTables, Tables
@@ -120,6 +120,9 @@ class Analysis:
             log.warning("no calibration data given (--calib): using %d synthetic samples built from the input "
                         "types; quality will suffer on real data", recipe.synthetic_samples)
         self.stream = Stream(self.probe, [s.name for s in sites], {s.name: s.activations for s in sites})
+        if recipe.rounds_sequentially and len(self.stream) == 1:
+            log.warning("--sequential does nothing here: the model cannot be cut into blocks (subgraphs, or over "
+                        "2 GB), so every site is calibrated on the fp32 model's activations")
         self.curvature_name = self.file_curvature.name if self.file_curvature else ActivationCurvature.name
         self.tables_pass = None     # the knapsack's loss-table pass (made on first use)
         self._tables: Tables | None = None
@@ -127,11 +130,14 @@ class Analysis:
         self._rounded = {}          # what _round packed for earlier budgets
         self.seconds = time.perf_counter() - t0
 
-    def blocks(self, data: dict[str, np.ndarray] | None = None):
+    def blocks(self, data: dict[str, np.ndarray] | None = None, quantized=None):
         """The sites' quantizers, a segment's worth at a time, from one pass of ``data`` (default: the
         fitting data) through the model: a site's statistics are complete after the last segment
         that reads it.  Yields those sites and their quantizers (by name), the caller's until the
-        next block is asked for."""
+        next block is asked for.  ``quantized`` (sequential mode): called with a block's sites once
+        the caller is done with them, it returns their quantized weights (by name; the others stay
+        fp32), and the segment runs again on them, so that later sites are calibrated on the
+        quantized model's activations (docs/design.md, "Sequential")."""
         recipe, stream = self.recipe, self.stream
         acc = StatsAccumulator(self.sites)
         ready = [[] for _ in range(len(stream))]
@@ -140,6 +146,8 @@ class Analysis:
         factors = {}   # one GPTQ factor per distinct X^T X (sites reading one input share it), while needed
         states = _ort(stream.start, self.fit if data is None else data, self.batch)
         for k in range(len(stream)):
+            again = quantized is not None and k + 1 < len(stream)   # the last segment feeds no site
+            before = [dict(st) for st in states] if again else None  # its start cut, to run it again
             for out in _ort(stream.advance, k, states):
                 acc.add({a: out[a] for a in stream.capture[k]})
             if ready[k]:
@@ -149,6 +157,9 @@ class Analysis:
                                                  recipe, factors, self.gptq_backend) for s in ready[k]}
                 factors = {i: f for i, f in factors.items() if acc.holds(f[0])}   # a later site shares it
                 yield ready[k], block
+                if again:
+                    states = before
+                    _ort(stream.advance, k, states, quantized(ready[k]))
 
     def curvature(self):
         """The curvature of every site at once: the file's, or the activation curvature from one
@@ -227,6 +238,8 @@ class Analysis:
                       self.n_weights, self.calib_source, self.n_calib, n_samples(self.fit),
                       n_samples(self.held), self.curvature_name, (self.other_weights, self.other_bits))
         rep["distill"] = distilled
+        # whether later blocks were calibrated on the quantized model (one segment: nothing to feed forward)
+        rep["sequential"] = {"on": recipe.rounds_sequentially and len(self.stream) > 1, "segments": len(self.stream)}
         # a reused analysis is paid once: each budget's report counts its own work plus the analysis
         rep["seconds"] = round(time.perf_counter() - t0 + (0 if _single_use else self.seconds), 3)
         if isinstance(self._input, (str, os.PathLike)):
@@ -258,32 +271,39 @@ class Analysis:
         segment's sites at a time (the knapsack's and the reference GPTQ plan's share GPTQ's work).
         ``knapsack``: the plan whose formats get their grids measured where several are on offer.
         ``keep``: remember the packed results for later budgets (an analysis used more than once):
-        a format a site takes again is not rounded again (packed tensors are small)."""
+        a format a site takes again is not rounded again (packed tensors are small).
+        Sequential (``recipe.rounds_sequentially``): each block is calibrated on the model quantized as the
+        first contender ships it up to there, and every contender of the budget is rounded on those
+        same activations (docs/design.md, "Sequential")."""
         sites, n, cache = self.sites, len(contenders), self._rounded
         packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
+        feed = quantized_weights(contenders[0], packed[0]) if self.recipe.rounds_sequentially else None
         with Progress("rounding and packing", len(sites)) as p:
-            for block, qs in self.blocks():
+            for j, (block, qs) in enumerate(self.blocks(quantized=feed)):
+                # sequential: a site's codes and measured grids depend on the plan of the sites before it,
+                # so only the first block, which no quantized weight reaches, shares them across budgets
+                reuse, known = (cache, self.grids) if feed is None or j == 0 else ({}, dict(self.grids))
                 refs = {k: q.reference() for k, q in qs.items()} if any(c.reference for c in contenders) else {}
                 if knapsack is not None:   # the grids the knapsack's formats are rounded on, measured where on offer
-                    self.grids.update(self.tables_pass.grids_for(knapsack, block, qs, self.grids))
+                    known.update(self.tables_pass.grids_for(knapsack, block, qs, known))
 
                 def pack(s):
                     res = []
                     for c in contenders:
                         q, fmt = (refs if c.reference else qs)[s.name], c.plan.choice[s.name]
-                        kind = q.grid_kind(fmt, None if c.reference else self.grids.get((s.name, fmt)))
+                        kind = q.grid_kind(fmt, None if c.reference else known.get((s.name, fmt)))
                         key = (s.name, fmt, kind, c.reference)
-                        if key not in cache:
+                        if key not in reuse:
                             arrays = None if isinstance(fmt, Float32) else fmt.pack(q.codes(fmt, kind))
                             res.append((key, (arrays, q.expected_loss(fmt, kind))))
                         else:
-                            res.append((key, cache[key]))
+                            res.append((key, reuse[key]))
                     return res
 
                 for s, res in zip(block, parallel_map(pack, block)):
                     for i, (key, (arrays, loss)) in enumerate(res):
                         if keep:
-                            cache[key] = arrays, loss
+                            reuse[key] = arrays, loss
                         if arrays is not None:
                             packed[i][s.name] = arrays
                         grids[i][s.name], expected[i][s.name] = key[2], loss

@@ -161,6 +161,10 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                    help="tune the chosen plan's scales and codebook levels toward the fp32 outputs for STEPS Adam "
                         "steps on the calibration data (needs torch); held-back data decides whether the tuned "
                         "model ships (default: off)")
+    c.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                   help="round the blocks in graph order, each calibrated on the outputs of the blocks already "
+                        "quantized, as the reference GPTQ pipeline does; --no-sequential: every block calibrated "
+                        "on the fp32 model (default: on for gptq, off for the others)")
     c.add_argument("--threads", type=int, help="sites analysed in parallel (as BAYESQ_WORKERS; default: the "
                                                "cores, at most 4; the output does not depend on it)")
     c.add_argument("--device", choices=DEVICES, help="where GPTQ's rounding runs: cpu (default), cuda (torch on "
@@ -326,7 +330,8 @@ def _recipe(args):
              "tables": args.tables, "target": args.target, "evidence": args.evidence, "device": args.device,
              "exclude": tuple(args.exclude) if args.exclude else None,
              "include": tuple(args.include) if args.include else None,
-             "pins": tuple(_pin(p) for p in args.pin) if args.pin else None, "distill": args.distill}
+             "pins": tuple(_pin(p) for p in args.pin) if args.pin else None, "distill": args.distill,
+             "sequential": args.sequential}
     given = {k: v for k, v in given.items() if v is not None}
     try:
         recipe = replace(Recipe.load(args.recipe), **given) if args.recipe else Recipe(**given)
@@ -338,6 +343,9 @@ def _recipe(args):
     elif args.tables is not None and args.tables != "auto" and recipe.method_spec.tables is not None:
         log.warning("--tables does nothing with --method %s (its loss tables are always %s)",
                     recipe.method, recipe.method_spec.tables)
+    if args.sequential and recipe.method_spec.rounding != "gptq":
+        log.warning("--sequential does nothing with --method %s (its codes are rounded to nearest, without the "
+                    "calibration statistics)", recipe.method)
     return recipe
 
 

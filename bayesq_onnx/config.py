@@ -20,13 +20,15 @@ class Method:
     rounding: str  # "gptq" (error feedback with X^T X) or "rtn"
     tables: str | None = None   # the loss-table pass (plan/tables.py) this method always uses;
                                 # None: Recipe.tables decides (knapsack planner only)
+    sequential: bool = False    # Recipe.sequential's default: whichever measured better (README, "Measured")
 
 
 METHODS: dict[str, Method] = {
     "bayesq": Method(planner="knapsack", grid="posterior", rounding="gptq"),
     "rtn": Method(planner="uniform", grid="minmax", rounding="rtn"),
     # the reference algorithm's defaults (IST-DASLab/gptq): dynamic groups, no act_order
-    "gptq": Method(planner="uniform", grid="dynamic", rounding="gptq"),
+    # block by block on the quantized model's activations, as the reference pipeline (opt_sequential)
+    "gptq": Method(planner="uniform", grid="dynamic", rounding="gptq", sequential=True),
     # not the reference HQQ: its half-quadratic lp fit under the integer zero points our formats
     # store (the reference's float zero point would cost 16-32 bits per group), with a closed-form
     # scale step instead (quantize/hqq.py); named for that difference
@@ -79,6 +81,10 @@ class Recipe:
     include: tuple[str, ...] = ()
     pins: tuple[tuple[str, int], ...] = ()        # (pattern, code bits): matching weights take only such formats
     distill: int = 0                              # Adam steps of calibration-only distillation after rounding; 0: off
+    # blocks rounded in graph order, each calibrated on the outputs of the blocks already quantized
+    # (docs/design.md, "Sequential"); False: every block on the fp32 model's activations; None: the
+    # method's default (Method.sequential)
+    sequential: bool | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -102,6 +108,8 @@ class Recipe:
         for what, patterns in (("exclude", self.exclude), ("include", self.include)):
             if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
                 raise ValueError(f"{what} must be a list of non-empty name patterns, got {patterns!r}")
+        if self.sequential is not None and not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be true, false or null (the method's default), got {self.sequential!r}")
         if isinstance(self.distill, bool) or not isinstance(self.distill, int) or self.distill < 0:
             raise ValueError(f"distill must be a number of steps >= 0, got {self.distill!r}")
         for pin in self.pins:
@@ -112,6 +120,13 @@ class Recipe:
     @property
     def method_spec(self) -> Method:
         return METHODS[self.method]
+
+    @property
+    def rounds_sequentially(self) -> bool:
+        """Sequential mode asked for or the method's default, where it changes something: codes
+        rounded to nearest (rtn, hqq-int) never read the calibration statistics."""
+        on = self.method_spec.sequential if self.sequential is None else self.sequential
+        return on and self.method_spec.rounding == "gptq"
 
     @property
     def table_source(self) -> str:

@@ -69,6 +69,15 @@ def test_same_bytes_on_ray_as_on_local_threads(tmp_path, cluster, case):
     assert a["plan"] == b["plan"] and a["plan_check"] == b["plan_check"]
 
 
+def test_sequential_same_bytes_on_ray(tmp_path, cluster):
+    """--sequential decodes each block's quantized weights on the workers too: the same bytes."""
+    outs = [tmp_path / "local.onnx", tmp_path / "ray.onnx"]
+    compress(models.residual(), Recipe(bits=3.0, sequential=True), calib=models.residual_data(), output=outs[0])
+    with use_ray("auto"):
+        compress(models.residual(), Recipe(bits=3.0, sequential=True), calib=models.residual_data(), output=outs[1])
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
 def test_cli_on_ray_same_bytes_and_progress(tmp_path, cluster, mlp_path, capsys):
     outs = [tmp_path / "local.onnx", tmp_path / "ray.onnx"]
     assert main(["compress", str(mlp_path), "--bits", "3", "-o", str(outs[0]), "--quiet"]) == 0

@@ -1,7 +1,7 @@
 """Accuracy scoreboard: fp32, rtn, gptq, hqq-int, hawq and bayesq at matched stored-bit budgets on real models.
 
     python tools/bench_accuracy.py [--quick] [--models minilm,fashion_mnist,...] [--budgets 2.5,3.0,3.5,4.0]
-                                   [--methods rtn,gptq,hqq-int,hawq,bayesq,bayesq+distill] [--distill STEPS]
+                                   [--methods rtn,gptq,gptq-noseq,hqq-int,hawq,bayesq,bayesq-seq] [--distill STEPS]
                                    [--cache DIR] [--out DIR]
 
 Models and data are built from packages into the asset cache (``bayesq_onnx.assets``; see docs/design.md,
@@ -12,8 +12,11 @@ every knapsack method) is that method run at exactly the bits gptq achieved, the
 comparison.  Every row carries its achieved ``bits_per_weight`` (all stored bits of the quantized
 weights: codes, scales, zero points), ``bits_all`` (the same over every float initializer, the
 ones left in float included) and its wall time (analysis plus that budget's planning, packing and
-writing; not the evaluation).  A method named with ``+distill`` (``bayesq+distill``) is that method
-with calibration-only distillation (``--distill STEPS``, default 100 steps).  The headline metric
+writing; not the evaluation).  A method named with ``-seq`` (``bayesq-seq``) or ``-noseq``
+(``gptq-noseq``) is that method with sequential mode (``--sequential``) on or off, whatever its
+default; one named with ``+distill`` (``bayesq+distill``,
+``bayesq-seq+distill``) is that method with calibration-only distillation (``--distill STEPS``,
+default 100 steps).  The headline metric
 of each model comes with its standard error (``*_se``; MiniLM: over the five folds, the others
 binomial over the evaluation samples): unpaired, so the difference of two rows on the same
 samples is usually known better than the two errors suggest.
@@ -48,6 +51,8 @@ METHODS = ("rtn", "gptq", "hqq-int", "hawq", "bayesq")
 # bayesq with a loss-table source other than the default: bayesq-proxy, bayesq-closed_form, ...
 VARIANT = "bayesq-"
 DISTILL = "+distill"   # suffix: the method with calibration-only distillation (--distill STEPS)
+# suffixes (before any +distill): the method with sequential mode on or off, whatever its default
+SEQUENTIAL = {"-seq": True, "-noseq": False}
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5)   # 4.5: the first budget that fits 4-bit g128 with fp32 scales
 QUICK_BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
@@ -178,16 +183,18 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
     _say(rows[-1])
     achieved: dict[float, float] = {}           # budget -> bits gptq achieved there, floored (the @gptq budget)
     gptq_bits: dict[float, float] = {}          # that budget -> gptq's exact bits
-    base = {m: m.removesuffix(DISTILL) for m in methods}
-    ours = [m for m in methods if base[m] == "bayesq" or m.startswith(VARIANT)]
+    base = {m: _sequential(m)[0] for m in methods}
+    ours = [m for m in methods if base[m] == "bayesq" or base[m].startswith(VARIANT)]
     # knapsack methods reach their budget: each is also run at gptq's achieved bits, so after gptq
     matched = [m for m in methods if base[m] in REGISTRY and REGISTRY[base[m]].planner == "knapsack"
                and m not in ours] + ours
     # gptq first: the other baselines' rows are matched to its bits, the knapsack methods run at them
     for method in sorted((m for m in methods if m not in matched), key=lambda m: m != "gptq") + matched:
         fields = dict(task.recipe, method=base[method])
-        if method.startswith(VARIANT):
+        if base[method].startswith(VARIANT):
             fields.update(method="bayesq", tables=base[method][len(VARIANT):])
+        if _sequential(method)[1] is not None:
+            fields["sequential"] = _sequential(method)[1]
         if method.endswith(DISTILL):
             fields["distill"] = distill
         if proxy_samples and method in ours:
@@ -229,6 +236,15 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             out.unlink()
             _say(rows[-1])
     return rows
+
+
+def _sequential(method: str) -> tuple[str, bool | None]:
+    """The method without its suffixes, and the sequential mode its name asks for (None: the default)."""
+    name = method.removesuffix(DISTILL)
+    for suffix, on in SEQUENTIAL.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), on
+    return name, None
 
 
 def _check_matched(model: str, label: str, bits: float, gptq: float | None, exact: bool) -> None:
@@ -326,8 +342,10 @@ def main(argv=None) -> int:
                     "or the model's own list)")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma-separated, from {','.join(METHODS)}, or {VARIANT}TABLES for bayesq with other "
-                         f"loss tables (e.g. bayesq-proxy); any of them with {DISTILL} (e.g. bayesq{DISTILL}) "
-                         "adds calibration-only distillation")
+                         f"loss tables (e.g. bayesq-proxy); any of them with {' or '.join(SEQUENTIAL)} "
+                         "(e.g. gptq-noseq, bayesq-seq) with sequential mode on or off whatever the method's default, "
+                         f"and then with {DISTILL} (e.g. bayesq{DISTILL}) with "
+                         "calibration-only distillation")
     ap.add_argument("--distill", type=int, default=100, metavar="STEPS",
                     help=f"distillation steps of the {DISTILL} methods (default 100)")
     ap.add_argument("--proxy-samples", type=int, help="bayesq's proxy samples (default: the recipe's)")

@@ -68,6 +68,15 @@ def decoded(c: Contender, arrays: dict[str, np.ndarray], site) -> np.ndarray:
     return site.from_view(fmt.unpack(arrays, site.rows, site.L).dequantize())
 
 
+def quantized_weights(c: Contender, packed: dict):
+    """Sequential mode's feedback (``Analysis.blocks``): the weights ``c`` ships for a block's sites,
+    decoded from ``packed`` (filled as the block is rounded); an fp32 site is not in it and stays."""
+    def weights(block) -> dict[str, np.ndarray]:
+        mine = [s for s in block if s.name in packed]
+        return dict(zip([s.name for s in mine], parallel_map(lambda s: decoded(c, packed[s.name], s), mine)))
+    return weights
+
+
 def _ratio(knapsack: float, best_other: float) -> float | None:
     """knapsack / best other distortion; both can be 0 (outputs that carry nothing, weights too small
     to change them): equal then, and no ratio when only the other is 0."""
