@@ -79,6 +79,9 @@ class Recipe:
     include: tuple[str, ...] = ()
     pins: tuple[tuple[str, int], ...] = ()        # (pattern, code bits): matching weights take only such formats
     distill: int = 0                              # Adam steps of calibration-only distillation after rounding; 0: off
+    # N:M sparse candidates (keep, of) for the knapsack (formats/bayesq_sparse.py); () : none
+    sparse: tuple[tuple[int, int], ...] = ()
+    sparse_bits: tuple[int, ...] = (2, 3, 4)      # affine widths of the sparse formats' survivors
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -104,6 +107,12 @@ class Recipe:
                 raise ValueError(f"{what} must be a list of non-empty name patterns, got {patterns!r}")
         if isinstance(self.distill, bool) or not isinstance(self.distill, int) or self.distill < 0:
             raise ValueError(f"distill must be a number of steps >= 0, got {self.distill!r}")
+        for pat in self.sparse:
+            if (not isinstance(pat, tuple) or len(pat) != 2 or not all(isinstance(v, int) for v in pat)
+                    or not 1 <= pat[0] < pat[1] <= 8):
+                raise ValueError(f"a sparse pattern is (keep, of) with 1 <= keep < of <= 8, got {pat!r}")
+        if not all(isinstance(b, int) and 1 <= b <= 8 for b in self.sparse_bits):
+            raise ValueError(f"sparse_bits must be widths 1..8, got {self.sparse_bits!r}")
         for pin in self.pins:
             if (not isinstance(pin, tuple) or len(pin) != 2 or not isinstance(pin[0], str) or not pin[0]
                     or isinstance(pin[1], bool) or not isinstance(pin[1], int) or pin[1] < 1):

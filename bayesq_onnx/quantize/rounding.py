@@ -155,12 +155,17 @@ def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 
 
 def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray | None, zp: np.ndarray | None,
                bits: int, block: int, damp: float = 0.01, lazy_block: int = 128,
-               act_order: bool = False, round_scale=None, dtype=np.float32) -> UniformCodes:
+               act_order: bool = False, round_scale=None, dtype=np.float32, mask: np.ndarray | None = None
+               ) -> UniformCodes:
     """GPTQ rounding of ``view`` (rows, L) with ``H = X^T X`` (L, L) over the view's ``L`` axis, or
     its precomputed :func:`gptq_factor` (then ``damp``, ``act_order`` and ``dtype`` are the
     factor's), onto the fixed grid ``(scale, zp)``, or onto dynamic min/max groups when both are
     ``None`` (their scales passed through ``round_scale``, e.g. to the float16 the format stores,
-    before use).  Under act_order each column keeps its own group's grid."""
+    before use).  Under act_order each column keeps its own group's grid.
+    ``mask`` (bool ``(rows, L)``): weights outside it are pruned -- fixed to code 0 and value 0, their
+    error spread over the columns not yet rounded like any other (SparseGPT's OBS update with a
+    given mask); dynamic groups take their range from the survivors (and 0).  The codes of pruned
+    weights are 0: the caller keeps only the survivors'."""
     rows, L = view.shape
     dynamic = scale is None and zp is None
     if not dynamic:
@@ -180,10 +185,15 @@ def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray |
     def load(g):
         grid[g] = be.put(scale[:, g], f.dtype), be.put(zp[:, g], f.dtype)
 
+    keepT = None if mask is None else be.put(np.asarray(mask).T[f.perm], f.dtype)   # (L, rows) 1 = kept
+
     def start(c, Wt):
         if c % block == 0:
             g = c // block
-            s, z = minmax_grid(be.get(Wt[c:c + block]).T, bits, block)
+            w = be.get(Wt[c:c + block]).T
+            if mask is not None:   # pruned weights become 0, which every range holds already
+                w = w * np.asarray(mask)[:, c:c + block]
+            s, z = minmax_grid(w, bits, block)
             scale[:, g], zp[:, g] = (round_scale(s) if round_scale else s)[:, 0], z[:, 0]
             load(g)
 
@@ -193,7 +203,10 @@ def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray |
 
     def quantize(c, w):
         s, z = grid[f.perm[c] // block]
-        return be.affine_codes(w, s, z, qmax)
+        q, deq = be.affine_codes(w, s, z, qmax)
+        if keepT is not None:
+            q, deq = q * keepT[c], deq * keepT[c]
+        return q, deq
 
     codes = error_feedback(view, f, quantize, lazy_block, start if dynamic else None)
     return UniformCodes(codes, scale.astype(np.float32), zp.astype(np.uint8), bits, block)
