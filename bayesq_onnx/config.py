@@ -39,6 +39,9 @@ METHODS: dict[str, Method] = {
 
 
 TARGETS = ("ort-cpu", "portable")
+# the N:M patterns ``--sparse`` offers by default: half the weights (2:4, and 4:8's freer choice at 7
+# pattern bits per 8 weights instead of 6) and a quarter (6:8)
+SPARSE_PATTERNS = ((2, 4), (4, 8), (6, 8))
 # where the knapsack's loss tables come from (Recipe.tables; "auto" picks one, see table_source)
 TABLE_SOURCES = ("auto", "kron", "proxy", "closed_form")
 # where GPTQ's factor and error feedback run (quantize/backend.py); "auto": cuda when torch sees a GPU

@@ -26,8 +26,10 @@ from bayesq_onnx.plan.planner import knapsack_plan, uniform_plans
 from bayesq_onnx.posterior.expected_loss import pruned_loss
 from bayesq_onnx.posterior.laplace import DiagonalLaplace
 from bayesq_onnx.quantize.site import SiteQuantizer
+from bayesq_onnx.runtime import custom_ops
 from bayesq_onnx.runtime.reference_ops import REFERENCE_OPS
 from bayesq_onnx.types import WeightSite
+from test_custom_ops import EPS32, ISAS, make_session
 
 PATTERNS = [(2, 4), (1, 4), (3, 4), (4, 8), (6, 8), (2, 8)]
 
@@ -225,3 +227,31 @@ def test_knapsack_takes_sparse_where_half_the_weights_are_noise():
     # uniform plans (gptq's reference and the plan check's) never take a sparse format
     cands = {s.name: candidate_formats(s, recipe) for s in sites}
     assert not any(isinstance(f, BayesqSparse) for p in uniform_plans(sites, cands, 1e9) for f in p.choice.values())
+
+
+# ------------------------------------------------------------------ the custom ops (libbayesq_ops.so)
+
+@pytest.mark.skipif(not custom_ops.available(), reason=str(custom_ops.unavailable_reason()))
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("keep,of,bits,block,scale_dtype", [(2, 4, 3, 64, "float16"), (4, 8, 2, 64, "float32"),
+                                                            (6, 8, 4, 128, "float16"), (1, 4, 5, 64, "float32"),
+                                                            (3, 6, 3, 96, "float16")])
+def test_custom_ops_match_the_reference(isa, keep, of, bits, block, scale_dtype, monkeypatch):
+    """MatMulSparseAffine on each kernel set (its GEMV below the switch point, its GEMM above, a K % 8
+    tail, a pattern that spans no whole 8-lane vector: 3:6) within the fp32 summation bound of the plain
+    numpy product; DequantizeSparseAffine bit for bit."""
+    monkeypatch.setenv("BAYESQ_ISA", isa)     # read when a session creates its kernels
+    K, N = {4: 1100, 8: 1096, 6: 1098}[of], 37    # several GEMM K slices; K % 8 = 4 and 2 for 4 and 6
+    fmt, q, p, V = sparse_case(keep, of, bits, block, N, K, seed=bits + of, scale_dtype=scale_dtype)
+    node, inits = bayesq_dequantize_node("W", "w", fmt, p, (N, K, 1, 1), 1)
+    m = one_node_model([node], inits, [], "W", [N, K, 1, 1])
+    assert make_session(m).run(None, {})[0].tobytes() == V.reshape(N, K, 1, 1).tobytes()
+    rng = np.random.default_rng(0)
+    for M in (1, 3, 9, 70):
+        A = rng.standard_normal((M, K)).astype(np.float32)
+        node, inits = bayesq_matmul_node("A", "Y", "w", fmt, p, K, N)
+        m = one_node_model([node], inits, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [M, K])], "Y", [M, N])
+        y = make_session(m).run(None, {"A": A})[0]
+        # Higham's gamma_K for any summation order in fp32, doubled for margin (tests/test_custom_ops.py)
+        bound = 2 * K * EPS32 * (np.abs(A) @ np.abs(V).T) + 1e-30
+        assert np.all(np.abs(y - A.astype(np.float64) @ V.T.astype(np.float64)) <= bound), (M, isa)

@@ -511,6 +511,8 @@ void pack_pairs(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t kb, 
     }
 }
 
+void panel_from_rows(const float* T, int64_t K, int nc, float* P, int64_t kb, int64_t k, int64_t ke);
+
 // Columns [n0, n1) (at most 4), k in [kb, ke) (kb a multiple of 128) as a panel slice:
 // P[(j * 2 + x) * 8 + 4L + kk] = V[n0 + 2L + x, kb + 4j + kk]; columns past n1 and k past K are 0.
 // Full chunks via pack_pairs; the partial chunk and the K % 8 codes are decoded to floats first.
@@ -524,7 +526,11 @@ void pack_panel(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t kb, 
     if (k == ke) return;
     float* T = scratch(2, size_t(4 * K));
     decode_rows(w, n0, n1, T, K, full, full, true);  // the tail only (k >= full * 128)
-    const int nc = int(n1 - n0);
+    panel_from_rows(T, K, int(n1 - n0), P, kb, k, ke);
+}
+
+// P's k in [k, ke) (P starting at kb) from `nc` <= 4 decoded rows T (nc x K): the layout above.
+void panel_from_rows(const float* T, int64_t K, int nc, float* P, int64_t kb, int64_t k, int64_t ke) {
     for (; k < ke; k += 4) {
         const __m128i km = _mm_cmpgt_epi32(_mm_set1_epi32(int(std::min<int64_t>(4, K - k))), _mm_setr_epi32(0, 1, 2, 3));
         auto quad = [&](int c) { return c < nc ? _mm_maskload_ps(T + c * K + k, km) : _mm_setzero_ps(); };
@@ -564,8 +570,11 @@ using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, i
 constexpr MicroFn micros[MR + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>};
 
 // Loops as in kernels_avx512.cpp: K slices, blocks of rows (~96 KB of A), panels, row tiles.
-void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
-    const int64_t K = w.K, np = (n1 - n0 + 3) / 4;
+// pack(c0, c1, S, kb, ke): columns [c0, c1)'s panel slice k in [kb, ke) into S.
+template <class Pack>
+void gemm_panels(int64_t K, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1,
+                 Pack&& pack_panel) {
+    const int64_t np = (n1 - n0 + 3) / 4;
     if (K % 4) A = pad_k4(A, M, lda, K, &lda);  // the micro-kernel reads 4 k at a time (rare shapes)
     const int64_t MB = (24 << 10) / std::min(K, KC) / MR * MR + MR;
     const bool reuse = MB < M;  // else one slice buffer serves every panel and stays in L1
@@ -577,7 +586,7 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
             for (int64_t p = 0; p < np; ++p) {
                 const int64_t c0 = n0 + 4 * p, c1 = std::min(n1, c0 + 4);
                 float* S = reuse ? P + p * KC * 4 : P;
-                if (mb == 0) pack_panel(w, c0, c1, S, k0, k0 + kc);
+                if (mb == 0) pack_panel(c0, c1, S, k0, k0 + kc);
                 const __m128i cols = _mm_cmpgt_epi32(_mm_set1_epi32(int(c1 - c0)), _mm_setr_epi32(0, 1, 2, 3));
                 for (int64_t m0 = mb; m0 < me; m0 += MR)
                     micros[std::min<int64_t>(MR, me - m0)](A + m0 * lda + k0, lda, S, (kc + 3) / 4 * 4,
@@ -585,6 +594,111 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
             }
         }
     }
+}
+
+void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
+    gemm_panels(w.K, A, M, lda, Y, ldy, n0, n1,
+                [&](int64_t c0, int64_t c1, float* S, int64_t kb, int64_t ke) { pack_panel(w, c0, c1, S, kb, ke); });
+}
+
+// ---- sparse weights ---------------------------------------------------------------------------------
+// Eight consecutive weights (8 / of runs, of in 2, 4, 8) are one vpermps of the next 8 survivors' values
+// and an AND: per combined pattern index (the runs' pattern indices as digits base C(of, keep)), the
+// source lane of each weight and whether it survives.
+struct Expand {
+    std::vector<int32_t> perm, keep;   // 8 per combined index
+    int runs = 0, C = 0, used = 0;     // runs per 8 weights, patterns per run, survivors per 8 weights
+};
+
+const Expand& expand_table(int keep, int of) {
+    static const auto tables = [] {
+        std::vector<Expand> t(9 * 9);
+        for (int o : {2, 4, 8})
+            for (int k = 1; k < o; ++k) {
+                const std::vector<uint8_t>& pat = sparse_patterns(k, o);
+                Expand& e = t[size_t(k * 9 + o)];
+                e.runs = 8 / o, e.C = int(pat.size()), e.used = e.runs * k;
+                int total = 1;
+                for (int r = 0; r < e.runs; ++r) total *= e.C;
+                for (int idx = 0; idx < total; ++idx) {
+                    int c = 0;
+                    for (int r = 0, rest = idx; r < e.runs; ++r, rest /= e.C)
+                        for (int j = 0; j < o; ++j) {
+                            const bool kept = (pat[size_t(rest % e.C)] >> j) & 1;
+                            e.perm.push_back(kept ? c++ : 0);
+                            e.keep.push_back(kept ? -1 : 0);
+                        }
+                }
+            }
+        return t;
+    }();
+    return tables[size_t(keep * 9 + of)];
+}
+
+// Row n of the sparse weight, dense: vc holds the row's survivors and 8 readable floats past them.
+void sparse_expand(const SparseWeight& s, int64_t n, const float* vc, float* dst) {
+    if (8 % s.of) return sparse_expand_scalar(s, n, vc, dst);
+    const Expand& e = expand_table(s.keep, s.of);
+    const uint8_t* mrow = s.mask + n * s.mask_bytes;
+    int64_t k = 0, c = 0, r = 0;
+    for (; k + 8 <= s.K; k += 8, c += e.used) {
+        int idx = 0;
+        for (int i = 0, mul = 1; i < e.runs; ++i, mul *= e.C) idx += bq_stream_at(mrow, s.pbits, r++) * mul;
+        const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.perm.data() + 8 * idx));
+        const __m256 kept = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.keep.data() + 8 * idx)));
+        _mm256_storeu_ps(dst + k, _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(vc + c), perm), kept));
+    }
+    const std::vector<uint8_t>& pat = sparse_patterns(s.keep, s.of);
+    for (; k < s.K; k += s.of, ++r) {   // K % 8 (a multiple of of): run by run
+        const unsigned bits = pat[size_t(bq_stream_at(mrow, s.pbits, r))];
+        for (int t = 0; t < s.of; ++t) dst[k + t] = (bits >> t) & 1u ? vc[c++] : 0.f;
+    }
+}
+
+// Row n decoded (survivors, then expanded) into T; vc: scratch of inner.K + 8 floats.
+void sparse_row(const SparseWeight& s, int64_t n, float* vc, float* T) {
+    decode(s.inner, n, n + 1, vc, s.inner.K);
+    _mm256_storeu_ps(vc + s.inner.K, _mm256_setzero_ps());
+    sparse_expand(s, n, vc, T);
+}
+
+// A column decoded once, then dotted with every row of A: 4 chains of 8 lanes, one order for K.
+void sparse_gemv(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
+                 int64_t n1) {
+    const int64_t K = s.K;
+    float* vc = scratch(2, size_t(s.inner.K + 8));
+    float* col = scratch(3, size_t(K));
+    for (int64_t n = n0; n < n1; ++n) {
+        sparse_row(s, n, vc, col);
+        for (int64_t m = 0; m < M; ++m) {
+            const float* a = A + m * lda;
+            __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+            int64_t k = 0;
+            for (; k + 32 <= K; k += 32) {
+                c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(col + k), c0);
+                c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(col + k + 8), c1);
+                c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(col + k + 16), c2);
+                c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(col + k + 24), c3);
+            }
+            for (; k + 8 <= K; k += 8) c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(col + k), c0);
+            alignas(32) float t[8];
+            _mm256_store_ps(t, _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
+            float acc = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+            for (; k < K; ++k) acc += a[k] * col[k];
+            Y[m * ldy + n] = acc;
+        }
+    }
+}
+
+// The dense GEMM's panels, filled from the expanded rows of each 4 columns.
+void sparse_gemm(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
+                 int64_t n1) {
+    float* vc = scratch(3, size_t(s.inner.K + 8));
+    gemm_panels(s.K, A, M, lda, Y, ldy, n0, n1, [&](int64_t c0, int64_t c1, float* S, int64_t kb, int64_t ke) {
+        float* T = scratch(2, size_t(4 * s.K));
+        for (int64_t n = c0; n < c1; ++n) sparse_row(s, n, vc, T + (n - c0) * s.K);
+        panel_from_rows(T, s.K, int(c1 - c0), S, kb, kb, ke);
+    });
 }
 
 }  // namespace
@@ -612,7 +726,7 @@ const Kernels* kernels_avx2() {
     // 3.6 ms at M = 6, 6.8 vs 5.9 at 12).  b = 4 (u4-g32: a two-register table, so the GEMV's lookups
     // cost twice): GEMV faster at M = 4 (3.5 vs 3.8 ms), GEMM from 6 on (5.4 vs 6.2); M = 5 is a
     // 4-row block plus one row, so 5.  b = 1, 2 decode like 3; b >= 5 (not measured) like 4.
-    static const Kernels k{"avx2", decode, gemv, gemm, 32, {0, 8, 8, 8, 5, 5, 5, 5, 5}};
+    static const Kernels k{"avx2", decode, gemv, gemm, 32, {0, 8, 8, 8, 5, 5, 5, 5, 5}, sparse_gemv, sparse_gemm};
     return &k;
 }
 

@@ -1,5 +1,5 @@
 // The `bayesq` onnxruntime custom-op library: MatMulAffine, MatMulLut, DequantizeAffine, DequantizeLut,
-// GatherAffine, GatherLut (signatures and layout: include/bayesq/layout.h).  Built against the ORT C/C++ API headers of
+// GatherAffine, GatherLut, MatMulSparseAffine, DequantizeSparseAffine (signatures and layout: include/bayesq/layout.h).  Built against the ORT C/C++ API headers of
 // API version 21; loads in any later onnxruntime (the C API only grows).
 //
 // Kernels are picked once per kernel instance (session): BAYESQ_ISA=avx512|avx2|neon|scalar forces one
@@ -422,6 +422,137 @@ struct DequantizeKernel : QKernel {
     }
 };
 
+// ---- N:M sparse weights (layout.h, "Sparse") ------------------------------------------------------------
+// The survivors are a dense affine weight of K * keep / of codes per row (QKernel's K and block_size are
+// set to that compacted view's); the pattern indices follow the zero points.
+struct SparseKernel : QKernel {
+    int64_t K_full, mask_bytes;
+    int keep, of, pbits;
+    const Kernels* skern;   // the sparse entry points: the chosen set's, else AVX2's, else scalar
+
+    explicit SparseKernel(const OrtKernelInfo* info) : QKernel(info, false) {
+        keep = int(attr_int(info, "keep", true, 0));
+        of = int(attr_int(info, "of", true, 0));
+        if (!(1 <= keep && keep < of && of <= 8)) throw Error("keep and of must satisfy 1 <= keep < of <= 8");
+        if (K % of || block <= 0 || block % of)
+            throw Error("K and block_size must be multiples of of (block_size > 0)");
+        K_full = K;
+        K = K * keep / of;
+        block = block * keep / of;
+        pbits = 1;
+        while ((size_t(1) << pbits) < sparse_patterns(keep, of).size()) ++pbits;
+        mask_bytes = bq_col_bytes(K_full / of, pbits);
+        skern = kern->sparse_gemv ? kern : (cpu_has_avx2() && kernels_avx2()) ? kernels_avx2() : kernels_scalar();
+    }
+
+    // The weight from inputs first.. (B, scales, zero_points, mask); rows [n0, n1) as in Weight::rows.
+    SparseWeight sparse(OrtKernelContext* ctx, size_t first, const Weight& wt, int64_t n0, int64_t n1, int64_t* base) const {
+        SparseWeight s;
+        *base = wt.rows(n0, n1, &s.inner);
+        Tensor Mk = input(ctx, first + 3);
+        if (!Mk || Mk.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) throw Error("mask must be uint8");
+        expect_numel(Mk, N * mask_bytes, "mask");
+        s.mask = static_cast<const uint8_t*>(Mk.data) + *base * mask_bytes;
+        s.K = K_full; s.mask_bytes = mask_bytes; s.keep = keep; s.of = of; s.pbits = pbits;
+        return s;
+    }
+    const Kernels* kernels_for(const QWeight& w) const { return simd_groups(w) ? skern : kernels_scalar(); }
+};
+
+struct SparseMatMulKernel : SparseKernel {
+    bool fp16;
+    SparseMatMulKernel(const OrtKernelInfo* info, bool half) : SparseKernel(info), fp16(half) {}
+
+    void Compute(OrtKernelContext* ctx) {
+        const Weight wt = weight(ctx, 1);
+        Tensor A = input(ctx, 0), bias = input(ctx, 5);
+        if (A.shape.empty() || A.shape.back() != K_full)
+            throw Error("A's last dimension must be K=" + std::to_string(K_full));
+        if (bias) expect_numel(bias, N, "bias");
+        std::vector<int64_t> yshape = A.shape;
+        yshape.back() = N;
+        void* yraw = output(ctx, 0, yshape);
+        const int64_t M = A.numel / K_full;
+        if (M == 0) return;
+        const float* a = static_cast<const float*>(A.data);
+        float* y = static_cast<float*>(yraw);
+        std::vector<float> a32, y32, b32;
+        if (fp16) {
+            a32.resize(size_t(M * K_full));
+            to_float(static_cast<const Ort::Float16_t*>(A.data), a32.data(), M * K_full);
+            a = a32.data();
+            y32.resize(size_t(M * N));
+            y = y32.data();
+        }
+        const float* bvec = bias ? static_cast<const float*>(bias.data) : nullptr;
+        if (bias && fp16) {
+            b32.resize(size_t(N));
+            to_float(static_cast<const Ort::Float16_t*>(bias.data), b32.data(), N);
+            bvec = b32.data();
+        }
+        const Kernels* kr = kernels_for(wt.w);
+        const bool gemv = M < kr->gemm_min_rows[bits];
+        const int64_t nb = gemv ? column_block(N, 16) : kr->gemm_cols;
+        parallel_for(ctx, size_t((N + nb - 1) / nb), [&](size_t t) {
+            const int64_t n0 = int64_t(t) * nb, n1 = std::min(N, n0 + nb);
+            int64_t base = 0;
+            const SparseWeight s = sparse(ctx, 1, wt, n0, n1, &base);
+            (gemv ? kr->sparse_gemv : kr->sparse_gemm)(s, a, M, K_full, y + base, N, n0 - base, n1 - base);
+            if (bvec)
+                for (int64_t m = 0; m < M; ++m)
+                    for (int64_t n = n0; n < n1; ++n) y[m * N + n] += bvec[n];
+        });
+        if (fp16) from_float(y, static_cast<Ort::Float16_t*>(yraw), M * N);
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq sparse matmul", [&] { Compute(ctx); });
+    }
+};
+
+struct SparseDequantizeKernel : SparseKernel {
+    std::vector<int64_t> shape;
+    int64_t axis, inner;
+
+    explicit SparseDequantizeKernel(const OrtKernelInfo* info) : SparseKernel(info) {
+        shape = attr_ints(info, "shape");
+        if (shape.empty()) shape = {K_full, N};
+        axis = attr_int(info, "axis", false, 0);
+        const int64_t r = int64_t(shape.size());
+        if (axis < -r || axis >= r) throw Error("axis out of range for shape");
+        if (axis < 0) axis += r;
+        int64_t numel = 1;
+        for (int64_t d : shape) numel *= d;
+        if (shape[size_t(axis)] != K_full || numel != K_full * N)
+            throw Error("shape must have K at axis and K*N elements");
+        inner = 1;
+        for (int64_t i = axis + 1; i < r; ++i) inner *= shape[size_t(i)];
+    }
+
+    void Compute(OrtKernelContext* ctx) {
+        const Weight wt = weight(ctx, 0);
+        float* out = static_cast<float*>(output(ctx, 0, shape));
+        const Kernels* kr = simd_groups(wt.w) ? kern : kernels_scalar();
+        const int64_t nb = 16;
+        parallel_for(ctx, size_t((N + nb - 1) / nb), [&](size_t t) {
+            const int64_t n0 = int64_t(t) * nb, n1 = std::min(N, n0 + nb);
+            int64_t base = 0;
+            const SparseWeight s = sparse(ctx, 0, wt, n0, n1, &base);
+            float* vc = scratch(0, size_t(K));
+            float* row = scratch(2, size_t(K_full));
+            for (int64_t n = n0; n < n1; ++n) {
+                kr->decode(s.inner, n - base, n - base + 1, vc, K);
+                sparse_expand_scalar(s, n - base, vc, row);
+                for (int64_t k = 0; k < K_full; ++k) out[(n / inner) * K_full * inner + k * inner + n % inner] = row[k];
+            }
+        });
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq sparse dequantize", [&] { Compute(ctx); });
+    }
+};
+
 // Rows of a packed table picked by index (an embedding lookup): each row is decoded, exactly, by the
 // kernels' row decode straight into the output; a float16 table widens only the rows it reads.
 struct GatherKernel : QKernel {
@@ -536,11 +667,47 @@ struct GatherOp : Ort::CustomOpBase<GatherOp, GatherKernel, true> {
     ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
 };
 
+// A, B, scales, zero_points, mask, bias?
+struct SparseMatMulOp : Ort::CustomOpBase<SparseMatMulOp, SparseMatMulKernel, true> {
+    ONNXTensorElementDataType t, s;
+    SparseMatMulOp(ONNXTensorElementDataType t_, ONNXTensorElementDataType s_) : t(t_), s(s_) {}
+    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+        return create(kernel, GetName(), [&] { return new SparseMatMulKernel(info, t == F16); });
+    }
+    const char* GetName() const { return "MatMulSparseAffine"; }
+    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+    size_t GetInputTypeCount() const { return 6; }
+    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 || i == 5 ? t : i == 2 ? s : U8; }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+        return i < 5 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return t; }
+};
+
+// B, scales, zero_points, mask
+struct SparseDequantizeOp : Ort::CustomOpBase<SparseDequantizeOp, SparseDequantizeKernel, true> {
+    ONNXTensorElementDataType s;
+    explicit SparseDequantizeOp(ONNXTensorElementDataType s_) : s(s_) {}
+    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+        return create(kernel, GetName(), [&] { return new SparseDequantizeKernel(info); });
+    }
+    const char* GetName() const { return "DequantizeSparseAffine"; }
+    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+    size_t GetInputTypeCount() const { return 4; }
+    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 1 ? s : U8; }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t) const { return INPUT_OUTPUT_REQUIRED; }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
+};
+
 MatMulOp g_matmul[] = {{false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
                        {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
 DequantizeOp g_dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
 constexpr ONNXTensorElementDataType I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
 constexpr ONNXTensorElementDataType I32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+SparseMatMulOp g_sparse_matmul[] = {{F32, F32}, {F32, F16}, {F16, F32}, {F16, F16}};
+SparseDequantizeOp g_sparse_dequantize[] = {SparseDequantizeOp(F32), SparseDequantizeOp(F16)};
 GatherOp g_gather[] = {{false, I64, F32}, {false, I64, F16}, {false, I32, F32}, {false, I32, F16},
                        {true, I64, F32},  {true, I64, F16},  {true, I32, F32},  {true, I32, F16}};
 
@@ -564,6 +731,10 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     for (OrtCustomOp& op : bq::g_dequantize)
         if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
     for (OrtCustomOp& op : bq::g_gather)
+        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
+    for (OrtCustomOp& op : bq::g_sparse_matmul)
+        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
+    for (OrtCustomOp& op : bq::g_sparse_dequantize)
         if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
     return api->AddCustomOpDomain(options, domain);
 }
