@@ -603,11 +603,13 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
 
 // ---- sparse weights ---------------------------------------------------------------------------------
 // Eight consecutive weights (8 / of runs, of in 2, 4, 8) are one vpermps of the next 8 survivors' values
-// and an AND: per combined pattern index (the runs' pattern indices as digits base C(of, keep)), the
-// source lane of each weight and whether it survives.
+// and an AND.  Their runs' pattern indices are consecutive in the mask stream: read together as one
+// field of 8 / of * pbits <= 7 bits (one stream read per 8 weights), it indexes a table of each
+// weight's source lane and whether it survives (entries of field values with an index >= C(of, keep)
+// in some run are never read).
 struct Expand {
-    std::vector<int32_t> perm, keep;   // 8 per combined index
-    int runs = 0, C = 0, used = 0;     // runs per 8 weights, patterns per run, survivors per 8 weights
+    std::vector<int32_t> perm, keep;   // 8 per field value
+    int bits = 0, used = 0;            // field width; survivors per 8 weights
 };
 
 const Expand& expand_table(int keep, int of) {
@@ -616,18 +618,20 @@ const Expand& expand_table(int keep, int of) {
         for (int o : {2, 4, 8})
             for (int k = 1; k < o; ++k) {
                 const std::vector<uint8_t>& pat = sparse_patterns(k, o);
+                int pbits = 1;
+                while ((size_t(1) << pbits) < pat.size()) ++pbits;
                 Expand& e = t[size_t(k * 9 + o)];
-                e.runs = 8 / o, e.C = int(pat.size()), e.used = e.runs * k;
-                int total = 1;
-                for (int r = 0; r < e.runs; ++r) total *= e.C;
-                for (int idx = 0; idx < total; ++idx) {
+                e.bits = 8 / o * pbits, e.used = 8 / o * k;
+                for (int field = 0; field < (1 << e.bits); ++field) {
                     int c = 0;
-                    for (int r = 0, rest = idx; r < e.runs; ++r, rest /= e.C)
+                    for (int r = 0; r < 8 / o; ++r) {
+                        const int p = (field >> (r * pbits)) & ((1 << pbits) - 1);
                         for (int j = 0; j < o; ++j) {
-                            const bool kept = (pat[size_t(rest % e.C)] >> j) & 1;
+                            const bool kept = p < int(pat.size()) && ((pat[size_t(p)] >> j) & 1);
                             e.perm.push_back(kept ? c++ : 0);
                             e.keep.push_back(kept ? -1 : 0);
                         }
+                    }
                 }
             }
         return t;
@@ -635,23 +639,38 @@ const Expand& expand_table(int keep, int of) {
     return tables[size_t(keep * 9 + of)];
 }
 
+// Pattern field u of a mask row (expand_table's width `bits` <= 7): one unaligned 64-bit read where 8
+// bytes are there, else the byte-wise stream read.
+static inline int field_at(const uint8_t* mrow, int64_t mask_bytes, int bits, int64_t u) {
+    const int64_t bit = u * bits;
+    if ((bit >> 3) + 8 > mask_bytes) return bq_stream_at(mrow, bits, u);
+    uint64_t w;
+    std::memcpy(&w, mrow + (bit >> 3), 8);
+    return int((w >> (bit & 7)) & ((1u << bits) - 1));
+}
+
+// Weights 8u .. 8u+7 of a row from its survivors v (the unit's first) and its field f.
+static inline __m256 expand8(const Expand& e, const float* v, int f) {
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.perm.data() + 8 * f));
+    const __m256 kept = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.keep.data() + 8 * f)));
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(v), p), kept);
+}
+
 // Row n of the sparse weight, dense: vc holds the row's survivors and 8 readable floats past them.
 void sparse_expand(const SparseWeight& s, int64_t n, const float* vc, float* dst) {
     if (8 % s.of) return sparse_expand_scalar(s, n, vc, dst);
     const Expand& e = expand_table(s.keep, s.of);
     const uint8_t* mrow = s.mask + n * s.mask_bytes;
-    int64_t k = 0, c = 0, r = 0;
-    for (; k + 8 <= s.K; k += 8, c += e.used) {
-        int idx = 0;
-        for (int i = 0, mul = 1; i < e.runs; ++i, mul *= e.C) idx += bq_stream_at(mrow, s.pbits, r++) * mul;
-        const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.perm.data() + 8 * idx));
-        const __m256 kept = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.keep.data() + 8 * idx)));
-        _mm256_storeu_ps(dst + k, _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(vc + c), perm), kept));
-    }
-    const std::vector<uint8_t>& pat = sparse_patterns(s.keep, s.of);
-    for (; k < s.K; k += s.of, ++r) {   // K % 8 (a multiple of of): run by run
-        const unsigned bits = pat[size_t(bq_stream_at(mrow, s.pbits, r))];
-        for (int t = 0; t < s.of; ++t) dst[k + t] = (bits >> t) & 1u ? vc[c++] : 0.f;
+    const int64_t units = s.K / 8;
+    for (int64_t u = 0; u < units; ++u)
+        _mm256_storeu_ps(dst + 8 * u, expand8(e, vc + u * e.used, field_at(mrow, s.mask_bytes, e.bits, u)));
+    if (s.K % 8) {   // the last runs (K % 8 is a multiple of of), one by one
+        const std::vector<uint8_t>& pat = sparse_patterns(s.keep, s.of);
+        int64_t c = units * e.used;
+        for (int64_t r = units * 8 / s.of; r < s.K / s.of; ++r) {
+            const unsigned bits = pat[size_t(bq_stream_at(mrow, s.pbits, r))];
+            for (int t = 0; t < s.of; ++t) dst[r * s.of + t] = (bits >> t) & 1u ? vc[c++] : 0.f;
+        }
     }
 }
 
@@ -662,42 +681,82 @@ void sparse_row(const SparseWeight& s, int64_t n, float* vc, float* T) {
     sparse_expand(s, n, vc, T);
 }
 
-// A column decoded once, then dotted with every row of A: 4 chains of 8 lanes, one order for K.
-void sparse_gemv(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
-                 int64_t n1) {
-    const int64_t K = s.K;
-    float* vc = scratch(2, size_t(s.inner.K + 8));
-    float* col = scratch(3, size_t(K));
-    for (int64_t n = n0; n < n1; ++n) {
-        sparse_row(s, n, vc, col);
-        for (int64_t m = 0; m < M; ++m) {
-            const float* a = A + m * lda;
-            __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-            int64_t k = 0;
-            for (; k + 32 <= K; k += 32) {
-                c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(col + k), c0);
-                c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(col + k + 8), c1);
-                c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(col + k + 16), c2);
-                c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(col + k + 24), c3);
-            }
-            for (; k + 8 <= K; k += 8) c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(col + k), c0);
-            alignas(32) float t[8];
-            _mm256_store_ps(t, _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
-            float acc = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
-            for (; k < K; ++k) acc += a[k] * col[k];
-            Y[m * ldy + n] = acc;
+// R rows of A (R <= 4) against column n: each 8 weights expanded in a register and fed to R FMAs, two
+// chains per row (even and odd units); the K % 8 runs after.  One summation order per K.
+template <int R>
+void sparse_dot(const SparseWeight& s, const Expand& e, const uint8_t* mrow, const float* vc, const float* A,
+                int64_t lda, float* Y, int64_t ldy) {
+    const int64_t units = s.K / 8;
+    const uint64_t fmask = (uint64_t(1) << e.bits) - 1;
+    __m256 acc[R][2];
+    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    auto step = [&](int64_t u, int f0, int f1) BQ_INLINE {
+        const __m256 w0 = expand8(e, vc + u * e.used, f0);
+        const __m256 w1 = expand8(e, vc + (u + 1) * e.used, f1);
+        for (int i = 0; i < R; ++i) {
+            acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(A + i * lda + 8 * u), w0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(A + i * lda + 8 * u + 8), w1, acc[i][1]);
         }
+    };
+    int64_t u = 0;
+    // 8 units' fields (8 * bits <= 56 bits) from one 64-bit read, where 8 bytes are there
+    for (; u + 8 <= units && (u * e.bits >> 3) + 8 <= s.mask_bytes; u += 8) {
+        uint64_t w;
+        std::memcpy(&w, mrow + (u * e.bits >> 3), 8);
+        w >>= (u * e.bits) & 7;
+        for (int j = 0; j < 8; j += 2) step(u + j, int((w >> (j * e.bits)) & fmask), int((w >> ((j + 1) * e.bits)) & fmask));
+    }
+    for (; u + 2 <= units; u += 2)
+        step(u, bq_stream_at(mrow, e.bits, u), bq_stream_at(mrow, e.bits, u + 1));
+    if (u < units) {
+        const __m256 w0 = expand8(e, vc + u * e.used, bq_stream_at(mrow, e.bits, u));
+        for (int i = 0; i < R; ++i) acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(A + i * lda + 8 * u), w0, acc[i][0]);
+    }
+    float tail[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};   // the K % 8 weights, expanded
+    if (s.K % 8) {
+        const std::vector<uint8_t>& pat = sparse_patterns(s.keep, s.of);
+        int64_t c = units * e.used;
+        for (int64_t r = units * 8 / s.of, j = 0; r < s.K / s.of; ++r) {
+            const unsigned bits = pat[size_t(bq_stream_at(mrow, s.pbits, r))];
+            for (int t = 0; t < s.of; ++t, ++j) tail[j] = (bits >> t) & 1u ? vc[c++] : 0.f;
+        }
+    }
+    for (int i = 0; i < R; ++i) {
+        alignas(32) float t[8];
+        _mm256_store_ps(t, _mm256_add_ps(acc[i][0], acc[i][1]));
+        float sum = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+        for (int64_t k = units * 8; k < s.K; ++k) sum += A[i * lda + k] * tail[k - units * 8];
+        Y[i * ldy] = sum;
     }
 }
 
-// The dense GEMM's panels, filled from the expanded rows of each 4 columns.
+// Per column: the survivors decoded once (the dense decode), then A's rows in blocks of 4.
+void sparse_gemv(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
+                 int64_t n1) {
+    if (8 % s.of) return sparse_gemv_scalar(s, A, M, lda, Y, ldy, n0, n1);
+    const Expand& e = expand_table(s.keep, s.of);
+    float* vc = scratch(2, size_t(s.inner.K + 8));
+    using DotFn = void (*)(const SparseWeight&, const Expand&, const uint8_t*, const float*, const float*, int64_t,
+                           float*, int64_t);
+    constexpr DotFn dots[5] = {nullptr, sparse_dot<1>, sparse_dot<2>, sparse_dot<3>, sparse_dot<4>};
+    for (int64_t n = n0; n < n1; ++n) {
+        decode(s.inner, n, n + 1, vc, s.inner.K);
+        _mm256_storeu_ps(vc + s.inner.K, _mm256_setzero_ps());
+        const uint8_t* mrow = s.mask + n * s.mask_bytes;
+        for (int64_t m = 0; m < M; m += 4)
+            dots[std::min<int64_t>(4, M - m)](s, e, mrow, vc, A + m * lda, lda, Y + m * ldy + n, ldy);
+    }
+}
+
+// The dense GEMM's panels, filled from the task's columns expanded once beforehand (gemm_cols of them:
+// 128 KB per 1024 of K).
 void sparse_gemm(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
                  int64_t n1) {
     float* vc = scratch(3, size_t(s.inner.K + 8));
+    float* T = scratch(2, size_t((n1 - n0) * s.K));
+    for (int64_t n = n0; n < n1; ++n) sparse_row(s, n, vc, T + (n - n0) * s.K);
     gemm_panels(s.K, A, M, lda, Y, ldy, n0, n1, [&](int64_t c0, int64_t c1, float* S, int64_t kb, int64_t ke) {
-        float* T = scratch(2, size_t(4 * s.K));
-        for (int64_t n = c0; n < c1; ++n) sparse_row(s, n, vc, T + (n - c0) * s.K);
-        panel_from_rows(T, s.K, int(c1 - c0), S, kb, kb, ke);
+        panel_from_rows(T + (c0 - n0) * s.K, s.K, int(c1 - c0), S, kb, kb, ke);
     });
 }
 
