@@ -326,7 +326,35 @@ class SiteQuantizer:
         act_order), else nearest."""
         view, keep = self.view[rows], self._mask(fmt, rows)
         kept = np.where(keep, view, np.float32(0))
-        if self._gptq:
+        if self._gptq and not self._act_order and 16 % fmt.of == 0:
+            # SparseGPT's N:M: each run's mask chosen when rounding reaches it, from the weights as
+            # error feedback has left them (the second moment about the moved mean)
+            f = self._factor()
+            cost = np.where(f.dead, 0.0, 1.0 / np.square(f.diag))
+            sigma2 = np.broadcast_to(self.posterior.sigma2, self.view.shape)[rows]
+
+            def choose(c, w):
+                cols = slice(c, c + w.shape[1])
+                return top_mask(cost[cols] * (np.square(w, dtype=np.float64) + sigma2[:, cols]), fmt.keep, fmt.of)
+
+            # dynamic min/max groups, and the clipping range the posterior search picks for the
+            # survivors the posterior would keep (as for dense grids, :meth:`codes`): whichever
+            # leaves the smaller layer output error on these rows
+            prec = np.broadcast_to(self.posterior.precision, self.view.shape)[rows]
+            scale, zp, _ = search_grid(DiagonalLaplace(compact(view, keep, fmt.keep, fmt.of),
+                                                       compact(prec, keep, fmt.keep, fmt.of)),
+                                       fmt.bits, fmt.inner_block, n_steps=7, min_shrink=0.4)
+            best = None
+            for grid in ((None, None), (_stored(fmt, scale), zp)):
+                m = keep.copy()
+                q = round_gptq(view, f, *grid, fmt.bits, fmt.block, round_scale=_rounder(fmt), mask=m,
+                               prune=(fmt.of, choose))
+                e = np.where(m, q.dequantize(), np.float32(0)).astype(np.float64) - view
+                err = float(np.einsum("rk,rk->", e @ self.xtx, e))
+                if best is None or err < best[0]:
+                    best = err, q, m
+            _, q, keep = best
+        elif self._gptq:
             grid = (None, None) if not self._act_order else minmax_grid(kept, fmt.bits, fmt.block)
             grid = grid if grid[0] is None else (_stored(fmt, grid[0]), grid[1])
             q = round_gptq(view, self._factor(), *grid, fmt.bits, fmt.block, round_scale=_rounder(fmt), mask=keep)
