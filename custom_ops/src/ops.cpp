@@ -296,6 +296,50 @@ int64_t column_block(int64_t N, int64_t min_cols) {
     return (target + 3) / 4 * 4;
 }
 
+// A MatMul's activations and output in fp32 (float16 ones converted, the output converted back by
+// finish()), and its bias: shared by the dense and the sparse MatMul kernels.
+struct MatMulIo {
+    const float* a = nullptr;
+    float* y = nullptr;
+    const float* bias = nullptr;
+    int64_t M = 0;
+    bool fp16;
+    void* yraw = nullptr;
+    std::vector<float> a32, y32, b32;
+
+    MatMulIo(OrtKernelContext* ctx, size_t bias_idx, int64_t K, int64_t N, bool half) : fp16(half) {
+        Tensor A = input(ctx, 0), b = input(ctx, bias_idx);
+        if (A.shape.empty() || A.shape.back() != K) throw Error("A's last dimension must be K=" + std::to_string(K));
+        if (b) expect_numel(b, N, "bias");
+        std::vector<int64_t> yshape = A.shape;
+        yshape.back() = N;
+        yraw = output(ctx, 0, yshape);
+        M = A.numel / K;
+        a = static_cast<const float*>(A.data);
+        y = static_cast<float*>(yraw);
+        bias = b ? static_cast<const float*>(b.data) : nullptr;
+        if (!fp16) return;
+        a32.resize(size_t(M * K));
+        to_float(static_cast<const Ort::Float16_t*>(A.data), a32.data(), M * K);
+        a = a32.data();
+        y32.resize(size_t(M * N));
+        y = y32.data();
+        if (b) {
+            b32.resize(size_t(N));
+            to_float(static_cast<const Ort::Float16_t*>(b.data), b32.data(), N);
+            bias = b32.data();
+        }
+    }
+    void add_bias(int64_t N, int64_t n0, int64_t n1) const {
+        if (!bias) return;
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = n0; n < n1; ++n) y[m * N + n] += bias[n];
+    }
+    void finish(int64_t N) const {
+        if (fp16) from_float(y, static_cast<Ort::Float16_t*>(yraw), M * N);
+    }
+};
+
 struct MatMulKernel : QKernel {
     bool fp16;
     int64_t gemm_min_rows = 0;  // BAYESQ_GEMM_MIN_ROWS: the GEMV/GEMM switch point, for tuning
@@ -306,43 +350,12 @@ struct MatMulKernel : QKernel {
     void Compute(OrtKernelContext* ctx) {
         const Weight wt = weight(ctx, 1);
         const QWeight& w = wt.w;
-        Tensor A = input(ctx, 0);
-        size_t bias_idx = is_lut ? 3 : 4;
-        Tensor bias = input(ctx, bias_idx);
-        if (A.shape.empty() || A.shape.back() != K)
-            throw Error("A's last dimension must be K=" + std::to_string(K));
-        if (bias) expect_numel(bias, N, "bias");
-        std::vector<int64_t> yshape = A.shape;
-        yshape.back() = N;
-        void* yraw = output(ctx, 0, yshape);
-        const int64_t M = A.numel / K;
+        const MatMulIo io(ctx, is_lut ? 3 : 4, K, N, fp16);
+        const int64_t M = io.M;
         if (M == 0) return;
-
-        const float* a = static_cast<const float*>(A.data);
-        float* y = static_cast<float*>(yraw);
-        std::vector<float> a32, y32, b32;
-        if (fp16) {
-            a32.resize(size_t(M * K));
-            to_float(static_cast<const Ort::Float16_t*>(A.data), a32.data(), M * K);
-            a = a32.data();
-            y32.resize(size_t(M * N));
-            y = y32.data();
-        }
-        const float* bvec = nullptr;
-        if (bias) {
-            if (fp16) {
-                b32.resize(size_t(N));
-                to_float(static_cast<const Ort::Float16_t*>(bias.data), b32.data(), N);
-                bvec = b32.data();
-            } else {
-                bvec = static_cast<const float*>(bias.data);
-            }
-        }
-        auto add_bias = [&](int64_t n0, int64_t n1) {
-            if (!bvec) return;
-            for (int64_t m = 0; m < M; ++m)
-                for (int64_t n = n0; n < n1; ++n) y[m * N + n] += bvec[n];
-        };
+        const float* a = io.a;
+        float* y = io.y;
+        auto add_bias = [&](int64_t n0, int64_t n1) { io.add_bias(N, n0, n1); };
 
         const Kernels* kr = simd_groups(w) ? kern : kernels_scalar();
         if (M < (gemm_min_rows > 0 ? gemm_min_rows : kr->gemm_min_rows[bits])) {
@@ -371,7 +384,7 @@ struct MatMulKernel : QKernel {
                 add_bias(n0, n1);
             });
         }
-        if (fp16) from_float(y, static_cast<Ort::Float16_t*>(yraw), M * N);
+        io.finish(N);
     }
 
     OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
@@ -379,11 +392,13 @@ struct MatMulKernel : QKernel {
     }
 };
 
-struct DequantizeKernel : QKernel {
+// The Dequantize ops' output layout (attributes shape, axis): view row n, element k goes to
+// at(n, k) of the native tensor.
+struct NativeLayout {
     std::vector<int64_t> shape;
-    int64_t axis, inner;
+    int64_t K, axis, inner;
 
-    DequantizeKernel(const OrtKernelInfo* info, bool lut) : QKernel(info, lut) {
+    NativeLayout(const OrtKernelInfo* info, int64_t K_, int64_t N) : K(K_) {
         shape = attr_ints(info, "shape");
         if (shape.empty()) shape = {K, N};
         axis = attr_int(info, "axis", false, 0);
@@ -397,11 +412,18 @@ struct DequantizeKernel : QKernel {
         inner = 1;
         for (int64_t i = axis + 1; i < r; ++i) inner *= shape[size_t(i)];
     }
+    int64_t at(int64_t n, int64_t k) const { return (n / inner) * K * inner + k * inner + n % inner; }
+};
+
+struct DequantizeKernel : QKernel {
+    NativeLayout layout;
+
+    DequantizeKernel(const OrtKernelInfo* info, bool lut) : QKernel(info, lut), layout(info, K, N) {}
 
     void Compute(OrtKernelContext* ctx) {
         const Weight wt = weight(ctx, 0);
         const QWeight& w = wt.w;
-        float* out = static_cast<float*>(output(ctx, 0, shape));
+        float* out = static_cast<float*>(output(ctx, 0, layout.shape));
         const Kernels* kr = simd_groups(w) ? kern : kernels_scalar();
         const int64_t nb = 16;
         parallel_for(ctx, size_t((N + nb - 1) / nb), [&](size_t t) {
@@ -412,8 +434,7 @@ struct DequantizeKernel : QKernel {
             kr->decode(ws, n0 - base, n1 - base, buf, K);
             // view row r = (outer, inner index) -> out[outer * K * inner + k * inner + inner index]
             for (int64_t k = 0; k < K; ++k)
-                for (int64_t n = n0; n < n1; ++n)
-                    out[(n / inner) * K * inner + k * inner + n % inner] = buf[(n - n0) * K + k];
+                for (int64_t n = n0; n < n1; ++n) out[layout.at(n, k)] = buf[(n - n0) * K + k];
         });
     }
 
@@ -465,31 +486,9 @@ struct SparseMatMulKernel : SparseKernel {
 
     void Compute(OrtKernelContext* ctx) {
         const Weight wt = weight(ctx, 1);
-        Tensor A = input(ctx, 0), bias = input(ctx, 5);
-        if (A.shape.empty() || A.shape.back() != K_full)
-            throw Error("A's last dimension must be K=" + std::to_string(K_full));
-        if (bias) expect_numel(bias, N, "bias");
-        std::vector<int64_t> yshape = A.shape;
-        yshape.back() = N;
-        void* yraw = output(ctx, 0, yshape);
-        const int64_t M = A.numel / K_full;
+        const MatMulIo io(ctx, 5, K_full, N, fp16);
+        const int64_t M = io.M;
         if (M == 0) return;
-        const float* a = static_cast<const float*>(A.data);
-        float* y = static_cast<float*>(yraw);
-        std::vector<float> a32, y32, b32;
-        if (fp16) {
-            a32.resize(size_t(M * K_full));
-            to_float(static_cast<const Ort::Float16_t*>(A.data), a32.data(), M * K_full);
-            a = a32.data();
-            y32.resize(size_t(M * N));
-            y = y32.data();
-        }
-        const float* bvec = bias ? static_cast<const float*>(bias.data) : nullptr;
-        if (bias && fp16) {
-            b32.resize(size_t(N));
-            to_float(static_cast<const Ort::Float16_t*>(bias.data), b32.data(), N);
-            bvec = b32.data();
-        }
         const Kernels* kr = kernels_for(wt.w);
         const bool gemv = M < kr->gemm_min_rows[bits];
         const int64_t nb = gemv ? column_block(N, 16) : kr->gemm_cols;
@@ -497,12 +496,10 @@ struct SparseMatMulKernel : SparseKernel {
             const int64_t n0 = int64_t(t) * nb, n1 = std::min(N, n0 + nb);
             int64_t base = 0;
             const SparseWeight s = sparse(ctx, 1, wt, n0, n1, &base);
-            (gemv ? kr->sparse_gemv : kr->sparse_gemm)(s, a, M, K_full, y + base, N, n0 - base, n1 - base);
-            if (bvec)
-                for (int64_t m = 0; m < M; ++m)
-                    for (int64_t n = n0; n < n1; ++n) y[m * N + n] += bvec[n];
+            (gemv ? kr->sparse_gemv : kr->sparse_gemm)(s, io.a, M, K_full, io.y + base, N, n0 - base, n1 - base);
+            io.add_bias(N, n0, n1);
         });
-        if (fp16) from_float(y, static_cast<Ort::Float16_t*>(yraw), M * N);
+        io.finish(N);
     }
 
     OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
@@ -511,27 +508,13 @@ struct SparseMatMulKernel : SparseKernel {
 };
 
 struct SparseDequantizeKernel : SparseKernel {
-    std::vector<int64_t> shape;
-    int64_t axis, inner;
+    NativeLayout layout;
 
-    explicit SparseDequantizeKernel(const OrtKernelInfo* info) : SparseKernel(info) {
-        shape = attr_ints(info, "shape");
-        if (shape.empty()) shape = {K_full, N};
-        axis = attr_int(info, "axis", false, 0);
-        const int64_t r = int64_t(shape.size());
-        if (axis < -r || axis >= r) throw Error("axis out of range for shape");
-        if (axis < 0) axis += r;
-        int64_t numel = 1;
-        for (int64_t d : shape) numel *= d;
-        if (shape[size_t(axis)] != K_full || numel != K_full * N)
-            throw Error("shape must have K at axis and K*N elements");
-        inner = 1;
-        for (int64_t i = axis + 1; i < r; ++i) inner *= shape[size_t(i)];
-    }
+    explicit SparseDequantizeKernel(const OrtKernelInfo* info) : SparseKernel(info), layout(info, K_full, N) {}
 
     void Compute(OrtKernelContext* ctx) {
         const Weight wt = weight(ctx, 0);
-        float* out = static_cast<float*>(output(ctx, 0, shape));
+        float* out = static_cast<float*>(output(ctx, 0, layout.shape));
         const Kernels* kr = simd_groups(wt.w) ? kern : kernels_scalar();
         const int64_t nb = 16;
         parallel_for(ctx, size_t((N + nb - 1) / nb), [&](size_t t) {
@@ -543,7 +526,7 @@ struct SparseDequantizeKernel : SparseKernel {
             for (int64_t n = n0; n < n1; ++n) {
                 kr->decode(s.inner, n - base, n - base + 1, vc, K);
                 sparse_expand_scalar(s, n - base, vc, row);
-                for (int64_t k = 0; k < K_full; ++k) out[(n / inner) * K_full * inner + k * inner + n % inner] = row[k];
+                for (int64_t k = 0; k < K_full; ++k) out[layout.at(n, k)] = row[k];
             }
         });
     }

@@ -145,36 +145,20 @@ void check_decode(const Kernels& kr, const Packed& p, const std::string& what) {
     if (!ok) fail(what + ": single-row decode (gather) differs from the reference");
 }
 
-// gemv (gemm=false) or gemm: within the summation bound of the exact product, and the same bytes when
-// the columns are split in two at `cut` (tasks split columns; sums must not depend on it).
-void check_matmul(const Kernels& kr, const Packed& p, int64_t M, bool gemm, int64_t cut, std::mt19937_64& rng,
-                  const std::string& what) {
-    const QWeight& w = p.w;
-    const int64_t K = w.K, N = w.N, lda = K + 3;
+// Y (a whole run) and Y2 (columns [0, cut) then [cut, N)) of A (M x K, lda apart) @ V^T: within the
+// summation bound of the exact product, and the same bytes.
+void check_product(const std::string& tag, const std::vector<float>& A, int64_t lda, int64_t M, int64_t N, int64_t K,
+                   const std::vector<float>& V, const std::vector<float>& zs, const std::vector<float>& Y,
+                   const std::vector<float>& Y2, int64_t cut) {
     const float eps = 1.1920929e-07f;
-    std::uniform_real_distribution<float> unif(-1.f, 1.f);
-    std::vector<float> A(size_t(M * lda));
-    for (float& v : A) v = unif(rng);
-    std::vector<float> SA(size_t(M * w.G));
-    if (!w.is_lut) group_sums(w, A.data(), M, lda, SA.data());
-    auto run = [&](float* Y, int64_t n0, int64_t n1) {
-        if (gemm) kr.gemm(w, A.data(), M, lda, Y, N, n0, n1);
-        else kr.gemv(w, A.data(), M, lda, Y, N, n0, n1, SA.data());
-    };
-    std::vector<float> Y(size_t(M * N), NAN), Y2(size_t(M * N), NAN);
-    run(Y.data(), 0, N);
-    perturb(&Y[0]);
-    run(Y2.data(), 0, cut);
-    run(Y2.data(), cut, N);
-    const std::string tag = what + (gemm ? " gemm" : " gemv") + " M" + std::to_string(M);
     int bad = 0;
     for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) {
             double exact = 0, mag = 0;
             for (int64_t k = 0; k < K; ++k) {
                 const double a = A[size_t(m * lda + k)];
-                exact += a * p.V[size_t(n * K + k)];
-                mag += std::fabs(a) * (std::fabs(p.V[size_t(n * K + k)]) + p.zs[size_t(n * K + k)]);
+                exact += a * V[size_t(n * K + k)];
+                mag += std::fabs(a) * (std::fabs(V[size_t(n * K + k)]) + zs[size_t(n * K + k)]);
             }
             // Higham's gamma_K for any summation order in fp32, doubled for margin (as in
             // tests/test_custom_ops.py); the |zp * s| term: the affine GEMV subtracts zp * s * sum(a)
@@ -189,6 +173,29 @@ void check_matmul(const Kernels& kr, const Packed& p, int64_t M, bool gemm, int6
     ++g_checks;
     if (std::memcmp(Y.data(), Y2.data(), Y.size() * sizeof(float)) != 0)
         fail(tag + ": columns split at " + std::to_string(cut) + " give other bytes");
+}
+
+// gemv (gemm=false) or gemm: within the summation bound of the exact product, and the same bytes when
+// the columns are split in two at `cut` (tasks split columns; sums must not depend on it).
+void check_matmul(const Kernels& kr, const Packed& p, int64_t M, bool gemm, int64_t cut, std::mt19937_64& rng,
+                  const std::string& what) {
+    const QWeight& w = p.w;
+    const int64_t K = w.K, N = w.N, lda = K + 3;
+    std::uniform_real_distribution<float> unif(-1.f, 1.f);
+    std::vector<float> A(size_t(M * lda));
+    for (float& v : A) v = unif(rng);
+    std::vector<float> SA(size_t(M * w.G));
+    if (!w.is_lut) group_sums(w, A.data(), M, lda, SA.data());
+    auto run = [&](float* Y, int64_t n0, int64_t n1) {
+        if (gemm) kr.gemm(w, A.data(), M, lda, Y, N, n0, n1);
+        else kr.gemv(w, A.data(), M, lda, Y, N, n0, n1, SA.data());
+    };
+    std::vector<float> Y(size_t(M * N), NAN), Y2(size_t(M * N), NAN);
+    run(Y.data(), 0, N);
+    perturb(&Y[0]);
+    run(Y2.data(), 0, cut);
+    run(Y2.data(), cut, N);
+    check_product(what + (gemm ? " gemm" : " gemv") + " M" + std::to_string(M), A, lda, M, N, K, p.V, p.zs, Y, Y2, cut);
 }
 
 // ---- N:M sparse weights -------------------------------------------------------------------------------
@@ -247,7 +254,6 @@ void check_sparse(const Kernels& kr, const SparsePacked& sp, int64_t M, bool gem
                   const std::string& what) {
     const SparseWeight& s = sp.s;
     const int64_t K = s.K, N = s.inner.N, lda = K + 3, cut = N / 2 | 1;
-    const float eps = 1.1920929e-07f;
     std::uniform_real_distribution<float> unif(-1.f, 1.f);
     std::vector<float> A(size_t(M * lda));
     for (float& v : A) v = unif(rng);
@@ -257,26 +263,8 @@ void check_sparse(const Kernels& kr, const SparsePacked& sp, int64_t M, bool gem
     perturb(&Y[0]);
     run(Y2.data(), 0, cut);
     run(Y2.data(), cut, N);
-    const std::string tag = what + (gemm ? " sparse_gemm" : " sparse_gemv") + " M" + std::to_string(M);
-    int bad = 0;
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) {
-            double exact = 0, mag = 0;
-            for (int64_t k = 0; k < K; ++k) {
-                const double a = A[size_t(m * lda + k)];
-                exact += a * sp.V[size_t(n * K + k)];
-                mag += std::fabs(a) * (std::fabs(sp.V[size_t(n * K + k)]) + sp.zs[size_t(n * K + k)]);
-            }
-            const double bound = 2.0 * double(K) * eps * mag + 1e-30;   // as check_matmul
-            const float y = Y[size_t(m * N + n)];
-            if (!(std::fabs(double(y) - exact) <= bound) && bad++ == 0)
-                fail(tag + ": y[" + std::to_string(m) + "," + std::to_string(n) + "] = " + std::to_string(y) +
-                     ", exact " + std::to_string(exact));
-        }
-    ++g_checks;
-    ++g_checks;
-    if (std::memcmp(Y.data(), Y2.data(), Y.size() * sizeof(float)) != 0)
-        fail(tag + ": columns split at " + std::to_string(cut) + " give other bytes");
+    check_product(what + (gemm ? " sparse_gemm" : " sparse_gemv") + " M" + std::to_string(M), A, lda, M, N, K, sp.V, sp.zs,
+                  Y, Y2, cut);
 }
 
 const Kernels* kernels_named(const std::string& isa) {
