@@ -320,10 +320,12 @@ class SiteQuantizer:
         return self._codes[fmt, "sparse"]
 
     def _sparse_round(self, fmt: BayesqSparse, rows=slice(None)) -> SparseCodes:
-        """The survivors' codes (of view rows ``rows``) on min/max groups (of the survivors and 0): with
-        GPTQ's error feedback where ``X^T X`` is known -- the pruned weights fixed to 0 and their error
-        spread over the columns still to round, as SparseGPT does -- on its dynamic groups (without
-        act_order), else nearest."""
+        """The survivors' codes (of view rows ``rows``).  Where ``X^T X`` is known, GPTQ's error feedback
+        with the pruned weights fixed to 0 and their error spread over the columns still to round, as
+        SparseGPT does: with runs of 2, 4 or 8 and no act_order, each run's mask chosen as rounding
+        reaches it, on dynamic min/max groups or the posterior-searched grid, whichever leaves less
+        layer error; else the posterior mask fixed first, on min/max groups of the survivors (and
+        0).  Without ``X^T X``: the posterior mask, nearest on min/max groups."""
         view, keep = self.view[rows], self._mask(fmt, rows)
         kept = np.where(keep, view, np.float32(0))
         if self._gptq and not self._act_order and 16 % fmt.of == 0:
