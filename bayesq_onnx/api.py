@@ -448,7 +448,7 @@ def _report(recipe, sites, skipped, candidates, chosen: Contender, grids, expect
         j = candidates[s.name].index(f)
         layers.append({
             "name": s.name, "op_type": s.op_type, "shape": list(s.shape), "format": f.name,
-            "bits": f.bits, "block_size": f.block, "grid": grids[s.name],
+            "bits": f.bits, "block_size": f.block, "sparsity": f.sparsity, "grid": grids[s.name],
             "stored_bits": f.stored_bits(s.rows, s.L),
             "bits_per_weight": f.stored_bits(s.rows, s.L) / s.size,
             "expected_loss": expected[s.name],
@@ -461,6 +461,7 @@ def _report(recipe, sites, skipped, candidates, chosen: Contender, grids, expect
     return {
         "version": REPORT_VERSION, "tool": "bayesq-onnx", "method": recipe.method, "target": recipe.target,
         "budget": recipe.bits, "bits_per_weight": stored / n_weights, "code_bits_per_weight": codes / n_weights,
+        "sparsity": sum(l["sparsity"] * s.size for l, s in zip(layers, sites)) / n_weights,
         "n_weights": n_weights,
         # the whole model: quantized weights as stored, every other float initializer in its own type
         "bits_per_weight_all": (stored + others[1]) / (n_weights + others[0]), "n_weights_all": n_weights + others[0],

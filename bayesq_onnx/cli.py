@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEVICES, METHODS, SAMPLING_MODES, TABLE_SOURCES, TARGETS
+from .config import DEVICES, METHODS, SAMPLING_MODES, SPARSE_PATTERNS, TABLE_SOURCES, TARGETS
 from .errors import BayesQError, first_line
 
 log = logging.getLogger("bayesq_onnx.cli")
@@ -157,6 +157,10 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
     c.add_argument("--pin", action="append", metavar="PATTERN=BITS",
                    help="weights matching PATTERN may only take formats with BITS code bits (32: fp32, 16: a float16 or "
                         "bfloat16 weight kept, within the budget); the first matching pin applies (repeatable)")
+    c.add_argument("--sparse", nargs="?", const=",".join(f"{k}:{m}" for k, m in SPARSE_PATTERNS), metavar="PATTERNS",
+                   help="offer the knapsack N:M sparse formats too (KEEP:OF, comma-separated; default "
+                        f"{','.join(f'{k}:{m}' for k, m in SPARSE_PATTERNS)}): in each run of OF weights along the "
+                        "reduction axis the posterior keeps KEEP, the rest are pruned (MatMul and Conv weights)")
     c.add_argument("--distill", type=int, metavar="STEPS",
                    help="tune the chosen plan's scales and codebook levels toward the fp32 outputs for STEPS Adam "
                         "steps on the calibration data (needs torch); held-back data decides whether the tuned "
@@ -331,7 +335,8 @@ def _recipe(args):
              "exclude": tuple(args.exclude) if args.exclude else None,
              "include": tuple(args.include) if args.include else None,
              "pins": tuple(_pin(p) for p in args.pin) if args.pin else None, "distill": args.distill,
-             "sequential": args.sequential}
+             "sequential": args.sequential,
+             "sparse": _sparse(args.sparse) if args.sparse is not None else None}
     given = {k: v for k, v in given.items() if v is not None}
     try:
         recipe = replace(Recipe.load(args.recipe), **given) if args.recipe else Recipe(**given)
@@ -347,6 +352,16 @@ def _recipe(args):
         log.warning("--sequential does nothing with --method %s (its codes are rounded to nearest, without the "
                     "calibration statistics)", recipe.method)
     return recipe
+
+
+def _sparse(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in text.split(","):
+        keep, sep, of = part.strip().partition(":")
+        if not sep or not keep.isdigit() or not of.isdigit():
+            raise BayesQError(f"--sparse expects KEEP:OF patterns, comma-separated (e.g. '2:4,6:8'), got {text!r}")
+        out.append((int(keep), int(of)))
+    return tuple(out)
 
 
 def _pin(text: str) -> tuple[str, int]:

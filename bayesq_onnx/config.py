@@ -41,6 +41,9 @@ METHODS: dict[str, Method] = {
 
 
 TARGETS = ("ort-cpu", "portable")
+# the N:M patterns ``--sparse`` offers by default: half the weights (2:4, and 4:8's freer choice at 7
+# pattern bits per 8 weights instead of 6) and a quarter (6:8)
+SPARSE_PATTERNS = ((2, 4), (4, 8), (6, 8))
 # where the knapsack's loss tables come from (Recipe.tables; "auto" picks one, see table_source)
 TABLE_SOURCES = ("auto", "kron", "proxy", "closed_form")
 # where GPTQ's factor and error feedback run (quantize/backend.py); "auto": cuda when torch sees a GPU
@@ -85,6 +88,9 @@ class Recipe:
     # (docs/design.md, "Sequential"); False: every block on the fp32 model's activations; None: the
     # method's default (Method.sequential)
     sequential: bool | None = None
+    # N:M sparse candidates (keep, of) for the knapsack (formats/bayesq_sparse.py); () : none
+    sparse: tuple[tuple[int, int], ...] = ()
+    sparse_bits: tuple[int, ...] = (2, 3, 4)      # affine widths of the sparse formats' survivors
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -112,6 +118,12 @@ class Recipe:
             raise ValueError(f"sequential must be true, false or null (the method's default), got {self.sequential!r}")
         if isinstance(self.distill, bool) or not isinstance(self.distill, int) or self.distill < 0:
             raise ValueError(f"distill must be a number of steps >= 0, got {self.distill!r}")
+        for pat in self.sparse:
+            if (not isinstance(pat, tuple) or len(pat) != 2 or not all(isinstance(v, int) for v in pat)
+                    or not 1 <= pat[0] < pat[1] <= 8):
+                raise ValueError(f"a sparse pattern is (keep, of) with 1 <= keep < of <= 8, got {pat!r}")
+        if not all(isinstance(b, int) and 1 <= b <= 8 for b in self.sparse_bits):
+            raise ValueError(f"sparse_bits must be widths 1..8, got {self.sparse_bits!r}")
         for pin in self.pins:
             if (not isinstance(pin, tuple) or len(pin) != 2 or not isinstance(pin[0], str) or not pin[0]
                     or isinstance(pin[1], bool) or not isinstance(pin[1], int) or pin[1] < 1):

@@ -94,6 +94,8 @@ BAD = {
                                             str((t / "d.onnx").mkdir() or t / "d.onnx")], "cannot write"),
     "output is input": (lambda t, m: ["compress", str(m), "--bits", "3", "-o", str(m)], "output path"),
     "bad option": (lambda t, m: ["compress", str(m), "--bits", "three"], "invalid float"),
+    "sparse not a pattern": (lambda t, m: ["compress", str(m), "--bits", "3", "--sparse", "2-4"], "KEEP:OF"),
+    "sparse keeps all": (lambda t, m: ["compress", str(m), "--bits", "3", "--sparse", "4:4"], "keep < of"),
 }
 
 

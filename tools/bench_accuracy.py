@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bayesq_onnx import Analysis, Recipe  # noqa: E402
 from bayesq_onnx.assets import default_cache, load_npz  # noqa: E402
-from bayesq_onnx.config import METHODS as REGISTRY  # noqa: E402
+from bayesq_onnx.config import METHODS as REGISTRY, SPARSE_PATTERNS  # noqa: E402
 from bayesq_onnx.errors import BayesQError  # noqa: E402
 from bayesq_onnx.runtime.session import make_session  # noqa: E402
 from bayesq_onnx.validate.compare import compare_outputs  # noqa: E402
@@ -53,6 +53,7 @@ VARIANT = "bayesq-"
 DISTILL = "+distill"   # suffix: the method with calibration-only distillation (--distill STEPS)
 # suffixes (before any +distill): the method with sequential mode on or off, whatever its default
 SEQUENTIAL = {"-seq": True, "-noseq": False}
+SPARSE = "+sparse"     # suffix: a knapsack method offered the N:M sparse formats too (--sparse PATTERNS)
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5)   # 4.5: the first budget that fits 4-bit g128 with fp32 scales
 QUICK_BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
@@ -177,7 +178,7 @@ def _run(path: Path, data: dict[str, np.ndarray], output: str, batch: int = 64) 
 
 
 def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_samples: int | None,
-                distill: int = 100) -> list[dict]:
+                distill: int = 100, sparse=SPARSE_PATTERNS) -> list[dict]:
     rows = [{"model": name, "method": "fp32", "budget": None, "bits_per_weight": 32.0, "bits_all": 32.0, "plan": "fp32",
              "seconds": 0.0, **task.evaluate(task.model)}]
     _say(rows[-1])
@@ -197,6 +198,8 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             fields["sequential"] = _sequential(method)[1]
         if method.endswith(DISTILL):
             fields["distill"] = distill
+        if method.removesuffix(DISTILL).endswith(SPARSE):
+            fields["sparse"] = sparse
         if proxy_samples and method in ours:
             fields["proxy_samples"] = proxy_samples
         t0 = time.perf_counter()
@@ -228,6 +231,10 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             rows.append({"model": name, "method": label, "budget": bits, "bits_per_weight": rep["bits_per_weight"],
                          "bits_all": rep["bits_per_weight_all"], "gptq_bits": matched_to, "plan": rep["plan"],
                          "seconds": time.perf_counter() - t0, **task.evaluate(out)})
+            if rep["sparsity"]:   # the share each layer prunes, per layer (the report's, in the row)
+                rows[-1]["sparsity"] = rep["sparsity"]
+                rows[-1]["sparse_layers"] = ";".join(f"{l['name']}={l['sparsity']:.3g}" for l in rep["layers"]
+                                                     if l["sparsity"])
             if rep.get("distill"):   # shipped or refused, and the held-back distortion before -> after tuning
                 d = rep["distill"]
                 rows[-1]["distill"] = "{}: {:.4g} -> {:.4g}".format("shipped" if d["shipped"] else "refused",
@@ -240,7 +247,7 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
 
 def _sequential(method: str) -> tuple[str, bool | None]:
     """The method without its suffixes, and the sequential mode its name asks for (None: the default)."""
-    name = method.removesuffix(DISTILL)
+    name = method.removesuffix(DISTILL).removesuffix(SPARSE)
     for suffix, on in SEQUENTIAL.items():
         if name.endswith(suffix):
             return name.removesuffix(suffix), on
@@ -294,7 +301,7 @@ def write_outputs(rows: list[dict], tasks: dict[str, Task], out_dir: Path) -> st
     for name, task in tasks.items():
         mine = [r for r in rows if r["model"] == name]
         metrics = [k for k in keys if k not in ("model", "method", "budget", "bits_per_weight", "bits_all", "gptq_bits",
-                                                "plan", "seconds")
+                                                "plan", "seconds", "sparse_layers")
                    and any(k in r for r in mine)]
         arrow = "↑" if task.higher_is_better else "↓"
         lines += [f"### {name} ({task.metric} {arrow})", "",
@@ -343,11 +350,14 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma-separated, from {','.join(METHODS)}, or {VARIANT}TABLES for bayesq with other "
                          f"loss tables (e.g. bayesq-proxy); any of them with {' or '.join(SEQUENTIAL)} "
-                         "(e.g. gptq-noseq, bayesq-seq) with sequential mode on or off whatever the method's default, "
-                         f"and then with {DISTILL} (e.g. bayesq{DISTILL}) with "
-                         "calibration-only distillation")
+                         "(e.g. gptq-noseq, bayesq-seq) with sequential mode on or off whatever the method's default; "
+                         f"a knapsack method then with {SPARSE} (e.g. bayesq{SPARSE}) is offered the N:M sparse formats "
+                         f"too; and any of them last with {DISTILL} (e.g. bayesq{DISTILL}) adds calibration-only "
+                         "distillation")
     ap.add_argument("--distill", type=int, default=100, metavar="STEPS",
                     help=f"distillation steps of the {DISTILL} methods (default 100)")
+    ap.add_argument("--sparse", default=",".join(f"{k}:{m}" for k, m in SPARSE_PATTERNS), metavar="PATTERNS",
+                    help=f"the N:M patterns of the {SPARSE} methods, KEEP:OF comma-separated (default: %(default)s)")
     ap.add_argument("--proxy-samples", type=int, help="bayesq's proxy samples (default: the recipe's)")
     ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--out", type=Path, default=Path("bench-accuracy"))
@@ -370,7 +380,8 @@ def main(argv=None) -> int:
             return 2
         rows += bench_model(name, tasks[name], methods,
                             budgets or list(tasks[name].budgets or (QUICK_BUDGETS if args.quick else BUDGETS)),
-                            args.out, args.proxy_samples, args.distill)
+                            args.out, args.proxy_samples, args.distill,
+                            tuple(tuple(int(v) for v in p.split(":")) for p in args.sparse.split(",")))
         logging.info("%s: %.0f s so far", name, time.perf_counter() - t0)
         write_outputs(rows, tasks, args.out)     # partial results survive an interrupted run
     md = write_outputs(rows, tasks, args.out)

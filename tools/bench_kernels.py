@@ -30,8 +30,9 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from bayesq_onnx.formats import (BayesqLut, BayesqUniform, GatherBlockQuantized, LutCodes, MatMulNBits,  # noqa: E402
-                                 UniformCodes)
+from bayesq_onnx.formats import (BayesqLut, BayesqSparse, BayesqUniform, GatherBlockQuantized, LutCodes,  # noqa: E402
+                                 MatMulNBits, SparseCodes, UniformCodes)
+from bayesq_onnx.formats.bayesq_sparse import top_mask  # noqa: E402
 from bayesq_onnx.formats.bayesq_uniform import groups  # noqa: E402
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_gather_node, bayesq_matmul_node  # noqa: E402
 from bayesq_onnx.lower.nodes import gather_block_quantized_node, matmulnbits_node  # noqa: E402
@@ -75,6 +76,16 @@ def candidates(K: int, N: int, block: int, rng) -> dict[str, onnx.ModelProto]:
                          lut=(rng.standard_normal((N, 1, 1 << bits)) * 0.02).astype(np.float32), bits=bits, block=0)
             node, inits = bayesq_matmul_node("A", "Y", "w", fmt, fmt.pack(q), K, N)
             out[f"bq-lut{bits}"] = _model([node], inits, K, N, [BAYESQ_OPSET])
+        # N:M sparse: 2:4 with 3- and 4-bit survivors (2.25 / 2.75 bits of codes and pattern per weight
+        # against bq-u2 / bq-u3's 2 and 3), 4:8 with 3 bits; groups of `block` original weights
+        for keep, of, bits in ((2, 4, 3), (2, 4, 4), (4, 8, 3)):
+            if K % of or (block * keep // of) % 16:
+                continue
+            fmt = BayesqSparse(keep, of, bits, block)
+            inner = _uniform(rng, N, K * keep // of, bits, fmt.inner_block)
+            mask = top_mask(rng.random((N, K)), keep, of)
+            node, inits = bayesq_matmul_node("A", "Y", "w", fmt, fmt.pack(SparseCodes(mask, inner, keep, of)), K, N)
+            out[fmt.name] = _model([node], inits, K, N, [BAYESQ_OPSET])
     return out
 
 

@@ -47,6 +47,7 @@ class Format:
 
     bits: int = 32
     block: int = 0
+    sparsity: float = 0.0   # share of the weights the format drops (stores as exactly 0)
 
     @property
     def name(self) -> str:

@@ -13,39 +13,50 @@ import numpy as np
 from onnx import NodeProto, OperatorSetIdProto, TensorProto, helper, numpy_helper
 
 from ..errors import BayesQError
-from ..formats import BayesqLut, BayesqUniform
+from ..formats import BayesqLut, BayesqSparse, BayesqUniform
 
 BAYESQ_DOMAIN = "bayesq"
 BAYESQ_OPSET: OperatorSetIdProto = helper.make_opsetid(BAYESQ_DOMAIN, 1)
 
-_ROLES = {BayesqUniform: ("B", "scales", "zero_points"), BayesqLut: ("B", "lut")}
+_ROLES = {BayesqUniform: ("B", "scales", "zero_points"), BayesqLut: ("B", "lut"),
+          BayesqSparse: ("B", "scales", "zero_points", "mask")}
+# the op names per format: (MatMul, Dequantize); no sparse Gather (embeddings are not offered sparse)
+_OPS = {BayesqUniform: ("MatMulAffine", "DequantizeAffine"), BayesqLut: ("MatMulLut", "DequantizeLut"),
+        BayesqSparse: ("MatMulSparseAffine", "DequantizeSparseAffine")}
 
 
-def _inits(fmt: BayesqUniform | BayesqLut, packed: dict[str, np.ndarray], prefix: str) -> list[TensorProto]:
+def _attrs(fmt) -> dict:
+    """Attributes beyond K and N: a sparse format's block_size counts original weights, its pattern
+    is keep of every ``of``."""
+    extra = {"keep": fmt.keep, "of": fmt.of} if isinstance(fmt, BayesqSparse) else {}
+    return dict(bits=fmt.bits, block_size=fmt.block, **extra)
+
+
+def _inits(fmt: BayesqUniform | BayesqLut | BayesqSparse, packed: dict[str, np.ndarray], prefix: str) -> list[TensorProto]:
     role = "lut" if isinstance(fmt, BayesqLut) else "scales"
     if np.asarray(packed[role]).dtype != np.dtype(fmt.scale_dtype):   # float32 / float16: the op's input type
         raise BayesQError(f"{prefix}: {fmt.name} needs {fmt.scale_dtype} {role}, got {np.asarray(packed[role]).dtype}")
     return [numpy_helper.from_array(np.ascontiguousarray(packed[k]), f"{prefix}_{k}") for k in _ROLES[type(fmt)]]
 
 
-def bayesq_matmul_node(inp: str, out: str, prefix: str, fmt: BayesqUniform | BayesqLut,
+def bayesq_matmul_node(inp: str, out: str, prefix: str, fmt: BayesqUniform | BayesqLut | BayesqSparse,
                        packed: dict[str, np.ndarray], K: int, N: int, bias: str | None = None
                        ) -> tuple[NodeProto, list[TensorProto]]:
     """``out = inp @ W (+ bias)`` for ``W (K, N)`` whose view ``W^T (N, K)`` was packed by ``fmt``.
 
     ``inp`` is float32 or float16 ``(..., K)``; ``bias`` names an existing ``(N,)`` tensor of the same
-    type.  The scales / LUT initializer has ``fmt.scale_dtype`` (float32 or float16), independently.  Op ``bayesq.MatMulAffine(A, B, scales, zero_points, [bias])`` or
-    ``bayesq.MatMulLut(A, B, lut, [bias])``, attributes K, N, bits, block_size.
+    type.  The scales / LUT initializer has ``fmt.scale_dtype`` (float32 or float16), independently.  Op ``bayesq.MatMulAffine(A, B, scales, zero_points, [bias])``,
+    ``bayesq.MatMulLut(A, B, lut, [bias])`` or ``bayesq.MatMulSparseAffine(A, B, scales, zero_points,
+    mask, [bias])``, attributes K, N, bits, block_size (and keep, of).
     """
     inits = _inits(fmt, packed, prefix)
-    op = "MatMulLut" if isinstance(fmt, BayesqLut) else "MatMulAffine"
     inputs = [inp] + [t.name for t in inits] + ([bias] if bias else [])
-    node = helper.make_node(op, inputs, [out], name=prefix, domain=BAYESQ_DOMAIN,
-                            K=K, N=N, bits=fmt.bits, block_size=fmt.block)
+    node = helper.make_node(_OPS[type(fmt)][0], inputs, [out], name=prefix, domain=BAYESQ_DOMAIN, K=K, N=N,
+                            **_attrs(fmt))
     return node, inits
 
 
-def bayesq_dequantize_node(out: str, prefix: str, fmt: BayesqUniform | BayesqLut, packed: dict[str, np.ndarray],
+def bayesq_dequantize_node(out: str, prefix: str, fmt: BayesqUniform | BayesqLut | BayesqSparse, packed: dict[str, np.ndarray],
                            native_shape: tuple[int, ...], axis: int) -> tuple[NodeProto, list[TensorProto]]:
     """The fp32 weight of ``native_shape`` whose view ``np.moveaxis(W, axis, -1).reshape(-1, W.shape[axis])``
     was packed by ``fmt`` (the ``dequantize_node`` convention of ``nodes.py``): a MatMul ``B (K, N)``
@@ -55,10 +66,8 @@ def bayesq_dequantize_node(out: str, prefix: str, fmt: BayesqUniform | BayesqLut
     K = int(native_shape[axis])
     N = math.prod(int(d) for d in native_shape) // K
     inits = _inits(fmt, packed, prefix)
-    op = "DequantizeLut" if isinstance(fmt, BayesqLut) else "DequantizeAffine"
-    node = helper.make_node(op, [t.name for t in inits], [out], name=prefix, domain=BAYESQ_DOMAIN,
-                            K=K, N=N, bits=fmt.bits, block_size=fmt.block,
-                            shape=[int(d) for d in native_shape], axis=axis)
+    node = helper.make_node(_OPS[type(fmt)][1], [t.name for t in inits], [out], name=prefix, domain=BAYESQ_DOMAIN,
+                            K=K, N=N, shape=[int(d) for d in native_shape], axis=axis, **_attrs(fmt))
     return node, inits
 
 
@@ -69,6 +78,8 @@ def bayesq_gather_node(indices: str, out: str, prefix: str, fmt: BayesqUniform |
     head's ``bayesq_matmul_node(..., K=D, N=V)`` reads the same initializers.  ``indices`` int64 or
     int32.  Op ``bayesq.GatherAffine(indices, B, scales, zero_points)`` or
     ``bayesq.GatherLut(indices, B, lut)``, attributes K (= D), N (= V), bits, block_size."""
+    if isinstance(fmt, BayesqSparse):
+        raise BayesQError(f"{prefix}: no bayesq Gather op reads {fmt.name} (embeddings are not offered sparse)")
     inits = _inits(fmt, packed, prefix)
     op = "GatherLut" if isinstance(fmt, BayesqLut) else "GatherAffine"
     node = helper.make_node(op, [indices] + [t.name for t in inits], [out], name=prefix, domain=BAYESQ_DOMAIN,

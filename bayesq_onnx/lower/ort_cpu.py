@@ -23,14 +23,14 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from ..errors import BayesQError, first_line
-from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
+from ..formats import BayesqLut, BayesqSparse, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
 from ..graph.cone import all_nodes, subgraphs
 from ..types import WeightSite
 from .bayesq_nodes import BAYESQ_DOMAIN, BAYESQ_OPSET, bayesq_dequantize_node, bayesq_gather_node, bayesq_matmul_node
 from .nodes import MS_DOMAIN, dequantize_node, gather_block_quantized_node, matmulnbits_node, tied_head_nodes
 from .portable import portable_gather_nodes, portable_weight_nodes
 
-BAYESQ_FORMATS = (BayesqUniform, BayesqLut)
+BAYESQ_FORMATS = (BayesqUniform, BayesqLut, BayesqSparse)
 ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
               "bfloat16": onnx.TensorProto.BFLOAT16}
 

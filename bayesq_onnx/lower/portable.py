@@ -23,7 +23,8 @@ import re
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from ..formats import BayesqLut, BayesqUniform
+from ..formats import BayesqLut, BayesqSparse, BayesqUniform
+from ..formats.bayesq_sparse import pattern_bits, patterns
 from ..formats.bayesq_uniform import code_positions, group_index, groups, stream_positions
 
 
@@ -64,6 +65,8 @@ def _view_nodes(prefix: str, fmt: BayesqUniform | BayesqLut, packed: dict[str, n
     packed data (plus the shared position tables); computed tensors are named ``f"{tmp}_..."`` (default
     ``prefix``: several lookups of one table each take their own)."""
     tmp = tmp or prefix
+    if isinstance(fmt, BayesqSparse):
+        return _sparse_view_nodes(prefix, fmt, packed, K, N, rows, tmp)
     bits, G = fmt.bits, groups(K, fmt.block)
     gidx = group_index(K, fmt.block)
     nodes: list[NodeProto] = []
@@ -111,13 +114,44 @@ def _view_nodes(prefix: str, fmt: BayesqUniform | BayesqLut, packed: dict[str, n
     return nodes, inits, view
 
 
+def _sparse_view_nodes(prefix: str, fmt: BayesqSparse, packed: dict[str, np.ndarray], K: int, N: int,
+                       rows: str | None, tmp: str) -> tuple[list[NodeProto], list[TensorProto], str]:
+    """:func:`_view_nodes` of an N:M sparse weight: the compacted view (N, K * keep / of) as a dense
+    affine one, then each position's value picked from it (GatherElements at its run's base plus its
+    offset among the run's survivors, looked up by the run's pattern) where the pattern keeps it, 0
+    elsewhere (Where)."""
+    keep, of, runs = fmt.keep, fmt.of, K // fmt.of
+    nodes, inits, packed_view = _view_nodes(prefix, fmt.inner_format(), packed, K * keep // of, N, rows, f"{tmp}_c")
+    mask = f"{prefix}_mask"
+    if rows is not None:
+        nodes.append(helper.make_node("Gather", [mask, rows], [f"{tmp}_mask_rows"], axis=0))
+        mask = f"{tmp}_mask_rows"
+    un, pos = _unpack(mask, runs, pattern_bits(keep, of), True, f"{tmp}_m", f"{tmp}_pat")
+    kept = patterns(keep, of)
+    tag = f"bq_pos_sparse{keep}of{of}"     # shared by every weight of that pattern (and K)
+    view = f"{tmp}_view"
+    inits += pos + [_t(packed["mask"], f"{prefix}_mask"), _t(kept, f"{tag}_keep"), _t(np.where(kept, np.cumsum(kept, axis=1) - 1, 0), f"{tag}_off"),
+                    _t((np.arange(runs, dtype=np.int64) * keep).reshape(runs, 1), f"{tag}_K{K}_base"),
+                    _t(np.array([-1, K], np.int64), f"{tag}_K{K}_shape"), _t(np.zeros((), np.float32), "bq_pos_f32_0")]
+    nodes += un + [
+        helper.make_node("Cast", [f"{tmp}_pat"], [f"{tmp}_pat64"], to=TensorProto.INT64),
+        helper.make_node("Gather", [f"{tag}_off", f"{tmp}_pat64"], [f"{tmp}_off"], axis=0),     # (N, runs, of)
+        helper.make_node("Add", [f"{tmp}_off", f"{tag}_K{K}_base"], [f"{tmp}_at3"]),
+        helper.make_node("Reshape", [f"{tmp}_at3", f"{tag}_K{K}_shape"], [f"{tmp}_at"]),
+        helper.make_node("GatherElements", [packed_view, f"{tmp}_at"], [f"{tmp}_picked"], axis=1),
+        helper.make_node("Gather", [f"{tag}_keep", f"{tmp}_pat64"], [f"{tmp}_keep3"], axis=0),
+        helper.make_node("Reshape", [f"{tmp}_keep3", f"{tag}_K{K}_shape"], [f"{tmp}_keep"]),
+        helper.make_node("Where", [f"{tmp}_keep", f"{tmp}_picked", "bq_pos_f32_0"], [view])]
+    return nodes, inits, view
+
+
 def _named(nodes: list[NodeProto], prefix: str) -> list[NodeProto]:
     for i, n in enumerate(nodes):
         n.name = f"{prefix}_u{i}"
     return nodes
 
 
-def portable_weight_nodes(out: str, prefix: str, fmt: BayesqUniform | BayesqLut, packed: dict[str, np.ndarray],
+def portable_weight_nodes(out: str, prefix: str, fmt: BayesqUniform | BayesqLut | BayesqSparse, packed: dict[str, np.ndarray],
                           native_shape: tuple[int, ...], axis: int) -> tuple[list[NodeProto], list[TensorProto]]:
     """Nodes computing the fp32 weight ``out`` of ``native_shape`` (``nodes.dequantize_node``'s view
     convention: a MatMul ``W (K, N)`` is ``axis=0``, a Conv ``(O, I, kh, kw)`` along I is ``axis=1``)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..config import Recipe
 from ..errors import BayesQError
-from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
+from ..formats import BayesqLut, BayesqSparse, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
 from ..graph.sites import site_matches
 from ..types import WeightSite
 
@@ -17,14 +17,16 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
     """Uniform formats over ``recipe.blocks`` whose groups fit the reduction axis, plus fp32.
     A block longer than the axis only pads, so the largest block kept is the first >= L.
     ``bayesq_ops``: offer the formats only the bayesq custom ops (or the portable lowering) run:
-    other affine widths, and (for the knapsack) one Lloyd-Max codebook per row; embeddings (and tied
+    other affine widths, and (for the knapsack) one Lloyd-Max codebook per row and the N:M sparse
+    formats of ``recipe.sparse`` (MatMul and Conv only); embeddings (and tied
     embedding/head tables) then take the bayesq formats instead of GatherBlockQuantized.
     A site that a pin of ``recipe.pins`` names (the first that does) keeps only the formats with the
     pin's code bits (32: fp32; 16: a float16 / bfloat16 weight kept as it is)."""
     blocks = sorted(b for b in recipe.blocks)
     fitting = [b for b in blocks if b <= site.L] or blocks[:1]
     ours = list(recipe.bayesq_bits) if bayesq_ops else []
-    luts = list(recipe.lut_bits) if bayesq_ops and recipe.method_spec.planner == "knapsack" else []
+    knapsack = bayesq_ops and recipe.method_spec.planner == "knapsack"
+    luts = list(recipe.lut_bits) if knapsack else []
     out: list[Format] = []
     # onnxruntime's ops take scales in the activations' type (float16 in a float16 model); in a
     # bfloat16 one, which its CPU kernels do not compute in, fp32 scales and a Cast (lower/ort_cpu.py)
@@ -39,6 +41,7 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
             out += [MatMulNBits(b, g, sd) for b in recipe.matmul_bits for g in fitting]
         out += [BayesqUniform(b, g, F16) for b in ours for g in fitting if g % 16 == 0]
         out += [BayesqLut(b, 0, F16) for b in luts]
+        out += _sparse(site, recipe, fitting) if knapsack else []
     elif site.kind == "conv":
         conv_blocks = sorted({g for g in (16, *blocks) if g <= site.L})
         # a depthwise Conv's row is one output channel's taps (site.flat): a group per channel too
@@ -47,6 +50,7 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
         out += [BlockedDequantize(b, g, signed=False, scale_dtype=sd) for b in recipe.conv_bits for g in dq_blocks]
         out += [BayesqUniform(b, g, F16) for b in ours for g in bq_blocks]
         out += [BayesqLut(b, 0, F16) for b in luts]
+        out += _sparse(site, recipe, conv_blocks) if knapsack else []
     elif site.kind in ("gather", "tied") and bayesq_ops:
         # bayesq.GatherAffine / GatherLut read the MatMul ops' layout: any width (3 bits included, which
         # GatherBlockQuantized lacks), any row length, fp16 scales, and one table for a tied head
@@ -63,7 +67,8 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
                 if f.supports(site.rows, site.L) and site.L % f.block == 0]
     pin = next(((p, b) for p, b in recipe.pins if site_matches(site, p)), None)
     if pin is not None:
-        offered = out + [Float32.keep(site.dtype)]
+        # a pin fixes a weight's precision: pruning a share of it is not that precision
+        offered = [f for f in out if not isinstance(f, BayesqSparse)] + [Float32.keep(site.dtype)]
         out = [f for f in offered if f.bits == pin[1]]
         if not out:
             have = ", ".join(str(b) for b in sorted({f.bits for f in offered}))
@@ -72,4 +77,16 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
         return out
     if recipe.keep_fp32 or not out:
         out.append(Float32.keep(site.dtype))
+    return out
+
+
+def _sparse(site: WeightSite, recipe: Recipe, blocks) -> list[Format]:
+    """``recipe.sparse``'s N:M patterns at ``recipe.sparse_bits`` over ``blocks``, where they fit the
+    reduction axis (a multiple of the run length; groups whose survivors fill the layout's 16 lanes)."""
+    out = []
+    for keep, of in recipe.sparse:
+        for b in recipe.sparse_bits:
+            for g in blocks:
+                if site.L % of == 0 and g % of == 0 and (g * keep // of) % 16 == 0:
+                    out.append(BayesqSparse(keep, of, b, g, F16))
     return out

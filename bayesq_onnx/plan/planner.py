@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import BayesQError
-from ..formats import BayesqLut, Float32, Format
+from ..formats import BayesqLut, BayesqSparse, Float32, Format
 from ..types import WeightSite
 from .greedy import InfeasibleBudget, greedy_allocate
 
@@ -39,8 +39,8 @@ def check_budget(sites, candidates, budget: float) -> None:
 def uniform_plans(sites: list[WeightSite], candidates: dict[str, list[Format]], budget_bits: float) -> list[Plan]:
     """One (bits, block) for every site -- each site takes that format, or else its cheapest format of
     at least those bits -- keeping those within budget, most stored bits first."""
-    # uniform means one affine grid everywhere: codebook formats are the knapsack's alone
-    affine = {k: [f for f in fs if not isinstance(f, BayesqLut)] for k, fs in candidates.items()}
+    # uniform means one dense affine grid everywhere: codebook and sparse formats are the knapsack's alone
+    affine = {k: [f for f in fs if not isinstance(f, (BayesqLut, BayesqSparse))] for k, fs in candidates.items()}
     keys = sorted({(f.bits, f.block) for fs in affine.values() for f in fs if not isinstance(f, Float32)})
     plans = {}
     for bits, block in keys:

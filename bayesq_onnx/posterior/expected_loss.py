@@ -210,3 +210,13 @@ def _per_group(post: DiagonalLaplace, scale, zero_point, block: int, elementwise
         e = elementwise(m, p.ravel(), sc, z).reshape(shp)
         out[..., sl, :] = np.add.reduceat(e * p, starts, axis=-1)
     return out
+
+
+def pruned_loss(post: DiagonalLaplace, mask: np.ndarray) -> float:
+    """Whitened distortion of the weights outside ``mask`` (bool, the view's shape), set to 0: the
+    error of a pruned weight is the weight itself, so its expected loss is its full posterior second
+    moment, ``sum precision_i E[w_i^2] = sum precision_i (mu_i^2 + sigma_i^2)`` (float64)."""
+    gone = ~np.asarray(mask, bool)
+    mu = post.mu[gone].astype(np.float64)
+    prec = np.broadcast_to(post.precision, post.mu.shape)[gone].astype(np.float64)
+    return float((prec * np.square(mu)).sum() + gone.sum())   # precision * sigma^2 = 1 per weight

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..calib.readers import n_samples
-from ..formats import Format, LutCodes, UniformCodes
+from ..formats import Format, LutCodes, SparseCodes, UniformCodes
 from ..progress import Progress
 from ..types import WeightSite
 
@@ -51,8 +51,12 @@ class Distilled:
 class _Tunable:
     """One site's dequantization as a function of its continuous parameters ``t`` (zero: untuned)."""
 
-    def __init__(self, site: WeightSite, fmt: Format, q: UniformCodes | LutCodes):
-        self.site, self.fmt, self.q = site, fmt, q
+    def __init__(self, site: WeightSite, fmt: Format, q: UniformCodes | LutCodes | SparseCodes):
+        self.site, self.fmt, self.sparse = site, fmt, q if isinstance(q, SparseCodes) else None
+        if self.sparse is not None:   # the survivors' scales are tuned; the pruned weights stay 0
+            q = q.inner
+            self.mask = torch.from_numpy(self.sparse.mask)
+        self.q = q
         rows, L = q.codes.shape
         g = torch.from_numpy(np.arange(L) // q.block if q.block else np.zeros(L, np.int64))
         if isinstance(q, LutCodes):
@@ -74,7 +78,10 @@ class _Tunable:
     def view(self, values: torch.Tensor) -> torch.Tensor:
         if isinstance(self.q, LutCodes):
             return values[self.index]
-        return self.steps * values[:, self.g]
+        v = self.steps * values[:, self.g]
+        if self.sparse is not None:    # survivors in row-major order, as SparseCodes.dequantize
+            return torch.zeros(self.mask.shape, dtype=v.dtype).masked_scatter(self.mask, v)
+        return v
 
     def weight(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The initializer (native layout and type) these values dequantize to."""
@@ -82,13 +89,13 @@ class _Tunable:
         permuted = tuple(s.shape[p] for p in s.perm)
         return self.view(values).reshape(permuted).permute(tuple(np.argsort(s.perm).tolist())).to(dtype)
 
-    def stored(self) -> UniformCodes | LutCodes:
+    def stored(self) -> UniformCodes | LutCodes | SparseCodes:
         """The codes with the tuned values as the format stores them."""
         v = self.fmt.round_scales(self.values(self.t.detach()).numpy())
         if isinstance(self.q, LutCodes):
             return LutCodes(codes=self.q.codes, lut=v, bits=self.q.bits, block=self.q.block)
-        return UniformCodes(codes=self.q.codes, scale=v, zero_point=self.q.zero_point, bits=self.q.bits,
-                            block=self.q.block)
+        q = UniformCodes(codes=self.q.codes, scale=v, zero_point=self.q.zero_point, bits=self.q.bits, block=self.q.block)
+        return q if self.sparse is None else SparseCodes(self.sparse.mask, q, self.sparse.keep, self.sparse.of)
 
 
 def _loss(out: dict, ref: dict, energy: dict[str, float], logits: set[str]) -> torch.Tensor:

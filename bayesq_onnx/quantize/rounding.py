@@ -116,11 +116,14 @@ def gptq_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = False, dtyp
 _SUB_BLOCK = 16
 
 
-def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 128, start=None):
+def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 128, start=None, ahead=None):
     """GPTQ's column loop on ``view`` (rows, L) with factor ``f``, in the factor's dtype and on its
     backend: ``quantize(c, w)`` gives column ``c``'s codes and dequantized values from its current
     weights ``w`` (rows,).  ``start(c, Wt)``, if given, is called at each lazy batch's columns with
-    the weights as they stand at the batch start (dynamic groups read those).  Returns the codes
+    the weights as they stand at the batch start (dynamic groups read those).  ``ahead(c, W)``, if
+    given, is called before column ``c`` is rounded with the current weights of columns ``c`` to the
+    end of its sub-block of :data:`_SUB_BLOCK` (``W``: (columns, rows), on the backend; every earlier
+    column's update applied).  Returns the codes
     ``(rows, L)`` as numpy, in the view's column order."""
     rows, L = view.shape
     if tuple(f.U.shape) != (L, L):
@@ -140,6 +143,8 @@ def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 
             for c in range(j1, j2):
                 if start is not None:
                     start(c, Wt)
+                if ahead is not None:
+                    ahead(c, W1[c - i1:j2 - i1])
                 w = W1[c - i1]
                 q, deq = quantize(c, w)
                 codes[c] = q
@@ -155,12 +160,23 @@ def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 
 
 def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray | None, zp: np.ndarray | None,
                bits: int, block: int, damp: float = 0.01, lazy_block: int = 128,
-               act_order: bool = False, round_scale=None, dtype=np.float32) -> UniformCodes:
+               act_order: bool = False, round_scale=None, dtype=np.float32, mask: np.ndarray | None = None,
+               prune=None) -> UniformCodes:
     """GPTQ rounding of ``view`` (rows, L) with ``H = X^T X`` (L, L) over the view's ``L`` axis, or
     its precomputed :func:`gptq_factor` (then ``damp``, ``act_order`` and ``dtype`` are the
     factor's), onto the fixed grid ``(scale, zp)``, or onto dynamic min/max groups when both are
     ``None`` (their scales passed through ``round_scale``, e.g. to the float16 the format stores,
-    before use).  Under act_order each column keeps its own group's grid."""
+    before use).  Under act_order each column keeps its own group's grid.
+    ``mask`` (bool ``(rows, L)``): weights outside it are pruned -- fixed to code 0 and value 0, their
+    error spread over the columns not yet rounded like any other (SparseGPT's OBS update with a
+    given mask); dynamic groups take their range from the survivors (and 0).  The codes of pruned
+    weights are 0: the caller keeps only the survivors'.
+    ``prune = (of, choose)``: the mask is chosen as rounding goes, as SparseGPT does N:M -- when the
+    loop reaches a run of ``of`` columns (``of`` dividing :data:`_SUB_BLOCK`), ``choose(c, W)`` gets
+    those columns' current weights ``W`` (rows, of), every earlier column's error spread, and returns
+    which survive (bool, same shape), written into ``mask`` (a writable bool (rows, L) array).  A
+    dynamic group's range is taken at its start from ``choose``'s provisional pick of the group's
+    weights as they stand then.  Needs the identity column order (no act_order)."""
     rows, L = view.shape
     dynamic = scale is None and zp is None
     if not dynamic:
@@ -180,10 +196,26 @@ def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray |
     def load(g):
         grid[g] = be.put(scale[:, g], f.dtype), be.put(zp[:, g], f.dtype)
 
+    keepT = None if mask is None else be.put(np.asarray(mask).T[f.perm], f.dtype)   # (L, rows) 1 = kept
+    of, choose = prune if prune is not None else (0, None)
+    if choose is not None and (_SUB_BLOCK % of or not np.array_equal(f.perm, np.arange(L)) or mask is None):
+        raise ValueError("choosing the mask as rounding goes needs runs dividing 16, no act_order, and a mask")
+
+    def ahead(c, W):
+        if c % of == 0:
+            keep = np.asarray(choose(c, be.get(W[:of]).T), bool)
+            mask[:, c:c + of] = keep
+            keepT[c:c + of] = be.put(keep.T, f.dtype)
+
     def start(c, Wt):
         if c % block == 0:
             g = c // block
-            s, z = minmax_grid(be.get(Wt[c:c + block]).T, bits, block)
+            w = be.get(Wt[c:c + block]).T
+            if choose is not None:   # the range of the weights that would survive now
+                w = w * choose(c, w)
+            elif mask is not None:   # pruned weights become 0, which every range holds already
+                w = w * np.asarray(mask)[:, c:c + block]
+            s, z = minmax_grid(w, bits, block)
             scale[:, g], zp[:, g] = (round_scale(s) if round_scale else s)[:, 0], z[:, 0]
             load(g)
 
@@ -193,7 +225,11 @@ def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray |
 
     def quantize(c, w):
         s, z = grid[f.perm[c] // block]
-        return be.affine_codes(w, s, z, qmax)
+        q, deq = be.affine_codes(w, s, z, qmax)
+        if keepT is not None:
+            q, deq = q * keepT[c], deq * keepT[c]
+        return q, deq
 
-    codes = error_feedback(view, f, quantize, lazy_block, start if dynamic else None)
+    codes = error_feedback(view, f, quantize, lazy_block, start if dynamic else None,
+                           ahead if choose is not None else None)
     return UniformCodes(codes, scale.astype(np.float32), zp.astype(np.uint8), bits, block)

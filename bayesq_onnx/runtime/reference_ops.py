@@ -9,6 +9,8 @@ levels may be float32 or float16: widened exactly to fp32 (``astype``) before us
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from onnx.reference.op_run import OpRun
 
@@ -138,6 +140,21 @@ def _bq_lut(B, lut, K, N, bits, block_size) -> np.ndarray:
     return table[np.arange(N)[:, None], _bq_groups(K, block_size)[None, :], q]
 
 
+def _bq_sparse(B, scales, zero_points, mask, K, N, bits, block_size, keep, of) -> np.ndarray:
+    """The view (N, K) of an N:M sparse weight: pattern p of a run (its index in the run's mask
+    stream) is the p-th ``keep``-subset of ``of`` in lexicographic order; the run's survivors take the
+    compacted view's values in order, the rest are 0."""
+    Kc = K * keep // of
+    subsets = list(itertools.combinations(range(of), keep))
+    pbits = max(1, (len(subsets) - 1).bit_length())
+    dense = _bq_affine(B, scales, zero_points, Kc, N, bits, block_size * keep // of)
+    index = _bq_stream(mask.reshape(N, -1), pbits, K // of)
+    pos = np.array(subsets, np.int64)[index] + (np.arange(K // of) * of)[None, :, None]   # (N, runs, keep)
+    V = np.zeros((N, K), np.float32)
+    np.put_along_axis(V, pos.reshape(N, Kc), dense, axis=1)
+    return V
+
+
 def _bq_matmul(A, V, bias):
     y = A.astype(np.float32) @ V.T
     if bias is not None:
@@ -180,6 +197,22 @@ class DequantizeLut(OpRun):
         return _bq_native(_bq_lut(B, lut, K, N, bits, block_size), K, N, shape, axis)
 
 
+class MatMulSparseAffine(OpRun):
+    op_domain = "bayesq"
+
+    def _run(self, A, B, scales, zero_points, mask, bias=None, K=None, N=None, bits=None, block_size=None,
+             keep=None, of=None):
+        return _bq_matmul(A, _bq_sparse(B, scales, zero_points, mask, K, N, bits, block_size, keep, of), bias)
+
+
+class DequantizeSparseAffine(OpRun):
+    op_domain = "bayesq"
+
+    def _run(self, B, scales, zero_points, mask, K=None, N=None, bits=None, block_size=None, keep=None, of=None,
+             shape=None, axis=0):
+        return _bq_native(_bq_sparse(B, scales, zero_points, mask, K, N, bits, block_size, keep, of), K, N, shape, axis)
+
+
 def _bq_rows(V, indices):
     """Rows ``indices`` of the view ``V (N, K)``: ONNX Gather's rule (negative indices count from the
     end; outside ``[-N, N)`` an error)."""
@@ -205,4 +238,4 @@ class GatherLut(OpRun):
 
 
 REFERENCE_OPS = [MatMulNBits, GatherBlockQuantized, MatMulAffine, MatMulLut, DequantizeAffine, DequantizeLut,
-                 GatherAffine, GatherLut]
+                 GatherAffine, GatherLut, MatMulSparseAffine, DequantizeSparseAffine]

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "bayesq/layout.h"
 
@@ -56,6 +57,20 @@ static inline void with_format(const QWeight& w, F&& f) {
 // Whether every SIMD step (16, or the partial chunk's lanes, consecutive k) can use one group's table.
 static inline bool simd_groups(const QWeight& w) { return w.block == 0 || w.block >= w.K || w.block % BQ_LANES == 0; }
 
+// An N:M sparse weight (layout.h, "Sparse"): the survivors' codes are the dense weight `inner` (N rows
+// of Kc = K * keep / of codes, its groups the survivors of `block` original weights); row n's run r
+// (weights r*of .. r*of+of-1) keeps the positions of pattern bq_stream_at(mask + n * mask_bytes, pbits, r).
+struct SparseWeight {
+    QWeight inner;
+    const uint8_t* mask = nullptr;
+    int64_t K = 0, mask_bytes = 0;
+    int keep = 0, of = 0, pbits = 0;
+};
+
+// Pattern p of (keep, of), 1 <= keep < of <= 8: bit t set when position t of the run survives; the
+// keep-subsets of 0..of-1 in lexicographic order (itertools.combinations).
+const std::vector<uint8_t>& sparse_patterns(int keep, int of);
+
 struct Kernels {
     const char* name;
     // dst[(n - n0) * ld + k] = V[n, k] for n in [n0, n1), exactly as the reference computes it.
@@ -73,6 +88,13 @@ struct Kernels {
     // M from which the GEMM path beats the fused GEMV, by code width (index: bits; LUT and affine
     // alike): measured per kernel set, see each set's table
     int gemm_min_rows[BQ_MAX_BITS + 1];
+    // Sparse weights: Y[m * ldy + n] = sum_k A[m * lda + k] * V[n, k] (A has K columns), for M below
+    // `gemm_min_rows` of the survivors' bits (sparse_gemv) and from there on (sparse_gemm); same
+    // contract as gemv / gemm.  Null in a set that has none: the caller takes another set's.
+    void (*sparse_gemv)(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
+                        int64_t n0, int64_t n1) = nullptr;
+    void (*sparse_gemm)(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
+                        int64_t n0, int64_t n1) = nullptr;
 };
 
 const Kernels* kernels_scalar();
@@ -84,6 +106,10 @@ const Kernels* kernels_neon();    // null when not compiled in (AArch64 only)
 void decode_scalar(const QWeight& w, int64_t n0, int64_t n1, float* dst, int64_t ld);
 void gemv_scalar(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
                  int64_t n0, int64_t n1, const float* SA);
+// dst[k] = V[n, k], k < K, of sparse row n from its survivors' values vc[0 .. Kc) (exact copies; 0 elsewhere).
+void sparse_expand_scalar(const SparseWeight& s, int64_t n, const float* vc, float* dst);
+void sparse_gemv_scalar(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
+                        int64_t n0, int64_t n1);
 // SA[m * G + g] = sum of A[m, k] over the k of group g (the affine GEMVs' zero-point term).
 void group_sums(const QWeight& w, const float* A, int64_t M, int64_t lda, float* SA);
 

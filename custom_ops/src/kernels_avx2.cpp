@@ -511,6 +511,8 @@ void pack_pairs(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t kb, 
     }
 }
 
+void panel_from_rows(const float* T, int64_t K, int nc, float* P, int64_t kb, int64_t k, int64_t ke);
+
 // Columns [n0, n1) (at most 4), k in [kb, ke) (kb a multiple of 128) as a panel slice:
 // P[(j * 2 + x) * 8 + 4L + kk] = V[n0 + 2L + x, kb + 4j + kk]; columns past n1 and k past K are 0.
 // Full chunks via pack_pairs; the partial chunk and the K % 8 codes are decoded to floats first.
@@ -524,7 +526,11 @@ void pack_panel(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t kb, 
     if (k == ke) return;
     float* T = scratch(2, size_t(4 * K));
     decode_rows(w, n0, n1, T, K, full, full, true);  // the tail only (k >= full * 128)
-    const int nc = int(n1 - n0);
+    panel_from_rows(T, K, int(n1 - n0), P, kb, k, ke);
+}
+
+// P's k in [k, ke) (P starting at kb) from `nc` <= 4 decoded rows T (nc x K): the layout above.
+void panel_from_rows(const float* T, int64_t K, int nc, float* P, int64_t kb, int64_t k, int64_t ke) {
     for (; k < ke; k += 4) {
         const __m128i km = _mm_cmpgt_epi32(_mm_set1_epi32(int(std::min<int64_t>(4, K - k))), _mm_setr_epi32(0, 1, 2, 3));
         auto quad = [&](int c) { return c < nc ? _mm_maskload_ps(T + c * K + k, km) : _mm_setzero_ps(); };
@@ -564,8 +570,11 @@ using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, i
 constexpr MicroFn micros[MR + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>};
 
 // Loops as in kernels_avx512.cpp: K slices, blocks of rows (~96 KB of A), panels, row tiles.
-void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
-    const int64_t K = w.K, np = (n1 - n0 + 3) / 4;
+// pack(c0, c1, S, kb, ke): columns [c0, c1)'s panel slice k in [kb, ke) into S.
+template <class Pack>
+void gemm_panels(int64_t K, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1,
+                 Pack&& pack_panel) {
+    const int64_t np = (n1 - n0 + 3) / 4;
     if (K % 4) A = pad_k4(A, M, lda, K, &lda);  // the micro-kernel reads 4 k at a time (rare shapes)
     const int64_t MB = (24 << 10) / std::min(K, KC) / MR * MR + MR;
     const bool reuse = MB < M;  // else one slice buffer serves every panel and stays in L1
@@ -577,7 +586,7 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
             for (int64_t p = 0; p < np; ++p) {
                 const int64_t c0 = n0 + 4 * p, c1 = std::min(n1, c0 + 4);
                 float* S = reuse ? P + p * KC * 4 : P;
-                if (mb == 0) pack_panel(w, c0, c1, S, k0, k0 + kc);
+                if (mb == 0) pack_panel(c0, c1, S, k0, k0 + kc);
                 const __m128i cols = _mm_cmpgt_epi32(_mm_set1_epi32(int(c1 - c0)), _mm_setr_epi32(0, 1, 2, 3));
                 for (int64_t m0 = mb; m0 < me; m0 += MR)
                     micros[std::min<int64_t>(MR, me - m0)](A + m0 * lda + k0, lda, S, (kc + 3) / 4 * 4,
@@ -585,6 +594,170 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
             }
         }
     }
+}
+
+void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
+    gemm_panels(w.K, A, M, lda, Y, ldy, n0, n1,
+                [&](int64_t c0, int64_t c1, float* S, int64_t kb, int64_t ke) { pack_panel(w, c0, c1, S, kb, ke); });
+}
+
+// ---- sparse weights ---------------------------------------------------------------------------------
+// Eight consecutive weights (8 / of runs, of in 2, 4, 8) are one vpermps of the next 8 survivors' values
+// and an AND.  Their runs' pattern indices are consecutive in the mask stream: read together as one
+// field of 8 / of * pbits <= 7 bits (one stream read per 8 weights), it indexes a table of each
+// weight's source lane and whether it survives (entries of field values with an index >= C(of, keep)
+// in some run are never read).
+struct Expand {
+    std::vector<int32_t> perm, keep;   // 8 per field value
+    int bits = 0, used = 0;            // field width; survivors per 8 weights
+};
+
+const Expand& expand_table(int keep, int of) {
+    static const auto tables = [] {
+        std::vector<Expand> t(9 * 9);
+        for (int o : {2, 4, 8})
+            for (int k = 1; k < o; ++k) {
+                const std::vector<uint8_t>& pat = sparse_patterns(k, o);
+                int pbits = 1;
+                while ((size_t(1) << pbits) < pat.size()) ++pbits;
+                Expand& e = t[size_t(k * 9 + o)];
+                e.bits = 8 / o * pbits, e.used = 8 / o * k;
+                for (int field = 0; field < (1 << e.bits); ++field) {
+                    int c = 0;
+                    for (int r = 0; r < 8 / o; ++r) {
+                        const int p = (field >> (r * pbits)) & ((1 << pbits) - 1);
+                        for (int j = 0; j < o; ++j) {
+                            const bool kept = p < int(pat.size()) && ((pat[size_t(p)] >> j) & 1);
+                            e.perm.push_back(kept ? c++ : 0);
+                            e.keep.push_back(kept ? -1 : 0);
+                        }
+                    }
+                }
+            }
+        return t;
+    }();
+    return tables[size_t(keep * 9 + of)];
+}
+
+// Pattern field u of a mask row (expand_table's width `bits` <= 7): one unaligned 64-bit read where 8
+// bytes are there, else the byte-wise stream read.
+static inline int field_at(const uint8_t* mrow, int64_t mask_bytes, int bits, int64_t u) {
+    const int64_t bit = u * bits;
+    if ((bit >> 3) + 8 > mask_bytes) return bq_stream_at(mrow, bits, u);
+    uint64_t w;
+    std::memcpy(&w, mrow + (bit >> 3), 8);
+    return int((w >> (bit & 7)) & ((1u << bits) - 1));
+}
+
+// Weights 8u .. 8u+7 of a row from its survivors v (the unit's first) and its field f.
+static inline __m256 expand8(const Expand& e, const float* v, int f) {
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.perm.data() + 8 * f));
+    const __m256 kept = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.keep.data() + 8 * f)));
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(v), p), kept);
+}
+
+// Row n of the sparse weight, dense: vc holds the row's survivors and 8 readable floats past them.
+void sparse_expand(const SparseWeight& s, int64_t n, const float* vc, float* dst) {
+    if (8 % s.of) return sparse_expand_scalar(s, n, vc, dst);
+    const Expand& e = expand_table(s.keep, s.of);
+    const uint8_t* mrow = s.mask + n * s.mask_bytes;
+    const int64_t units = s.K / 8;
+    for (int64_t u = 0; u < units; ++u)
+        _mm256_storeu_ps(dst + 8 * u, expand8(e, vc + u * e.used, field_at(mrow, s.mask_bytes, e.bits, u)));
+    if (s.K % 8) {   // the last runs (K % 8 is a multiple of of), one by one
+        const std::vector<uint8_t>& pat = sparse_patterns(s.keep, s.of);
+        int64_t c = units * e.used;
+        for (int64_t r = units * 8 / s.of; r < s.K / s.of; ++r) {
+            const unsigned bits = pat[size_t(bq_stream_at(mrow, s.pbits, r))];
+            for (int t = 0; t < s.of; ++t) dst[r * s.of + t] = (bits >> t) & 1u ? vc[c++] : 0.f;
+        }
+    }
+}
+
+// Row n decoded (survivors, then expanded) into T; vc: scratch of inner.K + 8 floats.
+void sparse_row(const SparseWeight& s, int64_t n, float* vc, float* T) {
+    decode(s.inner, n, n + 1, vc, s.inner.K);
+    _mm256_storeu_ps(vc + s.inner.K, _mm256_setzero_ps());
+    sparse_expand(s, n, vc, T);
+}
+
+// R rows of A (R <= 4) against column n: each 8 weights expanded in a register and fed to R FMAs, two
+// chains per row (even and odd units); the K % 8 runs after.  One summation order per K.
+template <int R>
+void sparse_dot(const SparseWeight& s, const Expand& e, const uint8_t* mrow, const float* vc, const float* A,
+                int64_t lda, float* Y, int64_t ldy) {
+    const int64_t units = s.K / 8;
+    const uint64_t fmask = (uint64_t(1) << e.bits) - 1;
+    __m256 acc[R][2];
+    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    auto step = [&](int64_t u, int f0, int f1) BQ_INLINE {
+        const __m256 w0 = expand8(e, vc + u * e.used, f0);
+        const __m256 w1 = expand8(e, vc + (u + 1) * e.used, f1);
+        for (int i = 0; i < R; ++i) {
+            acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(A + i * lda + 8 * u), w0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(A + i * lda + 8 * u + 8), w1, acc[i][1]);
+        }
+    };
+    int64_t u = 0;
+    // 8 units' fields (8 * bits <= 56 bits) from one 64-bit read, where 8 bytes are there
+    for (; u + 8 <= units && (u * e.bits >> 3) + 8 <= s.mask_bytes; u += 8) {
+        uint64_t w;
+        std::memcpy(&w, mrow + (u * e.bits >> 3), 8);
+        w >>= (u * e.bits) & 7;
+        for (int j = 0; j < 8; j += 2) step(u + j, int((w >> (j * e.bits)) & fmask), int((w >> ((j + 1) * e.bits)) & fmask));
+    }
+    for (; u + 2 <= units; u += 2)
+        step(u, bq_stream_at(mrow, e.bits, u), bq_stream_at(mrow, e.bits, u + 1));
+    if (u < units) {
+        const __m256 w0 = expand8(e, vc + u * e.used, bq_stream_at(mrow, e.bits, u));
+        for (int i = 0; i < R; ++i) acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(A + i * lda + 8 * u), w0, acc[i][0]);
+    }
+    float tail[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};   // the K % 8 weights, expanded
+    if (s.K % 8) {
+        const std::vector<uint8_t>& pat = sparse_patterns(s.keep, s.of);
+        int64_t c = units * e.used;
+        for (int64_t r = units * 8 / s.of, j = 0; r < s.K / s.of; ++r) {
+            const unsigned bits = pat[size_t(bq_stream_at(mrow, s.pbits, r))];
+            for (int t = 0; t < s.of; ++t, ++j) tail[j] = (bits >> t) & 1u ? vc[c++] : 0.f;
+        }
+    }
+    for (int i = 0; i < R; ++i) {
+        alignas(32) float t[8];
+        _mm256_store_ps(t, _mm256_add_ps(acc[i][0], acc[i][1]));
+        float sum = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+        for (int64_t k = units * 8; k < s.K; ++k) sum += A[i * lda + k] * tail[k - units * 8];
+        Y[i * ldy] = sum;
+    }
+}
+
+// Per column: the survivors decoded once (the dense decode), then A's rows in blocks of 4.
+void sparse_gemv(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
+                 int64_t n1) {
+    if (8 % s.of) return sparse_gemv_scalar(s, A, M, lda, Y, ldy, n0, n1);
+    const Expand& e = expand_table(s.keep, s.of);
+    float* vc = scratch(2, size_t(s.inner.K + 8));
+    using DotFn = void (*)(const SparseWeight&, const Expand&, const uint8_t*, const float*, const float*, int64_t,
+                           float*, int64_t);
+    constexpr DotFn dots[5] = {nullptr, sparse_dot<1>, sparse_dot<2>, sparse_dot<3>, sparse_dot<4>};
+    for (int64_t n = n0; n < n1; ++n) {
+        decode(s.inner, n, n + 1, vc, s.inner.K);
+        _mm256_storeu_ps(vc + s.inner.K, _mm256_setzero_ps());
+        const uint8_t* mrow = s.mask + n * s.mask_bytes;
+        for (int64_t m = 0; m < M; m += 4)
+            dots[std::min<int64_t>(4, M - m)](s, e, mrow, vc, A + m * lda, lda, Y + m * ldy + n, ldy);
+    }
+}
+
+// The dense GEMM's panels, filled from the task's columns expanded once beforehand (gemm_cols of them:
+// 128 KB per 1024 of K).
+void sparse_gemm(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
+                 int64_t n1) {
+    float* vc = scratch(3, size_t(s.inner.K + 8));
+    float* T = scratch(2, size_t((n1 - n0) * s.K));
+    for (int64_t n = n0; n < n1; ++n) sparse_row(s, n, vc, T + (n - n0) * s.K);
+    gemm_panels(s.K, A, M, lda, Y, ldy, n0, n1, [&](int64_t c0, int64_t c1, float* S, int64_t kb, int64_t ke) {
+        panel_from_rows(T + (c0 - n0) * s.K, s.K, int(c1 - c0), S, kb, kb, ke);
+    });
 }
 
 }  // namespace
@@ -612,7 +785,7 @@ const Kernels* kernels_avx2() {
     // 3.6 ms at M = 6, 6.8 vs 5.9 at 12).  b = 4 (u4-g32: a two-register table, so the GEMV's lookups
     // cost twice): GEMV faster at M = 4 (3.5 vs 3.8 ms), GEMM from 6 on (5.4 vs 6.2); M = 5 is a
     // 4-row block plus one row, so 5.  b = 1, 2 decode like 3; b >= 5 (not measured) like 4.
-    static const Kernels k{"avx2", decode, gemv, gemm, 32, {0, 8, 8, 8, 5, 5, 5, 5, 5}};
+    static const Kernels k{"avx2", decode, gemv, gemm, 32, {0, 8, 8, 8, 5, 5, 5, 5, 5}, sparse_gemv, sparse_gemm};
     return &k;
 }
 

@@ -80,6 +80,57 @@ void gemv_scalar(const QWeight& w, const float* A, int64_t M, int64_t lda, float
     }
 }
 
+const std::vector<uint8_t>& sparse_patterns(int keep, int of) {
+    // every (keep, of) built once, at first use (thread-safe static initialisation)
+    static const auto tables = [] {
+        std::vector<std::vector<uint8_t>> t(9 * 9);
+        for (int o = 2; o <= 8; ++o)
+            for (int k = 1; k < o; ++k) {
+                int pos[8];
+                for (int i = 0; i < k; ++i) pos[i] = i;   // the first subset; then the next, lexicographically
+                for (;;) {
+                    uint8_t bits = 0;
+                    for (int i = 0; i < k; ++i) bits = uint8_t(bits | (1u << pos[i]));
+                    t[size_t(k * 9 + o)].push_back(bits);
+                    int i = k - 1;
+                    while (i >= 0 && pos[i] == o - k + i) --i;
+                    if (i < 0) break;
+                    ++pos[i];
+                    for (int j = i + 1; j < k; ++j) pos[j] = pos[j - 1] + 1;
+                }
+            }
+        return t;
+    }();
+    return tables[size_t(keep * 9 + of)];
+}
+
+void sparse_expand_scalar(const SparseWeight& s, int64_t n, const float* vc, float* dst) {
+    const std::vector<uint8_t>& pat = sparse_patterns(s.keep, s.of);
+    const uint8_t* mrow = s.mask + n * s.mask_bytes;
+    int64_t c = 0;
+    for (int64_t r = 0; r < s.K / s.of; ++r) {
+        const unsigned bits = pat[size_t(bq_stream_at(mrow, s.pbits, r))];
+        for (int t = 0; t < s.of; ++t) dst[r * s.of + t] = (bits >> t) & 1u ? vc[c++] : 0.f;
+    }
+}
+
+// Row by row: the survivors decoded (the dense kernels' decode), expanded, then plain dots.
+void sparse_gemv_scalar(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
+                        int64_t n0, int64_t n1) {
+    float* vc = scratch(2, size_t(s.inner.K));
+    float* col = scratch(3, size_t(s.K));
+    for (int64_t n = n0; n < n1; ++n) {
+        decode_scalar(s.inner, n, n + 1, vc, s.inner.K);
+        sparse_expand_scalar(s, n, vc, col);
+        for (int64_t m = 0; m < M; ++m) {
+            const float* a = A + m * lda;
+            float acc = 0.f;
+            for (int64_t k = 0; k < s.K; ++k) acc += a[k] * col[k];
+            Y[m * ldy + n] = acc;
+        }
+    }
+}
+
 // Decoding a column once and reusing it for every row is all a scalar GEMM could do: the GEMV does it.
 static void gemm_scalar(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
                         int64_t n0, int64_t n1) {
@@ -88,7 +139,8 @@ static void gemm_scalar(const QWeight& w, const float* A, int64_t M, int64_t lda
 
 const Kernels* kernels_scalar() {
     // gemm is the GEMV here: the switch point does not matter
-    static const Kernels k{"scalar", decode_scalar, gemv_scalar, gemm_scalar, 16, {8, 8, 8, 8, 8, 8, 8, 8, 8}};
+    static const Kernels k{"scalar", decode_scalar, gemv_scalar, gemm_scalar, 16, {8, 8, 8, 8, 8, 8, 8, 8, 8},
+                           sparse_gemv_scalar, sparse_gemv_scalar};
     return &k;
 }
 

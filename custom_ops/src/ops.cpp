@@ -1,5 +1,5 @@
 // The `bayesq` onnxruntime custom-op library: MatMulAffine, MatMulLut, DequantizeAffine, DequantizeLut,
-// GatherAffine, GatherLut (signatures and layout: include/bayesq/layout.h).  Built against the ORT C/C++ API headers of
+// GatherAffine, GatherLut, MatMulSparseAffine, DequantizeSparseAffine (signatures and layout: include/bayesq/layout.h).  Built against the ORT C/C++ API headers of
 // API version 21; loads in any later onnxruntime (the C API only grows).
 //
 // Kernels are picked once per kernel instance (session): BAYESQ_ISA=avx512|avx2|neon|scalar forces one
@@ -296,6 +296,50 @@ int64_t column_block(int64_t N, int64_t min_cols) {
     return (target + 3) / 4 * 4;
 }
 
+// A MatMul's activations and output in fp32 (float16 ones converted, the output converted back by
+// finish()), and its bias: shared by the dense and the sparse MatMul kernels.
+struct MatMulIo {
+    const float* a = nullptr;
+    float* y = nullptr;
+    const float* bias = nullptr;
+    int64_t M = 0;
+    bool fp16;
+    void* yraw = nullptr;
+    std::vector<float> a32, y32, b32;
+
+    MatMulIo(OrtKernelContext* ctx, size_t bias_idx, int64_t K, int64_t N, bool half) : fp16(half) {
+        Tensor A = input(ctx, 0), b = input(ctx, bias_idx);
+        if (A.shape.empty() || A.shape.back() != K) throw Error("A's last dimension must be K=" + std::to_string(K));
+        if (b) expect_numel(b, N, "bias");
+        std::vector<int64_t> yshape = A.shape;
+        yshape.back() = N;
+        yraw = output(ctx, 0, yshape);
+        M = A.numel / K;
+        a = static_cast<const float*>(A.data);
+        y = static_cast<float*>(yraw);
+        bias = b ? static_cast<const float*>(b.data) : nullptr;
+        if (!fp16) return;
+        a32.resize(size_t(M * K));
+        to_float(static_cast<const Ort::Float16_t*>(A.data), a32.data(), M * K);
+        a = a32.data();
+        y32.resize(size_t(M * N));
+        y = y32.data();
+        if (b) {
+            b32.resize(size_t(N));
+            to_float(static_cast<const Ort::Float16_t*>(b.data), b32.data(), N);
+            bias = b32.data();
+        }
+    }
+    void add_bias(int64_t N, int64_t n0, int64_t n1) const {
+        if (!bias) return;
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = n0; n < n1; ++n) y[m * N + n] += bias[n];
+    }
+    void finish(int64_t N) const {
+        if (fp16) from_float(y, static_cast<Ort::Float16_t*>(yraw), M * N);
+    }
+};
+
 struct MatMulKernel : QKernel {
     bool fp16;
     int64_t gemm_min_rows = 0;  // BAYESQ_GEMM_MIN_ROWS: the GEMV/GEMM switch point, for tuning
@@ -306,43 +350,12 @@ struct MatMulKernel : QKernel {
     void Compute(OrtKernelContext* ctx) {
         const Weight wt = weight(ctx, 1);
         const QWeight& w = wt.w;
-        Tensor A = input(ctx, 0);
-        size_t bias_idx = is_lut ? 3 : 4;
-        Tensor bias = input(ctx, bias_idx);
-        if (A.shape.empty() || A.shape.back() != K)
-            throw Error("A's last dimension must be K=" + std::to_string(K));
-        if (bias) expect_numel(bias, N, "bias");
-        std::vector<int64_t> yshape = A.shape;
-        yshape.back() = N;
-        void* yraw = output(ctx, 0, yshape);
-        const int64_t M = A.numel / K;
+        const MatMulIo io(ctx, is_lut ? 3 : 4, K, N, fp16);
+        const int64_t M = io.M;
         if (M == 0) return;
-
-        const float* a = static_cast<const float*>(A.data);
-        float* y = static_cast<float*>(yraw);
-        std::vector<float> a32, y32, b32;
-        if (fp16) {
-            a32.resize(size_t(M * K));
-            to_float(static_cast<const Ort::Float16_t*>(A.data), a32.data(), M * K);
-            a = a32.data();
-            y32.resize(size_t(M * N));
-            y = y32.data();
-        }
-        const float* bvec = nullptr;
-        if (bias) {
-            if (fp16) {
-                b32.resize(size_t(N));
-                to_float(static_cast<const Ort::Float16_t*>(bias.data), b32.data(), N);
-                bvec = b32.data();
-            } else {
-                bvec = static_cast<const float*>(bias.data);
-            }
-        }
-        auto add_bias = [&](int64_t n0, int64_t n1) {
-            if (!bvec) return;
-            for (int64_t m = 0; m < M; ++m)
-                for (int64_t n = n0; n < n1; ++n) y[m * N + n] += bvec[n];
-        };
+        const float* a = io.a;
+        float* y = io.y;
+        auto add_bias = [&](int64_t n0, int64_t n1) { io.add_bias(N, n0, n1); };
 
         const Kernels* kr = simd_groups(w) ? kern : kernels_scalar();
         if (M < (gemm_min_rows > 0 ? gemm_min_rows : kr->gemm_min_rows[bits])) {
@@ -371,7 +384,7 @@ struct MatMulKernel : QKernel {
                 add_bias(n0, n1);
             });
         }
-        if (fp16) from_float(y, static_cast<Ort::Float16_t*>(yraw), M * N);
+        io.finish(N);
     }
 
     OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
@@ -379,11 +392,13 @@ struct MatMulKernel : QKernel {
     }
 };
 
-struct DequantizeKernel : QKernel {
+// The Dequantize ops' output layout (attributes shape, axis): view row n, element k goes to
+// at(n, k) of the native tensor.
+struct NativeLayout {
     std::vector<int64_t> shape;
-    int64_t axis, inner;
+    int64_t K, axis, inner;
 
-    DequantizeKernel(const OrtKernelInfo* info, bool lut) : QKernel(info, lut) {
+    NativeLayout(const OrtKernelInfo* info, int64_t K_, int64_t N) : K(K_) {
         shape = attr_ints(info, "shape");
         if (shape.empty()) shape = {K, N};
         axis = attr_int(info, "axis", false, 0);
@@ -397,11 +412,18 @@ struct DequantizeKernel : QKernel {
         inner = 1;
         for (int64_t i = axis + 1; i < r; ++i) inner *= shape[size_t(i)];
     }
+    int64_t at(int64_t n, int64_t k) const { return (n / inner) * K * inner + k * inner + n % inner; }
+};
+
+struct DequantizeKernel : QKernel {
+    NativeLayout layout;
+
+    DequantizeKernel(const OrtKernelInfo* info, bool lut) : QKernel(info, lut), layout(info, K, N) {}
 
     void Compute(OrtKernelContext* ctx) {
         const Weight wt = weight(ctx, 0);
         const QWeight& w = wt.w;
-        float* out = static_cast<float*>(output(ctx, 0, shape));
+        float* out = static_cast<float*>(output(ctx, 0, layout.shape));
         const Kernels* kr = simd_groups(w) ? kern : kernels_scalar();
         const int64_t nb = 16;
         parallel_for(ctx, size_t((N + nb - 1) / nb), [&](size_t t) {
@@ -412,13 +434,105 @@ struct DequantizeKernel : QKernel {
             kr->decode(ws, n0 - base, n1 - base, buf, K);
             // view row r = (outer, inner index) -> out[outer * K * inner + k * inner + inner index]
             for (int64_t k = 0; k < K; ++k)
-                for (int64_t n = n0; n < n1; ++n)
-                    out[(n / inner) * K * inner + k * inner + n % inner] = buf[(n - n0) * K + k];
+                for (int64_t n = n0; n < n1; ++n) out[layout.at(n, k)] = buf[(n - n0) * K + k];
         });
     }
 
     OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
         return guarded(ORT_RUNTIME_EXCEPTION, "bayesq dequantize", [&] { Compute(ctx); });
+    }
+};
+
+// ---- N:M sparse weights (layout.h, "Sparse") ------------------------------------------------------------
+// The survivors are a dense affine weight of K * keep / of codes per row (QKernel's K and block_size are
+// set to that compacted view's); the pattern indices follow the zero points.
+struct SparseKernel : QKernel {
+    int64_t K_full, mask_bytes;
+    int keep, of, pbits;
+    const Kernels* skern;   // the sparse entry points: the chosen set's, else AVX2's, else scalar
+
+    explicit SparseKernel(const OrtKernelInfo* info) : QKernel(info, false) {
+        keep = int(attr_int(info, "keep", true, 0));
+        of = int(attr_int(info, "of", true, 0));
+        if (!(1 <= keep && keep < of && of <= 8)) throw Error("keep and of must satisfy 1 <= keep < of <= 8");
+        if (K % of || block <= 0 || block % of)
+            throw Error("K and block_size must be multiples of of (block_size > 0)");
+        K_full = K;
+        K = K * keep / of;
+        block = block * keep / of;
+        pbits = 1;
+        while ((size_t(1) << pbits) < sparse_patterns(keep, of).size()) ++pbits;
+        mask_bytes = bq_col_bytes(K_full / of, pbits);
+        skern = kern->sparse_gemv ? kern : (cpu_has_avx2() && kernels_avx2()) ? kernels_avx2() : kernels_scalar();
+    }
+
+    // The weight from inputs first.. (B, scales, zero_points, mask); rows [n0, n1) as in Weight::rows.
+    SparseWeight sparse(OrtKernelContext* ctx, size_t first, const Weight& wt, int64_t n0, int64_t n1, int64_t* base) const {
+        SparseWeight s;
+        *base = wt.rows(n0, n1, &s.inner);
+        Tensor Mk = input(ctx, first + 3);
+        if (!Mk || Mk.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) throw Error("mask must be uint8");
+        expect_numel(Mk, N * mask_bytes, "mask");
+        s.mask = static_cast<const uint8_t*>(Mk.data) + *base * mask_bytes;
+        s.K = K_full; s.mask_bytes = mask_bytes; s.keep = keep; s.of = of; s.pbits = pbits;
+        return s;
+    }
+    const Kernels* kernels_for(const QWeight& w) const { return simd_groups(w) ? skern : kernels_scalar(); }
+};
+
+struct SparseMatMulKernel : SparseKernel {
+    bool fp16;
+    SparseMatMulKernel(const OrtKernelInfo* info, bool half) : SparseKernel(info), fp16(half) {}
+
+    void Compute(OrtKernelContext* ctx) {
+        const Weight wt = weight(ctx, 1);
+        const MatMulIo io(ctx, 5, K_full, N, fp16);
+        const int64_t M = io.M;
+        if (M == 0) return;
+        const Kernels* kr = kernels_for(wt.w);
+        const bool gemv = M < kr->gemm_min_rows[bits];
+        const int64_t nb = gemv ? column_block(N, 16) : kr->gemm_cols;
+        parallel_for(ctx, size_t((N + nb - 1) / nb), [&](size_t t) {
+            const int64_t n0 = int64_t(t) * nb, n1 = std::min(N, n0 + nb);
+            int64_t base = 0;
+            const SparseWeight s = sparse(ctx, 1, wt, n0, n1, &base);
+            (gemv ? kr->sparse_gemv : kr->sparse_gemm)(s, io.a, M, K_full, io.y + base, N, n0 - base, n1 - base);
+            io.add_bias(N, n0, n1);
+        });
+        io.finish(N);
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq sparse matmul", [&] { Compute(ctx); });
+    }
+};
+
+struct SparseDequantizeKernel : SparseKernel {
+    NativeLayout layout;
+
+    explicit SparseDequantizeKernel(const OrtKernelInfo* info) : SparseKernel(info), layout(info, K_full, N) {}
+
+    void Compute(OrtKernelContext* ctx) {
+        const Weight wt = weight(ctx, 0);
+        float* out = static_cast<float*>(output(ctx, 0, layout.shape));
+        const Kernels* kr = simd_groups(wt.w) ? kern : kernels_scalar();
+        const int64_t nb = 16;
+        parallel_for(ctx, size_t((N + nb - 1) / nb), [&](size_t t) {
+            const int64_t n0 = int64_t(t) * nb, n1 = std::min(N, n0 + nb);
+            int64_t base = 0;
+            const SparseWeight s = sparse(ctx, 0, wt, n0, n1, &base);
+            float* vc = scratch(0, size_t(K));
+            float* row = scratch(2, size_t(K_full));
+            for (int64_t n = n0; n < n1; ++n) {
+                kr->decode(s.inner, n - base, n - base + 1, vc, K);
+                sparse_expand_scalar(s, n - base, vc, row);
+                for (int64_t k = 0; k < K_full; ++k) out[layout.at(n, k)] = row[k];
+            }
+        });
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq sparse dequantize", [&] { Compute(ctx); });
     }
 };
 
@@ -536,11 +650,47 @@ struct GatherOp : Ort::CustomOpBase<GatherOp, GatherKernel, true> {
     ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
 };
 
+// A, B, scales, zero_points, mask, bias?
+struct SparseMatMulOp : Ort::CustomOpBase<SparseMatMulOp, SparseMatMulKernel, true> {
+    ONNXTensorElementDataType t, s;
+    SparseMatMulOp(ONNXTensorElementDataType t_, ONNXTensorElementDataType s_) : t(t_), s(s_) {}
+    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+        return create(kernel, GetName(), [&] { return new SparseMatMulKernel(info, t == F16); });
+    }
+    const char* GetName() const { return "MatMulSparseAffine"; }
+    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+    size_t GetInputTypeCount() const { return 6; }
+    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 || i == 5 ? t : i == 2 ? s : U8; }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+        return i < 5 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return t; }
+};
+
+// B, scales, zero_points, mask
+struct SparseDequantizeOp : Ort::CustomOpBase<SparseDequantizeOp, SparseDequantizeKernel, true> {
+    ONNXTensorElementDataType s;
+    explicit SparseDequantizeOp(ONNXTensorElementDataType s_) : s(s_) {}
+    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+        return create(kernel, GetName(), [&] { return new SparseDequantizeKernel(info); });
+    }
+    const char* GetName() const { return "DequantizeSparseAffine"; }
+    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+    size_t GetInputTypeCount() const { return 4; }
+    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 1 ? s : U8; }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t) const { return INPUT_OUTPUT_REQUIRED; }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
+};
+
 MatMulOp g_matmul[] = {{false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
                        {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
 DequantizeOp g_dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
 constexpr ONNXTensorElementDataType I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
 constexpr ONNXTensorElementDataType I32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+SparseMatMulOp g_sparse_matmul[] = {{F32, F32}, {F32, F16}, {F16, F32}, {F16, F16}};
+SparseDequantizeOp g_sparse_dequantize[] = {SparseDequantizeOp(F32), SparseDequantizeOp(F16)};
 GatherOp g_gather[] = {{false, I64, F32}, {false, I64, F16}, {false, I32, F32}, {false, I32, F16},
                        {true, I64, F32},  {true, I64, F16},  {true, I32, F32},  {true, I32, F16}};
 
@@ -564,6 +714,10 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     for (OrtCustomOp& op : bq::g_dequantize)
         if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
     for (OrtCustomOp& op : bq::g_gather)
+        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
+    for (OrtCustomOp& op : bq::g_sparse_matmul)
+        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
+    for (OrtCustomOp& op : bq::g_sparse_dequantize)
         if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
     return api->AddCustomOpDomain(options, domain);
 }

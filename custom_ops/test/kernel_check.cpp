@@ -145,36 +145,20 @@ void check_decode(const Kernels& kr, const Packed& p, const std::string& what) {
     if (!ok) fail(what + ": single-row decode (gather) differs from the reference");
 }
 
-// gemv (gemm=false) or gemm: within the summation bound of the exact product, and the same bytes when
-// the columns are split in two at `cut` (tasks split columns; sums must not depend on it).
-void check_matmul(const Kernels& kr, const Packed& p, int64_t M, bool gemm, int64_t cut, std::mt19937_64& rng,
-                  const std::string& what) {
-    const QWeight& w = p.w;
-    const int64_t K = w.K, N = w.N, lda = K + 3;
+// Y (a whole run) and Y2 (columns [0, cut) then [cut, N)) of A (M x K, lda apart) @ V^T: within the
+// summation bound of the exact product, and the same bytes.
+void check_product(const std::string& tag, const std::vector<float>& A, int64_t lda, int64_t M, int64_t N, int64_t K,
+                   const std::vector<float>& V, const std::vector<float>& zs, const std::vector<float>& Y,
+                   const std::vector<float>& Y2, int64_t cut) {
     const float eps = 1.1920929e-07f;
-    std::uniform_real_distribution<float> unif(-1.f, 1.f);
-    std::vector<float> A(size_t(M * lda));
-    for (float& v : A) v = unif(rng);
-    std::vector<float> SA(size_t(M * w.G));
-    if (!w.is_lut) group_sums(w, A.data(), M, lda, SA.data());
-    auto run = [&](float* Y, int64_t n0, int64_t n1) {
-        if (gemm) kr.gemm(w, A.data(), M, lda, Y, N, n0, n1);
-        else kr.gemv(w, A.data(), M, lda, Y, N, n0, n1, SA.data());
-    };
-    std::vector<float> Y(size_t(M * N), NAN), Y2(size_t(M * N), NAN);
-    run(Y.data(), 0, N);
-    perturb(&Y[0]);
-    run(Y2.data(), 0, cut);
-    run(Y2.data(), cut, N);
-    const std::string tag = what + (gemm ? " gemm" : " gemv") + " M" + std::to_string(M);
     int bad = 0;
     for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) {
             double exact = 0, mag = 0;
             for (int64_t k = 0; k < K; ++k) {
                 const double a = A[size_t(m * lda + k)];
-                exact += a * p.V[size_t(n * K + k)];
-                mag += std::fabs(a) * (std::fabs(p.V[size_t(n * K + k)]) + p.zs[size_t(n * K + k)]);
+                exact += a * V[size_t(n * K + k)];
+                mag += std::fabs(a) * (std::fabs(V[size_t(n * K + k)]) + zs[size_t(n * K + k)]);
             }
             // Higham's gamma_K for any summation order in fp32, doubled for margin (as in
             // tests/test_custom_ops.py); the |zp * s| term: the affine GEMV subtracts zp * s * sum(a)
@@ -189,6 +173,98 @@ void check_matmul(const Kernels& kr, const Packed& p, int64_t M, bool gemm, int6
     ++g_checks;
     if (std::memcmp(Y.data(), Y2.data(), Y.size() * sizeof(float)) != 0)
         fail(tag + ": columns split at " + std::to_string(cut) + " give other bytes");
+}
+
+// gemv (gemm=false) or gemm: within the summation bound of the exact product, and the same bytes when
+// the columns are split in two at `cut` (tasks split columns; sums must not depend on it).
+void check_matmul(const Kernels& kr, const Packed& p, int64_t M, bool gemm, int64_t cut, std::mt19937_64& rng,
+                  const std::string& what) {
+    const QWeight& w = p.w;
+    const int64_t K = w.K, N = w.N, lda = K + 3;
+    std::uniform_real_distribution<float> unif(-1.f, 1.f);
+    std::vector<float> A(size_t(M * lda));
+    for (float& v : A) v = unif(rng);
+    std::vector<float> SA(size_t(M * w.G));
+    if (!w.is_lut) group_sums(w, A.data(), M, lda, SA.data());
+    auto run = [&](float* Y, int64_t n0, int64_t n1) {
+        if (gemm) kr.gemm(w, A.data(), M, lda, Y, N, n0, n1);
+        else kr.gemv(w, A.data(), M, lda, Y, N, n0, n1, SA.data());
+    };
+    std::vector<float> Y(size_t(M * N), NAN), Y2(size_t(M * N), NAN);
+    run(Y.data(), 0, N);
+    perturb(&Y[0]);
+    run(Y2.data(), 0, cut);
+    run(Y2.data(), cut, N);
+    check_product(what + (gemm ? " gemm" : " gemv") + " M" + std::to_string(M), A, lda, M, N, K, p.V, p.zs, Y, Y2, cut);
+}
+
+// ---- N:M sparse weights -------------------------------------------------------------------------------
+// The keep-subsets of 0..of-1 in lexicographic order, built recursively (kernels_scalar.cpp iterates):
+// positions as bitmasks.
+void subsets(int of, int keep, int from, unsigned bits, std::vector<unsigned>& out) {
+    if (keep == 0) {
+        out.push_back(bits);
+        return;
+    }
+    for (int t = from; t <= of - keep; ++t) subsets(of, keep - 1, t + 1, bits | (1u << t), out);
+}
+
+struct SparsePacked {
+    Packed inner;            // the survivors (compacted view)
+    SparseWeight s;
+    std::vector<uint8_t> mask;
+    std::vector<float> V, zs;  // dense reference (N, K), |zp * s| per weight (0 where pruned)
+};
+
+SparsePacked make_sparse(int keep, int of, int bits, int64_t K, int64_t N, int64_t block, std::mt19937_64& rng) {
+    SparsePacked sp;
+    const int64_t Kc = K * keep / of, runs = K / of;
+    sp.inner = make(Case{Kc, N, block * keep / of, false, true, bits}, rng);
+    std::vector<unsigned> pats;
+    subsets(of, keep, 0, 0, pats);
+    int pbits = 1;
+    while ((size_t(1) << pbits) < pats.size()) ++pbits;
+    const int64_t mb = (runs * pbits + 7) / 8;
+    sp.mask.assign(size_t(N * mb), 0);
+    sp.V.assign(size_t(N * K), 0.f);
+    sp.zs.assign(size_t(N * K), 0.f);
+    std::uniform_int_distribution<int> pick(0, int(pats.size()) - 1);
+    for (int64_t n = 0; n < N; ++n) {
+        int64_t c = 0;
+        for (int64_t r = 0; r < runs; ++r) {
+            const int p = pick(rng);
+            for (int t = 0; t < pbits; ++t)
+                sp.mask[size_t(n * mb + (r * pbits + t) / 8)] |= uint8_t(((p >> t) & 1) << ((r * pbits + t) % 8));
+            for (int t = 0; t < of; ++t)
+                if ((pats[size_t(p)] >> t) & 1) {
+                    sp.V[size_t(n * K + r * of + t)] = sp.inner.V[size_t(n * Kc + c)];
+                    sp.zs[size_t(n * K + r * of + t)] = sp.inner.zs[size_t(n * Kc + c)];
+                    ++c;
+                }
+        }
+    }
+    sp.s.inner = sp.inner.w;
+    sp.s.mask = sp.mask.data();
+    sp.s.K = K; sp.s.mask_bytes = mb; sp.s.keep = keep; sp.s.of = of; sp.s.pbits = pbits;
+    return sp;
+}
+
+// sparse_gemv / sparse_gemm within the summation bound, and the same bytes under a column split.
+void check_sparse(const Kernels& kr, const SparsePacked& sp, int64_t M, bool gemm, std::mt19937_64& rng,
+                  const std::string& what) {
+    const SparseWeight& s = sp.s;
+    const int64_t K = s.K, N = s.inner.N, lda = K + 3, cut = N / 2 | 1;
+    std::uniform_real_distribution<float> unif(-1.f, 1.f);
+    std::vector<float> A(size_t(M * lda));
+    for (float& v : A) v = unif(rng);
+    auto run = [&](float* Y, int64_t n0, int64_t n1) { (gemm ? kr.sparse_gemm : kr.sparse_gemv)(s, A.data(), M, lda, Y, N, n0, n1); };
+    std::vector<float> Y(size_t(M * N), NAN), Y2(size_t(M * N), NAN);
+    run(Y.data(), 0, N);
+    perturb(&Y[0]);
+    run(Y2.data(), 0, cut);
+    run(Y2.data(), cut, N);
+    check_product(what + (gemm ? " sparse_gemm" : " sparse_gemv") + " M" + std::to_string(M), A, lda, M, N, K, sp.V, sp.zs,
+                  Y, Y2, cut);
 }
 
 const Kernels* kernels_named(const std::string& isa) {
@@ -252,6 +328,19 @@ int main(int argc, char** argv) {
                     std::vector<int64_t> ms = {1, 7, 8, 9, 64};
                     if (c.K > 1000) ms.insert(ms.end(), {63, 65, 150});
                     for (int64_t M : ms) check_matmul(*kr, p, M, true, c.N / 2 | 1, rng, what);
+                }
+        // sparse weights, where the set has its own kernels: patterns of 2, 4 and 8 (vector paths) and 6
+        // (run by run), K % 8 tails, K slices of the GEMM, N not a multiple of the panels
+        const int sparse[][5] = {{2, 4, 64, 1100, 37}, {1, 2, 32, 203 * 2, 5}, {4, 8, 64, 1096, 9}, {6, 8, 128, 256, 13},
+                                 {3, 4, 64, 260, 6}, {3, 6, 96, 1098, 7}};   // keep, of, block, K, N
+        if (kr->sparse_gemv)
+            for (int bits = bits_lo; bits <= bits_hi; ++bits)
+                for (const auto& c : sparse) {
+                    const SparsePacked sp = make_sparse(c[0], c[1], bits, c[3], c[4], c[2], rng);
+                    const std::string what = isa + " sparse " + std::to_string(c[0]) + ":" + std::to_string(c[1]) +
+                                             " b" + std::to_string(bits) + " K" + std::to_string(c[3]);
+                    for (int64_t M : {1, 3, 9}) check_sparse(*kr, sp, M, false, rng, what);
+                    for (int64_t M : {1, 7, 70}) check_sparse(*kr, sp, M, true, rng, what);
                 }
         std::printf("%s: %ld checks, %ld failed\n", kr->name, g_checks - checks0, g_failures - failures0);
         if (g_failures > failures0) status = 1;

@@ -52,6 +52,20 @@
  *       head's MatMul* (x @ table^T: W = table^T, V = table).  I = int64 or int32; indices in [-N, N),
  *       negative ones count from the end (ONNX Gather), others are an error.  Rows decode bit-exactly.
  *   Attributes (all ops): K, N, bits (1..8), block_size (0 or >= 1); Dequantize*: shape, axis.
+ *
+ * ---- Sparse: N:M structured sparsity (bayesq_onnx/formats/bayesq_sparse.py) ---------------------
+ * Along K, every run of `of` consecutive weights (K % of == 0) keeps `keep` of them (1 <= keep < of <= 8);
+ * the others are exactly 0.  Which ones: the run's pattern p, the p-th keep-subset of 0..of-1 in
+ * lexicographic order ((0,1), (0,2), (0,3), (1,2), ... for 2:4), stored as a plain LSB-first bit stream
+ * per row of pbits = ceil(log2 C(of, keep)) bits per run (at least 1):
+ *   mask: uint8 (N, ceil(K / of * pbits / 8)).
+ * The survivors of a row, in order, are a dense affine row of Kc = K * keep / of codes stored exactly as
+ * above (B: (N, ceil(Kc * b / 8)), scales (N, G), zero_points), whose groups are the survivors of each
+ * group of block_size original weights (block_size % of == 0; block_size * keep / of, a multiple of 16,
+ * survivors each; G = ceil(K / block_size)).
+ *   MatMulSparseAffine(A: T[..., K], B, scales: S, zero_points, mask, bias?: T[N]) -> Y: T[..., N]
+ *   DequantizeSparseAffine(B, scales: S, zero_points, mask) -> W: float (shape, axis as above)
+ *   Attributes: K, N, bits, block_size (in original weights), keep, of; Dequantize: shape, axis.
  */
 #ifndef BAYESQ_LAYOUT_H
 #define BAYESQ_LAYOUT_H
