@@ -32,6 +32,9 @@ CASES = {   # name: (model, data, recipe fields) covering every op the lowering 
     "tied-gather": (models.tied, models.tied_data, {}),
     "tied-gather-native": (models.tied, models.tied_data, {"custom_ops": False}),
     "portable-gather": (models.embed, models.embed_data, {"target": "portable"}),
+    # 2 bits: the knapsack takes 2:4 sparse formats for every layer of this MLP
+    "sparse": (models.mlp, models.mlp_data, {"bits": 2.0, "sparse": ((2, 4),)}),
+    "portable-sparse": (models.mlp, models.mlp_data, {"bits": 2.0, "sparse": ((2, 4),), "target": "portable"}),
 }
 
 
@@ -40,7 +43,7 @@ def test_inspect_agrees_with_the_report(tmp_path, case):
     make, data, fields = CASES[case]
     src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
     onnx.save(make(), src)
-    rep = compress(src, Recipe(bits=3.5, **fields), calib=data(), output=out).report
+    rep = compress(src, Recipe(**{"bits": 3.5, **fields}), calib=data(), output=out).report
     info = inspect_model(out)
     got = {e["name"]: e for e in info["quantized"]}
     quantized = [l for l in rep["layers"] if l["format"] != "float32"]
@@ -59,6 +62,9 @@ def test_inspect_agrees_with_the_report(tmp_path, case):
         (table,) = [e for e in info["quantized"] if e["op"].endswith(("GatherBlockQuantized", "GatherAffine",
                                                                         "GatherLut"))]
         assert len(table["nodes"]) == 2 and table["shape"] == [300, 64]
+    if case.endswith("sparse"):     # the patterns are counted with the weight they prune
+        assert any(e["format"].startswith("bq-s2of4") and any(t.endswith("_mask") for t in e["tensors"])
+                   for e in info["quantized"])
     if case == "portable-gather":   # found through the Gather of its packed rows
         assert got["E"]["op"].startswith("portable") and got["E"]["shape"] == [500, 64]
 

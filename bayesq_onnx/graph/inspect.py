@@ -14,10 +14,14 @@ size where the lowering (``lower/nodes.py``, ``lower/bayesq_nodes.py``, ``lower/
 * ``bayesq.MatMulAffine`` / ``MatMulLut`` / ``DequantizeAffine`` / ``DequantizeLut`` / ``GatherAffine`` /
   ``GatherLut``: attributes ``K``, ``N``, ``bits``, ``block_size`` (0: one group per row), ``shape`` for
   the Dequantize ops (a Gather's table is ``N x K``; a tied head's MatMul reads the same tensors);
+  ``MatMulSparseAffine`` / ``DequantizeSparseAffine`` as the affine ones, plus ``keep``, ``of`` and the
+  ``mask`` tensor of the patterns;
 * ``--target portable``: standard ops unpacking ``<prefix>_B`` (or, for an embedding lookup, its rows
   gathered by index) through the position table
   ``bq_pos_K<K>_b<bits>_lo`` (``portable.CODE_TABLE``); the group of each position is the
-  ``<prefix>_gidx`` (affine) or ``<prefix>_groupbase`` (codebook) initializer.
+  ``<prefix>_gidx`` (affine) or ``<prefix>_groupbase`` (codebook) initializer; an N:M sparse weight
+  also has ``<prefix>_mask``, its codes being the survivors' compacted view, and reads its pattern
+  table ``bq_pos_sparse<keep>of<of>_keep``.
 
 ``bytes`` counts every stored byte of a weight (codes, scales, zero points, codebooks), as the
 report's ``stored_bits`` does; the portable target's position and group tables are decoding
@@ -26,13 +30,14 @@ aids shared or sized by K alone, and are left out (the file size includes them).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..formats import BayesqLut, BayesqUniform, BlockedDequantize, GatherBlockQuantized, MatMulNBits
+from ..formats import BayesqLut, BayesqSparse, BayesqUniform, BlockedDequantize, GatherBlockQuantized, MatMulNBits
 from ..lower.portable import CODE_TABLE
 from .cone import all_nodes
 from .model_io import constants_to_initializers, read_model
@@ -44,6 +49,7 @@ SUB_BYTE_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2
                  TensorProto.INT2: 2, TensorProto.UINT2: 2}
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 SIGNED_INTS = {TensorProto.INT8, TensorProto.INT4, TensorProto.INT2}
+SPARSE_TABLE = re.compile(r"bq_pos_sparse(?P<keep>\d+)of(?P<of>\d+)_keep")   # lower/portable.py's pattern table
 
 
 def element_bits(data_type: int) -> int:
@@ -153,12 +159,14 @@ def inspect_model(path: str | os.PathLike) -> dict:
                 shape=list(t.dims), tensors=init_inputs(node, (1, 2)),
                 format=_format_name(lambda: BlockedDequantize(bits, block, signed)) if block else None)
         elif dom == BAYESQ and op in ("MatMulAffine", "MatMulLut", "DequantizeAffine", "DequantizeLut",
-                                      "GatherAffine", "GatherLut"):
+                                      "GatherAffine", "GatherLut", "MatMulSparseAffine", "DequantizeSparseAffine"):
             matmul = op.startswith("MatMul")
             gather = op.startswith("Gather")
             lut = op.endswith("Lut")
+            sparse = "Sparse" in op
             first = 1 if matmul or gather else 0
-            slots = range(first, first + (2 if lut else 3))   # B, lut or B, scales, zero_points; then bias
+            # B, lut / B, scales, zero_points / B, scales, zero_points, mask; then bias
+            slots = range(first, first + (2 if lut else 4 if sparse else 3))
             codes, *rest = init_inputs(node, slots)
             if codes is None:
                 continue
@@ -166,6 +174,9 @@ def inspect_model(path: str | os.PathLike) -> dict:
             values = inits[rest[0]] if rest and rest[0] else None
             dtype = "float16" if values is not None and values.data_type == TensorProto.FLOAT16 else "float32"
             cls = BayesqLut if lut else BayesqUniform
+            if sparse:
+                keep, of = a.get("keep", 0), a.get("of", 0)
+                cls = lambda b, g, d: BayesqSparse(keep, of, b, g, d)   # noqa: E731
             # a gather's table is (N, K): N rows (the vocabulary) of K
             shape = ([a.get("K", 0), a.get("N", 0)] if matmul else [a.get("N", 0), a.get("K", 0)] if gather
                      else a.get("shape", []))
@@ -217,6 +228,14 @@ def _add_portable(add, node, codes, inits, g) -> None:
     # an affine grid (whose block is positive); a block beyond K is the same grouping
     block = int(np.count_nonzero(gidx == 0)) if gidx.max(initial=0) > 0 or not lut else 0
     N = int(inits[codes].dims[0])
+    # an N:M sparse weight: its codes are the compacted view of the survivors (K * keep / of wide),
+    # its patterns the ``_mask``, keep and of read from the pattern table its lookup gathers from
+    sparse = next((SPARSE_TABLE.fullmatch(n.input[0]) for n in g.node if n.op_type == "Gather"
+                   and len(n.input) > 1 and n.input[1] == f"{prefix}_pat64" and SPARSE_TABLE.fullmatch(n.input[0])),
+                  None) if f"{prefix}_mask" in inits else None
+    if sparse:
+        keep, of = int(sparse["keep"]), int(sparse["of"])
+        K, block = K * of // keep, block * of // keep
     shape = [N, K] if lookup else [K, N]
     out = f"{prefix}_nd"
     name = _our_name(codes, "B")
@@ -231,9 +250,12 @@ def _add_portable(add, node, codes, inits, g) -> None:
     values = f"{prefix}_lut" if lut else f"{prefix}_scales"
     dtype = "float16" if values in inits and inits[values].data_type == TensorProto.FLOAT16 else "float32"
     cls = BayesqLut if lut else BayesqUniform
-    add(codes, node, name=name, op=f"portable {'codebook' if lut else 'affine'} (standard ops)", bits=bits,
+    if sparse:
+        cls = lambda b, g, d: BayesqSparse(keep, of, b, g, d)   # noqa: E731
+    kind = "codebook" if lut else f"{keep}:{of} sparse affine" if sparse else "affine"
+    add(codes, node, name=name, op=f"portable {kind} (standard ops)", bits=bits,
         block_size=block, shape=shape,
-        tensors=[values] + ([] if lut else [f"{prefix}_zero_points"]),
+        tensors=[values] + ([] if lut else [f"{prefix}_zero_points"]) + ([f"{prefix}_mask"] if sparse else []),
         format=_format_name(lambda: cls(bits, block, dtype)))
 
 
