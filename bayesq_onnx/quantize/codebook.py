@@ -83,11 +83,11 @@ def _ungroup(x, rows, L, block) -> np.ndarray:
     return x.reshape(rows, -1)[:, :L]
 
 
-def _prepare(mu, sigma, weight, block):
-    """Grouped, padded float64 ``mu, sigma, weight`` (pads get weight 0) and the layout."""
+def _checked(mu, sigma, weight, block) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """``mu`` as rows ``(rows, L)``, ``sigma`` and ``weight`` broadcast to them (views), ``L`` and the
+    block, after checking shapes and values (each array in its own shape: nothing is copied)."""
     mu2, L, block = _rows(mu, block)
-    rows = mu2.shape[0]
-    shape = np.shape(mu)
+    rows, shape = mu2.shape[0], np.shape(mu)
     for name, a in (("sigma", sigma), ("weight", weight)):
         try:
             ok = np.broadcast_shapes(np.shape(a), shape) == shape
@@ -95,16 +95,32 @@ def _prepare(mu, sigma, weight, block):
             ok = False
         if not ok:
             raise BayesQError(f"codebook: {name} shape {np.shape(a)} does not broadcast to {shape}")
-    sig = np.broadcast_to(np.asarray(sigma, np.float64), shape).reshape(rows, L)
-    w = np.broadcast_to(np.asarray(weight, np.float64), shape).reshape(rows, L)
-    m = np.asarray(mu2, np.float64)
-    if not (np.all(np.isfinite(m)) and np.all(np.isfinite(sig)) and np.all(np.isfinite(w))):
+    sigma, weight = np.asarray(sigma), np.asarray(weight)
+    if not (np.all(np.isfinite(mu2)) and np.all(np.isfinite(sigma)) and np.all(np.isfinite(weight))):
         raise BayesQError("codebook: mu, sigma and weight must be finite")
-    if np.any(sig < 0) or np.any(w < 0):
+    if np.any(sigma < 0) or np.any(weight < 0):
         raise BayesQError("codebook: sigma and weight must be >= 0")
-    G = (rows, L)
-    return (_grouped(m, G, L, block), _grouped(sig, G, L, block), _grouped(w, G, L, block),
-            rows, L, block)
+    return (mu2, np.broadcast_to(sigma, shape).reshape(rows, L), np.broadcast_to(weight, shape).reshape(rows, L),
+            L, block)
+
+
+def _prepared_chunks(mu, sigma, weight, block, levels):
+    """Grouped, padded float64 ``mu, sigma, weight`` (pads get weight 0) a few whole rows at a time
+    (groups never span rows), about ``_CHUNK`` element-levels each: yields each chunk's slice of the
+    groups, its three arrays ``(g, block)`` and the mask of real (not padding) entries.  The whole
+    matrix grouped would be three float64 copies of it and a mask: 0.8 GB for a 32000 x 768 head."""
+    mu2, sig, w, L, blk = _checked(mu, sigma, weight, block)
+    ng = -(-L // blk)
+    step = max(1, _CHUNK // (ng * blk * levels))
+    for r in range(0, mu2.shape[0], step):
+        shape = (min(step, mu2.shape[0] - r), L)
+        yield (slice(r * ng, (r + shape[0]) * ng), *(_grouped(x[r:r + step], shape, L, blk) for x in (mu2, sig, w)),
+               _grouped(np.ones(shape), shape, L, blk) > 0)
+
+
+def _n_groups(mu, block) -> tuple[int, int]:
+    mu2, L, blk = _rows(mu, block)
+    return mu2.shape[0] * -(-L // blk), blk
 
 
 def _check_codebook(codebook, G: int, sort: bool = False) -> np.ndarray:
@@ -229,11 +245,10 @@ def expected_codebook_loss(mu, sigma, weight, codebook, *, block: int | None = N
     """Closed-form ``sum_i weight_i E[(Q(w_i) - w_i)^2]`` per group, float64 ``(G,)``, for
     ``w_i ~ N(mu_i, sigma_i^2)`` and ``Q`` the nearest level of the group's codebook (as stored:
     float32, sorted).  ``sigma`` and ``weight`` broadcast to ``mu``."""
-    m, s, w, _, _, blk = _prepare(mu, sigma, weight, block)
-    c = _check_codebook(codebook, m.shape[0])
-    out = np.empty(m.shape[0])
-    for sl in _chunks(m.shape[0], blk, c.shape[1]):
-        out[sl] = np.sum(_estep(m[sl], s[sl], w[sl], c[sl], stats=False) * w[sl], axis=1)
+    c = _check_codebook(codebook, _n_groups(mu, block)[0])
+    out = np.empty(c.shape[0])
+    for sl, m, s, w, _ in _prepared_chunks(mu, sigma, weight, block, c.shape[1]):
+        out[sl] = np.sum(_estep(m, s, w, c[sl], stats=False) * w, axis=1)
     return out
 
 
@@ -523,8 +538,8 @@ def lloyd_max(mu, sigma, weight, levels: int, *, block: int | None = None, iters
         raise BayesQError(f"codebook needs iters >= 0 and tol >= 0, got {iters}, {tol}")
     K = int(levels)
     pow2 = K >= 2 and K & (K - 1) == 0
-    m, s, w, rows, L, blk = _prepare(mu, sigma, weight, block)
-    G = m.shape[0]
+    mu2, _, _, L, blk = _checked(mu, sigma, weight, block)
+    G = mu2.shape[0] * -(-L // blk)
     if isinstance(init, str):
         if init not in ("auto", "kmeans", "quantile", "minmax"):
             raise BayesQError("codebook init must be 'auto', 'kmeans', 'quantile', 'minmax' or "
@@ -537,23 +552,22 @@ def lloyd_max(mu, sigma, weight, levels: int, *, block: int | None = None, iters
                               "use 'quantile'")
         start = "kmeans" if init == "kmeans" or (init == "auto" and small) else "quantile"
         if init in ("auto", "minmax") and pow2:
-            c_mm = _minmax_levels(np.asarray(mu).reshape(rows, L), K, blk)
+            c_mm = _minmax_levels(mu2, K, blk)
     else:
         c0 = _check_codebook(init, G, sort=True)
         if c0.shape[1] != K:
             raise BayesQError(f"codebook init has {c0.shape[1]} levels, expected {K}")
-    valid = _grouped(np.ones((rows, L)), (rows, L), L, blk) > 0
     out = np.empty((G, K), np.float64)
-    for sl in _chunks(G, blk, K):
+    for sl, m, s, w, valid in _prepared_chunks(mu, sigma, weight, block, K):
         if not isinstance(init, str):
             c = c0[sl]
         elif init == "minmax":
             c = c_mm[sl]
         else:
-            c = _start_levels(m[sl], w[sl], valid[sl], K, start)
+            c = _start_levels(m, w, valid, K, start)
         # "auto": both starts as stored (float32), compared on the objective itself in Lloyd's first round
         alt = c_mm[sl] if isinstance(init, str) and init == "auto" and pow2 else None
-        out[sl] = _lloyd_chunk(m[sl], s[sl], w[sl], c, iters, tol, alt)
+        out[sl] = _lloyd_chunk(m, s, w, c, iters, tol, alt)
     codebook = out.astype(np.float32)
     return codebook, codebook_codes(mu, codebook, block=block)
 
