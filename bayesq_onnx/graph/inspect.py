@@ -29,6 +29,7 @@ aids shared or sized by K alone, and are left out (the file size includes them).
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -176,7 +177,7 @@ def inspect_model(path: str | os.PathLike) -> dict:
             cls = BayesqLut if lut else BayesqUniform
             if sparse:
                 keep, of = a.get("keep", 0), a.get("of", 0)
-                cls = lambda b, g, d: BayesqSparse(keep, of, b, g, d)   # noqa: E731
+                cls = functools.partial(BayesqSparse, keep, of)
             # a gather's table is (N, K): N rows (the vocabulary) of K
             shape = ([a.get("K", 0), a.get("N", 0)] if matmul else [a.get("N", 0), a.get("K", 0)] if gather
                      else a.get("shape", []))
@@ -251,7 +252,7 @@ def _add_portable(add, node, codes, inits, g) -> None:
     dtype = "float16" if values in inits and inits[values].data_type == TensorProto.FLOAT16 else "float32"
     cls = BayesqLut if lut else BayesqUniform
     if sparse:
-        cls = lambda b, g, d: BayesqSparse(keep, of, b, g, d)   # noqa: E731
+        cls = functools.partial(BayesqSparse, keep, of)
     kind = "codebook" if lut else f"{keep}:{of} sparse affine" if sparse else "affine"
     add(codes, node, name=name, op=f"portable {kind} (standard ops)", bits=bits,
         block_size=block, shape=shape,

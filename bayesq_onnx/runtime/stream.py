@@ -171,16 +171,17 @@ class SegmentRun:
 
     def outputs_from(self, k: int, overrides: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         """The graph outputs per batch, running segments ``k`` onwards with ``overrides``."""
-        states = [dict(st) for st in self.starts[k]]
-        for j in range(k, len(self.stream)):
-            out = self.stream.advance(j, states, overrides)
-        return out
+        return self._run(k, len(self.stream), overrides)[1]
 
     def cut_from(self, k: int, stop: int, overrides: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The cut segment ``stop`` starts from, per batch, running segments ``k`` to ``stop - 1``
         with ``overrides``; its reference value is ``starts[stop][b][cut]``."""
-        states = [dict(st) for st in self.starts[k]]
-        for j in range(k, stop):
-            self.stream.advance(j, states, overrides)
         cut = self.stream.segments[stop].start
-        return [st[cut] for st in states]
+        return [st[cut] for st in self._run(k, stop, overrides)[0]]
+
+    def _run(self, k: int, stop: int, overrides: dict[str, np.ndarray]):
+        """The states after segments ``k`` to ``stop - 1`` with ``overrides``, and the last one's outputs."""
+        states, out = [dict(st) for st in self.starts[k]], None
+        for j in range(k, stop):
+            out = self.stream.advance(j, states, overrides)
+        return states, out
