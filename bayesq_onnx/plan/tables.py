@@ -43,9 +43,7 @@ class KronTables:
         self.distortion, self._names, self._from_segment = distortion, [s.name for s in sites], None
 
     def __call__(self, sites, candidates, quantizers) -> Tables:
-        if self._from_segment is None:   # cut once for all the sites, whichever part is asked for first
-            self._from_segment = self.distortion.segmented(self._names)
-        from_segment = self._from_segment
+        from_segment = self._segmented()
 
         def site_table(s) -> np.ndarray:
             q, fs = quantizers[s.name], candidates[s.name]
@@ -59,17 +57,25 @@ class KronTables:
 
         return Tables(_per_site(sites, site_table))
 
+    def _segmented(self):
+        if self._from_segment is None:   # cut once for all the sites, whichever part is asked for first
+            self._from_segment = self.distortion.segmented(self._names)
+        return self._from_segment
+
     def grids_for(self, plan: Plan, sites, quantizers, known: Grids) -> Grids:
         """Where a site offers several grids for its planned format (grouped Conv and Gather: no
-        ``X^T X`` for GPTQ to judge them by), the best of them measured end to end, as the proxy
-        tables do for every candidate: the diagonal expected loss that the search minimises can
-        favour clipping the model does not tolerate.  Formats in ``known`` are not measured again."""
+        ``X^T X`` for GPTQ to judge them by), the best of them measured end to end (from the site's
+        segment on), as the proxy tables do for every candidate: the diagonal expected loss that
+        the search minimises can favour clipping the model does not tolerate.  Formats in
+        ``known`` are not measured again."""
+        measure = self._segmented()
+
         def choose(s):
             q, f = quantizers[s.name], plan.choice[s.name]
             kinds = q.grid_kinds(f)
             if len(kinds) < 2 or (s.name, f) in known:
                 return None
-            return min((self.distortion({s.name: s.from_view(q.dequantized(f, k))}), k) for k in kinds)[1]
+            return min((measure({s.name: s.from_view(q.dequantized(f, k))}), k) for k in kinds)[1]
 
         return {(s.name, plan.choice[s.name]): k for s, k in zip(sites, parallel_map(choose, sites)) if k}
 
