@@ -30,7 +30,7 @@ from .base import Format, UniformCodes
 
 LANES, STEPS = 16, 8
 CHUNK = LANES * STEPS
-_ROWS_PER_PASS = 512   # bounds the (rows, K, bits) bit arrays the packer makes
+_ROWS_PER_PASS = 512   # bounds the packer's temporaries (a uint64 word per 8 codes)
 
 
 def groups(L: int, block: int) -> int:
@@ -109,17 +109,19 @@ def chunks(K: int) -> list[tuple[int, int, int]]:
 
 
 def _pack_chunk(c: np.ndarray, bits: int) -> np.ndarray:
-    """``c``: (batch, steps, lanes) codes -> (batch, lanes * lane_bytes) bytes in plane order."""
+    """``c``: (batch, steps, lanes) codes -> (batch, lanes * lane_bytes) bytes in plane order.  A
+    lane's word (at most 8 steps of 8 bits) is built in a little-endian uint64, step ``i`` at bit
+    ``i * bits``, and its low bytes are the lane word."""
     n, S, L = c.shape
     nb = -(-S * bits // 8)
-    b = (c[..., None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)   # (n, S, L, bits)
-    b = b.transpose(0, 2, 1, 3).reshape(n, L, S * bits)                  # lane word, LSB first
-    b = np.pad(b, [(0, 0), (0, 0), (0, nb * 8 - S * bits)])
-    words = np.packbits(b, axis=-1, bitorder="little")                    # (n, L, nb)
+    w = np.zeros((n, L), "<u8")
+    for i in range(S):
+        w |= c[:, i, :].astype("<u8") << np.uint64(i * bits)
+    words = w.view(np.uint8).reshape(n, L, 8)[:, :, :nb]
     out, s = [], 0
-    for w in plane_widths(nb):
-        out.append(words[:, :, s:s + w].reshape(n, L * w))
-        s += w
+    for width in plane_widths(nb):
+        out.append(words[:, :, s:s + width].reshape(n, L * width))
+        s += width
     return np.concatenate(out, axis=1)
 
 
@@ -127,14 +129,17 @@ def _unpack_chunk(data: np.ndarray, bits: int, S: int, L: int) -> np.ndarray:
     """Inverse of :func:`_pack_chunk`: (batch, L * lane_bytes) bytes -> (batch, S, L) codes."""
     n = data.shape[0]
     nb = -(-S * bits // 8)
-    words, s, off = np.empty((n, L, nb), np.uint8), 0, 0
-    for w in plane_widths(nb):
-        words[:, :, s:s + w] = data[:, off:off + L * w].reshape(n, L, w)
-        off += L * w
-        s += w
-    b = np.unpackbits(words, axis=-1, bitorder="little")[:, :, :S * bits].reshape(n, L, S, bits)
-    codes = np.bitwise_or.reduce(b << np.arange(bits, dtype=np.uint8), axis=-1)
-    return codes.transpose(0, 2, 1).astype(np.uint8)
+    words, s, off = np.zeros((n, L, 8), np.uint8), 0, 0
+    for width in plane_widths(nb):
+        words[:, :, s:s + width] = data[:, off:off + L * width].reshape(n, L, width)
+        off += L * width
+        s += width
+    w = words.view("<u8")[:, :, 0]
+    mask = np.uint64((1 << bits) - 1)
+    codes = np.empty((n, S, L), np.uint8)
+    for i in range(S):
+        codes[:, i, :] = (w >> np.uint64(i * bits)) & mask
+    return codes
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
