@@ -24,9 +24,15 @@ class UniformCodes:
     block: int
 
     def dequantize(self) -> np.ndarray:
-        g = np.arange(self.codes.shape[1]) // self.block
-        return ((self.codes.astype(np.float32) - self.zero_point[:, g].astype(np.float32))
-                * self.scale[:, g]).astype(np.float32)
+        rows, L = self.codes.shape
+        zp = self.zero_point.astype(np.float32)
+        if L % self.block == 0:   # whole groups: broadcast per group instead of gathering per weight
+            c = self.codes.reshape(rows, -1, self.block).astype(np.float32)
+            c -= zp[:, :, None]
+            c *= self.scale[:, :, None]   # in place: the product rounded to float32, as below
+            return c.reshape(rows, L)
+        g = np.arange(L) // self.block
+        return ((self.codes.astype(np.float32) - zp[:, g]) * self.scale[:, g]).astype(np.float32)
 
 
 def n_groups(L: int, block: int) -> int:
