@@ -72,13 +72,14 @@ void store_levels(double* c, int K) {
 struct EStep {
     int64_t B;
     int K;
-    std::vector<double> thr, gap, loss, prod, A, Bm, flow, flow_m, step, step_m, acc;
-    std::vector<int64_t> near, live, walk;
-    std::vector<int> tpos;
+    std::vector<double> thr, gap, loss, prod, A, Bm, flow, flow_m, step, step_m, acc, wm, ws, ww;
+    std::vector<int64_t> near, live, wp;
+    std::vector<int> wt;
 
     EStep(int64_t B_, int K_)
         : B(B_), K(K_), thr(K_ > 1 ? K_ - 1 : 1), gap(K_ > 1 ? K_ - 1 : 1), loss(B_), prod(B_), A(K_), Bm(K_),
-          flow(K_), flow_m(K_), step(K_), step_m(K_), acc(B_), near(B_), live(B_), walk(B_), tpos(B_) {}
+          flow(K_), flow_m(K_), step(K_), step_m(K_), acc(B_), wm(B_), ws(B_), ww(B_), near(B_), live(B_), wp(B_),
+          wt(B_) {}
 
     // sum_i w_i E[(Q(w_i) - w_i)^2] over the group; with `stats` the cell masses A and first
     // moments Bm as well.  Thresholds beyond z_cut sigma are dropped.
@@ -106,33 +107,34 @@ struct EStep {
             for (int64_t p = 0; p < nlive; ++p) acc[p] = 0.0;
             if (stats) std::fill(flow.begin(), flow.end(), 0.0), std::fill(flow_m.begin(), flow_m.end(), 0.0);
             for (int up = 1; up >= 0; --up) {
-                // walk outwards one threshold per step, all live elements per step (numpy's order)
+                // walk outwards one threshold per step, all live elements per step (numpy's order);
+                // the walkers still going are kept packed with their own copies of mu, sigma, weight
                 int64_t nw = nlive;
                 for (int64_t p = 0; p < nlive; ++p) {
-                    walk[p] = p;
-                    tpos[p] = static_cast<int>(up ? near[live[p]] : near[live[p]] - 1);
+                    const int64_t i = live[p];
+                    wp[p] = p, wm[p] = mu[i], ws[p] = sig[i], ww[p] = w[i];
+                    wt[p] = static_cast<int>(up ? near[i] : near[i] - 1);
                 }
                 for (int s = 0; s < K - 1 && nw; ++s) {
                     if (stats) std::fill(step.begin(), step.end(), 0.0), std::fill(step_m.begin(), step_m.end(), 0.0);
                     int64_t kept = 0;
                     for (int64_t q = 0; q < nw; ++q) {
-                        const int64_t p = walk[q], i = live[p];
-                        const int t = tpos[p];
+                        const int t = wt[q];
                         if (t < 0 || t > K - 2) continue;                 // past the last threshold
-                        const double ms = mu[i], ss = sig[i];
+                        const double ms = wm[q], ss = ws[q];
                         const double a = up ? (thr[t] - ms) / ss : (ms - thr[t]) / ss;
                         if (!(a < z_cut)) continue;
                         const double tail = 0.5 * std::erfc(a * kInvSqrt2);   // mass beyond t, away from mu
                         const double dens = std::exp(-0.5 * a * a) * kInvSqrt2Pi;
-                        acc[p] += gap[t] * (dens - a * tail);
+                        acc[wp[q]] += gap[t] * (dens - a * tail);
                         if (stats) {
-                            const double ws = w[i];
-                            const double mom = ws * (ms * tail + (up ? ss : -ss) * dens);
-                            step[t] += up ? ws * tail : -ws * tail;
+                            const double wq = ww[q];
+                            const double mom = wq * (ms * tail + (up ? ss : -ss) * dens);
+                            step[t] += up ? wq * tail : -wq * tail;
                             step_m[t] += up ? mom : -mom;
                         }
-                        tpos[p] = up ? t + 1 : t - 1;
-                        walk[kept++] = p;
+                        wp[kept] = wp[q], wm[kept] = ms, ws[kept] = ss, ww[kept] = ww[q];
+                        wt[kept++] = up ? t + 1 : t - 1;
                     }
                     nw = kept;
                     if (stats)
