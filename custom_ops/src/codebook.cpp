@@ -337,7 +337,7 @@ struct KMeans {
             for (int64_t i = k + 1; i <= hi; ++i) {
                 // numpy's argmin over j in [k, hi): the first minimum; j >= i (no cell) is +inf
                 // there and never the minimum unless all are, and then the first, k, wins here too
-                const int64_t best = first_argmin(E.data(), gain.data() + i * N, k, std::min(i, hi));
+                const int64_t best = first_argmin(E.data(), gain.data() + i * N, k, i);
                 args[(k - 1) * N + i] = best;
                 Dn[i] = (E[best] - gain[i * N + best]) + p2[i];
             }
