@@ -36,6 +36,11 @@ Layout: ``mu`` is ``(..., L)``; groups are ``block`` consecutive elements of the
 last group of a row may be short; ``block=None``: one group per row).  Codebooks are
 ``(G, levels)`` with ``G = rows * ceil(L / block)`` in row-major order (group ``j`` of row ``r``
 is ``r * ceil(L / block) + j``).
+
+Native path: where ``libbayesq_ops.so`` is built, :func:`lloyd_max` and
+:func:`expected_codebook_loss` hand each prepared chunk to the same algorithm in C++
+(``codebook_native``, ``custom_ops/src/codebook.cpp``); the numpy code here is the reference and
+the fallback, and ``BAYESQ_CODEBOOK=numpy`` forces it.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from ..errors import BayesQError
+from . import codebook_native
 from .grid import minmax_grid
 from .rounding import GPTQFactor, error_feedback, gptq_factor
 
@@ -247,8 +253,12 @@ def expected_codebook_loss(mu, sigma, weight, codebook, *, block: int | None = N
     float32, sorted).  ``sigma`` and ``weight`` broadcast to ``mu``."""
     c = _check_codebook(codebook, _n_groups(mu, block)[0])
     out = np.empty(c.shape[0])
+    lib = codebook_native.library()
     for sl, m, s, w, _ in _prepared_chunks(mu, sigma, weight, block, c.shape[1]):
-        out[sl] = np.sum(_estep(m, s, w, c[sl], stats=False) * w, axis=1)
+        if lib is not None:
+            out[sl] = codebook_native.loss(lib, m, s, w, c[sl], _Z_CUT)
+        else:
+            out[sl] = np.sum(_estep(m, s, w, c[sl], stats=False) * w, axis=1)
     return out
 
 
@@ -558,16 +568,24 @@ def lloyd_max(mu, sigma, weight, levels: int, *, block: int | None = None, iters
         if c0.shape[1] != K:
             raise BayesQError(f"codebook init has {c0.shape[1]} levels, expected {K}")
     out = np.empty((G, K), np.float64)
+    lib = codebook_native.library()
     for sl, m, s, w, valid in _prepared_chunks(mu, sigma, weight, block, K):
         if not isinstance(init, str):
             c = c0[sl]
         elif init == "minmax":
             c = c_mm[sl]
         else:
-            c = _start_levels(m, w, valid, K, start)
+            c = None                      # the kmeans / quantile start, computed per group below
         # "auto": both starts as stored (float32), compared on the objective itself in Lloyd's first round
         alt = c_mm[sl] if isinstance(init, str) and init == "auto" and pow2 else None
-        out[sl] = _lloyd_chunk(m, s, w, c, iters, tol, alt)
+        if lib is not None:
+            out[sl] = codebook_native.fit(lib, m, s, w, valid, K, start if c is None else "given", c, alt,
+                                          iters=iters, tol=tol, dp_bins=_DP_BINS if K <= 8 else _DP_BINS_MANY,
+                                          kmeans_rounds=_KMEANS_ROUNDS, z_lloyd=_Z_LLOYD)
+        else:
+            if c is None:
+                c = _start_levels(m, w, valid, K, start)
+            out[sl] = _lloyd_chunk(m, s, w, c, iters, tol, alt)
     codebook = out.astype(np.float32)
     return codebook, codebook_codes(mu, codebook, block=block)
 

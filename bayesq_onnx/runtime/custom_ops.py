@@ -10,25 +10,15 @@ native formats still do.
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 from pathlib import Path
 
 import onnxruntime as ort
 
 from ..errors import BayesQError
+from .library import LIB_NAME, library_path, load
 
 DOMAIN = "bayesq"
-LIB_NAME = "libbayesq_ops.so"
-
-
-def library_path() -> Path | None:
-    """The library's path, or None when it was not built."""
-    env = os.environ.get("BAYESQ_CUSTOM_OPS_LIB")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    p = Path(__file__).with_name(LIB_NAME)
-    return p if p.is_file() else None
 
 
 def unavailable_reason() -> str | None:
@@ -63,14 +53,9 @@ def require() -> Path:
     return p
 
 
-@functools.lru_cache(maxsize=None)
-def _lib(path: str) -> ctypes.CDLL:
-    return ctypes.CDLL(path)
-
-
 def kernel_isa() -> str:
     """The kernels a session created now uses: ``avx512``, ``avx2``, ``neon`` or ``scalar`` (``$BAYESQ_ISA``
     forces one; the library reads it when a session creates its kernels)."""
-    lib = _lib(str(require()))
+    lib = load(require())
     lib.BayesqKernelIsa.restype = ctypes.c_char_p
     return lib.BayesqKernelIsa().decode()

@@ -1,0 +1,481 @@
+// Posterior-weighted Lloyd-Max codebooks, group by group: the native twin of
+// bayesq_onnx/quantize/codebook.py (the reference and the fallback; its docstrings define the
+// algorithm).  Python checks the inputs and hands over grouped, padded float64 chunks; these entry
+// points fit and rate their codebooks.  Plain C ABI for ctypes (which releases the GIL during the
+// call, so sites fitted on two threads run on two cores); single-threaded and deterministic.
+//
+// The arithmetic follows the numpy code operation by operation (the same prefix sums, numpy's
+// pairwise summation where numpy sums a row, the same order of the E-step's per-step sums), so the
+// two agree to the last bit except where the special functions differ: std::erfc / std::exp here,
+// scipy's ndtr / numpy's exp there (both within an ulp or so).  Compiled without FMA contraction.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <new>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kInvSqrt2Pi = 0.3989422804014327;
+constexpr double kInvSqrt2 = 0.70710678118654752440;
+
+inline double f32(double x) { return static_cast<double>(static_cast<float>(x)); }
+
+// numpy's pairwise summation of a contiguous row (what np.sum(x, axis=-1) computes)
+double np_sum(const double* a, int64_t n) {
+    if (n < 8) {
+        double r = -0.0;
+        for (int64_t i = 0; i < n; ++i) r += a[i];
+        return r;
+    }
+    if (n <= 128) {
+        double r[8];
+        for (int j = 0; j < 8; ++j) r[j] = a[j];
+        int64_t i = 8;
+        for (; i < n - (n % 8); i += 8)
+            for (int j = 0; j < 8; ++j) r[j] += a[i + j];
+        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; ++i) res += a[i];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return np_sum(a, n2) + np_sum(a + n2, n - n2);
+}
+
+// the number of entries of the sorted a[0..n) below x (`le`: at most x), without branches on the
+// data: std::lower_bound's mispredicted jumps cost more than the rest of an E-step's element
+template <bool le>
+int64_t count_below(const double* a, int64_t n, double x) {
+    if (n <= 0) return 0;
+    const double* base = a;
+    while (n > 1) {
+        const int64_t half = n / 2;
+        base = (le ? base[half - 1] <= x : base[half - 1] < x) ? base + half : base;
+        n -= half;
+    }
+    return (base - a) + (le ? *base <= x : *base < x);
+}
+
+// levels rounded to float32 and sorted: the stored form after every update
+void store_levels(double* c, int K) {
+    for (int k = 0; k < K; ++k) c[k] = f32(c[k]);
+    std::sort(c, c + K);
+}
+
+// ------------------------------------------------------------------------------------------
+// the exact E-step of one group (codebook.py, _estep)
+
+struct EStep {
+    int64_t B;
+    int K;
+    std::vector<double> thr, gap, loss, prod, A, Bm, flow, flow_m, step, step_m, acc, wm, ws, ww;
+    std::vector<int64_t> near, live, wp;
+    std::vector<int> wt;
+
+    EStep(int64_t B_, int K_)
+        : B(B_), K(K_), thr(K_ > 1 ? K_ - 1 : 1), gap(K_ > 1 ? K_ - 1 : 1), loss(B_), prod(B_), A(K_), Bm(K_),
+          flow(K_), flow_m(K_), step(K_), step_m(K_), acc(B_), wm(B_), ws(B_), ww(B_), near(B_), live(B_), wp(B_),
+          wt(B_) {}
+
+    // sum_i w_i E[(Q(w_i) - w_i)^2] over the group; with `stats` the cell masses A and first
+    // moments Bm as well.  Thresholds beyond z_cut sigma are dropped.
+    double run(const double* mu, const double* sig, const double* w, const double* c, bool stats, double z_cut) {
+        for (int j = 0; j + 1 < K; ++j) {
+            thr[j] = 0.5 * (c[j + 1] + c[j]);
+            gap[j] = c[j + 1] - c[j];
+        }
+        if (stats) std::fill(A.begin(), A.end(), 0.0), std::fill(Bm.begin(), Bm.end(), 0.0);
+        int64_t nlive = 0;
+        for (int64_t i = 0; i < B; ++i) {
+            // nearest level: the thresholds below mu (a tie goes to the lower level)
+            const int64_t n = count_below<false>(thr.data(), K - 1, mu[i]);
+            near[i] = n;
+            const double d = c[n] - mu[i];
+            loss[i] = d * d + sig[i] * sig[i];
+            if (stats) A[n] += w[i], Bm[n] += w[i] * mu[i];
+            if (K > 1) {
+                const double reach = z_cut * sig[i];
+                if ((n > 0 && mu[i] - thr[n - 1] < reach) || (n < K - 1 && thr[n] - mu[i] < reach))
+                    live[nlive++] = i;
+            }
+        }
+        if (nlive) {
+            for (int64_t p = 0; p < nlive; ++p) acc[p] = 0.0;
+            if (stats) std::fill(flow.begin(), flow.end(), 0.0), std::fill(flow_m.begin(), flow_m.end(), 0.0);
+            for (int up = 1; up >= 0; --up) {
+                // walk outwards one threshold per step, all live elements per step (numpy's order);
+                // the walkers still going are kept packed with their own copies of mu, sigma, weight
+                int64_t nw = nlive;
+                for (int64_t p = 0; p < nlive; ++p) {
+                    const int64_t i = live[p];
+                    wp[p] = p, wm[p] = mu[i], ws[p] = sig[i], ww[p] = w[i];
+                    wt[p] = static_cast<int>(up ? near[i] : near[i] - 1);
+                }
+                for (int s = 0; s < K - 1 && nw; ++s) {
+                    if (stats) std::fill(step.begin(), step.end(), 0.0), std::fill(step_m.begin(), step_m.end(), 0.0);
+                    int64_t kept = 0;
+                    for (int64_t q = 0; q < nw; ++q) {
+                        const int t = wt[q];
+                        if (t < 0 || t > K - 2) continue;                 // past the last threshold
+                        const double ms = wm[q], ss = ws[q];
+                        const double a = up ? (thr[t] - ms) / ss : (ms - thr[t]) / ss;
+                        if (!(a < z_cut)) continue;
+                        const double tail = 0.5 * std::erfc(a * kInvSqrt2);   // mass beyond t, away from mu
+                        const double dens = std::exp(-0.5 * a * a) * kInvSqrt2Pi;
+                        acc[wp[q]] += gap[t] * (dens - a * tail);
+                        if (stats) {
+                            const double wq = ww[q];
+                            const double mom = wq * (ms * tail + (up ? ss : -ss) * dens);
+                            step[t] += up ? wq * tail : -wq * tail;
+                            step_m[t] += up ? mom : -mom;
+                        }
+                        wp[kept] = wp[q], wm[kept] = ms, ws[kept] = ss, ww[kept] = ww[q];
+                        wt[kept++] = up ? t + 1 : t - 1;
+                    }
+                    nw = kept;
+                    if (stats)
+                        for (int t = 0; t + 1 < K; ++t) flow[t] += step[t], flow_m[t] += step_m[t];
+                }
+            }
+            for (int64_t p = 0; p < nlive; ++p) {
+                const int64_t i = live[p];
+                loss[i] -= 2.0 * sig[i] * acc[p];
+            }
+            if (stats)
+                // threshold j moves mass from cell j to cell j + 1
+                for (int j = 0; j + 1 < K; ++j) {
+                    A[j + 1] += flow[j], A[j] -= flow[j];
+                    Bm[j + 1] += flow_m[j], Bm[j] -= flow_m[j];
+                }
+        }
+        for (int64_t i = 0; i < B; ++i) prod[i] = std::max(loss[i], 0.0) * w[i];
+        return np_sum(prod.data(), B);
+    }
+};
+
+// ------------------------------------------------------------------------------------------
+// starts (codebook.py, _start_levels and what it calls), on one group's sorted live entries
+
+struct Sorted {
+    std::vector<double> x, v, P0, P1;
+    std::vector<int64_t> order;
+    std::vector<std::pair<double, int64_t>> keyed;
+    int64_t n_live = 0, distinct = 0;
+    explicit Sorted(int64_t B) : x(B), v(B), P0(B + 1), P1(B + 1), order(B), keyed(B) {}
+
+    // entries with weight first, sorted by mu (stable), the rest repeating the largest live value
+    // with weight 0; a group without any weight counts its real entries equally
+    void build(const double* mu, const double* w, const uint8_t* valid, int64_t B) {
+        bool any = false;
+        for (int64_t i = 0; i < B; ++i) any |= valid[i] && w[i] > 0;
+        auto wt = [&](int64_t i) { return !valid[i] ? 0.0 : any ? w[i] : 1.0; };
+        // (mu, index) pairs sorted: numpy's stable argsort, without an indirection per comparison
+        int64_t n = 0;
+        for (int64_t i = 0; i < B; ++i)
+            if (wt(i) > 0) keyed[n++] = {mu[i], i};
+        n_live = n;
+        std::sort(keyed.begin(), keyed.begin() + n);
+        for (int64_t r = 0; r < n; ++r) order[r] = keyed[r].second;
+        for (int64_t i = 0; i < B; ++i)
+            if (!(wt(i) > 0)) order[n++] = i;
+        distinct = 0;
+        for (int64_t r = 0; r < B; ++r) {
+            const int64_t i = order[r];
+            x[r] = r < n_live ? mu[i] : x[n_live - 1];
+            v[r] = wt(i);
+            distinct += r < n_live && (r == 0 || x[r] != x[r - 1]);
+        }
+    }
+};
+
+// sigma = 0 Lloyd on the sorted values: a cell is a run of them (codebook.py, _lloyd_sorted)
+void lloyd_sorted(Sorted& s, int64_t B, double* c, int K, int rounds, std::vector<double>& thr,
+                  std::vector<double>& nw, std::vector<int64_t>& cut) {
+    if (K == 1 || rounds <= 0) return;
+    s.P0[0] = s.P1[0] = 0.0;
+    for (int64_t i = 0; i < B; ++i) {
+        s.P0[i + 1] = s.P0[i] + s.v[i];
+        s.P1[i + 1] = s.P1[i] + s.v[i] * s.x[i];
+    }
+    thr.resize(K), nw.resize(K), cut.resize(K + 1);
+    for (int r = 0; r < rounds; ++r) {
+        for (int j = 0; j + 1 < K; ++j) thr[j] = 0.5 * (c[j + 1] + c[j]);
+        cut[0] = 0, cut[K] = B;
+        for (int j = 0; j + 1 < K; ++j)   // entries <= t_j belong to levels <= j (a tie goes down)
+            cut[j + 1] = count_below<true>(s.x.data(), B, thr[j]);
+        bool moved = false;
+        for (int k = 0; k < K; ++k) {
+            const double a = s.P0[cut[k + 1]] - s.P0[cut[k]], m = s.P1[cut[k + 1]] - s.P1[cut[k]];
+            double x = a > 0 ? m / a : c[k];
+            if (k > 0) x = std::max(x, thr[k - 1]);
+            if (k < K - 1) x = std::min(x, thr[k]);
+            nw[k] = x;
+        }
+        store_levels(nw.data(), K);
+        for (int k = 0; k < K; ++k) moved |= nw[k] != c[k], c[k] = nw[k];
+        if (!moved) break;
+    }
+}
+
+// weighted quantiles (k + 1/2) / K of the sorted values (codebook.py, _quantile_levels)
+void quantile_levels(const Sorted& s, int64_t B, double* c, int K, std::vector<double>& cum) {
+    cum.resize(B);
+    double t = 0.0;
+    for (int64_t i = 0; i < B; ++i) cum[i] = t += s.v[i];
+    const double tot = cum[B - 1];
+    for (int64_t i = 0; i < B; ++i) cum[i] /= tot;
+    for (int k = 0; k < K; ++k) {
+        const double q = (k + 0.5) / K;
+        int64_t idx = 0;
+        for (int64_t i = 0; i < B; ++i) idx += cum[i] < q;
+        c[k] = s.x[std::min(idx, B - 1)];
+    }
+}
+
+// at most M runs of the n_live sorted values: M/2 of equal count merged with M/2 of equal width
+// (codebook.py, _run_bounds); writes M + 1 boundaries (the tail repeating n_live), returns the runs
+int64_t run_bounds(const Sorted& s, int64_t M, int64_t* bnd, std::vector<int64_t>& both) {
+    const int64_t h = M / 2, nl = s.n_live;
+    both.resize(2 * (h + 1));
+    const double lo = s.x[0], hi = s.x[nl - 1];
+    for (int64_t m = 0; m <= h; ++m) {
+        both[m] = nl <= h ? std::min(m, nl) : (m * nl) / h;
+        const double cut = lo + (hi - lo) * (static_cast<double>(m) / static_cast<double>(h));
+        both[h + 1 + m] = m == h ? nl : count_below<false>(s.x.data(), nl, cut);
+    }
+    std::sort(both.begin(), both.end());
+    const int64_t u = std::unique(both.begin(), both.end()) - both.begin();
+    const int64_t n = std::min(u, M + 1);
+    for (int64_t m = 0; m <= M; ++m) bnd[m] = m < n ? std::min(both[m], nl) : nl;
+    return n - 1;
+}
+
+// the first j in [lo, hi) with the least e[j] - g[j] (np.argmin; no NaN here): eight independent
+// running minima, each keeping its first minimum, merged by (value, index); the plain loop is
+// latency-bound
+int64_t first_argmin(const double* e, const double* g, int64_t lo, int64_t hi) {
+    constexpr int L = 8;
+    int64_t best = lo;
+    double v = e[lo] - g[lo];
+    int64_t j = lo + 1;
+    if (hi - lo >= 2 * L) {
+        double bv[L];
+        int64_t bj[L];
+        for (int r = 0; r < L; ++r) bv[r] = e[lo + r] - g[lo + r], bj[r] = lo + r;
+        for (j = lo + L; j + L <= hi; j += L)
+            for (int r = 0; r < L; ++r) {
+                const double m = e[j + r] - g[j + r];
+                const bool lt = m < bv[r];
+                bv[r] = lt ? m : bv[r];
+                bj[r] = lt ? j + r : bj[r];
+            }
+        v = bv[0], best = bj[0];
+        for (int r = 1; r < L; ++r)
+            if (bv[r] < v || (bv[r] == v && bj[r] < best)) v = bv[r], best = bj[r];
+    }
+    for (; j < hi; ++j) {   // indices above all the lanes': a tie keeps the earlier one
+        const double m = e[j] - g[j];
+        if (m < v) v = m, best = j;
+    }
+    return best;
+}
+
+// weighted 1-D k-means of the sorted values by dynamic programming over contiguous cells, on at
+// most M runs (codebook.py, _kmeans_levels)
+struct KMeans {
+    std::vector<double> vs, P0, P1, P2, Q0, Q1, Q2, gain, D, Dn, E, prod;
+    std::vector<int64_t> args, bnd, both, bounds;
+
+    void levels(const Sorted& s, int64_t B, double* c, int K, int64_t M) {
+        vs.resize(B), prod.resize(B), P0.resize(B + 1), P1.resize(B + 1), P2.resize(B + 1);
+        double vmax = s.v[0];
+        for (int64_t i = 1; i < B; ++i) vmax = std::max(vmax, s.v[i]);
+        for (int64_t i = 0; i < B; ++i) vs[i] = s.v[i] / vmax;   // the optimum ignores the weights' scale
+        for (int64_t i = 0; i < B; ++i) prod[i] = s.x[i] * vs[i];
+        const double mean = np_sum(prod.data(), B) / np_sum(vs.data(), B);
+        P0[0] = P1[0] = P2[0] = 0.0;
+        for (int64_t i = 0; i < B; ++i) {
+            const double xc = s.x[i] - mean;   // centred: prefix sums lose less
+            P0[i + 1] = P0[i] + vs[i];
+            P1[i + 1] = P1[i] + vs[i] * xc;
+            P2[i + 1] = P2[i] + vs[i] * xc * xc;
+        }
+        int64_t nl = s.n_live;
+        const double *p0 = P0.data(), *p1 = P1.data(), *p2 = P2.data();
+        if (M < B) {
+            bnd.resize(M + 1), Q0.resize(M + 1), Q1.resize(M + 1), Q2.resize(M + 1);
+            nl = run_bounds(s, M, bnd.data(), both);
+            for (int64_t m = 0; m <= M; ++m) Q0[m] = P0[bnd[m]], Q1[m] = P1[bnd[m]], Q2[m] = P2[bnd[m]];
+            p0 = Q0.data(), p1 = Q1.data(), p2 = Q2.data();
+        }
+        const int64_t N = M + 1;
+        // gain[i, j] = (P1[i] - P1[j])^2 / (P0[i] - P0[j]); j >= i is no cell (-inf), a cell of
+        // weight 0 (past n_live) gains 0
+        gain.resize(N * N);
+        for (int64_t i = 0; i < N; ++i)
+            for (int64_t j = 0; j < N; ++j) {
+                if (j >= i) {
+                    gain[i * N + j] = -kInf;
+                    continue;
+                }
+                double g = p1[i] - p1[j];
+                g *= g;
+                const double d0 = p0[i] - p0[j];
+                gain[i * N + j] = g / (d0 > 0 ? d0 : 1.0);
+            }
+        D.resize(N), Dn.resize(N), E.resize(N), args.assign(static_cast<size_t>(K > 1 ? K - 1 : 1) * N, 0);
+        for (int64_t i = 0; i < N; ++i) D[i] = p2[i] - gain[i * N];   // one cell: cost(0, i)
+        for (int k = 1; k < K; ++k) {
+            // cell k ends at i after k cells and before K - 1 - k more: j in [k, i)
+            const int64_t hi = M - (K - 1 - k);
+            for (int64_t j = 0; j < N; ++j) E[j] = D[j] - p2[j];
+            std::fill(Dn.begin(), Dn.end(), kInf);
+            for (int64_t i = k + 1; i <= hi; ++i) {
+                // numpy's argmin over j in [k, hi): the first minimum; j >= i (no cell) is +inf
+                // there and never the minimum unless all are, and then the first, k, wins here too
+                const int64_t best = first_argmin(E.data(), gain.data() + i * N, k, i);
+                args[(k - 1) * N + i] = best;
+                Dn[i] = (E[best] - gain[i * N + best]) + p2[i];
+            }
+            std::swap(D, Dn);
+        }
+        bounds.resize(K + 1);
+        int64_t i = nl;
+        bounds[K] = i;
+        for (int k = K - 1; k > 0; --k) bounds[k] = i = args[(k - 1) * N + i];
+        bounds[0] = 0;
+        for (int k = 0; k < K; ++k) {
+            const int64_t a = bounds[k], b = bounds[k + 1];
+            c[k] = (p1[b] - p1[a]) / (p0[b] - p0[a]) + mean;
+        }
+    }
+};
+
+struct Params {
+    int64_t B;
+    int K;
+    int start;          // 0: levels given, 1: k-means, 2: quantiles
+    int iters;
+    double tol;
+    int64_t dp_bins;    // k-means runs per group (codebook._DP_BINS / _DP_BINS_MANY, chosen by K)
+    int kmeans_rounds;
+    double z_lloyd;
+};
+
+struct Fitter {
+    Params p;
+    EStep e, e_alt;
+    Sorted s;
+    KMeans km;
+    std::vector<double> work, cb, nw;
+    std::vector<int64_t> cut;
+
+    explicit Fitter(const Params& p_) : p(p_), e(p_.B, p_.K), e_alt(p_.B, p_.K), s(p_.B), cb(p_.K), nw(p_.K) {}
+
+    void start_levels(const double* mu, const double* w, const uint8_t* valid, double* c) {
+        const int K = p.K;
+        const int64_t B = p.B;
+        s.build(mu, w, valid, B);
+        if (s.distinct <= K) {
+            // at most K distinct values: exactly those, the largest repeated
+            int k = 0;
+            for (int64_t r = 0; r < s.n_live; ++r)
+                if (r == 0 || s.x[r] != s.x[r - 1]) c[k++] = s.x[r];
+            for (; k < K; ++k) c[k] = s.x[s.n_live - 1];
+        } else if (p.start == 1) {
+            km.levels(s, B, c, K, std::min<int64_t>(B, p.dp_bins));
+        } else {
+            quantile_levels(s, B, c, K, work);
+        }
+        store_levels(c, K);
+        lloyd_sorted(s, B, c, K, p.kmeans_rounds, work, nw, cut);
+    }
+
+    // Lloyd rounds on one group (codebook.py, _lloyd_chunk); c in/out, alt a second start or null
+    void lloyd(const double* mu, const double* sig, const double* w, double* c, const double* alt) {
+        const int K = p.K;
+        store_levels(c, K);
+        double prev = kInf;
+        const int rounds = std::max(p.iters, alt ? 1 : 0);
+        for (int r = 0; r < rounds; ++r) {
+            EStep* cur = &e;
+            double J = e.run(mu, sig, w, c, true, p.z_lloyd);
+            if (r == 0 && alt) {
+                for (int k = 0; k < K; ++k) cb[k] = alt[k];
+                store_levels(cb.data(), K);
+                const double Jb = e_alt.run(mu, sig, w, cb.data(), true, p.z_lloyd);
+                if (Jb < J) {   // ties keep c
+                    std::copy(cb.begin(), cb.end(), c);
+                    J = Jb, cur = &e_alt;
+                }
+                if (r >= p.iters) break;
+            }
+            const double total = np_sum(cur->A.data(), K);
+            for (int k = 0; k < K; ++k) {
+                // a cell with (almost) no mass keeps its level; the centroid lies in its cell
+                double x = cur->A[k] > 1e-12 * total ? cur->Bm[k] / cur->A[k] : c[k];
+                if (k > 0) x = std::max(x, 0.5 * (c[k] + c[k - 1]));
+                if (k < K - 1) x = std::min(x, 0.5 * (c[k + 1] + c[k]));
+                nw[k] = x;
+            }
+            store_levels(nw.data(), K);
+            bool moved = false;
+            for (int k = 0; k < K; ++k) moved |= nw[k] != c[k], c[k] = nw[k];
+            const bool go_on = prev - J > p.tol * J && moved;
+            prev = J;
+            if (!go_on) break;
+        }
+    }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Fit `groups` codebooks of `levels` levels to grouped, padded float64 rows `(groups, width)`:
+// mu, sigma, weight (0 on pads) and valid (0 on pads).  start: 0 = the levels in `codebook`,
+// 1 = k-means, 2 = quantiles; alt: a second start rated in the first round (or null).  Writes
+// `codebook` (groups, levels), float32 values, sorted.  Returns 0, or 1 on bad sizes / no memory.
+__attribute__((visibility("default"))) int BayesqCodebookFit(
+    int64_t groups, int64_t width, int32_t levels, const double* mu, const double* sigma, const double* weight,
+    const uint8_t* valid, int32_t start, const double* alt, int32_t iters, double tol, int64_t dp_bins,
+    int32_t kmeans_rounds, double z_lloyd, double* codebook) {
+    if (groups < 0 || width < 1 || levels < 1 || levels > 256 || start < 0 || start > 2 || iters < 0 || dp_bins < 2)
+        return 1;
+    try {
+        Fitter f(Params{width, levels, start, iters, tol, dp_bins, kmeans_rounds, z_lloyd});
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t o = g * width;
+            double* c = codebook + g * levels;
+            if (start) f.start_levels(mu + o, weight + o, valid + o, c);
+            f.lloyd(mu + o, sigma + o, weight + o, c, alt ? alt + g * levels : nullptr);
+        }
+    } catch (const std::bad_alloc&) {
+        return 1;
+    }
+    return 0;
+}
+
+// Expected loss sum_i weight_i E[(Q(w_i) - w_i)^2] of each group's codebook (sorted levels),
+// thresholds beyond z_cut sigma dropped: out (groups,).  Returns 0, or 1 on bad sizes / no memory.
+__attribute__((visibility("default"))) int BayesqCodebookLoss(
+    int64_t groups, int64_t width, int32_t levels, const double* mu, const double* sigma, const double* weight,
+    const double* codebook, double z_cut, double* out) {
+    if (groups < 0 || width < 1 || levels < 1 || levels > 256) return 1;
+    try {
+        EStep e(width, levels);
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t o = g * width;
+            out[g] = e.run(mu + o, sigma + o, weight + o, codebook + g * levels, false, z_cut);
+        }
+    } catch (const std::bad_alloc&) {
+        return 1;
+    }
+    return 0;
+}
+
+}  // extern "C"
