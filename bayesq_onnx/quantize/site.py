@@ -218,11 +218,15 @@ class SiteQuantizer:
             grid = minmax_grid(inner.mu, fmt.bits, fmt.inner_block)
             per_row = rounding_loss(inner, *grid, fmt.bits, fmt.inner_block).sum(axis=1) + \
                 (np.where(keep, 0.0, wide * np.square(mu, dtype=np.float64))).sum(axis=1)   # a pruned weight's error is itself
-        elif isinstance(fmt, BayesqLut):  # no cheap stand-in: the codebook is what it would be screened by
+        elif isinstance(fmt, BayesqLut):
+            # the codebook at sigma -> 0, as the affine grids are screened: lloyd_max's start (the
+            # precision-weighted k-means of the means, or min/max levels where better), without the
+            # Gaussian rounds.  Its rounding error of the means is 0.01-4% below the full codebook's
+            # (16 levels on 768-wide rows the most; 0.1B Llama sites), far inside the prediction's
+            # +-25%, at 0.1-0.6x the cost
             block = fmt.block or None
-            sigma = np.sqrt(np.broadcast_to(self.posterior.sigma2, self.view.shape)[rows].astype(np.float64))
             prec = np.broadcast_to(self.posterior.precision, self.view.shape)[rows]
-            codebook = fmt.round_scales(lloyd_max(mu, sigma, prec, 1 << fmt.bits, block=block)[0])
+            codebook = fmt.round_scales(lloyd_max(mu, 0.0, prec, 1 << fmt.bits, block=block, iters=0)[0])
             err = codebook_dequantize(codebook_codes(mu, codebook, block=block), codebook, block=block) - mu
             per_row = (w * np.square(err, dtype=np.float64)).sum(axis=1)
         else:
