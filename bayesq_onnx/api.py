@@ -107,7 +107,7 @@ class Analysis:
         self.file_curvature = FileCurvature(recipe.curvature, sites, recipe.evidence) if recipe.curvature else None
         data, self.calib_source, fixed = _read_calibration(m, calib, recipe)
         self.batch = fixed or recipe.batch_size
-        self.uniform = recipe.method_spec.planner == "uniform"
+        self.uniform = not recipe.method_spec.allocates
         # only the plan check and distillation need held-back data; the uniform baselines calibrate on all of it
         self.fit, self.held = (data, take(data, 0)) if self.uniform and not recipe.distill else \
             split(data, recipe.holdout, fixed or 1)
@@ -422,7 +422,7 @@ def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe, factors: dict,
     factor = None if xtx is None else \
         factors.setdefault(id(xtx), (xtx, SharedFactor(xtx, recipe.gptq_damp, recipe.act_order, gptq_backend)))[1]
     return SiteQuantizer(view, DiagonalLaplace.fit(view, h, recipe.damping), xtx, recipe.method_spec,
-                         recipe.gptq_damp, recipe.act_order, measure_grids=site.kind == "conv", factor=factor,
+                         recipe.gptq_damp, recipe.act_order, measure_grids=site.kind.convolved, factor=factor,
                          backend=gptq_backend)
 
 
@@ -466,7 +466,7 @@ def _report(recipe, sites, skipped, candidates, chosen: Contender, grids, expect
         # the whole model: quantized weights as stored, every other float initializer in its own type
         "bits_per_weight_all": (stored + others[1]) / (n_weights + others[0]), "n_weights_all": n_weights + others[0],
         "plan": plan.label, "plan_check": check,
-        "curvature": curvature_name, "tables": recipe.table_source if recipe.method_spec.planner == "knapsack" else None,
+        "curvature": curvature_name, "tables": recipe.table_source if recipe.method_spec.allocates else None,
         "calibration": {"source": calib_source, "samples": n_all, "fit": n_fit, "held_back": n_held},
         "layers": layers, "skipped": [{"name": k.name, "reason": k.reason} for k in skipped],
         # why each weight got what it got: the greedy upgrades in the order taken

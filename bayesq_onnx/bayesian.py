@@ -58,7 +58,7 @@ class BayesianAnalysis:
             raise BayesQError(f"--keep-posterior: the model has opset {opset(an.model)}; onnxruntime draws "
                               f"weights (RandomNormalLike) up to opset {MAX_OPSET} only (--target portable writes "
                               "the model for other runtimes)")
-        self.sites = [s for s in an.sites if s.kind in ("matmul", "conv")]
+        self.sites = [s for s in an.sites if not s.kind.looked_up]
         if not self.sites:
             raise BayesQError("--keep-posterior: no MatMul or Conv weight to keep a posterior for")
         self.output = an.probe.outputs[0]
@@ -193,7 +193,7 @@ class BayesianAnalysis:
         rng = np.random.default_rng(self.keep.seed)
         for s in self.sites:
             fmt = fmts[s.name]
-            if isinstance(fmt, Float32) or s.kind == "conv" or portable:
+            if isinstance(fmt, Float32) or s.kind.convolved or portable:
                 tensor, layout = s.name, Layout(s.shape, s.perm[-1], s.flat)
             else:   # a fused bayesq MatMul, now reading W (K, N) from its Dequantize op
                 tensor, layout = made[f"{_prefix(s.name)}_B"], Layout((s.L, s.rows), 0)

@@ -342,13 +342,13 @@ def _recipe(args):
         recipe = replace(Recipe.load(args.recipe), **given) if args.recipe else Recipe(**given)
     except ValueError as e:
         raise BayesQError(str(e)) from None
-    if args.tables is not None and args.tables != "auto" and recipe.method_spec.planner != "knapsack":
+    if args.tables is not None and args.tables != "auto" and not recipe.method_spec.allocates:
         log.warning("--tables does nothing with --method %s (it plans one uniform format, without loss tables)",
                     recipe.method)
     elif args.tables is not None and args.tables != "auto" and recipe.method_spec.tables is not None:
         log.warning("--tables does nothing with --method %s (its loss tables are always %s)",
                     recipe.method, recipe.method_spec.tables)
-    if args.sequential and recipe.method_spec.rounding != "gptq":
+    if args.sequential and not recipe.method_spec.gptq:
         log.warning("--sequential does nothing with --method %s (its codes are rounded to nearest, without the "
                     "calibration statistics)", recipe.method)
     return recipe

@@ -22,6 +22,22 @@ class Method:
                                 # None: Recipe.tables decides (knapsack planner only)
     sequential: bool = False    # Recipe.sequential's default: whichever measured better (README, "Measured")
 
+    def __post_init__(self):
+        if self.planner not in ("knapsack", "uniform") or self.rounding not in ("gptq", "rtn") or \
+                self.grid not in ("posterior", "minmax", "hqq", "dynamic"):
+            raise ValueError(f"unknown planner, grid or rounding in {self}")
+
+    # what the rest of the code asks of a method (nothing compares these names elsewhere)
+    @property
+    def allocates(self) -> bool:
+        """The knapsack spends the budget over the sites (else one uniform format everywhere)."""
+        return self.planner == "knapsack"
+
+    @property
+    def gptq(self) -> bool:
+        """GPTQ's error feedback rounds the sites with an ``X^T X`` (else round to nearest)."""
+        return self.rounding == "gptq"
+
 
 METHODS: dict[str, Method] = {
     "bayesq": Method(planner="knapsack", grid="posterior", rounding="gptq"),
@@ -138,7 +154,7 @@ class Recipe:
         """Sequential mode asked for or the method's default, where it changes something: codes
         rounded to nearest (rtn, hqq-int) never read the calibration statistics."""
         on = self.method_spec.sequential if self.sequential is None else self.sequential
-        return on and self.method_spec.rounding == "gptq"
+        return on and self.method_spec.gptq
 
     @property
     def table_source(self) -> str:

@@ -2,8 +2,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
+
+
+class SiteKind(str, Enum):
+    """Which ops read a weight.  Every stage that treats kinds differently (statistics, candidate
+    formats, lowering) asks one of the properties below, so what a kind means is said here once."""
+
+    MATMUL = "matmul"   # the weight operand of MatMul / Gemm (perhaps through a Transpose)
+    CONV = "conv"       # a Conv kernel
+    GATHER = "gather"   # an embedding table, rows looked up by index
+    TIED = "tied"       # an embedding table that is also the output head's MatMul weight
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def multiplied(self) -> bool:
+        """A MatMul reads it: its input's ``X^T X`` is the curvature, GPTQ can round it."""
+        return self in (SiteKind.MATMUL, SiteKind.TIED)
+
+    @property
+    def looked_up(self) -> bool:
+        """A Gather reads rows of it: per-row index counts are its curvature."""
+        return self in (SiteKind.GATHER, SiteKind.TIED)
+
+    @property
+    def convolved(self) -> bool:
+        return self is SiteKind.CONV
 
 
 @dataclass(frozen=True)
@@ -15,7 +43,7 @@ class WeightSite:
     """
 
     name: str                       # initializer name
-    kind: str                       # "matmul" | "conv" | "gather": which family of formats applies
+    kind: SiteKind                  # which ops read it (a plain name is taken too)
     op_type: str                    # consumer op, for reports
     shape: tuple[int, ...]          # initializer shape
     perm: tuple[int, ...]
@@ -26,6 +54,9 @@ class WeightSite:
     dtype: str = "float32"          # the initializer's and its consumers' float type: float32, float16, bfloat16
     subgraph: str = ""              # op types (If, Loop, Scan) holding consumers read from a subgraph; "" none
     unseen: tuple[str, ...] = ()    # consumers whose input is computed inside a subgraph: no statistics from them
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", SiteKind(self.kind))
 
     @property
     def flat(self) -> bool:

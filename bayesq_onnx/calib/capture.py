@@ -1,8 +1,6 @@
 """Forward-only activation statistics per site, accumulated batch by batch in bounded memory."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from ..progress import Progress
@@ -74,12 +72,9 @@ def capture_stats(probe, sites: list[WeightSite], data: dict[str, np.ndarray], b
 def _gram_layout(site: WeightSite, x: np.ndarray) -> str | None:
     """How a site's use of input ``x`` feeds an ``X^T X``: "rows" (matmul), "channels" (conv), or
     None (grouped conv, gather: other statistics)."""
-    kind = site.kind
-    if kind == "tied":  # both uses: index counts from the Gather, X^T X from the head
-        kind = "gather" if x.dtype.kind in "iu" else "matmul"
-    if kind == "matmul":
+    if site.kind.multiplied and x.dtype.kind not in "iu":   # (a tied table's Gather reads indices)
         return "rows"
-    if kind == "conv" and x.shape[1] == site.shape[1] == site.L:
+    if site.kind.convolved and x.shape[1] == site.shape[1] == site.L:
         # every weight w[o, i, r, s] meets channel i at (almost) every position, shifted by its tap
         # (r, s): the channel Gram over positions is each tap's X^T X (exact for 1x1 convolutions;
         # for k x k it leaves out padding and the correlation between taps, see docs/design.md)
@@ -94,16 +89,14 @@ def _gram(acc: list, x: np.ndarray, layout: str, L: int) -> None:
 
 
 def _accumulate(site: WeightSite, st: SiteStats, x: np.ndarray) -> None:
-    if site.kind == "tied":
-        _accumulate(replace(site, kind="gather"), st, x)
-    elif site.kind == "conv":  # grouped: w[o, i, ...] meets input channel (o // (O / g)) * (I / g) + i alone
+    if site.kind.convolved:  # grouped: w[o, i, ...] meets input channel (o // (O / g)) * (I / g) + i alone
         e = np.square(x, dtype=np.float64).sum(axis=(0,) + tuple(range(2, x.ndim)))
         O, per = site.shape[0], site.shape[1]
         ch = np.arange(O)[:, None] // (O // (x.shape[1] // per)) * per + np.arange(per)
         sq = site.to_view(np.broadcast_to(e[ch].reshape(O, per, *[1] * (len(site.shape) - 2)), site.shape))
         st.sq = sq if st.sq is None else st.sq + sq
         st.n_sq += x.size // x.shape[1]
-    elif site.kind == "gather":
+    elif site.kind.looked_up:   # (a tied table's head input has gone to _gram)
         counts = np.bincount(x.reshape(-1).astype(np.int64) % site.rows, minlength=site.rows)
         counts = counts.astype(np.float64).reshape(site.rows, 1)
         st.sq = counts if st.sq is None else st.sq + counts

@@ -9,7 +9,7 @@ import onnx
 from onnx import helper
 
 from ..errors import BayesQError
-from ..types import SkippedSite, WeightSite
+from ..types import SiteKind, SkippedSite, WeightSite
 from .cone import all_nodes, subgraphs
 
 # the weight types quantized (numerics in float32 views; formats store scales in the model's type)
@@ -68,28 +68,28 @@ def _classify(node, slot, shape, uses, hidden):
                 tuple(extra) + tuple(r.name for r in readers), unseen)
 
     if op == "MatMul" and slot == 1 and len(shape) == 2:
-        return found("matmul", (1, 0), [node], 0)
+        return found(SiteKind.MATMUL, (1, 0), [node], 0)
     if op == "Gemm" and slot == 1 and len(shape) == 2:
         if _attr(node, "transA", 0):
             return "Gemm with transA=1"
         if _attr(node, "alpha", 1.0) != 1.0 or (len(node.input) > 2 and node.input[2] and _attr(node, "beta", 1.0) != 1.0):
             return "Gemm with alpha or beta != 1"
-        return found("matmul", ((0, 1) if _attr(node, "transB", 0) else (1, 0)), [node], 0)
+        return found(SiteKind.MATMUL, ((0, 1) if _attr(node, "transB", 0) else (1, 0)), [node], 0)
     if op == "Transpose" and slot == 0 and len(shape) == 2 and list(_attr(node, "perm", [1, 0])) == [1, 0]:
         if node.name in hidden:   # its readers are in the subgraph's scope, which _uses does not index
             return "transposed inside a control-flow subgraph"
         after = uses.get(node.output[0], [])
         if after and all(n.op_type == "MatMul" and n.domain in ("", "ai.onnx") and s == 1 for n, s in after):
-            return found("matmul", (0, 1), [n for n, _ in after], 0, extra=[node.name])
+            return found(SiteKind.MATMUL, (0, 1), [n for n, _ in after], 0, extra=[node.name])
         return "transposed, then used by something other than MatMul's weight input"
     if op == "Conv" and slot == 1 and len(shape) == 4:
         if shape[1] < MIN_CONV_BLOCK:
             # too few input channels per group (depthwise: 1) to block along them: the view is one
             # row per output channel, its groups that channel's taps (identity perm: see _find_sites)
-            return found("conv", (0, 1, 2, 3), [node], 0)
-        return found("conv", (0, 2, 3, 1), [node], 0)
+            return found(SiteKind.CONV, (0, 1, 2, 3), [node], 0)
+        return found(SiteKind.CONV, (0, 2, 3, 1), [node], 0)
     if op == "Gather" and slot == 0 and len(shape) == 2 and _attr(node, "axis", 0) == 0:
-        return found("gather", (0, 1), [node], 1)
+        return found(SiteKind.GATHER, (0, 1), [node], 1)
     if op in ("MatMul", "Gemm", "Conv") and slot == 1:
         return f"{op} weight of rank {len(shape)}: not a layout any format here rewrites"
     return f"used by {op} (input {slot}), which no format here rewrites"
@@ -180,15 +180,15 @@ def _find_sites(model: onnx.ModelProto, min_elements: int) -> tuple[list[WeightS
             skipped.append(SkippedSite(init.name, reasons[0]))
             continue
         kinds = {(k, p) for k, p, _, _, _ in found}
-        if kinds == {("gather", (0, 1)), ("matmul", (0, 1))}:
-            kinds = {("tied", (0, 1))}  # an embedding table that is also the output head
+        if kinds == {(SiteKind.GATHER, (0, 1)), (SiteKind.MATMUL, (0, 1))}:
+            kinds = {(SiteKind.TIED, (0, 1))}  # an embedding table that is also the output head
         if len(kinds) > 1:
             skipped.append(SkippedSite(init.name, "shared by consumers that need different layouts: "
                                                   + ", ".join(sorted(f"{k}{p}" for k, p in kinds))))
             continue
         (kind, perm), = kinds
         permuted = [shape[p] for p in perm]
-        if kind == "conv" and perm == (0, 1, 2, 3):   # the flat view of a depthwise / few-channel Conv
+        if kind is SiteKind.CONV and perm == (0, 1, 2, 3):   # the flat view of a depthwise / few-channel Conv
             permuted = [shape[0], math.prod(shape[1:])]
         consumers = tuple(c for _, _, _, cs, _ in found for c in cs)
         sites.append(WeightSite(

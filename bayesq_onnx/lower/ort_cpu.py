@@ -90,7 +90,7 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
             continue
         drop_inits.add(s.name)
         pre, p = _prefix(s.name), packed[s.name]
-        if isinstance(fmt, BAYESQ_FORMATS) and portable and s.kind == "gather":
+        if isinstance(fmt, BAYESQ_FORMATS) and portable and s.kind.looked_up and not s.kind.multiplied:
             # each lookup gathers the packed rows it needs and unpacks those (the table stays packed)
             for cname in s.consumers:
                 c = nodes[cname]
@@ -100,7 +100,7 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
                 have = {t.name for t in new_inits}
                 new_inits += [t for t in ts if t.name not in have]
                 shared_tables.update(t.name for t in ts if t.name.startswith("bq_pos_"))
-        elif isinstance(fmt, BAYESQ_FORMATS) and (portable or s.kind == "conv"):
+        elif isinstance(fmt, BAYESQ_FORMATS) and (portable or s.kind.convolved):
             # (a tied table in portable form: dequantized whole, for its Gather and the head alike)
             # the weight keeps its name (and type), now computed from the packed tensors in native layout
             w2, shape, ax, reshape, rs = _flat(s, s.name, pre)

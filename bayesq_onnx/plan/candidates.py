@@ -25,13 +25,25 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
     blocks = sorted(b for b in recipe.blocks)
     fitting = [b for b in blocks if b <= site.L] or blocks[:1]
     ours = list(recipe.bayesq_bits) if bayesq_ops else []
-    knapsack = bayesq_ops and recipe.method_spec.planner == "knapsack"
+    knapsack = bayesq_ops and recipe.method_spec.allocates
     luts = list(recipe.lut_bits) if knapsack else []
     out: list[Format] = []
     # onnxruntime's ops take scales in the activations' type (float16 in a float16 model); in a
     # bfloat16 one, which its CPU kernels do not compute in, fp32 scales and a Cast (lower/ort_cpu.py)
     sd = "float16" if site.dtype == "float16" else "float32"
-    if site.kind == "matmul":
+    kind = site.kind
+    if kind.looked_up and bayesq_ops:
+        # bayesq.GatherAffine / GatherLut read the MatMul ops' layout: any width (3 bits included, which
+        # GatherBlockQuantized lacks), any row length, fp16 scales, and one table for a tied head
+        widths = sorted(set(ours) | set(recipe.gather_bits))
+        out += [BayesqUniform(b, g, F16) for b in widths for g in fitting if g % 16 == 0]
+        out += [BayesqLut(b, 0, F16) for b in luts]
+    elif kind.looked_up:
+        # a tied table: one packed table serves the Gather and (reshaped) the head's MatMulNBits, whose
+        # layouts coincide byte for byte only when no group is padded
+        out += [f for f in (GatherBlockQuantized(b, g, sd) for b in recipe.gather_bits for g in fitting)
+                if f.supports(site.rows, site.L) and (not kind.multiplied or site.L % f.block == 0)]
+    elif kind.multiplied:
         if bayesq_ops:
             # the same widths with fp16 scales store fewer bits than MatMulNBits (whose scales take
             # the activations' fp32), and our kernels are fast at 2 and 8 bits where onnxruntime's
@@ -42,7 +54,7 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
         out += [BayesqUniform(b, g, F16) for b in ours for g in fitting if g % 16 == 0]
         out += [BayesqLut(b, 0, F16) for b in luts]
         out += _sparse(site, recipe, fitting) if knapsack else []
-    elif site.kind == "conv":
+    elif kind.convolved:
         conv_blocks = sorted({g for g in (16, *blocks) if g <= site.L})
         # a depthwise Conv's row is one output channel's taps (site.flat): a group per channel too
         dq_blocks = sorted({*conv_blocks, site.L}) if site.flat else conv_blocks
@@ -51,20 +63,6 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
         out += [BayesqUniform(b, g, F16) for b in ours for g in bq_blocks]
         out += [BayesqLut(b, 0, F16) for b in luts]
         out += _sparse(site, recipe, conv_blocks) if knapsack else []
-    elif site.kind in ("gather", "tied") and bayesq_ops:
-        # bayesq.GatherAffine / GatherLut read the MatMul ops' layout: any width (3 bits included, which
-        # GatherBlockQuantized lacks), any row length, fp16 scales, and one table for a tied head
-        widths = sorted(set(ours) | set(recipe.gather_bits))
-        out += [BayesqUniform(b, g, F16) for b in widths for g in fitting if g % 16 == 0]
-        out += [BayesqLut(b, 0, F16) for b in luts]
-    elif site.kind == "gather":
-        out += [f for f in (GatherBlockQuantized(b, g, sd) for b in recipe.gather_bits for g in fitting)
-                if f.supports(site.rows, site.L)]
-    elif site.kind == "tied":
-        # one packed table serves the Gather and (reshaped) the head's MatMulNBits: the layouts
-        # coincide byte for byte only when no group is padded
-        out += [f for f in (GatherBlockQuantized(b, g, sd) for b in recipe.gather_bits for g in fitting)
-                if f.supports(site.rows, site.L) and site.L % f.block == 0]
     pin = next(((p, b) for p, b in recipe.pins if site_matches(site, p)), None)
     if pin is not None:
         # a pin fixes a weight's precision: pruning a share of it is not that precision

@@ -85,7 +85,7 @@ class SiteQuantizer:
 
     @property
     def _gptq(self) -> bool:
-        return self.method.rounding == "gptq" and self.xtx is not None
+        return self.method.gptq and self.xtx is not None
 
     @property
     def _dynamic(self) -> bool:
