@@ -124,9 +124,9 @@ def _prepared_chunks(mu, sigma, weight, block, levels):
                _grouped(np.ones(shape), shape, L, blk) > 0)
 
 
-def _n_groups(mu, block) -> tuple[int, int]:
+def _n_groups(mu, block) -> int:
     mu2, L, blk = _rows(mu, block)
-    return mu2.shape[0] * -(-L // blk), blk
+    return mu2.shape[0] * -(-L // blk)
 
 
 def _check_codebook(codebook, G: int, sort: bool = False) -> np.ndarray:
@@ -251,7 +251,7 @@ def expected_codebook_loss(mu, sigma, weight, codebook, *, block: int | None = N
     """Closed-form ``sum_i weight_i E[(Q(w_i) - w_i)^2]`` per group, float64 ``(G,)``, for
     ``w_i ~ N(mu_i, sigma_i^2)`` and ``Q`` the nearest level of the group's codebook (as stored:
     float32, sorted).  ``sigma`` and ``weight`` broadcast to ``mu``."""
-    c = _check_codebook(codebook, _n_groups(mu, block)[0])
+    c = _check_codebook(codebook, _n_groups(mu, block))
     out = np.empty(c.shape[0])
     lib = codebook_native.library()
     for sl, m, s, w, _ in _prepared_chunks(mu, sigma, weight, block, c.shape[1]):
@@ -311,6 +311,10 @@ def _quantile_levels(x, v, K) -> np.ndarray:
 # cost, while 16 levels on 64 runs start over 1% above the exact DP
 _DP_BINS = 64
 _DP_BINS_MANY = 128
+def _dp_bins(K: int) -> int:
+    return _DP_BINS if K <= 8 else _DP_BINS_MANY
+
+
 _DP_MAX_LEVELS = 32   # above this many levels the start is quantiles (the DP costs O(K bins^2))
 _DP_CELLS = 1 << 19   # DP matrix entries per pass: bounds its temporaries
 
@@ -354,7 +358,7 @@ def _kmeans_levels(x, v, n_live, K) -> np.ndarray:
     runs (:func:`_run_bounds`) whose boundaries are the only cell boundaries allowed (then Lloyd
     moves them).  ``O(K bins^2)`` per group."""
     g, B = x.shape
-    M = min(B, _DP_BINS if K <= 8 else _DP_BINS_MANY)
+    M = min(B, _dp_bins(K))
     out = np.empty((g, K))
     step = max(1, _DP_CELLS // (M + 1) ** 2)
     none_cell = np.arange(M + 1)[:, None] <= np.arange(M + 1)[None, :]     # [i, j]: j >= i
@@ -548,8 +552,8 @@ def lloyd_max(mu, sigma, weight, levels: int, *, block: int | None = None, iters
         raise BayesQError(f"codebook needs iters >= 0 and tol >= 0, got {iters}, {tol}")
     K = int(levels)
     pow2 = K >= 2 and K & (K - 1) == 0
-    mu2, _, _, L, blk = _checked(mu, sigma, weight, block)
-    G = mu2.shape[0] * -(-L // blk)
+    mu2, _, _, _, blk = _checked(mu, sigma, weight, block)
+    G = _n_groups(mu, block)
     if isinstance(init, str):
         if init not in ("auto", "kmeans", "quantile", "minmax"):
             raise BayesQError("codebook init must be 'auto', 'kmeans', 'quantile', 'minmax' or "
@@ -580,7 +584,7 @@ def lloyd_max(mu, sigma, weight, levels: int, *, block: int | None = None, iters
         alt = c_mm[sl] if isinstance(init, str) and init == "auto" and pow2 else None
         if lib is not None:
             out[sl] = codebook_native.fit(lib, m, s, w, valid, K, start if c is None else "given", c, alt,
-                                          iters=iters, tol=tol, dp_bins=_DP_BINS if K <= 8 else _DP_BINS_MANY,
+                                          iters=iters, tol=tol, dp_bins=_dp_bins(K),
                                           kmeans_rounds=_KMEANS_ROUNDS, z_lloyd=_Z_LLOYD)
         else:
             if c is None:
