@@ -23,8 +23,8 @@ from .curvature.from_file import FileCurvature
 from .curvature.trace import check_trace_source, file_traces, fisher_traces
 from .errors import BayesQError, first_line, require
 from .formats import Float32
-from .graph.model_io import (WeightFiles, bfloat16_hint, check_writable, checkable, fits, open_model, prepare_model,
-                             save_json_atomic, save_model_atomic)
+from .graph.model_io import (ArraySpill, WeightFiles, bfloat16_hint, check_writable, checkable, fits, open_model,
+                             prepare_model, save_json_atomic, save_model_atomic)
 from .graph.sites import find_sites, float_initializer_bits, statistics_note
 from .lower.ort_cpu import lower_ort_cpu, lower_portable
 from .plan.candidates import candidate_formats
@@ -128,6 +128,7 @@ class Analysis:
         self._tables: Tables | None = None
         self.grids: Grids = {}      # grid kinds chosen by measurement: grow as budgets ask for formats
         self._rounded = {}          # what _round packed for earlier budgets
+        self._spill = ArraySpill()  # where packed tensors wait, memory-mapped, for the check and the output
         self.seconds = time.perf_counter() - t0
 
     def blocks(self, data: dict[str, np.ndarray] | None = None, quantized=None):
@@ -157,6 +158,7 @@ class Analysis:
                                                  recipe, factors, self.gptq_backend) for s in ready[k]}
                 factors = {i: f for i, f in factors.items() if acc.holds(f[0])}   # a later site shares it
                 yield ready[k], block
+                block.clear()   # the caller is done with them: their views go before the next block's come
                 if again:
                     states = before
                     _ort(stream.advance, k, states, quantized(ready[k]))
@@ -231,9 +233,11 @@ class Analysis:
             i, check = check_plans(contenders, packed, sites, self.stream, self.probe, self.held, self.batch)
         else:
             i = 0
-        chosen = contenders[i]
-        shipped, distilled = self._distill(chosen, packed[i], recipe.distill) if recipe.distill else (packed[i], None)
+        chosen, shipped = contenders[i], packed[i]
+        del packed   # the other contenders' tensors go now (a 1B model's: about 350 MB each at 3 bits)
+        shipped, distilled = self._distill(chosen, shipped, recipe.distill) if recipe.distill else (shipped, None)
         out_model = _lower(self.model, self.files, sites, chosen, shipped, recipe)
+        del shipped  # copied into the model's initializers
         rep = _report(recipe, sites, self.skipped, self.candidates, chosen, grids[i], expected[i], losses, check,
                       self.n_weights, self.calib_source, self.n_calib, n_samples(self.fit),
                       n_samples(self.held), self.curvature_name, (self.other_weights, self.other_bits))
@@ -302,6 +306,8 @@ class Analysis:
 
                 for s, res in zip(block, parallel_map(pack, block)):
                     for i, (key, (arrays, loss)) in enumerate(res):
+                        if arrays is not None:   # to disk, on this machine (a Ray worker's result arrives here)
+                            arrays = self._spill.put(arrays)
                         if keep:
                             reuse[key] = arrays, loss
                         if arrays is not None:

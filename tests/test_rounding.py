@@ -121,6 +121,21 @@ def test_rtn_is_nearest_grid_point():
     np.testing.assert_allclose(np.abs(q.dequantize() - W), nearest, atol=1e-6)
 
 
+def test_rtn_in_row_chunks_equals_one_pass(monkeypatch):
+    """Rounded a few rows at a time (bounded float64 temporaries on large embeddings), the codes
+    are those of one pass over the whole view: the arithmetic is elementwise."""
+    from bayesq_onnx.quantize import rounding
+    rng = np.random.default_rng(1)
+    W = rng.standard_normal((37, 50)).astype(np.float32)
+    scale, zp = minmax_grid(W, 3, 16)
+    whole = round_rtn(W, scale, zp, 3, 16)
+    monkeypatch.setattr(rounding, "_RTN_CHUNK", 3 * 50)   # three rows a pass, the last pass one row
+    chunked = round_rtn(W, scale, zp, 3, 16)
+    np.testing.assert_array_equal(chunked.codes, whole.codes)
+    g = np.arange(50) // 16
+    np.testing.assert_array_equal(whole.codes, rounding._codes(W.astype(np.float64), scale[:, g], zp[:, g], 7))
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits,block,lazy", [(3, 16, 16), (2, 8, 7), (4, 16, 128)])
 def test_gptq_matches_slow_reference(bits, block, lazy, act_order):

@@ -3,6 +3,8 @@ passed through the model a segment at a time -- and the same numbers and bytes a
 held at once."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -51,6 +53,25 @@ def test_weights_are_memory_mapped_from_an_external_data_file(tmp_path):
     assert isinstance(w, np.memmap) and not w.flags.writeable
     np.testing.assert_array_equal(w, onnx.numpy_helper.to_array(next(t for t in models.mlp().graph.initializer
                                                                       if t.name == "W1")))
+
+
+def test_array_spill_maps_large_arrays_back_and_keeps_small_ones():
+    import pickle
+    spill = model_io.ArraySpill()
+    big = np.arange(model_io.SPILL_BYTES // 4 + 1, dtype=np.float32)
+    small = np.arange(10, dtype=np.uint8)
+    out = spill.put({"big": big, "small": small})
+    assert isinstance(out["big"], np.memmap) and not out["big"].flags.writeable
+    np.testing.assert_array_equal(out["big"], big)
+    assert out["small"] is small
+    assert spill.put({"again": out["big"]})["again"] is out["big"]   # already on disk: not written twice
+    directory = spill._dir.name
+    shipped = pickle.loads(pickle.dumps(spill))   # a Ray worker's copy spills into its own directory
+    assert shipped._dir is None
+    del spill, out
+    import gc
+    gc.collect()
+    assert not os.path.exists(directory)
 
 
 @pytest.mark.parametrize("case", ["residual", "tied", "cnn"])

@@ -56,6 +56,37 @@ class WeightFiles:
         return model
 
 
+class ArraySpill:
+    """Arrays moved out of the process's memory: each written once to a private temporary directory
+    and read back memory-mapped (file-backed pages, as :class:`WeightFiles`'s).  For the packed
+    tensors of every plan a budget compares, which would otherwise all be held until the model is
+    written (a 1B-weight model's: about 350 MB per plan at 3 bits).  Arrays under
+    :data:`SPILL_BYTES` stay as they are; the directory goes with the object."""
+
+    def __init__(self):
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self._count = 0
+
+    def put(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: self._put(a) for k, a in arrays.items()}
+
+    def __getstate__(self):   # shipped to a Ray worker: its own arrays arrive as copies, its spills are its own
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def _put(self, a: np.ndarray) -> np.ndarray:
+        if a.nbytes < SPILL_BYTES or isinstance(a, np.memmap):
+            return a
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="bayesq-packed-")
+        path = Path(self._dir.name) / f"{self._count}.npy"
+        self._count += 1
+        np.save(path, np.ascontiguousarray(a))
+        return np.load(path, mmap_mode="r")
+
+
 def has_external(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 

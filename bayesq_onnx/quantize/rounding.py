@@ -25,6 +25,9 @@ from .backend import NUMPY, NumpyBackend
 from .grid import minmax_grid
 
 
+_RTN_CHUNK = 1 << 18   # weights per pass of round_rtn
+
+
 def _codes(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmax: int) -> np.ndarray:
     """Nearest grid code, computed in float64 like ``expected_sq_error`` so both agree on ties."""
     return np.clip(np.rint(w / np.asarray(scale, np.float64)) + zp, 0, qmax)
@@ -41,9 +44,14 @@ def _check(view, scale, zp, block) -> int:
 def round_rtn(view: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, block: int) -> UniformCodes:
     """Round every weight to its nearest grid point."""
     _check(view, scale, zp, block)
-    g = np.arange(view.shape[1]) // block
-    codes = _codes(np.asarray(view, np.float64), scale[:, g], zp[:, g], (1 << bits) - 1)
-    return UniformCodes(codes.astype(np.uint8), scale.astype(np.float32), zp.astype(np.uint8), bits, block)
+    rows, L = view.shape
+    g = np.arange(L) // block
+    codes = np.empty((rows, L), np.uint8)
+    step = max(1, _RTN_CHUNK // max(L, 1))   # rows at a time: the float64 temporaries of a 65M-weight
+    for r in range(0, rows, step):           # embedding would be 0.5 GB each
+        sl = slice(r, r + step)
+        codes[sl] = _codes(np.asarray(view[sl], np.float64), scale[sl][:, g], zp[sl][:, g], (1 << bits) - 1)
+    return UniformCodes(codes, scale.astype(np.float32), zp.astype(np.uint8), bits, block)
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,17 +87,22 @@ def gptq_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = False, dtyp
     L = H.shape[0]
     if H.shape != (L, L):
         raise ValueError(f"H must be square, got {H.shape}")
-    H = np.array(H, np.float64)
-    dead = np.diag(H) == 0
-    H[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(L)
-    H = H[np.ix_(perm, perm)]
-    H[np.diag_indices(L)] += damp * np.mean(np.diag(H))
+    d = np.array(np.diag(H), np.float64)
+    dead = d == 0
+    d[dead] = 1.0
+    perm = np.argsort(-d, kind="stable") if act_order else np.arange(L)
+    # the one float64 copy of H, in reversed column order (see above) and in Fortran order, so that
+    # LAPACK factors and inverts it in place: on a 5632-wide input (1B Llama's down projection) each
+    # further L x L copy is 254 MB
+    rev = perm[::-1]
+    H = np.asfortranarray(H[np.ix_(rev, rev)] if act_order else H[::-1, ::-1], np.float64)
+    fix = dead[rev]
+    H[fix, fix] = 1.0
+    H[np.diag_indices(L)] += damp * np.mean(d[perm])
     if isinstance(backend, NumpyBackend):
-        try:
-            C = scipy.linalg.cholesky(H[::-1, ::-1], lower=True, overwrite_a=True, check_finite=False)
-        except np.linalg.LinAlgError:
-            raise ValueError("H is not positive definite after dampening; raise damp") from None
+        C, info = scipy.linalg.lapack.dpotrf(H, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            raise ValueError("H is not positive definite after dampening; raise damp")
         del H
         Cinv, info = scipy.linalg.lapack.dtrtri(C, lower=1, overwrite_c=1)
         if info != 0:
@@ -98,7 +111,7 @@ def gptq_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = False, dtyp
         diag = np.diag(Cinv)[::-1].astype(np.float64)
     else:
         torch = backend.torch
-        Hr = torch.tensor(np.ascontiguousarray(H[::-1, ::-1]), device=backend.device)
+        Hr = torch.tensor(np.ascontiguousarray(H), device=backend.device)
         del H
         C, info = torch.linalg.cholesky_ex(Hr)
         if int(info) != 0:
@@ -130,9 +143,13 @@ def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 
         raise ValueError(f"H must be ({L}, {L}) for a view with L={L}, got {tuple(f.U.shape)}")
     be, U, dtype = f.backend, f.U, f.dtype
     # Work on W^T (one row per input index): every column update below is contiguous.
-    Wt = np.asarray(view).T.astype(dtype)
+    # (one copy where it can: a 32000-word head's is 262 MB)
+    Wt = np.asarray(view).T.astype(dtype, order="C")
     Wt[f.dead] = 0.0
-    Wt = be.put(Wt[f.perm], dtype)
+    if not np.array_equal(f.perm, np.arange(L)):
+        Wt = Wt[f.perm]
+    if not isinstance(be, NumpyBackend):
+        Wt = be.put(Wt, dtype)
     codes = be.empty((L, rows), np.uint8)          # codes are integers 0..255: exact in uint8
     for i1 in range(0, L, lazy_block):
         i2 = min(i1 + lazy_block, L)
