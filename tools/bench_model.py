@@ -457,6 +457,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)   # JOB.json OUT.json: one ISA's timings
     args = ap.parse_args(argv)
+    try:
+        [parse_shape(x) for x in (args.shapes or "1").split(",")]
+        bits = tuple(float(b) for b in args.bits.split(","))
+    except ValueError as e:
+        ap.error(f"--shapes or --bits: {e}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if args.worker:
         job = json.loads(Path(args.worker[0]).read_text())
@@ -472,7 +477,7 @@ def main(argv=None) -> int:
     if unknown := [n for n in names if n not in MODELS]:
         ap.error(f"unknown bench models {unknown}: expected some of {', '.join(MODELS)}")
     cache = default_cache()
-    out = suite([asset_model(n, cache) for n in names], tuple(float(b) for b in args.bits.split(",")),
+    out = suite([asset_model(n, cache) for n in names], bits,
                 args.isas.split(",") if args.isas else None, args.shapes, args.reps, args.threads, args.clock,
                 quiet=args.quiet)
     print(f"threads {args.threads or 'default'}, median of {args.reps} alternating batches, {args.clock} ms per run")
