@@ -20,7 +20,7 @@ from ..runtime.stream import SegmentRun
 class OutputDistortion:
     def __init__(self, probe, data: dict[str, np.ndarray], batch_size: int):
         self.probe, self.data, self.batch_size = probe, data, batch_size
-        self._spill = ArraySpill()   # the reference outputs wait on disk (a 32000-word LM's logits: 65 MB on 8 x 64 tokens)
+        self._spill = ArraySpill()   # reference outputs wait on disk (a 32000-word LM's logits: 65 MB, 8 x 64 tokens)
         self.reference = [self._spill.put(r) for r in probe.run(data, batch_size)]
         first = self.reference[0]
         self.outputs = [k for k in probe.outputs if np.issubdtype(first[k].dtype, np.floating)]
