@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -147,41 +146,22 @@ class Analysis:
             ready[stream.last_reader(s.name)].append(s)
         factors = {}   # one GPTQ factor per distinct X^T X (sites reading one input share it), while needed
         states = _ort(stream.start, self.fit if data is None else data, self.batch)
-
-        def forward(k):   # segment k on every batch, its site activations into the statistics
+        for k in range(len(stream)):
+            again = quantized is not None and k + 1 < len(stream)   # the last segment feeds no site
+            before = [dict(st) for st in states] if again else None  # its start cut, to run it again
             for out in _ort(stream.advance, k, states):
                 acc.add({a: out[a] for a in stream.capture[k]})
-
-        # The next segment's forward pass (one onnxruntime thread) runs while the caller works on a
-        # block, on the cores its sites leave idle; the statistics are added in the same order, so
-        # they are the same numbers.  Not in sequential mode, where it needs the block's codes first.
-        ahead = ThreadPoolExecutor(1, thread_name_prefix="bayesq-ahead") if quantized is None else None
-        pending = None
-        try:
-            for k in range(len(stream)):
-                again = quantized is not None and k + 1 < len(stream)   # the last segment feeds no site
-                before = [dict(st) for st in states] if again else None  # its start cut, to run it again
-                if pending is None:
-                    forward(k)
-                else:
-                    pending, done = None, pending
-                    done.result()
-                if ready[k]:
-                    stats = {s.name: acc.take(s) for s in ready[k]}
-                    curvature = self.file_curvature or ActivationCurvature(stats, recipe.evidence)
-                    block = {s.name: _site_quantizer(s, self.probe.weights[s.name], curvature, stats[s.name].xtx,
-                                                     recipe, factors, self.gptq_backend) for s in ready[k]}
-                    factors = {i: f for i, f in factors.items() if acc.holds(f[0])}   # a later site shares it
-                    if ahead is not None and k + 1 < len(stream):
-                        pending = ahead.submit(forward, k + 1)
-                    yield ready[k], block
-                    block.clear()   # the caller is done with them: their views go before the next block's come
-                    if again:
-                        states = before
-                        _ort(stream.advance, k, states, quantized(ready[k]))
-        finally:
-            if ahead is not None:
-                ahead.shutdown(wait=True)   # a caller that stops early leaves no pass running
+            if ready[k]:
+                stats = {s.name: acc.take(s) for s in ready[k]}
+                curvature = self.file_curvature or ActivationCurvature(stats, recipe.evidence)
+                block = {s.name: _site_quantizer(s, self.probe.weights[s.name], curvature, stats[s.name].xtx,
+                                                 recipe, factors, self.gptq_backend) for s in ready[k]}
+                factors = {i: f for i, f in factors.items() if acc.holds(f[0])}   # a later site shares it
+                yield ready[k], block
+                block.clear()   # the caller is done with them: their views go before the next block's come
+                if again:
+                    states = before
+                    _ort(stream.advance, k, states, quantized(ready[k]))
 
     def curvature(self):
         """The curvature of every site at once: the file's, or the activation curvature from one

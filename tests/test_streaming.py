@@ -91,19 +91,6 @@ def test_streamed_statistics_equal_one_pass_of_the_whole_model(case):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
 
 
-def test_a_caller_that_stops_early_leaves_no_forward_pass_running():
-    """blocks() runs the next segment's forward pass while the caller works on a block; a caller
-    that stops there (an error, a break) must not leave that pass behind."""
-    import threading
-    build, data = CASES["residual"]
-    an = Analysis(build(), Recipe(bits=4.0), calib=data())
-    blocks = an.blocks()
-    next(blocks)
-    assert any(t.name.startswith("bayesq-ahead") for t in threading.enumerate())
-    blocks.close()
-    assert not any(t.name.startswith("bayesq-ahead") for t in threading.enumerate())
-
-
 @pytest.mark.parametrize("case", ["residual", "tied"])
 def test_streamed_plan_check_equals_the_whole_model_distortion(case):
     """The plan check's score of a plan, run a segment at a time on weights decoded from the packed
