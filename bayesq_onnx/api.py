@@ -149,8 +149,8 @@ class Analysis:
         for k in range(len(stream)):
             again = quantized is not None and k + 1 < len(stream)   # the last segment feeds no site
             before = [dict(st) for st in states] if again else None  # its start cut, to run it again
-            for out in _ort(stream.advance, k, states):
-                acc.add({a: out[a] for a in stream.capture[k]})
+            for out in _ort(stream.advance, k, states, None, stream.capture[k]):
+                acc.add(out)
             if ready[k]:
                 stats = {s.name: acc.take(s) for s in ready[k]}
                 curvature = self.file_curvature or ActivationCurvature(stats, recipe.evidence)
@@ -161,7 +161,7 @@ class Analysis:
                 block.clear()   # the caller is done with them: their views go before the next block's come
                 if again:
                     states = before
-                    _ort(stream.advance, k, states, quantized(ready[k]))
+                    _ort(stream.advance, k, states, quantized(ready[k]), [])
 
     def curvature(self):
         """The curvature of every site at once: the file's, or the activation curvature from one

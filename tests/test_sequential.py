@@ -124,8 +124,8 @@ def test_sequential_stays_streamed(monkeypatch, build, data):
     an.losses                                 # the tables' pass first (fp32, as without --sequential)
     runs = []
     advance = Stream.advance
-    monkeypatch.setattr(Stream, "advance", lambda self, k, states, overrides=None: (
-        self is an.stream and runs.append((k, sorted(overrides or ()))), advance(self, k, states, overrides))[1])
+    monkeypatch.setattr(Stream, "advance", lambda self, k, states, overrides=None, keep=None: (
+        self is an.stream and runs.append((k, sorted(overrides or ()))), advance(self, k, states, overrides, keep))[1])
     an.compress(3.0)
     # the rounding pass (the plan check's passes follow it)
     ours = runs[:next(i for i, r in enumerate(runs) if r[0] == len(an.stream) - 1) + 1]

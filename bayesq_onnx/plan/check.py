@@ -52,12 +52,14 @@ def held_back_distortions(contenders: list[Contender], packed: list[dict], sites
     with Progress(what, len(contenders)) as p:
         scores = []
         for c, arrays in zip(contenders, packed):
-            states = stream.start(held, batch_size)
-            for k in range(len(stream)):
+            states, last = stream.start(held, batch_size), len(stream) - 1
+            for k in range(last + 1):
                 names = [t for t in stream.reads[k] if t in arrays]
-                views = parallel_map(lambda t: decoded(c, arrays[t], by_name[t]), names)
-                out = stream.advance(k, states, dict(zip(names, views)))
-            scores.append(distortion.of_outputs(out))
+                weights = dict(zip(names, parallel_map(lambda t: decoded(c, arrays[t], by_name[t]), names)))
+                if k < last:
+                    stream.advance(k, states, weights, [])
+            # the outputs one batch at a time: a language model's logits are 200 MB a batch
+            scores.append(distortion.of_outputs(stream.advance(last, [st], weights)[0] for st in states))
             p.step()
     return scores
 

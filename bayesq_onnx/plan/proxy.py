@@ -6,6 +6,7 @@ model's own outputs does.  Each output counts as its relative squared error
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable
 
 import numpy as np
@@ -33,9 +34,11 @@ class OutputDistortion:
                                 self.outputs)
 
     def of_outputs(self, runs: Iterable[dict[str, np.ndarray]]) -> float:
-        """The distortion of model outputs computed elsewhere, batch by batch as the reference's."""
-        runs = list(runs)
-        return self._distortion(runs, [k for k in self.outputs if k in runs[0]])
+        """The distortion of model outputs computed elsewhere, batch by batch as the reference's
+        (``runs`` may be a generator: one batch is read at a time)."""
+        runs = iter(runs)
+        first = next(runs)
+        return self._distortion(itertools.chain([first], runs), [k for k in self.outputs if k in first])
 
     def restricted_to(self, names: list[str]) -> Callable[[dict[str, np.ndarray]], float]:
         """The same distortion for overrides of ``names`` only, running just the part of the model
