@@ -3,7 +3,9 @@ passed through the model a segment at a time -- and the same numbers and bytes a
 held at once."""
 from __future__ import annotations
 
+import gc
 import os
+import pickle
 
 import numpy as np
 import onnx
@@ -56,7 +58,6 @@ def test_weights_are_memory_mapped_from_an_external_data_file(tmp_path):
 
 
 def test_array_spill_maps_large_arrays_back_and_keeps_small_ones():
-    import pickle
     spill = model_io.ArraySpill()
     big = np.arange(model_io.SPILL_BYTES // 4 + 1, dtype=np.float32)
     small = np.arange(10, dtype=np.uint8)
@@ -69,7 +70,6 @@ def test_array_spill_maps_large_arrays_back_and_keeps_small_ones():
     shipped = pickle.loads(pickle.dumps(spill))   # a Ray worker's copy spills into its own directory
     assert shipped._dir is None
     del spill, out
-    import gc
     gc.collect()
     assert not os.path.exists(directory)
 
