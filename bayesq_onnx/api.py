@@ -33,7 +33,7 @@ from .plan.planner import check_budget, knapsack_plan, uniform_plans
 from .plan.proxy import OutputDistortion
 from .plan.tables import MEASURED, ClosedFormTables, Grids, HawqTables, Tables
 from .posterior.laplace import DiagonalLaplace
-from .parallel import parallel_map
+from .parallel import Overlap, overlap_jobs, parallel_map
 from .progress import Progress
 from .quantize.backend import backend
 from .quantize.site import SharedFactor, SiteQuantizer
@@ -141,9 +141,7 @@ class Analysis:
         quantized model's activations (docs/design.md, "Sequential")."""
         recipe, stream = self.recipe, self.stream
         acc = StatsAccumulator(self.sites)
-        ready = [[] for _ in range(len(stream))]
-        for s in self.sites:
-            ready[stream.last_reader(s.name)].append(s)
+        ready = self._block_sites()
         factors = {}   # one GPTQ factor per distinct X^T X (sites reading one input share it), while needed
         states = _ort(stream.start, self.fit if data is None else data, self.batch)
         for k in range(len(stream)):
@@ -162,6 +160,13 @@ class Analysis:
                 if again:
                     states = before
                     _ort(stream.advance, k, states, quantized(ready[k]), [])
+
+    def _block_sites(self) -> list[list]:
+        """The sites whose statistics are complete after each segment (after its last reader)."""
+        ready = [[] for _ in range(len(self.stream))]
+        for s in self.sites:
+            ready[self.stream.last_reader(s.name)].append(s)
+        return ready
 
     def curvature(self):
         """The curvature of every site at once: the file's, or the activation curvature from one
@@ -190,12 +195,15 @@ class Analysis:
             else:
                 self.tables_pass = MEASURED[source](self._table_distortion, self.sites)
             losses, grids = {}, {}
-            with Progress(f"loss tables ({self.tables_pass.name})", len(self.sites)) as p:
-                for block, qs in self.blocks():
-                    t = self.tables_pass(block, self.candidates, qs)
+            with Progress(f"loss tables ({self.tables_pass.name})", len(self.sites)) as p, self._overlap() as overlap:
+                def record(t: Tables, n: int):
                     losses.update(t.losses)
                     grids.update(t.grids)
-                    p.step(len(block))
+                    p.step(n)
+
+                for block, qs in self.blocks():
+                    overlap.submit(lambda block=block, qs=dict(qs): self.tables_pass(block, self.candidates, qs),
+                                   lambda t, n=len(block): record(t, n), sum(s.size for s in block))
             self._tables = Tables({s.name: losses[s.name] for s in self.sites}, grids)
             self.grids.update(grids)
         return self._tables.losses
@@ -282,39 +290,61 @@ class Analysis:
         sites, n, cache = self.sites, len(contenders), self._rounded
         packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
         feed = quantized_weights(contenders[0], packed[0]) if self.recipe.rounds_sequentially else None
-        with Progress("rounding and packing", len(sites)) as p:
+        with Progress("rounding and packing", len(sites)) as p, self._overlap(sequential=feed is not None) as overlap:
             for j, (block, qs) in enumerate(self.blocks(quantized=feed)):
                 # sequential: a site's codes and measured grids depend on the plan of the sites before it,
                 # so only the first block, which no quantized weight reaches, shares them across budgets
                 reuse, known = (cache, self.grids) if feed is None or j == 0 else ({}, dict(self.grids))
-                refs = {k: q.reference() for k, q in qs.items()} if any(c.reference for c in contenders) else {}
-                if knapsack is not None:   # the grids the knapsack's formats are rounded on, measured where on offer
-                    known.update(self.tables_pass.grids_for(knapsack, block, qs, known))
 
-                def pack(s):
-                    res = []
-                    for c in contenders:
-                        q, fmt = (refs if c.reference else qs)[s.name], c.plan.choice[s.name]
-                        kind = q.grid_kind(fmt, None if c.reference else known.get((s.name, fmt)))
-                        key = (s.name, fmt, kind, c.reference)
-                        if key not in reuse:
-                            arrays = None if isinstance(fmt, Float32) else fmt.pack(q.codes(fmt, kind))
-                            res.append((key, (arrays, q.expected_loss(fmt, kind))))
-                        else:
-                            res.append((key, reuse[key]))
-                    return res
+                def record(done, block=block, reuse=reuse, known=known):
+                    measured, results = done
+                    known.update(measured)
+                    for s, res in zip(block, results):
+                        for i, (key, (arrays, loss)) in enumerate(res):
+                            if arrays is not None:   # to disk, on this machine (a Ray worker's result arrives here)
+                                arrays = self._spill.put(arrays)
+                            if keep:
+                                reuse[key] = arrays, loss
+                            if arrays is not None:
+                                packed[i][s.name] = arrays
+                            grids[i][s.name], expected[i][s.name] = key[2], loss
+                        p.step()
 
-                for s, res in zip(block, parallel_map(pack, block)):
-                    for i, (key, (arrays, loss)) in enumerate(res):
-                        if arrays is not None:   # to disk, on this machine (a Ray worker's result arrives here)
-                            arrays = self._spill.put(arrays)
-                        if keep:
-                            reuse[key] = arrays, loss
-                        if arrays is not None:
-                            packed[i][s.name] = arrays
-                        grids[i][s.name], expected[i][s.name] = key[2], loss
-                    p.step()
+                overlap.submit(lambda block=block, qs=dict(qs), reuse=reuse, known=known:
+                               self._pack_block(block, qs, contenders, knapsack, reuse, known),
+                               record, sum(s.size for s in block))
         return packed, grids, expected
+
+    def _pack_block(self, block, qs, contenders: list[Contender], knapsack, reuse: dict, known: Grids):
+        """One block's share of :meth:`_round`, free of side effects (it may run beside the next
+        block's forward pass): the grids measured for the knapsack's formats, and per site, per
+        contender, ``(key, (packed arrays, expected loss))``, from ``reuse`` where it holds the key."""
+        refs = {k: q.reference() for k, q in qs.items()} if any(c.reference for c in contenders) else {}
+        # the grids the knapsack's formats are rounded on, measured where on offer
+        measured = self.tables_pass.grids_for(knapsack, block, qs, known) if knapsack is not None else {}
+
+        def pack(s):
+            res = []
+            for c in contenders:
+                q, fmt = (refs if c.reference else qs)[s.name], c.plan.choice[s.name]
+                kind = q.grid_kind(fmt, None if c.reference else measured.get((s.name, fmt), known.get((s.name, fmt))))
+                key = (s.name, fmt, kind, c.reference)
+                if key not in reuse:
+                    arrays = None if isinstance(fmt, Float32) else fmt.pack(q.codes(fmt, kind))
+                    # the reference GPTQ plan is rated by the check alone: its posterior expected
+                    # loss would cost about as much as its rounding (docs/design.md, "Plan check")
+                    res.append((key, (arrays, None if c.reference else q.expected_loss(fmt, kind))))
+                else:
+                    res.append((key, reuse[key]))
+            return res
+
+        return measured, list(parallel_map(pack, block))
+
+    def _overlap(self, sequential: bool = False) -> Overlap:
+        """How a pass over the blocks overlaps one block's work with the next block's forward pass:
+        never in sequential mode (the next block runs on this one's codes); else with blocks in flight
+        up to the largest block's weights, so memory holds about two of the largest blocks."""
+        return Overlap(max(sum(s.size for s in b) for b in self._block_sites()), 0 if sequential else overlap_jobs())
 
     def _distill(self, chosen: Contender, packed: dict, steps: int) -> tuple[dict, dict]:
         """The chosen plan's packed tensors with its scales and levels tuned toward the fp32 outputs on

@@ -51,6 +51,15 @@ def workers() -> int:
     return int(env)
 
 
+def overlap_jobs() -> int:
+    """Blocks worked on at once beside the caller (:class:`Overlap`): one more than the workers, so
+    that a block's last sites never leave a core idle (0.1B Llama, bayesq at 3 bits on 2 cores: 128 s
+    without overlap, 116 s with two blocks, 107 s with three); none with one worker, which keeps
+    everything in the calling thread."""
+    n = workers()
+    return 0 if n <= 1 else n + 1
+
+
 class Threads:
     """A few threads of this process: the heavy parts -- numpy on whole weight matrices,
     onnxruntime runs -- release the GIL, so threads overlap one site's numpy with another's
@@ -116,6 +125,47 @@ def _run_task(boxed: list, item):
         return True, _task_fn[key](item)
     except BayesQError as e:
         return False, e
+
+
+class Overlap:
+    """A pass over the blocks whose per-block work runs in the background while the caller goes on
+    to the next block -- its forward pass, then its own work -- instead of leaving a core idle
+    while the last sites of a block finish.  ``submit(work, then, size)``: ``work()`` runs on a
+    thread of its own, ``then(result)`` in the caller's thread, in the order of submission, when the
+    caller next waits (so what ``then`` touches needs no lock).  The caller waits for the oldest
+    jobs first while ``jobs`` are under way, or while the sizes under way and the new one's would
+    pass ``limit`` (a block bigger than it runs alone): memory holds a bounded share of the model.
+    ``jobs=0``: every job runs at once in the caller's thread.  Results never depend on the
+    overlap: ``work`` has no side effects, and ``then`` runs in the same order either way."""
+
+    def __init__(self, limit: float, jobs: int = 2):
+        self.limit, self.jobs, self._pending = limit, jobs, []
+        self._pool = ThreadPoolExecutor(jobs, thread_name_prefix="bayesq-block") if jobs else None
+
+    def submit(self, work: Callable[[], R], then: Callable[[R], None], size: float = 0.0) -> None:
+        if self._pool is None:
+            then(work())
+            return
+        while self._pending and (len(self._pending) >= self.jobs or
+                                 sum(n for _, _, n in self._pending) + size > self.limit):
+            self._collect()
+        self._pending.append((self._pool.submit(work), then, size))
+
+    def _collect(self) -> None:
+        future, then, _ = self._pending.pop(0)
+        then(future.result())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            while exc[0] is None and self._pending:
+                self._collect()
+        finally:
+            if self._pool is not None:   # on an error: queued jobs are dropped, running ones finish
+                self._pool.shutdown(wait=True, cancel_futures=True)
+        return False
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:

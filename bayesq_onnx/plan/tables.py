@@ -9,6 +9,7 @@ taking: they get +inf without being rounded or measured.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,7 @@ class KronTables:
 
     def __init__(self, distortion: OutputDistortion, sites):
         self.distortion, self._names, self._from_segment = distortion, [s.name for s in sites], None
+        self._lock = threading.Lock()   # blocks in flight at once (parallel.Overlap) ask for the cut together
 
     def __call__(self, sites, candidates, quantizers) -> Tables:
         from_segment = self._segmented()
@@ -58,9 +60,10 @@ class KronTables:
         return Tables(_per_site(sites, site_table))
 
     def _segmented(self):
-        if self._from_segment is None:   # cut once for all the sites, whichever part is asked for first
-            self._from_segment = self.distortion.segmented(self._names)
-        return self._from_segment
+        with self._lock:
+            if self._from_segment is None:   # cut once for all the sites, whichever part is asked for first
+                self._from_segment = self.distortion.segmented(self._names)
+            return self._from_segment
 
     def grids_for(self, plan: Plan, sites, quantizers, known: Grids) -> Grids:
         """Where a site offers several grids for its planned format (grouped Conv and Gather: no

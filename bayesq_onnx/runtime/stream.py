@@ -5,6 +5,8 @@ their quantized values as it runs.  A model that cannot be cut (subgraphs) is on
 probe's whole session."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from onnx import helper
 
@@ -19,6 +21,7 @@ class Stream:
         """``names``: the site weights (the cuts are those of their forward cone); ``activations``:
         the inputs each of them reads, to be captured (:attr:`capture`)."""
         self.probe, self.weights = probe, probe.weights
+        self._lock = threading.Lock()   # sessions are made on first use, by whichever thread comes first
         activations = activations or {}
         acts = list(dict.fromkeys(a for n in names for a in activations.get(n, ())))
         if probe.model is None:
@@ -101,9 +104,10 @@ class Stream:
         """One state per batch: its graph inputs and the side tensors; :meth:`advance` adds each cut."""
         states = [dict(feed) for feed in batches(data, batch_size)]
         if self.side:
-            if self._side_session is None:
-                self._side_session = _session(submodel(self._model, self._side_part, [self.graph_inputs[k] for k in
-                                                       self._side_reads], self.side), True, self.probe.external)
+            with self._lock:
+                if self._side_session is None:
+                    self._side_session = _session(submodel(self._model, self._side_part, [self.graph_inputs[k] for k
+                                                           in self._side_reads], self.side), True, self.probe.external)
             for st in states:
                 st.update(zip(self.side, self._side_session.run(
                     self.side, {k: st[k] if k in st else self.weights[k] for k in self._side_reads})))
@@ -136,18 +140,25 @@ class Stream:
 
     # pickled (parallel.py's Ray workers) without sessions: they are made again on first use
     def __getstate__(self):
-        return {**self.__dict__, "_sessions": [None] * len(self._sessions), "_side_session": None}
+        return {k: v for k, v in {**self.__dict__, "_sessions": [None] * len(self._sessions),
+                                  "_side_session": None}.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _session(self, k: int, state: dict[str, np.ndarray]):
         if self._model is None:        # the whole model, uncut
             return self.probe.session, self.outs[0]
-        if self._sessions[k] is None:
-            inputs = [self.graph_inputs[t] if t in self.graph_inputs else
-                      helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(self._value(t, state).dtype), None)
-                      for t in self.reads[k]]
-            outs = [o for o in self.outs[k] if o not in self.graph_inputs]
-            self._sessions[k] = (_session(submodel(self._model, self.segments[k].nodes, inputs, outs), True,
-                                          self.probe.external), outs)
+        with self._lock:
+            if self._sessions[k] is None:
+                inputs = [self.graph_inputs[t] if t in self.graph_inputs else
+                          helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(self._value(t, state).dtype),
+                                                        None)
+                          for t in self.reads[k]]
+                outs = [o for o in self.outs[k] if o not in self.graph_inputs]
+                self._sessions[k] = (_session(submodel(self._model, self.segments[k].nodes, inputs, outs), True,
+                                              self.probe.external), outs)
         return self._sessions[k]
 
     def _value(self, t: str, state: dict[str, np.ndarray]) -> np.ndarray:

@@ -1,0 +1,80 @@
+"""parallel.Overlap: one block's work in the background while the caller builds the next, with the
+results handed back in order and the work in flight bounded by count and by size."""
+import threading
+import time
+
+import pytest
+
+from bayesq_onnx.parallel import Overlap
+
+
+class Tracker:
+    """Work that records how many jobs, and how much size, run at once."""
+
+    def __init__(self):
+        self.lock, self.jobs, self.size, self.max_jobs, self.max_size = threading.Lock(), 0, 0.0, 0, 0.0
+
+    def work(self, i, size, seconds):
+        def run():
+            with self.lock:
+                self.jobs += 1
+                self.size += size
+                self.max_jobs, self.max_size = max(self.max_jobs, self.jobs), max(self.max_size, self.size)
+            time.sleep(seconds)
+            with self.lock:
+                self.jobs -= 1
+                self.size -= size
+            return i
+        return run
+
+
+def test_results_come_back_in_submission_order_in_the_callers_thread():
+    t, seen, caller = Tracker(), [], threading.get_ident()
+    with Overlap(limit=100.0, jobs=3) as ov:
+        # later jobs finish first: the order of `then` must not follow completion
+        for i, sec in enumerate([0.15, 0.1, 0.05, 0.0, 0.05]):
+            ov.submit(t.work(i, 1.0, sec), lambda r: seen.append((r, threading.get_ident())))
+    assert [r for r, _ in seen] == [0, 1, 2, 3, 4]
+    assert {tid for _, tid in seen} == {caller}
+    assert t.max_jobs > 1   # they did overlap
+
+
+def test_jobs_and_sizes_in_flight_are_bounded():
+    t = Tracker()
+    with Overlap(limit=3.0, jobs=3) as ov:
+        for i, size in enumerate([1.0, 1.0, 1.0, 2.0, 1.0, 5.0, 1.0, 1.0]):
+            ov.submit(t.work(i, size, 0.02), lambda r: None, size)
+    assert t.max_jobs <= 3
+    # 3.0, or a block bigger than the limit alone (5.0): never the two together
+    assert t.max_size <= 5.0 and t.max_size != 6.0
+
+
+def test_a_block_bigger_than_the_limit_runs_alone():
+    t = Tracker()
+    with Overlap(limit=2.0, jobs=4) as ov:
+        ov.submit(t.work(0, 1.0, 0.05), lambda r: None, 1.0)
+        ov.submit(t.work(1, 5.0, 0.05), lambda r: None, 5.0)
+        ov.submit(t.work(2, 1.0, 0.05), lambda r: None, 1.0)
+    assert t.max_size == 5.0 and t.max_jobs == 1
+
+
+def test_no_jobs_runs_everything_in_the_callers_thread():
+    caller, where = threading.get_ident(), []
+    with Overlap(limit=1.0, jobs=0) as ov:
+        for i in range(3):
+            ov.submit(lambda i=i: (i, threading.get_ident()), where.append)
+    assert where == [(i, caller) for i in range(3)]
+
+
+def test_an_error_in_the_work_reaches_the_caller_and_later_results_are_not_recorded():
+    seen = []
+
+    def boom():
+        raise ValueError("bad block")
+
+    with pytest.raises(ValueError, match="bad block"):
+        with Overlap(limit=10.0, jobs=2) as ov:
+            ov.submit(lambda: 0, seen.append)
+            ov.submit(boom, seen.append)
+            ov.submit(lambda: 2, seen.append)
+    assert seen == [0]
