@@ -34,6 +34,7 @@ from .plan.proxy import OutputDistortion
 from .plan.tables import MEASURED, ClosedFormTables, Grids, HawqTables, Tables
 from .posterior.laplace import DiagonalLaplace
 from .parallel import Overlap, overlap_jobs, parallel_map
+from . import memory
 from .progress import Progress
 from .quantize.backend import backend
 from .quantize.site import SharedFactor, SiteQuantizer
@@ -157,6 +158,7 @@ class Analysis:
                 factors = {i: f for i, f in factors.items() if acc.holds(f[0])}   # a later site shares it
                 yield ready[k], block
                 block.clear()   # the caller is done with them: their views go before the next block's come
+                memory.release()
                 if again:
                     states = before
                     _ort(stream.advance, k, states, quantized(ready[k]), [])

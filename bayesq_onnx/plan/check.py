@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import memory
 from ..parallel import parallel_map
 from ..progress import Progress
 from .planner import Plan
@@ -60,6 +61,7 @@ def held_back_distortions(contenders: list[Contender], packed: list[dict], sites
                     stream.advance(k, states, weights, [])
             # the outputs one batch at a time: a language model's logits are 200 MB a batch
             scores.append(distortion.of_outputs(stream.advance(last, [st], weights)[0] for st in states))
+            memory.release()
             p.step()
     return scores
 

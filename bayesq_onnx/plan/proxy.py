@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import BayesQError
+from .. import memory
 from ..graph.cone import linear_tail
 from ..graph.model_io import ArraySpill
 from ..runtime.probe import ConeRun
@@ -23,6 +24,7 @@ class OutputDistortion:
         self.probe, self.data, self.batch_size = probe, data, batch_size
         self._spill = ArraySpill()   # reference outputs wait on disk (a 32000-word LM's logits: 65 MB, 8 x 64 tokens)
         self.reference = [self._spill.put(r) for r in probe.run(data, batch_size)]
+        memory.release()   # what the whole-model run allocated (a language model's logits: twice)
         first = self.reference[0]
         self.outputs = [k for k in probe.outputs if np.issubdtype(first[k].dtype, np.floating)]
         if not self.outputs:
