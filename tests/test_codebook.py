@@ -415,10 +415,13 @@ def test_bad_path_switch(monkeypatch, codebook_path):
 
 @pytest.mark.parametrize("codebook_path", ["native"], indirect=True)
 @pytest.mark.parametrize("rows, L, block", [(6, 768, None), (24, 100, 32), (24, 100, 48)])
-def test_native_matches_numpy(monkeypatch, codebook_path, rows, L, block):
+@pytest.mark.parametrize("values", ["float64", "float32"])
+def test_native_matches_numpy(monkeypatch, codebook_path, rows, L, block, values):
     """The native fit and loss against the numpy reference: per-row codebooks of 768 weights and
     blocks of 32 and 48 (a short last group of 4), 2..64 levels, sigma 0 to about a level spacing,
-    weightless entries and groups, a constant run."""
+    weightless entries and groups, a constant run.  Means that are all float32 (weights are) are
+    sorted by the native radix sort, others by pairs: both give numpy's stable order, ties (equal
+    values, -0 and +0) by index."""
     def numpy_path(f, *args, **kw):
         monkeypatch.setenv("BAYESQ_CODEBOOK", "numpy")
         try:
@@ -428,6 +431,10 @@ def test_native_matches_numpy(monkeypatch, codebook_path, rows, L, block):
     rng = np.random.default_rng(L + (block or 0))
     mu = rng.standard_t(4, (rows, L)) * 0.02
     mu[0, :40] = 0.01                                        # constant (a whole group when block=32)
+    if values == "float32":
+        mu = mu.astype(np.float32).astype(np.float64)
+        mu[3, 10:40:2], mu[3, 11:40:2] = -0.0, 0.0           # signed zeros, interleaved
+        mu[4, 40:60] = mu[4, 60:80]                          # duplicated values
     w = rng.gamma(2.0, 1.0, (rows, L))
     w[1, ::3] = 0.0
     w[2, :50] = 0.0                                          # a weightless group
