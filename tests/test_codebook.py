@@ -119,13 +119,14 @@ def test_sigma_zero_matches_brute_force_kmeans():
         w = rng.gamma(1.0, 1.0, n)
         opt, _ = _brute_kmeans(x, w, K)
         for init in ("auto", "kmeans"):
-            cb, codes = lloyd_max(x[None], 0.0, w[None], K, init=init)
+            cb = lloyd_max(x[None], 0.0, w[None], K, init=init)
+            codes = codebook_codes(x[None], cb)
             got = expected_codebook_loss(x[None], 0.0, w[None], cb)[0]
             # the levels are stored in float32: (relative level error 6e-8)^2 scale, far below 1e-9
             assert got == pytest.approx(opt, rel=1e-9, abs=1e-12), (case, init, got, opt)
         # the weights' scale does not matter (precisions run to 1e12): the same levels, up to
         # the rounding of the rescaled sums (one float32 ulp, 1.2e-7)
-        big, _ = lloyd_max(x[None], 0.0, 1e12 * w[None], K)
+        big = lloyd_max(x[None], 0.0, 1e12 * w[None], K)
         np.testing.assert_allclose(big, cb, rtol=2.4e-7)
         # and the result is a k-means fixed point: every level is its cell's weighted mean
         for k in np.unique(codes):
@@ -158,7 +159,7 @@ def test_kmeans_start_is_optimal_on_larger_groups():
     w[1, 5:30] = 0.0                                     # weightless entries
     mu[2, 80:] = np.round(mu[2, 80:])                    # last group (20 long): few distinct values
     for K in (2, 5, 8):
-        cb, _ = lloyd_max(mu, 0.0, w, K, block=40, init="kmeans", iters=0)
+        cb = lloyd_max(mu, 0.0, w, K, block=40, init="kmeans", iters=0)
         got = expected_codebook_loss(mu, 0.0, w, cb, block=40)
         ref = [_reference_dp(mu[r, g * 40:(g + 1) * 40], w[r, g * 40:(g + 1) * 40], K)
                for r in range(3) for g in range(3)]
@@ -174,11 +175,11 @@ def test_binned_kmeans_on_long_groups(monkeypatch, heavy, levels):
     rng = np.random.default_rng(13)
     mu = rng.standard_t(3, (4, 512)) if heavy else rng.standard_normal((4, 512))
     w = rng.gamma(2.0, 1.0, (1, 512))
-    cb, _ = lloyd_max(mu, 0.0, w, levels, init="kmeans")
+    cb = lloyd_max(mu, 0.0, w, levels, init="kmeans")
     binned = expected_codebook_loss(mu, 0.0, w, cb)
     monkeypatch.setattr(cbm, "_DP_BINS", 1 << 20)
     monkeypatch.setattr(cbm, "_DP_BINS_MANY", 1 << 20)
-    cb, _ = lloyd_max(mu, 0.0, w, levels, init="kmeans")
+    cb = lloyd_max(mu, 0.0, w, levels, init="kmeans")
     exact = expected_codebook_loss(mu, 0.0, w, cb)
     assert np.all(binned >= exact * (1 - 1e-9))           # exact is optimal
     # measured: 0.0-0.5% above at 8 and 16 levels; tails get runs of their own, which equal-count runs alone do
@@ -195,7 +196,7 @@ def test_lloyd_alone_is_a_local_method():
     for _ in range(40):
         x, w = rng.standard_t(3, 9), rng.gamma(1.0, 1.0, 9)
         opt, _ = _brute_kmeans(x, w, 3)
-        cb, _ = lloyd_max(x[None], 0.0, w[None], 3, init="quantile", iters=200, tol=0)
+        cb = lloyd_max(x[None], 0.0, w[None], 3, init="quantile", iters=200, tol=0)
         got = expected_codebook_loss(x[None], 0.0, w[None], cb)[0]
         assert got >= opt * (1 - 1e-9)                    # round-off only
         hits += got <= opt * (1 + 1e-9)
@@ -206,7 +207,7 @@ def test_optimum_is_a_fixed_point():
     rng = np.random.default_rng(3)
     x, w = rng.standard_normal(8), rng.gamma(2.0, 1.0, 8)
     opt, levels = _brute_kmeans(x, w, 3)
-    cb, _ = lloyd_max(x[None], 0.0, w[None], 3, init=levels[None], iters=50, tol=0)
+    cb = lloyd_max(x[None], 0.0, w[None], 3, init=levels[None], iters=50, tol=0)
     np.testing.assert_array_equal(cb[0], levels.astype(np.float32))
 
 
@@ -219,7 +220,7 @@ def test_loss_never_increases(init, scale_h):
     sig, prec = np.sqrt(post.sigma2), post.precision
     losses = []
     for it in range(12):
-        cb, _ = lloyd_max(post.mu, sig, prec, 8, block=48, iters=it, init=init, tol=0)
+        cb = lloyd_max(post.mu, sig, prec, 8, block=48, iters=it, init=init, tol=0)
         losses.append(expected_codebook_loss(post.mu, sig, prec, cb, block=48))
     losses = np.array(losses)
     # Each exact Lloyd step is non-increasing; rounding a centroid to the nearest float32 never
@@ -235,7 +236,8 @@ def test_loss_never_increases(init, scale_h):
 def test_lut_beats_uniform_minmax(bits, heavy):
     post = _posterior(32, 256, bits, 1e6, heavy)         # sigma well below the step: the BayesQ regime
     sig, prec = np.sqrt(post.sigma2), post.precision
-    cb, codes = lloyd_max(post.mu, sig, prec, 1 << bits, block=64)
+    cb = lloyd_max(post.mu, sig, prec, 1 << bits, block=64)
+    codes = codebook_codes(post.mu, cb, block=64)
     lut = expected_codebook_loss(post.mu, sig, prec, cb, block=64)
     scale, zp = minmax_grid(post.mu, bits, 64)
     uni = expected_loss(post, scale, zp, bits, 64).ravel()
@@ -262,7 +264,8 @@ def test_edge_groups():
     weight = np.ones_like(mu)
     weight[3, 40:50] = 0.0                                # weightless entries
     for init in ("auto", "kmeans", "quantile", "minmax"):
-        cb, codes = lloyd_max(mu, sigma, weight, K, block=32, init=init)   # 3 groups/row, last has 6
+        cb = lloyd_max(mu, sigma, weight, K, block=32, init=init)   # 3 groups/row, last has 6
+        codes = codebook_codes(mu, cb, block=32)
         assert cb.shape == (12, K) and np.all(np.isfinite(cb)) and np.all(np.diff(cb, axis=1) >= 0)
         assert codes.shape == mu.shape and codes.max() < K
         if init != "minmax":
@@ -270,7 +273,8 @@ def test_edge_groups():
             np.testing.assert_array_equal(codebook_dequantize(codes, cb, block=32)[:3, :32],
                                           mu[:3, :32].astype(np.float32))
     # groups with no weight at all still get finite, ordered levels
-    cb, codes = lloyd_max(mu, 0.1, 0.0, 4, block=32)
+    cb = lloyd_max(mu, 0.1, 0.0, 4, block=32)
+    codes = codebook_codes(mu, cb, block=32)
     assert np.all(np.isfinite(cb)) and np.all(np.diff(cb, axis=1) >= 0)
     assert np.all(expected_codebook_loss(mu, 0.1, 0.0, cb, block=32) == 0)
 
@@ -278,7 +282,8 @@ def test_edge_groups():
 def test_single_level_is_the_weighted_mean():
     rng = np.random.default_rng(5)
     mu, w = rng.standard_normal((3, 20)), rng.gamma(2.0, 1.0, (3, 20))
-    cb, codes = lloyd_max(mu, 0.2, w, 1)
+    cb = lloyd_max(mu, 0.2, w, 1)
+    codes = codebook_codes(mu, cb)
     # one cell holds all the mass: the centroid is the weighted mean (float32 storage)
     np.testing.assert_allclose(cb[:, 0], np.sum(w * mu, 1) / np.sum(w, 1), rtol=1e-6)
     assert np.all(codes == 0)
@@ -302,12 +307,12 @@ def test_deterministic_and_independent_of_batching(monkeypatch):
     args = (post.mu, np.sqrt(post.sigma2), post.precision, 4)
     a = lloyd_max(*args, block=16)
     b = lloyd_max(*args, block=16)
-    assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+    assert a.tobytes() == b.tobytes()
     # each group stops on its own, so tiny batches give the same bytes
     monkeypatch.setattr(cbm, "_CHUNK", 64)
     monkeypatch.setattr(cbm, "_DP_CELLS", 300)
     c = lloyd_max(*args, block=16)
-    assert a[0].tobytes() == c[0].tobytes() and a[1].tobytes() == c[1].tobytes()
+    assert a.tobytes() == c.tobytes()
 
 
 
@@ -443,8 +448,8 @@ def test_native_matches_numpy(monkeypatch, codebook_path, rows, L, block, values
         for spread in (0.0, 0.3, 1.0):                       # sigma / level spacing (about)
             sig = spread * (0.1 / K) * rng.uniform(0.5, 1.5, (rows, L))
             for init in ("auto", "quantile") if K <= 16 else ("auto",):
-                ref = numpy_path(lloyd_max, mu, sig, w, K, block=block, init=init)[0]
-                got = lloyd_max(mu, sig, w, K, block=block, init=init)[0]
+                ref = numpy_path(lloyd_max, mu, sig, w, K, block=block, init=init)
+                got = lloyd_max(mu, sig, w, K, block=block, init=init)
                 loss_ref = numpy_path(expected_codebook_loss, mu, sig, w, ref, block=block)
                 # the closed form itself: the same sums in the same order; only std::erfc / std::exp
                 # against scipy's ndtr / numpy's exp differ, by an ulp or so per term (measured: 8e-14
@@ -476,7 +481,8 @@ def _correlated(n, L, seed):
 def test_gptq_codebook_with_diagonal_h_is_nearest():
     rng = np.random.default_rng(8)
     W = rng.standard_normal((6, 40)).astype(np.float32)
-    cb, codes = lloyd_max(W, 0.0, 1.0, 4, block=16)
+    cb = lloyd_max(W, 0.0, 1.0, 4, block=16)
+    codes = codebook_codes(W, cb, block=16)
     H = np.diag(rng.uniform(0.5, 2.0, 40))
     # a diagonal H has no cross terms to feed the error into: plain nearest rounding
     np.testing.assert_array_equal(round_gptq_codebook(W, H, cb, 16), codes)
@@ -497,7 +503,8 @@ def test_gptq_codebook_lowers_output_error():
     X = _correlated(300, 64, 10)
     W = np.random.default_rng(10).standard_normal((16, 64)).astype(np.float32)
     H = X.T @ X
-    cb, nearest = lloyd_max(W, 0.0, 1.0, 4, block=32)
+    cb = lloyd_max(W, 0.0, 1.0, 4, block=32)
+    nearest = codebook_codes(W, cb, block=32)
     gq = round_gptq_codebook(W, H, cb, 32)
     assert gq.dtype == np.uint8 and gq.shape == W.shape and gq.max() < 4
 

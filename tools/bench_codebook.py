@@ -46,7 +46,7 @@ def posterior(rng, shape, levels, spread):
 
 
 def fit(mu, sigma, weight, levels):
-    cb = lloyd_max(mu, sigma, weight, levels)[0]
+    cb = lloyd_max(mu, sigma, weight, levels)
     return cb, expected_codebook_loss(mu, sigma, weight, cb)
 
 

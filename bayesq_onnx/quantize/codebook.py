@@ -524,9 +524,10 @@ def _lloyd_chunk(mu, sig, w, c, iters, tol, alt=None):
 
 
 def lloyd_max(mu, sigma, weight, levels: int, *, block: int | None = None, iters: int = 25,
-              init: str | np.ndarray = "auto", tol: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior-weighted Lloyd-Max codebook per group: ``(codebook float32 (G, levels) sorted,
-    codes uint8 mu.shape)``, codes the nearest level of each ``mu`` (:func:`codebook_codes`).
+              init: str | np.ndarray = "auto", tol: float = 1e-3) -> np.ndarray:
+    """Posterior-weighted Lloyd-Max codebook per group: float32 ``(G, levels)``, sorted (the
+    nearest level of each ``mu``: :func:`codebook_codes`, once the levels are stored as the
+    format stores them).
 
     ``sigma`` (posterior std, 0 allowed) and ``weight`` (importance, >= 0: the precision)
     broadcast to ``mu``.  ``init`` (all deterministic):
@@ -590,8 +591,7 @@ def lloyd_max(mu, sigma, weight, levels: int, *, block: int | None = None, iters
             if c is None:
                 c = _start_levels(m, w, valid, K, start)
             out[sl] = _lloyd_chunk(m, s, w, c, iters, tol, alt)
-    codebook = out.astype(np.float32)
-    return codebook, codebook_codes(mu, codebook, block=block)
+    return out.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------

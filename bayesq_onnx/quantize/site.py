@@ -97,7 +97,7 @@ class SiteQuantizer:
         if (fmt, "lut") not in self._grids:
             block = fmt.block or None
             sigma = np.sqrt(self.posterior.sigma2.astype(np.float64))
-            codebook, _ = lloyd_max(self.posterior.mu, sigma, self.posterior.precision, 1 << fmt.bits, block=block)
+            codebook = lloyd_max(self.posterior.mu, sigma, self.posterior.precision, 1 << fmt.bits, block=block)
             codebook = fmt.round_scales(codebook)   # the levels as stored (fp16 or fp32), then the codes
             self._grids[fmt, "lut"] = (codebook, codebook_codes(self.view, codebook, block=block),
                                        expected_codebook_loss(self.view, sigma, self.posterior.precision, codebook,
@@ -226,7 +226,7 @@ class SiteQuantizer:
             # +-25%, at 0.1-0.6x the cost
             block = fmt.block or None
             prec = np.broadcast_to(self.posterior.precision, self.view.shape)[rows]
-            codebook = fmt.round_scales(lloyd_max(mu, 0.0, prec, 1 << fmt.bits, block=block, iters=0)[0])
+            codebook = fmt.round_scales(lloyd_max(mu, 0.0, prec, 1 << fmt.bits, block=block, iters=0))
             err = codebook_dequantize(codebook_codes(mu, codebook, block=block), codebook, block=block) - mu
             per_row = (w * np.square(err, dtype=np.float64)).sum(axis=1)
         else:
