@@ -138,7 +138,7 @@ class Overlap:
     ``jobs=0``: every job runs at once in the caller's thread.  Results never depend on the
     overlap: ``work`` has no side effects, and ``then`` runs in the same order either way."""
 
-    def __init__(self, limit: float, jobs: int = 2):
+    def __init__(self, limit: float, jobs: int):
         self.limit, self.jobs, self._pending = limit, jobs, []
         self._pool = ThreadPoolExecutor(jobs, thread_name_prefix="bayesq-block") if jobs else None
 
@@ -163,8 +163,8 @@ class Overlap:
             while exc[0] is None and self._pending:
                 self._collect()
         finally:
-            if self._pool is not None:   # on an error: queued jobs are dropped, running ones finish
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._pool is not None:   # on an error the jobs under way finish; their results are dropped
+                self._pool.shutdown(wait=True)
         return False
 
 
