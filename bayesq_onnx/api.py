@@ -29,7 +29,7 @@ from .graph.sites import find_sites, float_initializer_bits, statistics_note
 from .lower.ort_cpu import lower_ort_cpu, lower_portable
 from .plan.candidates import candidate_formats
 from .plan.check import Contender, check_plans, held_back_distortions, quantized_weights
-from .plan.planner import check_budget, knapsack_plan, uniform_plans
+from .plan.planner import check_budget, dense_knapsack_plan, knapsack_plan, uniform_plans
 from .plan.proxy import OutputDistortion
 from .plan.tables import MEASURED, ClosedFormTables, Grids, HawqTables, Tables
 from .posterior.laplace import DiagonalLaplace
@@ -235,7 +235,9 @@ class Analysis:
         else:
             losses = self.losses
             knapsack = knapsack_plan(sites, self.candidates, losses, budget_bits)
-            contenders = [Contender(p) for p in [knapsack, *uniforms[:self.tables_pass.uniform_checked]]] + \
+            dense = dense_knapsack_plan(sites, self.candidates, losses, budget_bits, knapsack)
+            contenders = [Contender(p) for p in [knapsack, *[dense] * (dense is not None),
+                                                 *uniforms[:self.tables_pass.uniform_checked]]] + \
                 [Contender(replace(u, label=f"gptq {u.label}"), reference=True) for u in uniforms[:1]]
         packed, grids, expected = self._round(contenders, None if self.uniform else contenders[0].plan,
                                               keep=not _single_use)

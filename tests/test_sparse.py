@@ -16,14 +16,14 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 from bayesq_onnx.config import METHODS, Recipe
-from bayesq_onnx.formats import BayesqSparse, BayesqUniform, SparseCodes, UniformCodes
+from bayesq_onnx.formats import BayesqSparse, SparseCodes, UniformCodes
 from bayesq_onnx.formats.bayesq_sparse import (mask_from_patterns, pattern_bits, patterns, patterns_from_mask,
                                                top_mask)
 from bayesq_onnx.formats.bayesq_uniform import groups
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_dequantize_node, bayesq_matmul_node
 from bayesq_onnx.lower.portable import portable_weight_nodes
 from bayesq_onnx.plan.candidates import candidate_formats
-from bayesq_onnx.plan.planner import knapsack_plan, uniform_plans
+from bayesq_onnx.plan.planner import cheapest_bits, dense_knapsack_plan, knapsack_plan, uniform_plans
 from bayesq_onnx.posterior.expected_loss import pruned_loss
 from bayesq_onnx.posterior.laplace import DiagonalLaplace
 from bayesq_onnx.quantize.rounding import round_gptq
@@ -240,6 +240,15 @@ def test_knapsack_takes_sparse_where_half_the_weights_are_noise():
     # uniform plans (gptq's reference and the plan check's) never take a sparse format
     cands = {s.name: candidate_formats(s, recipe) for s in sites}
     assert not any(isinstance(f, BayesqSparse) for p in uniform_plans(sites, cands, 1e9) for f in p.choice.values())
+    # the plan check's dense twin: the same knapsack with the sparse formats withdrawn
+    losses = {s.name: np.array([quant[s.name].expected_loss(f) for f in cands[s.name]]) for s in sites}
+    budget = recipe.bits * rows * L * 2
+    twin = dense_knapsack_plan(sites, cands, losses, budget, with_sparse)
+    assert twin.label == "knapsack dense" and twin.choice == without.choice
+    assert dense_knapsack_plan(sites, cands, losses, budget, without) is None        # nothing was pruned
+    dense = {k: [f for f in fs if not isinstance(f, BayesqSparse)] for k, fs in cands.items()}
+    low = cheapest_bits(sites, dense) - 1                                             # only pruning fits
+    assert dense_knapsack_plan(sites, cands, losses, low, knapsack_plan(sites, cands, losses, low)) is None
 
 
 # ------------------------------------------------------------------ the custom ops (libbayesq_ops.so)
@@ -301,3 +310,20 @@ def test_compress_with_sparse_candidates(tmp_path, case):
         # fp32 sums in other orders (the kernels', onnxruntime's, numpy's): a few ulps of the outputs
         for got in outs.values():     # the same plan and codes whichever target
             np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_plan_check_weighs_a_pruned_plan_against_its_dense_twin(tmp_path):
+    """Where the knapsack prunes and a dense plan fits too (this MLP at 3.0 bits prunes a quarter of its
+    first layer), the plan check measures both, and the plan shipped is the least distorted one."""
+    import onnx
+    from bayesq_onnx import compress
+    src = tmp_path / "m.onnx"
+    onnx.save(models.mlp(), src)
+    rep = compress(src, Recipe(bits=3.0, sparse=((2, 4), (4, 8), (6, 8))), calib=models.mlp_data()).report
+    scores = {c["plan"]: c["distortion"] for c in rep["plan_check"]["candidates"]}
+    assert {"knapsack", "knapsack dense"} <= set(scores)
+    assert any(l["sparsity"] > 0 for l in rep["layers"]) == (rep["plan"] == "knapsack")
+    assert scores[rep["plan"]] == min(scores.values())
+    # the ratio to the best uniform plan leaves the dense twin out
+    uniform = min(v for k, v in scores.items() if not k.startswith("knapsack"))
+    assert rep["plan_check"]["knapsack_vs_best_uniform"] == pytest.approx(scores["knapsack"] / uniform)

@@ -66,3 +66,19 @@ def knapsack_plan(sites: list[WeightSite], candidates: dict[str, list[Format]],
         raise BayesQError(str(e)) from None
     choice = {s.name: candidates[s.name][j] for s, j in zip(sites, alloc.choice)}
     return Plan("knapsack", choice, plan_bits(sites, choice), tuple(alloc.steps))
+
+
+def dense_knapsack_plan(sites: list[WeightSite], candidates: dict[str, list[Format]], losses: dict[str, np.ndarray],
+                        budget_bits: float, knapsack: Plan) -> Plan | None:
+    """The knapsack's plan with no sparse format on offer, when ``knapsack`` took one and a dense plan
+    fits the budget: the plan check then ships pruning only where it beats this on held-back data
+    (a pruned plan the tables favoured lost to the dense one on EfficientNet: docs/design.md)."""
+    if not any(isinstance(f, BayesqSparse) for f in knapsack.choice.values()):
+        return None
+    dense = {k: [j for j, f in enumerate(fs) if not isinstance(f, BayesqSparse)] for k, fs in candidates.items()}
+    try:
+        plan = knapsack_plan(sites, {k: [candidates[k][j] for j in js] for k, js in dense.items()},
+                             {k: np.asarray(losses[k])[js] for k, js in dense.items()}, budget_bits)
+    except BayesQError:
+        return None     # the budget needs pruning somewhere
+    return Plan("knapsack dense", plan.choice, plan.stored_bits, plan.steps)
