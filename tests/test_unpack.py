@@ -1,6 +1,7 @@
 """make_session's load-time unpack policy (runtime/session.py): ``always`` turns bayesq MatMuls into fp32
 MatMuls on the weight dequantized bit-exactly (outputs checked against numpy on the reference
-dequantization), ``never`` hands onnxruntime the graph unchanged, ``auto`` follows unpack_rule."""
+dequantization), ``never`` hands onnxruntime the graph unchanged, ``auto`` follows packed_below: packed,
+unpacked, or an If on the rows per call that runs exactly one or the other."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,13 +13,19 @@ from bayesq_onnx.errors import BayesQError
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_matmul_node
 from bayesq_onnx.runtime import custom_ops, session
 from bayesq_onnx.runtime.reference_ops import _bq_affine, _bq_lut
-from bayesq_onnx.runtime.session import make_session, session_options, unpack_rule
+from bayesq_onnx.runtime.session import make_session, packed_below, session_options
 
 from test_custom_ops import EPS32, weight
 
 pytestmark = pytest.mark.skipif(not custom_ops.available(), reason=str(custom_ops.unavailable_reason()))
 
 K1, N1, N2 = 200, 48, 24    # K1 % 8 != 0: the K tail is unpacked too
+
+
+@pytest.fixture(autouse=True)
+def small_models_too(monkeypatch):
+    """These models are far below SMALL_MODEL, which auto unpacks whatever the table says."""
+    monkeypatch.setattr(session, "SMALL_MODEL", 0)
 
 
 def two_layer(fp16=False):
@@ -101,26 +108,93 @@ def test_never_hands_onnxruntime_the_graph_unchanged(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
-def test_unpack_rule_on_small_cases(monkeypatch):
-    monkeypatch.setattr(session, "MEASURED_SLOWDOWN", {"x": [(100, 100, 1.5), (1000, 1000, 1.05)]})
-    assert unpack_rule(100, 100, "x")          # measured 1.5x slower than fp32
-    assert unpack_rule(150, 120, "x")          # nearest measured size (log scale) is 100 x 100
-    assert not unpack_rule(800, 1500, "x")     # nearest is 1000 x 1000: within 1.1x
-    assert not unpack_rule(4096, 4096, "x")
-    assert unpack_rule(4096, 4096, "neon")     # no measurement for this set: unpack
+def test_packed_below_by_set_and_format(monkeypatch):
+    monkeypatch.setattr(session, "PACKED_BELOW", {"x": (6, 8, 4, 5)})
+    assert [packed_below(b, False, "x") for b in (2, 3, 4, 6)] == [6, 6, 4, 4]   # 5-8 bits take 4 bits'
+    assert [packed_below(b, True, "x") for b in (2, 3, 4, 6)] == [8, 8, 5, 5]    # codebooks
+    assert packed_below(3, False, "neon") == 1                                  # no measurement: unpack
 
 
 def test_auto_follows_the_rule_per_weight(monkeypatch):
     m, *_ = two_layer()
     isa = custom_ops.kernel_isa()
-    # layer 1 (200 x 48) measured slow, layer 2 (48 x 24) fast, on the set in use
-    monkeypatch.setattr(session, "MEASURED_SLOWDOWN", {isa: [(K1, N1, 2.0), (N1, N2, 0.5)]})
-    out = rewritten(m, "auto")
-    assert [n.op_type for n in out.graph.node] == ["MatMul", "Add", "Relu", "MatMulAffine"]
-    monkeypatch.setattr(session, "MEASURED_SLOWDOWN", {isa: [(K1, N1, 0.5), (N1, N2, 0.5)]})
-    assert rewritten(m, "auto") is None
+    # layer 1 (3-bit codebook) switched at 4 rows, layer 2 (5-bit affine) unpacked
+    monkeypatch.setattr(session, "PACKED_BELOW", {isa: (9, 4, 1, 9)})
+    assert [n.op_type for n in rewritten(m, "auto").graph.node if n.op_type in ("If", "MatMul")] == ["If", "MatMul"]
+    # a model this small (K1 * N1 + N1 * N2 weights) is unpacked whatever the table says
+    monkeypatch.setattr(session, "SMALL_MODEL", K1 * N1 + N1 * N2 + 1)
+    assert [n.op_type for n in rewritten(m, "auto").graph.node] == ["MatMul", "Add", "Relu", "MatMul"]
     x = np.random.default_rng(0).standard_normal((3, K1)).astype(np.float32)
     assert make_session(m).run(None, {"x": x})[0].shape == (3, N2)        # auto is the default
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_auto_switches_on_the_rows_per_call(monkeypatch, fp16):
+    """Both forms held, an If per MatMul: below the switch the outputs are the packed op's, bit for bit,
+    from it on the unpacked MatMul's; both layers' conditions read different inputs, so two."""
+    m, W1, W2, b1 = two_layer(fp16)
+    isa = custom_ops.kernel_isa()
+    monkeypatch.setattr(session, "PACKED_BELOW", {isa: (4, 4, 4, 4)})
+    out = rewritten(m, "auto")
+    assert [n.op_type for n in out.graph.node if n.op_type in ("If", "GreaterOrEqual")] == [
+        "GreaterOrEqual", "If", "GreaterOrEqual", "If"]
+    auto, packed, unpacked = (make_session(m, unpack=u) for u in ("auto", "never", "always"))
+    for M in (1, 3, 4, 9):
+        x = np.random.default_rng(M).standard_normal((M, K1)).astype(np.float16 if fp16 else np.float32)
+        got = auto.run(None, {"x": x})
+        want = (packed if M < 4 else unpacked).run(None, {"x": x})
+        if not (fp16 and M >= 4):
+            assert [a.tobytes() for a in got] == [b.tobytes() for b in want]
+            continue
+        # float16 unpacked on the main graph, onnxruntime runs the Relu in float32 and hands layer 2 its
+        # unrounded input (InsertCastTransformer), which the If's branch does not: h is the same, y is
+        # checked against numpy on the session's own h, as the other float16 test does
+        y, h = got
+        assert h.tobytes() == want[1].tobytes()
+        hr = np.maximum(h.astype(np.float32), 0)
+        exact = hr @ W2
+        # one fp16 rounding (half an ulp: 2^-11 relative, 6e-8 absolute below fp16's normal range) plus
+        # the fp32 summation bound
+        assert np.all(np.abs(y.astype(np.float32) - exact) <= 2.0 ** -11 * np.abs(exact) + bound(hr, W2) + 6e-8)
+
+
+def test_weights_on_one_input_share_one_if(monkeypatch):
+    """Three MatMuls on x are one If (the condition made once), at the earliest of their switches;
+    each output is still the packed op's below it and the unpacked MatMul's from it on, bit for bit."""
+    f1, p1, _, _ = weight("lut", 3, K1, N1, 0, seed=1)
+    f2, p2, _, _ = weight("affine", 5, K1, N2, 16, seed=2)
+    f3, p3, _, _ = weight("affine", 2, K1, N2, 32, seed=3)
+    nodes, inits = zip(*(bayesq_matmul_node("x", y, w, f, p, K1, n) for y, w, f, p, n in
+                         (("y1", "w1", f1, p1, N1), ("y2", "w2", f2, p2, N2), ("y3", "w3", f3, p3, N2))))
+    g = helper.make_graph(list(nodes), "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K1])],
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, [None, n])
+                           for y, n in (("y1", N1), ("y2", N2), ("y3", N2))], [t for i in inits for t in i])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), BAYESQ_OPSET])
+    isa = custom_ops.kernel_isa()
+    # y1 (3-bit codebook) would switch at 6 rows, y2 (5-bit affine) at 7, y3 (2-bit affine) at 4
+    monkeypatch.setattr(session, "PACKED_BELOW", {isa: (4, 6, 7, 7)})
+    ifs = [n for n in rewritten(m, "auto").graph.node if n.op_type == "If"]
+    assert [list(n.output) for n in ifs] == [["y1", "y2", "y3"]]
+    auto, packed, unpacked = (make_session(m, unpack=u) for u in ("auto", "never", "always"))
+    for M in (3, 4, 6):
+        x = np.random.default_rng(M).standard_normal((M, K1)).astype(np.float32)
+        got, want = auto.run(None, {"x": x}), (packed if M < 4 else unpacked).run(None, {"x": x})
+        assert [a.tobytes() for a in got] == [b.tobytes() for b in want], M
+
+
+def test_rows_count_every_leading_dimension(monkeypatch):
+    """M is the product of A's leading dimensions: (2, 3, K) is 6 rows."""
+    m, *_ = two_layer()
+    m.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, K1]))
+    for o, n in zip(m.graph.output, (N2, N1)):
+        o.CopyFrom(helper.make_tensor_value_info(o.name, TensorProto.FLOAT, [None, None, n]))
+    isa = custom_ops.kernel_isa()
+    monkeypatch.setattr(session, "PACKED_BELOW", {isa: (5, 5, 5, 5)})
+    auto, packed, unpacked = (make_session(m, unpack=u) for u in ("auto", "never", "always"))
+    for shape, ref in (((2, 2, K1), packed), ((2, 3, K1), unpacked)):
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        for a, b in zip(auto.run(None, {"x": x}), ref.run(None, {"x": x})):
+            assert a.tobytes() == b.tobytes()
 
 
 def test_bad_policy_and_bad_isa(monkeypatch):

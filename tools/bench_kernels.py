@@ -5,12 +5,21 @@ instead: fp32 Gather, GatherBlockQuantized 4-bit and the bayesq Gather ops on a 
 
     python tools/bench_kernels.py [--quick] [--shapes 4096x4096,576x1536] [--ms 1,8,64] [--threads 0]
                                   [--reps 15] [--block 32] [--clock wall|cpu] [--only bq-lut3,...]
-                                  [--base-lib OLD/libbayesq_ops.so] [--gather 30522x384]
+                                  [--base-lib OLD/libbayesq_ops.so] [--gather 30522x384] [--cold] [--auto]
 
 For each shape and M all candidates are timed in alternation (one batch of runs of each, in a
 rotating order, repeated ``--reps`` times) and the table gives the median time per run in ms and
 the ratio to fp32 (< 1: faster).  Random weights and activations; codes are uniform random, so
 the numbers say nothing about accuracy.  ``--threads 0`` lets onnxruntime choose (all cores).
+
+``--cold``: each model holds enough copies of the product (distinct weights, the same ``A``) that its
+fp32 weights pass ``COLD_BYTES``, and times are per product: the weights come from memory, as in a
+whole model, instead of a cache that holds one small weight between runs (a 384 x 1536 fp32 weight is
+2.4 MB).  The unpack rule (``runtime/session.py``) is measured this way.  ``--auto``: each bayesq MatMul
+is timed also as ``make_session(unpack="auto")`` runs it (``NAME@auto``: the packed op or the fp32
+MatMul, whichever the rule picks for that many rows); with ``--cold`` the copies read one input at
+one switch, so they share one ``If`` and its few microseconds are spread over them (whole models show
+that cost: tools/bench_model.py).
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx  # noqa: E402
+import onnx.compose  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
@@ -37,9 +47,24 @@ from bayesq_onnx.formats.bayesq_uniform import groups  # noqa: E402
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_gather_node, bayesq_matmul_node  # noqa: E402
 from bayesq_onnx.lower.nodes import gather_block_quantized_node, matmulnbits_node  # noqa: E402
 from bayesq_onnx.runtime import custom_ops  # noqa: E402
-from bayesq_onnx.runtime.session import session_options  # noqa: E402
+from bayesq_onnx.runtime.session import make_session, session_options  # noqa: E402
 
 SHAPES = [(4096, 4096), (576, 1536), (1536, 576), (384, 1536)]
+COLD_BYTES = 256 << 20   # --cold: fp32 weights per model, past any last-level cache of the machines we use
+
+
+def stacked(copies: list[onnx.ModelProto]) -> onnx.ModelProto:
+    """One model computing every copy's ``Y`` (as ``c{i}_Y``) from the shared input ``A``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(copies[0])
+    g = out.graph
+    del g.node[:], g.initializer[:], g.output[:]
+    for i, m in enumerate(copies):
+        m = onnx.compose.add_prefix(m, f"c{i}_", rename_inputs=False)
+        g.node.extend(m.graph.node)
+        g.initializer.extend(m.graph.initializer)
+        g.output.extend(m.graph.output)
+    return out
 
 
 def _model(nodes, inits, K, N, extra_opsets=()) -> onnx.ModelProto:
@@ -155,17 +180,19 @@ def options(threads: int, library: str | None = None) -> ort.SessionOptions:
 
 def bench(models: dict[str, onnx.ModelProto], M: int, K: int, threads: int, reps: int, rng,
           clock=time.perf_counter, stat=statistics.median, libs: dict[str, str] | None = None,
-          rows: int = 0) -> dict[str, float]:
+          rows: int = 0, auto: frozenset[str] = frozenset()) -> dict[str, float]:
     """ms per run of each model on ``A``: M x K activations, or (``rows``: a table's row count) M
-    random indices into it."""
+    random indices into it.  Models named in ``auto`` run as ``make_session(unpack="auto")`` makes them."""
     A = rng.integers(0, rows, M) if rows else rng.standard_normal((M, K)).astype(np.float32)
     runs = {}
     for name, m in models.items():
-        sess = ort.InferenceSession(m.SerializeToString(), sess_options=options(threads, (libs or {}).get(name)),
-                                    providers=["CPUExecutionProvider"])
+        so = options(threads, (libs or {}).get(name))
+        sess = (make_session(m, sess_options=so, unpack="auto") if name in auto else
+                ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"]))
         io = sess.io_binding()
         io.bind_cpu_input("A", A)
-        io.bind_output("Y")
+        for o in sess.get_outputs():
+            io.bind_output(o.name)
         runs[name] = functools.partial(sess.run_with_iobinding, io)
     return time_alternating(runs, reps, clock, stat)
 
@@ -187,7 +214,14 @@ def main(argv=None) -> int:
                     "are timed too (as NAME@base), in the same alternation")
     ap.add_argument("--gather", default="", help="VxD: time embedding lookups of a V x D table instead "
                     "(M: indices per run)")
+    ap.add_argument("--cold", action="store_true", help="weights from memory, not cache: copies of each "
+                    "product in one model, times per product (see above)")
+    ap.add_argument("--auto", action="store_true", help="time each bayesq MatMul also as unpack=\"auto\" runs it")
     args = ap.parse_args(argv)
+    if args.auto and args.gather:
+        ap.error("--auto times MatMuls; --gather lookups")
+    if args.cold and args.gather:
+        ap.error("--cold times MatMuls; --gather lookups")
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     ms = [int(x) for x in args.ms.split(",")]
     if args.quick:
@@ -203,22 +237,30 @@ def main(argv=None) -> int:
           f"alternating batches, {args.clock} ms per run (ratio to fp32)")
     rng = np.random.default_rng(0)
     for K, N in shapes:
-        models = gather_candidates(N, K, args.block, rng) if gather else candidates(K, N, args.block, rng)
-        if args.only:
-            keep = {"fp32", *args.only.split(",")}
-            models = {k: v for k, v in models.items() if k in keep}
+        keep = {"fp32", *args.only.split(",")} if args.only else None
+        copies = -(-COLD_BYTES // (4 * K * N)) if args.cold else 1
+        sets = [gather_candidates(N, K, args.block, rng) if gather else candidates(K, N, args.block, rng)
+                for _ in range(copies)]
+        models = {k: stacked([s[k] for s in sets]) if copies > 1 else v for k, v in sets[0].items()
+                  if keep is None or k in keep}
         libs = {}
         if args.base_lib:
             for name in [k for k in models if k.startswith("bq-")]:
                 models[f"{name}@base"] = models[name]
                 libs[f"{name}@base"] = args.base_lib
+        auto = frozenset()
+        if args.auto:
+            auto = frozenset(f"{k}@auto" for k in models if k.startswith(("bq-u", "bq-lut")))
+            models.update({k: models[k.removesuffix("@auto")] for k in sorted(auto)})
         names = list(models)
-        print(f"\nlookups in a {N} x {K} table" if gather else f"\nK={K} N={N}")
+        print(f"\nlookups in a {N} x {K} table" if gather else f"\nK={K} N={N}"
+              + (f" ({copies} copies, ms per product)" if copies > 1 else ""))
         print(f"{'M':>4} " + " ".join(f"{n:>17}" for n in names))
         for M in ms:
             t = bench(models, M, K, args.threads, args.reps, rng,
                       time.perf_counter if args.clock == "wall" else time.process_time,
-                      statistics.median if args.stat == "median" else min, libs, rows=N if gather else 0)
+                      statistics.median if args.stat == "median" else min, libs, rows=N if gather else 0, auto=auto)
+            t = {n: v / copies for n, v in t.items()}
             cells = [f"{t[n]:8.3f} ({t[n] / t['fp32']:5.2f})" for n in names]
             print(f"{M:>4} " + " ".join(f"{c:>17}" for c in cells), flush=True)
     return 0

@@ -62,7 +62,7 @@ from bench_kernels import options, time_alternating  # noqa: E402
 from bayesq_onnx import Analysis, Recipe, compress  # noqa: E402
 from bayesq_onnx.assets import default_cache, load_npz  # noqa: E402
 from bayesq_onnx.runtime import custom_ops  # noqa: E402
-from bayesq_onnx.runtime.session import make_session, unpack_rule  # noqa: E402
+from bayesq_onnx.runtime.session import make_session, unpack_plan  # noqa: E402
 
 ONNX_INT = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
 log = logging.getLogger("bench_model")
@@ -243,7 +243,7 @@ def _is_tokens(model: onnx.ModelProto) -> bool:
 
 def variant_sessions(files: dict[str, str], threads: int) -> tuple[dict, onnx.ModelProto, dict[str, str]]:
     """Sessions of every timed variant, the fp32 proto (for the inputs) and a line per file saying
-    what it holds (op counts, how many bayesq MatMuls ``auto`` unpacks)."""
+    what it holds (op counts, what ``auto`` does with the bayesq MatMuls)."""
     fp32 = onnx.load(files["fp32"], load_external_data=False)
     tokens = _is_tokens(fp32)
     fp32 = free_seq(fp32) if tokens else fp32
@@ -257,10 +257,10 @@ def variant_sessions(files: dict[str, str], threads: int) -> tuple[dict, onnx.Mo
                                   or "quantize" in n.op_type)
         notes[label] = ", ".join(f"{k} {v}" for k, v in sorted(ops.items()))
         if label.startswith("bq"):
-            mm = [{a.name: a.i for a in n.attribute} for n in m.graph.node
-                  if n.domain == custom_ops.DOMAIN and n.op_type in ("MatMulAffine", "MatMulLut")]
-            unpacked = sum(unpack_rule(a["K"], a["N"], isa) for a in mm)
-            notes[label] += f"; auto unpacks {unpacked}/{len(mm)} MatMuls on {isa}"
+            n_mm = sum(n.domain == custom_ops.DOMAIN and n.op_type in ("MatMulAffine", "MatMulLut") for n in m.graph.node)
+            rows = collections.Counter(r for _, r in unpack_plan(m, "auto"))
+            notes[label] += (f"; auto on {isa}, of {n_mm} MatMuls: {n_mm - rows.total()} packed, {rows.pop(1, 0)} "
+                             f"unpacked, " + ", ".join(f"{v} packed below {k} rows" for k, v in sorted(rows.items())))
             sessions[f"{label}-packed"] = make_session(m, sess_options=options(threads), unpack="never")
             sessions[f"{label}-auto"] = make_session(m, sess_options=options(threads), unpack="auto")
         else:

@@ -1,10 +1,10 @@
 """onnxruntime sessions for the models we read and write."""
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -33,36 +33,43 @@ UNPACK = ("auto", "never", "always")
 
 # ---- the unpack rule ------------------------------------------------------------------------------
 # A packed bayesq MatMul decodes its weight on every call; unpacked at load (fp32 MatMul on the
-# dequantized weight) it runs at onnxruntime's fp32 speed and holds fp32 memory.  `auto` unpacks a
-# weight when the packed op was measured slower than fp32 by more than SLOWER_LIMIT at some M.  M (rows
-# per call) is not known at load time, so the rule takes the worst measured M: it only knows the
-# kernels in use (the ISA) and the weight's size (K x N, to the nearest measured one in log scale).
-# Measured with tools/bench_kernels.py --threads 1 --clock cpu --stat min --reps 5 --ms 1,2,4,8,16,64 --only
-# bq-lut3,bq-u3-g32,bq-u4-g32 (BAYESQ_ISA forcing each set), onnxruntime 1.32, one thread of a shared
-# 2-core Zen 4 EPYC (AVX-512; AVX2 forced runs against the same MLAS fp32); value: the worst ratio
-# packed / fp32 over those M and formats (scalar: the earlier M = 1, 8, 64 run).  After the AVX2 GEMV
-# row blocks and the direct panel decode (README "Measured"), the worst cases are u4-g32 at M = 2-8 and,
-# for weights small enough that fp32 runs from cache, every M below 16; at M = 1 the 4096 x 4096 weights
-# are 0.23-0.50x fp32 on AVX2 and 0.27-0.47x on AVX-512, at M = 64 0.94-1.04x.  No row is under the
-# limit yet, so `auto` still unpacks every weight on these sets; re-measure when the kernels change.
-SLOWER_LIMIT = 1.1
-MEASURED_SLOWDOWN: dict[str, list[tuple[int, int, float]]] = {
-    # isa: [(K, N, worst packed / fp32 time)]
-    "avx512": [(384, 1536, 2.47), (1536, 384, 2.17), (1024, 1024, 2.26), (4096, 4096, 1.38)],
-    "avx2": [(384, 1536, 3.04), (1536, 384, 2.67), (1024, 1024, 2.79), (4096, 4096, 1.27)],
-    "scalar": [(384, 1536, 69.5), (1024, 1024, 74.1)],
-    # "neon": never measured (no ARM machine): like any set without a row here, `auto` unpacks
-}
+# dequantized weight) it runs at onnxruntime's fp32 speed.  Reading a third of the bytes wins while the
+# product is bound by memory (few rows per call) and loses once fp32's FMAs are the bound and decoding
+# shows.  M (rows per call) is only known per call, so `auto` keeps both for a weight whose winner
+# depends on M: an `If` on the input's size runs the packed op below the measured switch and the fp32
+# MatMul from it on (memory: the fp32 weight plus the packed one; an If costs a few microseconds).
+# PACKED_BELOW[isa] = (affine codes up to 3 bits, codebooks up to 3 bits, affine from 4 bits, codebooks
+# from 4 bits): the rows per call from which fp32 runs; 5-8 bits take 4 bits' (not measured).  A set
+# without one (NEON: no ARM machine; scalar, 70x fp32) unpacks.  Measured one shape at a time with
+# tools/bench_kernels.py --cold --auto (enough copies that the weights come from memory, as in a model)
+# --threads 1 --clock cpu --reps 7 --ms 1,4,5,6,7,8,16 --shapes 4096x4096,576x1536 (onnxruntime 1.32, one
+# thread of a shared 2-core Zen 4 EPYC, AVX2 forced with BAYESQ_ISA against the same MLAS fp32); packed /
+# fp32 time, AVX-512 then AVX2, where the switch falls:
+#   3-bit affine:   M = 4 0.76-0.96, 0.92-1.02;  M = 5 0.93-1.24, 1.15-1.35
+#   3-bit codebook: M = 6 0.85-1.03, 0.91-0.94;  M = 7 0.88-1.06, 0.87-1.01;  M = 8 1.10-1.20, 1.12-1.16
+#   4-bit affine:   M = 4 1.37-1.39, 1.09 (576 x 1536 and 4096 x 4096 at M = 2: 0.71-0.93 in an earlier run)
+#   4-bit codebook: M = 4 0.97-1.09 (AVX-512);  M = 4 0.82-0.92, M = 5 1.10-1.11 (AVX2)
+# so with these switches every product measured runs within 1.04x of fp32 at every M measured (below
+# the switch the packed cells, from it the If's fp32 MatMul, 0.98-1.04x; the copies share one If, whose
+# own cost the whole models below show: README "Measured").  Whole models agree (tools/bench_model.py --suite, SmolLM2 and MiniLM at 3.0 and 4.0 bits):
+# packed ran 0.61-0.84x fp32 at 4 tokens and 1.02-1.26x from 8.  Weights of the smaller models
+# (MiniLM's 384-wide, timed the same way) looked faster packed still at 16-64 rows, which MiniLM's whole
+# model did not bear out (kept packed at 16 rows: 1.07x), so the switch does not depend on the shape.
+PACKED_BELOW: dict[str, tuple[int, int, int, int]] = {"avx512": (5, 7, 4, 4), "avx2": (5, 8, 4, 5)}
+
+# A model whose bayesq MatMul weights are this few in all is unpacked whatever the table says: its
+# fp32 weights (4 MB) stay in cache between calls, where fp32 wins, and the If's microseconds are most
+# of a product's time (Fashion-MNIST's 64 x 128 and 128 x 10 layers at one row: packed 1.03-1.05x,
+# with the If 1.06-1.08x of fp32's whole-model time).
+SMALL_MODEL = 1 << 20
 
 
-def unpack_rule(K: int, N: int, isa: str) -> bool:
-    """Whether ``auto`` unpacks a ``K x N`` bayesq MatMul weight when the kernels in use are ``isa``."""
-    rows = MEASURED_SLOWDOWN.get(isa)
-    if not rows:
-        return True
-    size = math.log(K * N)
-    _, _, worst = min(rows, key=lambda r: abs(math.log(r[0] * r[1]) - size))
-    return worst > SLOWER_LIMIT
+def packed_below(bits: int, lut: bool, isa: str) -> int:
+    """``auto``'s switch for a bayesq MatMul weight of ``bits``-bit codes (``lut``: a codebook) when the
+    kernels in use are ``isa``: the packed op runs calls of fewer rows, the fp32 MatMul the others
+    (1: always fp32)."""
+    switch = PACKED_BELOW.get(isa)
+    return switch[2 * (bits > 3) + lut] if switch else 1
 
 
 def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=None,
@@ -83,8 +90,10 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
     ``unpack``: what happens to bayesq ``MatMulAffine`` / ``MatMulLut`` nodes on constant weights.
     ``never``: they stay packed (memory at the packed size).  ``always``: each becomes an fp32
     ``MatMul`` (+ ``Add`` for a bias) on its weight dequantized once here, bit-exactly (in memory
-    only; the file stays small).  ``auto``: per weight, by :func:`unpack_rule` (the kernels in use and
-    the weight's size).
+    only; the file stays small).  ``auto``: both, behind an ``If`` on the rows per call that runs the
+    packed op below :func:`packed_below`'s switch (measured per kernel set and format) and the
+    fp32 MatMul from it on; a small model's weights (``SMALL_MODEL``), and those of kernel sets never
+    measured, are unpacked only.
 
     ``external_data``: the folder a proto's external tensors are stored relative to
     (``model_io.open_model``).  onnxruntime maps them from there, and is told not to prepack weights,
@@ -117,7 +126,9 @@ def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str) 
     else:
         path = None
     folds = _foldable(model) if fold else []
-    unpacks = _unpackable(model, unpack) if unpack != "never" else []
+    switching = unpack_plan(model, unpack) if unpack != "never" else []
+    unpacks = [n for n, _ in switching]
+    switches = {id(n): rows for n, rows in switching}
     if not folds and not unpacks:
         return None
     if path is not None:
@@ -138,10 +149,29 @@ def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str) 
     values = ort.InferenceSession(part.SerializeToString(), sess_options=so, providers=providers).run(None, {})
     gone = {id(n) for n in folds} | set(unpacked_w)
     exact_casts = _may_have_float16(model)
+    inits = {t.name for t in g.initializer}
+
+    def group_of(n):
+        # weights on the same input share one If (an If costs microseconds a call: a transformer's q, k
+        # and v, or gate and up, are one), at the earliest of their switches; it stands where the first
+        # of them was, which is right when all they read is that input and initializers
+        return n.input[0] if all(i in inits for i in n.input[1:] if i) else id(n)
+
+    def fp32(n, y=""):
+        return _fp32_matmul(n, unpacked_w[id(n)], exact_casts, y)
+
+    groups: dict = {}
+    for n in unpacks:
+        if switches[id(n)] > 1:
+            groups.setdefault(group_of(n), []).append(n)
     keep = []
     for n in g.node:
         if id(n) in unpacked_w:
-            keep += _fp32_matmul(n, unpacked_w[id(n)], exact_casts)
+            if switches[id(n)] == 1:
+                keep += fp32(n)
+            elif (group := groups[group_of(n)])[0] is n:
+                keep += _switch_on_rows(group, [fp32(m, f"{m.output[0]}__bq_fp32") for m in group],
+                                        min(switches[id(m)] for m in group))
         elif id(n) not in gone:
             keep.append(n)
     out = onnx.ModelProto()
@@ -162,12 +192,13 @@ def _n_weight_inputs(n: onnx.NodeProto) -> int:
     return 2 if n.op_type == "MatMulLut" else 3
 
 
-def _fp32_matmul(n: onnx.NodeProto, w: str, casts: bool) -> list[onnx.NodeProto]:
+def _fp32_matmul(n: onnx.NodeProto, w: str, casts: bool, y: str = "") -> list[onnx.NodeProto]:
     """Nodes computing what bayesq MatMul ``n`` computes, on its dequantized weight ``w`` (float32):
-    A @ W (+ bias) in fp32.  ``casts``: A may be float16, so A and the bias are converted to float32
-    and the result rounded once to A's type (CastLike), as the op does; onnxruntime keeps such casts
-    even between float32 tensors (a copy per call), hence only when needed."""
-    a, y = n.input[0], n.output[0]
+    A @ W (+ bias) in fp32, into ``y`` (default: n's output).  ``casts``: A may be float16, so A and
+    the bias are converted to float32 and the result rounded once to A's type (CastLike), as the op
+    does; onnxruntime keeps such casts even between float32 tensors (a copy per call), hence only when
+    needed."""
+    a, y = n.input[0], y or n.output[0]
     nw = _n_weight_inputs(n)
     bias = n.input[nw + 1] if len(n.input) > nw + 1 else ""
     p = f"{y}__bq_unpacked"
@@ -184,6 +215,31 @@ def _fp32_matmul(n: onnx.NodeProto, w: str, casts: bool) -> list[onnx.NodeProto]
         last = f"{p}_Yb"
     out.append(helper.make_node("CastLike", [last, a], [y]))
     return out
+
+
+def _switch_on_rows(nodes: list[onnx.NodeProto], fp32: list[list[onnx.NodeProto]], rows: int) -> list[onnx.NodeProto]:
+    """One ``If`` computing the outputs of the packed ``nodes`` (bayesq MatMuls on the same input A) with
+    those nodes for calls of fewer than ``rows`` rows and with ``fp32`` (each node unpacked, into its
+    last node's output) from there on: the condition is ``Size(A) >= rows * K``."""
+    a = nodes[0].input[0]
+    K = next(at.i for at in nodes[0].attribute if at.name == "K")
+    cond = f"{nodes[0].output[0]}__bq_rows_ge_{rows}"
+    packed = []
+    for n in nodes:
+        p = onnx.NodeProto()
+        p.CopyFrom(n)
+        p.output[0] = f"{n.output[0]}__bq_packed"
+        packed.append(p)
+
+    def branch(parts, name):
+        return helper.make_graph([x for part in parts for x in part], name, [],
+                                 [onnx.ValueInfoProto(name=part[-1].output[0]) for part in parts])
+
+    return [helper.make_node("Size", [a], [f"{cond}_size"]),
+            helper.make_node("Constant", [], [f"{cond}_limit"], value=numpy_helper.from_array(np.int64(rows * K))),
+            helper.make_node("GreaterOrEqual", [f"{cond}_size", f"{cond}_limit"], [cond]),
+            helper.make_node("If", [cond], [n.output[0] for n in nodes],
+                             then_branch=branch(fp32, f"{cond}_fp32"), else_branch=branch([[p] for p in packed], f"{cond}_packed"))]
 
 
 def _may_have_float16(model: onnx.ModelProto) -> bool:
@@ -208,9 +264,10 @@ def _may_have_float16(model: onnx.ModelProto) -> bool:
     return False
 
 
-def _unpackable(model: onnx.ModelProto, unpack: str) -> list[onnx.NodeProto]:
-    """bayesq MatMul nodes (main graph) whose weight inputs are all initializers, that ``unpack``
-    unpacks (``auto``: by unpack_rule).  None before opset 15 (CastLike)."""
+def unpack_plan(model: onnx.ModelProto, unpack: str) -> list[tuple[onnx.NodeProto, int]]:
+    """bayesq MatMul nodes (main graph) whose weight inputs are all initializers and that ``unpack``
+    unpacks, each with the rows per call from which the unpacked form runs (``always``: 1; ``auto``:
+    packed_below's switch); none before opset 15 (CastLike)."""
     if not custom_ops.available():
         return []          # nothing could run them or dequantize them: the session reports that
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -220,17 +277,12 @@ def _unpackable(model: onnx.ModelProto, unpack: str) -> list[onnx.NodeProto]:
     isa = custom_ops.kernel_isa() if unpack == "auto" else ""
     if isa.startswith("invalid"):
         return []          # a bad BAYESQ_ISA: the session's own kernels report it
-    out = []
-    for n in model.graph.node:
-        if n.domain != custom_ops.DOMAIN or n.op_type not in ("MatMulAffine", "MatMulLut"):
-            continue
-        weights = [i for i in n.input[1:_n_weight_inputs(n) + 1] if i]
-        if not all(i in inits for i in weights):
-            continue
-        attrs = {a.name: a.i for a in n.attribute}
-        if unpack == "always" or unpack_rule(attrs["K"], attrs["N"], isa):
-            out.append(n)
-    return out
+    nodes = [n for n in model.graph.node if n.domain == custom_ops.DOMAIN and n.op_type in ("MatMulAffine", "MatMulLut")
+             and all(i in inits for i in n.input[1:_n_weight_inputs(n) + 1] if i)]
+    attrs = [{a.name: a.i for a in n.attribute} for n in nodes]
+    if unpack == "always" or sum(a["K"] * a["N"] for a in attrs) < SMALL_MODEL:
+        return [(n, 1) for n in nodes]
+    return [(n, packed_below(a["bits"], n.op_type == "MatMulLut", isa)) for n, a in zip(nodes, attrs)]
 
 
 def _foldable(model: onnx.ModelProto) -> list[onnx.NodeProto]:
