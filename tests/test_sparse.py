@@ -327,3 +327,27 @@ def test_plan_check_weighs_a_pruned_plan_against_its_dense_twin(tmp_path):
     # the ratio to the best uniform plan leaves the dense twin out
     uniform = min(v for k, v in scores.items() if not k.startswith("knapsack"))
     assert rep["plan_check"]["knapsack_vs_best_uniform"] == pytest.approx(scores["knapsack"] / uniform)
+
+
+def test_tables_keep_the_dense_candidates_own_hull():
+    """Where sparse formats push dense ones off a site's hull, the tables still rate the dense
+    candidates' own hull (the plan check's dense twin chooses among them); without sparse formats the
+    table is the plain hull."""
+    from bayesq_onnx.plan.greedy import lower_hull
+    from bayesq_onnx.plan.tables import _hull_table
+    s = site("w", 64, 256)
+    fs = candidate_formats(s, Recipe(bits=3.0, sparse=((2, 4),), blocks=(64,)))
+
+    def screen(f):   # every sparse format far better than the dense ones of its width
+        return (0.01 if isinstance(f, BayesqSparse) else 1.0) * 2.0 ** -f.bits
+
+    costs = np.array([f.stored_bits(s.rows, s.L) for f in fs], np.float64)
+    values = np.array([screen(f) for f in fs])
+    dense = [j for j, f in enumerate(fs) if not isinstance(f, BayesqSparse)]
+    own = {dense[i] for i in lower_hull(costs[dense], values[dense])}
+    assert not own <= set(lower_hull(costs, values))          # the case: some went off the joint hull
+    table, hull = _hull_table(s, fs, screen)
+    assert own <= set(hull) and np.all(np.isfinite(table[sorted(own)]))
+    plain = [f for f in fs if not isinstance(f, BayesqSparse)]
+    table, hull = _hull_table(s, plain, screen)
+    assert hull == lower_hull(costs[dense], values[dense])

@@ -176,10 +176,15 @@ def _per_site(sites, site_table) -> dict:
 
 def _hull_table(site, formats, screen) -> tuple[np.ndarray, list[int]]:
     """A table that is +inf off the lower convex hull of (stored bits, ``screen``) and holds the
-    screen on it, and the hull (by stored bits)."""
+    screen on it, and the hull (by stored bits).  With sparse candidates, the dense candidates' own
+    hull is kept too: the plan check's dense twin (planner.dense_knapsack_plan) chooses among them."""
     costs = np.array([f.stored_bits(site.rows, site.L) for f in formats], np.float64)
     values = np.array([screen(f) for f in formats])
-    hull = sorted(lower_hull(costs, values), key=lambda j: costs[j])
+    hull = set(lower_hull(costs, values))
+    dense = [j for j, f in enumerate(formats) if not isinstance(f, BayesqSparse)]
+    if len(dense) < len(formats):
+        hull |= {dense[i] for i in lower_hull(costs[dense], values[dense])}
+    hull = sorted(hull, key=lambda j: costs[j])
     table = np.full(len(formats), np.inf)
     table[hull] = values[hull]
     return table, hull
