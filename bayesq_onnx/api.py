@@ -294,7 +294,9 @@ class Analysis:
         sites, n, cache = self.sites, len(contenders), self._rounded
         packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
         feed = quantized_weights(contenders[0], packed[0]) if self.recipe.rounds_sequentially else None
-        with Progress("rounding and packing", len(sites)) as p, self._overlap(sequential=feed is not None) as overlap:
+        # a site's rounding costs about its weights' worth (a 30522-word embedding's codebook is most of MiniLM's)
+        with Progress("rounding and packing", len(sites), work=sum(s.size for s in sites)) as p, \
+                self._overlap(sequential=feed is not None) as overlap:
             for j, (block, qs) in enumerate(self.blocks(quantized=feed)):
                 # sequential: a site's codes and measured grids depend on the plan of the sites before it,
                 # so only the first block, which no quantized weight reaches, shares them across budgets
@@ -312,7 +314,7 @@ class Analysis:
                             if arrays is not None:
                                 packed[i][s.name] = arrays
                             grids[i][s.name], expected[i][s.name] = key[2], loss
-                        p.step()
+                        p.step(work=s.size)
 
                 overlap.submit(lambda block=block, qs=dict(qs), reuse=reuse, known=known:
                                self._pack_block(block, qs, contenders, knapsack, reuse, known),
