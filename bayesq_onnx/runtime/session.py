@@ -35,9 +35,9 @@ UNPACK = ("auto", "never", "always")
 # A packed bayesq MatMul decodes its weight on every call; unpacked at load (fp32 MatMul on the
 # dequantized weight) it runs at onnxruntime's fp32 speed.  Reading a third of the bytes wins while the
 # product is bound by memory (few rows per call) and loses once fp32's FMAs are the bound and decoding
-# shows.  M (rows per call) is only known per call, so `auto` keeps both for a weight whose winner
-# depends on M: an `If` on the input's size runs the packed op below the measured switch and the fp32
-# MatMul from it on (memory: the fp32 weight plus the packed one; an If costs a few microseconds).
+# shows.  M (rows per call) is only known per call, so `auto` keeps both forms of a weight: an `If` on
+# the input's size runs the packed op below the measured switch and the fp32 MatMul from it on (memory:
+# the fp32 weight plus the packed one; an If costs 5-15 microseconds a call).
 # PACKED_BELOW[isa] = (affine codes up to 3 bits, codebooks up to 3 bits, affine from 4 bits, codebooks
 # from 4 bits): the rows per call from which fp32 runs; 5-8 bits take 4 bits' (not measured).  A set
 # without one (NEON: no ARM machine; scalar, 70x fp32) unpacks.  Measured one shape at a time with
@@ -51,10 +51,11 @@ UNPACK = ("auto", "never", "always")
 #   4-bit codebook: M = 4 0.97-1.09 (AVX-512);  M = 4 0.82-0.92, M = 5 1.10-1.11 (AVX2)
 # so with these switches every product measured runs within 1.04x of fp32 at every M measured (below
 # the switch the packed cells, from it the If's fp32 MatMul, 0.98-1.04x; the copies share one If, whose
-# own cost the whole models below show: README "Measured").  Whole models agree (tools/bench_model.py --suite, SmolLM2 and MiniLM at 3.0 and 4.0 bits):
-# packed ran 0.61-0.84x fp32 at 4 tokens and 1.02-1.26x from 8.  Weights of the smaller models
-# (MiniLM's 384-wide, timed the same way) looked faster packed still at 16-64 rows, which MiniLM's whole
-# model did not bear out (kept packed at 16 rows: 1.07x), so the switch does not depend on the shape.
+# own cost whole models show: README "Measured").  Whole models agree (tools/bench_model.py --suite,
+# SmolLM2 and MiniLM at 3.0 and 4.0 bits): packed ran 0.61-0.84x fp32 at 4 tokens and 1.02-1.26x from
+# 8.  Smaller weights (MiniLM's 384-wide, timed the same way) looked faster packed still at 16-64
+# rows, which MiniLM's whole model did not bear out (kept packed at 16 rows: 1.07x), so the switch does
+# not depend on the shape.
 PACKED_BELOW: dict[str, tuple[int, int, int, int]] = {"avx512": (5, 7, 4, 4), "avx2": (5, 8, 4, 5)}
 
 # A model whose bayesq MatMul weights are this few in all is unpacked whatever the table says: its
