@@ -231,14 +231,15 @@ class Analysis:
             if not uniforms:
                 raise BayesQError(f"no uniform format fits a budget of {bits:g} bits/weight for --method "
                                   f"{recipe.method}")
-            contenders = [Contender(uniforms[0])]
+            contenders = [Contender(uniforms[0], uniform=True)]
         else:
             losses = self.losses
             knapsack = knapsack_plan(sites, self.candidates, losses, budget_bits)
             dense = dense_knapsack_plan(sites, self.candidates, losses, budget_bits, knapsack)
-            contenders = [Contender(p) for p in [knapsack, *[dense] * (dense is not None),
-                                                 *uniforms[:self.tables_pass.uniform_checked]]] + \
-                [Contender(replace(u, label=f"gptq {u.label}"), reference=True) for u in uniforms[:1]]
+            contenders = [Contender(knapsack), *([Contender(dense)] if dense else []),
+                          *[Contender(u, uniform=True) for u in uniforms[:self.tables_pass.uniform_checked]],
+                          *[Contender(replace(u, label=f"gptq {u.label}"), reference=True, uniform=True)
+                            for u in uniforms[:1]]]
         packed, grids, expected = self._round(contenders, None if self.uniform else contenders[0].plan,
                                               keep=not _single_use)
         if len(contenders) > 1:

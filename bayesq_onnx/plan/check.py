@@ -23,6 +23,8 @@ class Contender:
     # rounded by the reference GPTQ as --method gptq does, not with our grids; calibrated like every
     # contender on the fitting data only (--method gptq uses all of it: docs/design.md, "Plan check")
     reference: bool = False
+    # one format everywhere: a baseline the report rates the knapsack against (its dense twin is not)
+    uniform: bool = False
 
 
 def check_plans(contenders: list[Contender], packed: list[dict], sites, stream, probe, held, batch_size
@@ -34,7 +36,7 @@ def check_plans(contenders: list[Contender], packed: list[dict], sites, stream, 
     scores = held_back_distortions(contenders, packed, sites, stream, probe, held, batch_size, "plan check")
     i = int(np.argmin(scores))
     n_weights = sum(s.size for s in sites)
-    uniform = [d for d, c in zip(scores, contenders) if not c.plan.label.startswith("knapsack")]
+    uniform = [d for d, c in zip(scores, contenders) if c.uniform]
     report = {"metric": "relative output squared error on held-back calibration data",
               "candidates": [{"plan": c.plan.label, "bits_per_weight": c.plan.stored_bits / n_weights, "distortion": d}
                              for d, c in zip(scores, contenders)],

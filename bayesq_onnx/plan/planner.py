@@ -1,7 +1,7 @@
 """Plans: which format each site gets.  A knapsack over loss tables, or one format everywhere."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -81,4 +81,4 @@ def dense_knapsack_plan(sites: list[WeightSite], candidates: dict[str, list[Form
                              {k: np.asarray(losses[k])[js] for k, js in dense.items()}, budget_bits)
     except BayesQError:
         return None     # the budget needs pruning somewhere
-    return Plan("knapsack dense", plan.choice, plan.stored_bits, plan.steps)
+    return replace(plan, label="knapsack dense")
