@@ -130,40 +130,29 @@ def test_auto_follows_the_rule_per_weight(monkeypatch):
 
 @pytest.mark.parametrize("fp16", [False, True])
 def test_auto_switches_on_the_rows_per_call(monkeypatch, fp16):
-    """Both forms held, an If per MatMul: below the switch the outputs are the packed op's, bit for bit,
-    from it on the unpacked MatMul's; both layers' conditions read different inputs, so two."""
-    m, W1, W2, b1 = two_layer(fp16)
+    """Both forms held behind an If: below the switch the outputs are the packed op's, bit for bit,
+    from it on the unpacked graph's; both layers switch at 4 rows, so one If holds them and the Relu
+    between.  In float16 too: the branch holds what the unpacked main graph holds, so onnxruntime
+    treats its casts alike (it runs the Relu in float32 on layer 1's unrounded output in both)."""
+    m, *_ = two_layer(fp16)
     isa = custom_ops.kernel_isa()
     monkeypatch.setattr(session, "PACKED_BELOW", {isa: (4, 4, 4, 4)})
     out = rewritten(m, "auto")
-    assert [n.op_type for n in out.graph.node if n.op_type in ("If", "GreaterOrEqual")] == [
-        "GreaterOrEqual", "If", "GreaterOrEqual", "If"]
+    assert [n.op_type for n in out.graph.node if n.op_type in ("If", "GreaterOrEqual")] == ["GreaterOrEqual", "If"]
     auto, packed, unpacked = (make_session(m, unpack=u) for u in ("auto", "never", "always"))
     for M in (1, 3, 4, 9):
         x = np.random.default_rng(M).standard_normal((M, K1)).astype(np.float16 if fp16 else np.float32)
-        got = auto.run(None, {"x": x})
-        want = (packed if M < 4 else unpacked).run(None, {"x": x})
-        if not (fp16 and M >= 4):
-            assert [a.tobytes() for a in got] == [b.tobytes() for b in want]
-            continue
-        # float16 unpacked on the main graph, onnxruntime runs the Relu in float32 and hands layer 2 its
-        # unrounded input (InsertCastTransformer), which the If's branch does not: h is the same, y is
-        # checked against numpy on the session's own h, as the other float16 test does
-        y, h = got
-        assert h.tobytes() == want[1].tobytes()
-        hr = np.maximum(h.astype(np.float32), 0)
-        exact = hr @ W2
-        # one fp16 rounding (half an ulp: 2^-11 relative, 6e-8 absolute below fp16's normal range) plus
-        # the fp32 summation bound
-        assert np.all(np.abs(y.astype(np.float32) - exact) <= 2.0 ** -11 * np.abs(exact) + bound(hr, W2) + 6e-8)
+        got, want = auto.run(None, {"x": x}), (packed if M < 4 else unpacked).run(None, {"x": x})
+        assert [a.tobytes() for a in got] == [b.tobytes() for b in want], M
 
 
-def test_weights_on_one_input_share_one_if(monkeypatch):
-    """Three MatMuls on x are one If (the condition made once), at the earliest of their switches;
-    each output is still the packed op's below it and the unpacked MatMul's from it on, bit for bit."""
+def test_each_weight_keeps_its_own_switch(monkeypatch):
+    """Three MatMuls on x, two switching at 4 rows and one at 7: an If for the two (one condition)
+    and one for the third; each output is the packed op's below its own switch and the unpacked
+    MatMul's from it on, bit for bit."""
     f1, p1, _, _ = weight("lut", 3, K1, N1, 0, seed=1)
-    f2, p2, _, _ = weight("affine", 5, K1, N2, 16, seed=2)
-    f3, p3, _, _ = weight("affine", 2, K1, N2, 32, seed=3)
+    f2, p2, _, _ = weight("affine", 2, K1, N2, 32, seed=3)
+    f3, p3, _, _ = weight("affine", 5, K1, N2, 16, seed=2)
     nodes, inits = zip(*(bayesq_matmul_node("x", y, w, f, p, K1, n) for y, w, f, p, n in
                          (("y1", "w1", f1, p1, N1), ("y2", "w2", f2, p2, N2), ("y3", "w3", f3, p3, N2))))
     g = helper.make_graph(list(nodes), "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K1])],
@@ -171,15 +160,43 @@ def test_weights_on_one_input_share_one_if(monkeypatch):
                            for y, n in (("y1", N1), ("y2", N2), ("y3", N2))], [t for i in inits for t in i])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), BAYESQ_OPSET])
     isa = custom_ops.kernel_isa()
-    # y1 (3-bit codebook) would switch at 6 rows, y2 (5-bit affine) at 7, y3 (2-bit affine) at 4
-    monkeypatch.setattr(session, "PACKED_BELOW", {isa: (4, 6, 7, 7)})
+    # y1 (3-bit codebook) and y2 (2-bit affine) switch at 4 rows, y3 (5-bit affine) at 7
+    monkeypatch.setattr(session, "PACKED_BELOW", {isa: (4, 4, 7, 7)})
     ifs = [n for n in rewritten(m, "auto").graph.node if n.op_type == "If"]
-    assert [list(n.output) for n in ifs] == [["y1", "y2", "y3"]]
+    assert [list(n.output) for n in ifs] == [["y1", "y2"], ["y3"]]
     auto, packed, unpacked = (make_session(m, unpack=u) for u in ("auto", "never", "always"))
-    for M in (3, 4, 6):
+    for M in (3, 4, 6, 7):
         x = np.random.default_rng(M).standard_normal((M, K1)).astype(np.float32)
-        got, want = auto.run(None, {"x": x}), (packed if M < 4 else unpacked).run(None, {"x": x})
-        assert [a.tobytes() for a in got] == [b.tobytes() for b in want], M
+        got, low, high = (s.run(None, {"x": x}) for s in (auto, packed, unpacked))
+        for y, switch, p, u in zip(got, (4, 4, 7), low, high):
+            assert y.tobytes() == (p if M < switch else u).tobytes(), (M, switch)
+
+
+def test_rows_that_may_differ_get_ifs_of_their_own(monkeypatch):
+    """A Reshape between the layers halves the rows: layer 2's rows are not provably layer 1's, so
+    each layer has its own If, on its own input's size."""
+    m, *_ = two_layer()
+    f2, p2, _, _ = weight("affine", 5, 2 * N1, N2, 16, seed=2)
+    n2, i2 = bayesq_matmul_node("hr2", "y", "l2", f2, p2, 2 * N1, N2)
+    g = m.graph
+    keep = [t for t in g.initializer if not t.name.startswith("l2")]
+    nodes = list(g.node[:2]) + [helper.make_node("Reshape", ["hr", "pairs"], ["hr2"]), n2]
+    del g.node[:], g.initializer[:]
+    g.node.extend(nodes)
+    g.initializer.extend(keep + i2 + [numpy_helper.from_array(np.array([-1, 2 * N1], np.int64), "pairs")])
+    g.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", K1]))
+    isa = custom_ops.kernel_isa()
+    monkeypatch.setattr(session, "PACKED_BELOW", {isa: (4, 4, 4, 4)})
+    out = rewritten(m, "auto")
+    assert [n.op_type for n in out.graph.node if n.op_type in ("If", "Reshape")] == ["If", "Reshape", "If"]
+    auto, packed, unpacked = (make_session(m, unpack=u) for u in ("auto", "never", "always"))
+    for M, ref in ((2, packed), (4, None), (8, unpacked)):   # at 4 rows: layer 1 fp32, layer 2 (2 rows) packed
+        x = np.random.default_rng(M).standard_normal((M, K1)).astype(np.float32)
+        got = auto.run(None, {"x": x})
+        h_ref = (ref or unpacked).run(None, {"x": x})[1]
+        assert got[1].tobytes() == h_ref.tobytes()
+        if ref is not None:
+            assert got[0].tobytes() == ref.run(None, {"x": x})[0].tobytes()
 
 
 def test_rows_count_every_leading_dimension(monkeypatch):

@@ -12,7 +12,8 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from ..errors import BayesQError
 from ..graph import model_io
-from ..graph.cone import all_nodes
+from ..graph.cone import all_nodes, subgraphs
+from ..graph.shapes import leading_dims
 from . import custom_ops
 
 DEFAULT_PROVIDERS = ["CPUExecutionProvider"]
@@ -37,7 +38,9 @@ UNPACK = ("auto", "never", "always")
 # product is bound by memory (few rows per call) and loses once fp32's FMAs are the bound and decoding
 # shows.  M (rows per call) is only known per call, so `auto` keeps both forms of a weight: an `If` on
 # the input's size runs the packed op below the measured switch and the fp32 MatMul from it on (memory:
-# the fp32 weight plus the packed one; an If costs 5-15 microseconds a call).
+# the fp32 weight plus the packed one).  An If costs 5-15 microseconds a call, so one If holds every
+# MatMul from one to the last after it that switches at the same rows, and the nodes between
+# (_switch_regions: SmolLM2 at 3 bits has 65 instead of one per input, 121).
 # PACKED_BELOW[isa] = (affine codes up to 3 bits, codebooks up to 3 bits, affine from 4 bits, codebooks
 # from 4 bits): the rows per call from which fp32 runs; 5-8 bits take 4 bits' (not measured).  A set
 # without one (NEON: no ARM machine; scalar, 70x fp32) unpacks.  Measured one shape at a time with
@@ -51,7 +54,9 @@ UNPACK = ("auto", "never", "always")
 #   4-bit codebook: M = 4 0.97-1.09 (AVX-512);  M = 4 0.82-0.92, M = 5 1.10-1.11 (AVX2)
 # so with these switches every product measured runs within 1.04x of fp32 at every M measured (below
 # the switch the packed cells, from it the If's fp32 MatMul, 0.98-1.04x; the copies share one If, whose
-# own cost whole models show: README "Measured").  Whole models agree (tools/bench_model.py --suite,
+# own cost whole models show: README "Measured").  The table is one machine's: on a shared 2-core Intel
+# Xeon with AVX-512 SmolLM2's packed model ran 0.58x fp32 at 8 tokens and 0.85x at 64 (AVX2 there:
+# 0.88x, 1.53x), where `auto` runs fp32 from 4-7 rows; a per-machine measurement is not built.  Whole models agree (tools/bench_model.py --suite,
 # SmolLM2 and MiniLM at 3.0 and 4.0 bits): packed ran 0.61-0.84x fp32 at 4 tokens and 1.02-1.26x from
 # 8.  Smaller weights (MiniLM's 384-wide, timed the same way) looked faster packed still at 16-64
 # rows, which MiniLM's whole model did not bear out (kept packed at 16 rows: 1.07x), so the switch does
@@ -93,7 +98,8 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
     ``MatMul`` (+ ``Add`` for a bias) on its weight dequantized once here, bit-exactly (in memory
     only; the file stays small).  ``auto``: both, behind an ``If`` on the rows per call that runs the
     packed op below :func:`packed_below`'s switch (measured per kernel set and format) and the
-    fp32 MatMul from it on; a small model's weights (``SMALL_MODEL``), and those of kernel sets never
+    fp32 MatMul from it on (consecutive MatMuls with the same switch, and the nodes between them,
+    share one If); a small model's weights (``SMALL_MODEL``), and those of kernel sets never
     measured, are unpacked only.
 
     ``external_data``: the folder a proto's external tensors are stored relative to
@@ -150,35 +156,31 @@ def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str) 
     values = ort.InferenceSession(part.SerializeToString(), sess_options=so, providers=providers).run(None, {})
     gone = {id(n) for n in folds} | set(unpacked_w)
     exact_casts = _may_have_float16(model)
-    inits = {t.name for t in g.initializer}
 
-    def group_of(n):
-        # weights on the same input share one If (an If costs microseconds a call: a transformer's q, k
-        # and v, or gate and up, are one), at the earliest of their switches; it stands where the first
-        # of them was, which is right when all they read is that input and initializers
-        return n.input[0] if all(i in inits for i in n.input[1:] if i) else id(n)
-
-    def fp32(n, y=""):
-        return _fp32_matmul(n, unpacked_w[id(n)], exact_casts, y)
-
-    groups: dict = {}
-    for n in unpacks:
-        if switches[id(n)] > 1:
-            groups.setdefault(group_of(n), []).append(n)
-    keep = []
+    # the main graph in order, each node with its switch (rows from which it runs fp32): > 1 for a
+    # MatMul `auto` keeps both ways, 0 for any other node, -1 for one no If may hold (a subgraph's
+    # outer names would need renaming; an unpacked-only MatMul's weight must stay one node's to
+    # be prepacked once)
+    body = []
     for n in g.node:
-        if id(n) in unpacked_w:
-            if switches[id(n)] == 1:
-                keep += fp32(n)
-            elif (group := groups[group_of(n)])[0] is n:
-                keep += _switch_on_rows(group, [fp32(m, f"{m.output[0]}__bq_fp32") for m in group],
-                                        min(switches[id(m)] for m in group))
+        if id(n) in unpacked_w and switches[id(n)] > 1:
+            body.append((n, switches[id(n)]))
+        elif id(n) in unpacked_w:
+            body += [(m, -1) for m in _fp32_matmul(n, unpacked_w[id(n)], exact_casts)]
         elif id(n) not in gone:
-            keep.append(n)
+            body.append((n, -1 if any(subgraphs(n)) else 0))
+    switching = [n for n, s in body if s > 1]
+    rows = leading_dims(model, [n.input[0] for n in switching]) if switching else {}
+    keep = _switch_regions(body, {id(n): rows[n.input[0]] for n in switching}, unpacked_w, exact_casts,
+                           {o.name for o in g.output})
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]
     out.graph.node.extend(keep)
+    computed = {o for n in keep for o in n.output}   # what moved into an If's branches is no longer named here
+    kept_info = [v for v in out.graph.value_info if v.name in computed]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept_info)
     # initializers read inside subgraphs (from the outer scope) stay too
     still = {i for n in all_nodes(out.graph) for i in n.input} | {o.name for o in g.output}
     new_inits = [t for t in g.initializer if t.name in still]
@@ -193,13 +195,13 @@ def _n_weight_inputs(n: onnx.NodeProto) -> int:
     return 2 if n.op_type == "MatMulLut" else 3
 
 
-def _fp32_matmul(n: onnx.NodeProto, w: str, casts: bool, y: str = "") -> list[onnx.NodeProto]:
+def _fp32_matmul(n: onnx.NodeProto, w: str, casts: bool) -> list[onnx.NodeProto]:
     """Nodes computing what bayesq MatMul ``n`` computes, on its dequantized weight ``w`` (float32):
-    A @ W (+ bias) in fp32, into ``y`` (default: n's output).  ``casts``: A may be float16, so A and
+    A @ W (+ bias) in fp32, into n's output.  ``casts``: A may be float16, so A and
     the bias are converted to float32 and the result rounded once to A's type (CastLike), as the op
     does; onnxruntime keeps such casts even between float32 tensors (a copy per call), hence only when
     needed."""
-    a, y = n.input[0], y or n.output[0]
+    a, y = n.input[0], n.output[0]
     nw = _n_weight_inputs(n)
     bias = n.input[nw + 1] if len(n.input) > nw + 1 else ""
     p = f"{y}__bq_unpacked"
@@ -218,29 +220,73 @@ def _fp32_matmul(n: onnx.NodeProto, w: str, casts: bool, y: str = "") -> list[on
     return out
 
 
-def _switch_on_rows(nodes: list[onnx.NodeProto], fp32: list[list[onnx.NodeProto]], rows: int) -> list[onnx.NodeProto]:
-    """One ``If`` computing the outputs of the packed ``nodes`` (bayesq MatMuls on the same input A) with
-    those nodes for calls of fewer than ``rows`` rows and with ``fp32`` (each node unpacked, into its
-    last node's output) from there on: the condition is ``Size(A) >= rows * K``."""
-    a = nodes[0].input[0]
-    K = next(at.i for at in nodes[0].attribute if at.name == "K")
-    cond = f"{nodes[0].output[0]}__bq_rows_ge_{rows}"
-    packed = []
-    for n in nodes:
-        p = onnx.NodeProto()
-        p.CopyFrom(n)
-        p.output[0] = f"{n.output[0]}__bq_packed"
-        packed.append(p)
+def _switch_regions(body: list[tuple[onnx.NodeProto, int]], rows: dict, weights: dict, casts: bool,
+                    graph_outputs: set[str]) -> list[onnx.NodeProto]:
+    """The main graph's nodes with its switching MatMuls (``body``, as _rewrite makes it) behind as
+    few ``If``s as their switches allow (an If costs 5-15 microseconds a call).  Each If spans the
+    nodes from one switching MatMul to the last of those after it with the same switch, up to a
+    node no If may hold, a MatMul with another switch, or one whose rows per call shape inference
+    proves different (``rows``: graph.shapes.leading_dims of their inputs).  Its condition is
+    ``Size(A) >= switch * K`` on the first one's input; its branches are the span with those
+    MatMuls fp32 (on their dequantized weights, ``weights``) and packed.  It takes the MatMuls it
+    spans to multiply as many rows as the first, as a transformer's do (every token), which
+    inference seldom proves through the exports' attention reshapes.  Where one has fewer (a
+    pooled head) it runs fp32 where packed might be faster; where one had more, packed past its
+    switch: only speed is at stake, never the result."""
+    last_read = {}
+    for i, (n, _) in enumerate(body):
+        for m in [n, *(x for sub in subgraphs(n) for x in all_nodes(sub))]:
+            last_read.update((name, i) for name in m.input if name)
+    last_read.update((name, len(body)) for name in graph_outputs)
+    out, i = [], 0
+    while i < len(body):
+        n, switch = body[i]
+        if switch <= 1:
+            out.append(n)
+            i += 1
+            continue
+        ends, j = i, i + 1
+        while j < len(body) and body[j][1] >= 0:
+            m, s = body[j]
+            if s > 1:
+                if s != switch or None not in (rows[id(n)], rows[id(m)]) and rows[id(m)] != rows[id(n)]:
+                    break
+                ends = j
+            j += 1
+        span = body[i:ends + 1]
+        produced = {o for m, _ in span for o in m.output if o}
+        needed = [o for m, _ in span for o in m.output if o and last_read.get(o, -1) > ends]
+        if needed:
+            out += _switch_on_rows(span, needed, produced, weights, casts)
+        i = ends + 1
+    return out
 
-    def branch(parts, name):
-        return helper.make_graph([x for part in parts for x in part], name, [],
-                                 [onnx.ValueInfoProto(name=part[-1].output[0]) for part in parts])
 
-    return [helper.make_node("Size", [a], [f"{cond}_size"]),
+def _switch_on_rows(span, needed: list[str], produced: set[str], weights: dict, casts: bool) -> list[onnx.NodeProto]:
+    """One ``If`` computing ``needed`` from the nodes of ``span`` ((node, switch) pairs, the first a
+    switching MatMul, all of them switching at the same rows): the switching MatMuls packed for
+    calls of fewer rows, and fp32 from there on.  Each branch renames what it computes."""
+    first, rows = span[0]
+    K = next(at.i for at in first.attribute if at.name == "K")
+    cond = f"{first.output[0]}__bq_rows_ge_{rows}"
+
+    def branch(suffix, fp32):
+        nodes = []
+        for n, s in span:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            for field in (c.input, c.output):
+                names = [x + suffix if x in produced else x for x in field]
+                del field[:]
+                field.extend(names)
+            nodes += _fp32_matmul(c, weights[id(n)], casts) if fp32 and s > 1 else [c]
+        return helper.make_graph(nodes, cond + suffix, [], [onnx.ValueInfoProto(name=o + suffix) for o in needed])
+
+    return [helper.make_node("Size", [first.input[0]], [f"{cond}_size"]),
             helper.make_node("Constant", [], [f"{cond}_limit"], value=numpy_helper.from_array(np.int64(rows * K))),
             helper.make_node("GreaterOrEqual", [f"{cond}_size", f"{cond}_limit"], [cond]),
-            helper.make_node("If", [cond], [n.output[0] for n in nodes],
-                             then_branch=branch(fp32, f"{cond}_fp32"), else_branch=branch([[p] for p in packed], f"{cond}_packed"))]
+            helper.make_node("If", [cond], needed, then_branch=branch("__bq_fp32", True),
+                             else_branch=branch("__bq_packed", False))]
 
 
 def _may_have_float16(model: onnx.ModelProto) -> bool:

@@ -1,0 +1,68 @@
+"""Which MatMuls of a graph multiply the same number of rows, proven from its shapes.
+
+ONNX shape inference names the dimensions it cannot compute (``unk__7``) and carries a name through
+every op that keeps it, so two tensors whose leading dimensions are the same names (``batch``,
+``seq``, or the same ``unk__7``) have the same number of rows in every run.  It knows no custom op:
+for the inference only, each packed op stands in as the standard op of the same output shape.
+"""
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper, shape_inference
+
+Rows = tuple   # the leading dimensions' names and sizes, sorted, 1s left out; None: not known
+
+
+def _stand_in(n: onnx.NodeProto, stub: str, weights: dict) -> tuple[onnx.NodeProto, list[int]] | None:
+    """A standard node with n's output shape, reading a weight ``stub`` of the returned shape
+    (``weights``: the initializers by name)."""
+    at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+    if n.domain == "com.microsoft" and n.op_type == "GatherBlockQuantized" and n.input[0] in weights:
+        data = weights[n.input[0]]   # (N, K) codes, two to a byte when uint8 (com.microsoft's layout)
+        if len(data.dims) == 2 and at.get("gather_axis", 0) == 0:
+            per_byte = 8 // at.get("bits", 4) if data.data_type == TensorProto.UINT8 else 1
+            return helper.make_node("Gather", [stub, n.input[1]], [n.output[0]]), [data.dims[0], data.dims[1] * per_byte]
+    if n.domain == "bayesq" or (n.domain == "com.microsoft" and n.op_type == "MatMulNBits"):
+        if n.op_type.startswith("MatMul"):
+            return helper.make_node("MatMul", [n.input[0], stub], [n.output[0]]), [at["K"], at["N"]]
+        if n.op_type.startswith("Gather"):
+            return helper.make_node("Gather", [stub, n.input[0]], [n.output[0]]), [at["N"], at["K"]]
+        if n.op_type.startswith("Dequantize"):
+            return helper.make_node("Identity", [stub], [n.output[0]]), list(at.get("shape", [at["K"], at["N"]]))
+    return None
+
+
+def leading_dims(model: onnx.ModelProto, names: list[str]) -> dict[str, Rows | None]:
+    """For each tensor of ``names`` (main graph), the multiset of its dimensions but the last: equal
+    for two tensors only when their rows are equal in every run.  None where inference cannot tell
+    (or fails)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes, stubs = [], []
+    for i, n in enumerate(g.node):
+        stub = f"__bq_shape_stub_{i}"
+        s = _stand_in(n, stub, inits)
+        nodes.append(n if s is None else s[0])
+        if s is not None:
+            stubs.append(helper.make_tensor_value_info(stub, TensorProto.FLOAT, s[1]))
+    # initializers as inputs of their shapes: inference needs no data, and a large model has GBs of it
+    known = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer]
+    graph = helper.make_graph(nodes, g.name, list(g.input) + known + stubs, list(g.output))
+    stripped = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    try:
+        inferred = shape_inference.infer_shapes(stripped, data_prop=True).graph
+    except Exception:   # inference refuses some graphs; then nothing is known, which is always safe
+        return dict.fromkeys(names)
+    shapes = {v.name: v.type.tensor_type for v in [*inferred.input, *inferred.value_info, *inferred.output]}
+
+    def dims(name):
+        t = shapes.get(name)
+        if t is None or not t.HasField("shape") or len(t.shape.dim) < 2:
+            return None
+        lead = [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
+                for d in t.shape.dim[:-1]]
+        if any(d is None or d == "" for d in lead):
+            return None
+        return tuple(sorted((d for d in lead if d != 1), key=repr))
+
+    return {name: dims(name) for name in names}
