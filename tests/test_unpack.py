@@ -172,31 +172,31 @@ def test_each_weight_keeps_its_own_switch(monkeypatch):
             assert y.tobytes() == (p if M < switch else u).tobytes(), (M, switch)
 
 
-def test_rows_that_may_differ_get_ifs_of_their_own(monkeypatch):
-    """A Reshape between the layers halves the rows: layer 2's rows are not provably layer 1's, so
-    each layer has its own If, on its own input's size."""
+def test_rows_told_apart_get_ifs_of_their_own(monkeypatch):
+    """A mean over the tokens between the layers: layer 1 multiplies batch x seq rows, layer 2 batch,
+    which shape inference tells apart, so each layer has its own If on its own input's size."""
     m, *_ = two_layer()
-    f2, p2, _, _ = weight("affine", 5, 2 * N1, N2, 16, seed=2)
-    n2, i2 = bayesq_matmul_node("hr2", "y", "l2", f2, p2, 2 * N1, N2)
     g = m.graph
-    keep = [t for t in g.initializer if not t.name.startswith("l2")]
-    nodes = list(g.node[:2]) + [helper.make_node("Reshape", ["hr", "pairs"], ["hr2"]), n2]
-    del g.node[:], g.initializer[:]
+    layer2 = g.node[2]
+    layer2.input[0] = "pooled"
+    nodes = list(g.node[:2]) + [helper.make_node("ReduceMean", ["hr"], ["pooled"], axes=[1], keepdims=0), layer2]
+    del g.node[:]
     g.node.extend(nodes)
-    g.initializer.extend(keep + i2 + [numpy_helper.from_array(np.array([-1, 2 * N1], np.int64), "pairs")])
-    g.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", K1]))
+    g.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", K1]))
+    g.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", N2]))
+    g.output[1].CopyFrom(helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", "seq", N1]))
     isa = custom_ops.kernel_isa()
     monkeypatch.setattr(session, "PACKED_BELOW", {isa: (4, 4, 4, 4)})
     out = rewritten(m, "auto")
-    assert [n.op_type for n in out.graph.node if n.op_type in ("If", "Reshape")] == ["If", "Reshape", "If"]
+    assert [n.op_type for n in out.graph.node if n.op_type in ("If", "ReduceMean")] == ["If", "ReduceMean", "If"]
     auto, packed, unpacked = (make_session(m, unpack=u) for u in ("auto", "never", "always"))
-    for M, ref in ((2, packed), (4, None), (8, unpacked)):   # at 4 rows: layer 1 fp32, layer 2 (2 rows) packed
-        x = np.random.default_rng(M).standard_normal((M, K1)).astype(np.float32)
-        got = auto.run(None, {"x": x})
-        h_ref = (ref or unpacked).run(None, {"x": x})[1]
-        assert got[1].tobytes() == h_ref.tobytes()
-        if ref is not None:
-            assert got[0].tobytes() == ref.run(None, {"x": x})[0].tobytes()
+    # (batch, seq): layer 1's rows, layer 2's
+    for shape, (r1, r2) in (((1, 3), (packed, packed)), ((1, 4), (unpacked, packed)), ((4, 2), (unpacked, unpacked))):
+        x = np.random.default_rng(shape[1]).standard_normal((*shape, K1)).astype(np.float32)
+        y, h = auto.run(None, {"x": x})
+        assert h.tobytes() == r1.run(None, {"x": x})[1].tobytes()
+        if r1 is r2:   # layer 2's input is then the reference's own
+            assert y.tobytes() == r2.run(None, {"x": x})[0].tobytes()
 
 
 def test_rows_count_every_leading_dimension(monkeypatch):

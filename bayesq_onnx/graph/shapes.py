@@ -1,9 +1,8 @@
-"""Which MatMuls of a graph multiply the same number of rows, proven from its shapes.
+"""The rows a graph's MatMuls multiply, as far as ONNX shape inference follows them.
 
-ONNX shape inference names the dimensions it cannot compute (``unk__7``) and carries a name through
-every op that keeps it, so two tensors whose leading dimensions are the same names (``batch``,
-``seq``, or the same ``unk__7``) have the same number of rows in every run.  It knows no custom op:
-for the inference only, each packed op stands in as the standard op of the same output shape.
+Inference carries the graph inputs' dimension names (``batch``, ``seq``) and fixed sizes through
+every op that keeps them, and names what it cannot follow ``unk__N``.  It knows no custom op: for
+the inference only, each packed op stands in as the standard op of the same output shape.
 """
 from __future__ import annotations
 
@@ -33,9 +32,10 @@ def _stand_in(n: onnx.NodeProto, stub: str, weights: dict) -> tuple[onnx.NodePro
 
 
 def leading_dims(model: onnx.ModelProto, names: list[str]) -> dict[str, Rows | None]:
-    """For each tensor of ``names`` (main graph), the multiset of its dimensions but the last: equal
-    for two tensors only when their rows are equal in every run.  None where inference cannot tell
-    (or fails)."""
+    """For each tensor of ``names`` (main graph), the multiset of its dimensions but the last, as
+    sizes and the graph inputs' dimension names (``batch``, ``seq``): two that differ multiply
+    different rows unless a named size happens to be 1 (a pooled head's ``batch`` against the tokens'
+    ``batch x seq``).  None where inference cannot tell (or fails)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     nodes, stubs = [], []
@@ -61,8 +61,8 @@ def leading_dims(model: onnx.ModelProto, names: list[str]) -> dict[str, Rows | N
             return None
         lead = [d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else None
                 for d in t.shape.dim[:-1]]
-        if any(d is None or d == "" for d in lead):
-            return None
+        if any(d is None or d == "" or str(d).startswith("unk__") for d in lead):
+            return None    # inference's own names stand for a size it could not follow: unknown
         return tuple(sorted((d for d in lead if d != 1), key=repr))
 
     return {name: dims(name) for name in names}

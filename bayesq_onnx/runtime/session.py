@@ -226,7 +226,7 @@ def _switch_regions(body: list[tuple[onnx.NodeProto, int]], rows: dict, weights:
     few ``If``s as their switches allow (an If costs 5-15 microseconds a call).  Each If spans the
     nodes from one switching MatMul to the last of those after it with the same switch, up to a
     node no If may hold, a MatMul with another switch, or one whose rows per call shape inference
-    proves different (``rows``: graph.shapes.leading_dims of their inputs).  Its condition is
+    tells apart (``rows``: graph.shapes.leading_dims of their inputs).  Its condition is
     ``Size(A) >= switch * K`` on the first one's input; its branches are the span with those
     MatMuls fp32 (on their dequantized weights, ``weights``) and packed.  It takes the MatMuls it
     spans to multiply as many rows as the first, as a transformer's do (every token), which
