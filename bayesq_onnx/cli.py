@@ -13,7 +13,7 @@ from .errors import BayesQError, first_line
 log = logging.getLogger("bayesq_onnx.cli")
 EXIT_BAD_INPUT = 2
 PROG = "bayesq-onnx"
-COMMANDS = ("export", "calib", "compress", "eval", "predict", "report", "inspect", "curvature", "demo")
+COMMANDS = ("export", "calib", "compress", "eval", "predict", "report", "inspect", "tune", "curvature", "demo")
 
 # a few words per loss-table source for --tables; a source added to config.TABLE_SOURCES without an
 # entry here is still offered, under its bare name
@@ -228,6 +228,16 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the listing as JSON on stdout (for scripts)")
     i.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
 
+    t = sub.add_parser("tune", help="measure on this machine the rows per call from which a compressed model's "
+                       "MatMuls run faster unpacked; make_session(unpack='auto') then uses it", allow_abbrev=False)
+    t.add_argument("model", help="the compressed .onnx model (read only)")
+    t.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime intra-op threads, as the sessions that will use it run (default 0: its default)")
+    t.add_argument("--rows", help="rows per call to time, separated by commas (default 1,2,4,...,256)")
+    t.add_argument("--reps", type=int, default=5, help="alternating timing rounds per row count (default 5)")
+    t.add_argument("-o", "--output", help="where to write it (default: beside the model, where make_session looks)")
+    t.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
+
     g = sub.add_parser("curvature", help="diagonal curvature of a model's weights (CURV.npz for compress --curvature)",
                        allow_abbrev=False)
     g.add_argument("model", help="input .onnx model (never modified)")
@@ -291,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parse(argv)
         _setup_logging(args.quiet)
         return {"export": _export, "calib": _calib, "compress": _compress, "eval": _eval, "predict": _predict, "report": _report,
-                "inspect": _inspect, "curvature": _curvature, "demo": _demo}[args.command](args)
+                "inspect": _inspect, "tune": _tune, "curvature": _curvature, "demo": _demo}[args.command](args)
     except _Exit as e:
         return e.status
     except BayesQError as e:
@@ -472,6 +482,26 @@ def _inspect(args) -> int:
     from .graph.inspect import inspect_model, summary_lines
     info = inspect_model(args.model)
     print(json.dumps(info, indent=2) if args.json else "\n".join(summary_lines(info)))
+    return 0
+
+
+def _tune(args) -> int:
+    from .graph.model_io import read_model
+    from .runtime import tune
+    try:
+        rows = tuple(sorted({int(r) for r in args.rows.split(",")})) if args.rows else tune.ROWS
+    except ValueError:
+        raise BayesQError(f"--rows {args.rows!r}: expected row counts separated by commas") from None
+    if not rows or rows[0] < 1 or args.reps < 1 or args.threads < 0:
+        raise BayesQError("--rows must be positive, --reps at least 1 and --threads at least 0")
+    model = read_model(args.model)
+    t = tune.measure(model, args.threads, rows, args.reps, log.info)
+    out = Path(args.output) if args.output else tune.sidecar(args.model)
+    tune.save(t, out)
+    where = (f"packed at every row count measured (up to {rows[-1]})" if t.packed_below is None else
+             "fp32 at every row count measured" if t.packed_below == 1 else
+             f"packed below {t.packed_below} rows, fp32 from there")
+    print(f"{out}: {where} on this machine ({t.machine['isa']}, {t.machine['threads'] or 'default'} threads)")
     return 0
 
 

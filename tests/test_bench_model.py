@@ -54,6 +54,12 @@ def test_suite_on_a_tiny_token_model(tmp_path):
         assert r["paired_q1"] <= r["paired_q3"] and (r["variant"] != "fp32" or r["paired_q1"] == 1.0)
     assert any("bayesq 3.0 bits with unpack=auto" in line for line in bench_model.goals(rows))
 
+    # --tune: auto also on the switch measured here for each bayesq model
+    tuned = bench_model.suite([bm], (3.0,), [isa], "1x1", reps=1, threads=1, clock="cpu", folder=folder,
+                              quiet=True, tuned=True)["results"][0]
+    assert set(tuned["rows"][0]["ms"]) == {"fp32", "bq3-packed", "bq3-auto", "bq3-tuned", "nbits4-acc0", "nbits4-acc4"}
+    assert "tuned here" in tuned["notes"]["tiny"]["bq3"]
+
     # a rerun finds the compressed files and does not rewrite them
     stamps = {k: Path(v).stat().st_mtime_ns for k, v in files.items()}
     again = bench_model.suite([bm], (3.0, 4.0), [other], "1x1", reps=1, folder=folder, quiet=True)

@@ -29,7 +29,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -48,6 +47,7 @@ from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_gather_node, bay
 from bayesq_onnx.lower.nodes import gather_block_quantized_node, matmulnbits_node  # noqa: E402
 from bayesq_onnx.runtime import custom_ops  # noqa: E402
 from bayesq_onnx.runtime.session import make_session, session_options  # noqa: E402
+from bayesq_onnx.runtime.tune import time_alternating  # noqa: E402
 
 SHAPES = [(4096, 4096), (576, 1536), (1536, 576), (384, 1536)]
 COLD_BYTES = 256 << 20   # --cold: fp32 weights per model, past any last-level cache of the machines we use
@@ -141,28 +141,6 @@ def gather_candidates(V: int, D: int, block: int, rng) -> dict[str, onnx.ModelPr
         node, inits = bayesq_gather_node("A", "Y", "t", fmt, fmt.pack(q), V, D)
         out["bq-lut3"] = _gather_model([node], inits, D, [BAYESQ_OPSET])
     return out
-
-
-def time_alternating(runs: dict[str, Callable[[], object]], reps: int, clock=time.perf_counter,
-                     stat=statistics.median) -> dict[str, float]:
-    """ms per call of each function: batches of ~20 ms of each, in a rotating order, ``reps`` times."""
-    counts = {}
-    for name, f in runs.items():
-        f()                                      # warm-up (first-run allocations, caches)
-        t = time.perf_counter()
-        f()
-        once = time.perf_counter() - t
-        counts[name] = max(1, min(200, int(0.02 / max(once, 1e-6))))
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    names = list(runs)
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:   # rotate who goes first
-            f, n = runs[name], counts[name]
-            t = clock()
-            for _ in range(n):
-                f()
-            times[name].append((clock() - t) / n)
-    return {k: stat(v) * 1e3 for k, v in times.items()}
 
 
 def options(threads: int, library: str | None = None) -> ort.SessionOptions:

@@ -57,12 +57,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx  # noqa: E402
-from bench_kernels import options, time_alternating  # noqa: E402
+from bench_kernels import options  # noqa: E402
 
 from bayesq_onnx import Analysis, Recipe, compress  # noqa: E402
 from bayesq_onnx.assets import default_cache, load_npz  # noqa: E402
 from bayesq_onnx.runtime import custom_ops  # noqa: E402
 from bayesq_onnx.runtime.session import make_session, unpack_plan  # noqa: E402
+from bayesq_onnx.runtime import tune  # noqa: E402
+from bayesq_onnx.runtime.tune import time_alternating  # noqa: E402
 
 ONNX_INT = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
 log = logging.getLogger("bench_model")
@@ -241,9 +243,10 @@ def _is_tokens(model: onnx.ModelProto) -> bool:
     return any(vi.type.tensor_type.elem_type in ONNX_INT for vi in model.graph.input)
 
 
-def variant_sessions(files: dict[str, str], threads: int) -> tuple[dict, onnx.ModelProto, dict[str, str]]:
+def variant_sessions(files: dict[str, str], threads: int, tuned: bool = False) -> tuple[dict, onnx.ModelProto, dict[str, str]]:
     """Sessions of every timed variant, the fp32 proto (for the inputs) and a line per file saying
-    what it holds (op counts, what ``auto`` does with the bayesq MatMuls)."""
+    what it holds (op counts, what ``auto`` does with the bayesq MatMuls).  ``tuned``: a bayesq
+    model also runs ``auto`` on the switch ``bayesq-onnx tune`` measures for it here (runtime/tune.py)."""
     fp32 = onnx.load(files["fp32"], load_external_data=False)
     tokens = _is_tokens(fp32)
     fp32 = free_seq(fp32) if tokens else fp32
@@ -263,6 +266,11 @@ def variant_sessions(files: dict[str, str], threads: int) -> tuple[dict, onnx.Mo
                              f"unpacked, " + ", ".join(f"{v} packed below {k} rows" for k, v in sorted(rows.items())))
             sessions[f"{label}-packed"] = make_session(m, sess_options=options(threads), unpack="never")
             sessions[f"{label}-auto"] = make_session(m, sess_options=options(threads), unpack="auto")
+            if tuned:
+                t = tune.measure(m, threads)
+                notes[label] += f"; tuned here: fp32 from {t.packed_below} rows" if t.packed_below else \
+                    "; tuned here: packed at every rows measured"
+                sessions[f"{label}-tuned"] = make_session(m, sess_options=options(threads), tuning=t)
         else:
             sessions[f"{label}-acc0"] = make_session(m, sess_options=options(threads))
             sessions[f"{label}-acc4"] = make_session(_accuracy4(m), sess_options=options(threads))
@@ -279,7 +287,7 @@ def time_isa(job: dict) -> dict:
     rng = np.random.default_rng(0)
     clock = _clock(job["clock"])
     for name, spec in job["models"].items():
-        sessions, fp32, notes[name] = variant_sessions(spec["files"], job["threads"])
+        sessions, fp32, notes[name] = variant_sessions(spec["files"], job["threads"], job.get("tune", False))
         for shape in spec["shapes"]:
             batch, seq = parse_shape(shape)
             f = feeds(fp32, batch, seq, rng)
@@ -340,7 +348,8 @@ def run_isa(job: dict, quiet: bool = False) -> dict:
 
 
 def suite(models: list[BenchModel], bits=(3.0, 4.0), isas=None, shapes: str | None = None, reps: int = 15,
-          threads: int = 0, clock: str = "wall", folder: Path | None = None, quiet: bool = False) -> dict:
+          threads: int = 0, clock: str = "wall", folder: Path | None = None, quiet: bool = False,
+          tuned: bool = False) -> dict:
     """Compress (or find) every model's variants, then time them under each ISA.  Returns
     ``{"results": [time_isa output per ISA], "files": {model: {label: path}}, "reports": ...}``."""
     folder = folder or default_cache() / "bench_model"
@@ -351,7 +360,7 @@ def suite(models: list[BenchModel], bits=(3.0, 4.0), isas=None, shapes: str | No
                              for k, v in files[bm.name].items() if k != "fp32"}
     results = []
     for isa in isas or supported_isas():
-        job = {"isa": isa, "reps": reps, "threads": threads, "clock": clock, "models": {}}
+        job = {"isa": isa, "reps": reps, "threads": threads, "clock": clock, "tune": tuned, "models": {}}
         for bm in models:
             tokens = _is_tokens(onnx.load(str(bm.model), load_external_data=False))
             job["models"][bm.name] = {"files": files[bm.name],
@@ -381,12 +390,15 @@ def table_rows(out: dict) -> list[dict]:
 def goals(rows: list[dict]) -> list[str]:
     """Issue 12's whole-model goals, met or not, from the measured rows."""
     lines = []
-    auto3 = [r for r in rows if r["variant"] == "bq3-auto"]
-    if auto3:
+    for variant in ("bq3-auto", "bq3-tuned"):
+        auto3 = [r for r in rows if r["variant"] == variant]
+        if not auto3:
+            continue
         worst = max(auto3, key=lambda r: r["ratio"])
         slower = [r for r in auto3 if r["ratio"] > 1.0]
         beyond = [r for r in auto3 if r["paired_q1"] > 1.0]
-        lines.append(f"goal: bayesq 3.0 bits with unpack=auto <= 1.0x fp32 at every shape: "
+        how = "unpack=auto" if variant == "bq3-auto" else "unpack=auto on the switch tuned here"
+        lines.append(f"goal: bayesq 3.0 bits with {how} <= 1.0x fp32 at every shape: "
                      f"{'met' if not slower else f'NOT met at {len(slower)} of {len(auto3)}'} "
                      f"(worst {worst['ratio']:.2f}x: {worst['model']} {worst['isa']} {worst['shape']}); slower "
                      f"beyond the noise (3 in 4 paired batches slower) at {len(beyond)} of {len(auto3)}"
@@ -454,6 +466,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="3.0,4.0", help="suite: bayesq budgets (bits per weight)")
     ap.add_argument("--isas", default=None, help="suite: BAYESQ_ISA values (default: every vector set the CPU has)")
     ap.add_argument("--out", type=Path, default=None, help="suite: write the rows as CSV here")
+    ap.add_argument("--tune", action="store_true", help="suite: also time auto on the switch `bayesq-onnx tune` "
+                                                        "measures for each bayesq model here (bq*-tuned)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)   # JOB.json OUT.json: one ISA's timings
     args = ap.parse_args(argv)
@@ -479,7 +493,7 @@ def main(argv=None) -> int:
     cache = default_cache()
     out = suite([asset_model(n, cache) for n in names], bits,
                 args.isas.split(",") if args.isas else None, args.shapes, args.reps, args.threads, args.clock,
-                quiet=args.quiet)
+                quiet=args.quiet, tuned=args.tune)
     print(f"threads {args.threads or 'default'}, median of {args.reps} alternating batches, {args.clock} ms per run")
     print_table(out)
     if args.out:

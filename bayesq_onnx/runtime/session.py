@@ -14,7 +14,7 @@ from ..errors import BayesQError
 from ..graph import model_io
 from ..graph.cone import all_nodes, subgraphs
 from ..graph.shapes import leading_dims
-from . import custom_ops
+from . import custom_ops, tune
 
 DEFAULT_PROVIDERS = ["CPUExecutionProvider"]
 
@@ -54,13 +54,14 @@ UNPACK = ("auto", "never", "always")
 #   4-bit codebook: M = 4 0.97-1.09 (AVX-512);  M = 4 0.82-0.92, M = 5 1.10-1.11 (AVX2)
 # so with these switches every product measured runs within 1.04x of fp32 at every M measured (below
 # the switch the packed cells, from it the If's fp32 MatMul, 0.98-1.04x; the copies share one If, whose
-# own cost whole models show: README "Measured").  The table is one machine's: on a shared 2-core Intel
-# Xeon with AVX-512 SmolLM2's packed model ran 0.58x fp32 at 8 tokens and 0.85x at 64 (AVX2 there:
-# 0.88x, 1.53x), where `auto` runs fp32 from 4-7 rows; a per-machine measurement is not built.  Whole models agree (tools/bench_model.py --suite,
+# own cost whole models show: README "Measured").  Whole models agree (tools/bench_model.py --suite,
 # SmolLM2 and MiniLM at 3.0 and 4.0 bits): packed ran 0.61-0.84x fp32 at 4 tokens and 1.02-1.26x from
 # 8.  Smaller weights (MiniLM's 384-wide, timed the same way) looked faster packed still at 16-64
 # rows, which MiniLM's whole model did not bear out (kept packed at 16 rows: 1.07x), so the switch does
-# not depend on the shape.
+# not depend on the shape.  The table is one machine's: on a shared 2-core Intel Xeon (300 MB of L3)
+# with AVX-512 SmolLM2's packed model ran 0.58x fp32 at 8 tokens and 0.85x at 64 (AVX2 there: 0.88x,
+# 1.53x), where the table runs fp32 from 4-7 rows.  `bayesq-onnx tune` measures a model's own switch
+# on the machine it runs on (runtime/tune.py), which then takes the table's place.
 PACKED_BELOW: dict[str, tuple[int, int, int, int]] = {"avx512": (5, 7, 4, 4), "avx2": (5, 8, 4, 5)}
 
 # A model whose bayesq MatMul weights are this few in all is unpacked whatever the table says: its
@@ -80,7 +81,8 @@ def packed_below(bits: int, lut: bool, isa: str) -> int:
 
 def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=None,
                  sess_options: ort.SessionOptions | None = None, fold: bool = True, unpack: str = "auto",
-                 external_data: str | os.PathLike | None = None, **kw) -> ort.InferenceSession:
+                 external_data: str | os.PathLike | None = None, tuning: tune.Tuning | None = None,
+                 **kw) -> ort.InferenceSession:
     """An InferenceSession for any model bayesq-onnx writes (or any other model).  The bayesq
     custom-op library is registered by ``session_options``; pass ``sess_options`` made by it (or call
     ``custom_ops.register`` on your own) to keep bayesq ops loadable.
@@ -100,7 +102,10 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
     packed op below :func:`packed_below`'s switch (measured per kernel set and format) and the
     fp32 MatMul from it on (consecutive MatMuls with the same switch, and the nodes between them,
     share one If); a small model's weights (``SMALL_MODEL``), and those of kernel sets never
-    measured, are unpacked only.
+    measured, are unpacked only.  Where ``bayesq-onnx tune`` measured the model on this machine (its
+    ``MODEL.switch.json``, runtime/tune.py: same CPU, kernels, onnxruntime and intra-op threads),
+    that switch holds for all its MatMuls instead of the table; ``tuning`` (tune.measure's) gives
+    one for a model passed as a proto.
 
     ``external_data``: the folder a proto's external tensors are stored relative to
     (``model_io.open_model``).  onnxruntime maps them from there, and is told not to prepack weights,
@@ -113,7 +118,9 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data))
         so.add_session_config_entry("session.disable_prepacking", "1")
     providers = providers or DEFAULT_PROVIDERS
-    rewritten = _rewrite(model, so, providers, fold, unpack)
+    if tuning is None and unpack == "auto" and isinstance(model, (str, os.PathLike)):
+        tuning = tune.load(model, so.intra_op_num_threads)
+    rewritten = _rewrite(model, so, providers, fold, unpack, tuning)
     model = rewritten if rewritten is not None else model
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
@@ -122,10 +129,11 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
     return ort.InferenceSession(model, sess_options=so, providers=providers, **kw)
 
 
-def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str) -> onnx.ModelProto | None:
+def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str,
+             tuned: tune.Tuning | None = None) -> onnx.ModelProto | None:
     """``model`` with its foldable Dequantize nodes replaced by their outputs and its unpackable
-    MatMuls by fp32 ones (``fold``, ``unpack`` as in make_session), or None when there is nothing to
-    do (or the result would not fit one protobuf)."""
+    MatMuls by fp32 ones (``fold``, ``unpack``, ``tuned`` as in make_session and unpack_plan), or None
+    when there is nothing to do (or the result would not fit one protobuf)."""
     if isinstance(model, (str, os.PathLike)):
         path, model = model, onnx.load(str(model), load_external_data=False)   # tensors only if needed
     elif isinstance(model, bytes):
@@ -133,7 +141,7 @@ def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str) 
     else:
         path = None
     folds = _foldable(model) if fold else []
-    switching = unpack_plan(model, unpack) if unpack != "never" else []
+    switching = unpack_plan(model, unpack, tuned) if unpack != "never" else []
     unpacks = [n for n, _ in switching]
     switches = {id(n): rows for n, rows in switching}
     if not folds and not unpacks:
@@ -311,10 +319,11 @@ def _may_have_float16(model: onnx.ModelProto) -> bool:
     return False
 
 
-def unpack_plan(model: onnx.ModelProto, unpack: str) -> list[tuple[onnx.NodeProto, int]]:
+def unpack_plan(model: onnx.ModelProto, unpack: str, tuned: tune.Tuning | None = None) -> list[tuple[onnx.NodeProto, int]]:
     """bayesq MatMul nodes (main graph) whose weight inputs are all initializers and that ``unpack``
     unpacks, each with the rows per call from which the unpacked form runs (``always``: 1; ``auto``:
-    packed_below's switch); none before opset 15 (CastLike)."""
+    the model's switch measured on this machine, ``tuned``, where there is one, else packed_below's);
+    none before opset 15 (CastLike)."""
     if not custom_ops.available():
         return []          # nothing could run them or dequantize them: the session reports that
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -327,7 +336,11 @@ def unpack_plan(model: onnx.ModelProto, unpack: str) -> list[tuple[onnx.NodeProt
     nodes = [n for n in model.graph.node if n.domain == custom_ops.DOMAIN and n.op_type in ("MatMulAffine", "MatMulLut")
              and all(i in inits for i in n.input[1:_n_weight_inputs(n) + 1] if i)]
     attrs = [{a.name: a.i for a in n.attribute} for n in nodes]
-    if unpack == "always" or sum(a["K"] * a["N"] for a in attrs) < SMALL_MODEL:
+    if unpack == "always":
+        return [(n, 1) for n in nodes]
+    if tuned is not None:   # measured on the model itself: it overrides the table and SMALL_MODEL
+        return [] if tuned.packed_below is None else [(n, tuned.packed_below) for n in nodes]
+    if sum(a["K"] * a["N"] for a in attrs) < SMALL_MODEL:
         return [(n, 1) for n in nodes]
     return [(n, packed_below(a["bits"], n.op_type == "MatMulLut", isa)) for n, a in zip(nodes, attrs)]
 
