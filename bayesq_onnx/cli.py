@@ -497,7 +497,7 @@ def _tune(args) -> int:
     model = read_model(args.model)
     t = tune.measure(model, args.threads, rows, args.reps, log.info)
     out = Path(args.output) if args.output else tune.sidecar(args.model)
-    tune.save(t, out)
+    tune.save(t, out, args.model)
     where = (f"packed at every row count measured (up to {rows[-1]})" if t.packed_below is None else
              "fp32 at every row count measured" if t.packed_below == 1 else
              f"packed below {t.packed_below} rows, fp32 from there")

@@ -4,6 +4,7 @@ measured on).  Timings themselves are not asserted: tests are not benchmarks."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -67,7 +68,7 @@ def _outputs(sess, M):
 @pytest.mark.parametrize("switch", [4, None])
 def test_make_session_takes_the_switch_measured_here(model_file, switch):
     """A switch at 4 rows (the table says 9): 4 rows run fp32; None: 12 rows still run packed."""
-    tune.save(tune.Tuning(tune.machine_key(0), switch, {1: 0.5}), tune.sidecar(model_file))
+    tune.save(tune.Tuning(tune.machine_key(0), switch, {1: 0.5}), tune.sidecar(model_file), model_file)
     auto = make_session(model_file)
     packed, unpacked = (make_session(model_file, unpack=u) for u in ("never", "always"))
     for M in (3, 4, 12):
@@ -75,14 +76,18 @@ def test_make_session_takes_the_switch_measured_here(model_file, switch):
         assert _outputs(auto, M) == _outputs(unpacked if fp32 else packed, M), M
 
 
-@pytest.mark.parametrize("stale", ["another machine", "threads", "garbage"])
+@pytest.mark.parametrize("stale", ["another machine", "threads", "another model", "garbage"])
 def test_a_switch_measured_elsewhere_is_ignored(model_file, stale):
     key = tune.machine_key(0)
     if stale == "garbage":
         tune.sidecar(model_file).write_text("{not json")
     else:
-        key = {**key, "cpu": "another CPU"} if stale == "another machine" else {**key, "threads": 3}
-        tune.save(tune.Tuning(key, 1, {1: 2.0}), tune.sidecar(model_file))
+        key = {**key, "cpu": "another CPU"} if stale == "another machine" else \
+            {**key, "threads": 3} if stale == "threads" else key
+        tune.save(tune.Tuning(key, 1, {1: 2.0}), tune.sidecar(model_file), model_file)
+        if stale == "another model":   # the model written again after it was tuned
+            onnx.save(onnx.load(str(model_file)), str(model_file))
+            os.utime(model_file, ns=(1, 1))
     auto, packed = make_session(model_file), make_session(model_file, unpack="never")
     assert _outputs(auto, 4) == _outputs(packed, 4)     # the table's switch (9), not the file's (fp32 from 1)
 

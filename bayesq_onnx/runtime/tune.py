@@ -132,17 +132,26 @@ def sidecar(model_path: str | Path) -> Path:
     return Path(str(model_path) + SUFFIX)
 
 
-def save(tuning: Tuning, path: str | Path) -> None:
-    save_json_atomic({**asdict(tuning), "ratios": {str(k): v for k, v in tuning.ratios.items()}}, path)
+def _file(model_path: str | Path) -> dict:
+    """Which file was measured: its size and modification time (a model compressed again to the
+    same path is another model)."""
+    st = Path(model_path).stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def save(tuning: Tuning, path: str | Path, model_path: str | Path) -> None:
+    """``tuning`` of the model at ``model_path``, as JSON at ``path`` (temp file, then rename)."""
+    save_json_atomic({**asdict(tuning), "ratios": {str(k): v for k, v in tuning.ratios.items()},
+                      "model": _file(model_path)}, path)
 
 
 def load(model_path: str | Path, threads: int) -> Tuning | None:
-    """The tuning written beside ``model_path`` when it holds for this machine and ``threads``; None
-    where there is none, it is unreadable, or it was measured elsewhere."""
-    path = sidecar(model_path)
+    """The tuning written beside ``model_path`` when it holds for that file as it is now, this
+    machine and ``threads``; None where there is none, it is unreadable, or it does not hold."""
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(sidecar(model_path).read_text())
         tuning = Tuning(d["machine"], d["packed_below"], {int(k): float(v) for k, v in d["ratios"].items()})
+        same_file = d["model"] == _file(model_path)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return tuning if tuning.machine == machine_key(threads) else None
+    return tuning if same_file and tuning.machine == machine_key(threads) else None
