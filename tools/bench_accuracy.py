@@ -178,7 +178,7 @@ def _run(path: Path, data: dict[str, np.ndarray], output: str, batch: int = 64) 
 
 
 def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_samples: int | None,
-                distill: int = 100, sparse=SPARSE_PATTERNS) -> list[dict]:
+                distill: int = 100, sparse=SPARSE_PATTERNS, scale_samples: int | None = None) -> list[dict]:
     rows = [{"model": name, "method": "fp32", "budget": None, "bits_per_weight": 32.0, "bits_all": 32.0, "plan": "fp32",
              "seconds": 0.0, **task.evaluate(task.model)}]
     _say(rows[-1])
@@ -202,6 +202,8 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             fields["sparse"] = sparse
         if proxy_samples and method in ours:
             fields["proxy_samples"] = proxy_samples
+        if scale_samples and method in ours:
+            fields["scale_samples"] = scale_samples
         t0 = time.perf_counter()
         try:
             analysis = Analysis(task.model, Recipe(bits=max(budgets), **fields), calib=task.calib)
@@ -359,6 +361,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sparse", default=",".join(f"{k}:{m}" for k, m in SPARSE_PATTERNS), metavar="PATTERNS",
                     help=f"the N:M patterns of the {SPARSE} methods, KEEP:OF comma-separated (default: %(default)s)")
     ap.add_argument("--proxy-samples", type=int, help="bayesq's proxy samples (default: the recipe's)")
+    ap.add_argument("--scale-samples", type=int, help="bayesq's kron factor samples (default: the recipe's)")
     ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--out", type=Path, default=Path("bench-accuracy"))
     args = ap.parse_args(argv)
@@ -381,7 +384,8 @@ def main(argv=None) -> int:
         rows += bench_model(name, tasks[name], methods,
                             budgets or list(tasks[name].budgets or (QUICK_BUDGETS if args.quick else BUDGETS)),
                             args.out, args.proxy_samples, args.distill,
-                            tuple(tuple(int(v) for v in p.split(":")) for p in args.sparse.split(",")))
+                            tuple(tuple(int(v) for v in p.split(":")) for p in args.sparse.split(",")),
+                            args.scale_samples)
         logging.info("%s: %.0f s so far", name, time.perf_counter() - t0)
         write_outputs(rows, tasks, args.out)     # partial results survive an interrupted run
     md = write_outputs(rows, tasks, args.out)
