@@ -106,12 +106,12 @@ class Analysis:
             if path is not None:
                 check_writable(path)
         self.file_curvature = FileCurvature(recipe.curvature, sites, recipe.evidence) if recipe.curvature else None
-        data, self.calib_source, fixed = _read_calibration(m, calib, recipe)
-        self.batch = fixed or recipe.batch_size
+        data, self.calib_source, self.fixed = _read_calibration(m, calib, recipe)   # fixed: the graph's batch
+        self.batch = self.fixed or recipe.batch_size
         self.uniform = not recipe.method_spec.allocates
         # only the plan check and distillation need held-back data; the uniform baselines calibrate on all of it
         self.fit, self.held = (data, take(data, 0)) if self.uniform and not recipe.distill else \
-            split(data, recipe.holdout, fixed or 1)
+            split(data, recipe.holdout, self.fixed or 1)
         self.n_calib = n_samples(data)
         self.probe = _probe(m, sites, self.files)
         _check_finite(sites, self.probe.weights)
@@ -216,7 +216,8 @@ class Analysis:
         for kron) of the fitting data."""
         r = self.recipe
         n = r.scale_samples if r.table_source == "kron" else r.proxy_samples
-        return OutputDistortion(self.probe, take(self.fit, -(-n // self.batch) * self.batch), self.batch)
+        batch = self.fixed or min(self.batch, n)   # fewer samples than a batch: a smaller batch
+        return OutputDistortion(self.probe, take(self.fit, -(-n // batch) * batch), batch)
 
     def compress(self, bits: float, *, output: str | os.PathLike | None = None,
                  report: str | os.PathLike | None = None, _t0: float | None = None,

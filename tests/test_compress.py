@@ -269,7 +269,8 @@ def test_kron_tables_are_the_layer_loss_times_one_measured_factor_per_site(tmp_p
     analysis = Analysis(src, recipe, calib=models.mlp_data())
     rep = analysis.compress(3.0).report
     assert rep["tables"] == "kron" and rep["bits_per_weight"] <= 3.0
-    distortion = OutputDistortion(analysis.probe, take(analysis.fit, recipe.scale_samples), analysis.batch)
+    n = recipe.scale_samples    # fewer than a batch: measured in one batch of n
+    distortion = OutputDistortion(analysis.probe, take(analysis.fit, n), min(analysis.batch, n))
     quantizers = analysis.quantizers()
     for s in analysis.sites:
         table, q, fs = analysis.losses[s.name], quantizers[s.name], analysis.candidates[s.name]

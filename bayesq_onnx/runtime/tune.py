@@ -154,4 +154,4 @@ def load(model_path: str | Path, threads: int) -> Tuning | None:
         same_file = d["model"] == _file(model_path)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return tuning if same_file and tuning.machine == machine_key(threads) else None
+    return tuning if same_file and custom_ops.available() and tuning.machine == machine_key(threads) else None
