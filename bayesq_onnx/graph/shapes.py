@@ -31,6 +31,13 @@ def _stand_in(n: onnx.NodeProto, stub: str, weights: dict) -> tuple[onnx.NodePro
     return None
 
 
+def _small(t: onnx.TensorProto) -> bool:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n <= 64 and t.data_location != TensorProto.EXTERNAL
+
+
 def leading_dims(model: onnx.ModelProto, names: list[str]) -> dict[str, Rows | None]:
     """For each tensor of ``names`` (main graph), the multiset of its dimensions but the last, as
     sizes and the graph inputs' dimension names (``batch``, ``seq``): two that differ multiply
@@ -45,9 +52,11 @@ def leading_dims(model: onnx.ModelProto, names: list[str]) -> dict[str, Rows | N
         nodes.append(n if s is None else s[0])
         if s is not None:
             stubs.append(helper.make_tensor_value_info(stub, TensorProto.FLOAT, s[1]))
-    # initializers as inputs of their shapes: inference needs no data, and a large model has GBs of it
-    known = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer]
-    graph = helper.make_graph(nodes, g.name, list(g.input) + known + stubs, list(g.output))
+    # weights as inputs of their shapes (inference needs no data, and a large model has GBs of it);
+    # small tensors keep theirs: shapes, axes and indices that Reshape, Reduce* and Gather read
+    small = [t for t in g.initializer if _small(t)]
+    known = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer if not _small(t)]
+    graph = helper.make_graph(nodes, g.name, list(g.input) + known + stubs, list(g.output), small)
     stripped = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     try:
         inferred = shape_inference.infer_shapes(stripped, data_prop=True).graph

@@ -238,7 +238,7 @@ def _switch_regions(body: list[tuple[onnx.NodeProto, int]], rows: dict, weights:
     ``Size(A) >= switch * K`` on the first one's input; its branches are the span with those
     MatMuls fp32 (on their dequantized weights, ``weights``) and packed.  It takes the MatMuls it
     spans to multiply as many rows as the first, as a transformer's do (every token), which
-    inference seldom proves through the exports' attention reshapes.  Where one has fewer (a
+    inference does not always follow (MiniLM's export loses it at a broadcast).  Where one has fewer (a
     pooled head) it runs fp32 where packed might be faster; where one had more, packed past its
     switch: only speed is at stake, never the result."""
     last_read = {}
