@@ -4,7 +4,7 @@
                                 [--clock wall|cpu] [--reps 15]
     python tools/bench_model.py --suite [--models minilm,fashion_mnist,efficientnet,smollm2] [--bits 3.0,4.0]
                                 [--isas avx512,avx2] [--shapes ...] [--threads 0] [--clock wall|cpu]
-                                [--reps 15] [--out rows.csv] [--quiet]
+                                [--reps 15] [--tune] [--out rows.csv] [--quiet]
 
 **Two models.** Without paths: all-MiniLM-L6-v2 as ``bayesq-onnx demo`` leaves it in the cache
 (``$BAYESQ_CACHE``, else ~/.cache/bayesq-onnx): ``minilm-*/model.onnx`` against
@@ -25,7 +25,8 @@ after changing the compressor).  Per ISA of the bayesq kernels (``BAYESQ_ISA``, 
 creates its kernels; each ISA runs in a subprocess of its own, and one the CPU lacks is reported and
 skipped; fp32 and MatMulNBits are onnxruntime's MLAS kernels, the same in every ISA's rows), per
 shape, one alternating run times side by side: fp32; bayesq at each budget with
-``make_session(unpack="never")`` (packed) and ``unpack="auto"``; MatMulNBits at accuracy level 0
+``make_session(unpack="never")`` (packed) and ``unpack="auto"`` (with ``--tune`` also ``auto`` on
+the switch ``bayesq-onnx tune`` measures for it in that worker, ``-tuned``); MatMulNBits at accuracy level 0
 (fp32 maths, the recipe's default) and 4 (int8 activations, onnxruntime's fast setting).  Token
 models were exported at one length (MiniLM 64, SmolLM2 128) but compute at any: the suite names
 that length free in every variant (in memory; the files stay as they are), so ``1x1`` is one token
@@ -61,9 +62,8 @@ from bench_kernels import options  # noqa: E402
 
 from bayesq_onnx import Analysis, Recipe, compress  # noqa: E402
 from bayesq_onnx.assets import default_cache, load_npz  # noqa: E402
-from bayesq_onnx.runtime import custom_ops  # noqa: E402
+from bayesq_onnx.runtime import custom_ops, tune  # noqa: E402
 from bayesq_onnx.runtime.session import make_session, unpack_plan  # noqa: E402
-from bayesq_onnx.runtime import tune  # noqa: E402
 from bayesq_onnx.runtime.tune import time_alternating  # noqa: E402
 
 ONNX_INT = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
