@@ -6,6 +6,8 @@ the inference only, each packed op stands in as the standard op of the same outp
 """
 from __future__ import annotations
 
+import math
+
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
@@ -32,10 +34,7 @@ def _stand_in(n: onnx.NodeProto, stub: str, weights: dict) -> tuple[onnx.NodePro
 
 
 def _small(t: onnx.TensorProto) -> bool:
-    n = 1
-    for d in t.dims:
-        n *= d
-    return n <= 64 and t.data_location != TensorProto.EXTERNAL
+    return math.prod(t.dims) <= 64 and t.data_location != TensorProto.EXTERNAL
 
 
 def leading_dims(model: onnx.ModelProto, names: list[str]) -> dict[str, Rows | None]:

@@ -177,9 +177,8 @@ def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str,
             body += [(m, -1) for m in _fp32_matmul(n, unpacked_w[id(n)], exact_casts)]
         elif id(n) not in gone:
             body.append((n, -1 if any(subgraphs(n)) else 0))
-    switching = [n for n, s in body if s > 1]
-    rows = leading_dims(model, [n.input[0] for n in switching]) if switching else {}
-    keep = _switch_regions(body, {id(n): rows[n.input[0]] for n in switching}, unpacked_w, exact_casts,
+    inputs = [n.input[0] for n, s in body if s > 1]
+    keep = _switch_regions(body, leading_dims(model, inputs) if inputs else {}, unpacked_w, exact_casts,
                            {o.name for o in g.output})
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -234,7 +233,7 @@ def _switch_regions(body: list[tuple[onnx.NodeProto, int]], rows: dict, weights:
     few ``If``s as their switches allow (an If costs 5-15 microseconds a call).  Each If spans the
     nodes from one switching MatMul to the last of those after it with the same switch, up to a
     node no If may hold, a MatMul with another switch, or one whose rows per call shape inference
-    tells apart (``rows``: graph.shapes.leading_dims of their inputs).  Its condition is
+    tells apart (``rows``: graph.shapes.leading_dims, by input name).  Its condition is
     ``Size(A) >= switch * K`` on the first one's input; its branches are the span with those
     MatMuls fp32 (on their dequantized weights, ``weights``) and packed.  It takes the MatMuls it
     spans to multiply as many rows as the first, as a transformer's do (every token), which
@@ -257,7 +256,8 @@ def _switch_regions(body: list[tuple[onnx.NodeProto, int]], rows: dict, weights:
         while j < len(body) and body[j][1] >= 0:
             m, s = body[j]
             if s > 1:
-                if s != switch or None not in (rows[id(n)], rows[id(m)]) and rows[id(m)] != rows[id(n)]:
+                r, rm = rows[n.input[0]], rows[m.input[0]]
+                if s != switch or None not in (r, rm) and rm != r:
                     break
                 ends = j
             j += 1
