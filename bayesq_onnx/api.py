@@ -17,7 +17,7 @@ import onnx
 from .calib.capture import StatsAccumulator, capture_stats
 from .calib.readers import (check_calibration, fixed_batch, input_specs, load_calibration, n_samples, split,
                             synthetic_calibration, take)
-from .config import Recipe
+from .config import METHODS, Recipe
 from .curvature.activation import ActivationCurvature
 from .curvature.from_file import FileCurvature
 from .curvature.trace import check_trace_source, file_traces, fisher_traces
@@ -112,6 +112,7 @@ class Analysis:
         # only the plan check and distillation need held-back data; the uniform baselines calibrate on all of it
         self.fit, self.held = (data, take(data, 0)) if self.uniform and not recipe.distill else \
             split(data, recipe.holdout, self.fixed or 1)
+        self.data = data   # all of it: a reference GPTQ plan that wins the check is rounded again on it
         self.n_calib = n_samples(data)
         self.probe = _probe(m, sites, self.files)
         _check_finite(sites, self.probe.weights)
@@ -249,6 +250,11 @@ class Analysis:
             i = 0
         chosen, shipped = contenders[i], packed[i]
         del packed   # the other contenders' tensors go now (a 1B model's: about 350 MB each at 3 bits)
+        if chosen.reference and self.held is not self.fit:
+            # the check chose the algorithm on unseen data; its codes are then fitted on all the data,
+            # so they are the bytes --method gptq ships (docs/design.md, "Plan check")
+            [shipped], _, _ = self._round([chosen], data=self.data)
+            check["refit_on_all_samples"] = True
         shipped, distilled = self._distill(chosen, shipped, recipe.distill) if recipe.distill else (shipped, None)
         out_model = _lower(self.model, self.files, sites, chosen, shipped, recipe)
         del shipped  # copied into the model's initializers
@@ -284,22 +290,43 @@ class Analysis:
                 raise
         return Result(out_model, rep, Path(output) if output is not None else None)
 
-    def _round(self, contenders: list[Contender], knapsack=None, keep: bool = False):
+    def _round(self, contenders: list[Contender], knapsack=None, keep: bool = False, data=None):
         """Every contender's packed tensors, grid kinds and expected losses per site, rounded a
-        segment's sites at a time (the knapsack's and the reference GPTQ plan's share GPTQ's work).
-        ``knapsack``: the plan whose formats get their grids measured where several are on offer.
-        ``keep``: remember the packed results for later budgets (an analysis used more than once):
-        a format a site takes again is not rounded again (packed tensors are small).
+        segment's sites at a time.  ``knapsack``: the plan whose formats get their grids measured
+        where several are on offer.  ``keep``: remember the packed results for later budgets (an
+        analysis used more than once): a format a site takes again is not rounded again (packed
+        tensors are small).  ``data``: calibrate on these samples instead of the fitting ones (nothing
+        reused or kept: what is kept was fitted on those).
         Sequential (``recipe.rounds_sequentially``): each block is calibrated on the model quantized as the
         first contender ships it up to there, and every contender of the budget is rounded on those
-        same activations (docs/design.md, "Sequential")."""
-        sites, n, cache = self.sites, len(contenders), self._rounded
+        same activations (docs/design.md, "Sequential").  The reference GPTQ contender is calibrated as
+        ``--method gptq`` is: where that is sequential and the model has blocks, on its own codes, in a
+        pass of its own; else in the others' pass, sharing GPTQ's work (docs/design.md, "Plan check")."""
+        ref = [c.reference for c in contenders]
+        passes = [(range(len(contenders)), self.recipe.rounds_sequentially, knapsack)]
+        gptq = METHODS["gptq"].sequential and len(self.stream) > 1
+        if any(ref) and (self.recipe.rounds_sequentially or gptq):   # the contenders' activations differ
+            passes = [([i for i, r in enumerate(ref) if not r], self.recipe.rounds_sequentially, knapsack),
+                      ([i for i, r in enumerate(ref) if r], gptq, None)]
+        out = [None] * len(contenders)
+        for idx, sequential, plan in (p for p in passes if p[0]):
+            for i, *r in zip(idx, *self._round_pass([contenders[i] for i in idx], plan, keep, sequential, data)):
+                out[i] = r
+        packed, grids, expected = (list(x) for x in zip(*out))
+        return packed, grids, expected
+
+    def _round_pass(self, contenders: list[Contender], knapsack, keep: bool, sequential: bool, data=None):
+        """:meth:`_round`'s work for contenders rounded on the same activations: those of the model
+        quantized as ``contenders[0]`` ships it (``sequential``), else of the fp32 model."""
+        sites, n = self.sites, len(contenders)
+        cache, keep = (self._rounded, keep) if data is None else ({}, False)
         packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
-        feed = quantized_weights(contenders[0], packed[0]) if self.recipe.rounds_sequentially else None
+        feed = quantized_weights(contenders[0], packed[0]) if sequential else None
+        what = "rounding and packing" + (" gptq's plan, sequentially" if all(c.reference for c in contenders) else "")
         # a site's rounding costs about its weights' worth (a 30522-word embedding's codebook is most of MiniLM's)
-        with Progress("rounding and packing", len(sites), work=sum(s.size for s in sites)) as p, \
+        with Progress(what, len(sites), work=sum(s.size for s in sites)) as p, \
                 self._overlap(sequential=feed is not None) as overlap:
-            for j, (block, qs) in enumerate(self.blocks(quantized=feed)):
+            for j, (block, qs) in enumerate(self.blocks(data, quantized=feed)):
                 # sequential: a site's codes and measured grids depend on the plan of the sites before it,
                 # so only the first block, which no quantized weight reaches, shares them across budgets
                 reuse, known = (cache, self.grids) if feed is None or j == 0 else ({}, dict(self.grids))

@@ -99,6 +99,57 @@ def test_sequential_differs_from_the_fp32_calibrated_pipeline_after_the_first_la
         assert np.mean(seq[name].codes == plain[name].codes) < 0.9
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_plan_checks_gptq_contender_is_method_gptq_on_the_fitting_data(chain, monkeypatch, sequential):
+    """The plan check's reference GPTQ contender ships the codes ``--method gptq`` (sequential by
+    default) rounds from the same fitting data, whether bayesq itself runs sequentially or not."""
+    import bayesq_onnx.api as api
+    m, ws, data, plan, seq, plain = chain
+    seen = {}
+    real = api.check_plans
+
+    def keep(contenders, packed, sites, *args):
+        seen.update(contenders=contenders, packed=packed, sites=sites)
+        return real(contenders, packed, sites, *args)
+
+    monkeypatch.setattr(api, "check_plans", keep)
+    an = Analysis(m, Recipe(bits=BITS, sequential=sequential), calib=data)
+    an.compress(BITS)
+    j = next(k for k, c in enumerate(seen["contenders"]) if c.reference)
+    ref = seen["contenders"][j].plan
+    want, gptq_plan = _gptq_codes(m, an.fit, sequential=True)
+    assert ref.choice == gptq_plan.choice
+    for s in seen["sites"]:
+        got = ref.choice[s.name].unpack(seen["packed"][j][s.name], s.rows, s.L)
+        np.testing.assert_array_equal(got.codes, want[s.name].codes)
+    # not the fp32-calibrated codes after the first layer (what the contender was before)
+    fp32, _ = _gptq_codes(m, an.fit, sequential=False)
+    assert np.mean(fp32["W3"].codes == want["W3"].codes) < 0.9
+
+
+def test_a_gptq_plan_that_wins_the_check_ships_method_gptqs_bytes(chain, monkeypatch):
+    """The check picks gptq's plan on held-back samples; what ships is then fitted on all of them:
+    the initializers ``--method gptq`` writes from the same calibration data, bit for bit."""
+    import bayesq_onnx.api as api
+    m, ws, data, plan, seq, plain = chain
+    real = api.check_plans
+
+    def pick_reference(contenders, *args):
+        i, rep = real(contenders, *args)
+        j = next(k for k, c in enumerate(contenders) if c.reference)
+        return j, {**rep, "chosen": contenders[j].plan.label}
+
+    monkeypatch.setattr(api, "check_plans", pick_reference)
+    ours = compress(m, Recipe(bits=BITS), calib=data)
+    gptq = compress(m, Recipe(bits=BITS, method="gptq"), calib=data)
+    assert ours.report["plan"].startswith("gptq ") and ours.report["plan_check"]["refit_on_all_samples"]
+    assert ours.report["plan"] == "gptq " + gptq.report["plan"]
+    init = {t.name: numpy_helper.to_array(t) for t in gptq.model.graph.initializer}
+    assert {t.name for t in ours.model.graph.initializer} == init.keys()
+    for t in ours.model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(t), init[t.name], err_msg=t.name)
+
+
 def test_sequential_output_is_deterministic_and_reported(tmp_path):
     m, _ = _chain(seed=3)
     data = models.mlp_data(n=128)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -182,7 +181,7 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
     rows = [{"model": name, "method": "fp32", "budget": None, "bits_per_weight": 32.0, "bits_all": 32.0, "plan": "fp32",
              "seconds": 0.0, **task.evaluate(task.model)}]
     _say(rows[-1])
-    achieved: dict[float, float] = {}           # budget -> bits gptq achieved there, floored (the @gptq budget)
+    achieved: dict[float, float] = {}           # budget -> the @gptq budget: the bits gptq achieved there
     gptq_bits: dict[float, float] = {}          # that budget -> gptq's exact bits
     base = {m: _sequential(m)[0] for m in methods}
     ours = [m for m in methods if base[m] == "bayesq" or base[m].startswith(VARIANT)]
@@ -222,7 +221,9 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
                 logging.warning("%s/%s at %g: %s", name, label, bits, e)
                 continue
             if method == "gptq":
-                achieved[bits] = math.floor(rep["bits_per_weight"] * 1e4) / 1e4   # never above gptq's bits
+                # the @gptq budget: gptq's stored bits plus half a bit over the whole model, so a knapsack
+                # method can take gptq's own plan but never a bit more (stored bits are whole numbers)
+                achieved[bits] = (sum(l["stored_bits"] for l in rep["layers"]) + 0.5) / rep["n_weights"]
                 gptq_bits[achieved[bits]] = rep["bits_per_weight"]
             # the gptq row this one is compared with: a uniform baseline's at the same budget (the same
             # plan, so the same bits), a knapsack method's @gptq at the bits gptq reached
