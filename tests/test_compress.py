@@ -201,23 +201,14 @@ def test_report_contract(tmp_path):
     assert r["plan_check"]["chosen"] in [c["plan"] for c in r["plan_check"]["candidates"]]
 
 
-def test_a_shipped_reference_plan_reports_no_expected_loss(tmp_path, monkeypatch):
+def test_a_shipped_reference_plan_reports_no_expected_loss(tmp_path, request):
     """The plan check rates the reference GPTQ plan by output distortion alone: where it ships, its
     layers carry no posterior expected loss (None), while the knapsack's layers do."""
-    import bayesq_onnx.api as api
-
     src, calib = _save(tmp_path, "mlp", models.mlp()), models.mlp_data()
     knapsack = compress(src, Recipe(bits=3.0), calib=calib).report
     assert knapsack["plan"] == "knapsack"
     assert all(isinstance(l["expected_loss"], float) for l in knapsack["layers"])
-    real = api.check_plans
-
-    def pick_reference(contenders, *args):
-        i, rep = real(contenders, *args)
-        j = next(k for k, c in enumerate(contenders) if c.reference)
-        return j, {**rep, "chosen": contenders[j].plan.label}
-
-    monkeypatch.setattr(api, "check_plans", pick_reference)
+    request.getfixturevalue("reference_wins")
     reference = compress(src, Recipe(bits=3.0), calib=calib).report
     assert reference["plan"].startswith("gptq ")
     assert all(l["expected_loss"] is None for l in reference["layers"])

@@ -127,19 +127,10 @@ def test_the_plan_checks_gptq_contender_is_method_gptq_on_the_fitting_data(chain
     assert np.mean(fp32["W3"].codes == want["W3"].codes) < 0.9
 
 
-def test_a_gptq_plan_that_wins_the_check_ships_method_gptqs_bytes(chain, monkeypatch):
+def test_a_gptq_plan_that_wins_the_check_ships_method_gptqs_bytes(chain, reference_wins):
     """The check picks gptq's plan on held-back samples; what ships is then fitted on all of them:
     the initializers ``--method gptq`` writes from the same calibration data, bit for bit."""
-    import bayesq_onnx.api as api
     m, ws, data, plan, seq, plain = chain
-    real = api.check_plans
-
-    def pick_reference(contenders, *args):
-        i, rep = real(contenders, *args)
-        j = next(k for k, c in enumerate(contenders) if c.reference)
-        return j, {**rep, "chosen": contenders[j].plan.label}
-
-    monkeypatch.setattr(api, "check_plans", pick_reference)
     ours = compress(m, Recipe(bits=BITS), calib=data)
     gptq = compress(m, Recipe(bits=BITS, method="gptq"), calib=data)
     assert ours.report["plan"].startswith("gptq ") and ours.report["plan_check"]["refit_on_all_samples"]
