@@ -284,6 +284,36 @@ def matched_table(rows: list[dict], name: str, task: Task) -> list[str]:
     return lines + [""]
 
 
+def gap_table(rows: list[dict], name: str) -> list[str]:
+    """Markdown: at each of gptq's stored bits and for each metric, the best uniform baseline's gap to
+    fp32 and the share of it each knapsack method closes there (1: fp32 reached; negative: worse than
+    that baseline).  A gap is the distance to fp32's value, which every metric here has as its best."""
+    mine = [r for r in rows if r["model"] == name]
+    fp32 = next((r for r in mine if r["method"] == "fp32"), None)
+    matched = [r for r in mine if r.get("gptq_bits") is not None]
+    ours = list(dict.fromkeys(r["method"] for r in matched if r["method"].endswith("@gptq")))
+    if fp32 is None or not ours:
+        return []
+    metrics = [k for k in fp32 if k not in ROW_FIELDS and not k.endswith("_se") and isinstance(fp32[k], float)]
+    lines = [f"### {name}: share of the best uniform baseline's gap to fp32 closed, at gptq's stored bits", "",
+             "| gptq's bits | metric (fp32) | best uniform baseline | " + " | ".join(ours) + " |",
+             "|---|---|---|" + "---|" * len(ours)]
+    for b in dict.fromkeys(r["gptq_bits"] for r in matched):
+        at = {r["method"]: r for r in matched if r["gptq_bits"] == b}
+        for k in metrics:
+            base = {m: abs(r[k] - fp32[k]) for m, r in at.items() if not m.endswith("@gptq") and k in r}
+            if not base:
+                continue
+            best = min(base, key=base.get)
+            # a baseline within two standard errors of fp32 leaves no gap to measure a share of
+            shares = base[best] > 2 * at[best].get(k + "_se", 0.0)
+            cells = [f"{_fmt(at[m][k])} ({1 - abs(at[m][k] - fp32[k]) / base[best]:+.2f})" if m in at and shares
+                     else _fmt(at[m][k]) if m in at else "-" for m in ours]
+            lines.append(f"| {b:.4f} | {k} ({_fmt(fp32[k])}) | {best} {_fmt(at[best][k])}{'' if shares else ' (within 2 SE)'} | "
+                         + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _say(row: dict) -> None:
     logging.info("%s", "  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
 
@@ -292,6 +322,10 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+# a row's fields that are not metrics
+ROW_FIELDS = ("model", "method", "budget", "bits_per_weight", "bits_all", "gptq_bits", "plan", "seconds", "sparse_layers")
 
 
 def write_outputs(rows: list[dict], tasks: dict[str, Task], out_dir: Path) -> str:
@@ -303,9 +337,7 @@ def write_outputs(rows: list[dict], tasks: dict[str, Task], out_dir: Path) -> st
     lines = []
     for name, task in tasks.items():
         mine = [r for r in rows if r["model"] == name]
-        metrics = [k for k in keys if k not in ("model", "method", "budget", "bits_per_weight", "bits_all", "gptq_bits",
-                                                "plan", "seconds", "sparse_layers")
-                   and any(k in r for r in mine)]
+        metrics = [k for k in keys if k not in ROW_FIELDS and any(k in r for r in mine)]
         arrow = "↑" if task.higher_is_better else "↓"
         lines += [f"### {name} ({task.metric} {arrow})", "",
                   "| method | budget | bits/weight | all weights | " + " | ".join(metrics) + " | plan | seconds |",
@@ -314,7 +346,7 @@ def write_outputs(rows: list[dict], tasks: dict[str, Task], out_dir: Path) -> st
             lines.append(f"| {r['method']} | {_fmt(r['budget'])} | {r['bits_per_weight']:.3f} | {r['bits_all']:.3f} | "
                          + " | ".join(_fmt(r.get(k)) for k in metrics) + f" | {r['plan']} | {r['seconds']:.0f} |")
         lines.append("")
-        lines += matched_table(rows, name, task)
+        lines += matched_table(rows, name, task) + gap_table(rows, name)
     md = "\n".join(lines)
     (out_dir / "results.md").write_text(md + "\n")
     _plot(rows, tasks, out_dir / "results.png")
