@@ -322,7 +322,8 @@ class Analysis:
         cache, keep = (self._rounded, keep) if data is None else ({}, False)
         packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
         feed = quantized_weights(contenders[0], packed[0]) if sequential else None
-        what = "rounding and packing" + (" gptq's plan, sequentially" if all(c.reference for c in contenders) else "")
+        what = "rounding and packing" + (" gptq's plan" if all(c.reference for c in contenders) else "") + \
+            (", sequentially" if sequential else "")
         # a site's rounding costs about its weights' worth (a 30522-word embedding's codebook is most of MiniLM's)
         with Progress(what, len(sites), work=sum(s.size for s in sites)) as p, \
                 self._overlap(sequential=feed is not None) as overlap:
