@@ -303,10 +303,12 @@ class Analysis:
         ``--method gptq`` is: where that is sequential and the model has blocks, on its own codes, in a
         pass of its own; else in the others' pass, sharing GPTQ's work (docs/design.md, "Plan check")."""
         ref = [c.reference for c in contenders]
-        passes = [(range(len(contenders)), self.recipe.rounds_sequentially, knapsack)]
-        gptq = METHODS["gptq"].sequential and len(self.stream) > 1
-        if any(ref) and (self.recipe.rounds_sequentially or gptq):   # the contenders' activations differ
-            passes = [([i for i, r in enumerate(ref) if not r], self.recipe.rounds_sequentially, knapsack),
+        # one segment: nothing to feed forward, so sequential changes nothing
+        cut = len(self.stream) > 1
+        ours, gptq = self.recipe.rounds_sequentially and cut, METHODS["gptq"].sequential and cut
+        passes = [(range(len(contenders)), ours, knapsack)]
+        if any(ref) and (ours or gptq):   # the contenders' activations differ
+            passes = [([i for i, r in enumerate(ref) if not r], ours, knapsack),
                       ([i for i, r in enumerate(ref) if r], gptq, None)]
         out = [None] * len(contenders)
         for idx, sequential, plan in (p for p in passes if p[0]):
