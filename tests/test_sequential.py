@@ -141,6 +141,19 @@ def test_a_gptq_plan_that_wins_the_check_ships_method_gptqs_bytes(chain, referen
         np.testing.assert_array_equal(numpy_helper.to_array(t), init[t.name], err_msg=t.name)
 
 
+@pytest.mark.parametrize("build, data, passes", [(models.loop, models.loop_data, 1),
+                                                 (models.residual, models.residual_data, 2)])
+def test_gptqs_contender_gets_a_pass_of_its_own_only_where_blocks_feed_forward(monkeypatch, build, data, passes):
+    """A model that cannot be cut has nothing to feed forward, even under --sequential: every
+    contender is rounded in one pass; one that can be cut rounds gptq's plan on its own stream."""
+    calls = []
+    real = Analysis._round_pass
+    monkeypatch.setattr(Analysis, "_round_pass", lambda self, contenders, *a: (calls.append(len(contenders)),
+                                                                              real(self, contenders, *a))[1])
+    compress(build(), Recipe(bits=3.0, sequential=True), calib=data())
+    assert len(calls) == passes
+
+
 def test_sequential_output_is_deterministic_and_reported(tmp_path):
     m, _ = _chain(seed=3)
     data = models.mlp_data(n=128)
