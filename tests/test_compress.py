@@ -246,23 +246,26 @@ def test_curvature_file_drives_closed_form_tables(tmp_path):
         assert layer["table_loss"] == pytest.approx(layer["expected_loss"], rel=1e-12)
 
 
-def test_kron_tables_are_the_layer_loss_times_one_measured_factor_per_site(tmp_path):
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_kron_tables_are_the_layer_loss_times_one_measured_factor_per_site(tmp_path, name):
     """``tables="kron"`` (the default): within a site the entries keep the predicted layer losses'
     ratios; the site's factor is the measured output distortion of one candidate's real codes per
-    unit of their layer output error."""
-    from bayesq_onnx.plan.tables import _scale_reference
+    unit of their layer output error.  On a convolution GPTQ rounds, the candidates that store
+    fewer bits than that reference carry their own measured distortion instead."""
+    from bayesq_onnx.plan.tables import _measured_below, _scale_reference
     from bayesq_onnx.calib.readers import take
     from bayesq_onnx.plan.proxy import OutputDistortion
 
-    src = _save(tmp_path, "mlp", models.mlp())
+    src = _save(tmp_path, name, getattr(models, name)())
     recipe = Recipe(bits=3.0)
     assert recipe.table_source == "kron"
-    analysis = Analysis(src, recipe, calib=models.mlp_data())
+    analysis = Analysis(src, recipe, calib=getattr(models, f"{name}_data")())
     rep = analysis.compress(3.0).report
     assert rep["tables"] == "kron" and rep["bits_per_weight"] <= 3.0
     n = recipe.scale_samples    # fewer than a batch: measured in one batch of n
     distortion = OutputDistortion(analysis.probe, take(analysis.fit, n), min(analysis.batch, n))
     quantizers = analysis.quantizers()
+    measured = 0
     for s in analysis.sites:
         table, q, fs = analysis.losses[s.name], quantizers[s.name], analysis.candidates[s.name]
         hull = [j for j in range(len(table)) if np.isfinite(table[j])]
@@ -270,9 +273,18 @@ def test_kron_tables_are_the_layer_loss_times_one_measured_factor_per_site(tmp_p
         codes = q.quick_codes(fs[ref])
         factor = distortion({s.name: s.from_view(codes.dequantize())}) / q.layer_error(codes)
         assert factor > 0
+        below = _measured_below(s, fs, hull, ref, q)
+        measured += len(below)
         for j in hull:
-            # the same products recomputed: equal up to float64 rounding
-            assert table[j] == pytest.approx(factor * q.layer_loss(fs[j]), rel=1e-9)
+            # the same measurements and products recomputed (the tables measure from the site's
+            # segment on, this the whole model: the same operations): equal up to float64 rounding
+            want = distortion({s.name: s.from_view(q.quick_codes(fs[j]).dequantize())}) if j in below else \
+                factor * q.layer_loss(fs[j])
+            assert table[j] == pytest.approx(want, rel=1e-9)
+            if j in below:   # cheaper than the reference, so not off it by the factor's product alone
+                assert fs[j].stored_bits(s.rows, s.L) < fs[ref].stored_bits(s.rows, s.L)
+    # the MLP's matmuls keep the scalar everywhere; the CNN's convolutions have cheaper candidates measured
+    assert (measured > 0) == (name == "cnn")
 
 
 def test_layer_loss_predicts_gptq_layer_error():
