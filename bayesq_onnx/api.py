@@ -6,6 +6,7 @@ lowered model -> report.  Each stage lives in its own package; this module only 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -31,7 +32,7 @@ from .plan.candidates import candidate_formats
 from .plan.check import Contender, check_plans, held_back_distortions, quantized_weights
 from .plan.planner import check_budget, dense_knapsack_plan, knapsack_plan, uniform_plans
 from .plan.proxy import OutputDistortion
-from .plan.tables import MEASURED, ClosedFormTables, Grids, HawqTables, Tables
+from .plan.tables import MEASURED, ClosedFormTables, Grids, HawqTables, Tables, factor_samples
 from .posterior.laplace import DiagonalLaplace
 from .parallel import Overlap, overlap_jobs, parallel_map
 from . import memory
@@ -216,7 +217,8 @@ class Analysis:
         """The output distortion the tables are measured with (``proxy_samples``, or ``scale_samples``
         for kron) of the fitting data."""
         r = self.recipe
-        n = r.scale_samples if r.table_source == "kron" else r.proxy_samples
+        n = factor_samples(_positions(self.probe, self.fit, self.fixed or 1), r.scale_samples) \
+            if r.table_source == "kron" else r.proxy_samples
         batch = self.fixed or min(self.batch, n)   # fewer samples than a batch: a smaller batch
         return OutputDistortion(self.probe, take(self.fit, -(-n // batch) * batch), batch)
 
@@ -485,6 +487,15 @@ def _probe(m: onnx.ModelProto, sites, files: WeightFiles) -> Probe:
         return Probe(m, [s.name for s in sites], [a for s in sites for a in s.activations], files)
     except Exception as e:  # unknown ops, bad graphs: onnxruntime says why
         raise BayesQError(f"onnxruntime cannot run the model: {first_line(e)}{bfloat16_hint(m)}") from None
+
+
+def _positions(probe: Probe, data: dict, batch: int) -> int:
+    """Output positions per sample, the fewest over the float outputs, from one batch's run: a
+    language model's tokens, 1 for a pooled embedding or a class (each output's dimensions between
+    the batch and the last)."""
+    out = next(probe.run(take(data, batch), batch))
+    return min((math.prod(v.shape[1:-1]) for v in out.values() if np.issubdtype(v.dtype, np.floating) and v.ndim),
+               default=1)
 
 
 def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe, factors: dict, gptq_backend) -> SiteQuantizer:

@@ -85,7 +85,7 @@ class Recipe:
     min_elements: int = 1024                      # smaller weights are skipped (nothing to gain)
     holdout: float = 0.25                         # calibration share held back for the plan check
     proxy_samples: int = 32                       # samples the task-aware (proxy) tables are measured on
-    scale_samples: int = 8                        # samples each site's end-to-end factor (kron) is measured on
+    scale_samples: int = 8                        # at most this many samples for kron's factors (tables.factor_samples)
     batch_size: int = 8                           # onnxruntime batch for calibration passes
     evidence: float = 1e6                         # rows the weights were trained on (activation posterior)
     damping: float = 1e-2                         # Laplace prior precision, relative to mean(h)

@@ -287,6 +287,30 @@ def test_kron_tables_are_the_layer_loss_times_one_measured_factor_per_site(tmp_p
     assert (measured > 0) == (name == "cnn")
 
 
+def test_factor_samples_cover_the_positions_within_the_bounds():
+    """Enough samples for SCALE_POSITIONS output positions, at least SCALE_MIN_SAMPLES, at most the
+    recipe's count (which wins when it is the smaller)."""
+    from bayesq_onnx.plan.tables import SCALE_MIN_SAMPLES, SCALE_POSITIONS, factor_samples
+
+    assert (SCALE_POSITIONS, SCALE_MIN_SAMPLES) == (512, 4)
+    cases = {(1, 8): 8, (64, 8): 8, (65, 8): 8, (100, 8): 6, (128, 8): 4, (2048, 8): 4, (0, 8): 8,
+             (1, 16): 16, (64, 16): 8, (2048, 2): 2, (1, 2): 2}
+    assert {k: factor_samples(*k) for k in cases} == cases
+
+
+@pytest.mark.parametrize("name, kw, want", [("mlp", {}, 8), ("tied", {"seq": 8}, 8), ("tied", {"seq": 128}, 4)])
+def test_kron_factors_are_measured_on_as_many_samples_as_their_output_positions_need(name, kw, want):
+    """A pooled output has one position per sample, a language model's logits one per token: 128
+    tokens a sample reach kron's 512 positions in 4 samples; the MLP and 8 tokens keep the
+    recipe's 8."""
+    from bayesq_onnx.calib.readers import n_samples
+
+    data = getattr(models, f"{name}_data")(n=32, **kw)
+    analysis = Analysis(getattr(models, name)(**kw), Recipe(bits=3.0), calib=data)
+    assert Recipe(bits=3.0).scale_samples == 8
+    assert n_samples(analysis._table_distortion.data) == want
+
+
 def test_layer_loss_predicts_gptq_layer_error():
     """:meth:`SiteQuantizer.layer_loss` weighs each weight's rounding error by GPTQ's conditional
     precision ``1/U_ii^2``, so it predicts the output error of the GPTQ-rounded codes without

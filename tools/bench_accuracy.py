@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sparse", default=",".join(f"{k}:{m}" for k, m in SPARSE_PATTERNS), metavar="PATTERNS",
                     help=f"the N:M patterns of the {SPARSE} methods, KEEP:OF comma-separated (default: %(default)s)")
     ap.add_argument("--proxy-samples", type=int, help="bayesq's proxy samples (default: the recipe's)")
-    ap.add_argument("--scale-samples", type=int, help="bayesq's kron factor samples (default: the recipe's)")
+    ap.add_argument("--scale-samples", type=int, help="at most this many samples for bayesq's kron factors (default: the recipe's)")
     ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--out", type=Path, default=Path("bench-accuracy"))
     args = ap.parse_args(argv)
