@@ -221,7 +221,7 @@ def _measured_below(site, formats, hull, ref: int, q) -> list[int]:
     candidate's codes times the factor left KL 0.55, measuring every candidate 0.38 (tables 27 s
     instead of 7), and measuring only those below the reference the same 0.38 (13 s)
     (docs/design.md, "Loss tables").  Matmul sites keep the scalar: measuring their cheaper
-    candidates too changed no plan on that model's classifier head and did not help on MiniLM
+    candidates too changed nothing measured on that model's classifier head and did not help on MiniLM
     (cosine 0.965 against 0.970 at 3.6 bits, level elsewhere), and a language model has hundreds
     of them, where one measurement each is already most of the analysis."""
     if not (site.kind.convolved and q.xtx is not None):
