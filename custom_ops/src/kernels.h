@@ -108,6 +108,9 @@ void gemv_scalar(const QWeight& w, const float* A, int64_t M, int64_t lda, float
                  int64_t n0, int64_t n1, const float* SA);
 // dst[k] = V[n, k], k < K, of sparse row n from its survivors' values vc[0 .. Kc) (exact copies; 0 elsewhere).
 void sparse_expand_scalar(const SparseWeight& s, int64_t n, const float* vc, float* dst);
+// Runs [r0, r1) of sparse row n, dense, into dst[0, (r1 - r0) * of) from its survivors' values vc (run r's
+// at vc[r * keep]).  A run whose index is past the last pattern (a corrupt mask) keeps none of them.
+void sparse_expand_runs(const SparseWeight& s, int64_t n, const float* vc, float* dst, int64_t r0, int64_t r1);
 void sparse_gemv_scalar(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy,
                         int64_t n0, int64_t n1);
 // SA[m * G + g] = sum of A[m, k] over the k of group g (the affine GEMVs' zero-point term).
@@ -121,8 +124,9 @@ const float* pad_k4(const float* A, int64_t M, int64_t lda, int64_t K, int64_t* 
 void half_to_float_f16c(const uint16_t* src, float* dst, int64_t n);
 void float_to_half_f16c(const float* src, uint16_t* dst, int64_t n);
 
-// A thread-local float buffer of at least n elements, 64-byte aligned, one per slot 0..4 (kernels
-// run on ORT's pool threads).
+// A thread-local float buffer of at least n elements, 64-byte aligned, one per slot 0..5 (kernels
+// run on ORT's pool threads).  Slot 4 holds pad_k4's copy of A, slot 5 the fused sparse loops' zero
+// points (alive while a GEMM fills its panels).
 float* scratch(int slot, size_t n);
 
 }  // namespace bq

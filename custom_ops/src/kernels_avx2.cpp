@@ -605,8 +605,7 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
 // Eight consecutive weights (8 / of runs, of in 2, 4, 8) are one vpermps of the next 8 survivors' values
 // and an AND.  Their runs' pattern indices are consecutive in the mask stream: read together as one
 // field of 8 / of * pbits <= 7 bits (one stream read per 8 weights), it indexes a table of each
-// weight's source lane and whether it survives (entries of field values with an index >= C(of, keep)
-// in some run are never read).
+// weight's source lane and whether it survives.
 struct Expand {
     std::vector<int32_t> perm, keep;   // 8 per field value
     int bits = 0, used = 0;            // field width; survivors per 8 weights
@@ -622,17 +621,18 @@ const Expand& expand_table(int keep, int of) {
                 while ((size_t(1) << pbits) < pat.size()) ++pbits;
                 Expand& e = t[size_t(k * 9 + o)];
                 e.bits = 8 / o * pbits, e.used = 8 / o * k;
-                for (int field = 0; field < (1 << e.bits); ++field) {
-                    int c = 0;
+                for (int field = 0; field < (1 << e.bits); ++field)
                     for (int r = 0; r < 8 / o; ++r) {
+                        // an invalid index keeps nothing; its run's survivors are skipped all the same
                         const int p = (field >> (r * pbits)) & ((1 << pbits) - 1);
-                        for (int j = 0; j < o; ++j) {
-                            const bool kept = p < int(pat.size()) && ((pat[size_t(p)] >> j) & 1);
+                        const bool valid = p < int(pat.size());
+                        const unsigned bits = pat[valid ? size_t(p) : 0];
+                        for (int j = 0, c = r * k; j < o; ++j) {
+                            const bool kept = (bits >> j) & 1;
                             e.perm.push_back(kept ? c++ : 0);
-                            e.keep.push_back(kept ? -1 : 0);
+                            e.keep.push_back(kept && valid ? -1 : 0);
                         }
                     }
-                }
             }
         return t;
     }();
@@ -664,14 +664,8 @@ void sparse_expand(const SparseWeight& s, int64_t n, const float* vc, float* dst
     const int64_t units = s.K / 8;
     for (int64_t u = 0; u < units; ++u)
         _mm256_storeu_ps(dst + 8 * u, expand8(e, vc + u * e.used, field_at(mrow, s.mask_bytes, e.bits, u)));
-    if (s.K % 8) {   // the last runs (K % 8 is a multiple of of), one by one
-        const std::vector<uint8_t>& pat = sparse_patterns(s.keep, s.of);
-        int64_t c = units * e.used;
-        for (int64_t r = units * 8 / s.of; r < s.K / s.of; ++r) {
-            const unsigned bits = pat[size_t(bq_stream_at(mrow, s.pbits, r))];
-            for (int t = 0; t < s.of; ++t) dst[r * s.of + t] = (bits >> t) & 1u ? vc[c++] : 0.f;
-        }
-    }
+    // the last runs (K % 8 is a multiple of of), one by one
+    sparse_expand_runs(s, n, vc, dst + units * 8, units * 8 / s.of, s.K / s.of);
 }
 
 // Row n decoded (survivors, then expanded) into T; vc: scratch of inner.K + 8 floats.
@@ -684,8 +678,9 @@ void sparse_row(const SparseWeight& s, int64_t n, float* vc, float* T) {
 // R rows of A (R <= 4) against column n: each 8 weights expanded in a register and fed to R FMAs, two
 // chains per row (even and odd units); the K % 8 runs after.  One summation order per K.
 template <int R>
-void sparse_dot(const SparseWeight& s, const Expand& e, const uint8_t* mrow, const float* vc, const float* A,
-                int64_t lda, float* Y, int64_t ldy) {
+void sparse_dot(const SparseWeight& s, const Expand& e, int64_t n, const float* vc, const float* A, int64_t lda,
+                float* Y, int64_t ldy, int64_t u0, const float part[R]) {
+    const uint8_t* mrow = s.mask + n * s.mask_bytes;
     const int64_t units = s.K / 8;
     const uint64_t fmask = (uint64_t(1) << e.bits) - 1;
     __m256 acc[R][2];
@@ -698,7 +693,7 @@ void sparse_dot(const SparseWeight& s, const Expand& e, const uint8_t* mrow, con
             acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(A + i * lda + 8 * u + 8), w1, acc[i][1]);
         }
     };
-    int64_t u = 0;
+    int64_t u = u0;
     // 8 units' fields (8 * bits <= 56 bits) from one 64-bit read, where 8 bytes are there
     for (; u + 8 <= units && (u * e.bits >> 3) + 8 <= s.mask_bytes; u += 8) {
         uint64_t w;
@@ -713,41 +708,129 @@ void sparse_dot(const SparseWeight& s, const Expand& e, const uint8_t* mrow, con
         for (int i = 0; i < R; ++i) acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(A + i * lda + 8 * u), w0, acc[i][0]);
     }
     float tail[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};   // the K % 8 weights, expanded
-    if (s.K % 8) {
-        const std::vector<uint8_t>& pat = sparse_patterns(s.keep, s.of);
-        int64_t c = units * e.used;
-        for (int64_t r = units * 8 / s.of, j = 0; r < s.K / s.of; ++r) {
-            const unsigned bits = pat[size_t(bq_stream_at(mrow, s.pbits, r))];
-            for (int t = 0; t < s.of; ++t, ++j) tail[j] = (bits >> t) & 1u ? vc[c++] : 0.f;
-        }
-    }
+    sparse_expand_runs(s, n, vc, tail, units * 8 / s.of, s.K / s.of);
     for (int i = 0; i < R; ++i) {
         alignas(32) float t[8];
         _mm256_store_ps(t, _mm256_add_ps(acc[i][0], acc[i][1]));
-        float sum = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+        float sum = part[i] + (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])));
         for (int64_t k = units * 8; k < s.K; ++k) sum += A[i * lda + k] * tail[k - units * 8];
         Y[i * ldy] = sum;
     }
 }
 
-// Per column: the survivors decoded once (the dense decode), then A's rows in blocks of 4.
+// 2:4 and one row of A, the full chunks: A gathered at the survivors' positions instead of the weights
+// expanded (two permutes and a blend per 8 survivors, then one FMA; with more rows the expanded weights
+// serve them all and win).  A half step's 8 survivors are 4 runs,
+// 16 weights; the permute indices of two runs are one entry of a 64-entry table (their 6 bits of the
+// mask stream), the second pair's offset by 8 (bit 3 picks the upper 8 weights).  Runs with an invalid
+// index (6, 7) contribute nothing, as in the expanding paths.
+struct Gather24 {
+    alignas(32) int32_t lo[64][4], hi[64][4];
+    Gather24() {
+        const std::vector<uint8_t>& pat = sparse_patterns(2, 4);
+        for (int f = 0; f < 64; ++f)
+            for (int r = 0; r < 2; ++r) {
+                const int p = (f >> (3 * r)) & 7;
+                const unsigned bits = p < 6 ? pat[size_t(p)] : 3u;
+                int j = 0;
+                for (int t = 0; t < 4; ++t)
+                    if ((bits >> t) & 1u) {
+                        lo[f][2 * r + j] = 4 * r + t;
+                        hi[f][2 * r + j] = 8 + 4 * r + t;
+                        ++j;
+                    }
+            }
+    }
+};
+
+template <int B>
+float sparse_24_chunks(const SparseWeight& s, int64_t n, const float* A) {
+    static const Gather24 G;
+    const QWeight& w = s.inner;
+    const int64_t chunks = w.K / BQ_CHUNK, spg = steps_per_group(w);
+    const uint8_t* row = row_of(w, n);
+    const uint8_t* mrow = s.mask + n * s.mask_bytes;
+    const __m256i shift = _mm256_setr_epi32(0, 0, 3, 3, 6, 6, 9, 9);
+    Table<B, false> tab;
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t left = 0, g = -1;
+    for (int64_t c = 0; c < chunks; ++c) {
+        const uint8_t* p = row + c * BQ_LANES * B;
+        const Words wd[2] = {words<B>(p, 0), words<B>(p, 1)};
+        const float* a = A + c * 2 * BQ_CHUNK;
+        const bool fast = 24 * c + 25 <= s.mask_bytes;   // 4-byte reads within the row
+        unroll([&](auto ic) BQ_INLINE {
+            constexpr int I = decltype(ic)::value;
+            if (left == 0) {
+                tab.load(w, n, ++g);
+                left = spg;
+            }
+            --left;
+            uint32_t f;   // the step's 8 runs' indices: 3 bytes from the chunk's first (24 per chunk)
+            if (fast) {
+                std::memcpy(&f, mrow + 24 * c + 3 * I, 4);
+            } else {
+                f = 0;
+                for (int r = 0; r < 8; ++r) f |= uint32_t(bq_stream_at(mrow, 3, 64 * c + 8 * I + r)) << (3 * r);
+            }
+            const bool invalid = f & (f >> 1) & 0x492492u;   // some index is 6 or 7 (bits 1 and 2 set)
+            for (int h = 0; h < 2; ++h) {
+                const unsigned fh = (f >> (12 * h)) & 0xFFFu;
+                const __m256i idx = _mm256_inserti128_si256(
+                    _mm256_castsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(G.lo[fh & 63]))),
+                    _mm_load_si128(reinterpret_cast<const __m128i*>(G.hi[fh >> 6])), 1);
+                const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));   // bit 3 -> sign
+                __m256 v = tab.get(code<B, I>(wd[h]));
+                if (invalid) {
+                    const __m256i pi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(fh)), shift), _mm256_set1_epi32(7));
+                    v = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(6), pi)));
+                }
+                const float* ah = a + 32 * I + 16 * h;
+                const __m256 ag = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(ah), idx),
+                                                   _mm256_permutevar8x32_ps(_mm256_loadu_ps(ah + 8), idx), upper);
+                acc[h] = _mm256_fmadd_ps(ag, v, acc[h]);
+            }
+        }, std::make_integer_sequence<int, BQ_STEPS>{});
+    }
+    alignas(32) float t[8];
+    _mm256_store_ps(t, _mm256_add_ps(acc[0], acc[1]));
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+
+// Per column: the survivors decoded once, then A's rows in blocks of 4; one row of 2:4 weights gathers
+// over the full chunks and takes the rest from the decoded survivors.
 void sparse_gemv(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
                  int64_t n1) {
     if (8 % s.of) return sparse_gemv_scalar(s, A, M, lda, Y, ldy, n0, n1);
     const Expand& e = expand_table(s.keep, s.of);
     float* vc = scratch(2, size_t(s.inner.K + 8));
-    using DotFn = void (*)(const SparseWeight&, const Expand&, const uint8_t*, const float*, const float*, int64_t,
-                           float*, int64_t);
+    const int64_t chunks = s.inner.K / BQ_CHUNK;
+    if (M == 1 && s.keep == 2 && s.of == 4 && !s.inner.is_lut) {
+        with_format(s.inner, [&](auto b, auto) {
+            for (int64_t n = n0; n < n1; ++n) {
+                const float part[1] = {sparse_24_chunks<b.value>(s, n, A)};
+                if (s.inner.K == chunks * BQ_CHUNK) {   // nothing after them
+                    Y[n] = part[0];
+                    continue;
+                }
+                decode_rows(s.inner, n, n + 1, vc, s.inner.K, chunks, chunks, true);   // the survivors after them
+                _mm256_storeu_ps(vc + s.inner.K, _mm256_setzero_ps());
+                sparse_dot<1>(s, e, n, vc, A, lda, Y + n, ldy, chunks * 2 * BQ_CHUNK / 8, part);
+            }
+        });
+        return;
+    }
+    using DotFn = void (*)(const SparseWeight&, const Expand&, int64_t, const float*, const float*, int64_t, float*,
+                           int64_t, int64_t, const float*);
     constexpr DotFn dots[5] = {nullptr, sparse_dot<1>, sparse_dot<2>, sparse_dot<3>, sparse_dot<4>};
+    const float zeros[4] = {};
     for (int64_t n = n0; n < n1; ++n) {
         decode(s.inner, n, n + 1, vc, s.inner.K);
         _mm256_storeu_ps(vc + s.inner.K, _mm256_setzero_ps());
-        const uint8_t* mrow = s.mask + n * s.mask_bytes;
         for (int64_t m = 0; m < M; m += 4)
-            dots[std::min<int64_t>(4, M - m)](s, e, mrow, vc, A + m * lda, lda, Y + m * ldy + n, ldy);
+            dots[std::min<int64_t>(4, M - m)](s, e, n, vc, A + m * lda, lda, Y + m * ldy + n, ldy, 0, zeros);
     }
 }
-
 // The dense GEMM's panels, filled from the task's columns expanded once beforehand (gemm_cols of them:
 // 128 KB per 1024 of K).
 void sparse_gemm(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,

@@ -114,15 +114,19 @@ struct Table {
                 t[0] = sc;
             }
         } else {
-            const __m512 z = _mm512_set1_ps(float(zero_point(w, n, g)));
-            const __m512 sc = _mm512_set1_ps(w.scales[n * w.G + g]);
-            if constexpr (B <= 5) {
-                t[0] = _mm512_mul_ps(_mm512_sub_ps(iota<B>(0), z), sc);
-                if constexpr (B == 5) t[1] = _mm512_mul_ps(_mm512_sub_ps(iota<B>(1), z), sc);
-            } else {
-                t[0] = z;
-                t[1] = sc;
-            }
+            set(_mm512_set1_ps(float(zero_point(w, n, g))), _mm512_set1_ps(w.scales[n * w.G + g]));
+        }
+    }
+
+    // Affine: the table of a group from its zero point and scale, both broadcast
+    inline void set(__m512 z, __m512 sc) {
+        static_assert(MODE == Mode::Affine);
+        if constexpr (B <= 5) {
+            t[0] = _mm512_mul_ps(_mm512_sub_ps(iota<B>(0), z), sc);
+            if constexpr (B == 5) t[1] = _mm512_mul_ps(_mm512_sub_ps(iota<B>(1), z), sc);
+        } else {
+            t[0] = z;
+            t[1] = sc;
         }
     }
 
@@ -554,6 +558,8 @@ void pack_quads(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t cb, 
     }
 }
 
+void panel_from_rows(const float* T, int64_t K, int nc, float* P, int64_t kb, int64_t k, int64_t ke);
+
 // Columns [n0, n1) (at most 16), k in [kb, ke) (kb a multiple of 128) as a panel slice:
 // P[(j * 4 + x) * 16 + 4L + kk] = V[n0 + 4L + x, kb + 4j + kk]; columns past n1 and k past K are 0.
 void pack_panel(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t kb, int64_t ke) {
@@ -575,9 +581,14 @@ void pack_panel(const QWeight& w, int64_t n0, int64_t n1, float* P, int64_t kb, 
     }
     if (k == ke) return;
     // the rest (b > 4; the partial chunk and K % 8 codes) decoded to floats, then 4 x 4 lane transposes
-    const int nc = int(n1 - n0);
     float* T = scratch(2, size_t(16 * K));
     decode_rows(w, n0, n1, T, K, k / BQ_CHUNK, ke == K ? full : ke / BQ_CHUNK, ke == K);
+    panel_from_rows(T, K, int(n1 - n0), P, kb, k, ke);
+}
+
+// P's k in [k, ke) (P starting at kb, k a multiple of 16) from `nc` <= 16 rows of floats T (nc x K):
+// the layout above.
+void panel_from_rows(const float* T, int64_t K, int nc, float* P, int64_t kb, int64_t k, int64_t ke) {
     for (; k < ke; k += 16) {
         const __mmask16 km = __mmask16((1u << std::min<int64_t>(16, K - k)) - 1);
         const int jn = int(std::min<int64_t>(4, k4s(K) - k / 4));
@@ -634,8 +645,11 @@ constexpr MicroFn micros[MR + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro
 // written back.  With several, every panel slice is kept (in L2) for the next blocks.  The K slices
 // depend on K and on whether M exceeds one block, never on the columns or the thread count.
 // (Measured on an Emerald Rapids Xeon: larger row blocks, or small K slices with many rows, are slower.)
-void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
-    const int64_t K = w.K, np = (n1 - n0 + 15) / 16;
+// pack(c0, c1, S, kb, ke): columns [c0, c1)'s panel slice k in [kb, ke) into S.
+template <class Pack>
+void gemm_panels(int64_t K, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1,
+                 Pack&& pack_panel) {
+    const int64_t np = (n1 - n0 + 15) / 16;
     if (K % 4) A = pad_k4(A, M, lda, K, &lda);  // the micro-kernel reads 4 k at a time (rare shapes)
     auto rows = [K](int64_t kc) { return (36 << 10) / std::min(K, kc) / MR * MR + MR; };  // ~144 KB of A
     const bool reuse = rows(KC_L1) < M;
@@ -648,7 +662,7 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
             for (int64_t p = 0; p < np; ++p) {
                 const int64_t c0 = n0 + 16 * p, c1 = std::min(n1, c0 + 16);
                 float* S = reuse ? P + p * KC * 16 : P;
-                if (mb == 0) pack_panel(w, c0, c1, S, k0, k0 + kc);
+                if (mb == 0) pack_panel(c0, c1, S, k0, k0 + kc);
                 for (int64_t m0 = mb; m0 < me; m0 += MR)
                     micros[std::min<int64_t>(MR, me - m0)](A + m0 * lda + k0, lda, S, (kc + 3) / 4 * 4,
                                                            Y + m0 * ldy + c0, ldy, __mmask16((1u << (c1 - c0)) - 1),
@@ -656,6 +670,323 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
             }
         }
     }
+}
+
+void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0, int64_t n1) {
+    gemm_panels(w.K, A, M, lda, Y, ldy, n0, n1,
+                [&](int64_t c0, int64_t c1, float* S, int64_t kb, int64_t ke) { pack_panel(w, c0, c1, S, kb, ke); });
+}
+
+// ---- sparse weights ---------------------------------------------------------------------------------
+// In general a column's survivors are decoded once (the dense decode, exact) into a buffer, then every
+// 16 consecutive weights are one expand of their 16 * keep / of survivors under the 16-bit mask of their
+// runs' patterns (of in 2, 4, 8; other runs go scalar).  The runs of 8 weights have consecutive pattern
+// indices in the mask stream: one field of 8 / of * pbits <= 7 bits, whose 8-bit mask is a table entry.
+// Where half survive the buffer is skipped (half_steps, sparse_24_chunks).
+struct Masks {
+    // by field value, the expand mask of 8 weights (a run with an invalid index as pattern 0, so that
+    // its survivors are skipped) and the survivors among them (none of such a run's)
+    std::vector<uint8_t> m8, keep8;
+    int bits = 0, used = 0;    // field width; survivors per 16 weights
+};
+
+const Masks& mask_table(int keep, int of) {
+    static const auto tables = [] {
+        std::vector<Masks> t(9 * 9);
+        for (int o : {2, 4, 8})
+            for (int k = 1; k < o; ++k) {
+                const std::vector<uint8_t>& pat = sparse_patterns(k, o);
+                int pbits = 1;
+                while ((size_t(1) << pbits) < pat.size()) ++pbits;
+                Masks& e = t[size_t(k * 9 + o)];
+                e.bits = 8 / o * pbits, e.used = 16 / o * k;
+                for (int field = 0; field < (1 << e.bits); ++field) {
+                    unsigned m = 0, kept = 0;
+                    for (int r = 0; r < 8 / o; ++r) {
+                        const int p = (field >> (r * pbits)) & ((1 << pbits) - 1);
+                        const bool valid = p < int(pat.size());
+                        m |= unsigned(pat[valid ? size_t(p) : 0]) << (r * o);
+                        if (valid) kept |= unsigned(pat[size_t(p)]) << (r * o);
+                    }
+                    e.m8.push_back(uint8_t(m));
+                    e.keep8.push_back(uint8_t(kept));
+                }
+            }
+        return t;
+    }();
+    return tables[size_t(keep * 9 + of)];
+}
+
+// The fields of units u .. u + n - 1 (16 weights each, 2 * bits bits; n <= 2), in the low bits: one
+// unaligned 64-bit read where 8 bytes are there, else field by field.
+inline unsigned unit_fields(const uint8_t* mrow, int64_t mask_bytes, int bits, int64_t u, int n) {
+    const int64_t bit = u * 2 * bits;
+    if ((bit >> 3) + 8 <= mask_bytes) {
+        uint64_t x;
+        std::memcpy(&x, mrow + (bit >> 3), 8);
+        return unsigned(x >> (bit & 7)) & ((1u << (2 * bits * n)) - 1);
+    }
+    unsigned f = 0;
+    for (int j = 0; j < 2 * n; ++j) f |= unsigned(bq_stream_at(mrow, bits, 2 * u + j)) << (j * bits);
+    return f;
+}
+
+// 16 weights whose 8-weight fields are f0 (the lower 8) and f1, from v (their survivors first).
+inline __m512 expand16(const Masks& e, unsigned f0, unsigned f1, __m512 v) {
+    const unsigned m = e.m8[f0] | (unsigned(e.m8[f1]) << 8), kept = e.keep8[f0] | (unsigned(e.keep8[f1]) << 8);
+    const __m512 w = _mm512_maskz_expand_ps(__mmask16(m), v);
+    return m == kept ? w : _mm512_maskz_mov_ps(__mmask16(kept), w);   // some run's index is invalid
+}
+
+// R rows of A (R <= 4) against column n, its survivors in vc (padded by 16 readable floats): two chains
+// per row (even and odd units of 16 weights), then the K % 16 weights expanded by the scalar rule.  One
+// summation order per K.
+template <int R>
+void sparse_dot(const SparseWeight& s, const Masks& e, int64_t n, const float* vc, const float* A, int64_t lda,
+                float* Y, int64_t ldy, int64_t u0, const float part[R]) {
+    const uint8_t* mrow = s.mask + n * s.mask_bytes;
+    const int64_t units = s.K / 16;
+    const int fb = 2 * e.bits;                      // field bits per unit of 16 weights (<= 14)
+    const unsigned lo = (1u << e.bits) - 1;
+    __m512 acc[R][2];
+    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    auto step = [&](int64_t u, unsigned f, int h) BQ_INLINE {
+        const __m512 w = expand16(e, f & lo, f >> e.bits, _mm512_loadu_ps(vc + u * e.used));
+        for (int i = 0; i < R; ++i) acc[i][h] = _mm512_fmadd_ps(_mm512_loadu_ps(A + i * lda + 16 * u), w, acc[i][h]);
+    };
+    const uint64_t fmask = (uint64_t(1) << fb) - 1;
+    int64_t u = u0;
+    // 4 units' fields (<= 56 bits) from one unaligned 64-bit read, where 8 bytes are there
+    for (; u + 4 <= units && (u * fb >> 3) + 8 <= s.mask_bytes; u += 4) {
+        uint64_t wd;
+        std::memcpy(&wd, mrow + (u * fb >> 3), 8);
+        wd >>= (u * fb) & 7;
+        step(u, unsigned(wd & fmask), 0);
+        step(u + 1, unsigned((wd >> fb) & fmask), 1);
+        step(u + 2, unsigned((wd >> (2 * fb)) & fmask), 0);
+        step(u + 3, unsigned((wd >> (3 * fb)) & fmask), 1);
+    }
+    for (; u < units; ++u) step(u, unit_fields(mrow, s.mask_bytes, e.bits, u, 1), int(u & 1));
+    float tail[16] = {};   // the K % 16 weights, expanded
+    sparse_expand_runs(s, n, vc, tail, units * 16 / s.of, s.K / s.of);
+    for (int i = 0; i < R; ++i) {
+        float sum = part[i] + _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+        for (int64_t k = units * 16; k < s.K; ++k) sum += A[i * lda + k] * tail[k - units * 16];
+        Y[i * ldy] = sum;
+    }
+}
+
+// Where half the weights survive (1:2, 2:4, 4:8), a step of the survivors' codes (16 survivors) is
+// 32 consecutive weights: its values come from the group's table in a register, as in the dense GEMV,
+// and are expanded in place (the upper 8 through a lane shuffle), never stored.  half_steps walks the
+// chunks [cb, ce) of row n's survivors (256 weights each) and hands f each step's weights k .. k + 31
+// as two vectors (use(k, w0, w1)).
+template <int B, class Use>
+BQ_INLINE inline void half_steps(const SparseWeight& s, const Masks& e, int64_t n, int64_t cb, int64_t ce, Use&& use) {
+    const QWeight& w = s.inner;
+    const int64_t spg = steps_per_group(w);
+    const uint8_t* row = row_of(w, n);
+    const uint8_t* mrow = s.mask + n * s.mask_bytes;
+    const unsigned lo = (1u << e.bits) - 1;
+    // the groups' zero points as floats, 16 at a time
+    float* zf = scratch(5, size_t(w.G + 16));
+    const ZeroPoints<B> zps;
+    for (int64_t g0 = 0; g0 < w.G; g0 += 16) _mm512_storeu_ps(zf + g0, zps.get(w, n, g0));
+    const float* sc = w.scales + n * w.G;
+    Table<B, Mode::Affine> tab;
+    auto load = [&](int64_t gg) BQ_INLINE { tab.set(_mm512_set1_ps(zf[gg]), _mm512_set1_ps(sc[gg])); };
+    int64_t left = 0, g = -1;
+    if (cb > 0) start_group(spg, cb, g, left, load);
+    for (int64_t c = cb; c < ce; ++c) {
+        const Words wd = words<B, true>(row + c * BQ_LANES * B, BQ_LANES, 0xFFFF);
+        unroll([&](auto ic) BQ_INLINE {
+            constexpr int I = decltype(ic)::value;
+            if (left == 0) {
+                load(++g);
+                left = spg;
+            }
+            --left;
+            const int64_t u = 16 * c + 2 * I;   // the step's first unit of 16 weights
+            const unsigned f = unit_fields(mrow, s.mask_bytes, e.bits, u, 2);
+            const __m512 v = tab.get(code<B, I>(wd));
+            const unsigned fb = 2 * unsigned(e.bits), f1 = f >> fb;
+            use(16 * u, expand16(e, f & lo, (f >> e.bits) & lo, v),
+                expand16(e, f1 & lo, (f1 >> e.bits) & lo, _mm512_shuffle_f32x4(v, v, 0xEE)));
+        }, std::make_integer_sequence<int, BQ_STEPS>{});
+    }
+}
+
+// The GEMV over the full chunks of survivors where half survive: per row and step two FMAs; part
+// returns the rows' partial sums, the caller adds the rest (sparse_dot from unit 16 * chunks on).
+template <int B, int R>
+void sparse_half_chunks(const SparseWeight& s, const Masks& e, int64_t n, const float* A, int64_t lda, float part[R]) {
+    __m512 acc[R][2];
+    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    half_steps<B>(s, e, n, 0, s.inner.K / BQ_CHUNK, [&](int64_t k, __m512 w0, __m512 w1) BQ_INLINE {
+        for (int i = 0; i < R; ++i) {
+            acc[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(A + i * lda + k), w0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(A + i * lda + k + 16), w1, acc[i][1]);
+        }
+    });
+    for (int i = 0; i < R; ++i) part[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+}
+
+// Column n's survivors decoded into vc (inner.K + 16 floats, the padding zeroed).
+inline void survivors(const SparseWeight& s, int64_t n, float* vc) {
+    decode(s.inner, n, n + 1, vc, s.inner.K);
+    _mm512_storeu_ps(vc + s.inner.K, _mm512_setzero_ps());
+}
+
+// 2:4, the full chunks: instead of expanding the weights, A is gathered at the survivors' positions
+// (one two-register permute per row and 16 survivors, then one FMA).  The permute's indices come from
+// the step's 8 pattern indices (24 bits of the mask stream, broadcast to every lane and shifted so
+// lane j holds its run's index), looked up in a register table of each pattern's two positions.  A run
+// with an invalid index (6, 7) contributes nothing, as in the expanding paths.
+template <int B, int R>
+void sparse_24_chunks(const SparseWeight& s, int64_t n, const float* A, int64_t lda, float part[R]) {
+    const QWeight& w = s.inner;
+    const int64_t chunks = w.K / BQ_CHUNK, spg = steps_per_group(w);
+    const uint8_t* row = row_of(w, n);
+    const uint8_t* mrow = s.mask + n * s.mask_bytes;
+    float* zf = scratch(5, size_t(w.G + 16));
+    const ZeroPoints<B> zps;
+    for (int64_t g0 = 0; g0 < w.G; g0 += 16) _mm512_storeu_ps(zf + g0, zps.get(w, n, g0));
+    const float* sc = w.scales + n * w.G;
+    // lane j: survivor j of 16 = survivor j % 2 of run j / 2
+    const __m512i shift = _mm512_setr_epi32(0, 0, 3, 3, 6, 6, 9, 9, 12, 12, 15, 15, 18, 18, 21, 21);
+    const __m512i second = _mm512_setr_epi32(0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8);
+    const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+    // patterns (0,1) (0,2) (0,3) (1,2) (1,3) (2,3): first positions at entries 0..5, second at 8..13
+    const __m512i pos = _mm512_setr_epi32(0, 0, 0, 1, 1, 2, 0, 0, 1, 2, 3, 2, 3, 3, 0, 0);
+    Table<B, Mode::Affine> tab;
+    __m512 acc[R][2];   // two chains: even and odd steps
+    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    int64_t left = 0, g = -1;
+    for (int64_t c = 0; c < chunks; ++c) {
+        const Words wd = words<B, true>(row + c * BQ_LANES * B, BQ_LANES, 0xFFFF);
+        const float* a = A + c * 2 * BQ_CHUNK;
+        const bool fast = 24 * c + 25 <= s.mask_bytes;   // 4-byte reads within the row
+        unroll([&](auto ic) BQ_INLINE {
+            constexpr int I = decltype(ic)::value;
+            if (left == 0) {
+                ++g;
+                tab.set(_mm512_set1_ps(zf[g]), _mm512_set1_ps(sc[g]));
+                left = spg;
+            }
+            --left;
+            uint32_t f;   // the step's 8 runs' indices: 3 bytes from the chunk's first (24 per chunk)
+            if (fast) {
+                std::memcpy(&f, mrow + 24 * c + 3 * I, 4);
+            } else {
+                f = 0;
+                for (int r = 0; r < 8; ++r) f |= uint32_t(bq_stream_at(mrow, 3, 64 * c + 8 * I + r)) << (3 * r);
+            }
+            const __m512i p = _mm512_srlv_epi32(_mm512_set1_epi32(int(f)), shift);   // lane j: index in bits 0-2
+            const __m512i idx = _mm512_add_epi32(
+                _mm512_permutexvar_epi32(_mm512_ternarylogic_epi32(p, _mm512_set1_epi32(7), second, 0xEA), pos), base);
+            __m512 v = tab.get(code<B, I>(wd));
+            if (f & (f >> 1) & 0x492492u)   // some run's index is 6 or 7 (bits 1 and 2 set): zero its survivors
+                v = _mm512_maskz_mov_ps(_mm512_cmplt_epu32_mask(_mm512_and_si512(p, _mm512_set1_epi32(7)), _mm512_set1_epi32(6)), v);
+            for (int i = 0; i < R; ++i) {
+                const __m512 ag = _mm512_permutex2var_ps(_mm512_loadu_ps(a + i * lda + 32 * I), idx,
+                                                         _mm512_loadu_ps(a + i * lda + 32 * I + 16));
+                acc[i][I & 1] = _mm512_fmadd_ps(ag, v, acc[i][I & 1]);
+            }
+        }, std::make_integer_sequence<int, BQ_STEPS>{});
+    }
+    for (int i = 0; i < R; ++i) part[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+}
+
+// R rows of A against column n: the fused full chunks where half survive, then the rest from vc.
+template <int B, int R>
+void sparse_rows(const SparseWeight& s, const Masks& e, int64_t n, bool half, float* vc, const float* A, int64_t lda,
+                 float* Y, int64_t ldy) {
+    float part[R] = {};
+    int64_t chunks = 0;   // of survivors, done fused
+    if (half) {
+        chunks = s.inner.K / BQ_CHUNK;
+        if (s.keep == 2 && s.of == 4) sparse_24_chunks<B, R>(s, n, A, lda, part);
+        else sparse_half_chunks<B, R>(s, e, n, A, lda, part);
+        if (s.inner.K == chunks * BQ_CHUNK) {   // nothing after them
+            for (int i = 0; i < R; ++i) Y[i * ldy] = part[i];
+            return;
+        }
+        decode_rows(s.inner, n, n + 1, vc, s.inner.K, chunks, chunks, true);   // the survivors after them
+        _mm512_storeu_ps(vc + s.inner.K, _mm512_setzero_ps());
+    }
+    sparse_dot<R>(s, e, n, vc, A, lda, Y, ldy, chunks * 2 * BQ_CHUNK / 16, part);
+}
+
+// Per column: the survivors decoded once (or fused, where half survive), then A's rows in blocks of 4.
+void sparse_gemv(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
+                 int64_t n1) {
+    if (8 % s.of) return sparse_gemv_scalar(s, A, M, lda, Y, ldy, n0, n1);
+    const Masks& e = mask_table(s.keep, s.of);
+    const bool half = 2 * s.keep == s.of && !s.inner.is_lut;
+    float* vc = scratch(2, size_t(s.inner.K + 16));
+    with_format(s.inner, [&](auto b, auto) {
+        constexpr int B = b.value;
+        using RowsFn = void (*)(const SparseWeight&, const Masks&, int64_t, bool, float*, const float*, int64_t, float*,
+                                int64_t);
+        constexpr RowsFn rows[5] = {nullptr, sparse_rows<B, 1>, sparse_rows<B, 2>, sparse_rows<B, 3>, sparse_rows<B, 4>};
+        for (int64_t n = n0; n < n1; ++n) {
+            if (!half) survivors(s, n, vc);
+            for (int64_t m = 0; m < M; m += 4)
+                rows[std::min<int64_t>(4, M - m)](s, e, n, half, vc, A + m * lda, lda, Y + m * ldy + n, ldy);
+        }
+    });
+}
+
+// Weights [kb, ke) of sparse row n (kb a multiple of 16), dense, into dst[kb, ke) (and, where `of`
+// does not divide 16, the rest of the runs the range cuts); vc: scratch of inner.K + 16 floats.  Only
+// the range's survivors are decoded where they start and end on chunks of the survivors' codes (2:4,
+// 4:8, 6:8 at the GEMM's K slices), else the whole row's.
+void sparse_expand(const SparseWeight& s, int64_t n, float* vc, float* dst, int64_t kb, int64_t ke) {
+    const QWeight& w = s.inner;
+    const int64_t full = w.K / BQ_CHUNK;
+    const bool to_end = ke == s.K;
+    if (2 * s.keep == s.of && 8 % s.of == 0 && !w.is_lut && kb % (2 * BQ_CHUNK) == 0) {   // 1:2, 2:4, 4:8: fused
+        const int64_t cb = kb / (2 * BQ_CHUNK), ce = std::min(full, ke / (2 * BQ_CHUNK));
+        with_format(w, [&](auto b, auto) {
+            half_steps<b.value>(s, mask_table(s.keep, s.of), n, cb, ce, [&](int64_t k, __m512 w0, __m512 w1) BQ_INLINE {
+                _mm512_storeu_ps(dst + k, w0);
+                _mm512_storeu_ps(dst + k + 16, w1);
+            });
+        });
+        kb = std::max(kb, ce * 2 * BQ_CHUNK);
+        if (kb >= ke) return;
+    }
+    const bool whole_runs = kb % s.of == 0 && ke % s.of == 0;
+    const int64_t sb = kb / s.of * s.keep, se = ke / s.of * s.keep;   // survivors, where whole_runs
+    if (whole_runs && sb % BQ_CHUNK == 0 && (to_end || se % BQ_CHUNK == 0))
+        decode_rows(w, n, n + 1, vc, w.K, sb / BQ_CHUNK, to_end ? full : se / BQ_CHUNK, to_end);
+    else
+        decode_rows(w, n, n + 1, vc, w.K, 0, full, true);
+    const uint8_t* mrow = s.mask + n * s.mask_bytes;
+    if (8 % s.of) {   // run by run: every run the range touches
+        const int64_t r0 = kb / s.of;
+        return sparse_expand_runs(s, n, vc, dst + r0 * s.of, r0, (ke + s.of - 1) / s.of);
+    }
+    const Masks& e = mask_table(s.keep, s.of);
+    const int64_t ue = ke / 16;
+    const unsigned lo = (1u << e.bits) - 1;
+    for (int64_t u = kb / 16; u < ue; ++u) {
+        const unsigned f = unit_fields(mrow, s.mask_bytes, e.bits, u, 1);
+        _mm512_storeu_ps(dst + 16 * u, expand16(e, f & lo, f >> e.bits, _mm512_loadu_ps(vc + u * e.used)));
+    }
+    sparse_expand_runs(s, n, vc, dst + ue * 16, ue * 16 / s.of, ke / s.of);   // the K % 16 weights
+}
+
+// The dense GEMM's panels, each slice filled from its 16 columns' weights in that slice, expanded
+// just before (in L1/L2, as the dense decode fills them).
+void sparse_gemm(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
+                 int64_t n1) {
+    float* vc = scratch(3, size_t(s.inner.K + 16));
+    float* T = scratch(2, size_t(16 * s.K));
+    gemm_panels(s.K, A, M, lda, Y, ldy, n0, n1, [&](int64_t c0, int64_t c1, float* S, int64_t kb, int64_t ke) {
+        for (int64_t n = c0; n < c1; ++n) sparse_expand(s, n, vc, T + (n - c0) * s.K, kb, ke);
+        panel_from_rows(T, s.K, int(c1 - c0), S, kb, kb, ke);
+    });
 }
 
 }  // namespace
@@ -666,7 +997,7 @@ const Kernels* kernels_avx512() {
     // cache (1024x1024, 384x1536) the GEMM wins from M = 4-6 by 5-20%, but there the packed ops lose to
     // fp32 anyway and `auto` unpacks them, so the large weights decide: 8.  b = 4 (u4-g32, two-register
     // tables): equal at M = 4 (3.9 ms both), GEMM beyond: 4.  b = 1, 2 like 3; b >= 5 like 4.
-    static const Kernels k{"avx512", decode, gemv, gemm, 96, {0, 8, 8, 8, 4, 4, 4, 4, 4}};
+    static const Kernels k{"avx512", decode, gemv, gemm, 96, {0, 8, 8, 8, 4, 4, 4, 4, 4}, sparse_gemv, sparse_gemm};
     return &k;
 }
 

@@ -8,7 +8,7 @@
 namespace bq {
 
 float* scratch(int slot, size_t n) {
-    thread_local std::vector<float> buf[5];
+    thread_local std::vector<float> buf[6];
     if (buf[slot].size() < n + 16) buf[slot].resize(n + 16);
     return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf[slot].data()) + 63) & ~uintptr_t(63));
 }
@@ -104,14 +104,19 @@ const std::vector<uint8_t>& sparse_patterns(int keep, int of) {
     return tables[size_t(keep * 9 + of)];
 }
 
-void sparse_expand_scalar(const SparseWeight& s, int64_t n, const float* vc, float* dst) {
+void sparse_expand_runs(const SparseWeight& s, int64_t n, const float* vc, float* dst, int64_t r0, int64_t r1) {
     const std::vector<uint8_t>& pat = sparse_patterns(s.keep, s.of);
     const uint8_t* mrow = s.mask + n * s.mask_bytes;
-    int64_t c = 0;
-    for (int64_t r = 0; r < s.K / s.of; ++r) {
-        const unsigned bits = pat[size_t(bq_stream_at(mrow, s.pbits, r))];
-        for (int t = 0; t < s.of; ++t) dst[r * s.of + t] = (bits >> t) & 1u ? vc[c++] : 0.f;
+    for (int64_t r = r0; r < r1; ++r) {
+        const size_t p = size_t(bq_stream_at(mrow, s.pbits, r));
+        const unsigned bits = p < pat.size() ? pat[p] : 0u;
+        const float* v = vc + r * s.keep;
+        for (int t = 0; t < s.of; ++t) dst[(r - r0) * s.of + t] = (bits >> t) & 1u ? *v++ : 0.f;
     }
+}
+
+void sparse_expand_scalar(const SparseWeight& s, int64_t n, const float* vc, float* dst) {
+    sparse_expand_runs(s, n, vc, dst, 0, s.K / s.of);
 }
 
 // Row by row: the survivors decoded (the dense kernels' decode), expanded, then plain dots.

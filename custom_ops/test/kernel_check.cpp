@@ -228,13 +228,20 @@ SparsePacked make_sparse(int keep, int of, int bits, int64_t K, int64_t N, int64
     sp.mask.assign(size_t(N * mb), 0);
     sp.V.assign(size_t(N * K), 0.f);
     sp.zs.assign(size_t(N * K), 0.f);
-    std::uniform_int_distribution<int> pick(0, int(pats.size()) - 1);
+    std::uniform_int_distribution<int> pick(0, int(pats.size()) - 1), bad(int(pats.size()), (1 << pbits) - 1);
     for (int64_t n = 0; n < N; ++n) {
         int64_t c = 0;
         for (int64_t r = 0; r < runs; ++r) {
-            const int p = pick(rng);
+            // one run in 16 with an index past the last pattern where the width allows one (a corrupt
+            // mask): the kernels keep none of it and skip its keep survivors
+            const bool invalid = (1 << pbits) > int(pats.size()) && rng() % 16 == 0;
+            const int p = invalid ? bad(rng) : pick(rng);
             for (int t = 0; t < pbits; ++t)
                 sp.mask[size_t(n * mb + (r * pbits + t) / 8)] |= uint8_t(((p >> t) & 1) << ((r * pbits + t) % 8));
+            if (invalid) {
+                c += keep;
+                continue;
+            }
             for (int t = 0; t < of; ++t)
                 if ((pats[size_t(p)] >> t) & 1) {
                     sp.V[size_t(n * K + r * of + t)] = sp.inner.V[size_t(n * Kc + c)];
@@ -330,9 +337,10 @@ int main(int argc, char** argv) {
                     for (int64_t M : ms) check_matmul(*kr, p, M, true, c.N / 2 | 1, rng, what);
                 }
         // sparse weights, where the set has its own kernels: patterns of 2, 4 and 8 (vector paths) and 6
-        // (run by run), K % 8 tails, K slices of the GEMM, N not a multiple of the panels
+        // (run by run), K % 8 tails, K slices of the GEMM, N not a multiple of the panels; survivors that
+        // fill whole chunks (the fused GEMVs' last mask reads).  (keep, of, block, K, N)
         const int sparse[][5] = {{2, 4, 64, 1100, 37}, {1, 2, 32, 203 * 2, 5}, {4, 8, 64, 1096, 9}, {6, 8, 128, 256, 13},
-                                 {3, 4, 64, 260, 6}, {3, 6, 96, 1098, 7}};   // keep, of, block, K, N
+                                 {3, 4, 64, 260, 6}, {3, 6, 96, 1098, 7}, {2, 4, 32, 1024, 11}, {4, 8, 128, 512, 6}};
         if (kr->sparse_gemv)
             for (int bits = bits_lo; bits <= bits_hi; ++bits)
                 for (const auto& c : sparse) {

@@ -59,6 +59,8 @@
  * lexicographic order ((0,1), (0,2), (0,3), (1,2), ... for 2:4), stored as a plain LSB-first bit stream
  * per row of pbits = ceil(log2 C(of, keep)) bits per run (at least 1):
  *   mask: uint8 (N, ceil(K / of * pbits / 8)).
+ * An index >= C(of, keep) (a corrupt mask; packers never write one) keeps none of its run, whose keep
+ * codes below are skipped all the same.
  * The survivors of a row, in order, are a dense affine row of Kc = K * keep / of codes stored exactly as
  * above (B: (N, ceil(Kc * b / 8)), scales (N, G), zero_points), whose groups are the survivors of each
  * group of block_size original weights (block_size % of == 0; block_size * keep / of, a multiple of 16,
