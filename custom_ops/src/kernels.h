@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -70,6 +71,28 @@ struct SparseWeight {
 // Pattern p of (keep, of), 1 <= keep < of <= 8: bit t set when position t of the run survives; the
 // keep-subsets of 0..of-1 in lexicographic order (itertools.combinations).
 const std::vector<uint8_t>& sparse_patterns(int keep, int of);
+
+// The runs of 8 consecutive weights (of in 2, 4, 8) have consecutive pattern indices in the mask
+// stream: one field of 8 / of * pbits <= 7 bits.  By field value: `expand`, the weights whose survivors
+// the field's runs hold (a run with an invalid index taken as pattern 0, so that its keep survivors are
+// skipped all the same), and `kept`, those that survive (none of such a run's).
+struct SparseFields {
+    std::vector<uint8_t> expand, kept;
+    int bits = 0, used = 0;   // field width; survivors per 8 weights
+};
+const SparseFields& sparse_fields(int keep, int of);   // of in 2, 4, 8
+
+// The 8 pattern indices (3 bits each) of 2:4 runs r .. r + 7 (r a multiple of 8, so byte-aligned) in
+// the low 24 bits: one 4-byte read where the row has them.
+static inline uint32_t runs24(const uint8_t* mrow, int64_t mask_bytes, int64_t r) {
+    uint32_t f = 0;
+    if (3 * r / 8 + 4 <= mask_bytes) {
+        std::memcpy(&f, mrow + 3 * r / 8, 4);
+        return f & 0xFFFFFFu;
+    }
+    for (int j = 0; j < 8; ++j) f |= uint32_t(bq_stream_at(mrow, 3, r + j)) << (3 * j);
+    return f;
+}
 
 struct Kernels {
     const char* name;

@@ -616,22 +616,14 @@ const Expand& expand_table(int keep, int of) {
         std::vector<Expand> t(9 * 9);
         for (int o : {2, 4, 8})
             for (int k = 1; k < o; ++k) {
-                const std::vector<uint8_t>& pat = sparse_patterns(k, o);
-                int pbits = 1;
-                while ((size_t(1) << pbits) < pat.size()) ++pbits;
+                const SparseFields& f = sparse_fields(k, o);
                 Expand& e = t[size_t(k * 9 + o)];
-                e.bits = 8 / o * pbits, e.used = 8 / o * k;
-                for (int field = 0; field < (1 << e.bits); ++field)
-                    for (int r = 0; r < 8 / o; ++r) {
-                        // an invalid index keeps nothing; its run's survivors are skipped all the same
-                        const int p = (field >> (r * pbits)) & ((1 << pbits) - 1);
-                        const bool valid = p < int(pat.size());
-                        const unsigned bits = pat[valid ? size_t(p) : 0];
-                        for (int j = 0, c = r * k; j < o; ++j) {
-                            const bool kept = (bits >> j) & 1;
-                            e.perm.push_back(kept ? c++ : 0);
-                            e.keep.push_back(kept && valid ? -1 : 0);
-                        }
+                e.bits = f.bits, e.used = f.used;
+                for (size_t v = 0; v < f.expand.size(); ++v)
+                    for (int j = 0, c = 0; j < 8; ++j) {
+                        const bool in = (f.expand[v] >> j) & 1;
+                        e.perm.push_back(in ? c++ : 0);
+                        e.keep.push_back((f.kept[v] >> j) & 1 ? -1 : 0);
                     }
             }
         return t;
@@ -758,7 +750,6 @@ float sparse_24_chunks(const SparseWeight& s, int64_t n, const float* A) {
         const uint8_t* p = row + c * BQ_LANES * B;
         const Words wd[2] = {words<B>(p, 0), words<B>(p, 1)};
         const float* a = A + c * 2 * BQ_CHUNK;
-        const bool fast = 24 * c + 25 <= s.mask_bytes;   // 4-byte reads within the row
         unroll([&](auto ic) BQ_INLINE {
             constexpr int I = decltype(ic)::value;
             if (left == 0) {
@@ -766,13 +757,7 @@ float sparse_24_chunks(const SparseWeight& s, int64_t n, const float* A) {
                 left = spg;
             }
             --left;
-            uint32_t f;   // the step's 8 runs' indices: 3 bytes from the chunk's first (24 per chunk)
-            if (fast) {
-                std::memcpy(&f, mrow + 24 * c + 3 * I, 4);
-            } else {
-                f = 0;
-                for (int r = 0; r < 8; ++r) f |= uint32_t(bq_stream_at(mrow, 3, 64 * c + 8 * I + r)) << (3 * r);
-            }
+            const uint32_t f = runs24(mrow, s.mask_bytes, 64 * c + 8 * I);   // the step's 8 runs
             const bool invalid = f & (f >> 1) & 0x492492u;   // some index is 6 or 7 (bits 1 and 2 set)
             for (int h = 0; h < 2; ++h) {
                 const unsigned fh = (f >> (12 * h)) & 0xFFFu;

@@ -683,40 +683,6 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
 // runs' patterns (of in 2, 4, 8; other runs go scalar).  The runs of 8 weights have consecutive pattern
 // indices in the mask stream: one field of 8 / of * pbits <= 7 bits, whose 8-bit mask is a table entry.
 // Where half survive the buffer is skipped (half_steps, sparse_24_chunks).
-struct Masks {
-    // by field value, the expand mask of 8 weights (a run with an invalid index as pattern 0, so that
-    // its survivors are skipped) and the survivors among them (none of such a run's)
-    std::vector<uint8_t> m8, keep8;
-    int bits = 0, used = 0;    // field width; survivors per 16 weights
-};
-
-const Masks& mask_table(int keep, int of) {
-    static const auto tables = [] {
-        std::vector<Masks> t(9 * 9);
-        for (int o : {2, 4, 8})
-            for (int k = 1; k < o; ++k) {
-                const std::vector<uint8_t>& pat = sparse_patterns(k, o);
-                int pbits = 1;
-                while ((size_t(1) << pbits) < pat.size()) ++pbits;
-                Masks& e = t[size_t(k * 9 + o)];
-                e.bits = 8 / o * pbits, e.used = 16 / o * k;
-                for (int field = 0; field < (1 << e.bits); ++field) {
-                    unsigned m = 0, kept = 0;
-                    for (int r = 0; r < 8 / o; ++r) {
-                        const int p = (field >> (r * pbits)) & ((1 << pbits) - 1);
-                        const bool valid = p < int(pat.size());
-                        m |= unsigned(pat[valid ? size_t(p) : 0]) << (r * o);
-                        if (valid) kept |= unsigned(pat[size_t(p)]) << (r * o);
-                    }
-                    e.m8.push_back(uint8_t(m));
-                    e.keep8.push_back(uint8_t(kept));
-                }
-            }
-        return t;
-    }();
-    return tables[size_t(keep * 9 + of)];
-}
-
 // The fields of units u .. u + n - 1 (16 weights each, 2 * bits bits; n <= 2), in the low bits: one
 // unaligned 64-bit read where 8 bytes are there, else field by field.
 inline unsigned unit_fields(const uint8_t* mrow, int64_t mask_bytes, int bits, int64_t u, int n) {
@@ -731,9 +697,10 @@ inline unsigned unit_fields(const uint8_t* mrow, int64_t mask_bytes, int bits, i
     return f;
 }
 
-// 16 weights whose 8-weight fields are f0 (the lower 8) and f1, from v (their survivors first).
-inline __m512 expand16(const Masks& e, unsigned f0, unsigned f1, __m512 v) {
-    const unsigned m = e.m8[f0] | (unsigned(e.m8[f1]) << 8), kept = e.keep8[f0] | (unsigned(e.keep8[f1]) << 8);
+// 16 weights (a unit: two fields of 8) whose fields are f0 (the lower 8) and f1, from v (their
+// survivors first).
+inline __m512 expand16(const SparseFields& e, unsigned f0, unsigned f1, __m512 v) {
+    const unsigned m = e.expand[f0] | (unsigned(e.expand[f1]) << 8), kept = e.kept[f0] | (unsigned(e.kept[f1]) << 8);
     const __m512 w = _mm512_maskz_expand_ps(__mmask16(m), v);
     return m == kept ? w : _mm512_maskz_mov_ps(__mmask16(kept), w);   // some run's index is invalid
 }
@@ -742,7 +709,7 @@ inline __m512 expand16(const Masks& e, unsigned f0, unsigned f1, __m512 v) {
 // per row (even and odd units of 16 weights), then the K % 16 weights expanded by the scalar rule.  One
 // summation order per K.
 template <int R>
-void sparse_dot(const SparseWeight& s, const Masks& e, int64_t n, const float* vc, const float* A, int64_t lda,
+void sparse_dot(const SparseWeight& s, const SparseFields& e, int64_t n, const float* vc, const float* A, int64_t lda,
                 float* Y, int64_t ldy, int64_t u0, const float part[R]) {
     const uint8_t* mrow = s.mask + n * s.mask_bytes;
     const int64_t units = s.K / 16;
@@ -751,7 +718,7 @@ void sparse_dot(const SparseWeight& s, const Masks& e, int64_t n, const float* v
     __m512 acc[R][2];
     for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     auto step = [&](int64_t u, unsigned f, int h) BQ_INLINE {
-        const __m512 w = expand16(e, f & lo, f >> e.bits, _mm512_loadu_ps(vc + u * e.used));
+        const __m512 w = expand16(e, f & lo, f >> e.bits, _mm512_loadu_ps(vc + u * 2 * e.used));
         for (int i = 0; i < R; ++i) acc[i][h] = _mm512_fmadd_ps(_mm512_loadu_ps(A + i * lda + 16 * u), w, acc[i][h]);
     };
     const uint64_t fmask = (uint64_t(1) << fb) - 1;
@@ -782,7 +749,7 @@ void sparse_dot(const SparseWeight& s, const Masks& e, int64_t n, const float* v
 // chunks [cb, ce) of row n's survivors (256 weights each) and hands f each step's weights k .. k + 31
 // as two vectors (use(k, w0, w1)).
 template <int B, class Use>
-BQ_INLINE inline void half_steps(const SparseWeight& s, const Masks& e, int64_t n, int64_t cb, int64_t ce, Use&& use) {
+BQ_INLINE inline void half_steps(const SparseWeight& s, const SparseFields& e, int64_t n, int64_t cb, int64_t ce, Use&& use) {
     const QWeight& w = s.inner;
     const int64_t spg = steps_per_group(w);
     const uint8_t* row = row_of(w, n);
@@ -819,7 +786,7 @@ BQ_INLINE inline void half_steps(const SparseWeight& s, const Masks& e, int64_t 
 // The GEMV over the full chunks of survivors where half survive: per row and step two FMAs; part
 // returns the rows' partial sums, the caller adds the rest (sparse_dot from unit 16 * chunks on).
 template <int B, int R>
-void sparse_half_chunks(const SparseWeight& s, const Masks& e, int64_t n, const float* A, int64_t lda, float part[R]) {
+void sparse_half_chunks(const SparseWeight& s, const SparseFields& e, int64_t n, const float* A, int64_t lda, float part[R]) {
     __m512 acc[R][2];
     for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     half_steps<B>(s, e, n, 0, s.inner.K / BQ_CHUNK, [&](int64_t k, __m512 w0, __m512 w1) BQ_INLINE {
@@ -865,7 +832,6 @@ void sparse_24_chunks(const SparseWeight& s, int64_t n, const float* A, int64_t 
     for (int64_t c = 0; c < chunks; ++c) {
         const Words wd = words<B, true>(row + c * BQ_LANES * B, BQ_LANES, 0xFFFF);
         const float* a = A + c * 2 * BQ_CHUNK;
-        const bool fast = 24 * c + 25 <= s.mask_bytes;   // 4-byte reads within the row
         unroll([&](auto ic) BQ_INLINE {
             constexpr int I = decltype(ic)::value;
             if (left == 0) {
@@ -874,13 +840,7 @@ void sparse_24_chunks(const SparseWeight& s, int64_t n, const float* A, int64_t 
                 left = spg;
             }
             --left;
-            uint32_t f;   // the step's 8 runs' indices: 3 bytes from the chunk's first (24 per chunk)
-            if (fast) {
-                std::memcpy(&f, mrow + 24 * c + 3 * I, 4);
-            } else {
-                f = 0;
-                for (int r = 0; r < 8; ++r) f |= uint32_t(bq_stream_at(mrow, 3, 64 * c + 8 * I + r)) << (3 * r);
-            }
+            const uint32_t f = runs24(mrow, s.mask_bytes, 64 * c + 8 * I);   // the step's 8 runs
             const __m512i p = _mm512_srlv_epi32(_mm512_set1_epi32(int(f)), shift);   // lane j: index in bits 0-2
             const __m512i idx = _mm512_add_epi32(
                 _mm512_permutexvar_epi32(_mm512_ternarylogic_epi32(p, _mm512_set1_epi32(7), second, 0xEA), pos), base);
@@ -899,7 +859,7 @@ void sparse_24_chunks(const SparseWeight& s, int64_t n, const float* A, int64_t 
 
 // R rows of A against column n: the fused full chunks where half survive, then the rest from vc.
 template <int B, int R>
-void sparse_rows(const SparseWeight& s, const Masks& e, int64_t n, bool half, float* vc, const float* A, int64_t lda,
+void sparse_rows(const SparseWeight& s, const SparseFields& e, int64_t n, bool half, float* vc, const float* A, int64_t lda,
                  float* Y, int64_t ldy) {
     float part[R] = {};
     int64_t chunks = 0;   // of survivors, done fused
@@ -921,12 +881,12 @@ void sparse_rows(const SparseWeight& s, const Masks& e, int64_t n, bool half, fl
 void sparse_gemv(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,
                  int64_t n1) {
     if (8 % s.of) return sparse_gemv_scalar(s, A, M, lda, Y, ldy, n0, n1);
-    const Masks& e = mask_table(s.keep, s.of);
+    const SparseFields& e = sparse_fields(s.keep, s.of);
     const bool half = 2 * s.keep == s.of && !s.inner.is_lut;
     float* vc = scratch(2, size_t(s.inner.K + 16));
     with_format(s.inner, [&](auto b, auto) {
         constexpr int B = b.value;
-        using RowsFn = void (*)(const SparseWeight&, const Masks&, int64_t, bool, float*, const float*, int64_t, float*,
+        using RowsFn = void (*)(const SparseWeight&, const SparseFields&, int64_t, bool, float*, const float*, int64_t, float*,
                                 int64_t);
         constexpr RowsFn rows[5] = {nullptr, sparse_rows<B, 1>, sparse_rows<B, 2>, sparse_rows<B, 3>, sparse_rows<B, 4>};
         for (int64_t n = n0; n < n1; ++n) {
@@ -948,7 +908,7 @@ void sparse_expand(const SparseWeight& s, int64_t n, float* vc, float* dst, int6
     if (2 * s.keep == s.of && 8 % s.of == 0 && !w.is_lut && kb % (2 * BQ_CHUNK) == 0) {   // 1:2, 2:4, 4:8: fused
         const int64_t cb = kb / (2 * BQ_CHUNK), ce = std::min(full, ke / (2 * BQ_CHUNK));
         with_format(w, [&](auto b, auto) {
-            half_steps<b.value>(s, mask_table(s.keep, s.of), n, cb, ce, [&](int64_t k, __m512 w0, __m512 w1) BQ_INLINE {
+            half_steps<b.value>(s, sparse_fields(s.keep, s.of), n, cb, ce, [&](int64_t k, __m512 w0, __m512 w1) BQ_INLINE {
                 _mm512_storeu_ps(dst + k, w0);
                 _mm512_storeu_ps(dst + k + 16, w1);
             });
@@ -967,12 +927,12 @@ void sparse_expand(const SparseWeight& s, int64_t n, float* vc, float* dst, int6
         const int64_t r0 = kb / s.of;
         return sparse_expand_runs(s, n, vc, dst + r0 * s.of, r0, (ke + s.of - 1) / s.of);
     }
-    const Masks& e = mask_table(s.keep, s.of);
+    const SparseFields& e = sparse_fields(s.keep, s.of);
     const int64_t ue = ke / 16;
     const unsigned lo = (1u << e.bits) - 1;
     for (int64_t u = kb / 16; u < ue; ++u) {
         const unsigned f = unit_fields(mrow, s.mask_bytes, e.bits, u, 1);
-        _mm512_storeu_ps(dst + 16 * u, expand16(e, f & lo, f >> e.bits, _mm512_loadu_ps(vc + u * e.used)));
+        _mm512_storeu_ps(dst + 16 * u, expand16(e, f & lo, f >> e.bits, _mm512_loadu_ps(vc + u * 2 * e.used)));
     }
     sparse_expand_runs(s, n, vc, dst + ue * 16, ue * 16 / s.of, ke / s.of);   // the K % 16 weights
 }

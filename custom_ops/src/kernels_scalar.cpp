@@ -104,6 +104,33 @@ const std::vector<uint8_t>& sparse_patterns(int keep, int of) {
     return tables[size_t(keep * 9 + of)];
 }
 
+const SparseFields& sparse_fields(int keep, int of) {
+    static const auto tables = [] {
+        std::vector<SparseFields> t(9 * 9);
+        for (int o : {2, 4, 8})
+            for (int k = 1; k < o; ++k) {
+                const std::vector<uint8_t>& pat = sparse_patterns(k, o);
+                int pbits = 1;
+                while ((size_t(1) << pbits) < pat.size()) ++pbits;
+                SparseFields& e = t[size_t(k * 9 + o)];
+                e.bits = 8 / o * pbits, e.used = 8 / o * k;
+                for (int field = 0; field < (1 << e.bits); ++field) {
+                    unsigned m = 0, kept = 0;
+                    for (int r = 0; r < 8 / o; ++r) {
+                        const size_t p = size_t((field >> (r * pbits)) & ((1 << pbits) - 1));
+                        const bool valid = p < pat.size();
+                        m |= unsigned(pat[valid ? p : 0]) << (r * o);
+                        if (valid) kept |= unsigned(pat[p]) << (r * o);
+                    }
+                    e.expand.push_back(uint8_t(m));
+                    e.kept.push_back(uint8_t(kept));
+                }
+            }
+        return t;
+    }();
+    return tables[size_t(keep * 9 + of)];
+}
+
 void sparse_expand_runs(const SparseWeight& s, int64_t n, const float* vc, float* dst, int64_t r0, int64_t r1) {
     const std::vector<uint8_t>& pat = sparse_patterns(s.keep, s.of);
     const uint8_t* mrow = s.mask + n * s.mask_bytes;
