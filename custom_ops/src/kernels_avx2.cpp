@@ -712,26 +712,20 @@ void sparse_dot(const SparseWeight& s, const Expand& e, int64_t n, const float* 
 
 // 2:4 and one row of A, the full chunks: A gathered at the survivors' positions instead of the weights
 // expanded (two permutes and a blend per 8 survivors, then one FMA; with more rows the expanded weights
-// serve them all and win).  A half step's 8 survivors are 4 runs,
-// 16 weights; the permute indices of two runs are one entry of a 64-entry table (their 6 bits of the
-// mask stream), the second pair's offset by 8 (bit 3 picks the upper 8 weights).  Runs with an invalid
-// index (6, 7) contribute nothing, as in the expanding paths.
+// serve them all and win).  A half step's 8 survivors are 4 runs, 16 weights; the permute indices of
+// two runs (8 weights, one field of sparse_fields) are the positions of the field's survivors, the
+// second pair's offset by 8 (bit 3 picks the upper 8 weights).  Runs with an invalid index (6, 7)
+// contribute nothing, as in the expanding paths.
 struct Gather24 {
     alignas(32) int32_t lo[64][4], hi[64][4];
     Gather24() {
-        const std::vector<uint8_t>& pat = sparse_patterns(2, 4);
-        for (int f = 0; f < 64; ++f)
-            for (int r = 0; r < 2; ++r) {
-                const int p = (f >> (3 * r)) & 7;
-                const unsigned bits = p < 6 ? pat[size_t(p)] : 3u;
-                int j = 0;
-                for (int t = 0; t < 4; ++t)
-                    if ((bits >> t) & 1u) {
-                        lo[f][2 * r + j] = 4 * r + t;
-                        hi[f][2 * r + j] = 8 + 4 * r + t;
-                        ++j;
-                    }
-            }
+        const SparseFields& f = sparse_fields(2, 4);
+        for (int v = 0; v < 64; ++v)
+            for (int t = 0, j = 0; t < 8; ++t)
+                if ((f.expand[size_t(v)] >> t) & 1u) {
+                    lo[v][j] = t;
+                    hi[v][j++] = 8 + t;
+                }
     }
 };
 
@@ -816,6 +810,7 @@ void sparse_gemv(const SparseWeight& s, const float* A, int64_t M, int64_t lda, 
             dots[std::min<int64_t>(4, M - m)](s, e, n, vc, A + m * lda, lda, Y + m * ldy + n, ldy, 0, zeros);
     }
 }
+
 // The dense GEMM's panels, filled from the task's columns expanded once beforehand (gemm_cols of them:
 // 128 KB per 1024 of K).
 void sparse_gemm(const SparseWeight& s, const float* A, int64_t M, int64_t lda, float* Y, int64_t ldy, int64_t n0,

@@ -682,7 +682,8 @@ void gemm(const QWeight& w, const float* A, int64_t M, int64_t lda, float* Y, in
 // 16 consecutive weights are one expand of their 16 * keep / of survivors under the 16-bit mask of their
 // runs' patterns (of in 2, 4, 8; other runs go scalar).  The runs of 8 weights have consecutive pattern
 // indices in the mask stream: one field of 8 / of * pbits <= 7 bits, whose 8-bit mask is a table entry.
-// Where half survive the buffer is skipped (half_steps, sparse_24_chunks).
+// Where half survive the buffer is skipped (survivor_steps).
+
 // The fields of units u .. u + n - 1 (16 weights each, 2 * bits bits; n <= 2), in the low bits: one
 // unaligned 64-bit read where 8 bytes are there, else field by field.
 inline unsigned unit_fields(const uint8_t* mrow, int64_t mask_bytes, int bits, int64_t u, int n) {
@@ -745,16 +746,14 @@ void sparse_dot(const SparseWeight& s, const SparseFields& e, int64_t n, const f
 
 // Where half the weights survive (1:2, 2:4, 4:8), a step of the survivors' codes (16 survivors) is
 // 32 consecutive weights: its values come from the group's table in a register, as in the dense GEMV,
-// and are expanded in place (the upper 8 through a lane shuffle), never stored.  half_steps walks the
-// chunks [cb, ce) of row n's survivors (256 weights each) and hands f each step's weights k .. k + 31
-// as two vectors (use(k, w0, w1)).
+// never stored.  survivor_steps walks the chunks [cb, ce) of row n's survivors (256 weights each) and
+// hands use(u, v, i) each step's values v, u the first of its two units of 16 weights, i the step in
+// its chunk (an integral_constant: two accumulator chains can alternate on it).
 template <int B, class Use>
-BQ_INLINE inline void half_steps(const SparseWeight& s, const SparseFields& e, int64_t n, int64_t cb, int64_t ce, Use&& use) {
+BQ_INLINE inline void survivor_steps(const SparseWeight& s, int64_t n, int64_t cb, int64_t ce, Use&& use) {
     const QWeight& w = s.inner;
     const int64_t spg = steps_per_group(w);
     const uint8_t* row = row_of(w, n);
-    const uint8_t* mrow = s.mask + n * s.mask_bytes;
-    const unsigned lo = (1u << e.bits) - 1;
     // the groups' zero points as floats, 16 at a time
     float* zf = scratch(5, size_t(w.G + 16));
     const ZeroPoints<B> zps;
@@ -773,26 +772,34 @@ BQ_INLINE inline void half_steps(const SparseWeight& s, const SparseFields& e, i
                 left = spg;
             }
             --left;
-            const int64_t u = 16 * c + 2 * I;   // the step's first unit of 16 weights
-            const unsigned f = unit_fields(mrow, s.mask_bytes, e.bits, u, 2);
-            const __m512 v = tab.get(code<B, I>(wd));
-            const unsigned fb = 2 * unsigned(e.bits), f1 = f >> fb;
-            use(16 * u, expand16(e, f & lo, (f >> e.bits) & lo, v),
-                expand16(e, f1 & lo, (f1 >> e.bits) & lo, _mm512_shuffle_f32x4(v, v, 0xEE)));
+            use(16 * c + 2 * I, tab.get(code<B, I>(wd)), ic);
         }, std::make_integer_sequence<int, BQ_STEPS>{});
     }
 }
 
-// The GEMV over the full chunks of survivors where half survive: per row and step two FMAs; part
-// returns the rows' partial sums, the caller adds the rest (sparse_dot from unit 16 * chunks on).
+// A step's 32 weights from its survivors' values v (survivor_steps): two expands, the upper 8
+// survivors through a lane shuffle.
+inline void expand32(const SparseWeight& s, const SparseFields& e, int64_t n, int64_t u, __m512 v, __m512& w0,
+                     __m512& w1) {
+    const unsigned lo = (1u << e.bits) - 1;
+    const unsigned f = unit_fields(s.mask + n * s.mask_bytes, s.mask_bytes, e.bits, u, 2), f1 = f >> (2 * e.bits);
+    w0 = expand16(e, f & lo, (f >> e.bits) & lo, v);
+    w1 = expand16(e, f1 & lo, (f1 >> e.bits) & lo, _mm512_shuffle_f32x4(v, v, 0xEE));
+}
+
+// The GEMV over the full chunks of survivors where half survive (1:2, 4:8): per row and step two FMAs;
+// part returns the rows' partial sums, the caller adds the rest (sparse_dot from unit 16 * chunks on).
 template <int B, int R>
-void sparse_half_chunks(const SparseWeight& s, const SparseFields& e, int64_t n, const float* A, int64_t lda, float part[R]) {
+void sparse_half_chunks(const SparseWeight& s, const SparseFields& e, int64_t n, const float* A, int64_t lda,
+                        float part[R]) {
     __m512 acc[R][2];
     for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    half_steps<B>(s, e, n, 0, s.inner.K / BQ_CHUNK, [&](int64_t k, __m512 w0, __m512 w1) BQ_INLINE {
+    survivor_steps<B>(s, n, 0, s.inner.K / BQ_CHUNK, [&](int64_t u, __m512 v, auto) BQ_INLINE {
+        __m512 w0, w1;
+        expand32(s, e, n, u, v, w0, w1);
         for (int i = 0; i < R; ++i) {
-            acc[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(A + i * lda + k), w0, acc[i][0]);
-            acc[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(A + i * lda + k + 16), w1, acc[i][1]);
+            acc[i][0] = _mm512_fmadd_ps(_mm512_loadu_ps(A + i * lda + 16 * u), w0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(_mm512_loadu_ps(A + i * lda + 16 * u + 16), w1, acc[i][1]);
         }
     });
     for (int i = 0; i < R; ++i) part[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
@@ -811,49 +818,29 @@ inline void survivors(const SparseWeight& s, int64_t n, float* vc) {
 // with an invalid index (6, 7) contributes nothing, as in the expanding paths.
 template <int B, int R>
 void sparse_24_chunks(const SparseWeight& s, int64_t n, const float* A, int64_t lda, float part[R]) {
-    const QWeight& w = s.inner;
-    const int64_t chunks = w.K / BQ_CHUNK, spg = steps_per_group(w);
-    const uint8_t* row = row_of(w, n);
     const uint8_t* mrow = s.mask + n * s.mask_bytes;
-    float* zf = scratch(5, size_t(w.G + 16));
-    const ZeroPoints<B> zps;
-    for (int64_t g0 = 0; g0 < w.G; g0 += 16) _mm512_storeu_ps(zf + g0, zps.get(w, n, g0));
-    const float* sc = w.scales + n * w.G;
     // lane j: survivor j of 16 = survivor j % 2 of run j / 2
     const __m512i shift = _mm512_setr_epi32(0, 0, 3, 3, 6, 6, 9, 9, 12, 12, 15, 15, 18, 18, 21, 21);
     const __m512i second = _mm512_setr_epi32(0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8, 0, 8);
     const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
     // patterns (0,1) (0,2) (0,3) (1,2) (1,3) (2,3): first positions at entries 0..5, second at 8..13
     const __m512i pos = _mm512_setr_epi32(0, 0, 0, 1, 1, 2, 0, 0, 1, 2, 3, 2, 3, 3, 0, 0);
-    Table<B, Mode::Affine> tab;
     __m512 acc[R][2];   // two chains: even and odd steps
     for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    int64_t left = 0, g = -1;
-    for (int64_t c = 0; c < chunks; ++c) {
-        const Words wd = words<B, true>(row + c * BQ_LANES * B, BQ_LANES, 0xFFFF);
-        const float* a = A + c * 2 * BQ_CHUNK;
-        unroll([&](auto ic) BQ_INLINE {
-            constexpr int I = decltype(ic)::value;
-            if (left == 0) {
-                ++g;
-                tab.set(_mm512_set1_ps(zf[g]), _mm512_set1_ps(sc[g]));
-                left = spg;
-            }
-            --left;
-            const uint32_t f = runs24(mrow, s.mask_bytes, 64 * c + 8 * I);   // the step's 8 runs
-            const __m512i p = _mm512_srlv_epi32(_mm512_set1_epi32(int(f)), shift);   // lane j: index in bits 0-2
-            const __m512i idx = _mm512_add_epi32(
-                _mm512_permutexvar_epi32(_mm512_ternarylogic_epi32(p, _mm512_set1_epi32(7), second, 0xEA), pos), base);
-            __m512 v = tab.get(code<B, I>(wd));
-            if (f & (f >> 1) & 0x492492u)   // some run's index is 6 or 7 (bits 1 and 2 set): zero its survivors
-                v = _mm512_maskz_mov_ps(_mm512_cmplt_epu32_mask(_mm512_and_si512(p, _mm512_set1_epi32(7)), _mm512_set1_epi32(6)), v);
-            for (int i = 0; i < R; ++i) {
-                const __m512 ag = _mm512_permutex2var_ps(_mm512_loadu_ps(a + i * lda + 32 * I), idx,
-                                                         _mm512_loadu_ps(a + i * lda + 32 * I + 16));
-                acc[i][I & 1] = _mm512_fmadd_ps(ag, v, acc[i][I & 1]);
-            }
-        }, std::make_integer_sequence<int, BQ_STEPS>{});
-    }
+    survivor_steps<B>(s, n, 0, s.inner.K / BQ_CHUNK, [&](int64_t u, __m512 v, auto ic) BQ_INLINE {
+        constexpr int h = decltype(ic)::value & 1;
+        const uint32_t f = runs24(mrow, s.mask_bytes, 4 * u);   // the step's 8 runs
+        const __m512i p = _mm512_srlv_epi32(_mm512_set1_epi32(int(f)), shift);   // lane j: index in bits 0-2
+        const __m512i idx = _mm512_add_epi32(
+            _mm512_permutexvar_epi32(_mm512_ternarylogic_epi32(p, _mm512_set1_epi32(7), second, 0xEA), pos), base);
+        if (f & (f >> 1) & 0x492492u)   // some run's index is 6 or 7 (bits 1 and 2 set): zero its survivors
+            v = _mm512_maskz_mov_ps(_mm512_cmplt_epu32_mask(_mm512_and_si512(p, _mm512_set1_epi32(7)), _mm512_set1_epi32(6)), v);
+        for (int i = 0; i < R; ++i) {
+            const __m512 ag = _mm512_permutex2var_ps(_mm512_loadu_ps(A + i * lda + 16 * u), idx,
+                                                     _mm512_loadu_ps(A + i * lda + 16 * u + 16));
+            acc[i][h] = _mm512_fmadd_ps(ag, v, acc[i][h]);
+        }
+    });
     for (int i = 0; i < R; ++i) part[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
 }
 
@@ -907,10 +894,13 @@ void sparse_expand(const SparseWeight& s, int64_t n, float* vc, float* dst, int6
     const bool to_end = ke == s.K;
     if (2 * s.keep == s.of && 8 % s.of == 0 && !w.is_lut && kb % (2 * BQ_CHUNK) == 0) {   // 1:2, 2:4, 4:8: fused
         const int64_t cb = kb / (2 * BQ_CHUNK), ce = std::min(full, ke / (2 * BQ_CHUNK));
+        const SparseFields& e = sparse_fields(s.keep, s.of);
         with_format(w, [&](auto b, auto) {
-            half_steps<b.value>(s, sparse_fields(s.keep, s.of), n, cb, ce, [&](int64_t k, __m512 w0, __m512 w1) BQ_INLINE {
-                _mm512_storeu_ps(dst + k, w0);
-                _mm512_storeu_ps(dst + k + 16, w1);
+            survivor_steps<b.value>(s, n, cb, ce, [&](int64_t u, __m512 v, auto) BQ_INLINE {
+                __m512 w0, w1;
+                expand32(s, e, n, u, v, w0, w1);
+                _mm512_storeu_ps(dst + 16 * u, w0);
+                _mm512_storeu_ps(dst + 16 * u + 16, w1);
             });
         });
         kb = std::max(kb, ce * 2 * BQ_CHUNK);

@@ -10,6 +10,7 @@
 // Prints one line per ISA ("ISA: N checks passed") and the first failures; exit status 0 only when
 // every check passed.  --fault spoils one element of each kernel output before it is checked: then
 // every check must fail (the test asserts it: the comparisons can fail).
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstdio>
@@ -228,7 +229,7 @@ SparsePacked make_sparse(int keep, int of, int bits, int64_t K, int64_t N, int64
     sp.mask.assign(size_t(N * mb), 0);
     sp.V.assign(size_t(N * K), 0.f);
     sp.zs.assign(size_t(N * K), 0.f);
-    std::uniform_int_distribution<int> pick(0, int(pats.size()) - 1), bad(int(pats.size()), (1 << pbits) - 1);
+    std::uniform_int_distribution<int> pick(0, int(pats.size()) - 1), bad(int(pats.size()), std::max(int(pats.size()), (1 << pbits) - 1));
     for (int64_t n = 0; n < N; ++n) {
         int64_t c = 0;
         for (int64_t r = 0; r < runs; ++r) {
