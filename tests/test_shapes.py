@@ -10,7 +10,7 @@ import pytest
 
 import models
 from bayesq_onnx import compress
-from bayesq_onnx.graph.shapes import leading_dims
+from bayesq_onnx.graph.shapes import leading_dims, packed_outputs, rows_follow
 
 
 @pytest.mark.parametrize("custom_ops", [False, True])
@@ -28,6 +28,14 @@ def test_rows_follow_the_packed_ops(tmp_path, custom_ops):
     dims = leading_dims(m, a)
     assert dims[a[0]] == tuple(sorted(("n", 12), key=repr))     # tokens: batch x the export's length
     assert dims[a[1]] == ("n",)                                   # after the mean over the tokens
+    # the tokens' MatMul reads one row per token id, the pooled head one per sample: no single ratio
+    assert rows_follow(m, a[:1]) == (m.graph.input[0].name, 1)
+    assert rows_follow(m, a) is None
+    # what onnxruntime is told of the packed ops' outputs (it infers nothing past a custom op)
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in packed_outputs(m, ("bayesq", "com.microsoft"))}
+    assert shapes == {n.output[0]: want for n, want in zip(
+        [n for n in m.graph.node if n.op_type in (gather, matmul)], (["n", 12, 128], ["n", 12, 128], ["n", 32]))}
 
 
 def test_inference_that_cannot_follow_says_so():
@@ -35,3 +43,12 @@ def test_inference_that_cannot_follow_says_so():
     m.graph.input[0].type.tensor_type.shape.dim[0].Clear()       # an unnamed batch: nothing to carry
     dims = leading_dims(m, ["e", "p"])
     assert dims == {"e": None, "p": None}
+
+
+def test_rows_follow_an_unnamed_dimension_too():
+    """Each free dimension gets a size of its own for inference, named or not, so the token rows
+    are still one per id when the batch has no name."""
+    m = models.embed()
+    m.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    assert rows_follow(m, ["e"]) == ("ids", 1)
+    assert rows_follow(m, ["e", "p"]) is None

@@ -1,19 +1,22 @@
 """make_session's load-time unpack policy (runtime/session.py): ``always`` turns bayesq MatMuls into fp32
 MatMuls on the weight dequantized bit-exactly (outputs checked against numpy on the reference
 dequantization), ``never`` hands onnxruntime the graph unchanged, ``auto`` follows packed_below: packed,
-unpacked, or an If on the rows per call that runs exactly one or the other."""
+unpacked, or switched on the rows per call (a SwitchingSession where the rows follow a graph input,
+else an If per MatMul) so that each call runs exactly one or the other."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bayesq_onnx.errors import BayesQError
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_matmul_node
-from bayesq_onnx.runtime import custom_ops, session
+from bayesq_onnx.runtime import custom_ops, session, tune
 from bayesq_onnx.runtime.reference_ops import _bq_affine, _bq_lut
-from bayesq_onnx.runtime.session import make_session, packed_below, session_options
+from bayesq_onnx.graph.shapes import rows_follow
+from bayesq_onnx.runtime.session import SwitchingSession, make_session, packed_below, session_options
 
 from test_custom_ops import EPS32, weight
 
@@ -50,6 +53,11 @@ def two_layer(fp16=False):
 
 def rewritten(m, unpack, fold=True):
     return session._rewrite(m, session_options(), session.DEFAULT_PROVIDERS, fold, unpack)
+
+
+def if_session(m):
+    """``auto``'s If graph in a plain session (what make_session runs where rows follow no input)."""
+    return ort.InferenceSession(rewritten(m, "auto").SerializeToString(), sess_options=session_options())
 
 
 def bound(A, W):
@@ -139,11 +147,12 @@ def test_auto_switches_on_the_rows_per_call(monkeypatch, fp16):
     monkeypatch.setattr(session, "PACKED_BELOW", {isa: (4, 4, 4, 4)})
     out = rewritten(m, "auto")
     assert [n.op_type for n in out.graph.node if n.op_type in ("If", "GreaterOrEqual")] == ["GreaterOrEqual", "If"]
-    auto, packed, unpacked = (make_session(m, unpack=u) for u in ("auto", "never", "always"))
-    for M in (1, 3, 4, 9):
-        x = np.random.default_rng(M).standard_normal((M, K1)).astype(np.float16 if fp16 else np.float32)
-        got, want = auto.run(None, {"x": x}), (packed if M < 4 else unpacked).run(None, {"x": x})
-        assert [a.tobytes() for a in got] == [b.tobytes() for b in want], M
+    packed, unpacked = (make_session(m, unpack=u) for u in ("never", "always"))
+    for auto in (if_session(m), make_session(m)):
+        for M in (1, 3, 4, 9):
+            x = np.random.default_rng(M).standard_normal((M, K1)).astype(np.float16 if fp16 else np.float32)
+            got, want = auto.run(None, {"x": x}), (packed if M < 4 else unpacked).run(None, {"x": x})
+            assert [a.tobytes() for a in got] == [b.tobytes() for b in want], M
 
 
 def test_each_weight_keeps_its_own_switch(monkeypatch):
@@ -164,12 +173,35 @@ def test_each_weight_keeps_its_own_switch(monkeypatch):
     monkeypatch.setattr(session, "PACKED_BELOW", {isa: (4, 4, 7, 7)})
     ifs = [n for n in rewritten(m, "auto").graph.node if n.op_type == "If"]
     assert [list(n.output) for n in ifs] == [["y1", "y2"], ["y3"]]
-    auto, packed, unpacked = (make_session(m, unpack=u) for u in ("auto", "never", "always"))
+    auto = if_session(m)
+    packed, unpacked = (make_session(m, unpack=u) for u in ("never", "always"))
     for M in (3, 4, 6, 7):
         x = np.random.default_rng(M).standard_normal((M, K1)).astype(np.float32)
         got, low, high = (s.run(None, {"x": x}) for s in (auto, packed, unpacked))
         for y, switch, p, u in zip(got, (4, 4, 7), low, high):
             assert y.tobytes() == (p if M < switch else u).tobytes(), (M, switch)
+
+
+def test_one_switch_for_a_model_whose_rows_follow_an_input(monkeypatch):
+    """x's rows are every MatMul's rows (one per K1 elements of x), so auto is a SwitchingSession:
+    the packed graph below one switch, the fp32 twin from it on, with no If in either.  The switch
+    is the weight-weighted median of the MatMuls': layer 1 (3-bit codebook, K1 x N1 weights) at 6
+    rows outweighs layer 2 (5-bit affine, N1 x N2) at 3; tuned, the tuned one."""
+    m, *_ = two_layer()
+    assert rows_follow(m, ["x", "hr"]) == ("x", K1)
+    isa = custom_ops.kernel_isa()
+    monkeypatch.setattr(session, "PACKED_BELOW", {isa: (9, 6, 3, 9)})
+    auto = make_session(m)
+    assert isinstance(auto, SwitchingSession) and (auto.rows_input, auto.ratio, auto.switch) == ("x", K1, 6)
+    packed, unpacked = (make_session(m, unpack=u) for u in ("never", "always"))
+    for M in (1, 5, 6, 9):
+        x = np.random.default_rng(M).standard_normal((M, K1)).astype(np.float32)
+        got, want = auto.run(None, {"x": x}), (packed if M < 6 else unpacked).run(None, {"x": x})
+        assert [a.tobytes() for a in got] == [b.tobytes() for b in want], M
+    x = np.zeros((6, K1), np.float32)
+    assert auto.session_for({"x": x}) is auto.fp32 and auto.session_for({"x": x[:5]}) is auto
+    tuned = make_session(m, tuning=tune.Tuning(machine={}, packed_below=2, ratios={}))
+    assert tuned.switch == 2
 
 
 def test_rows_told_apart_get_ifs_of_their_own(monkeypatch):
@@ -190,6 +222,7 @@ def test_rows_told_apart_get_ifs_of_their_own(monkeypatch):
     out = rewritten(m, "auto")
     assert [n.op_type for n in out.graph.node if n.op_type in ("If", "ReduceMean")] == ["If", "ReduceMean", "If"]
     auto, packed, unpacked = (make_session(m, unpack=u) for u in ("auto", "never", "always"))
+    assert not isinstance(auto, SwitchingSession)      # the rows follow no one input: the If graph
     # (batch, seq): layer 1's rows, layer 2's
     for shape, (r1, r2) in (((1, 3), (packed, packed)), ((1, 4), (unpacked, packed)), ((4, 2), (unpacked, unpacked))):
         x = np.random.default_rng(shape[1]).standard_normal((*shape, K1)).astype(np.float32)

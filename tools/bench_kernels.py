@@ -46,7 +46,7 @@ from bayesq_onnx.formats.bayesq_uniform import groups  # noqa: E402
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_gather_node, bayesq_matmul_node  # noqa: E402
 from bayesq_onnx.lower.nodes import gather_block_quantized_node, matmulnbits_node  # noqa: E402
 from bayesq_onnx.runtime import custom_ops  # noqa: E402
-from bayesq_onnx.runtime.session import make_session, session_options  # noqa: E402
+from bayesq_onnx.runtime.session import SwitchingSession, make_session, session_options  # noqa: E402
 from bayesq_onnx.runtime.tune import time_alternating  # noqa: E402
 
 SHAPES = [(4096, 4096), (576, 1536), (1536, 576), (384, 1536)]
@@ -167,6 +167,8 @@ def bench(models: dict[str, onnx.ModelProto], M: int, K: int, threads: int, reps
         so = options(threads, (libs or {}).get(name))
         sess = (make_session(m, sess_options=so, unpack="auto") if name in auto else
                 ort.InferenceSession(m.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"]))
+        if isinstance(sess, SwitchingSession):   # I/O binding runs one session: the one run() would choose
+            sess = sess.session_for({"A": A})
         io = sess.io_binding()
         io.bind_cpu_input("A", A)
         for o in sess.get_outputs():

@@ -63,7 +63,7 @@ from bench_kernels import options  # noqa: E402
 from bayesq_onnx import Analysis, Recipe, compress  # noqa: E402
 from bayesq_onnx.assets import default_cache, load_npz  # noqa: E402
 from bayesq_onnx.runtime import custom_ops, tune  # noqa: E402
-from bayesq_onnx.runtime.session import make_session, unpack_plan  # noqa: E402
+from bayesq_onnx.runtime.session import SwitchingSession, make_session, unpack_plan  # noqa: E402
 from bayesq_onnx.runtime.tune import time_alternating  # noqa: E402
 
 ONNX_INT = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
@@ -265,7 +265,9 @@ def variant_sessions(files: dict[str, str], threads: int, tuned: bool = False) -
             notes[label] += (f"; auto on {isa}, of {n_mm} MatMuls: {n_mm - rows.total()} packed, {rows.pop(1, 0)} "
                              f"unpacked, " + ", ".join(f"{v} packed below {k} rows" for k, v in sorted(rows.items())))
             sessions[f"{label}-packed"] = make_session(m, sess_options=options(threads), unpack="never")
-            sessions[f"{label}-auto"] = make_session(m, sess_options=options(threads), unpack="auto")
+            sessions[f"{label}-auto"] = auto = make_session(m, sess_options=options(threads), unpack="auto")
+            notes[label] += (f"; one switch for the model: fp32 from {auto.switch} rows ({auto.rows_input})"
+                             if isinstance(auto, SwitchingSession) else "; an If per MatMul")
             if tuned:
                 t = tune.measure(m, threads)
                 notes[label] += f"; tuned here: fp32 from {t.packed_below} rows" if t.packed_below else \

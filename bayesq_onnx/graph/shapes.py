@@ -37,11 +37,9 @@ def _small(t: onnx.TensorProto) -> bool:
     return math.prod(t.dims) <= 64 and t.data_location != TensorProto.EXTERNAL
 
 
-def leading_dims(model: onnx.ModelProto, names: list[str]) -> dict[str, Rows | None]:
-    """For each tensor of ``names`` (main graph), the multiset of its dimensions but the last, as
-    sizes and the graph inputs' dimension names (``batch``, ``seq``): two that differ multiply
-    different rows unless a named size happens to be 1 (a pooled head's ``batch`` against the tokens'
-    ``batch x seq``).  None where inference cannot tell (or fails)."""
+def _inferred(model: onnx.ModelProto) -> dict | None:
+    """Every main-graph tensor's inferred type (``TypeProto.Tensor``) by name, the packed ops
+    standing in as standard ones; None where inference fails."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     nodes, stubs = [], []
@@ -60,8 +58,37 @@ def leading_dims(model: onnx.ModelProto, names: list[str]) -> dict[str, Rows | N
     try:
         inferred = shape_inference.infer_shapes(stripped, data_prop=True).graph
     except Exception:   # inference refuses some graphs; then nothing is known, which is always safe
+        return None
+    return {v.name: v.type.tensor_type for v in [*inferred.input, *inferred.value_info, *inferred.output]}
+
+
+def packed_outputs(model: onnx.ModelProto, domains=("bayesq",)) -> list[onnx.ValueInfoProto]:
+    """Shapes of the outputs of the ``domains``' nodes (main graph), float32, as inference gives
+    them through the stand-ins: onnxruntime infers nothing past a custom op, and without its
+    outputs' shapes it skips fusions that need them (MiniLM unpacked: no BiasGelu after a bayesq
+    embedding).  For a graph whose activations are float32 only (the stand-ins' type)."""
+    shapes = _inferred(model) or {}
+    out = []
+    for n in model.graph.node:
+        for o in n.output if n.domain in domains else ():
+            t = shapes.get(o)
+            if o and t is not None and t.HasField("shape"):
+                # inference's own names, and sizes of 0 (what it makes of some slices of a free
+                # length), stand for sizes it could not follow: unknown
+                dims = [d.dim_value or None if d.HasField("dim_value") else None if d.dim_param.startswith("unk__")
+                        else d.dim_param or None for d in t.shape.dim]
+                out.append(helper.make_tensor_value_info(o, TensorProto.FLOAT, dims))
+    return out
+
+
+def leading_dims(model: onnx.ModelProto, names: list[str]) -> dict[str, Rows | None]:
+    """For each tensor of ``names`` (main graph), the multiset of its dimensions but the last, as
+    sizes and the graph inputs' dimension names (``batch``, ``seq``): two that differ multiply
+    different rows unless a named size happens to be 1 (a pooled head's ``batch`` against the tokens'
+    ``batch x seq``).  None where inference cannot tell (or fails)."""
+    shapes = _inferred(model)
+    if shapes is None:
         return dict.fromkeys(names)
-    shapes = {v.name: v.type.tensor_type for v in [*inferred.input, *inferred.value_info, *inferred.output]}
 
     def dims(name):
         t = shapes.get(name)
@@ -74,3 +101,36 @@ def leading_dims(model: onnx.ModelProto, names: list[str]) -> dict[str, Rows | N
         return tuple(sorted((d for d in lead if d != 1), key=repr))
 
     return {name: dims(name) for name in names}
+
+
+def rows_follow(model: onnx.ModelProto, names: list[str]) -> tuple[str, int] | None:
+    """A graph input of which each tensor of ``names`` (main graph) has one row per ``ratio``
+    elements whatever sizes the inputs take, as ``(input, ratio)``; None where there is none or
+    inference cannot tell.  A transformer's MatMuls read one row per token: ``input_ids`` with
+    ratio 1.  Inference runs twice, the inputs' free dimensions bound to distinct primes each
+    time (one per dimension name), so a ratio that is the same both times is a constant."""
+    ratios = []
+    for primes in ((3, 5, 7, 11, 13, 17, 19, 23), (29, 31, 37, 41, 43, 47, 53, 59)):
+        bound = onnx.ModelProto()
+        bound.CopyFrom(model)
+        values: dict[str, int] = {}
+        sizes = {}
+        for vi in bound.graph.input:
+            for i, d in enumerate(vi.type.tensor_type.shape.dim):
+                if not d.HasField("dim_value"):
+                    key = d.dim_param or f"{vi.name}:{i}"
+                    if key not in values:
+                        if len(values) == len(primes):
+                            return None
+                        values[key] = primes[len(values)]
+                    d.dim_value = values[key]
+            sizes[vi.name] = math.prod(d.dim_value for d in vi.type.tensor_type.shape.dim)
+        rows = [None if r is None or any(isinstance(x, str) for x in r) else math.prod(r)
+                for r in leading_dims(bound, names).values()]
+        if None in rows:
+            return None
+        ratios.append({x: {s // r for r in rows} for x, s in sizes.items() if all(s % r == 0 for r in rows)})
+    for x, first in ratios[0].items():
+        if len(first) == 1 and ratios[1].get(x) == first:
+            return x, first.pop()
+    return None

@@ -13,7 +13,7 @@ from onnx.external_data_helper import load_external_data_for_model
 from ..errors import BayesQError
 from ..graph import model_io
 from ..graph.cone import all_nodes, subgraphs
-from ..graph.shapes import leading_dims
+from ..graph.shapes import leading_dims, packed_outputs, rows_follow
 from . import custom_ops, tune
 
 DEFAULT_PROVIDERS = ["CPUExecutionProvider"]
@@ -36,11 +36,13 @@ UNPACK = ("auto", "never", "always")
 # A packed bayesq MatMul decodes its weight on every call; unpacked at load (fp32 MatMul on the
 # dequantized weight) it runs at onnxruntime's fp32 speed.  Reading a third of the bytes wins while the
 # product is bound by memory (few rows per call) and loses once fp32's FMAs are the bound and decoding
-# shows.  M (rows per call) is only known per call, so `auto` keeps both forms of a weight: an `If` on
-# the input's size runs the packed op below the measured switch and the fp32 MatMul from it on (memory:
-# the fp32 weight plus the packed one).  An If costs 5-15 microseconds a call, so one If holds every
-# MatMul from one to the last after it that switches at the same rows, and the nodes between
-# (_switch_regions: SmolLM2 at 3 bits has 65 instead of one per input, 121).
+# shows.  M (rows per call) is only known per call, so `auto` keeps both forms of a weight (memory: the
+# fp32 weight plus the packed one).  Where every switching MatMul reads a fixed share of one graph
+# input (a transformer: one row per token), a SwitchingSession runs the packed graph below one switch
+# for the model and an fp32 twin from it on; elsewhere an `If` on the input's size runs each MatMul
+# packed below its switch and fp32 from it on (one If holds every MatMul from one to the last after it
+# that switches at the same rows, and the nodes between: _switch_regions).  Ifs cost 1-3% of fp32's
+# time from 8 tokens on SmolLM2, however few (docs/design.md); the twin costs nothing per call.
 # PACKED_BELOW[isa] = (affine codes up to 3 bits, codebooks up to 3 bits, affine from 4 bits, codebooks
 # from 4 bits): the rows per call from which fp32 runs; 5-8 bits take 4 bits' (not measured).  A set
 # without one (NEON: no ARM machine; scalar, 70x fp32) unpacks.  Measured one shape at a time with
@@ -98,11 +100,12 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
     ``unpack``: what happens to bayesq ``MatMulAffine`` / ``MatMulLut`` nodes on constant weights.
     ``never``: they stay packed (memory at the packed size).  ``always``: each becomes an fp32
     ``MatMul`` (+ ``Add`` for a bias) on its weight dequantized once here, bit-exactly (in memory
-    only; the file stays small).  ``auto``: both, behind an ``If`` on the rows per call that runs the
-    packed op below :func:`packed_below`'s switch (measured per kernel set and format) and the
-    fp32 MatMul from it on (consecutive MatMuls with the same switch, and the nodes between them,
-    share one If); a small model's weights (``SMALL_MODEL``), and those of kernel sets never
-    measured, are unpacked only.  Where ``bayesq-onnx tune`` measured the model on this machine (its
+    only; the file stays small).  ``auto``: both, packed for calls below :func:`packed_below`'s
+    switch (measured per kernel set and format) and fp32 from it on: a :class:`SwitchingSession`
+    (the packed graph and an fp32 twin, one switch for the model) where the MatMuls' rows follow
+    one graph input, else an ``If`` on the rows per call around each MatMul (consecutive MatMuls
+    with the same switch, and the nodes between them, share one); a small model's weights
+    (``SMALL_MODEL``), and those of kernel sets never measured, are unpacked only.  Where ``bayesq-onnx tune`` measured the model on this machine (its
     ``MODEL.switch.json``, runtime/tune.py: same CPU, kernels, onnxruntime and intra-op threads),
     that switch holds for all its MatMuls instead of the table; ``tuning`` (tune.measure's) gives
     one for a model passed as a proto.
@@ -120,13 +123,76 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
     providers = providers or DEFAULT_PROVIDERS
     if tuning is None and unpack == "auto" and isinstance(model, (str, os.PathLike)):
         tuning = tune.load(model, so.intra_op_num_threads)
+    if unpack == "auto":
+        switching = _whole_model_switch(model, tuning)
+        if switching is not None:
+            packed, fp32 = (_rewrite(model, so, providers, fold, u) for u in ("never", "always"))
+            if fp32 is not None:
+                return SwitchingSession(_loadable(packed if packed is not None else model), _loadable(fp32),
+                                        *switching, sess_options=so, providers=providers, **kw)
     rewritten = _rewrite(model, so, providers, fold, unpack, tuning)
     model = rewritten if rewritten is not None else model
+    return ort.InferenceSession(_loadable(model), sess_options=so, providers=providers, **kw)
+
+
+def _loadable(model) -> str | bytes:
     if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    elif isinstance(model, (str, os.PathLike)):
-        model = str(Path(model))
-    return ort.InferenceSession(model, sess_options=so, providers=providers, **kw)
+        return model.SerializeToString()
+    return str(Path(model)) if isinstance(model, (str, os.PathLike)) else model
+
+
+class SwitchingSession(ort.InferenceSession):
+    """``auto``'s session for a model whose switching MatMuls all multiply one row per ``ratio``
+    elements of one graph input (a transformer's: one per token of ``input_ids``): the packed
+    graph for calls of fewer rows than the switch, and from it on an fp32 twin with every bayesq
+    MatMul unpacked, a session of its own.  No ``If`` stands in either graph, so each runs as fast
+    as onnxruntime runs it alone (an ``If`` per MatMul, or one for the whole model, cost 1-3% of
+    fp32's time from 8 tokens on, mostly in allocations outside onnxruntime's memory pattern).
+    Memory: the packed weights and the fp32 ones, as with ``If``s, plus the other initializers
+    (norms, packed embeddings) once more.  ``run`` chooses by the input's size; other entry points
+    (``run_with_ort_values``, I/O binding) run the packed graph: bind on ``session_for(feed)``
+    (``fp32`` is the twin)."""
+
+    def __init__(self, packed: str | bytes, fp32: str | bytes, rows_input: str, ratio: int, switch: int, **kw):
+        super().__init__(packed, **kw)
+        self.fp32 = ort.InferenceSession(fp32, **kw)
+        self.rows_input, self.ratio, self.switch = rows_input, ratio, switch
+
+    def session_for(self, input_feed: dict) -> ort.InferenceSession:
+        """The session ``run`` runs ``input_feed`` on: this one (packed) or the fp32 twin."""
+        x = input_feed.get(self.rows_input)
+        return self.fp32 if x is not None and np.size(x) >= self.switch * self.ratio else self
+
+    def run(self, output_names, input_feed, run_options=None):
+        s = self.session_for(input_feed)
+        return (super() if s is self else s).run(output_names, input_feed, run_options)
+
+
+def _whole_model_switch(model, tuned: tune.Tuning | None) -> tuple[str, int, int] | None:
+    """``(input, ratio, switch)`` where SwitchingSession can serve ``auto``: every MatMul that
+    unpack_plan switches reads one row per ``ratio`` elements of graph input ``input``
+    (graph.shapes.rows_follow).  One switch for the model: the tuned one, else the weight-weighted
+    median of the table's (SmolLM2 at 3 bits: its codebooks' 7 rows, not its affine weights' 5,
+    which then run packed at 5 and 6 rows, 0.93-1.24x their fp32 time while the whole model runs
+    about 0.6x).  None where the rule fails: the If graph then switches each MatMul."""
+    if isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    elif not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    plan = [(n, s) for n, s in unpack_plan(model, "auto", tuned) if s > 1]
+    follows = rows_follow(model, sorted({n.input[0] for n, _ in plan})) if plan else None
+    if follows is None:
+        return None
+    weight = {}
+    for n, s in plan:
+        at = {a.name: a.i for a in n.attribute}
+        weight[s] = weight.get(s, 0) + at["K"] * at["N"]
+    half, seen = sum(weight.values()) / 2, 0
+    for s in sorted(weight):
+        seen += weight[s]
+        if seen >= half:
+            return (*follows, s)
+    return None
 
 
 def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str,
@@ -194,6 +260,9 @@ def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str,
     new_inits += [numpy_helper.from_array(v, n.output[0]) for n, v in zip(nodes, values)]
     del out.graph.initializer[:]
     out.graph.initializer.extend(new_inits)
+    if not exact_casts:   # float32 activations: the packed ops' output shapes, for onnxruntime's fusions
+        named = {v.name for v in out.graph.value_info}
+        out.graph.value_info.extend(v for v in packed_outputs(out, (custom_ops.DOMAIN,)) if v.name not in named)
     return out if out.ByteSize() <= model_io.PROTO_LIMIT else None
 
 

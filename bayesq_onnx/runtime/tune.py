@@ -59,7 +59,9 @@ def switch_from(ratios: dict[int, float]) -> int | None:
 def time_alternating(runs: dict[str, Callable[[], object]], reps: int, clock=time.perf_counter,
                      stat=statistics.median) -> dict[str, float]:
     """ms per call of each function: batches of ~20 ms of each, in a rotating order, ``reps`` times
-    (machines are shared: what runs side by side sees the same load)."""
+    (machines are shared: what runs side by side sees the same load).  Each batch follows one
+    untimed call: a few-millisecond model's first call after another's ran up to 20% slower on
+    the caches that one left (MiniLM at 4-16 tokens), which is no cost of the model's own."""
     counts = {}
     for name, f in runs.items():
         f()                                      # warm-up (first-run allocations, caches)
@@ -72,6 +74,7 @@ def time_alternating(runs: dict[str, Callable[[], object]], reps: int, clock=tim
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:   # rotate who goes first
             f, n = runs[name], counts[name]
+            f()
             t = clock()
             for _ in range(n):
                 f()
