@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erfc, ndtr
 
+from ..parallel import local_map
 from .laplace import DiagonalLaplace
 
 _Z_CUT = 6.0       # a threshold beyond 6 sigma adds R(6) < 2e-10 (relative to E: < 1e-8): dropped
@@ -200,7 +201,8 @@ def _per_group(post: DiagonalLaplace, scale, zero_point, block: int, elementwise
     prec = np.broadcast_to(post.precision, post.mu.shape)
     out = np.empty(scale.shape, np.float64)
     step = max(1, _CHUNK // (L * max(int(np.prod(lead)), 1)))
-    for r in range(0, rows, step):
+
+    def chunk(r):   # rows r..r+step: independent of the others, so on every core (local_map)
         sl = slice(r, r + step)
         shp = lead + post.mu[sl].shape
         m = np.broadcast_to(post.mu[sl], shp).astype(np.float64).ravel()
@@ -209,6 +211,9 @@ def _per_group(post: DiagonalLaplace, scale, zero_point, block: int, elementwise
         z = np.repeat(zero_point[..., sl, :], block, axis=-1)[..., :L].astype(np.float64).ravel()
         e = elementwise(m, p.ravel(), sc, z).reshape(shp)
         out[..., sl, :] = np.add.reduceat(e * p, starts, axis=-1)
+
+    for _ in local_map(chunk, range(0, rows, step)):
+        pass
     return out
 
 

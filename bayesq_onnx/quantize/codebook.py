@@ -48,6 +48,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from ..errors import BayesQError
+from ..parallel import local_map
 from . import codebook_native
 from .grid import minmax_grid
 from .rounding import GPTQFactor, error_feedback, gptq_factor
@@ -254,11 +255,15 @@ def expected_codebook_loss(mu, sigma, weight, codebook, *, block: int | None = N
     c = _check_codebook(codebook, _n_groups(mu, block))
     out = np.empty(c.shape[0])
     lib = codebook_native.library()
-    for sl, m, s, w, _ in _prepared_chunks(mu, sigma, weight, block, c.shape[1]):
+
+    def chunk(args):
+        sl, m, s, w, _ = args
         if lib is not None:
-            out[sl] = codebook_native.loss(lib, m, s, w, c[sl], _Z_CUT)
-        else:
-            out[sl] = np.sum(_estep(m, s, w, c[sl], stats=False) * w, axis=1)
+            return sl, codebook_native.loss(lib, m, s, w, c[sl], _Z_CUT)
+        return sl, np.sum(_estep(m, s, w, c[sl], stats=False) * w, axis=1)
+
+    for sl, loss in local_map(chunk, _prepared_chunks(mu, sigma, weight, block, c.shape[1])):
+        out[sl] = loss
     return out
 
 
@@ -574,7 +579,9 @@ def lloyd_max(mu, sigma, weight, levels: int, *, block: int | None = None, iters
             raise BayesQError(f"codebook init has {c0.shape[1]} levels, expected {K}")
     out = np.empty((G, K), np.float64)
     lib = codebook_native.library()
-    for sl, m, s, w, valid in _prepared_chunks(mu, sigma, weight, block, K):
+
+    def chunk(args):   # the chunks are independent: fitted on every core (parallel.local_map)
+        sl, m, s, w, valid = args
         if not isinstance(init, str):
             c = c0[sl]
         elif init == "minmax":
@@ -584,13 +591,15 @@ def lloyd_max(mu, sigma, weight, levels: int, *, block: int | None = None, iters
         # "auto": both starts as stored (float32), compared on the objective itself in Lloyd's first round
         alt = c_mm[sl] if isinstance(init, str) and init == "auto" and pow2 else None
         if lib is not None:
-            out[sl] = codebook_native.fit(lib, m, s, w, valid, K, start if c is None else "given", c, alt,
-                                          iters=iters, tol=tol, dp_bins=_dp_bins(K),
-                                          kmeans_rounds=_KMEANS_ROUNDS, z_lloyd=_Z_LLOYD)
-        else:
-            if c is None:
-                c = _start_levels(m, w, valid, K, start)
-            out[sl] = _lloyd_chunk(m, s, w, c, iters, tol, alt)
+            return sl, codebook_native.fit(lib, m, s, w, valid, K, start if c is None else "given", c, alt,
+                                           iters=iters, tol=tol, dp_bins=_dp_bins(K),
+                                           kmeans_rounds=_KMEANS_ROUNDS, z_lloyd=_Z_LLOYD)
+        if c is None:
+            c = _start_levels(m, w, valid, K, start)
+        return sl, _lloyd_chunk(m, s, w, c, iters, tol, alt)
+
+    for sl, levels in local_map(chunk, _prepared_chunks(mu, sigma, weight, block, K)):
+        out[sl] = levels
     return out.astype(np.float32)
 
 
