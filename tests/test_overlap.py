@@ -81,3 +81,46 @@ def test_an_error_in_the_work_reaches_the_caller_and_later_results_are_not_recor
             ov.submit(boom, seen.append)
             ov.submit(lambda: 2, seen.append)
     assert seen == [0]
+
+
+def test_local_map_in_order_bounded_and_yielding_to_other_sites():
+    """parallel.local_map: results in the order of the items; items taken from a lazy iterator at
+    most the free threads ahead of the results read; inside a Threads.map whose other items are
+    under way (the cores held by other sites), one thread."""
+    from bayesq_onnx.parallel import Threads, local_map, use_workers
+
+    taken, lock, running, most = [], threading.Lock(), [0], [0]
+
+    def items():
+        for i in range(12):
+            taken.append(i)
+            yield i
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01 * (i % 3))   # uneven: later items finish first
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    with use_workers(3):
+        out = []
+        for r in local_map(work, items()):
+            assert len(taken) <= len(out) + 3          # at most 3 items ahead of what was read
+            out.append(r)
+        assert out == [i * i for i in range(12)] and most[0] > 1
+
+        def site(k, together):   # sites side by side: each local_map gets 3 - 2 = 1 thread
+            together.wait()      # the others are under way
+            names = list(local_map(lambda i: threading.current_thread().name, range(4)))
+            together.wait()      # and stay so until all have mapped
+            return names + [threading.current_thread().name]
+
+        three = threading.Barrier(3)
+        names = list(Threads().map(lambda k: site(k, three), range(3)))
+        assert all(len(set(n)) == 1 for n in names)    # each ran its chunks in its own thread
+        # alone, a site's chunks go to threads of their own
+        alone = next(Threads().map(lambda k: site(k, threading.Barrier(1)), [0]))
+        assert set(alone[:-1]) <= {f"bayesq-chunk_{i}" for i in range(3)}
