@@ -124,3 +124,24 @@ def test_local_map_in_order_bounded_and_yielding_to_other_sites():
         # alone, a site's chunks go to threads of their own
         alone = next(Threads().map(lambda k: site(k, threading.Barrier(1)), [0]))
         assert set(alone[:-1]) <= {f"bayesq-chunk_{i}" for i in range(3)}
+
+
+def test_blas_on_one_thread_while_blocks_overlap():
+    """An Overlap with jobs holds BLAS to one thread from the caller's thread for its whole pass
+    (the jobs' own limits, set from their threads, did not always take), and gives it back."""
+    np = pytest.importorskip("numpy")
+    from threadpoolctl import threadpool_info
+
+    np.linalg.cholesky(np.eye(2))   # BLAS loaded
+
+    def blas():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before, seen = blas(), []
+    if before in (set(), {1}):
+        pytest.skip("BLAS on one thread already: nothing to tell apart")
+    with Overlap(10.0, 2) as ov:
+        for i in range(3):
+            ov.submit(lambda: blas(), seen.append, 1.0)
+    assert seen == [{1}] * 3
+    assert blas() == before
