@@ -37,9 +37,10 @@ def _small(t: onnx.TensorProto) -> bool:
     return math.prod(t.dims) <= 64 and t.data_location != TensorProto.EXTERNAL
 
 
-def _inferred(model: onnx.ModelProto) -> dict | None:
+def _inferred(model: onnx.ModelProto, inputs=None) -> dict | None:
     """Every main-graph tensor's inferred type (``TypeProto.Tensor``) by name, the packed ops
-    standing in as standard ones; None where inference fails."""
+    standing in as standard ones, ``inputs`` (ValueInfoProtos) in place of the graph's if given;
+    None where inference fails."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     nodes, stubs = [], []
@@ -53,7 +54,8 @@ def _inferred(model: onnx.ModelProto) -> dict | None:
     # small tensors keep theirs: shapes, axes and indices that Reshape, Reduce* and Gather read
     small = [t for t in g.initializer if _small(t)]
     known = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer if not _small(t)]
-    graph = helper.make_graph(nodes, g.name, list(g.input) + known + stubs, list(g.output), small)
+    graph = helper.make_graph(nodes, g.name, list(g.input if inputs is None else inputs) + known + stubs,
+                              list(g.output), small)
     stripped = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     try:
         inferred = shape_inference.infer_shapes(stripped, data_prop=True).graph
@@ -73,20 +75,25 @@ def packed_outputs(model: onnx.ModelProto, domains=("bayesq",)) -> list[onnx.Val
         for o in n.output if n.domain in domains else ():
             t = shapes.get(o)
             if o and t is not None and t.HasField("shape"):
-                # inference's own names, and sizes of 0 (what it makes of some slices of a free
-                # length), stand for sizes it could not follow: unknown
-                dims = [d.dim_value or None if d.HasField("dim_value") else None if d.dim_param.startswith("unk__")
-                        else d.dim_param or None for d in t.shape.dim]
-                out.append(helper.make_tensor_value_info(o, TensorProto.FLOAT, dims))
+                out.append(helper.make_tensor_value_info(o, TensorProto.FLOAT, [_size(d) for d in t.shape.dim]))
     return out
 
 
-def leading_dims(model: onnx.ModelProto, names: list[str]) -> dict[str, Rows | None]:
+def _size(d) -> int | str | None:
+    """An inferred dimension as value_info states it: inference's own names (``unk__N``), and sizes
+    of 0 (what it makes of some slices of a free length), stand for sizes it could not follow."""
+    if d.HasField("dim_value"):
+        return d.dim_value or None
+    return None if d.dim_param.startswith("unk__") else d.dim_param or None
+
+
+def leading_dims(model: onnx.ModelProto, names: list[str], inputs=None) -> dict[str, Rows | None]:
     """For each tensor of ``names`` (main graph), the multiset of its dimensions but the last, as
     sizes and the graph inputs' dimension names (``batch``, ``seq``): two that differ multiply
     different rows unless a named size happens to be 1 (a pooled head's ``batch`` against the tokens'
-    ``batch x seq``).  None where inference cannot tell (or fails)."""
-    shapes = _inferred(model)
+    ``batch x seq``).  None where inference cannot tell (or fails).  ``inputs``: the graph inputs
+    to infer from, if not the graph's own."""
+    shapes = _inferred(model, inputs)
     if shapes is None:
         return dict.fromkeys(names)
 
@@ -111,12 +118,12 @@ def rows_follow(model: onnx.ModelProto, names: list[str]) -> tuple[str, int] | N
     time (one per dimension name), so a ratio that is the same both times is a constant."""
     ratios = []
     for primes in ((3, 5, 7, 11, 13, 17, 19, 23), (29, 31, 37, 41, 43, 47, 53, 59)):
-        bound = onnx.ModelProto()
-        bound.CopyFrom(model)
         values: dict[str, int] = {}
-        sizes = {}
-        for vi in bound.graph.input:
-            for i, d in enumerate(vi.type.tensor_type.shape.dim):
+        inputs, sizes = [], {}
+        for vi in model.graph.input:   # copies of the inputs alone: the model may hold GBs of weights
+            bound = onnx.ValueInfoProto()
+            bound.CopyFrom(vi)
+            for i, d in enumerate(bound.type.tensor_type.shape.dim):
                 if not d.HasField("dim_value"):
                     key = d.dim_param or f"{vi.name}:{i}"
                     if key not in values:
@@ -124,9 +131,10 @@ def rows_follow(model: onnx.ModelProto, names: list[str]) -> tuple[str, int] | N
                             return None
                         values[key] = primes[len(values)]
                     d.dim_value = values[key]
-            sizes[vi.name] = math.prod(d.dim_value for d in vi.type.tensor_type.shape.dim)
+            inputs.append(bound)
+            sizes[vi.name] = math.prod(d.dim_value for d in bound.type.tensor_type.shape.dim)
         rows = [None if r is None or any(isinstance(x, str) for x in r) else math.prod(r)
-                for r in leading_dims(bound, names).values()]
+                for r in leading_dims(model, names, inputs).values()]
         if None in rows:
             return None
         ratios.append({x: {s // r for r in rows} for x, s in sizes.items() if all(s % r == 0 for r in rows)})

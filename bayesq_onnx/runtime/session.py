@@ -123,14 +123,15 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
     providers = providers or DEFAULT_PROVIDERS
     if tuning is None and unpack == "auto" and isinstance(model, (str, os.PathLike)):
         tuning = tune.load(model, so.intra_op_num_threads)
+    proto, folder = _read(model)   # parsed once for all the rewrites below
     if unpack == "auto":
-        switching = _whole_model_switch(model, tuning)
+        switching = _whole_model_switch(proto, tuning)
         if switching is not None:
-            packed, fp32 = (_rewrite(model, so, providers, fold, u) for u in ("never", "always"))
+            packed, fp32 = (_rewrite(proto, so, providers, fold, u, folder=folder) for u in ("never", "always"))
             if fp32 is not None:
                 return SwitchingSession(_loadable(packed if packed is not None else model), _loadable(fp32),
                                         *switching, sess_options=so, providers=providers, **kw)
-    rewritten = _rewrite(model, so, providers, fold, unpack, tuning)
+    rewritten = _rewrite(proto, so, providers, fold, unpack, tuning, folder)
     model = rewritten if rewritten is not None else model
     return ort.InferenceSession(_loadable(model), sess_options=so, providers=providers, **kw)
 
@@ -168,17 +169,13 @@ class SwitchingSession(ort.InferenceSession):
         return (super() if s is self else s).run(output_names, input_feed, run_options)
 
 
-def _whole_model_switch(model, tuned: tune.Tuning | None) -> tuple[str, int, int] | None:
+def _whole_model_switch(model: onnx.ModelProto, tuned: tune.Tuning | None) -> tuple[str, int, int] | None:
     """``(input, ratio, switch)`` where SwitchingSession can serve ``auto``: every MatMul that
     unpack_plan switches reads one row per ``ratio`` elements of graph input ``input``
     (graph.shapes.rows_follow).  One switch for the model: the tuned one, else the weight-weighted
     median of the table's (SmolLM2 at 3 bits: its codebooks' 7 rows, not its affine weights' 5,
     which then run packed at 5 and 6 rows, 0.93-1.24x their fp32 time while the whole model runs
     about 0.6x).  None where the rule fails: the If graph then switches each MatMul."""
-    if isinstance(model, bytes):
-        model = onnx.load_from_string(model)
-    elif not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
     plan = [(n, s) for n, s in unpack_plan(model, "auto", tuned) if s > 1]
     follows = rows_follow(model, sorted({n.input[0] for n, _ in plan})) if plan else None
     if follows is None:
@@ -191,29 +188,36 @@ def _whole_model_switch(model, tuned: tune.Tuning | None) -> tuple[str, int, int
     for s in sorted(weight):
         seen += weight[s]
         if seen >= half:
-            return (*follows, s)
-    return None
+            break
+    return (*follows, s)
+
+
+def _read(model) -> tuple[onnx.ModelProto, str | None]:
+    """``model`` as a proto, its external tensors not loaded, and the folder they are stored
+    relative to (None for a proto or bytes, whose tensors are in it)."""
+    if isinstance(model, (str, os.PathLike)):
+        return onnx.load(str(model), load_external_data=False), str(Path(model).parent)
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model), None
+    return model, None
 
 
 def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str,
-             tuned: tune.Tuning | None = None) -> onnx.ModelProto | None:
+             tuned: tune.Tuning | None = None, folder: str | None = None) -> onnx.ModelProto | None:
     """``model`` with its foldable Dequantize nodes replaced by their outputs and its unpackable
     MatMuls by fp32 ones (``fold``, ``unpack``, ``tuned`` as in make_session and unpack_plan), or None
-    when there is nothing to do (or the result would not fit one protobuf)."""
-    if isinstance(model, (str, os.PathLike)):
-        path, model = model, onnx.load(str(model), load_external_data=False)   # tensors only if needed
-    elif isinstance(model, bytes):
-        path, model = None, onnx.load_from_string(model)
-    else:
-        path = None
+    when there is nothing to do (or the result would not fit one protobuf).  ``folder``: where a
+    proto's external tensors are, loaded into it here if it is rewritten."""
+    if not isinstance(model, onnx.ModelProto):
+        model, folder = _read(model)
     folds = _foldable(model) if fold else []
     switching = unpack_plan(model, unpack, tuned) if unpack != "never" else []
     unpacks = [n for n, _ in switching]
     switches = {id(n): rows for n, rows in switching}
     if not folds and not unpacks:
         return None
-    if path is not None:
-        load_external_data_for_model(model, str(Path(path).parent))
+    if folder is not None:
+        load_external_data_for_model(model, folder)   # tensors only now that they are needed
     g = model.graph
     # one session evaluates every weight: the Dequantize nodes as they are, and for each MatMul the
     # Dequantize op of its format on the same inputs and attributes (W (K, N), bit-exact)
