@@ -34,7 +34,7 @@ from .plan.planner import check_budget, dense_knapsack_plan, knapsack_plan, unif
 from .plan.proxy import OutputDistortion
 from .plan.tables import MEASURED, ClosedFormTables, Grids, HawqTables, Tables, factor_samples
 from .posterior.laplace import DiagonalLaplace
-from .parallel import Overlap, overlap_jobs, parallel_map
+from .parallel import Budget, Overlap, overlap_jobs, parallel_map, side_by_side
 from . import memory
 from .progress import Progress
 from .quantize.backend import backend
@@ -303,7 +303,9 @@ class Analysis:
         first contender ships it up to there, and every contender of the budget is rounded on those
         same activations (docs/design.md, "Sequential").  The reference GPTQ contender is calibrated as
         ``--method gptq`` is: where that is sequential and the model has blocks, on its own codes, in a
-        pass of its own; else in the others' pass, sharing GPTQ's work (docs/design.md, "Plan check")."""
+        pass of its own, run beside the others' (``parallel.side_by_side``: alone it keeps about one core
+        busy), the blocks of both in flight within one budget; else in the others' pass, sharing GPTQ's
+        work (docs/design.md, "Plan check")."""
         ref = [c.reference for c in contenders]
         # one segment: nothing to feed forward, so sequential changes nothing
         cut = len(self.stream) > 1
@@ -312,29 +314,40 @@ class Analysis:
         if any(ref) and (ours or gptq):   # the contenders' activations differ
             passes = [([i for i, r in enumerate(ref) if not r], ours, knapsack),
                       ([i for i, r in enumerate(ref) if r], gptq, None)]
+        passes = [p for p in passes if p[0]]
+        budget = Budget(self._largest_block)   # the passes' blocks in flight together, as one pass's
+
+        def run(p):
+            idx, sequential, plan = p
+            return idx, self._round_pass([contenders[i] for i in idx], plan, keep, sequential, budget, data)
+
         out = [None] * len(contenders)
-        for idx, sequential, plan in (p for p in passes if p[0]):
-            for i, *r in zip(idx, *self._round_pass([contenders[i] for i in idx], plan, keep, sequential, data)):
+        for idx, results in side_by_side(run, passes, cancel=budget.cancel):
+            for i, *r in zip(idx, *results):
                 out[i] = r
         packed, grids, expected = (list(x) for x in zip(*out))
         return packed, grids, expected
 
-    def _round_pass(self, contenders: list[Contender], knapsack, keep: bool, sequential: bool, data=None):
+    def _round_pass(self, contenders: list[Contender], knapsack, keep: bool, sequential: bool, budget: Budget,
+                    data=None):
         """:meth:`_round`'s work for contenders rounded on the same activations: those of the model
         quantized as ``contenders[0]`` ships it (``sequential``), else of the fp32 model."""
         sites, n = self.sites, len(contenders)
         cache, keep = (self._rounded, keep) if data is None else ({}, False)
         packed, grids, expected = [{} for _ in range(n)], [{} for _ in range(n)], [{} for _ in range(n)]
         feed = quantized_weights(contenders[0], packed[0]) if sequential else None
-        what = "rounding and packing" + (" gptq's plan" if all(c.reference for c in contenders) else "") + \
-            (", sequentially" if sequential else "")
+        ours = not all(c.reference for c in contenders)   # else the reference GPTQ's own pass
+        what = "rounding and packing" + ("" if ours else " gptq's plan") + (", sequentially" if sequential else "")
         # a site's rounding costs about its weights' worth (a 30522-word embedding's codebook is most of MiniLM's)
         with Progress(what, len(sites), work=sum(s.size for s in sites)) as p, \
-                self._overlap(sequential=feed is not None) as overlap:
+                self._overlap(sequential=feed is not None, budget=budget) as overlap:
             for j, (block, qs) in enumerate(self.blocks(data, quantized=feed)):
                 # sequential: a site's codes and measured grids depend on the plan of the sites before it,
-                # so only the first block, which no quantized weight reaches, shares them across budgets
-                reuse, known = (cache, self.grids) if feed is None or j == 0 else ({}, dict(self.grids))
+                # so only the first block, which no quantized weight reaches, shares them across budgets.
+                # Measured grids are the knapsack's pass's alone: the reference GPTQ contender takes its
+                # own (and its pass may run beside the knapsack's, which adds to self.grids)
+                known = (self.grids if feed is None or j == 0 else dict(self.grids)) if ours else {}
+                reuse = cache if feed is None or j == 0 else {}
 
                 def record(done, block=block, reuse=reuse, known=known):
                     measured, results = done
@@ -380,11 +393,16 @@ class Analysis:
 
         return measured, list(parallel_map(pack, block))
 
-    def _overlap(self, sequential: bool = False) -> Overlap:
+    @property
+    def _largest_block(self) -> int:
+        return max(sum(s.size for s in b) for b in self._block_sites())
+
+    def _overlap(self, sequential: bool = False, budget: Budget | None = None) -> Overlap:
         """How a pass over the blocks overlaps one block's work with the next block's forward pass:
         never in sequential mode (the next block runs on this one's codes); else with blocks in flight
-        up to the largest block's weights, so memory holds about two of the largest blocks."""
-        return Overlap(max(sum(s.size for s in b) for b in self._block_sites()), 0 if sequential else overlap_jobs())
+        up to the largest block's weights (``budget``, shared by passes that run at once), so memory
+        holds about two of the largest blocks."""
+        return Overlap(budget or Budget(self._largest_block), 0 if sequential else overlap_jobs())
 
     def _distill(self, chosen: Contender, packed: dict, steps: int) -> tuple[dict, dict]:
         """The chosen plan's packed tensors with its scales and levels tuned toward the fp32 outputs on

@@ -6,6 +6,7 @@ or its size."""
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -147,32 +148,76 @@ def _run_task(boxed: list, item):
         return False, e
 
 
+class Budget:
+    """The weights of the blocks being worked on, shared by the passes that run at once
+    (``Analysis._round``: the knapsack's and the reference GPTQ's), so that memory holds a bounded
+    share of the model however many passes are under way.  ``take(size)`` waits until ``size`` fits
+    beside what is taken (a size past the limit waits until nothing is taken: it runs alone);
+    ``give(size)`` hands it back, from whichever thread finished the work."""
+
+    def __init__(self, limit: float):
+        self.limit, self.taken, self.cancelled = limit, 0.0, False
+        self._cv = threading.Condition()
+
+    def take(self, size: float) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self.cancelled or self.taken <= 0 or self.taken + size <= self.limit)
+            if self.cancelled:
+                raise Cancelled()
+            self.taken += size
+
+    def give(self, size: float) -> None:
+        with self._cv:
+            self.taken -= size
+            self._cv.notify_all()
+
+    def cancel(self) -> None:
+        """Every later ``take`` raises :class:`Cancelled`: the passes sharing the budget stop at their
+        next block (one of them failed, or the user interrupted)."""
+        with self._cv:
+            self.cancelled = True
+            self._cv.notify_all()
+
+
+class Cancelled(Exception):
+    """A pass stopped because one beside it failed (:meth:`Budget.cancel`)."""
+
+
 class Overlap:
     """A pass over the blocks whose per-block work runs in the background while the caller goes on
     to the next block -- its forward pass, then its own work -- instead of leaving a core idle
     while the last sites of a block finish.  ``submit(work, then, size)``: ``work()`` runs on a
     thread of its own, ``then(result)`` in the caller's thread, in the order of submission, when the
     caller next waits (so what ``then`` touches needs no lock).  The caller waits for the oldest
-    jobs first while ``jobs`` are under way, or while the sizes under way and the new one's would
-    pass ``limit`` (a block bigger than it runs alone): memory holds a bounded share of the model.
-    ``jobs=0``: every job runs at once in the caller's thread.  Results never depend on the
-    overlap: ``work`` has no side effects, and ``then`` runs in the same order either way."""
+    jobs first while ``jobs`` are under way, and for room in ``budget`` (a limit on the sizes under
+    way, or a :class:`Budget` shared with other passes): memory holds a bounded share of the model.
+    ``jobs=0``: every job runs at once in the caller's thread (still within the budget).  Results
+    never depend on the overlap: ``work`` has no side effects, and ``then`` runs in the same order
+    either way."""
 
-    def __init__(self, limit: float, jobs: int):
-        self.limit, self.jobs, self._pending, self._blas = limit, jobs, [], None
+    def __init__(self, budget: float | Budget, jobs: int):
+        self.budget = budget if isinstance(budget, Budget) else Budget(budget)
+        self.jobs, self._pending, self._blas = jobs, [], None
         self._pool = ThreadPoolExecutor(jobs, thread_name_prefix="bayesq-block") if jobs else None
 
     def submit(self, work: Callable[[], R], then: Callable[[R], None], size: float = 0.0) -> None:
-        if self._pool is None:
-            then(work())
-            return
-        while self._pending and (len(self._pending) >= self.jobs or
-                                 sum(n for _, _, n in self._pending) + size > self.limit):
+        while self._pending and len(self._pending) >= self.jobs:
             self._collect()
-        self._pending.append((self._pool.submit(work), then, size))
+        self.budget.take(size)   # handed back as soon as the work ends: a finished job holds only its result
+
+        def run():
+            try:
+                return work()
+            finally:
+                self.budget.give(size)
+
+        if self._pool is None:
+            then(run())
+        else:
+            self._pending.append((self._pool.submit(run), then))
 
     def _collect(self) -> None:
-        future, then, _ = self._pending.pop(0)
+        future, then = self._pending.pop(0)
         then(future.result())
 
     def __enter__(self):
@@ -193,6 +238,41 @@ class Overlap:
             if self._blas is not None:
                 self._blas.restore_original_limits()
         return False
+
+
+def side_by_side(fn: Callable[[T], R], items: list[T], cancel: Callable[[], None] = lambda: None) -> list[R]:
+    """``[fn(item) for item in items]``, the items at once, each in a thread of its own (the first in
+    the caller's): for passes over the model that need each other's results not at all, such as a
+    budget's knapsack rounding and the reference GPTQ's sequential one, which alone runs at about one
+    core of two (docs/design.md, "Streaming").  One after another on Ray (whose tasks fill the cluster
+    anyway) or with one worker.  When an item fails (or the user interrupts), ``cancel()`` tells the
+    others to stop (``Budget.cancel``: at their next block); the first real error is raised once
+    every item has ended."""
+    if len(items) <= 1 or workers() <= 1 or not isinstance(_executor, Threads):
+        return [fn(item) for item in items]
+
+    def guarded(item):
+        try:
+            return fn(item)
+        except BaseException:
+            cancel()
+            raise
+
+    # BLAS on one thread, set in the caller's thread (see Overlap.__enter__), for all the passes
+    with threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(len(items) - 1, thread_name_prefix="bayesq-pass") as pool:
+        later = [pool.submit(guarded, item) for item in items[1:]]
+        try:
+            first = guarded(items[0])
+        except Cancelled:   # stopped for another item's error: raise that one
+            concurrent.futures.wait(later)
+            for f in later:
+                if f.exception() is not None and not isinstance(f.exception(), Cancelled):
+                    raise f.exception() from None
+            raise
+        finally:
+            concurrent.futures.wait(later)
+        return [first, *(f.result() for f in later)]
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:

@@ -33,7 +33,7 @@ class Tracker:
 
 def test_results_come_back_in_submission_order_in_the_callers_thread():
     t, seen, caller = Tracker(), [], threading.get_ident()
-    with Overlap(limit=100.0, jobs=3) as ov:
+    with Overlap(budget=100.0, jobs=3) as ov:
         # later jobs finish first: the order of `then` must not follow completion
         for i, sec in enumerate([0.15, 0.1, 0.05, 0.0, 0.05]):
             ov.submit(t.work(i, 1.0, sec), lambda r: seen.append((r, threading.get_ident())))
@@ -44,7 +44,7 @@ def test_results_come_back_in_submission_order_in_the_callers_thread():
 
 def test_jobs_and_sizes_in_flight_are_bounded():
     t = Tracker()
-    with Overlap(limit=3.0, jobs=3) as ov:
+    with Overlap(budget=3.0, jobs=3) as ov:
         for i, size in enumerate([1.0, 1.0, 1.0, 2.0, 1.0, 5.0, 1.0, 1.0]):
             ov.submit(t.work(i, size, 0.02), lambda r: None, size)
     assert t.max_jobs <= 3
@@ -54,16 +54,42 @@ def test_jobs_and_sizes_in_flight_are_bounded():
 
 def test_a_block_bigger_than_the_limit_runs_alone():
     t = Tracker()
-    with Overlap(limit=2.0, jobs=4) as ov:
+    with Overlap(budget=2.0, jobs=4) as ov:
         ov.submit(t.work(0, 1.0, 0.05), lambda r: None, 1.0)
         ov.submit(t.work(1, 5.0, 0.05), lambda r: None, 5.0)
         ov.submit(t.work(2, 1.0, 0.05), lambda r: None, 1.0)
     assert t.max_size == 5.0 and t.max_jobs == 1
 
 
+def test_passes_at_once_share_one_budget():
+    """Two passes side by side (the knapsack's rounding and the reference GPTQ's sequential one), one
+    Budget: the sizes under way in both together stay within it, the bigger block alone, and a job
+    that fails hands its size back."""
+    from bayesq_onnx.parallel import Budget
+
+    t, budget = Tracker(), Budget(3.0)
+
+    def one_pass(sizes, jobs):
+        with Overlap(budget, jobs) as ov:
+            for i, size in enumerate(sizes):
+                ov.submit(t.work(i, size, 0.02), lambda r: None, size)
+
+    other = threading.Thread(target=one_pass, args=([1.0, 2.0, 1.0, 1.0, 2.0], 0))   # sequential: no jobs
+    other.start()
+    one_pass([1.0, 1.0, 5.0, 1.0, 2.0, 1.0], 3)
+    other.join()
+    assert all(size <= 3.0 or (size == 5.0 and jobs == 1) for jobs, size in t.seen), t.seen
+    assert t.max_jobs > 1 and budget.taken == 0
+
+    with pytest.raises(ValueError):
+        with Overlap(budget, 2) as ov:
+            ov.submit(lambda: (_ for _ in ()).throw(ValueError("bad")), lambda r: None, 2.0)
+    assert budget.taken == 0
+
+
 def test_no_jobs_runs_everything_in_the_callers_thread():
     caller, where = threading.get_ident(), []
-    with Overlap(limit=1.0, jobs=0) as ov:
+    with Overlap(budget=1.0, jobs=0) as ov:
         for i in range(3):
             ov.submit(lambda i=i: (i, threading.get_ident()), where.append)
     assert where == [(i, caller) for i in range(3)]
@@ -76,7 +102,7 @@ def test_an_error_in_the_work_reaches_the_caller_and_later_results_are_not_recor
         raise ValueError("bad block")
 
     with pytest.raises(ValueError, match="bad block"):
-        with Overlap(limit=10.0, jobs=2) as ov:
+        with Overlap(budget=10.0, jobs=2) as ov:
             ov.submit(lambda: 0, seen.append)
             ov.submit(boom, seen.append)
             ov.submit(lambda: 2, seen.append)
@@ -145,3 +171,58 @@ def test_blas_on_one_thread_while_blocks_overlap():
             ov.submit(lambda: blas(), seen.append, 1.0)
     assert seen == [{1}] * 3
     assert blas() == before
+
+
+def test_side_by_side_runs_the_items_at_once_and_returns_them_in_order():
+    """parallel.side_by_side: the passes of one budget at once (a barrier only they can pass
+    together), results in the items' order; an error once every item has ended; one worker: in turn,
+    in the caller's thread."""
+    from bayesq_onnx.parallel import side_by_side, use_workers
+
+    both = threading.Barrier(2, timeout=10)
+    ended = []
+
+    def item(i):
+        both.wait()            # only passes if the other item runs at the same time
+        time.sleep(0.05 * (1 - i))
+        ended.append(i)
+        return i * 10
+
+    with use_workers(2):
+        assert side_by_side(item, [0, 1]) == [0, 10]
+
+        def fails_first(i):
+            if i == 0:
+                raise ValueError("pass 0")
+            time.sleep(0.05)
+            ended.append("late")
+            return i
+
+        with pytest.raises(ValueError, match="pass 0"):
+            side_by_side(fails_first, [0, 1])
+        assert ended[-1] == "late"   # the other pass ended before the error was raised
+    with use_workers(1):
+        caller = threading.get_ident()
+        assert side_by_side(lambda i: (i, threading.get_ident()), [0, 1]) == [(0, caller), (1, caller)]
+
+
+def test_a_failing_pass_stops_the_one_beside_it_at_its_next_block():
+    """When one of the passes side by side fails, the budget they share is cancelled: the other
+    stops at its next block instead of running to its end, and the first pass's own error is what
+    the caller sees (in either thread)."""
+    from bayesq_onnx.parallel import Budget, side_by_side, use_workers
+
+    for failing in (0, 1):
+        budget, blocks = Budget(10.0), {0: 0, 1: 0}
+
+        def one_pass(i):
+            with Overlap(budget, 0) as ov:
+                for b in range(200):
+                    if i == failing and b == 3:
+                        raise ValueError(f"pass {i} failed")
+                    ov.submit(lambda: time.sleep(0.005), lambda r: None, 1.0)
+                    blocks[i] += 1
+
+        with use_workers(2), pytest.raises(ValueError, match=f"pass {failing} failed"):
+            side_by_side(one_pass, [0, 1], cancel=budget.cancel)
+        assert blocks[1 - failing] < 200, blocks   # stopped early, not run to its end

@@ -2,6 +2,8 @@
 the outputs of the blocks already quantized, as the reference GPTQ pipeline does."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import onnx
 import pytest
@@ -179,10 +181,13 @@ def test_sequential_stays_streamed(monkeypatch, build, data):
     an.losses                                 # the tables' pass first (fp32, as without --sequential)
     runs = []
     advance = Stream.advance
+    caller = threading.get_ident()
     monkeypatch.setattr(Stream, "advance", lambda self, k, states, overrides=None, keep=None: (
-        self is an.stream and runs.append((k, sorted(overrides or ()))), advance(self, k, states, overrides, keep))[1])
+        self is an.stream and threading.get_ident() == caller and runs.append((k, sorted(overrides or ()))),
+        advance(self, k, states, overrides, keep))[1])
     an.compress(3.0)
-    # the rounding pass (the plan check's passes follow it)
+    # the knapsack's rounding pass, in the caller's thread (the reference GPTQ's runs beside it, in a
+    # thread of its own: parallel.side_by_side; the plan check's passes follow)
     ours = runs[:next(i for i, r in enumerate(runs) if r[0] == len(an.stream) - 1) + 1]
     quantized = {s.name for s in an.sites}    # every site takes a quantized format at 3 bits here
     want = []
