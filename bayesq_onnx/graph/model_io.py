@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class ArraySpill:
     def __init__(self):
         self._dir: tempfile.TemporaryDirectory | None = None
         self._count = 0
+        self._lock = threading.Lock()   # passes that run at once spill from their own threads
 
     def put(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: self._put(a) for k, a in arrays.items()}
@@ -79,10 +81,11 @@ class ArraySpill:
     def _put(self, a: np.ndarray) -> np.ndarray:
         if a.nbytes < SPILL_BYTES or isinstance(a, np.memmap):
             return a
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="bayesq-packed-")
-        path = Path(self._dir.name) / f"{self._count}.npy"
-        self._count += 1
+        with self._lock:
+            if self._dir is None:
+                self._dir = tempfile.TemporaryDirectory(prefix="bayesq-packed-")
+            path = Path(self._dir.name) / f"{self._count}.npy"
+            self._count += 1
         np.save(path, np.ascontiguousarray(a))
         return np.load(path, mmap_mode="r")
 
@@ -114,6 +117,10 @@ def open_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, WeightFiles]:
                 _check_external(t, path.parent, path)
     else:
         files = _spill(model)
+        # a fresh copy without the moved tensors: protobuf frees a cleared field's bytes only with the
+        # whole message (its arena), so the loaded one would keep the weights resident (0.5 GB of a
+        # 0.1B-weight model's RssAnon)
+        model = onnx.ModelProto.FromString(model.SerializeToString())
     return prepare_model(model, str(path), str(path), files), files
 
 
