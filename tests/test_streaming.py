@@ -128,3 +128,32 @@ def test_output_past_the_protobuf_limit_is_written_tensor_by_tensor(tmp_path, mo
     assert len(split.graph.initializer) == len(whole.model.graph.initializer)
     for a, b in zip(split.graph.initializer, whole.model.graph.initializer):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+def test_side_tensors_come_from_the_inputs_shapes_not_from_a_forward_pass():
+    """The residual model's blocks reshape by the Shape of the stream (a side tensor: read beside
+    the cut, changed by no weight).  Its slice folds to constants for each batch shape: the side
+    session reads no weight and runs no MatMul, and its values are the shapes the model computes,
+    for full and for short batches alike."""
+    from onnx import helper
+
+    from bayesq_onnx.graph.cone import backward_slice
+    from bayesq_onnx.graph.shapes import fold_shapes
+
+    an = Analysis(models.residual(), Recipe(bits=3.0), calib=models.residual_data())
+    stream, data = an.stream, models.residual_data(n=44)
+    assert {"shp1", "shp2"} <= set(stream.side)
+    states = stream.start(data, 16)                  # batches of 16, 16 and 12 rows
+    for st in states:
+        for k in range(3):
+            np.testing.assert_array_equal(st[f"shp{k}"], [len(st["x"]), 64])
+    assert len(stream._side_sessions) == 2          # one per batch shape
+    for _, reads in stream._side_sessions.values():
+        assert set(reads) <= {"x"}
+    bound = [helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, [16, 64]) if v.name == "x" else v
+             for v in stream.graph_inputs.values()]
+    part = backward_slice(fold_shapes(stream._model, bound), stream.side)
+    assert not any(n.op_type == "MatMul" for n in part)
+    # without the input's size inference leaves the stream's shape open: nothing folds
+    assert any(n.op_type == "MatMul" for n in backward_slice(fold_shapes(stream._model, list(stream.graph_inputs.values())),
+                                                             stream.side))

@@ -1,4 +1,5 @@
-"""The rows a graph's MatMuls multiply, as far as ONNX shape inference follows them.
+"""What ONNX shape inference tells of a graph: the rows its MatMuls multiply, the shapes its
+packed ops output, the values its ``Shape`` nodes take for given input shapes.
 
 Inference carries the graph inputs' dimension names (``batch``, ``seq``) and fixed sizes through
 every op that keeps them, and names what it cannot follow ``unk__N``.  It knows no custom op: for
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper, shape_inference
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 Rows = tuple   # the leading dimensions' names and sizes, sorted, 1s left out; None: not known
 
@@ -142,3 +144,22 @@ def rows_follow(model: onnx.ModelProto, names: list[str]) -> tuple[str, int] | N
         if len(first) == 1 and ratios[1].get(x) == first:
             return x, first.pop()
     return None
+
+
+def fold_shapes(model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto]) -> list[onnx.NodeProto]:
+    """The main graph's nodes with each ``Shape`` node whose input inference fixes, for graph
+    inputs of the shapes ``inputs`` state, replaced by a ``Constant`` of its value (the others
+    unchanged; all of them where inference fails).  An exported transformer takes its reshapes'
+    targets from the shapes of its hidden states: without this, the masks and positions a
+    segment reads beside its cut hang on the whole model's forward pass (runtime/stream.py)."""
+    shapes = _inferred(model, inputs) or {}
+    nodes = []
+    for n in model.graph.node:
+        t = shapes.get(n.input[0]) if n.op_type == "Shape" and n.domain in ("", "ai.onnx") else None
+        if t is not None and t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            dims = [d.dim_value for d in t.shape.dim][slice(at.get("start"), at.get("end"))]
+            n = helper.make_node("Constant", [], [n.output[0]], name=n.name,
+                                 value=numpy_helper.from_array(np.array(dims, np.int64)))
+        nodes.append(n)
+    return nodes

@@ -13,6 +13,7 @@ from onnx import helper
 from ..calib.readers import batches
 from ..graph.cone import backward_slice, segments, submodel
 from ..graph.model_io import ArraySpill
+from ..graph.shapes import fold_shapes
 from .probe import Probe, _session
 
 
@@ -63,11 +64,7 @@ class Stream:
         cuts = {sg.start for sg in segs if sg.start is not None}
         self.side = list(dict.fromkeys(t for r in self.reads for t in r
                                        if t not in self.graph_inputs and t not in cuts and t not in inside))
-        self._side_session = None   # made on first use, as the segments' (they do not pickle: parallel.py)
-        if self.side:
-            self._side_part = backward_slice(g.node, self.side)
-            self._side_reads = [k for k in dict.fromkeys(i for n in self._side_part for i in n.input)
-                                if k in self.graph_inputs]
+        self._side_sessions = {}   # by the graph inputs' shapes, made on first use (they do not pickle: parallel.py)
         # the segments that read each weight
         self.readers: dict[str, list[int]] = {}
         for k, r in enumerate(self.reads):
@@ -84,7 +81,7 @@ class Stream:
         self.capture = [acts]
         self.ends = [None]
         self.side = []
-        self._side_session = None
+        self._side_sessions = {}
         self._sessions = [None]
         self._model = None
         self.readers = {n: [0] for n in names}
@@ -103,15 +100,27 @@ class Stream:
     def start(self, data: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
         """One state per batch: its graph inputs and the side tensors; :meth:`advance` adds each cut."""
         states = [dict(feed) for feed in batches(data, batch_size)]
-        if self.side:
-            with self._lock:
-                if self._side_session is None:
-                    self._side_session = _session(submodel(self._model, self._side_part, [self.graph_inputs[k] for k
-                                                           in self._side_reads], self.side), True, self.probe.external)
-            for st in states:
-                st.update(zip(self.side, self._side_session.run(
-                    self.side, {k: st[k] if k in st else self.weights[k] for k in self._side_reads})))
+        for st in states if self.side else ():
+            session, reads = self._side(st)
+            st.update(zip(self.side, session.run(self.side, {k: st[k] if k in st else self.weights[k] for k in reads})))
         return states
+
+    def _side(self, state: dict[str, np.ndarray]):
+        """The session computing the side tensors of batches of ``state``'s input shapes, and the graph
+        inputs it reads: the slice of the graph that computes them, its ``Shape`` nodes folded for
+        those shapes (``fold_shapes``), so that it reads the masks, not the whole model (a
+        0.1B Llama's took 0.5 s a batch, 0.6 of a forward pass, before: its reshape targets are
+        the shapes of its hidden states)."""
+        bound = {k: helper.make_tensor_value_info(k, v.type.tensor_type.elem_type, list(self._value(k, state).shape))
+                 if k in state or k in self.weights else v for k, v in self.graph_inputs.items()}
+        key = tuple((k, tuple(self._value(k, state).shape)) for k in bound if k in state)
+        with self._lock:
+            if key not in self._side_sessions:
+                part = backward_slice(fold_shapes(self._model, list(bound.values())), self.side)
+                reads = [k for k in dict.fromkeys(i for n in part for i in n.input) if k in self.graph_inputs]
+                self._side_sessions[key] = (_session(submodel(self._model, part, [bound[k] for k in reads], self.side),
+                                                     True, self.probe.external), reads)
+            return self._side_sessions[key]
 
     def advance(self, k: int, states: list[dict[str, np.ndarray]], overrides: dict[str, np.ndarray] | None = None,
                 keep: list[str] | None = None) -> list[dict[str, np.ndarray]]:
@@ -141,7 +150,7 @@ class Stream:
     # pickled (parallel.py's Ray workers) without sessions: they are made again on first use
     def __getstate__(self):
         return {k: v for k, v in {**self.__dict__, "_sessions": [None] * len(self._sessions),
-                                  "_side_session": None}.items() if k != "_lock"}
+                                  "_side_sessions": {}}.items() if k != "_lock"}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
