@@ -263,15 +263,16 @@ def side_by_side(fn: Callable[[T], R], items: list[T], cancel: Callable[[], None
             ThreadPoolExecutor(len(items) - 1, thread_name_prefix="bayesq-pass") as pool:
         later = [pool.submit(guarded, item) for item in items[1:]]
         try:
-            first = guarded(items[0])
-        except Cancelled:   # stopped for another item's error: raise that one
+            first = fn(items[0])
             concurrent.futures.wait(later)
-            for f in later:
-                if f.exception() is not None and not isinstance(f.exception(), Cancelled):
-                    raise f.exception() from None
+        except BaseException as e:   # (an interrupt too, here or while waiting for the others)
+            cancel()
+            concurrent.futures.wait(later)
+            if isinstance(e, Cancelled):   # stopped for another item's error: raise that one
+                for f in later:
+                    if f.exception() is not None and not isinstance(f.exception(), Cancelled):
+                        raise f.exception() from None
             raise
-        finally:
-            concurrent.futures.wait(later)
         return [first, *(f.result() for f in later)]
 
 

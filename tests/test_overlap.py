@@ -212,17 +212,17 @@ def test_a_failing_pass_stops_the_one_beside_it_at_its_next_block():
     the caller sees (in either thread)."""
     from bayesq_onnx.parallel import Budget, side_by_side, use_workers
 
-    for failing in (0, 1):
+    for failing, error in ((0, ValueError), (1, ValueError), (0, KeyboardInterrupt)):   # the user's ^C too
         budget, blocks = Budget(10.0), {0: 0, 1: 0}
 
         def one_pass(i):
             with Overlap(budget, 0) as ov:
                 for b in range(200):
                     if i == failing and b == 3:
-                        raise ValueError(f"pass {i} failed")
+                        raise error(f"pass {i} failed")
                     ov.submit(lambda: time.sleep(0.005), lambda r: None, 1.0)
                     blocks[i] += 1
 
-        with use_workers(2), pytest.raises(ValueError, match=f"pass {failing} failed"):
+        with use_workers(2), pytest.raises(error, match=f"pass {failing} failed"):
             side_by_side(one_pass, [0, 1], cancel=budget.cancel)
         assert blocks[1 - failing] < 200, blocks   # stopped early, not run to its end
