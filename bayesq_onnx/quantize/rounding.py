@@ -25,7 +25,7 @@ from .backend import NUMPY, NumpyBackend
 from .grid import minmax_grid
 
 
-_RTN_CHUNK = 1 << 18   # weights per pass of round_rtn
+_RTN_CHUNK = 1 << 18   # weights per pass of float64 work on a view (row_slices)
 
 
 def _codes(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmax: int) -> np.ndarray:
@@ -41,15 +41,20 @@ def _check(view, scale, zp, block) -> int:
     return g
 
 
+def row_slices(rows: int, width: int, elements: int = _RTN_CHUNK):
+    """Slices of about ``elements`` values, whole rows each: float64 work on a view a few rows at a
+    time (a 65M-weight embedding's float64 temporaries would be 0.5 GB each)."""
+    step = max(1, elements // max(width, 1))
+    return (slice(r, r + step) for r in range(0, rows, step))
+
+
 def round_rtn(view: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, block: int) -> UniformCodes:
     """Round every weight to its nearest grid point."""
     _check(view, scale, zp, block)
     rows, L = view.shape
     g = np.arange(L) // block
     codes = np.empty((rows, L), np.uint8)
-    step = max(1, _RTN_CHUNK // max(L, 1))   # rows at a time: the float64 temporaries of a 65M-weight
-    for r in range(0, rows, step):           # embedding would be 0.5 GB each
-        sl = slice(r, r + step)
+    for sl in row_slices(rows, L):
         codes[sl] = _codes(np.asarray(view[sl], np.float64), scale[sl][:, g], zp[sl][:, g], (1 << bits) - 1)
     return UniformCodes(codes, scale.astype(np.float32), zp.astype(np.uint8), bits, block)
 

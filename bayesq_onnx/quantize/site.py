@@ -18,7 +18,7 @@ from .codebook import codebook_codes, codebook_dequantize, expected_codebook_los
 from .grid import minmax_grid, search_grid
 from .hqq import hqq_grid
 from .backend import NUMPY
-from .rounding import GPTQFactor, gptq_factor, round_gptq, round_rtn
+from .rounding import GPTQFactor, gptq_factor, round_gptq, round_rtn, row_slices
 
 
 def _rounder(fmt: Format):
@@ -189,10 +189,12 @@ class SiteQuantizer:
         """The layer output error that codes ``q`` leave, in :meth:`layer_loss`'s units: with GPTQ's
         ``H = X^T X`` the exact ``||X (W - Q)^T||^2 = tr(E H E^T)``; elsewhere the precision-weighted
         squared error."""
-        e = q.dequantize().astype(np.float64) - self.view
-        if self._gptq:
-            return float(np.einsum("rk,rk->", e @ self.xtx, e))
-        return float((np.broadcast_to(self.posterior.precision, e.shape) * np.square(e)).sum())
+        deq, total = q.dequantize(), 0.0
+        precision = np.broadcast_to(self.posterior.precision, deq.shape)
+        for sl in row_slices(*deq.shape):   # float64 rows at a time: a whole 1B embedding's error took 1.8 GB
+            e = deq[sl].astype(np.float64) - self.view[sl]
+            total += float(np.einsum("rk,rk->", e @ self.xtx, e) if self._gptq else (precision[sl] * np.square(e)).sum())
+        return total
 
     def _layer_weights(self) -> np.ndarray:
         if not self._gptq:
