@@ -305,7 +305,7 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, files: We
             onnx.save_model(model, tmp)
             os.replace(tmp_data, path.parent / data_name)
         else:
-            onnx.save_model(files.materialize(model), tmp)
+            _write_whole(files.materialize(model), tmp)
         os.replace(tmp, path)
     except BaseException:
         for p in (tmp, tmp_data):
@@ -313,6 +313,35 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, files: We
                 os.unlink(p)
         raise
     return path
+
+
+def _write_whole(model: onnx.ModelProto, path: str) -> None:
+    """``model`` into one protobuf file without serializing it in one piece, which would copy every
+    packed tensor at once (a 1B Llama at 3 bits: 0.44 GB, the run's peak memory at its end).  A
+    message field met twice merges, and a repeated one appends (protobuf's encoding), so the model
+    without its initializers, then each initializer in a fragment of its own, parse as the model."""
+    head = onnx.ModelProto()
+    _copy_fields(model, head, skip="graph")
+    _copy_fields(model.graph, head.graph, skip="initializer")
+    with open(path, "wb") as f:
+        f.write(head.SerializeToString())
+        for t in model.graph.initializer:
+            piece = onnx.ModelProto()
+            piece.graph.initializer.add().CopyFrom(t)
+            f.write(piece.SerializeToString())
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Every field set in message ``src`` but ``skip``, copied into ``dst``."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def fits(model: onnx.ModelProto, files: WeightFiles) -> bool:
