@@ -158,20 +158,11 @@ class Budget:
 
     def __init__(self, limit: float):
         self.limit, self.taken, self.cancelled = limit, 0.0, False
-        self._urgent = 0   # urgent takers waiting: the others wait behind them
         self._cv = threading.Condition()
 
-    def take(self, size: float, urgent: bool = False) -> None:
-        """``urgent``: for a pass on the critical path (sequential: nothing of it overlaps), which
-        would otherwise wait while the others keep the budget full with their next blocks."""
+    def take(self, size: float) -> None:
         with self._cv:
-            self._urgent += urgent
-            try:
-                self._cv.wait_for(lambda: self.cancelled or (urgent or not self._urgent) and
-                                  (self.taken <= 0 or self.taken + size <= self.limit))
-            finally:
-                self._urgent -= urgent
-                self._cv.notify_all()
+            self._cv.wait_for(lambda: self.cancelled or self.taken <= 0 or self.taken + size <= self.limit)
             if self.cancelled:
                 raise Cancelled()
             self.taken += size
@@ -213,9 +204,7 @@ class Overlap:
     def submit(self, work: Callable[[], R], then: Callable[[R], None], size: float = 0.0) -> None:
         while self._pending and len(self._pending) >= self.jobs:
             self._collect()
-        # handed back as soon as the work ends (a finished job holds only its result); a pass that does
-        # not overlap is sequential, the critical path when passes share the budget: it goes first
-        self.budget.take(size, urgent=self._pool is None)
+        self.budget.take(size)   # handed back as soon as the work ends: a finished job holds only its result
 
         def run():
             try:

@@ -252,22 +252,3 @@ def test_the_passes_beside_the_first_yield_to_it():
     assert first == (before, before)
     assert other == (min(19, before + YIELDING),) * 2
     assert nice() == before
-
-
-def test_an_urgent_taker_goes_before_the_others():
-    """Budget.take(urgent=True) (a sequential pass's next block): once it waits, the others' takes
-    wait behind it even where they would fit, so a pass that overlaps cannot keep the budget full."""
-    from bayesq_onnx.parallel import Budget
-
-    budget, order = Budget(2.0), []
-    budget.take(1.5)                                             # under way
-    urgent = threading.Thread(target=lambda: (budget.take(1.0, urgent=True), order.append("urgent")))
-    urgent.start()
-    time.sleep(0.05)                                             # it waits: 1.5 + 1.0 > 2.0
-    other = threading.Thread(target=lambda: (budget.take(0.5), order.append("other")))
-    other.start()
-    time.sleep(0.05)
-    assert order == [] and budget.taken == 1.5                   # 0.5 would fit, but waits behind it
-    budget.give(1.5)
-    urgent.join(), other.join()
-    assert sorted(order) == ["other", "urgent"] and budget.taken == 1.5
