@@ -304,8 +304,8 @@ class Analysis:
         same activations (docs/design.md, "Sequential").  The reference GPTQ contender is calibrated as
         ``--method gptq`` is: where that is sequential and the model has blocks, on its own codes, in a
         pass of its own, run beside the others' (``parallel.side_by_side``: alone it keeps about one core
-        busy; the others yield to it), the blocks of both in flight within one budget; else in the
-        others' pass, sharing GPTQ's work (docs/design.md, "Plan check")."""
+        busy), the blocks of both in flight within one budget; else in the others' pass, sharing GPTQ's
+        work (docs/design.md, "Plan check")."""
         ref = [c.reference for c in contenders]
         # one segment: nothing to feed forward, so sequential changes nothing
         cut = len(self.stream) > 1
@@ -314,8 +314,7 @@ class Analysis:
         if any(ref) and (ours or gptq):   # the contenders' activations differ
             passes = [([i for i, r in enumerate(ref) if not r], ours, knapsack),
                       ([i for i, r in enumerate(ref) if r], gptq, None)]
-        # a sequential pass first: side_by_side's critical path, the other fills the cores it leaves
-        passes = sorted((p for p in passes if p[0]), key=lambda p: not p[1])
+        passes = [p for p in passes if p[0]]
         budget = Budget(self._largest_block)   # the passes' blocks in flight together, as one pass's
 
         def run(p):

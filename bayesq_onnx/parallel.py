@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import socket
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -241,30 +240,19 @@ class Overlap:
         return False
 
 
-YIELDING = 10   # how much nicer side_by_side's later items run (Linux): about a tenth of a core's share
-
-
 def side_by_side(fn: Callable[[T], R], items: list[T], cancel: Callable[[], None] = lambda: None) -> list[R]:
-    """``[fn(item) for item in items]``, the items at once: for passes over the model that need each
-    other's results not at all, such as a budget's knapsack rounding and the reference GPTQ's
-    sequential one (docs/design.md, "Streaming").  The first runs in the caller's thread; it should be
-    the critical path, a pass that cannot use more than a core (sequential: one block after the
-    other).  The others run in threads of their own that yield to it (``YIELDING``, inherited by the
-    threads they start, on Linux), so they fill the cores it leaves instead of slowing it down: on the
-    1B Llama the sequential pass beside an equal share of the knapsack's block threads was still at
-    90 of 156 sites when the knapsack's pass ended.  One after another on Ray (whose tasks fill the
-    cluster anyway) or with one worker.  When an item fails (or the user interrupts), ``cancel()``
-    tells the others to stop (``Budget.cancel``: at their next block); the first real error is
-    raised once every item has ended."""
+    """``[fn(item) for item in items]``, the items at once, each in a thread of its own (the first in
+    the caller's): for passes over the model that need each other's results not at all, such as a
+    budget's knapsack rounding and the reference GPTQ's sequential one, which alone runs at about one
+    core of two (docs/design.md, "Streaming").  One after another on Ray (whose tasks fill the cluster
+    anyway) or with one worker.  When an item fails (or the user interrupts), ``cancel()`` tells the
+    others to stop (``Budget.cancel``: at their next block); the first real error is raised once
+    every item has ended."""
     if len(items) <= 1 or workers() <= 1 or not isinstance(_executor, Threads):
         return [fn(item) for item in items]
 
-    def yielding(item):
+    def guarded(item):
         try:
-            if sys.platform == "linux":   # per thread there; elsewhere it would lower the whole process
-                with contextlib.suppress(OSError):   # (a sandbox may refuse; then they only share alike)
-                    me = threading.get_native_id()
-                    os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + YIELDING))
             return fn(item)
         except BaseException:
             cancel()
@@ -273,7 +261,7 @@ def side_by_side(fn: Callable[[T], R], items: list[T], cancel: Callable[[], None
     # BLAS on one thread, set in the caller's thread (see Overlap.__enter__), for all the passes
     with threadpool_limits(limits=1, user_api="blas"), \
             ThreadPoolExecutor(len(items) - 1, thread_name_prefix="bayesq-pass") as pool:
-        later = [pool.submit(yielding, item) for item in items[1:]]
+        later = [pool.submit(guarded, item) for item in items[1:]]
         try:
             first = fn(items[0])
             concurrent.futures.wait(later)

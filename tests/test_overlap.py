@@ -226,29 +226,3 @@ def test_a_failing_pass_stops_the_one_beside_it_at_its_next_block():
         with use_workers(2), pytest.raises(error, match=f"pass {failing} failed"):
             side_by_side(one_pass, [0, 1], cancel=budget.cancel)
         assert blocks[1 - failing] < 200, blocks   # stopped early, not run to its end
-
-
-@pytest.mark.skipif(__import__("sys").platform != "linux", reason="per-thread nice values are Linux's")
-def test_the_passes_beside_the_first_yield_to_it():
-    """side_by_side's first item (the critical path: a sequential pass) keeps the caller's priority;
-    the others, and the threads they start, run at YIELDING so that they fill the cores it leaves."""
-    import os
-
-    from bayesq_onnx.parallel import YIELDING, side_by_side, use_workers
-
-    def nice():
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    def item(i):
-        started = []
-        t = threading.Thread(target=lambda: started.append(nice()))   # a thread the pass starts
-        t.start()
-        t.join()
-        return nice(), started[0]
-
-    before = nice()
-    with use_workers(2):
-        first, other = side_by_side(item, [0, 1])
-    assert first == (before, before)
-    assert other == (min(19, before + YIELDING),) * 2
-    assert nice() == before
