@@ -54,7 +54,7 @@ def _interrupt(*args, **kwargs):
 
 
 def _partial_save(model, path, *args, **kwargs):
-    """onnx.save_model cut short by Ctrl-C: some bytes on disk, then the interrupt."""
+    """The model write (model_io._write_whole) cut short by Ctrl-C: some bytes on disk, then the interrupt."""
     with open(path, "wb") as f:
         f.write(model.SerializeToString()[:100])
     raise KeyboardInterrupt
@@ -66,7 +66,7 @@ STAGES = {
     "loss tables": (tables.KronTables, "__call__"),
     "plan check": (api, "check_plans"),
     "lowering": (api, "lower_ort_cpu"),
-    "model write": (model_io.onnx, "save_model"),
+    "model write": (model_io, "_write_whole"),
 }
 
 
