@@ -161,9 +161,7 @@ def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
     initializers (whose files the checker looks for relative to the working directory) and big
     inline ones become graph inputs of the same type and shape.  The checker serializes what it is
     given and parses it again: a 1B model's packed tensors copied twice over, its run's peak."""
-    m = onnx.ModelProto()
-    _copy_fields(model, m, skip="graph")
-    _copy_fields(model.graph, m.graph, skip="initializer")
+    m = _without_initializers(model)
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() >= SPILL_BYTES:
             m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
@@ -321,15 +319,21 @@ def _write_whole(model: onnx.ModelProto, path: str) -> None:
     packed tensor at once (a 1B Llama at 3 bits: 0.44 GB, the run's peak memory at its end).  A
     message field met twice merges, and a repeated one appends (protobuf's encoding), so the model
     without its initializers, then each initializer in a fragment of its own, parse as the model."""
-    head = onnx.ModelProto()
-    _copy_fields(model, head, skip="graph")
-    _copy_fields(model.graph, head.graph, skip="initializer")
+    head = _without_initializers(model)
     with open(path, "wb") as f:
         f.write(head.SerializeToString())
         for t in model.graph.initializer:
             piece = onnx.ModelProto()
             piece.graph.initializer.add().CopyFrom(t)
             f.write(piece.SerializeToString())
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` but its graph's initializers (never copied: they may be GBs)."""
+    m = onnx.ModelProto()
+    _copy_fields(model, m, skip="graph")
+    _copy_fields(model.graph, m.graph, skip="initializer")
+    return m
 
 
 def _copy_fields(src, dst, skip: str) -> None:

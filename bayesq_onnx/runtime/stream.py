@@ -111,11 +111,11 @@ class Stream:
         those shapes (``fold_shapes``), so that it reads the masks, not the whole model (a
         0.1B Llama's took 0.5 s a batch, 0.6 of a forward pass, before: its reshape targets are
         the shapes of its hidden states)."""
-        bound = {k: helper.make_tensor_value_info(k, v.type.tensor_type.elem_type, list(self._value(k, state).shape))
-                 if k in state or k in self.weights else v for k, v in self.graph_inputs.items()}
-        key = tuple((k, tuple(self._value(k, state).shape)) for k in bound if k in state)
+        key = tuple((k, state[k].shape) for k in self.graph_inputs if k in state)
         with self._lock:
             if key not in self._side_sessions:
+                bound = {k: helper.make_tensor_value_info(k, v.type.tensor_type.elem_type, list(self._value(k, state).shape))
+                         if k in state or k in self.weights else v for k, v in self.graph_inputs.items()}
                 part = backward_slice(fold_shapes(self._model, list(bound.values())), self.side)
                 reads = [k for k in dict.fromkeys(i for n in part for i in n.input) if k in self.graph_inputs]
                 self._side_sessions[key] = (_session(submodel(self._model, part, [bound[k] for k in reads], self.side),
