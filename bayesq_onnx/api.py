@@ -134,14 +134,16 @@ class Analysis:
         self._spill = ArraySpill()  # where packed tensors wait, memory-mapped, for the check and the output
         self.seconds = time.perf_counter() - t0
 
-    def blocks(self, data: dict[str, np.ndarray] | None = None, quantized=None):
+    def blocks(self, data: dict[str, np.ndarray] | None = None, quantized=None, room=None):
         """The sites' quantizers, a segment's worth at a time, from one pass of ``data`` (default: the
         fitting data) through the model: a site's statistics are complete after the last segment
         that reads it.  Yields those sites and their quantizers (by name), the caller's until the
         next block is asked for.  ``quantized`` (sequential mode): called with a block's sites once
         the caller is done with them, it returns their quantized weights (by name; the others stay
         fp32), and the segment runs again on them, so that later sites are calibrated on the
-        quantized model's activations (docs/design.md, "Sequential")."""
+        quantized model's activations (docs/design.md, "Sequential").  ``room``: called with a block's
+        sites before their quantizers are built (``Overlap.reserve``), so that a block waiting for its
+        turn holds its statistics but not yet its views (a 1B Llama's MLP block: 138 MB of copies)."""
         recipe, stream = self.recipe, self.stream
         acc = StatsAccumulator(self.sites)
         ready = self._block_sites()
@@ -153,6 +155,8 @@ class Analysis:
             for out in _ort(stream.advance, k, states, None, stream.capture[k]):
                 acc.add(out)
             if ready[k]:
+                if room is not None:
+                    room(ready[k])
                 stats = {s.name: acc.take(s) for s in ready[k]}
                 curvature = self.file_curvature or ActivationCurvature(stats, recipe.evidence)
                 block = {s.name: _site_quantizer(s, self.probe.weights[s.name], curvature, stats[s.name].xtx,
@@ -205,9 +209,9 @@ class Analysis:
                     grids.update(t.grids)
                     p.step(n)
 
-                for block, qs in self.blocks():
+                for block, qs in self.blocks(room=lambda block: overlap.reserve(_weights(block))):
                     overlap.submit(lambda block=block, qs=dict(qs): self.tables_pass(block, self.candidates, qs),
-                                   lambda t, n=len(block): record(t, n), sum(s.size for s in block))
+                                   lambda t, n=len(block): record(t, n))
             self._tables = Tables({s.name: losses[s.name] for s in self.sites}, grids)
             self.grids.update(grids)
         return self._tables.losses
@@ -341,7 +345,8 @@ class Analysis:
         # a site's rounding costs about its weights' worth (a 30522-word embedding's codebook is most of MiniLM's)
         with Progress(what, len(sites), work=sum(s.size for s in sites)) as p, \
                 self._overlap(sequential=feed is not None, budget=budget) as overlap:
-            for j, (block, qs) in enumerate(self.blocks(data, quantized=feed)):
+            for j, (block, qs) in enumerate(self.blocks(data, quantized=feed,
+                                                        room=lambda block: overlap.reserve(_weights(block)))):
                 # sequential: a site's codes and measured grids depend on the plan of the sites before it,
                 # so only the first block, which no quantized weight reaches, shares them across budgets.
                 # Measured grids are the knapsack's pass's alone: the reference GPTQ contender takes its
@@ -364,8 +369,7 @@ class Analysis:
                         p.step(work=s.size)
 
                 overlap.submit(lambda block=block, qs=dict(qs), reuse=reuse, known=known:
-                               self._pack_block(block, qs, contenders, knapsack, reuse, known),
-                               record, sum(s.size for s in block))
+                               self._pack_block(block, qs, contenders, knapsack, reuse, known), record)
         return packed, grids, expected
 
     def _pack_block(self, block, qs, contenders: list[Contender], knapsack, reuse: dict, known: Grids):
@@ -395,7 +399,7 @@ class Analysis:
 
     @property
     def _largest_block(self) -> int:
-        return max(sum(s.size for s in b) for b in self._block_sites())
+        return max(_weights(b) for b in self._block_sites())
 
     def _overlap(self, sequential: bool = False, budget: Budget | None = None) -> Overlap:
         """How a pass over the blocks overlaps one block's work with the next block's forward pass:
@@ -427,6 +431,11 @@ class Analysis:
         return (tuned if after < before else packed), {
             "steps": steps, "calibration_loss": [d.loss_before, d.loss_after],
             "held_back_distortion": [before, after], "shipped": bool(after < before)}
+
+
+def _weights(sites) -> int:
+    """What a block's work is bounded by (``parallel.Budget``): its sites' weights."""
+    return sum(s.size for s in sites)
 
 
 def _torch_model(m: onnx.ModelProto, files):

@@ -193,17 +193,27 @@ class Overlap:
     way, or a :class:`Budget` shared with other passes): memory holds a bounded share of the model.
     ``jobs=0``: every job runs at once in the caller's thread (still within the budget).  Results
     never depend on the overlap: ``work`` has no side effects, and ``then`` runs in the same order
-    either way."""
+    either way.  ``reserve(size)`` waits for that room before a job's inputs are built (a block's
+    quantizers copy its weights), so that a job waiting its turn holds nothing yet."""
 
     def __init__(self, budget: float | Budget, jobs: int):
         self.budget = budget if isinstance(budget, Budget) else Budget(budget)
-        self.jobs, self._pending, self._blas = jobs, [], None
+        self.jobs, self._pending, self._blas, self._reserved = jobs, [], None, None
         self._pool = ThreadPoolExecutor(jobs, thread_name_prefix="bayesq-block") if jobs else None
 
-    def submit(self, work: Callable[[], R], then: Callable[[R], None], size: float = 0.0) -> None:
+    def reserve(self, size: float) -> None:
+        """Wait, as :meth:`submit` would, until the next job may start; it takes this room."""
+        assert self._reserved is None, "one reservation at a time"
         while self._pending and len(self._pending) >= self.jobs:
             self._collect()
         self.budget.take(size)   # handed back as soon as the work ends: a finished job holds only its result
+        self._reserved = size
+
+    def submit(self, work: Callable[[], R], then: Callable[[R], None], size: float = 0.0) -> None:
+        """``size``: the job's room, unless :meth:`reserve` took it already."""
+        if self._reserved is None:
+            self.reserve(size)
+        size, self._reserved = self._reserved, None
 
         def run():
             try:
@@ -230,6 +240,9 @@ class Overlap:
 
     def __exit__(self, *exc):
         try:
+            if self._reserved is not None:   # reserved, then the pass ended before the job came
+                self.budget.give(self._reserved)
+                self._reserved = None
             while exc[0] is None and self._pending:
                 self._collect()
         finally:

@@ -226,3 +226,25 @@ def test_a_failing_pass_stops_the_one_beside_it_at_its_next_block():
         with use_workers(2), pytest.raises(error, match=f"pass {failing} failed"):
             side_by_side(one_pass, [0, 1], cancel=budget.cancel)
         assert blocks[1 - failing] < 200, blocks   # stopped early, not run to its end
+
+
+def test_room_is_reserved_before_a_block_is_built():
+    """``reserve`` waits for room as ``submit`` would, before the block's inputs exist (a pass builds
+    a block's quantizers, copies of its weights, only once it may run); ``submit`` then uses that
+    room, and a reservation the pass never used is handed back when it ends."""
+    from bayesq_onnx.parallel import Budget
+
+    t, budget, built = Tracker(), Budget(2.0), []
+
+    def block(i, size):
+        built.append((i, budget.taken))   # what was taken when this block's inputs were made
+        return t.work(i, size, 0.03)
+
+    with Overlap(budget, 2) as ov:
+        for i, size in enumerate([2.0, 2.0, 1.0]):
+            ov.reserve(size)
+            ov.submit(block(i, size), lambda r: None)
+        ov.reserve(1.0)   # the pass ends here (its model had no further block)
+    # each block was built with its own room taken and no other's: the limit holds at build time too
+    assert [taken for _, taken in built] == [2.0, 2.0, 1.0]
+    assert t.max_size <= 2.0 and budget.taken == 0
