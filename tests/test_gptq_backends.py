@@ -64,7 +64,7 @@ def _round_all(W, f, rows_levels=None):
     fixed = round_gptq(W, f, scale, zp, 3, 32)
     dyn = round_gptq(W, f, None, None, 4, 64)
     lev = (np.arange(8, dtype=np.float32)[None] - 3.5) * np.float32(0.3) * np.abs(W).max(axis=1, keepdims=True) / 4
-    cb = round_gptq_codebook(W, f, lev, W.shape[1])
+    cb, _ = round_gptq_codebook(W, f, lev, W.shape[1])
     return [(fixed.codes, fixed.dequantize()), (dyn.codes, dyn.dequantize()),
             (cb, lev[np.arange(W.shape[0])[:, None], cb])]
 

@@ -226,3 +226,57 @@ def test_reference_shares_gptq_work_and_equals_an_independent_gptq_quantizer(mon
     ordered = SiteQuantizer(W, post, H, METHODS["bayesq"], act_order=True)
     np.testing.assert_array_equal(ordered.reference().codes(MatMulNBits(4, 64)).codes,
                                   alone.codes(MatMulNBits(4, 64)).codes)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("n", [40, 300])   # fewer calibration rows than inputs (H of rank 40), and more
+def test_layer_error_from_gptqs_objective_is_the_exact_layer_error(act_order, n):
+    """GPTQ's objective, the scaled column errors it sums as it rounds, less the damping's share, is
+    tr(E H E^T) with E the final error: checked against the L x L product for a fixed grid, dynamic
+    groups and a codebook, with a dead input (a column no calibration row reaches)."""
+    from bayesq_onnx.quantize.codebook import round_gptq_codebook
+    from bayesq_onnx.quantize.rounding import gptq_factor, layer_error_from_objective
+
+    rng = np.random.default_rng(11)
+    X = _correlated(n, 96, 11)
+    X[:, 7] = 0.0
+    W = rng.standard_normal((20, 96)).astype(np.float32)
+    H = X.T @ X
+    f = gptq_factor(H, 0.01, act_order)
+    scale, zp = minmax_grid(W, 3, 32)
+    lev = np.sort(rng.standard_normal((20 * 3, 8)), axis=1).astype(np.float32)
+    runs = [round_gptq(W, f, scale, zp, 3, 32)]
+    if not act_order:
+        runs.append(round_gptq(W, f, None, None, 4, 32))
+    codes, objective = round_gptq_codebook(W, f, lev, 32)
+    cb_deq = lev.reshape(20, 3, 8)[np.arange(20)[:, None], (np.arange(96) // 32)[None], codes]
+    pairs = [(q.dequantize(), q.gptq_objective) for q in runs] + [(cb_deq, objective)]
+    for deq, obj in pairs:
+        E = deq.astype(np.float64) - W
+        exact = np.einsum("rk,rk->", E @ H, E)
+        # the identity is exact; GPTQ's column updates run in float32 (each rounded to 6e-8 of
+        # itself), which moved it by at most 1.3e-7 relative in these and larger cases
+        assert layer_error_from_objective(W, deq, f, obj) == pytest.approx(exact, rel=1e-5)
+
+
+def test_site_layer_error_takes_gptqs_objective_only_for_gptqs_codes():
+    """SiteQuantizer.layer_error on GPTQ's codes reads its objective; codes without one (nearest
+    rounding, or the same codes with the objective dropped) get the L x L product: both agree."""
+    from dataclasses import replace
+
+    from bayesq_onnx.config import METHODS
+    from bayesq_onnx.formats import BayesqLut, MatMulNBits
+    from bayesq_onnx.posterior.laplace import DiagonalLaplace
+    from bayesq_onnx.quantize.site import SiteQuantizer
+
+    rng = np.random.default_rng(12)
+    X = _correlated(300, 128, 12)
+    W = rng.standard_normal((24, 128)).astype(np.float32)
+    H = X.T @ X
+    post = DiagonalLaplace.fit(W, np.broadcast_to(2 * np.diag(H), W.shape), 1e-2)
+    q = SiteQuantizer(W, post, H, METHODS["bayesq"])
+    for fmt in (MatMulNBits(4, 64), BayesqLut(3, 0)):
+        codes = q.codes(fmt)
+        assert codes.gptq_objective is not None
+        plain = replace(codes, gptq_objective=None)
+        assert q.layer_error(codes) == pytest.approx(q.layer_error(plain), rel=1e-5)   # as above

@@ -22,6 +22,8 @@ class UniformCodes:
     zero_point: np.ndarray   # uint8 (rows, n_groups), values in [0, 2**bits)
     bits: int
     block: int
+    # where GPTQ made the codes: the damped layer error it minimised (quantize.rounding.error_feedback)
+    gptq_objective: float | None = None
 
     def dequantize(self) -> np.ndarray:
         rows, L = self.codes.shape

@@ -31,6 +31,7 @@ class LutCodes:
     lut: np.ndarray     # float32 (rows, G, 2**bits)
     bits: int
     block: int
+    gptq_objective: float | None = None   # as UniformCodes'
 
     def dequantize(self) -> np.ndarray:
         rows, L = self.codes.shape

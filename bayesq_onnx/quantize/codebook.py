@@ -635,11 +635,12 @@ def codebook_dequantize(codes, codebook, *, block: int | None = None) -> np.ndar
 
 
 def round_gptq_codebook(view, H: np.ndarray | GPTQFactor, codebook, block: int, *, damp: float = 0.01,
-                        lazy_block: int = 128, act_order: bool = False, dtype=np.float32) -> np.ndarray:
+                        lazy_block: int = 128, act_order: bool = False, dtype=np.float32) -> tuple[np.ndarray, float]:
     """GPTQ error-feedback rounding of a ``(rows, L)`` view onto fixed per-group codebooks
     ``(rows * ceil(L / block), levels)``: ``rounding.round_gptq`` with the nearest codebook
     level in place of the affine grid (the same column loop, ``rounding.error_feedback``, and
-    ``H`` handling, ``rounding.gptq_factor``).  Returns uint8 codes ``(rows, L)``."""
+    ``H`` handling, ``rounding.gptq_factor``).  Returns uint8 codes ``(rows, L)`` and GPTQ's
+    objective (``rounding.error_feedback``)."""
     view = np.asarray(view)
     if view.ndim != 2:
         raise BayesQError(f"GPTQ needs a (rows, L) view, got shape {view.shape}")
