@@ -142,8 +142,9 @@ class Analysis:
         the caller is done with them, it returns their quantized weights (by name; the others stay
         fp32), and the segment runs again on them, so that later sites are calibrated on the
         quantized model's activations (docs/design.md, "Sequential").  ``room``: called with a block's
-        sites before their quantizers are built (``Overlap.reserve``), so that a block waiting for its
-        turn holds its statistics but not yet its views (a 1B Llama's MLP block: 138 MB of copies)."""
+        sites before the segment that completes their statistics runs (``Overlap.reserve``), so that a
+        block waiting for its turn holds nothing yet: neither its ``X^T X`` (a 1B Llama's MLP block:
+        287 MB) nor copies of its weights (138 MB)."""
         recipe, stream = self.recipe, self.stream
         acc = StatsAccumulator(self.sites)
         ready = self._block_sites()
@@ -152,11 +153,11 @@ class Analysis:
         for k in range(len(stream)):
             again = quantized is not None and k + 1 < len(stream)   # the last segment feeds no site
             before = [dict(st) for st in states] if again else None  # its start cut, to run it again
+            if ready[k] and room is not None:
+                room(ready[k])
             for out in _ort(stream.advance, k, states, None, stream.capture[k]):
                 acc.add(out)
             if ready[k]:
-                if room is not None:
-                    room(ready[k])
                 stats = {s.name: acc.take(s) for s in ready[k]}
                 curvature = self.file_curvature or ActivationCurvature(stats, recipe.evidence)
                 block = {s.name: _site_quantizer(s, self.probe.weights[s.name], curvature, stats[s.name].xtx,
