@@ -178,3 +178,24 @@ def test_a_model_written_a_tensor_at_a_time_parses_as_itself(tmp_path, case):
     assert a.read_bytes() == b.read_bytes()
     feed = {k: v[:4] for k, v in data().items()}
     np.testing.assert_array_equal(make_session(str(a)).run(None, feed)[0], make_session(m).run(None, feed)[0])
+
+
+def test_a_blocks_room_is_asked_for_before_its_segment_runs(monkeypatch):
+    """``Analysis.blocks(room=...)`` asks for each block's room before the segment that completes
+    its statistics runs (a block that waits holds nothing: docs/design.md, "Streaming"), once per
+    block, with the block's sites; the blocks it yields are the same as without it."""
+    an = Analysis(models.residual(), Recipe(bits=3.0), calib=models.residual_data())
+    ready = an._block_sites()
+    log, advance = [], an.stream.advance
+
+    def logged(k, *a, **kw):
+        log.append(("segment", k))
+        return advance(k, *a, **kw)
+
+    monkeypatch.setattr(an.stream, "advance", logged)
+    got = [[s.name for s in b] for b, _ in an.blocks(room=lambda sites: log.append(("room", [s.name for s in sites])))]
+    assert got == [[s.name for s in b] for b in ready if b]
+    for k, sites in enumerate(ready):
+        if sites:
+            i = log.index(("room", [s.name for s in sites]))
+            assert log[i + 1] == ("segment", k)   # the room first, then the segment's forward pass
