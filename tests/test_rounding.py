@@ -178,19 +178,25 @@ def test_gptq_rejects_bad_shapes():
         round_rtn(W, scale[:, :1], zp[:, :1], 4, 16)
 
 
+def _site_problem(seed):
+    """A (24, 128) view, its X^T X over 300 correlated rows, and the posterior from that diagonal."""
+    from bayesq_onnx.posterior.laplace import DiagonalLaplace
+
+    rng = np.random.default_rng(seed)
+    X = _correlated(300, 128, seed)
+    W = rng.standard_normal((24, 128)).astype(np.float32)
+    H = X.T @ X
+    return W, H, DiagonalLaplace.fit(W, np.broadcast_to(2 * np.diag(H), W.shape), 1e-2)
+
+
 def test_bayesq_codes_never_worse_than_reference_gptq_on_the_layer():
     """bayesq keeps the better of its searched fixed grid and the reference's dynamic groups, by
     the layer output error on the calibration rows; so in every format it is at most gptq's."""
     from bayesq_onnx.config import METHODS
     from bayesq_onnx.formats import MatMulNBits
-    from bayesq_onnx.posterior.laplace import DiagonalLaplace
     from bayesq_onnx.quantize.site import SiteQuantizer
 
-    rng = np.random.default_rng(3)
-    X = _correlated(300, 128, 3)
-    W = rng.standard_normal((24, 128)).astype(np.float32)
-    H = X.T @ X
-    post = DiagonalLaplace.fit(W, np.broadcast_to(2 * np.diag(H), W.shape), 1e-2)
+    W, H, post = _site_problem(3)
     ours, ref = (SiteQuantizer(W, post, H, METHODS[m]) for m in ("bayesq", "gptq"))
     for fmt in (MatMulNBits(2, 32), MatMulNBits(4, 64), MatMulNBits(8, 128)):
         assert ours.layer_error(ours.codes(fmt)) <= ref.layer_error(ref.codes(fmt))
@@ -199,15 +205,10 @@ def test_bayesq_codes_never_worse_than_reference_gptq_on_the_layer():
 def test_reference_shares_gptq_work_and_equals_an_independent_gptq_quantizer(monkeypatch):
     from bayesq_onnx.config import METHODS
     from bayesq_onnx.formats import MatMulNBits
-    from bayesq_onnx.posterior.laplace import DiagonalLaplace
     from bayesq_onnx.quantize import site as site_mod
     from bayesq_onnx.quantize.site import SiteQuantizer
 
-    rng = np.random.default_rng(4)
-    X = _correlated(300, 128, 4)
-    W = rng.standard_normal((24, 128)).astype(np.float32)
-    H = X.T @ X
-    post = DiagonalLaplace.fit(W, np.broadcast_to(2 * np.diag(H), W.shape), 1e-2)
+    W, H, post = _site_problem(4)
     ours = SiteQuantizer(W, post, H, METHODS["bayesq"])
     alone = SiteQuantizer(W, post, H, METHODS["gptq"])
     ref = ours.reference()
@@ -266,14 +267,9 @@ def test_site_layer_error_takes_gptqs_objective_only_for_gptqs_codes():
 
     from bayesq_onnx.config import METHODS
     from bayesq_onnx.formats import BayesqLut, MatMulNBits
-    from bayesq_onnx.posterior.laplace import DiagonalLaplace
     from bayesq_onnx.quantize.site import SiteQuantizer
 
-    rng = np.random.default_rng(12)
-    X = _correlated(300, 128, 12)
-    W = rng.standard_normal((24, 128)).astype(np.float32)
-    H = X.T @ X
-    post = DiagonalLaplace.fit(W, np.broadcast_to(2 * np.diag(H), W.shape), 1e-2)
+    W, H, post = _site_problem(12)
     q = SiteQuantizer(W, post, H, METHODS["bayesq"])
     for fmt in (MatMulNBits(4, 64), BayesqLut(3, 0)):
         codes = q.codes(fmt)
