@@ -204,10 +204,10 @@ def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 
 
 
 def _sum_sq(a: np.ndarray) -> float:
-    """``sum(a^2)`` in float64, a few rows at a time (a 32000-word head's batch is 16 MB of float32)."""
+    """``sum(a^2)`` of a ``(columns, rows)`` batch in float64, a few of its rows at a time."""
     total = 0.0
-    for r in range(0, a.shape[0], 16):
-        x = a[r:r + 16].astype(np.float64)
+    for sl in row_slices(*a.shape):
+        x = a[sl].astype(np.float64)
         total += float(np.einsum("rk,rk->", x, x))
     return total
 
