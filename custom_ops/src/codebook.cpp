@@ -6,8 +6,8 @@
 //
 // The arithmetic follows the numpy code operation by operation (the same prefix sums, numpy's
 // pairwise summation where numpy sums a row, the same order of the E-step's per-step sums), so the
-// two agree to the last bit except where the special functions differ: std::erfc / std::exp here,
-// scipy's ndtr / numpy's exp there (both within an ulp or so).  Compiled without FMA contraction.
+// two agree to the last bit except where the special functions differ: normal_tail here, scipy's ndtr
+// and numpy's exp there (within an ulp or two of each other).  Compiled without FMA contraction.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -61,6 +61,92 @@ int64_t count_below(const double* a, int64_t n, double x) {
     return (base - a) + (le ? *base <= x : *base < x);
 }
 
+// ------------------------------------------------------------------------------------------
+// The Gaussian tail 0.5 erfc(a / sqrt 2) and density exp(-a^2 / 2) / sqrt(2 pi) of n distances a, the
+// E-step's special functions, in + - * / alone: the loop vectorizes (a clone per ISA) and every ISA,
+// and the scalar build, gives the same bits.  The values are those of std::erfc(a * kInvSqrt2) and
+// std::exp(-0.5 * a * a), i.e. of numpy's ndtr(-a) and exp, with their rounded arguments, to an ulp or
+// two (tested), at a sixth of their time (called per element they were half of a fit's time):
+// - exp(y), y <= 0: Cody-Waite reduction by ln 2 (fdlibm's split, so k * kLn2Hi is exact), Taylor to
+//   r^13 on |r| <= ln2 / 2 (truncation 4e-18), 2^k from the exponent bits;
+// - erfc(z) = exp(-z^2) t g(t) with t = 2 / (2 + z) and g a Chebyshev series in t fitted for a in
+//   [0, 7] (tools/fit_normal_tail.py; truncation 6e-20); z^2 split exactly into hi + lo (Dekker), as
+//   exp(-z^2) must not carry the rounding of z^2 (up to 25 ulp here).
+// a must lie in [0, 7]: the caller clamps it (a clamp here keeps GCC from vectorizing the loop but for
+// AVX-512); the E-step drops distances past its z_cut <= 7 anyway.
+
+constexpr double kTailMax = 7.0;   // the fit's range of a: 2 / (2 + 7 / sqrt 2) = kTailLo
+constexpr double kTailLo = 0.28778024081032513862, kTailHi = 1.0;
+constexpr double kTailCheb[22] = {
+    6.5829856079910471707e-1, 3.0544632404848658437e-1, 3.6308057347613959859e-2,
+    3.3606411985831553289e-4, -3.8976504412960518898e-4, -4.9773038089370344508e-6,
+    6.0349688540322174717e-6, -2.1703979284860106245e-7, -9.4736059570284770133e-8,
+    1.2477856617741290841e-8, 6.7943923664270598235e-10, -3.4981871111748423409e-10,
+    2.9472553260023224157e-11, 4.1443981219998377654e-12, -1.3409338830506646513e-12,
+    1.0880216312423967443e-13, 1.6567607494620031374e-14, -5.8152833286582240903e-15,
+    6.1374436095057655127e-16, 4.5664080818296333231e-17, -2.6515224885902099357e-17,
+    4.0600081428137072697e-18,
+};
+constexpr double kLog2e = 1.4426950408889634074, kLn2Hi = 6.93147180369123816490e-01,
+                 kLn2Lo = 1.90821492927058770002e-10, kShifter = 6755399441055744.0;   // 1.5 * 2^52
+
+// exp(y) for y in [-700, 0]
+inline double exp_nonpositive(double y) {
+    const double kd = y * kLog2e + kShifter;   // k = round(y / ln 2) in the low bits
+    const double k = kd - kShifter;
+    const double r = (y - k * kLn2Hi) - k * kLn2Lo;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    uint64_t bits;
+    std::memcpy(&bits, &kd, sizeof bits);
+    bits = (bits << 52) + (uint64_t{1023} << 52);   // k's low 12 bits (two's complement) + the bias
+    double scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void normal_tail(const double* __restrict a, int64_t n, double* __restrict tail, double* __restrict dens) {
+#pragma GCC unroll 4
+    for (int64_t i = 0; i < n; ++i) {
+        const double x = a[i];
+        const double z = x * kInvSqrt2;
+        const double c = 134217729.0 * z;            // Veltkamp: z = zh + zl, halves of 26 bits
+        const double zh = c - (c - z), zl = z - zh;
+        const double hi = z * z;
+        const double lo = ((zh * zh - hi) + 2.0 * zh * zl) + zl * zl;   // z^2 = hi + lo exactly
+        const double e = exp_nonpositive(-hi) * (1.0 - lo);
+        // the density's exp(-0.5 * x * x), argument rounded as numpy rounds it, from the same exp:
+        // exp(-x^2 / 2) = e exp(d) with d = z^2 - x^2 / 2, a few ulp of z^2 (hi and x^2 / 2 within a
+        // factor 2 of each other: their difference is exact)
+        const double d = (hi - 0.5 * (x * x)) + lo;
+        dens[i] = (e + e * d) * kInvSqrt2Pi;
+        const double t = 2.0 / (2.0 + z);
+        const double u = (2.0 * t - (kTailLo + kTailHi)) * (1.0 / (kTailHi - kTailLo));
+        double b1 = 0.0, b2 = 0.0;                   // g(t) by Clenshaw on u in [-1, 1]
+#pragma GCC unroll 32
+        for (int j = 21; j >= 1; --j) {
+            const double b0 = kTailCheb[j] + 2.0 * u * b1 - b2;
+            b2 = b1, b1 = b0;
+        }
+        tail[i] = 0.5 * (e * t * (kTailCheb[0] + u * b1 - b2));
+    }
+}
+
 // levels rounded to float32 and sorted: the stored form after every update
 void store_levels(double* c, int K) {
     for (int k = 0; k < K; ++k) c[k] = f32(c[k]);
@@ -73,14 +159,14 @@ void store_levels(double* c, int K) {
 struct EStep {
     int64_t B;
     int K;
-    std::vector<double> thr, gap, loss, prod, A, Bm, flow, flow_m, step, step_m, acc, wm, ws, ww;
+    std::vector<double> thr, gap, loss, prod, A, Bm, flow, flow_m, step, step_m, acc, wm, ws, ww, za, ztail, zdens;
     std::vector<int64_t> near, live, wp;
     std::vector<int> wt;
 
     EStep(int64_t B_, int K_)
         : B(B_), K(K_), thr(K_ > 1 ? K_ - 1 : 1), gap(K_ > 1 ? K_ - 1 : 1), loss(B_), prod(B_), A(K_), Bm(K_),
-          flow(K_), flow_m(K_), step(K_), step_m(K_), acc(B_), wm(B_), ws(B_), ww(B_), near(B_), live(B_), wp(B_),
-          wt(B_) {}
+          flow(K_), flow_m(K_), step(K_), step_m(K_), acc(B_), wm(B_), ws(B_), ww(B_), za(B_), ztail(B_),
+          zdens(B_), near(B_), live(B_), wp(B_), wt(B_) {}
 
     // sum_i w_i E[(Q(w_i) - w_i)^2] over the group; with `stats` the cell masses A and first
     // moments Bm as well.  Thresholds beyond z_cut sigma are dropped.
@@ -118,15 +204,20 @@ struct EStep {
                 }
                 for (int s = 0; s < K - 1 && nw; ++s) {
                     if (stats) std::fill(step.begin(), step.end(), 0.0), std::fill(step_m.begin(), step_m.end(), 0.0);
+                    for (int64_t q = 0; q < nw; ++q) {   // the step's distances, then their tails at once
+                        const int t = wt[q];
+                        const double a = t < 0 || t > K - 2 ? kInf        // past the last threshold
+                                         : up ? (thr[t] - wm[q]) / ws[q] : (wm[q] - thr[t]) / ws[q];
+                        za[q] = a < kTailMax ? a : kTailMax;   // (a >= 0: walkers go away from mu)
+                    }
+                    normal_tail(za.data(), nw, ztail.data(), zdens.data());
                     int64_t kept = 0;
                     for (int64_t q = 0; q < nw; ++q) {
-                        const int t = wt[q];
-                        if (t < 0 || t > K - 2) continue;                 // past the last threshold
-                        const double ms = wm[q], ss = ws[q];
-                        const double a = up ? (thr[t] - ms) / ss : (ms - thr[t]) / ss;
+                        const double a = za[q];
                         if (!(a < z_cut)) continue;
-                        const double tail = 0.5 * std::erfc(a * kInvSqrt2);   // mass beyond t, away from mu
-                        const double dens = std::exp(-0.5 * a * a) * kInvSqrt2Pi;
+                        const int t = wt[q];
+                        const double ms = wm[q], ss = ws[q];
+                        const double tail = ztail[q], dens = zdens[q];   // mass beyond t, away from mu
                         acc[wp[q]] += gap[t] * (dens - a * tail);
                         if (stats) {
                             const double wq = ww[q];
@@ -475,12 +566,14 @@ extern "C" {
 // Fit `groups` codebooks of `levels` levels to grouped, padded float64 rows `(groups, width)`:
 // mu, sigma, weight (0 on pads) and valid (0 on pads).  start: 0 = the levels in `codebook`,
 // 1 = k-means, 2 = quantiles; alt: a second start rated in the first round (or null).  Writes
-// `codebook` (groups, levels), float32 values, sorted.  Returns 0, or 1 on bad sizes / no memory.
+// `codebook` (groups, levels), float32 values, sorted.  Returns 0, or 1 on bad sizes, a z_lloyd past
+// normal_tail's range, or no memory.
 __attribute__((visibility("default"))) int BayesqCodebookFit(
     int64_t groups, int64_t width, int32_t levels, const double* mu, const double* sigma, const double* weight,
     const uint8_t* valid, int32_t start, const double* alt, int32_t iters, double tol, int64_t dp_bins,
     int32_t kmeans_rounds, double z_lloyd, double* codebook) {
-    if (groups < 0 || width < 1 || levels < 1 || levels > 256 || start < 0 || start > 2 || iters < 0 || dp_bins < 2)
+    if (groups < 0 || width < 1 || levels < 1 || levels > 256 || start < 0 || start > 2 || iters < 0 || dp_bins < 2 ||
+        !(z_lloyd <= kTailMax))
         return 1;
     try {
         Fitter f(Params{width, levels, start, iters, tol, dp_bins, kmeans_rounds, z_lloyd});
@@ -497,11 +590,12 @@ __attribute__((visibility("default"))) int BayesqCodebookFit(
 }
 
 // Expected loss sum_i weight_i E[(Q(w_i) - w_i)^2] of each group's codebook (sorted levels),
-// thresholds beyond z_cut sigma dropped: out (groups,).  Returns 0, or 1 on bad sizes / no memory.
+// thresholds beyond z_cut sigma dropped: out (groups,).  Returns 0, or 1 on bad sizes, a z_cut past
+// normal_tail's range, or no memory.
 __attribute__((visibility("default"))) int BayesqCodebookLoss(
     int64_t groups, int64_t width, int32_t levels, const double* mu, const double* sigma, const double* weight,
     const double* codebook, double z_cut, double* out) {
-    if (groups < 0 || width < 1 || levels < 1 || levels > 256) return 1;
+    if (groups < 0 || width < 1 || levels < 1 || levels > 256 || !(z_cut <= kTailMax)) return 1;
     try {
         EStep e(width, levels);
         for (int64_t g = 0; g < groups; ++g) {
@@ -512,6 +606,14 @@ __attribute__((visibility("default"))) int BayesqCodebookLoss(
         return 1;
     }
     return 0;
+}
+
+// normal_tail itself, for its test: tail[i] = 0.5 erfc(a[i] / sqrt 2), dens[i] = exp(-a[i]^2 / 2) / sqrt(2 pi),
+// a[i] clamped to [0, 7].
+__attribute__((visibility("default"))) void BayesqNormalTail(int64_t n, const double* a, double* tail, double* dens) {
+    std::vector<double> x(a, a + n);
+    for (double& v : x) v = v > 0.0 ? (v < kTailMax ? v : kTailMax) : 0.0;
+    normal_tail(x.data(), n, tail, dens);
 }
 
 }  // extern "C"
