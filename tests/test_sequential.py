@@ -156,6 +156,28 @@ def test_gptqs_contender_gets_a_pass_of_its_own_only_where_blocks_feed_forward(m
     assert len(calls) == passes
 
 
+def test_gptqs_pass_runs_beside_the_tables_on_the_first_budget_with_the_same_bytes(monkeypatch):
+    """The reference GPTQ contender's own pass needs no loss table: on an analysis's first budget it
+    runs beside the tables' pass (its blocks within their budget), on a later one beside the
+    knapsack's rounding; the bytes are the same either way."""
+    started = []   # per reference pass: were the tables still to come when it started?
+    real = Analysis._round_pass
+
+    def spy(self, contenders, *a):
+        if all(c.reference for c in contenders):
+            started.append(self._tables is None)
+        return real(self, contenders, *a)
+
+    monkeypatch.setattr(Analysis, "_round_pass", spy)
+    fresh = Analysis(models.residual(), Recipe(bits=3.0), calib=models.residual_data()).compress(3.0)
+    later = Analysis(models.residual(), Recipe(bits=3.0), calib=models.residual_data())
+    later.losses
+    assert started == [True]
+    tables_first = later.compress(3.0)
+    assert started == [True, False]
+    assert fresh.model.SerializeToString() == tables_first.model.SerializeToString()
+
+
 def test_sequential_output_is_deterministic_and_reported(tmp_path):
     m, _ = _chain(seed=3)
     data = models.mlp_data(n=128)
