@@ -240,27 +240,26 @@ class Analysis:
         check_budget(sites, self.candidates, bits)
         budget_bits = bits * self.n_weights
         uniforms = uniform_plans(sites, self.candidates, budget_bits)
-        check, losses, early = None, None, None
+        check, losses, done = None, None, {}
         if self.uniform:
             if not uniforms:
                 raise BayesQError(f"no uniform format fits a budget of {bits:g} bits/weight for --method "
                                   f"{recipe.method}")
             contenders = [Contender(uniforms[0], uniform=True)]
         else:
-            def ours() -> list[Contender]:
-                """The knapsack's plan and the contenders rounded in its pass, from the loss tables."""
-                knapsack = knapsack_plan(sites, self.candidates, self.losses, budget_bits)
-                dense = dense_knapsack_plan(sites, self.candidates, self.losses, budget_bits, knapsack)
-                return [Contender(knapsack), *([Contender(dense)] if dense else []),
-                        *[Contender(u, uniform=True) for u in uniforms[:self.tables_pass.uniform_checked]]]
-
             reference = [Contender(replace(u, label=f"gptq {u.label}"), reference=True, uniform=True)
                          for u in uniforms[:1]]
-            early = self._tables_beside(ours, reference, keep=not _single_use)
-            contenders = early[0] if early else ours() + reference
+            early = self._tables_beside(reference, keep=not _single_use)
             losses = self.losses
-        packed, grids, expected = early[1] if early else \
-            self._round(contenders, None if self.uniform else contenders[0].plan, keep=not _single_use)
+            knapsack = knapsack_plan(sites, self.candidates, losses, budget_bits)
+            dense = dense_knapsack_plan(sites, self.candidates, losses, budget_bits, knapsack)
+            contenders = [Contender(knapsack), *([Contender(dense)] if dense else []),
+                          *[Contender(u, uniform=True) for u in uniforms[:self.tables_pass.uniform_checked]],
+                          *reference]
+            if early is not None:
+                done = {len(contenders) - 1: early}
+        packed, grids, expected = self._round(contenders, None if self.uniform else contenders[0].plan,
+                                              keep=not _single_use, done=done)
         if len(contenders) > 1:
             i, check = check_plans(contenders, packed, sites, self.stream, self.probe, self.held, self.batch)
         else:
@@ -307,28 +306,21 @@ class Analysis:
                 raise
         return Result(out_model, rep, Path(output) if output is not None else None)
 
-    def _tables_beside(self, ours, reference: list[Contender], keep: bool):
-        """On an analysis's first budget: the loss tables' pass, then the knapsack's rounding pass
-        (``ours()``: its contenders, made from the tables) in one thread, and beside them the
-        reference GPTQ contender's own pass (where it has one), which needs no table; their blocks in
-        flight within one budget.  Alone the reference pass keeps about one core of two busy, and the
-        tables' pass leaves cores idle in its forward passes (docs/design.md, "Streaming").  Returns
-        ``(contenders, [packed, grids, expected])`` as :meth:`_round` would, or None where nothing
-        runs early."""
-        sequential, apart = self._rounds_apart()
+    def _tables_beside(self, reference: list[Contender], keep: bool):
+        """On the first budget, the loss tables' pass and the reference GPTQ contender's own pass
+        (where it has one), which needs no table, side by side, their blocks in flight within one
+        budget: the reference pass alone keeps about one core of two busy, and the tables' pass
+        leaves cores idle during its forward passes (docs/design.md, "Streaming").  The reference
+        contender's ``[packed, grids, expected]``, or None where nothing ran early."""
+        _, apart = self._rounds_apart()
         if self._tables is not None or not reference or self.recipe.table_source not in MEASURED or apart is None:
             return None
         budget = Budget(self._largest_block)
-
-        def tables_then_ours():
-            self._measure_tables(budget)
-            contenders = ours()
-            return contenders, self._round_pass(contenders, contenders[0].plan, keep, sequential, budget)
-
-        (contenders, mine), theirs = side_by_side(
-            lambda run: run(), [tables_then_ours, lambda: self._round_pass(reference, None, keep, apart, budget)],
+        _, (packed, grids, expected) = side_by_side(
+            lambda run: run(), [lambda: self._measure_tables(budget),
+                                lambda: self._round_pass(reference, None, keep, apart, budget)],
             cancel=budget.cancel)
-        return contenders + reference, [a + b for a, b in zip(mine, theirs)]
+        return [packed[0], grids[0], expected[0]]
 
     def _rounds_apart(self) -> tuple[bool, bool | None]:
         """Whether the knapsack's pass runs sequentially, and whether the reference GPTQ contender's
@@ -339,13 +331,14 @@ class Analysis:
         ours, gptq = self.recipe.rounds_sequentially and cut, METHODS["gptq"].sequential and cut
         return ours, (gptq if ours or gptq else None)
 
-    def _round(self, contenders: list[Contender], knapsack=None, keep: bool = False, data=None):
+    def _round(self, contenders: list[Contender], knapsack=None, keep: bool = False, data=None, done=None):
         """Every contender's packed tensors, grid kinds and expected losses per site, rounded a
         segment's sites at a time.  ``knapsack``: the plan whose formats get their grids measured
         where several are on offer.  ``keep``: remember the packed results for later budgets (an
         analysis used more than once): a format a site takes again is not rounded again (packed
         tensors are small).  ``data``: calibrate on these samples instead of the fitting ones (nothing
-        reused or kept: what is kept was fitted on those).
+        reused or kept: what is kept was fitted on those).  ``done``: results already rounded, by
+        contender index (:meth:`_tables_beside`).
         Sequential (``recipe.rounds_sequentially``): each block is calibrated on the model quantized as the
         first contender ships it up to there, and every contender of the budget is rounded on those
         same activations (docs/design.md, "Sequential").  The reference GPTQ contender is calibrated as
@@ -353,12 +346,13 @@ class Analysis:
         pass of its own, run beside the others' (``parallel.side_by_side``: alone it keeps about one core
         busy), the blocks of both in flight within one budget; else in the others' pass, sharing GPTQ's
         work (docs/design.md, "Plan check")."""
-        ref = [c.reference for c in contenders]
+        ref, done = [c.reference for c in contenders], done or {}
         ours, gptq = self._rounds_apart()
         passes = [(range(len(contenders)), ours, knapsack)]
         if any(ref) and gptq is not None:   # the contenders' activations differ
             passes = [([i for i, r in enumerate(ref) if not r], ours, knapsack),
                       ([i for i, r in enumerate(ref) if r], gptq, None)]
+        passes = [([i for i in idx if i not in done], sequential, plan) for idx, sequential, plan in passes]
         passes = [p for p in passes if p[0]]
         budget = Budget(self._largest_block)   # the passes' blocks in flight together, as one pass's
 
@@ -366,7 +360,7 @@ class Analysis:
             idx, sequential, plan = p
             return idx, self._round_pass([contenders[i] for i in idx], plan, keep, sequential, budget, data)
 
-        out = [None] * len(contenders)
+        out = [done.get(i) for i in range(len(contenders))]
         for idx, results in side_by_side(run, passes, cancel=budget.cancel):
             for i, *r in zip(idx, *results):
                 out[i] = r
