@@ -310,8 +310,9 @@ class Analysis:
         """On the first budget, the loss tables' pass and the reference GPTQ contender's own pass
         (where it has one), which needs no table, side by side, their blocks in flight within one
         budget: the reference pass alone keeps about one core of two busy, and the tables' pass
-        leaves cores idle during its forward passes (docs/design.md, "Streaming").  The reference
-        contender's ``[packed, grids, expected]``, or None where nothing ran early."""
+        leaves cores idle during its forward passes (docs/design.md, "Streaming").  Only beside
+        measured tables: closed-form ones cost next to nothing, and hawq's Fisher holds the whole
+        model.  The reference contender's ``[packed, grids, expected]``, or None where nothing ran early."""
         _, apart = self._rounds_apart()
         if self._tables is not None or not reference or self.recipe.table_source not in MEASURED or apart is None:
             return None

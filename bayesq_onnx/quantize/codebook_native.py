@@ -50,7 +50,7 @@ def fit(lib, mu, sig, w, valid, levels: int, start: str, init, alt, *, iters: in
                                None if alt is None else alt.ctypes.data, iters, tol, dp_bins, kmeans_rounds,
                                z_lloyd, c)
     if rc:
-        raise BayesQError("codebook: the native Lloyd-Max failed (out of memory)")
+        raise BayesQError("codebook: the native Lloyd-Max failed (out of memory, or a z cut past 7 sigma)")
     return c
 
 
@@ -60,5 +60,5 @@ def loss(lib, mu, sig, w, codebook, z_cut: float) -> np.ndarray:
     out = np.empty(g)
     if lib.BayesqCodebookLoss(g, B, codebook.shape[1], mu, sig, w, np.ascontiguousarray(codebook, np.float64),
                               z_cut, out):
-        raise BayesQError("codebook: the native expected loss failed (out of memory)")
+        raise BayesQError("codebook: the native expected loss failed (out of memory, or a z cut past 7 sigma)")
     return out

@@ -156,7 +156,7 @@ class SiteQuantizer:
         """The closed-form expected loss of the ``kind`` grid per group, computed when first asked:
         of the grids a site's codes are tried on, often one is kept (a Gather's or a convolution's
         grids are measured end to end) and only that one is rated -- on the 0.1B Llama's embedding
-        one closed form over 24.6M weights fewer, 3 CPU s."""
+        one closed form over 24.6M weights fewer (the run's user time 106 -> 102 s)."""
         if (fmt, kind) not in self._grid_losses:
             scale, zp = self._grid(fmt, kind)
             self._grid_losses[fmt, kind] = expected_loss(self.posterior, scale, zp, fmt.bits, fmt.block)
