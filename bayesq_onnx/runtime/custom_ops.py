@@ -5,7 +5,9 @@ how a session gets it.
 
 ``$BAYESQ_CUSTOM_OPS_LIB`` names another build (a path to ``libbayesq_ops.so``).  Without the
 library, models with ``bayesq`` ops do not load; models lowered with ``--target portable`` and all
-native formats still do.
+native formats still do.  Where nvcc built the CUDA kernels too, ``libbayesq_ops_cuda.so`` beside it
+has the same CPU ops plus MatMul* / Dequantize* for onnxruntime's ``CUDAExecutionProvider``: sessions
+whose providers include that one register it instead (``register(so, providers)``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from ..errors import BayesQError
 from .library import LIB_NAME, library_path, load
 
 DOMAIN = "bayesq"
+CUDA_LIB_NAME = "libbayesq_ops_cuda.so"
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 def unavailable_reason() -> str | None:
@@ -36,9 +40,24 @@ def available() -> bool:
     return library_path() is not None
 
 
-def register(so: ort.SessionOptions) -> bool:
-    """Register the library with ``so`` if it was built; returns whether it was."""
+def cuda_library_path() -> Path | None:
+    """``libbayesq_ops_cuda.so`` of the same build as :func:`library_path`'s library (beside it), or None
+    where it was not built (no nvcc)."""
     p = library_path()
+    p = p.with_name(CUDA_LIB_NAME) if p is not None else None
+    return p if p is not None and p.is_file() else None
+
+
+def wants_cuda(providers) -> bool:
+    """Whether ``providers`` (names or ``(name, options)`` pairs, as onnxruntime takes them) include CUDA's."""
+    return any((q[0] if isinstance(q, (tuple, list)) else q) == CUDA_PROVIDER for q in providers or ())
+
+
+def register(so: ort.SessionOptions, providers=None) -> bool:
+    """Register the library with ``so`` if it was built; returns whether it was.  With
+    ``CUDAExecutionProvider`` among ``providers`` (names or ``(name, options)`` pairs, as onnxruntime
+    takes them) the build with the CUDA ops, where there is one: its CPU ops serve nodes left on the CPU."""
+    p = (wants_cuda(providers) and cuda_library_path()) or library_path()
     if p is None:
         return False
     so.register_custom_ops_library(str(p))

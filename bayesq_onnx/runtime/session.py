@@ -19,14 +19,16 @@ from . import custom_ops, tune
 DEFAULT_PROVIDERS = ["CPUExecutionProvider"]
 
 
-def session_options(**entries) -> ort.SessionOptions:
+def session_options(providers=None, **entries) -> ort.SessionOptions:
+    """Options with the bayesq ops registered: the build with the CUDA ops where ``providers`` (the
+    session's) include ``CUDAExecutionProvider`` (custom_ops.register); ``entries``: session config entries."""
     so = ort.SessionOptions()
     so.log_severity_level = 3  # onnxruntime's warnings are not ours to show users
     # keep DequantizeLinear->MatMul exact: without this ORT fuses it into int8-activation MatMulNBits
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     for k, v in entries.items():
         so.add_session_config_entry(k, str(v))
-    custom_ops.register(so)  # bayesq ops, when the library was built (custom_ops.py)
+    custom_ops.register(so, providers)  # bayesq ops, when the library was built (custom_ops.py)
     return so
 
 
@@ -87,7 +89,8 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
                  **kw) -> ort.InferenceSession:
     """An InferenceSession for any model bayesq-onnx writes (or any other model).  The bayesq
     custom-op library is registered by ``session_options``; pass ``sess_options`` made by it (or call
-    ``custom_ops.register`` on your own) to keep bayesq ops loadable.
+    ``custom_ops.register`` on your own) to keep bayesq ops loadable, given the same ``providers`` for
+    the bayesq ops to run on ``CUDAExecutionProvider`` (made here, the options get them).
 
     ``fold``: bayesq ``Dequantize*`` nodes on constant weights (Conv and other non-MatMul
     consumers), and blocked ``DequantizeLinear`` ones, are evaluated once here and become float32
@@ -97,7 +100,8 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
     running unpacked on every call (EfficientNet-lite0 at 3.0 bits: 1.6x fp32's time without this).
     The file stays compressed; in memory those weights are float32, as with ``DequantizeLinear``.
 
-    ``unpack``: what happens to bayesq ``MatMulAffine`` / ``MatMulLut`` nodes on constant weights.
+    ``unpack``: what happens to bayesq ``MatMulAffine`` / ``MatMulLut`` nodes on constant weights
+    (``auto`` means ``never`` where ``providers`` include ``CUDAExecutionProvider``).
     ``never``: they stay packed (memory at the packed size).  ``always``: each becomes an fp32
     ``MatMul`` (+ ``Add`` for a bias) on its weight dequantized once here, bit-exactly (in memory
     only; the file stays small).  ``auto``: both, packed for calls below :func:`packed_below`'s
@@ -116,11 +120,13 @@ def make_session(model: str | os.PathLike | bytes | onnx.ModelProto, providers=N
     the files' pages."""
     if unpack not in UNPACK:
         raise BayesQError(f"unpack={unpack!r}: expected one of {', '.join(UNPACK)}")
-    so = sess_options or session_options()
+    providers = providers or DEFAULT_PROVIDERS
+    if unpack == "auto" and custom_ops.wants_cuda(providers):
+        unpack = "never"   # the switch points are the CPU kernels'; on the GPU the packed ops have a GEMM
+    so = sess_options or session_options(providers)
     if external_data is not None:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_data))
         so.add_session_config_entry("session.disable_prepacking", "1")
-    providers = providers or DEFAULT_PROVIDERS
     if tuning is None and unpack == "auto" and isinstance(model, (str, os.PathLike)):
         tuning = tune.load(model, so.intra_op_num_threads)
     proto, folder = _read(model)   # parsed once for all the rewrites below

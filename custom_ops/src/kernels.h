@@ -33,7 +33,7 @@ static inline int zero_point(const QWeight& w, int64_t n, int64_t g) {
 // The exact dequantized value (the reference's fp32 arithmetic).
 static inline float value(const QWeight& w, int64_t n, int64_t g, int q) {
     if (w.is_lut) return w.lut[(n * w.G + g) * (int64_t(1) << w.bits) + q];
-    return (float(q) - float(zero_point(w, n, g))) * w.scales[n * w.G + g];
+    return bq_affine(q, zero_point(w, n, g), w.scales[n * w.G + g]);
 }
 // f(std::integral_constant<int, bits>, std::bool_constant<is_lut>) for w: the SIMD kernels are
 // templates on both.  static, as above: each ISA's translation unit instantiates its own.

@@ -13,26 +13,17 @@ float* scratch(int slot, size_t n) {
     return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf[slot].data()) + 63) & ~uintptr_t(63));
 }
 
-// Lane l's word of a chunk (up to 8 bytes), little-endian.
-static inline uint64_t lane_word(const uint8_t* chunk, const bq_chunk& ch, int l) {
-    uint64_t v = 0;
-    for (int j = 0; j < ch.lane_bytes; ++j)
-        v |= uint64_t(chunk[bq_lane_byte(ch.lanes, ch.lane_bytes, j, l)]) << (8 * j);
-    return v;
-}
-
 static void decode_row(const QWeight& w, int64_t n, float* dst) {
     const uint8_t* row = row_of(w, n);
     const int b = w.bits;
-    const uint64_t mask = (uint64_t(1) << b) - 1;
     const int64_t nc = bq_n_chunks(w.K);
     for (int64_t c = 0; c < nc; ++c) {
         const bq_chunk ch = bq_chunk_at(w.K, b, c);
         for (int l = 0; l < ch.lanes; ++l) {
-            const uint64_t v = lane_word(row + ch.byte0, ch, l);
+            const uint64_t v = bq_lane_word(row + ch.byte0, ch.lanes, ch.lane_bytes, l);
             for (int i = 0; i < ch.steps; ++i) {
                 const int64_t k = ch.k0 + int64_t(ch.lanes) * i + l;
-                dst[k] = value(w, n, group_of(w, k), int((v >> (b * i)) & mask));
+                dst[k] = value(w, n, group_of(w, k), bq_word_code(v, b, i));
             }
         }
     }

@@ -5,10 +5,10 @@
 // Kernels are picked once per kernel instance (session): BAYESQ_ISA=avx512|avx2|neon|scalar forces one
 // (tests use it to check every path on one machine), otherwise the best the CPU supports.  Work is
 // split over N through ORT's intra-op thread pool (KernelContext_ParallelFor).
-#define ORT_API_MANUAL_INIT
-#include <onnxruntime_cxx_api.h>
-#undef ORT_API_MANUAL_INIT
-
+//
+// Attribute / input checks and the MatMul / Dequantize op descriptions are in ort_util.h, shared with the
+// CUDAExecutionProvider's ops (cuda/ort_ops.cpp), which RegisterCustomOps adds after these when built with
+// BAYESQ_CUDA_OPS (libbayesq_ops_cuda.so).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "ort_util.h"
 
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
@@ -26,12 +27,6 @@
 
 namespace bq {
 namespace {
-
-const OrtApi* g_api = nullptr;
-
-struct Error : std::runtime_error {
-    using std::runtime_error::runtime_error;
-};
 
 bool cpu_has_avx512() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -76,91 +71,6 @@ const Kernels* select_kernels() {
     if (want == "avx2" || want == "avx512" || want == "neon")
         throw Error("BAYESQ_ISA=" + want + ": this CPU (or this build) does not support it");
     throw Error("BAYESQ_ISA=" + want + ": expected auto, avx512, avx2, neon or scalar");
-}
-
-int64_t attr_int(const OrtKernelInfo* info, const char* name, bool required, int64_t dflt) {
-    int64_t v = dflt;
-    OrtStatus* st = g_api->KernelInfoGetAttribute_int64(info, name, &v);
-    if (st) {
-        g_api->ReleaseStatus(st);
-        if (required) throw Error(std::string("missing attribute '") + name + "'");
-        return dflt;
-    }
-    return v;
-}
-
-std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name) {
-    size_t n = 0;
-    OrtStatus* st = g_api->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
-    if (st) {
-        g_api->ReleaseStatus(st);
-        return {};
-    }
-    std::vector<int64_t> v(n);
-    if (n) {
-        st = g_api->KernelInfoGetAttributeArray_int64(info, name, v.data(), &n);
-        if (st) {
-            g_api->ReleaseStatus(st);
-            throw Error(std::string("cannot read attribute '") + name + "'");
-        }
-    }
-    return v;
-}
-
-void check(OrtStatus* st) {
-    if (st) {
-        std::string msg = g_api->GetErrorMessage(st);
-        g_api->ReleaseStatus(st);
-        throw Error(msg);
-    }
-}
-
-struct Tensor {
-    const OrtValue* v = nullptr;
-    std::vector<int64_t> shape;
-    int64_t numel = 0;
-    ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-    const void* data = nullptr;
-    explicit operator bool() const { return v != nullptr; }
-};
-
-Tensor input(OrtKernelContext* ctx, size_t i) {
-    Tensor t;
-    size_t count = 0;
-    check(g_api->KernelContext_GetInputCount(ctx, &count));
-    if (i >= count) return t;
-    check(g_api->KernelContext_GetInput(ctx, i, &t.v));
-    if (!t.v) return t;
-    OrtTensorTypeAndShapeInfo* info = nullptr;
-    check(g_api->GetTensorTypeAndShape(t.v, &info));
-    size_t nd = 0;
-    OrtStatus* st = g_api->GetDimensionsCount(info, &nd);
-    if (!st) {
-        t.shape.resize(nd);
-        st = g_api->GetDimensions(info, t.shape.data(), nd);
-    }
-    if (!st) st = g_api->GetTensorElementType(info, &t.type);
-    g_api->ReleaseTensorTypeAndShapeInfo(info);
-    check(st);
-    t.numel = 1;
-    for (int64_t d : t.shape) t.numel *= d;
-    void* p = nullptr;
-    check(g_api->GetTensorMutableData(const_cast<OrtValue*>(t.v), &p));
-    t.data = p;
-    return t;
-}
-
-void* output(OrtKernelContext* ctx, size_t i, const std::vector<int64_t>& shape) {
-    OrtValue* v = nullptr;
-    check(g_api->KernelContext_GetOutput(ctx, i, shape.data(), shape.size(), &v));
-    void* p = nullptr;
-    check(g_api->GetTensorMutableData(v, &p));
-    return p;
-}
-
-void expect_numel(const Tensor& t, int64_t n, const char* what) {
-    if (t.numel != n)
-        throw Error(std::string(what) + " has " + std::to_string(t.numel) + " elements, expected " + std::to_string(n));
 }
 
 // ---- fp16 <-> fp32: F16C when the CPU has it, else the ORT headers' converters (both exact, round
@@ -224,67 +134,30 @@ struct Weight {
     }
 };
 
-// f() with any exception turned into an onnxruntime status ("what: message"): nothing may unwind
-// through the C API.
-template <class F>
-OrtStatusPtr guarded(OrtErrorCode code, const std::string& what, F&& f) {
-    try {
-        f();
-        return nullptr;
-    } catch (const std::exception& e) {
-        return g_api->CreateStatus(code, (what + ": " + e.what()).c_str());
-    }
-}
-
-struct QKernel {
+struct QKernel : QAttrs {
+    static constexpr const char* provider = "CPUExecutionProvider";   // the op descriptions of ort_util.h read it
     const Kernels* kern;
-    int64_t K, N, block;
-    int bits;
-    bool is_lut;
 
-    QKernel(const OrtKernelInfo* info, bool lut) : is_lut(lut) {
-        K = attr_int(info, "K", true, 0);
-        N = attr_int(info, "N", true, 0);
-        bits = int(attr_int(info, "bits", true, 0));
-        block = attr_int(info, "block_size", true, 0);
-        if (K < 1 || N < 1) throw Error("K and N must be >= 1");
-        if (bits < 1 || bits > BQ_MAX_BITS) throw Error("bits must be 1..8, got " + std::to_string(bits));
-        if (block < 0) throw Error("block_size must be >= 0");
-        kern = select_kernels();
-    }
+    QKernel(const OrtKernelInfo* info, bool lut) : QAttrs(info, lut), kern(select_kernels()) {}
 
     // Inputs first.. (B, scales/lut, zero_points?) checked against the attributes.
     Weight weight(OrtKernelContext* ctx, size_t first) const {
+        const PackedInputs in = packed_inputs(ctx, first, *this);
         Weight out;
         QWeight& w = out.w;
         w.K = K; w.N = N; w.bits = bits; w.block = block; w.is_lut = is_lut;
-        w.G = bq_n_groups(K, block);
-        w.col_bytes = bq_col_bytes(K, bits);
-        w.zp_bytes = bq_zp_bytes(w.G, bits);
-        Tensor B = input(ctx, first), T = input(ctx, first + 1);
-        if (!B || B.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) throw Error("B must be uint8");
-        expect_numel(B, N * w.col_bytes, "B");
-        if (!T || (T.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && T.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16))
-            throw Error(is_lut ? "lut must be float or float16" : "scales must be float or float16");
-        w.B = static_cast<const uint8_t*>(B.data);
-        expect_numel(T, is_lut ? N * w.G * (int64_t(1) << bits) : N * w.G, is_lut ? "lut" : "scales");
-        const float* t = static_cast<const float*>(T.data);
-        if (T.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
-            out.half = static_cast<const Ort::Float16_t*>(T.data);
-            out.per_row = T.numel / N;
+        w.G = in.G;
+        w.col_bytes = in.col_bytes;
+        w.zp_bytes = in.zp_bytes;
+        w.B = static_cast<const uint8_t*>(in.B.data);
+        const float* t = static_cast<const float*>(in.T.data);
+        if (in.T.type == F16) {
+            out.half = static_cast<const Ort::Float16_t*>(in.T.data);
+            out.per_row = in.T.numel / N;
             t = nullptr;  // only row slices, widened, are ever read
         }
-        if (is_lut) {
-            w.lut = t;
-        } else {
-            w.scales = t;
-            Tensor Z = input(ctx, first + 2);
-            if (Z) {
-                if (Z.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) throw Error("zero_points must be uint8");
-                expect_numel(Z, N * w.zp_bytes, "zero_points");
-                w.zp = static_cast<const uint8_t*>(Z.data);
-            }
-        }
+        (is_lut ? w.lut : w.scales) = t;
+        if (in.Z) w.zp = static_cast<const uint8_t*>(in.Z.data);
         return out;
     }
 };
@@ -390,29 +263,6 @@ struct MatMulKernel : QKernel {
     OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
         return guarded(ORT_RUNTIME_EXCEPTION, "bayesq matmul", [&] { Compute(ctx); });
     }
-};
-
-// The Dequantize ops' output layout (attributes shape, axis): view row n, element k goes to
-// at(n, k) of the native tensor.
-struct NativeLayout {
-    std::vector<int64_t> shape;
-    int64_t K, axis, inner;
-
-    NativeLayout(const OrtKernelInfo* info, int64_t K_, int64_t N) : K(K_) {
-        shape = attr_ints(info, "shape");
-        if (shape.empty()) shape = {K, N};
-        axis = attr_int(info, "axis", false, 0);
-        const int64_t r = int64_t(shape.size());
-        if (axis < -r || axis >= r) throw Error("axis out of range for shape");
-        if (axis < 0) axis += r;
-        int64_t numel = 1;
-        for (int64_t d : shape) numel *= d;
-        if (shape[size_t(axis)] != K || numel != K * N)
-            throw Error("shape must have K at axis and K*N elements");
-        inner = 1;
-        for (int64_t i = axis + 1; i < r; ++i) inner *= shape[size_t(i)];
-    }
-    int64_t at(int64_t n, int64_t k) const { return (n / inner) * K * inner + k * inner + n % inner; }
 };
 
 struct DequantizeKernel : QKernel {
@@ -576,79 +426,7 @@ struct GatherKernel : QKernel {
 };
 
 // ---- op descriptions ---------------------------------------------------------------------------------
-constexpr ONNXTensorElementDataType F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-constexpr ONNXTensorElementDataType F16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-constexpr ONNXTensorElementDataType U8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-
-template <class Make>
-OrtStatusPtr create(void** out, const char* what, Make make) {
-    return guarded(ORT_INVALID_ARGUMENT, std::string("bayesq ") + what, [&] { *out = make(); });
-}
-
-// One registration per (activation type T, scales/LUT type S): onnxruntime merges same-named ops into
-// one schema whose inputs accept the union of the types, and picks the kernel matching the inputs.
-struct MatMulOp : Ort::CustomOpBase<MatMulOp, MatMulKernel, true> {
-    bool lut;
-    ONNXTensorElementDataType t, s;
-    MatMulOp(bool lut_, ONNXTensorElementDataType t_, ONNXTensorElementDataType s_) : lut(lut_), t(t_), s(s_) {}
-    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-        return create(kernel, GetName(), [&] { return new MatMulKernel(info, lut, t == F16); });
-    }
-    const char* GetName() const { return lut ? "MatMulLut" : "MatMulAffine"; }
-    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-    // affine: A, B, scales, zero_points?, bias?   LUT: A, B, lut, bias?
-    size_t GetInputTypeCount() const { return lut ? 4 : 5; }
-    ONNXTensorElementDataType GetInputType(size_t i) const {
-        if (i == 0) return t;
-        if (i == 1) return U8;
-        if (i == 2) return s;
-        if (!lut && i == 3) return U8;
-        return t;  // bias
-    }
-    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-        return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-    }
-    size_t GetOutputTypeCount() const { return 1; }
-    ONNXTensorElementDataType GetOutputType(size_t) const { return t; }
-};
-
-struct DequantizeOp : Ort::CustomOpBase<DequantizeOp, DequantizeKernel, true> {
-    bool lut;
-    ONNXTensorElementDataType s;  // scales / LUT type
-    DequantizeOp(bool lut_, ONNXTensorElementDataType s_) : lut(lut_), s(s_) {}
-    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-        return create(kernel, GetName(), [&] { return new DequantizeKernel(info, lut); });
-    }
-    const char* GetName() const { return lut ? "DequantizeLut" : "DequantizeAffine"; }
-    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-    size_t GetInputTypeCount() const { return lut ? 2 : 3; }
-    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 1 ? s : U8; }
-    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-        return i < 2 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-    }
-    size_t GetOutputTypeCount() const { return 1; }
-    ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
-};
-
-// indices: int64 or int32 (one registration each, as for the table types)
-struct GatherOp : Ort::CustomOpBase<GatherOp, GatherKernel, true> {
-    bool lut;
-    ONNXTensorElementDataType idx, s;  // indices type, scales / LUT type
-    GatherOp(bool lut_, ONNXTensorElementDataType idx_, ONNXTensorElementDataType s_) : lut(lut_), idx(idx_), s(s_) {}
-    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-        return create(kernel, GetName(), [&] { return new GatherKernel(info, lut); });
-    }
-    const char* GetName() const { return lut ? "GatherLut" : "GatherAffine"; }
-    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-    // affine: indices, B, scales, zero_points?   LUT: indices, B, lut
-    size_t GetInputTypeCount() const { return lut ? 3 : 4; }
-    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 ? idx : i == 2 ? s : U8; }
-    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-        return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-    }
-    size_t GetOutputTypeCount() const { return 1; }
-    ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
-};
+// MatMulOp / DequantizeOp / GatherOp: ort_util.h (the CUDA ops share them)
 
 // A, B, scales, zero_points, mask, bias?
 struct SparseMatMulOp : Ort::CustomOpBase<SparseMatMulOp, SparseMatMulKernel, true> {
@@ -684,15 +462,13 @@ struct SparseDequantizeOp : Ort::CustomOpBase<SparseDequantizeOp, SparseDequanti
     ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
 };
 
-MatMulOp g_matmul[] = {{false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
-                       {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
-DequantizeOp g_dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
-constexpr ONNXTensorElementDataType I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-constexpr ONNXTensorElementDataType I32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+MatMulOp<MatMulKernel> g_matmul[] = {{false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
+                                     {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
+DequantizeOp<DequantizeKernel> g_dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
 SparseMatMulOp g_sparse_matmul[] = {{F32, F32}, {F32, F16}, {F16, F32}, {F16, F16}};
 SparseDequantizeOp g_sparse_dequantize[] = {SparseDequantizeOp(F32), SparseDequantizeOp(F16)};
-GatherOp g_gather[] = {{false, I64, F32}, {false, I64, F16}, {false, I32, F32}, {false, I32, F16},
-                       {true, I64, F32},  {true, I64, F16},  {true, I32, F32},  {true, I32, F16}};
+GatherOp<GatherKernel> g_gather[] = {{false, I64, F32}, {false, I64, F16}, {false, I32, F32}, {false, I32, F16},
+                                     {true, I64, F32},  {true, I64, F16},  {true, I32, F32},  {true, I32, F16}};
 
 }  // namespace
 }  // namespace bq
@@ -719,6 +495,9 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
         if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
     for (OrtCustomOp& op : bq::g_sparse_dequantize)
         if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
+#ifdef BAYESQ_CUDA_OPS
+    if (OrtStatus* st = bq::add_cuda_ops(domain)) return st;   // libbayesq_ops_cuda.so: cuda/ort_ops.cpp
+#endif
     return api->AddCustomOpDomain(options, domain);
 }
 

@@ -1,7 +1,7 @@
 /* bayesq/layout.h: the packed weight layout of the `bayesq` ops, and the ops' signatures.
  *
- * This header is the single definition of the layout: the CPU kernels, the (future) CUDA kernels and
- * TensorRT plugin include it, and bayesq_onnx/formats/bayesq_uniform.py + runtime/reference_ops.py
+ * This header is the single definition of the layout: the CPU kernels, the CUDA kernels (custom_ops/cuda/) and
+ * a TensorRT plugin include it, and bayesq_onnx/formats/bayesq_uniform.py + runtime/reference_ops.py
  * implement the same rules in numpy.  C99/C++/CUDA, no dependencies.
  *
  * ---- The weight -------------------------------------------------------------------------------
@@ -75,7 +75,7 @@
 #include <stdint.h>
 
 #if defined(__CUDACC__)
-#define BQ_FN static inline __host__ __device__
+#define BQ_FN static __forceinline__ __host__ __device__   /* inlined: a device call spills registers */
 #else
 #define BQ_FN static inline
 #endif
@@ -126,6 +126,29 @@ BQ_FN int64_t bq_lane_byte(int lanes, int lane_bytes, int j, int l) {
     }
     return -1; /* j >= lane_bytes */
 }
+
+/* Lane l's word of the chunk whose bytes start at `chunk` (the plane rule above), little-endian:
+ * step i's code is bq_word_code(word, bits, i).  The CPU and CUDA kernels' one decode of a lane. */
+BQ_FN uint64_t bq_lane_word(const uint8_t* chunk, int lanes, int lane_bytes, int l) {
+    uint64_t v = 0;
+    int64_t off = 0;
+    int start = 0, rem = lane_bytes;
+    while (rem > 0) {
+        int w = rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
+        for (int j = 0; j < w; ++j) v |= (uint64_t)chunk[off + (int64_t)l * w + j] << (8 * (start + j));
+        off += (int64_t)lanes * w;
+        start += w;
+        rem -= w;
+    }
+    return v;
+}
+
+BQ_FN int bq_word_code(uint64_t word, int bits, int i) {
+    return (int)((word >> (bits * i)) & ((1u << bits) - 1u));
+}
+
+/* An affine weight's value: the reference's fp32 arithmetic, (q - zp) then times the scale. */
+BQ_FN float bq_affine(int q, int zp, float scale) { return ((float)q - (float)zp) * scale; }
 
 /* Plain LSB-first bit stream: element i of width `bits` (zero points; the 1-lane chunk). */
 BQ_FN int bq_stream_at(const uint8_t* buf, int bits, int64_t i) {

@@ -1,0 +1,140 @@
+"""The CUDA kernels (``libbayesq_cuda.so``, built from ``custom_ops/cuda/`` where nvcc is found) from
+Python, on torch tensors in GPU memory; and their decode run on the host, which is how the CPU-only
+tests check it.
+
+    packed = {k: torch.from_numpy(v).cuda() for k, v in fmt.pack(q).items()}   # B, scales / lut, zero_points
+    Y = cuda.matmul(packed, A, K=K, N=N, bits=3, block=32)                       # A @ W (+ bias)
+    W = cuda.dequantize(packed, K=K, N=N, bits=3, block=32, inner=N)            # W (K, N)
+    E = cuda.gather(packed, token_ids, K=K, N=N, bits=3, block=32)               # rows of a table
+
+The packed arrays are those of ``BayesqUniform.pack`` / ``BayesqLut.pack`` (the ops' inputs).
+Calls run on torch's current stream.  ``$BAYESQ_CUDA_LIB`` names another build.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BayesQError
+
+LIB_NAME = "libbayesq_cuda.so"
+PATHS = {"auto": 0, "gemv": 1, "gemm": 2, "cublas": 3}   # bayesq/cuda.h
+
+
+class _Weight(ctypes.Structure):
+    # bq_cuda_weight of custom_ops/include/bayesq/cuda.h, field for field
+    _fields_ = [("B", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zp", ctypes.c_void_p),
+                ("lut", ctypes.c_void_p), ("K", ctypes.c_int64), ("N", ctypes.c_int64),
+                ("block", ctypes.c_int64), ("bits", ctypes.c_int), ("is_lut", ctypes.c_int),
+                ("s_half", ctypes.c_int)]
+
+
+def library_path() -> Path | None:
+    env = os.environ.get("BAYESQ_CUDA_LIB")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    p = Path(__file__).with_name(LIB_NAME)
+    return p if p.is_file() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _lib(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    W = ctypes.POINTER(_Weight)
+    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.bq_cuda_matmul.argtypes = [W, vp, i64, vp, vp, i32, i32, vp]
+    lib.bq_cuda_dequantize.argtypes = [W, i64, vp, i32, vp]
+    lib.bq_cuda_gather.argtypes = [W, vp, i32, i64, vp, i32, vp]
+    lib.bq_cuda_decode_host.argtypes = [W, vp]
+    lib.bq_cuda_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+def lib() -> ctypes.CDLL:
+    p = library_path()
+    if p is None:
+        raise BayesQError(f"{Path(__file__).with_name(LIB_NAME)} was not built (needs nvcc when the package "
+                          f"is installed: `pip install -e .` with CUDA's compiler on PATH)")
+    return _lib(p)
+
+
+def _call(rc: int) -> None:
+    if rc != 0:
+        raise BayesQError(f"bayesq CUDA: {lib().bq_cuda_last_error().decode()}")
+
+
+def _weight(packed: dict, ptr, half, K: int, N: int, bits: int, block: int) -> _Weight:
+    is_lut = "lut" in packed
+    s = packed["lut" if is_lut else "scales"]
+    zp = packed.get("zero_points")
+    return _Weight(B=ptr(packed["B"]), scales=None if is_lut else ptr(s), zp=None if zp is None else ptr(zp),
+                   lut=ptr(s) if is_lut else None, K=K, N=N, block=block, bits=bits, is_lut=int(is_lut),
+                   s_half=int(half(s)))
+
+
+def decode_host(packed: dict[str, np.ndarray], *, K: int, N: int, bits: int, block: int) -> np.ndarray:
+    """V (N, K) float32 from host arrays, by the CUDA kernels' decode compiled for the host."""
+    packed = {k: np.ascontiguousarray(v) for k, v in packed.items() if v is not None}
+    w = _weight(packed, lambda a: a.ctypes.data, lambda a: a.dtype == np.float16, K, N, bits, block)
+    V = np.empty((N, K), np.float32)
+    _call(lib().bq_cuda_decode_host(ctypes.byref(w), V.ctypes.data))
+    return V
+
+
+def _device_weight(packed: dict, K: int, N: int, bits: int, block: int) -> tuple[_Weight, dict]:
+    import torch
+    packed = {k: v.contiguous() for k, v in packed.items() if v is not None}
+    for k, v in packed.items():
+        if not v.is_cuda:
+            raise BayesQError(f"bayesq CUDA: packed input {k} is not in GPU memory")
+    return _weight(packed, lambda t: t.data_ptr(), lambda t: t.dtype == torch.float16, K, N, bits, block), packed
+
+
+def _stream():
+    import torch
+    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+
+def matmul(packed: dict, A, *, K: int, N: int, bits: int, block: int, bias=None, path: str = "auto"):
+    """A (..., K) @ W (+ bias) on the GPU; A float32 or float16 (Y and bias alike).  ``path``: auto,
+    gemv, gemm (fused, tensor cores) or cublas (dequantize, then the cuBLAS this process loaded)."""
+    import torch
+    w, packed = _device_weight(packed, K, N, bits, block)   # contiguous copies live to the launch
+    if A.dtype not in (torch.float32, torch.float16) or A.shape[-1] != K or not A.is_cuda:
+        raise BayesQError(f"bayesq CUDA: A must be a float32/float16 GPU tensor of last axis {K}, got "
+                          f"{A.dtype} {tuple(A.shape)}")
+    A2 = A.reshape(-1, K).contiguous()
+    Y = torch.empty((A2.shape[0], N), dtype=A.dtype, device=A.device)
+    b = None if bias is None else bias.to(A.dtype).contiguous()
+    _call(lib().bq_cuda_matmul(ctypes.byref(w), A2.data_ptr(), A2.shape[0], None if b is None else b.data_ptr(),
+                               Y.data_ptr(), int(A.dtype == torch.float16), PATHS[path], _stream()))
+    return Y.reshape(*A.shape[:-1], N)
+
+
+def dequantize(packed: dict, *, K: int, N: int, bits: int, block: int, inner: int = 1, dtype=None):
+    """The weight decoded on the GPU: V (N, K) for inner 1, W (K, N) for inner N (bayesq/cuda.h)."""
+    import torch
+    dtype = dtype or torch.float32
+    w, packed = _device_weight(packed, K, N, bits, block)   # contiguous copies live to the launch
+    out = torch.empty((N // inner, K, inner) if inner > 1 else (N, K), dtype=dtype, device=packed["B"].device)
+    _call(lib().bq_cuda_dequantize(ctypes.byref(w), inner, out.data_ptr(), int(dtype == torch.float16), _stream()))
+    return out.reshape(K, N) if inner == N else out
+
+
+def gather(packed: dict, indices, *, K: int, N: int, bits: int, block: int, dtype=None):
+    """Rows of the packed table (an embedding lookup) on the GPU: (*indices.shape, K).  ``indices``:
+    integers on the host (numpy or a CPU tensor), checked there as the CPU op checks them."""
+    import torch
+    dtype = dtype or torch.float32
+    w, packed = _device_weight(packed, K, N, bits, block)   # contiguous copies live to the launch
+    idx = np.ascontiguousarray(np.asarray(indices.cpu() if hasattr(indices, "cpu") else indices))
+    if idx.dtype not in (np.int64, np.int32):
+        raise BayesQError(f"bayesq CUDA: indices must be int32 or int64, got {idx.dtype}")
+    Y = torch.empty((*idx.shape, K), dtype=dtype, device=packed["B"].device)
+    _call(lib().bq_cuda_gather(ctypes.byref(w), idx.ctypes.data, int(idx.dtype == np.int64), idx.size, Y.data_ptr(),
+                               int(dtype == torch.float16), _stream()))
+    return Y

@@ -1,0 +1,121 @@
+// The bayesq MatMulAffine, MatMulLut, DequantizeAffine, DequantizeLut, GatherAffine and GatherLut ops for onnxruntime's
+// CUDAExecutionProvider, run by the CUDA kernels (C API: include/bayesq/cuda.h).  Plain C++: no CUDA
+// header is needed, the session's stream is a void* handed on to the kernels.
+//
+// Same signatures (ort_util.h's op descriptions: T and S float / float16), attributes and input checks
+// as the CPU ops of src/ops.cpp, which add these to domain "bayesq" after their own when built with
+// BAYESQ_CUDA_OPS (libbayesq_ops_cuda.so): onnxruntime gives a node to the CUDA kernel where the session
+// runs the CUDA provider, and to the CPU one where the node falls back to the CPU.  Shapes and attributes
+// are host metadata; inputs and the output (allocated by the kernel context) are device memory; the
+// kernels are launched on the kernel context's compute stream, in order with onnxruntime's own kernels.
+#include "bayesq/cuda.h"
+#include "ort_util.h"
+
+namespace bq {
+namespace {
+
+void cuda_check(int rc) {
+    if (rc != BQ_CUDA_OK) throw Error(bq_cuda_last_error());
+}
+
+void* stream_of(OrtKernelContext* ctx) { return Ort::KernelContext(ctx).GetGPUComputeStream(); }
+
+struct CudaKernel : QAttrs {
+    static constexpr const char* provider = "CUDAExecutionProvider";
+
+    using QAttrs::QAttrs;
+
+    // Inputs first.. (B, scales/lut, zero_points?) checked against the attributes, as device pointers.
+    bq_cuda_weight weight(OrtKernelContext* ctx, size_t first) const {
+        const PackedInputs in = packed_inputs(ctx, first, *this);
+        bq_cuda_weight w{};
+        w.B = static_cast<const uint8_t*>(in.B.data);
+        (is_lut ? w.lut : w.scales) = in.T.data;
+        w.zp = in.Z ? static_cast<const uint8_t*>(in.Z.data) : nullptr;
+        w.K = K, w.N = N, w.block = block, w.bits = bits;
+        w.is_lut = is_lut;
+        w.s_half = in.T.type == F16;
+        return w;
+    }
+};
+
+// Y (..., N) = A (..., K) @ W (+ bias): the GEMV for few rows, the tensor-core GEMM from
+// bq_cuda_gemm_min_rows() rows (cuda.h).
+struct CudaMatMulKernel : CudaKernel {
+    bool fp16;   // T: A, bias and Y are float16
+    CudaMatMulKernel(const OrtKernelInfo* info, bool lut, bool half) : CudaKernel(info, lut), fp16(half) {}
+
+    void Compute(OrtKernelContext* ctx) const {
+        const bq_cuda_weight w = weight(ctx, 1);
+        const Tensor A = input(ctx, 0), b = input(ctx, is_lut ? 3 : 4);
+        if (A.shape.empty() || A.shape.back() != K) throw Error("A's last dimension must be K=" + std::to_string(K));
+        if (b) expect_numel(b, N, "bias");
+        std::vector<int64_t> yshape = A.shape;
+        yshape.back() = N;
+        void* y = output(ctx, 0, yshape);
+        const int64_t M = A.numel / K;
+        if (M == 0) return;
+        cuda_check(bq_cuda_matmul(&w, A.data, M, b ? b.data : nullptr, y, fp16, BQ_CUDA_AUTO, stream_of(ctx)));
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq CUDA matmul", [&] { Compute(ctx); });
+    }
+};
+
+// W (float32, attribute `shape`) from its view: inner = the product of W's axes after `axis` (cuda.h).
+struct CudaDequantizeKernel : CudaKernel {
+    NativeLayout layout;
+    CudaDequantizeKernel(const OrtKernelInfo* info, bool lut) : CudaKernel(info, lut), layout(info, K, N) {}
+
+    void Compute(OrtKernelContext* ctx) const {
+        const bq_cuda_weight w = weight(ctx, 0);
+        void* out = output(ctx, 0, layout.shape);
+        cuda_check(bq_cuda_dequantize(&w, layout.inner, out, 0, stream_of(ctx)));
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq CUDA dequantize", [&] { Compute(ctx); });
+    }
+};
+
+// Y (*indices.shape, K) = rows of the table; the indices in host memory (GatherOp), checked by the kernel's
+// entry point as the CPU op checks them.
+struct CudaGatherKernel : CudaKernel {
+    using CudaKernel::CudaKernel;
+
+    void Compute(OrtKernelContext* ctx) const {
+        const bq_cuda_weight w = weight(ctx, 1);
+        const Tensor I = input(ctx, 0);
+        std::vector<int64_t> yshape = I.shape;
+        yshape.push_back(K);
+        void* out = output(ctx, 0, yshape);
+        cuda_check(bq_cuda_gather(&w, I.data, I.type == I64, I.numel, out, 0, stream_of(ctx)));
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq CUDA gather", [&] { Compute(ctx); });
+    }
+};
+
+// The CPU ops' variants, one registration per (T, S) as in ops.cpp.
+MatMulOp<CudaMatMulKernel> g_cuda_matmul[] = {
+    {false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
+    {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
+DequantizeOp<CudaDequantizeKernel> g_cuda_dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
+GatherOp<CudaGatherKernel> g_cuda_gather[] = {{false, I64, F32}, {false, I64, F16}, {false, I32, F32}, {false, I32, F16},
+                                              {true, I64, F32},  {true, I64, F16},  {true, I32, F32},  {true, I32, F16}};
+
+}  // namespace
+
+OrtStatus* add_cuda_ops(OrtCustomOpDomain* domain) {
+    for (OrtCustomOp& op : g_cuda_matmul)
+        if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
+    for (OrtCustomOp& op : g_cuda_dequantize)
+        if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
+    for (OrtCustomOp& op : g_cuda_gather)
+        if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
+    return nullptr;
+}
+
+}  // namespace bq

@@ -1,0 +1,241 @@
+"""The CUDA kernels (custom_ops/cuda/, bayesq_onnx/runtime/cuda.py) against the packers' numpy decode.
+
+On any machine where the library was built (nvcc found at install): their decode functions, run on
+the host, give every weight bit-exactly.  With a GPU (torch sees one): the kernels themselves.
+Imports nothing but numpy and torch (tools/gpu_check.sh runs this file where onnx may be missing,
+with --noconftest).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bayesq_onnx.errors import BayesQError
+from bayesq_onnx.formats import BayesqLut, BayesqUniform, LutCodes, UniformCodes
+from bayesq_onnx.formats.bayesq_uniform import groups
+from bayesq_onnx.runtime import cuda
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+pytestmark = pytest.mark.skipif(cuda.library_path() is None,
+                                reason="libbayesq_cuda.so not built (no nvcc when the package was installed)")
+
+
+def _gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+gpu = pytest.mark.skipif(not _gpu(), reason="no CUDA GPU visible to torch")
+
+# (K, N, block): full chunks, partial-lane chunks (8, 9 and 15 lanes; the last two straddle groups of
+# 16), a K % 8 tail, K < 8, odd N, one codebook per row (block 0, LUT only), groups of 48 across the
+# 128-code chunks (the kernels follow a lane's group step by step from one division)
+CASES = [(203, 13, 16), (576, 9, 32), (255, 5, 64), (136, 4, 0), (5, 3, 16), (1000, 7, 128), (1024, 3, 48)]
+
+
+def weight(kind, bits, K, N, block, seed, scale_dtype="float32"):
+    """(packed arrays, V (N, K) float32 as the packers decode them)."""
+    rng = np.random.default_rng(seed)
+    G = groups(K, block)
+    codes = rng.integers(0, 1 << bits, (N, K), dtype=np.uint8)
+    if kind == "lut":
+        q = LutCodes(codes=codes, lut=rng.standard_normal((N, G, 1 << bits)).astype(np.float32), bits=bits, block=block)
+        fmt = BayesqLut(bits, block, scale_dtype)
+    else:
+        q = UniformCodes(codes=codes, scale=rng.uniform(0.01, 0.2, (N, G)).astype(np.float32),
+                         zero_point=rng.integers(0, 1 << bits, (N, G), dtype=np.uint8), bits=bits, block=block)
+        fmt = BayesqUniform(bits, block, scale_dtype)
+    q = fmt.stored_codes(q)                      # scales / levels as stored (fp16-rounded for float16)
+    return fmt.pack(q), q.dequantize().astype(np.float32)
+
+
+def cases(kind):
+    return [c for c in CASES if kind == "lut" or c[2] > 0]     # affine groups are multiples of 16
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+def test_host_decode_bit_exact(kind, bits, scale_dtype):
+    for K, N, block in cases(kind):
+        packed, V = weight(kind, bits, K, N, block, 100 * bits + K, scale_dtype)
+        got = cuda.decode_host(packed, K=K, N=N, bits=bits, block=block)
+        assert np.array_equal(got.view(np.uint32), V.view(np.uint32)), (K, N, block)
+
+
+def test_host_decode_refuses_bad_arguments():
+    packed, _ = weight("affine", 3, 64, 2, 16, 0)
+    with pytest.raises(BayesQError, match="bits must be 1..8, got 9"):
+        cuda.decode_host(packed, K=64, N=2, bits=9, block=16)
+    with pytest.raises(BayesQError, match="K and N must be positive"):
+        cuda.decode_host(packed, K=0, N=2, bits=3, block=16)
+
+
+def test_gather_checks_its_indices_on_the_host_before_any_launch():
+    import ctypes
+    packed, _ = weight("affine", 3, 64, 5, 16, 0)
+    w = cuda._weight(packed, lambda a: a.ctypes.data, lambda a: a.dtype == np.float16, 64, 5, 3, 16)
+    for bad, itype in ((5, np.int64), (-6, np.int32)):
+        idx = np.array([0, bad, 1], itype)
+        Y = np.empty((3, 64), np.float32)       # never written: the check fails first
+        rc = cuda.lib().bq_cuda_gather(ctypes.byref(w), idx.ctypes.data, int(itype == np.int64), 3, Y.ctypes.data, 0, None)
+        assert rc == 1 and cuda.lib().bq_cuda_last_error().decode() == f"index {bad} out of range for 5 rows"
+
+
+# ---- on a GPU -----------------------------------------------------------------------------------
+
+def _dev(packed):
+    import torch
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in packed.items() if v is not None}
+
+
+def fp32_bound(A, V):
+    """Rounding bound of y = sum_k a_k v_k in fp32 in any order (Higham's gamma_K), for the kernel and
+    for the float64 reference alike: 2 K eps sum_k |a_k v_k|."""
+    return 2 * A.shape[-1] * EPS32 * (np.abs(A) @ np.abs(V).T) + 1e-30
+
+
+def fp16_bound(A, V):
+    """The GEMM rounds A and V to fp16 (relative 2^-11 each) and accumulates in fp32: per product
+    2 * 2^-11 + its square, plus the fp32 sum's own bound."""
+    return (2 * 2.0 ** -11 + 2.0 ** -22 + 2 * A.shape[-1] * EPS32) * (np.abs(A) @ np.abs(V).T) + 1e-30
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+def test_dequantize_bit_exact_in_every_layout(kind, bits):
+    import torch
+    for K, N, block in cases(kind) + [(4096, 12, 32)]:
+        packed, V = weight(kind, bits, K, N, block, bits + K, "float16")
+        d = _dev(packed)
+        got = cuda.dequantize(d, K=K, N=N, bits=bits, block=block).cpu().numpy()
+        assert np.array_equal(got.view(np.uint32), V.view(np.uint32))
+        W = cuda.dequantize(d, K=K, N=N, bits=bits, block=block, inner=N).cpu().numpy()
+        assert np.array_equal(W, V.T)
+        if N % 3 == 0:   # a conv-like layout: (N / 3, K, 3), V's rows enumerating the outer and inner axes
+            C = cuda.dequantize(d, K=K, N=N, bits=bits, block=block, inner=3).cpu().numpy()
+            assert np.array_equal(C, V.reshape(N // 3, 3, K).transpose(0, 2, 1))
+        h = cuda.dequantize(d, K=K, N=N, bits=bits, block=block, dtype=torch.float16).cpu().numpy()
+        assert np.array_equal(h, V.astype(np.float16))
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+def test_gather_bit_exact_and_checks_indices(kind):
+    import torch
+    for K, N, block in cases(kind):
+        packed, V = weight(kind, 3, K, N, block, K + 1, "float16")
+        d = _dev(packed)
+        idx = np.array([[0, N - 1, -1], [2 % N, -N, 1 % N]], np.int64)
+        for itype in (np.int64, np.int32):
+            got = cuda.gather(d, idx.astype(itype), K=K, N=N, bits=3, block=block).cpu().numpy()
+            assert got.shape == (2, 3, K) and np.array_equal(got, V[idx % N])
+        h = cuda.gather(d, idx, K=K, N=N, bits=3, block=block, dtype=torch.float16).cpu().numpy()
+        assert np.array_equal(h, V[idx % N].astype(np.float16))
+        with pytest.raises(BayesQError, match=f"index {N} out of range for {N} rows"):
+            cuda.gather(d, np.array([0, N]), K=K, N=N, bits=3, block=block)
+
+
+@gpu
+@pytest.mark.parametrize("bits", [1, 3, 4, 5, 8])
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+def test_gemv_within_fp32_bound(kind, bits):
+    import torch
+    rng = np.random.default_rng(bits)
+    for K, N, block in cases(kind) + [(4096, 10, 32), (1024, 4096, 64)]:   # the last two split K / not
+        packed, V = weight(kind, bits, K, N, block, K + N, "float32")
+        d = _dev(packed)
+        for M in (1, 2, 3, 5, 8):
+            A = rng.standard_normal((M, K)).astype(np.float32)
+            bias = rng.standard_normal(N).astype(np.float32)
+            Y = cuda.matmul(d, torch.from_numpy(A).cuda(), K=K, N=N, bits=bits, block=block,
+                            bias=torch.from_numpy(bias).cuda(), path="gemv").cpu().numpy()
+            ref = A.astype(np.float64) @ V.T.astype(np.float64) + bias
+            assert np.all(np.abs(Y - ref) <= fp32_bound(A, V) + np.abs(bias) * EPS32), (K, N, M)
+
+
+@gpu
+def test_gemv_split_over_k_gives_the_same_bytes_every_run():
+    import torch
+    packed, V = weight("affine", 3, 8192, 6, 32, 1, "float32")     # 6 columns: K split over many blocks
+    d = _dev(packed)
+    A = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 8192)).astype(np.float32)).cuda()
+    runs = [cuda.matmul(d, A, K=8192, N=6, bits=3, block=32, path="gemv").cpu().numpy() for _ in range(3)]
+    assert all(np.array_equal(r.view(np.uint32), runs[0].view(np.uint32)) for r in runs)
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+def test_gemm_within_fp16_bound(kind, bits):
+    import torch
+    rng = np.random.default_rng(bits)
+    for K, N, block in cases(kind) + [(1024, 200, 64)]:
+        packed, V = weight(kind, bits, K, N, block, K * N, "float16")
+        d = _dev(packed)
+        for M in (9, 64, 130):     # partial tiles of 64 rows
+            A = rng.standard_normal((M, K)).astype(np.float32)
+            Y = cuda.matmul(d, torch.from_numpy(A).cuda(), K=K, N=N, bits=bits, block=block, path="gemm")
+            ref = A.astype(np.float64) @ V.T.astype(np.float64)
+            assert np.all(np.abs(Y.cpu().numpy() - ref) <= fp16_bound(A, V)), (K, N, M)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+def test_cublas_path_within_its_bounds(kind):
+    import torch
+    torch.ones(8, 8, device="cuda") @ torch.ones(8, 8, device="cuda")   # torch loads cuBLAS into the process
+    rng = np.random.default_rng(3)
+    for K, N, block in cases(kind):
+        packed, V = weight(kind, 4, K, N, block, K, "float16")
+        d = _dev(packed)
+        A = rng.standard_normal((37, K)).astype(np.float32)
+        bias = rng.standard_normal(N).astype(np.float32)
+        ref = A.astype(np.float64) @ V.T.astype(np.float64) + bias
+        Y = cuda.matmul(d, torch.from_numpy(A).cuda(), K=K, N=N, bits=4, block=block,
+                        bias=torch.from_numpy(bias).cuda(), path="cublas").cpu().numpy()
+        # float32 stays float32 there (cuBLAS's default math: no TF32), the bias added in the same sum
+        assert np.all(np.abs(Y - ref) <= fp32_bound(A, V) + np.abs(bias) * 2 * EPS32), (K, N)
+        A16 = A.astype(np.float16)
+        Y16 = cuda.matmul(d, torch.from_numpy(A16).cuda(), K=K, N=N, bits=4, block=block, path="cublas")
+        ref16 = A16.astype(np.float64) @ V.T.astype(np.float64)
+        # V rounded to fp16 (2^-11 relative), fp32 accumulation, the output rounded to fp16
+        tol = fp16_bound(A16.astype(np.float32), V) + np.abs(ref16) * 2.0 ** -11
+        assert np.all(np.abs(Y16.float().cpu().numpy() - ref16) <= tol), (K, N)
+
+
+@gpu
+def test_half_io_and_the_automatic_path():
+    import torch
+    K, N, block = 512, 96, 32
+    packed, V = weight("affine", 4, K, N, block, 7, "float16")
+    d = _dev(packed)
+    rng = np.random.default_rng(1)
+    for M in (1, 4, cuda.lib().bq_cuda_gemm_min_rows(), 100):
+        A = rng.standard_normal((2, M, K)).astype(np.float16)        # batched: rows are its leading axes
+        Y = cuda.matmul(d, torch.from_numpy(A).cuda(), K=K, N=N, bits=4, block=block)
+        assert Y.dtype == torch.float16 and Y.shape == (2, M, N)
+        A32 = A.reshape(-1, K).astype(np.float32)
+        ref = A32.astype(np.float64) @ V.T.astype(np.float64)
+        # fp16 output rounding (2^-11 relative) on top of the GEMM's bound
+        tol = fp16_bound(A32, V) + np.abs(ref) * 2.0 ** -11
+        assert np.all(np.abs(Y.reshape(-1, N).float().cpu().numpy() - ref) <= tol), M
+
+
+@gpu
+def test_bad_calls_fail_with_a_message():
+    import torch
+    packed, _ = weight("affine", 3, 64, 4, 16, 0)
+    d = _dev(packed)
+    A = torch.zeros((20, 64), device="cuda")
+    with pytest.raises(BayesQError, match="the GEMV takes at most 8 rows"):
+        cuda.matmul(d, A, K=64, N=4, bits=3, block=16, path="gemv")
+    with pytest.raises(BayesQError, match="must be a float32/float16 GPU tensor"):
+        cuda.matmul(d, A[:, :32], K=64, N=4, bits=3, block=16)
+    with pytest.raises(BayesQError, match="not in GPU memory"):
+        cuda.matmul({k: v.cpu() for k, v in d.items()}, A, K=64, N=4, bits=3, block=16)
