@@ -13,7 +13,8 @@ from .errors import BayesQError, first_line
 log = logging.getLogger("bayesq_onnx.cli")
 EXIT_BAD_INPUT = 2
 PROG = "bayesq-onnx"
-COMMANDS = ("export", "calib", "compress", "eval", "predict", "report", "inspect", "tune", "curvature", "demo")
+COMMANDS = ("export", "calib", "compress", "eval", "crosscheck", "predict", "report", "inspect", "tune", "curvature",
+            "demo")
 
 # a few words per loss-table source for --tables; a source added to config.TABLE_SOURCES without an
 # entry here is still offered, under its bare name
@@ -204,6 +205,18 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
     e.add_argument("--json", help="write all the metrics here as JSON (the terminal gets a summary)")
     e.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
 
+    x = sub.add_parser("crosscheck", help="run one model on several runtimes (onnxruntime CPU packed / unpacked, "
+                                          "CUDA, TensorRT) through polygraphy and compare their outputs",
+                       allow_abbrev=False)
+    x.add_argument("model", help=".onnx model (e.g. written by compress)")
+    x.add_argument("--data", required=req, help=".npz of inputs (keys = input names, axis 0 = samples)")
+    x.add_argument("--runtimes", help="comma-separated, the first the reference: cpu-packed, cpu-unpacked, cuda, "
+                                      "tensorrt (default: every one this onnxruntime offers)")
+    x.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance per element (default 1e-3)")
+    x.add_argument("--atol", type=float, default=1e-3, help="absolute tolerance per element (default 1e-3)")
+    x.add_argument("--json", help="write the comparison here as JSON")
+    x.add_argument("--quiet", action="store_true", help="no progress output (warnings still print)")
+
     pr = sub.add_parser("predict", help="S forward samples of a --keep-posterior model per input: predictive "
                                         "mean and its uncertainty (total, aleatoric, epistemic)", allow_abbrev=False)
     pr.add_argument("model", help=".onnx model (one that samples its weights, or any classifier)")
@@ -300,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parse(argv)
         _setup_logging(args.quiet)
-        return {"export": _export, "calib": _calib, "compress": _compress, "eval": _eval, "predict": _predict, "report": _report,
+        return {"export": _export, "calib": _calib, "compress": _compress, "eval": _eval,
+                "crosscheck": _crosscheck, "predict": _predict, "report": _report,
                 "inspect": _inspect, "tune": _tune, "curvature": _curvature, "demo": _demo}[args.command](args)
     except _Exit as e:
         return e.status
@@ -311,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug of ours: one line unless asked for the traceback
+        if isinstance(e, ModuleNotFoundError) and e.name == "onnxruntime":
+            print(f"{PROG}: error: onnxruntime is not installed: install bayesq-onnx with the `cpu` extra "
+                  "(onnxruntime) or the `gpu` extra (onnxruntime-gpu)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if os.environ.get("BAYESQ_DEBUG"):
             raise
         print(f"{PROG}: internal error: {type(e).__name__}: {first_line(e)} "
@@ -611,6 +629,24 @@ def _eval(args) -> int:
         save_json_atomic(metrics, args.json)
     print(_eval_summary(metrics, args.json))
     return 0
+
+
+def _crosscheck(args) -> int:
+    """Exit 0 when every runtime matched the first within the tolerances, 1 when one did not."""
+    from .validate.crosscheck import crosscheck_files
+    runtimes = args.runtimes.split(",") if args.runtimes else None
+    res = crosscheck_files(args.model, args.data, runtimes, rtol=args.rtol, atol=args.atol)
+    if args.json:
+        from .graph.model_io import save_json_atomic
+        save_json_atomic(res, args.json)
+    print(f"{res['model']}: {res['n_samples']} samples on {', '.join(res['runtimes'])} "
+          f"(tolerance: abs {res['atol']:g} or rel {res['rtol']:g} per element)")
+    for p in res["pairs"]:
+        print(f"  {p['runtimes'][1]} vs {p['runtimes'][0]}: {'matched' if p['passed'] else 'MISMATCH'}")
+        for name, o in p["outputs"].items():
+            print(f"    {name}: max abs diff {o['max_abs_diff']:.3g}, max rel diff {o['max_rel_diff']:.3g}"
+                  f"{'' if o['passed'] else ' (outside the tolerance)'}")
+    return 0 if res["passed"] else 1
 
 
 def _eval_summary(m: dict, json_path: str | None) -> str:

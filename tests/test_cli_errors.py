@@ -332,3 +332,15 @@ def test_calib_errors(tmp_path, capsys, mlp_path, case):
     assert code == 2 and len(err) == 1 and err[0].startswith("bayesq-onnx: error:"), err
     assert needle in err[0], err[0]
     assert sorted(work.iterdir()) == before, "a failure left files behind"
+
+
+def test_missing_onnxruntime_says_which_extra_to_install(mlp_path, tmp_path):
+    # onnxruntime comes with the `cpu` or `gpu` extra; without either, one line and exit 2
+    code = ("import sys; sys.modules['onnxruntime'] = None\n"
+            "from bayesq_onnx.cli import main\n"
+            f"sys.exit(main(['compress', {str(mlp_path)!r}, '--bits', '4', '-o', {str(tmp_path / 'o.onnx')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert "onnxruntime is not installed" in err[0] and "`cpu` extra" in err[0], err[0]
+    assert not (tmp_path / "o.onnx").exists()
