@@ -51,7 +51,8 @@ def test_no_arguments_prints_usage_and_one_error_line(capsys):
     (["compress", "m.onnx", "--bits", "three"], "bayesq-onnx: error: compress: argument --bits: invalid float "
                                                 "value: 'three'"),
     (["nonsense"], "bayesq-onnx: error: argument COMMAND: invalid choice: 'nonsense' (choose from 'export', "
-                   "'calib', 'compress', 'eval', 'predict', 'report', 'inspect', 'tune', 'curvature', 'demo')"),
+                   "'calib', 'compress', 'eval', 'crosscheck', 'predict', 'report', 'inspect', 'tune', 'curvature', "
+                   "'demo')"),
     (["export", "net.py:make"], "bayesq-onnx: error: export: the following arguments are required: -o/--output"),
     (["calib", "m.onnx", "-o", "c.npz"], "bayesq-onnx: error: calib: one of the arguments --text --images --random "
                                          "is required"),
