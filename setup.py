@@ -17,6 +17,9 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 LIB = "libbayesq_ops.so"
+# built beside it where CMake finds nvcc (custom_ops/CMakeLists.txt): the CUDA kernels, and the ops for
+# onnxruntime's CUDA execution provider
+CUDA_LIBS = ("libbayesq_cuda.so", "libbayesq_ops_cuda.so")
 
 
 class CustomOpsError(Exception):
@@ -27,6 +30,31 @@ class CMakeBuild(build_ext):
     def get_ext_filename(self, fullname):
         # a plain shared library loaded by onnxruntime, not a Python extension module
         return os.path.join(*fullname.split(".")[:-1], LIB)
+
+    # setuptools knows one file per extension; the CUDA libraries, where built, travel with it: into the
+    # source tree (editable installs), the wheel's file list, and the editable wheel's output mapping
+    def _with_cuda_libs(self, pairs):
+        for dst, src in pairs:
+            yield dst, src
+            if Path(dst).name == LIB:
+                for name in CUDA_LIBS:
+                    if Path(dst).with_name(name).exists():
+                        yield str(Path(dst).with_name(name)), str(Path(src).with_name(name))
+
+    def copy_extensions_to_source(self):
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            for built, inplace in list(self._with_cuda_libs([(regular_file, inplace_file)]))[1:]:
+                self.copy_file(built, inplace, level=self.verbose)
+
+    def _get_output_mapping(self):
+        return self._with_cuda_libs(super()._get_output_mapping())
+
+    def get_outputs(self):
+        outs = super().get_outputs()
+        return outs if self.inplace else sorted(d for d, _ in self._with_cuda_libs((o, o) for o in outs))
 
     def build_extension(self, ext):
         out = Path(self.get_ext_fullpath(ext.name)).resolve()

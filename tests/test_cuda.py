@@ -7,6 +7,8 @@ with --noconftest).
 """
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -17,8 +19,8 @@ from bayesq_onnx.runtime import cuda
 
 EPS32 = float(np.finfo(np.float32).eps)
 
-pytestmark = pytest.mark.skipif(cuda.library_path() is None,
-                                reason="libbayesq_cuda.so not built (no nvcc when the package was installed)")
+built = pytest.mark.skipif(cuda.library_path() is None,
+                           reason="libbayesq_cuda.so not built (no nvcc when the package was installed)")
 
 
 def _gpu() -> bool:
@@ -29,7 +31,8 @@ def _gpu() -> bool:
     return torch.cuda.is_available()
 
 
-gpu = pytest.mark.skipif(not _gpu(), reason="no CUDA GPU visible to torch")
+gpu = pytest.mark.skipif(not _gpu() or cuda.library_path() is None,
+                         reason="no CUDA GPU visible to torch, or libbayesq_cuda.so not built")
 
 # (K, N, block): full chunks, partial-lane chunks (8, 9 and 15 lanes; the last two straddle groups of
 # 16), a K % 8 tail, K < 8, odd N, one codebook per row (block 0, LUT only), groups of 48 across the
@@ -57,6 +60,17 @@ def cases(kind):
     return [c for c in CASES if kind == "lut" or c[2] > 0]     # affine groups are multiples of 16
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
+def test_built_wherever_nvcc_is():
+    """An install on a machine with nvcc builds the CUDA libraries and puts them beside the CPU one
+    (setup.py: setuptools copies one file per extension unless told of the others)."""
+    from bayesq_onnx.runtime import custom_ops
+    if custom_ops.library_path() is None:
+        pytest.skip("installed without the custom-op library (BAYESQ_BUILD_CUSTOM_OPS=0)")
+    assert cuda.library_path() is not None and custom_ops.cuda_library_path() is not None
+
+
+@built
 @pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("kind", ["lut", "affine"])
@@ -67,6 +81,7 @@ def test_host_decode_bit_exact(kind, bits, scale_dtype):
         assert np.array_equal(got.view(np.uint32), V.view(np.uint32)), (K, N, block)
 
 
+@built
 def test_host_decode_refuses_bad_arguments():
     packed, _ = weight("affine", 3, 64, 2, 16, 0)
     with pytest.raises(BayesQError, match="bits must be 1..8, got 9"):
@@ -75,6 +90,7 @@ def test_host_decode_refuses_bad_arguments():
         cuda.decode_host(packed, K=0, N=2, bits=3, block=16)
 
 
+@built
 def test_gather_checks_its_indices_on_the_host_before_any_launch():
     import ctypes
     packed, _ = weight("affine", 3, 64, 5, 16, 0)
