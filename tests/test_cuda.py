@@ -82,6 +82,23 @@ def test_host_decode_bit_exact(kind, bits, scale_dtype):
 
 
 @built
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+def test_gemv_walk_on_the_host_within_fp32_bound(kind, bits):
+    """The GEMV kernel's walk (a warp's threads over chunks, 4 full chunks' words read ahead, K split for
+    narrow N) run on the host covers every code once: every shape, rows 1..8, split or not."""
+    rng = np.random.default_rng(bits)
+    for K, N, block in cases(kind) + [(4096, 6, 32), (3000, 5, 64)]:
+        packed, V = weight(kind, bits, K, N, block, K + bits, "float16")
+        for M in (1, 3, 8):
+            A = rng.standard_normal((M, K)).astype(np.float32)
+            ref = A.astype(np.float64) @ V.T.astype(np.float64)
+            for sms in (1, 132):      # one SM: no split; 132 (an H100): narrow N splits K
+                Y = cuda.gemv_host(packed, A, K=K, N=N, bits=bits, block=block, sms=sms)
+                assert np.all(np.abs(Y - ref) <= fp32_bound(A, V)), (K, N, M, sms)
+
+
+@built
 def test_host_decode_refuses_bad_arguments():
     packed, _ = weight("affine", 3, 64, 2, 16, 0)
     with pytest.raises(BayesQError, match="bits must be 1..8, got 9"):

@@ -50,6 +50,7 @@ def _lib(path: Path) -> ctypes.CDLL:
     lib.bq_cuda_dequantize.argtypes = [W, i64, vp, i32, vp]
     lib.bq_cuda_gather.argtypes = [W, vp, i32, i64, vp, i32, vp]
     lib.bq_cuda_decode_host.argtypes = [W, vp]
+    lib.bq_cuda_gemv_host.argtypes = [W, vp, i64, i32, vp]
     lib.bq_cuda_last_error.restype = ctypes.c_char_p
     return lib
 
@@ -83,6 +84,18 @@ def decode_host(packed: dict[str, np.ndarray], *, K: int, N: int, bits: int, blo
     V = np.empty((N, K), np.float32)
     _call(lib().bq_cuda_decode_host(ctypes.byref(w), V.ctypes.data))
     return V
+
+
+def gemv_host(packed: dict[str, np.ndarray], A: np.ndarray, *, K: int, N: int, bits: int, block: int,
+              sms: int) -> np.ndarray:
+    """A (M <= 8, K) @ V^T float32 on the host by the GEMV kernel's own walk over the codes, K split as
+    on a GPU of ``sms`` SMs (bayesq/cuda.h): the CPU-side test of that walk."""
+    packed = {k: np.ascontiguousarray(v) for k, v in packed.items() if v is not None}
+    w = _weight(packed, lambda a: a.ctypes.data, lambda a: a.dtype == np.float16, K, N, bits, block)
+    A = np.ascontiguousarray(A, np.float32)
+    Y = np.empty((A.shape[0], N), np.float32)
+    _call(lib().bq_cuda_gemv_host(ctypes.byref(w), A.ctypes.data, A.shape[0], sms, Y.ctypes.data))
+    return Y
 
 
 def _device_weight(packed: dict, K: int, N: int, bits: int, block: int) -> tuple[_Weight, dict]:

@@ -78,8 +78,11 @@ struct Decoder {
     template <class F>
     __host__ __device__ __forceinline__ void lane(int64_t n, int64_t c, int l, F&& f) const {
         const bq_chunk ch = bq_chunk_at(K, bits, c);
-        if (l >= ch.lanes) return;
-        const uint64_t word = bq_lane_word(row(n) + ch.byte0, ch.lanes, ch.lane_bytes, l);
+        if (l < ch.lanes) steps(n, ch, l, bq_lane_word(row(n) + ch.byte0, ch.lanes, ch.lane_bytes, l), f);
+    }
+    // The same from the lane's word, read beforehand (so that several reads can be in flight).
+    template <class F>
+    __host__ __device__ __forceinline__ void steps(int64_t n, const bq_chunk& ch, int l, uint64_t word, F&& f) const {
         if (ch.lanes == BQ_LANES && block % BQ_LANES == 0) {
             // a step of 16 lanes lies in one group: the group follows the step, one division a lane
             const unsigned per = unsigned(block / BQ_LANES), step0 = unsigned(ch.k0 / BQ_LANES);   // per 0: one group
@@ -116,6 +119,46 @@ Decoder<S, LUT> decoder(const bq_cuda_weight& w) {
 constexpr int kGemvWarps = 4;   // columns per block
 constexpr int kGemvMaxRows = 8;
 
+constexpr int kGemvBatch = 4;   // full chunks whose words a thread reads before using any
+
+// Thread t's share (t in 0..31) of column n's dot products with MT >= M rows of A over chunks [c0, c1):
+// the half-warp t / 16 takes every other chunk, lane t % 16 of it.  The words of kGemvBatch full chunks
+// are read first, so that their loads are in flight together (a word is used right after its load
+// otherwise, and a warp waits a memory latency per chunk).  __host__ too: bq_cuda_gemv_host runs the
+// 32 threads of a warp one after another, which is how the tests check this walk on a CPU.
+template <int MT, class T, class S, bool LUT>
+__host__ __device__ __forceinline__ void warp_share(const Decoder<S, LUT>& d, const T* A, int M, int64_t n, int64_t c0,
+                                                    int64_t c1, int t, float acc[MT]) {
+    auto fma_rows = [&](int64_t k, float v) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+            if (m < M) acc[m] = fmaf(to_f(A[m * d.K + k]), v, acc[m]);
+    };
+    const int l = t & 15;
+    const int64_t full = d.K / BQ_CHUNK < c1 ? d.K / BQ_CHUNK : c1;
+    int64_t c = c0 + (t >> 4);
+    for (; c + 2 * (kGemvBatch - 1) < full; c += 2 * kGemvBatch) {
+        uint64_t word[kGemvBatch];
+#pragma unroll
+        for (int j = 0; j < kGemvBatch; ++j)
+            word[j] = bq_lane_word(d.row(n) + (c + 2 * j) * BQ_LANES * d.bits, BQ_LANES, d.bits, l);
+#pragma unroll
+        for (int j = 0; j < kGemvBatch; ++j) d.steps(n, bq_chunk_at(d.K, d.bits, c + 2 * j), l, word[j], fma_rows);
+    }
+    for (; c < c1; c += 2) d.lane(n, c, l, fma_rows);
+}
+
+// How many blocks share a column's K (bq_cuda.h: split-K where N is narrow) and chunks per share: a warp
+// per column; narrower than 16 warps per SM, K is split (at least 4 chunks a split, at most 64 splits).
+__host__ __device__ inline void gemv_splits(int64_t N, int64_t nc, int sms, int64_t* splits, int64_t* per) {
+    const int64_t want = int64_t(sms) * 16;
+    int64_t s = N >= want ? 1 : (want + N - 1) / N;
+    if (s > nc / 4) s = nc / 4 > 0 ? nc / 4 : 1;
+    if (s > 64) s = 64;
+    *per = (nc + s - 1) / s;
+    *splits = (nc + *per - 1) / *per;
+}
+
 // Y[m, n] (or, split over K, part[split, m, n]) for the block's columns; MT >= M rows of A.
 template <int MT, class T, class S, bool LUT>
 __global__ void __launch_bounds__(kGemvWarps * 32, 1)   // min 1 block an SM: without it ptxas spilled 8 bytes at 80 registers
@@ -130,12 +173,7 @@ gemv_kernel(Decoder<S, LUT> d, const T* __restrict__ A, int M, const T* __restri
     float acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = 0.f;
-    auto fma_rows = [&](int64_t k, float v) {
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-            if (m < M) acc[m] = fmaf(to_f(A[m * d.K + k]), v, acc[m]);
-    };
-    for (int64_t c = c0 + (t >> 4); c < c1; c += 2) d.lane(n, c, t & 15, fma_rows);
+    warp_share<MT>(d, A, M, n, c0, c1, t, acc);
 #pragma unroll
     for (int m = 0; m < MT; ++m)
         for (int off = 16; off > 0; off >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
@@ -171,14 +209,8 @@ int sm_count() {
 
 template <int MT, class T, class S, bool LUT>
 cudaError_t gemv(const Decoder<S, LUT>& d, const T* A, int M, const T* bias, T* Y, cudaStream_t st) {
-    const int64_t nc = bq_n_chunks(d.K);
-    // a warp per column; narrower than ~16 warps per SM, split K (at least 4 chunks a split)
-    const int64_t want = int64_t(sm_count()) * 16;
-    int64_t splits = d.N >= want ? 1 : (want + d.N - 1) / d.N;
-    if (splits > nc / 4) splits = nc / 4 > 0 ? nc / 4 : 1;
-    if (splits > 64) splits = 64;
-    const int64_t per = (nc + splits - 1) / splits;
-    splits = (nc + per - 1) / per;
+    int64_t splits = 1, per = 1;
+    gemv_splits(d.N, bq_n_chunks(d.K), sm_count(), &splits, &per);
     const dim3 grid(unsigned((d.N + kGemvWarps - 1) / kGemvWarps), unsigned(splits));
     if (splits == 1) {
         gemv_kernel<MT, T, S, LUT><<<grid, kGemvWarps * 32, 0, st>>>(d, A, M, bias, Y, nullptr, per);
@@ -490,6 +522,29 @@ int bq_cuda_gather(const bq_cuda_weight* w, const void* indices, int idx64, int6
         });
     const cudaError_t f = cudaFreeAsync(drows, st);
     return launched(e != cudaSuccess ? e : f, "bayesq gather");
+}
+
+int bq_cuda_gemv_host(const bq_cuda_weight* w, const float* A, int64_t M, int sms, float* Y) {
+    if (int rc = check(w)) return rc;
+    if (M < 1 || M > kGemvMaxRows || !A || !Y) return fail(BQ_CUDA_BAD_ARG, "the GEMV takes 1..%d rows", kGemvMaxRows);
+    with_decoder(*w, [&](auto d) {
+        const int64_t nc = bq_n_chunks(d.K);
+        int64_t splits = 1, per = 1;
+        gemv_splits(d.N, nc, sms, &splits, &per);
+        for (int64_t n = 0; n < d.N; ++n) {
+            float y[kGemvMaxRows] = {};
+            for (int64_t sp = 0; sp < splits; ++sp)
+                for (int t = 0; t < 32; ++t) {
+                    float acc[kGemvMaxRows] = {};
+                    const int64_t c0 = sp * per, c1 = c0 + per < nc ? c0 + per : nc;
+                    warp_share<kGemvMaxRows>(d, A, int(M), n, c0, c1, t, acc);
+                    for (int m = 0; m < M; ++m) y[m] += acc[m];
+                }
+            for (int m = 0; m < M; ++m) Y[m * d.N + n] = y[m];
+        }
+        return cudaSuccess;
+    });
+    return BQ_CUDA_OK;
 }
 
 int bq_cuda_decode_host(const bq_cuda_weight* w, float* V) {

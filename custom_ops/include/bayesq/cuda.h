@@ -62,6 +62,11 @@ BQ_CUDA_API int bq_cuda_gather(const bq_cuda_weight* w, const void* indices, int
  * (compiled by nvcc for the host): the CPU-side test of the GPU decode. */
 BQ_CUDA_API int bq_cuda_decode_host(const bq_cuda_weight* w, float* V);
 
+/* Y (M, N) = A (M, K) @ V^T, all float32 in host memory, by the GEMV's own walk over the codes: each of a
+ * warp's 32 threads in turn, each split of K as the kernel would split it on a GPU of `sms` SMs, the
+ * partial sums added on the host (in another order than the warp's shuffles).  For the tests. */
+BQ_CUDA_API int bq_cuda_gemv_host(const bq_cuda_weight* w, const float* A, int64_t M, int sms, float* Y);
+
 BQ_CUDA_API const char* bq_cuda_last_error(void);
 
 #ifdef __cplusplus
