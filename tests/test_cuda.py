@@ -99,6 +99,21 @@ def test_gemv_walk_on_the_host_within_fp32_bound(kind, bits):
 
 
 @built
+@pytest.mark.parametrize("kind", ["lut", "affine"])
+def test_gemm_tiles_on_the_host_within_fp16_bound(kind):
+    """The GEMM kernel's tiles, filled on the host as its threads fill them (full chunks by lanes, the tail
+    code by code, zeros past M, N and K): partial tiles of rows and columns, every tail shape."""
+    rng = np.random.default_rng(5)
+    for K, N, block in cases(kind):
+        packed, V = weight(kind, 3, K, N, block, K * 3, "float16")
+        for M in (9, 70):
+            A = rng.standard_normal((M, K)).astype(np.float32)
+            Y = cuda.gemm_host(packed, A, K=K, N=N, bits=3, block=block)
+            ref = A.astype(np.float64) @ V.T.astype(np.float64)
+            assert np.all(np.abs(Y - ref) <= fp16_bound(A, V)), (K, N, M)
+
+
+@built
 def test_host_decode_refuses_bad_arguments():
     packed, _ = weight("affine", 3, 64, 2, 16, 0)
     with pytest.raises(BayesQError, match="bits must be 1..8, got 9"):

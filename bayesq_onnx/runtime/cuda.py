@@ -51,6 +51,7 @@ def _lib(path: Path) -> ctypes.CDLL:
     lib.bq_cuda_gather.argtypes = [W, vp, i32, i64, vp, i32, vp]
     lib.bq_cuda_decode_host.argtypes = [W, vp]
     lib.bq_cuda_gemv_host.argtypes = [W, vp, i64, i32, vp]
+    lib.bq_cuda_gemm_host.argtypes = [W, vp, i64, vp]
     lib.bq_cuda_last_error.restype = ctypes.c_char_p
     return lib
 
@@ -95,6 +96,17 @@ def gemv_host(packed: dict[str, np.ndarray], A: np.ndarray, *, K: int, N: int, b
     A = np.ascontiguousarray(A, np.float32)
     Y = np.empty((A.shape[0], N), np.float32)
     _call(lib().bq_cuda_gemv_host(ctypes.byref(w), A.ctypes.data, A.shape[0], sms, Y.ctypes.data))
+    return Y
+
+
+def gemm_host(packed: dict[str, np.ndarray], A: np.ndarray, *, K: int, N: int, bits: int, block: int) -> np.ndarray:
+    """A (M, K) @ V^T on the host from the GEMM kernel's own fp16 tiles (bayesq/cuda.h): the CPU-side
+    test of how they are filled."""
+    packed = {k: np.ascontiguousarray(v) for k, v in packed.items() if v is not None}
+    w = _weight(packed, lambda a: a.ctypes.data, lambda a: a.dtype == np.float16, K, N, bits, block)
+    A = np.ascontiguousarray(A, np.float32)
+    Y = np.empty((A.shape[0], N), np.float32)
+    _call(lib().bq_cuda_gemm_host(ctypes.byref(w), A.ctypes.data, A.shape[0], Y.ctypes.data))
     return Y
 
 

@@ -19,6 +19,7 @@
 #include <dlfcn.h>
 
 #include <cstdarg>
+#include <algorithm>
 #include <cstdio>
 #include <vector>
 
@@ -232,6 +233,40 @@ cudaError_t gemv(const Decoder<S, LUT>& d, const T* A, int M, const T* bias, T* 
 constexpr int kTileM = 64, kTileN = 64, kTileK = BQ_CHUNK, kLds = kTileK + 8;   // +8 halves: rows off by 16 bytes
 constexpr int kGemmThreads = 128;                                               // 4 warps, 32 x 32 of Y each
 
+// Thread tid's share of K step kt's tiles: A's rows m0 .. m0 + 63 rounded to fp16, and V's rows n0 .. n0 + 63
+// decoded into fp16 (Bs[j][k]: V's rows, i.e. W (K x N) column-major), zeros past M, N and K.  __host__
+// too: bq_cuda_gemm_host fills the tiles thread by thread on the CPU, which is how the tests check it.
+template <class T, class S, bool LUT>
+__host__ __device__ __forceinline__ void fill_tiles(const Decoder<S, LUT>& d, const T* A, int64_t M, int64_t m0,
+                                                    int64_t n0, int64_t kt, int tid, __half (*As)[kLds],
+                                                    __half (*Bs)[kLds]) {
+    const int64_t k0 = kt * kTileK;
+    for (int e = tid; e < kTileM * kTileK; e += kGemmThreads) {
+        const int r = e / kTileK, c = e % kTileK;
+        const int64_t m = m0 + r, k = k0 + c;
+        As[r][c] = __float2half_rn(m < M && k < d.K ? to_f(A[m * d.K + k]) : 0.f);
+    }
+    if (kt < d.K / BQ_CHUNK) {
+        // a full chunk: 16 lanes x 8 steps of each of the tile's 64 rows of V
+        for (int e = tid; e < kTileN * BQ_LANES; e += kGemmThreads) {
+            const int j = e / BQ_LANES, l = e % BQ_LANES;
+            const int64_t n = n0 + j;
+            if (n < d.N) d.lane(n, kt, l, [&](int64_t k, float v) { Bs[j][k - k0] = __float2half_rn(v); });
+            else
+                for (int i = 0; i < BQ_STEPS; ++i) Bs[j][i * BQ_LANES + l] = __float2half_rn(0.f);
+        }
+        return;
+    }
+    // the tail (< 128 codes, one or two short chunks): code by code, zeros past K
+    for (int e = tid; e < kTileN * kTileK; e += kGemmThreads) {
+        const int j = e / kTileK, c = e % kTileK;
+        const int64_t n = n0 + j, k = k0 + c;
+        Bs[j][c] = __float2half_rn(n < d.N && k < d.K
+                                       ? d.value(n, bq_group_of(k, d.block), bq_code_at(d.row(n), d.K, d.bits, k))
+                                       : 0.f);
+    }
+}
+
 template <class T, class S, bool LUT>
 __global__ void __launch_bounds__(kGemmThreads)
 gemm_kernel(Decoder<S, LUT> d, const T* __restrict__ A, int64_t M, const T* __restrict__ bias, T* __restrict__ Y) {
@@ -247,33 +282,9 @@ gemm_kernel(Decoder<S, LUT> d, const T* __restrict__ A, int64_t M, const T* __re
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
-    const int64_t full = d.K / BQ_CHUNK, tiles = (d.K + kTileK - 1) / kTileK;
+    const int64_t tiles = (d.K + kTileK - 1) / kTileK;
     for (int64_t kt = 0; kt < tiles; ++kt) {
-        const int64_t k0 = kt * kTileK;
-        for (int e = tid; e < kTileM * kTileK; e += kGemmThreads) {
-            const int r = e / kTileK, c = e % kTileK;
-            const int64_t m = m0 + r, k = k0 + c;
-            As[r][c] = __float2half_rn(m < M && k < d.K ? to_f(A[m * d.K + k]) : 0.f);
-        }
-        if (kt < full) {
-            // a full chunk: 16 lanes x 8 steps of each of the tile's 64 rows of V
-            for (int e = tid; e < kTileN * BQ_LANES; e += kGemmThreads) {
-                const int j = e / BQ_LANES, l = e % BQ_LANES;
-                const int64_t n = n0 + j;
-                if (n < d.N) d.lane(n, kt, l, [&](int64_t k, float v) { Bs[j][k - k0] = __float2half_rn(v); });
-                else
-                    for (int i = 0; i < BQ_STEPS; ++i) Bs[j][i * BQ_LANES + l] = __float2half_rn(0.f);
-            }
-        } else {
-            // the tail (< 128 codes, one or two short chunks): code by code, zeros past K
-            for (int e = tid; e < kTileN * kTileK; e += kGemmThreads) {
-                const int j = e / kTileK, c = e % kTileK;
-                const int64_t n = n0 + j, k = k0 + c;
-                Bs[j][c] = __float2half_rn(n < d.N && k < d.K
-                                               ? d.value(n, bq_group_of(k, d.block), bq_code_at(d.row(n), d.K, d.bits, k))
-                                               : 0.f);
-            }
-        }
+        fill_tiles(d, A, M, m0, n0, kt, tid, As, Bs);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < kTileK; kk += 16) {
@@ -542,6 +553,32 @@ int bq_cuda_gemv_host(const bq_cuda_weight* w, const float* A, int64_t M, int sm
                 }
             for (int m = 0; m < M; ++m) Y[m * d.N + n] = y[m];
         }
+        return cudaSuccess;
+    });
+    return BQ_CUDA_OK;
+}
+
+int bq_cuda_gemm_host(const bq_cuda_weight* w, const float* A, int64_t M, float* Y) {
+    if (int rc = check(w)) return rc;
+    if (M < 1 || !A || !Y) return fail(BQ_CUDA_BAD_ARG, "A and Y are required");
+    with_decoder(*w, [&](auto d) {
+        std::vector<__half> as(size_t(kTileM) * kLds), bs(size_t(kTileN) * kLds);
+        auto* As = reinterpret_cast<__half(*)[kLds]>(as.data());
+        auto* Bs = reinterpret_cast<__half(*)[kLds]>(bs.data());
+        std::vector<float> C(size_t(kTileM) * kTileN);
+        for (int64_t m0 = 0; m0 < M; m0 += kTileM)
+            for (int64_t n0 = 0; n0 < d.N; n0 += kTileN) {
+                std::fill(C.begin(), C.end(), 0.f);
+                for (int64_t kt = 0; kt < (d.K + kTileK - 1) / kTileK; ++kt) {
+                    for (int tid = 0; tid < kGemmThreads; ++tid) fill_tiles(d, A, M, m0, n0, kt, tid, As, Bs);
+                    for (int r = 0; r < kTileM; ++r)       // the tensor cores' product, in plain fp32 here
+                        for (int j = 0; j < kTileN; ++j)
+                            for (int c = 0; c < kTileK; ++c)
+                                C[size_t(r) * kTileN + j] += __half2float(As[r][c]) * __half2float(Bs[j][c]);
+                }
+                for (int r = 0; r < kTileM && m0 + r < M; ++r)
+                    for (int j = 0; j < kTileN && n0 + j < d.N; ++j) Y[(m0 + r) * d.N + n0 + j] = C[size_t(r) * kTileN + j];
+            }
         return cudaSuccess;
     });
     return BQ_CUDA_OK;

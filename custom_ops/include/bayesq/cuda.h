@@ -67,6 +67,10 @@ BQ_CUDA_API int bq_cuda_decode_host(const bq_cuda_weight* w, float* V);
  * partial sums added on the host (in another order than the warp's shuffles).  For the tests. */
 BQ_CUDA_API int bq_cuda_gemv_host(const bq_cuda_weight* w, const float* A, int64_t M, int sms, float* Y);
 
+/* The same for the GEMM's tiles (any M): filled thread by thread as the kernel fills them (A and V rounded
+ * to fp16, zeros past M, N and K), their product taken in plain fp32 instead of on tensor cores. */
+BQ_CUDA_API int bq_cuda_gemm_host(const bq_cuda_weight* w, const float* A, int64_t M, float* Y);
+
 BQ_CUDA_API const char* bq_cuda_last_error(void);
 
 #ifdef __cplusplus
