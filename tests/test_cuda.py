@@ -12,9 +12,8 @@ import shutil
 import numpy as np
 import pytest
 
+import packed_weights
 from bayesq_onnx.errors import BayesQError
-from bayesq_onnx.formats import BayesqLut, BayesqUniform, LutCodes, UniformCodes
-from bayesq_onnx.formats.bayesq_uniform import groups
 from bayesq_onnx.runtime import cuda
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -42,18 +41,8 @@ CASES = [(203, 13, 16), (576, 9, 32), (255, 5, 64), (136, 4, 0), (5, 3, 16), (10
 
 def weight(kind, bits, K, N, block, seed, scale_dtype="float32"):
     """(packed arrays, V (N, K) float32 as the packers decode them)."""
-    rng = np.random.default_rng(seed)
-    G = groups(K, block)
-    codes = rng.integers(0, 1 << bits, (N, K), dtype=np.uint8)
-    if kind == "lut":
-        q = LutCodes(codes=codes, lut=rng.standard_normal((N, G, 1 << bits)).astype(np.float32), bits=bits, block=block)
-        fmt = BayesqLut(bits, block, scale_dtype)
-    else:
-        q = UniformCodes(codes=codes, scale=rng.uniform(0.01, 0.2, (N, G)).astype(np.float32),
-                         zero_point=rng.integers(0, 1 << bits, (N, G), dtype=np.uint8), bits=bits, block=block)
-        fmt = BayesqUniform(bits, block, scale_dtype)
-    q = fmt.stored_codes(q)                      # scales / levels as stored (fp16-rounded for float16)
-    return fmt.pack(q), q.dequantize().astype(np.float32)
+    _, packed, V, _ = packed_weights.weight(kind, bits, K, N, block, seed, scale_dtype)
+    return packed, V
 
 
 def cases(kind):

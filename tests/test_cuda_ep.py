@@ -13,11 +13,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bayesq_onnx.formats import BayesqLut, BayesqUniform, LutCodes, UniformCodes
-from bayesq_onnx.formats.bayesq_uniform import groups
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_dequantize_node, bayesq_gather_node, bayesq_matmul_node
 from bayesq_onnx.runtime import custom_ops
 from bayesq_onnx.runtime.session import make_session
+from packed_weights import weight
 
 CUDA = custom_ops.CUDA_PROVIDER
 EPS32 = float(np.finfo(np.float32).eps)
@@ -26,26 +25,6 @@ pytestmark = pytest.mark.skipif(custom_ops.cuda_library_path() is None,
                                 reason=f"{custom_ops.CUDA_LIB_NAME} not built (no nvcc when the package was installed)")
 gpu = pytest.mark.skipif(CUDA not in ort.get_available_providers(),
                          reason="onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu and a GPU needed)")
-
-
-def weight(kind, bits, K, N, block, seed, scale_dtype="float32"):
-    """(format, packed arrays, V (N, K) float32 as the packers decode it, |zp * s| per weight: the
-    affine kernels sum a * q per group and subtract zp * s * sum(a) apart)."""
-    rng = np.random.default_rng(seed)
-    G = groups(K, block)
-    codes = rng.integers(0, 1 << bits, (N, K), dtype=np.uint8)
-    if kind == "lut":
-        q = LutCodes(codes=codes, lut=rng.standard_normal((N, G, 1 << bits)).astype(np.float32), bits=bits, block=block)
-        fmt = BayesqLut(bits, block, scale_dtype)
-        zs = np.zeros((N, K))
-    else:
-        q = UniformCodes(codes=codes, scale=rng.uniform(0.01, 0.2, (N, G)).astype(np.float32),
-                         zero_point=rng.integers(0, 1 << bits, (N, G), dtype=np.uint8), bits=bits, block=block)
-        fmt = BayesqUniform(bits, block, scale_dtype)
-        g = np.arange(K) // block
-        zs = np.abs(q.zero_point[:, g] * q.scale[:, g].astype(np.float64))
-    q = fmt.stored_codes(q)
-    return fmt, fmt.pack(q), q.dequantize().astype(np.float32), zs
 
 
 def matmul_model(fmt, packed, K, N, bias, fp16=False):

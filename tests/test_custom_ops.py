@@ -12,13 +12,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from bayesq_onnx.formats import BayesqLut, BayesqUniform, LutCodes, UniformCodes
+from bayesq_onnx.formats import BayesqLut
 from bayesq_onnx.errors import BayesQError
-from bayesq_onnx.formats.bayesq_uniform import groups
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_dequantize_node, bayesq_gather_node, bayesq_matmul_node
 from bayesq_onnx.runtime import custom_ops
 from bayesq_onnx.runtime.reference_ops import REFERENCE_OPS
 from bayesq_onnx.runtime.session import make_session as _make_session, session_options
+from packed_weights import weight
 
 pytestmark = pytest.mark.skipif(not custom_ops.available(), reason=str(custom_ops.unavailable_reason()))
 
@@ -55,24 +55,6 @@ ISAS = _isas()
 def isa(request, monkeypatch):
     monkeypatch.setenv("BAYESQ_ISA", request.param)   # read when a session creates its kernels
     return request.param
-
-
-def weight(kind, bits, K, N, block, seed, scale_dtype="float32"):
-    rng = np.random.default_rng(seed)
-    G = groups(K, block)
-    codes = rng.integers(0, 1 << bits, (N, K), dtype=np.uint8)
-    if kind == "lut":
-        q = LutCodes(codes=codes, lut=rng.standard_normal((N, G, 1 << bits)).astype(np.float32), bits=bits, block=block)
-        fmt = BayesqLut(bits, block, scale_dtype)
-        zs = np.zeros((N, K), np.float32)
-    else:
-        q = UniformCodes(codes=codes, scale=rng.uniform(0.01, 0.2, (N, G)).astype(np.float32),
-                         zero_point=rng.integers(0, 1 << bits, (N, G), dtype=np.uint8), bits=bits, block=block)
-        fmt = BayesqUniform(bits, block, scale_dtype)
-        g = np.arange(K) // block
-        zs = np.abs(q.zero_point[:, g] * q.scale[:, g]).astype(np.float32)
-    q = fmt.stored_codes(q)                      # scales / levels as stored (fp16-rounded for float16)
-    return fmt, fmt.pack(q), q.dequantize(), zs
 
 
 def as_float32(fmt, packed):

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import BayesQError
+from . import library
 
 LIB_NAME = "libbayesq_cuda.so"
 PATHS = {"auto": 0, "gemv": 1, "gemm": 2, "cublas": 3}   # bayesq/cuda.h
@@ -34,16 +34,12 @@ class _Weight(ctypes.Structure):
 
 
 def library_path() -> Path | None:
-    env = os.environ.get("BAYESQ_CUDA_LIB")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    p = Path(__file__).with_name(LIB_NAME)
-    return p if p.is_file() else None
+    return library.library_path(LIB_NAME, "BAYESQ_CUDA_LIB")
 
 
 @functools.lru_cache(maxsize=None)
 def _lib(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
+    lib = library.load(path)
     W = ctypes.POINTER(_Weight)
     vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bq_cuda_matmul.argtypes = [W, vp, i64, vp, vp, i32, i32, vp]
