@@ -103,6 +103,23 @@ def test_gemm_tiles_on_the_host_within_fp16_bound(kind):
 
 
 @built
+@pytest.mark.parametrize("keep, of", [(2, 4), (1, 4), (4, 8), (6, 8), (1, 2)])
+def test_sparse_host_decode_bit_exact(keep, of):
+    """N:M weights: every pattern table, a corrupt pattern index (past the last) keeping nothing."""
+    for bits, K, N, block, sd in ((3, 256, 5, 64, "float16"), (4, 96, 3, 32, "float32")):
+        if (block * keep // of) % 16:
+            continue
+        _, _, packed, V = packed_weights.sparse_weight(keep, of, bits, block, N, K, K + keep, sd)
+        got = cuda.sparse_decode_host(packed, K=K, N=N, bits=bits, block=block, keep=keep, of=of)
+        assert np.array_equal(got.view(np.uint32), V.astype(np.float32).view(np.uint32)), (keep, of, bits)
+    if keep == 2 and of == 4:        # pattern bits 3: index 7 is past the 6 patterns of 2:4
+        packed = {**packed, "mask": packed["mask"].copy()}
+        packed["mask"][0, 0] |= 0b111                      # row 0's first run
+        got = cuda.sparse_decode_host(packed, K=K, N=N, bits=bits, block=block, keep=keep, of=of)
+        assert not got[0, :of].any() and np.array_equal(got[0, of:], V[0, of:].astype(np.float32))
+
+
+@built
 def test_host_decode_refuses_bad_arguments():
     packed, _ = weight("affine", 3, 64, 2, 16, 0)
     with pytest.raises(BayesQError, match="bits must be 1..8, got 9"):
@@ -244,6 +261,23 @@ def test_cublas_path_within_its_bounds(kind):
         # V rounded to fp16 (2^-11 relative), fp32 accumulation, the output rounded to fp16
         tol = fp16_bound(A16.astype(np.float32), V) + np.abs(ref16) * 2.0 ** -11
         assert np.all(np.abs(Y16.float().cpu().numpy() - ref16) <= tol), (K, N)
+
+
+@gpu
+def test_sparse_dequantize_and_matmul_on_the_gpu():
+    import torch
+    torch.ones(8, 8, device="cuda") @ torch.ones(8, 8, device="cuda")   # torch loads cuBLAS into the process
+    rng = np.random.default_rng(4)
+    for keep, of in ((2, 4), (4, 8)):
+        _, _, packed, V = packed_weights.sparse_weight(keep, of, 3, 64, 12, 256, keep, "float16")
+        V = V.astype(np.float32)
+        d = _dev(packed)
+        kw = dict(K=256, N=12, bits=3, block=64, keep=keep, of=of)
+        assert np.array_equal(cuda.sparse_dequantize(d, **kw).cpu().numpy(), V)
+        assert np.array_equal(cuda.sparse_dequantize(d, inner=12, **kw).cpu().numpy(), V.T)
+        A = rng.standard_normal((5, 256)).astype(np.float32)
+        Y = cuda.sparse_matmul(d, torch.from_numpy(A).cuda(), **kw).cpu().numpy()
+        assert np.all(np.abs(Y - A.astype(np.float64) @ V.T) <= fp32_bound(A, V))   # fp32 through cuBLAS
 
 
 @gpu

@@ -16,10 +16,9 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 from bayesq_onnx.config import METHODS, Recipe
-from bayesq_onnx.formats import BayesqSparse, SparseCodes, UniformCodes
+from bayesq_onnx.formats import BayesqSparse
 from bayesq_onnx.formats.bayesq_sparse import (mask_from_patterns, pattern_bits, patterns, patterns_from_mask,
                                                top_mask)
-from bayesq_onnx.formats.bayesq_uniform import groups
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_dequantize_node, bayesq_matmul_node
 from bayesq_onnx.lower.portable import portable_weight_nodes
 from bayesq_onnx.plan.candidates import candidate_formats
@@ -32,22 +31,10 @@ from bayesq_onnx.runtime import custom_ops
 from bayesq_onnx.runtime.reference_ops import REFERENCE_OPS
 from bayesq_onnx.types import WeightSite
 import models
+from packed_weights import sparse_weight as sparse_case
 from test_custom_ops import EPS32, ISAS, make_session
 
 PATTERNS = [(2, 4), (1, 4), (3, 4), (4, 8), (6, 8), (2, 8)]
-
-
-def sparse_case(keep, of, bits, block, N, K, seed, scale_dtype="float32"):
-    """A random sparse weight: its format, packed tensors and the plain-numpy view (N, K)."""
-    rng = np.random.default_rng(seed)
-    fmt = BayesqSparse(keep, of, bits, block, scale_dtype)
-    mask = top_mask(rng.standard_normal((N, K)), keep, of)
-    Kc, g = K * keep // of, groups(K, block)
-    inner = UniformCodes(rng.integers(0, 1 << bits, (N, Kc), dtype=np.uint8),
-                         rng.uniform(0.01, 0.2, (N, g)).astype(np.float32),
-                         rng.integers(0, 1 << bits, (N, g), dtype=np.uint8), bits, fmt.inner_block)
-    q = SparseCodes(mask, inner, keep, of)
-    return fmt, q, fmt.pack(q), fmt.stored_codes(q).dequantize()
 
 
 @pytest.mark.parametrize("keep,of", PATTERNS)

@@ -33,6 +33,12 @@ class _Weight(ctypes.Structure):
                 ("s_half", ctypes.c_int)]
 
 
+class _SparseWeight(ctypes.Structure):
+    # bq_cuda_sparse_weight: the survivors' dense weight, the pattern indices, K, keep, of
+    _fields_ = [("inner", _Weight), ("mask", ctypes.c_void_p), ("K", ctypes.c_int64), ("keep", ctypes.c_int),
+                ("of", ctypes.c_int)]
+
+
 def library_path() -> Path | None:
     return library.library_path(LIB_NAME, "BAYESQ_CUDA_LIB")
 
@@ -48,6 +54,10 @@ def _lib(path: Path) -> ctypes.CDLL:
     lib.bq_cuda_decode_host.argtypes = [W, vp]
     lib.bq_cuda_gemv_host.argtypes = [W, vp, i64, i32, vp]
     lib.bq_cuda_gemm_host.argtypes = [W, vp, i64, vp]
+    SW = ctypes.POINTER(_SparseWeight)
+    lib.bq_cuda_sparse_dequantize.argtypes = [SW, i64, vp, i32, vp]
+    lib.bq_cuda_sparse_matmul.argtypes = [SW, vp, i64, vp, vp, i32, vp]
+    lib.bq_cuda_sparse_decode_host.argtypes = [SW, vp]
     lib.bq_cuda_last_error.restype = ctypes.c_char_p
     return lib
 
@@ -72,6 +82,30 @@ def _weight(packed: dict, ptr, half, K: int, N: int, bits: int, block: int) -> _
     return _Weight(B=ptr(packed["B"]), scales=None if is_lut else ptr(s), zp=None if zp is None else ptr(zp),
                    lut=ptr(s) if is_lut else None, K=K, N=N, block=block, bits=bits, is_lut=int(is_lut),
                    s_half=int(half(s)))
+
+
+def _sparse(w: _Weight, mask_ptr, K: int, keep: int, of: int) -> _SparseWeight:
+    """The sparse weight whose survivors ``w`` was made for as a dense weight of K * keep / of codes a row,
+    in groups of block * keep / of (``sparse_args``)."""
+    return _SparseWeight(inner=w, mask=mask_ptr, K=K, keep=keep, of=of)
+
+
+def sparse_args(K: int, block: int, keep: int, of: int) -> tuple[int, int]:
+    """The survivors' (K, block) of an N:M sparse weight of K codes in groups of ``block`` weights."""
+    return K * keep // of, block * keep // of
+
+
+def sparse_decode_host(packed: dict[str, np.ndarray], *, K: int, N: int, bits: int, block: int, keep: int,
+                       of: int) -> np.ndarray:
+    """W's view (N, K) float32 of a sparse weight (``BayesqSparse.pack``'s arrays), by the CUDA kernels'
+    decode compiled for the host."""
+    packed = {k: np.ascontiguousarray(v) for k, v in packed.items() if v is not None}
+    Kc, bc = sparse_args(K, block, keep, of)
+    w = _weight(packed, lambda a: a.ctypes.data, lambda a: a.dtype == np.float16, Kc, N, bits, bc)
+    V = np.empty((N, K), np.float32)
+    _call(lib().bq_cuda_sparse_decode_host(ctypes.byref(_sparse(w, packed["mask"].ctypes.data, K, keep, of)),
+                                           V.ctypes.data))
+    return V
 
 
 def decode_host(packed: dict[str, np.ndarray], *, K: int, N: int, bits: int, block: int) -> np.ndarray:
@@ -159,3 +193,33 @@ def gather(packed: dict, indices, *, K: int, N: int, bits: int, block: int, dtyp
     _call(lib().bq_cuda_gather(ctypes.byref(w), idx.ctypes.data, int(idx.dtype == np.int64), idx.size, Y.data_ptr(),
                                int(dtype == torch.float16), _stream()))
     return Y
+
+
+def sparse_dequantize(packed: dict, *, K: int, N: int, bits: int, block: int, keep: int, of: int, inner: int = 1,
+                      dtype=None):
+    """A sparse weight decoded on the GPU, in the layout ``inner`` gives (as :func:`dequantize`)."""
+    import torch
+    dtype = dtype or torch.float32
+    Kc, bc = sparse_args(K, block, keep, of)
+    w, packed = _device_weight(packed, Kc, N, bits, bc)
+    out = torch.empty((N // inner, K, inner) if inner > 1 else (N, K), dtype=dtype, device=packed["B"].device)
+    sw = _sparse(w, packed["mask"].data_ptr(), K, keep, of)
+    _call(lib().bq_cuda_sparse_dequantize(ctypes.byref(sw), inner, out.data_ptr(), int(dtype == torch.float16), _stream()))
+    return out.reshape(K, N) if inner == N else out
+
+
+def sparse_matmul(packed: dict, A, *, K: int, N: int, bits: int, block: int, keep: int, of: int, bias=None):
+    """A (..., K) @ W (+ bias) for a sparse weight on the GPU: W decoded, then cuBLAS (bayesq/cuda.h)."""
+    import torch
+    Kc, bc = sparse_args(K, block, keep, of)
+    w, packed = _device_weight(packed, Kc, N, bits, bc)
+    if A.dtype not in (torch.float32, torch.float16) or A.shape[-1] != K or not A.is_cuda:
+        raise BayesQError(f"bayesq CUDA: A must be a float32/float16 GPU tensor of last axis {K}, got "
+                          f"{A.dtype} {tuple(A.shape)}")
+    A2 = A.reshape(-1, K).contiguous()
+    Y = torch.empty((A2.shape[0], N), dtype=A.dtype, device=A.device)
+    b = None if bias is None else bias.to(A.dtype).contiguous()
+    sw = _sparse(w, packed["mask"].data_ptr(), K, keep, of)
+    _call(lib().bq_cuda_sparse_matmul(ctypes.byref(sw), A2.data_ptr(), A2.shape[0], None if b is None else b.data_ptr(),
+                                      Y.data_ptr(), int(A.dtype == torch.float16), _stream()))
+    return Y.reshape(*A.shape[:-1], N)

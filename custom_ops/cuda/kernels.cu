@@ -10,6 +10,8 @@
 //     fp16 shared-memory tile, tensor cores (WMMA 16x16x16) with fp32 accumulators.
 //   Dequantize: the weight into its op layout, for a library GEMM or an unpacked session.
 //   Gather: rows of the view (an embedding table), indices checked on the host.
+//   Sparse (N:M): a thread per run decodes its survivors code by code into the weight's layout; the
+//     MatMul takes that weight, dense, into cuBLAS (correct, not fast: sparse formats are off by default).
 //   cuBLAS (a forced path, for prefill): the weight dequantized into a temporary buffer of A's type, then
 //     cuBLAS's GEMM; cuBLAS is not linked but taken from the process (torch and onnxruntime-gpu load it).
 #include <cuda_fp16.h>
@@ -21,6 +23,7 @@
 #include <cstdarg>
 #include <algorithm>
 #include <cstdio>
+#include <type_traits>
 #include <vector>
 
 #include "bayesq/cuda.h"
@@ -114,6 +117,39 @@ Decoder<S, LUT> decoder(const bq_cuda_weight& w) {
     d.zp_bytes = bq_zp_bytes(d.G, w.bits);
     return d;
 }
+
+// An N:M sparse weight (layout.h, "Sparse"): its survivors a dense affine weight `in` of K * keep / of
+// codes a row; run r of row n keeps the positions of pattern bq_stream_at(mask row n, pbits, r).
+struct Patterns {
+    uint8_t bits[70];   // pattern p: bit t set when position t survives; C(8, 4) = 70 at most
+    int count;
+};
+
+template <class S>
+struct SparseDecoder {
+    Decoder<S, false> in;
+    const uint8_t* mask;
+    int64_t K, mask_bytes;
+    int keep, of, pbits;
+    Patterns pat;
+
+    // f(k, W[n, k]) for the `of` weights of run r of row n, zeros included.  A run whose index is past the
+    // last pattern (a corrupt mask) keeps none; its survivors' slots are skipped all the same.
+    template <class F>
+    __host__ __device__ __forceinline__ void run(int64_t n, int64_t r, F&& f) const {
+        const int p = bq_stream_at(mask + n * mask_bytes, pbits, r);
+        const unsigned kept = p < pat.count ? pat.bits[p] : 0u;
+        int64_t j = r * keep;   // its first survivor
+        for (int t = 0; t < of; ++t) {
+            float v = 0.f;
+            if (kept >> t & 1u) {
+                v = in.value(n, bq_group_of(j, in.block), bq_code_at(in.row(n), in.K, in.bits, j));
+                ++j;
+            }
+            f(r * of + t, v);
+        }
+    }
+};
 
 // ---- GEMV ---------------------------------------------------------------------------------------
 
@@ -339,6 +375,19 @@ __global__ void dequant_kernel(Decoder<S, LUT> d, int64_t inner, O* __restrict__
     d.lane(n, cl / BQ_LANES, int(cl % BQ_LANES), [&](int64_t k, float v) { W[(o * d.K + k) * inner + i] = from_f<O>(v); });
 }
 
+// The same for a sparse weight: one thread per run of a row.
+template <class O, class S>
+__global__ void sparse_dequant_kernel(SparseDecoder<S> d, int64_t inner, O* __restrict__ W) {
+    const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t runs = d.K / d.of;
+    if (idx >= d.in.N * runs) return;
+    int64_t n, r;
+    if (inner == 1) n = idx / runs, r = idx % runs;
+    else n = idx % d.in.N, r = idx / d.in.N;
+    const int64_t o = n / inner, i = n % inner;
+    d.run(n, r, [&](int64_t k, float v) { W[(o * d.K + k) * inner + i] = from_f<O>(v); });
+}
+
 // Y[r, :] = V[rows[r], :]: one thread per lane of a chunk of an output row.
 template <class O, class S, bool LUT>
 __global__ void gather_kernel(Decoder<S, LUT> d, const int64_t* __restrict__ rows, int64_t count, O* __restrict__ Y) {
@@ -395,32 +444,39 @@ __global__ void fill_rows(T* __restrict__ Y, const T* __restrict__ bias, int64_t
     if (i < MN) Y[i] = bias[i % N];
 }
 
-// Y = A @ V^T (+ bias) as cuBLAS computes it: column-major, Y^T (N x M) = V (N x K, i.e. V^T's K x N
-// stored column-major, transposed) times A^T (K x M); the bias goes in as C with beta 1, so the sum is
-// rounded once.
-template <class T, class D>
-int cublas_matmul(const D& d, const T* A, int64_t M, const T* bias, T* Y, cudaStream_t st) {
+// Y = A @ V^T (+ bias) as cuBLAS computes it, V (N x K) written into a temporary buffer of A's type by
+// fill(V, stream): column-major, Y^T (N x M) = V (N x K, i.e. V^T's K x N stored column-major, transposed)
+// times A^T (K x M); the bias goes in as C with beta 1, so the sum is rounded once.
+template <class T, class Fill>
+int cublas_matmul(int64_t K, int64_t N, Fill&& fill, const T* A, int64_t M, const T* bias, T* Y, cudaStream_t st) {
     if (!cublas().ok) return fail(BQ_CUDA_FAILED, "cuBLAS not found in this process (libcublas.so.13 / .12)");
-    if (M > INT32_MAX || d.N > INT32_MAX || d.K > INT32_MAX) return fail(BQ_CUDA_BAD_ARG, "cuBLAS takes 32-bit sizes");
+    if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX) return fail(BQ_CUDA_BAD_ARG, "cuBLAS takes 32-bit sizes");
     void* h = cublas_handle();
     if (!h) return fail(BQ_CUDA_FAILED, "cuBLAS: no handle");
     const bool half = sizeof(T) == 2;
     T* V = nullptr;
-    cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&V), size_t(d.N * d.K) * sizeof(T), st);
+    cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&V), size_t(N * K) * sizeof(T), st);
     if (e != cudaSuccess) return launched(e, "cuBLAS path: temporary weight");
-    const int64_t lanes = d.N * bq_n_chunks(d.K) * BQ_LANES;
-    dequant_kernel<<<unsigned((lanes + 255) / 256), 256, 0, st>>>(d, 1, V);
-    if (bias) fill_rows<<<unsigned((M * d.N + 255) / 256), 256, 0, st>>>(Y, bias, M * d.N, d.N);
+    fill(V, st);
+    if (bias) fill_rows<<<unsigned((M * N + 255) / 256), 256, 0, st>>>(Y, bias, M * N, N);
     const float one = 1.f, beta = bias ? 1.f : 0.f;
     const int type = half ? CUDA_R_16F : CUDA_R_32F;
     int status = cublas().set_stream(h, st);
     if (status == 0)
-        status = cublas().gemm(h, 1, 0, int(d.N), int(M), int(d.K), &one, V, type, int(d.K), A, type, int(d.K), &beta, Y,
-                               type, int(d.N), 68, -1);
+        status = cublas().gemm(h, 1, 0, int(N), int(M), int(K), &one, V, type, int(K), A, type, int(K), &beta, Y, type,
+                               int(N), 68, -1);
     e = cudaGetLastError();
     const cudaError_t f = cudaFreeAsync(V, st);
     if (status != 0) return fail(BQ_CUDA_FAILED, "cuBLAS GEMM: status %d", status);
     return launched(e != cudaSuccess ? e : f, "cuBLAS path");
+}
+
+template <class T, class D>
+int cublas_matmul(const D& d, const T* A, int64_t M, const T* bias, T* Y, cudaStream_t st) {
+    const int64_t lanes = d.N * bq_n_chunks(d.K) * BQ_LANES;
+    return cublas_matmul(d.K, d.N, [&](T* V, cudaStream_t s) {
+        dequant_kernel<<<unsigned((lanes + 255) / 256), 256, 0, s>>>(d, 1, V);
+    }, A, M, bias, Y, st);
 }
 
 // ---- Entry points -------------------------------------------------------------------------------
@@ -453,6 +509,46 @@ cudaError_t matmul(const D& d, const void* A, int64_t M, const void* bias, void*
     if (m <= 2) return gemv<2>(d, a, m, b, y, st);
     if (m <= 4) return gemv<4>(d, a, m, b, y, st);
     return gemv<kGemvMaxRows>(d, a, m, b, y, st);
+}
+
+template <class S>
+SparseDecoder<S> sparse_decoder(const bq_cuda_sparse_weight& w) {
+    SparseDecoder<S> d;
+    d.in = decoder<S, false>(w.inner);
+    d.mask = w.mask;
+    d.K = w.K, d.keep = w.keep, d.of = w.of;
+    // the keep-subsets of 0 .. of - 1 in lexicographic order (layout.h)
+    d.pat.count = 0;
+    int pos[8];
+    for (int i = 0; i < w.keep; ++i) pos[i] = i;
+    for (;;) {
+        unsigned bits = 0;
+        for (int i = 0; i < w.keep; ++i) bits |= 1u << pos[i];
+        d.pat.bits[d.pat.count++] = uint8_t(bits);
+        int i = w.keep - 1;
+        while (i >= 0 && pos[i] == w.of - w.keep + i) --i;
+        if (i < 0) break;
+        ++pos[i];
+        for (int j = i + 1; j < w.keep; ++j) pos[j] = pos[j - 1] + 1;
+    }
+    d.pbits = 1;
+    while ((1 << d.pbits) < d.pat.count) ++d.pbits;
+    d.mask_bytes = bq_col_bytes(w.K / w.of, d.pbits);
+    return d;
+}
+
+int check_sparse(const bq_cuda_sparse_weight* w) {
+    if (!w) return fail(BQ_CUDA_BAD_ARG, "no weight given");
+    if (!(1 <= w->keep && w->keep < w->of && w->of <= 8)) return fail(BQ_CUDA_BAD_ARG, "keep and of must satisfy 1 <= keep < of <= 8");
+    if (w->K < 1 || w->K % w->of || w->inner.K != w->K / w->of * w->keep)
+        return fail(BQ_CUDA_BAD_ARG, "K must be a multiple of of, the survivors' K = K * keep / of");
+    if (w->inner.is_lut || !w->mask) return fail(BQ_CUDA_BAD_ARG, "a sparse weight has affine survivors and a mask");
+    return check(&w->inner);
+}
+
+template <class F>
+cudaError_t with_sparse_decoder(const bq_cuda_sparse_weight& w, F&& f) {
+    return w.inner.s_half ? f(sparse_decoder<__half>(w)) : f(sparse_decoder<float>(w));
 }
 
 }  // namespace
@@ -579,6 +675,55 @@ int bq_cuda_gemm_host(const bq_cuda_weight* w, const float* A, int64_t M, float*
                 for (int r = 0; r < kTileM && m0 + r < M; ++r)
                     for (int j = 0; j < kTileN && n0 + j < d.N; ++j) Y[(m0 + r) * d.N + n0 + j] = C[size_t(r) * kTileN + j];
             }
+        return cudaSuccess;
+    });
+    return BQ_CUDA_OK;
+}
+
+int bq_cuda_sparse_dequantize(const bq_cuda_sparse_weight* w, int64_t inner, void* W, int out_half, void* stream) {
+    if (int rc = check_sparse(w)) return rc;
+    if (!W) return fail(BQ_CUDA_BAD_ARG, "no output given");
+    if (inner < 1 || w->inner.N % inner != 0)
+        return fail(BQ_CUDA_BAD_ARG, "inner (%lld) must divide N (%lld)", (long long)inner, (long long)w->inner.N);
+    const cudaStream_t st = static_cast<cudaStream_t>(stream);
+    const int64_t threads = w->inner.N * (w->K / w->of);
+    const unsigned blocks = unsigned((threads + 255) / 256);
+    return launched(with_sparse_decoder(*w, [&](auto d) {
+                        if (out_half) sparse_dequant_kernel<<<blocks, 256, 0, st>>>(d, inner, static_cast<__half*>(W));
+                        else sparse_dequant_kernel<<<blocks, 256, 0, st>>>(d, inner, static_cast<float*>(W));
+                        return cudaGetLastError();
+                    }),
+                    "bayesq sparse dequantize");
+}
+
+int bq_cuda_sparse_matmul(const bq_cuda_sparse_weight* w, const void* A, int64_t M, const void* bias, void* Y,
+                          int io_half, void* stream) {
+    if (int rc = check_sparse(w)) return rc;
+    if (M < 0 || (M > 0 && (!A || !Y))) return fail(BQ_CUDA_BAD_ARG, "A and Y are required (M=%lld)", (long long)M);
+    if (M == 0) return BQ_CUDA_OK;
+    const cudaStream_t st = static_cast<cudaStream_t>(stream);
+    const int64_t N = w->inner.N, threads = N * (w->K / w->of);
+    int rc = BQ_CUDA_OK;
+    with_sparse_decoder(*w, [&](auto d) {
+        auto go = [&](auto* a, auto* b, auto* y) {
+            using T = std::remove_const_t<std::remove_pointer_t<decltype(a)>>;
+            return cublas_matmul(w->K, N, [&](T* V, cudaStream_t s) {
+                sparse_dequant_kernel<<<unsigned((threads + 255) / 256), 256, 0, s>>>(d, 1, V);
+            }, a, M, b, y, st);
+        };
+        rc = io_half ? go(static_cast<const __half*>(A), static_cast<const __half*>(bias), static_cast<__half*>(Y))
+                     : go(static_cast<const float*>(A), static_cast<const float*>(bias), static_cast<float*>(Y));
+        return cudaSuccess;
+    });
+    return rc;
+}
+
+int bq_cuda_sparse_decode_host(const bq_cuda_sparse_weight* w, float* V) {
+    if (int rc = check_sparse(w)) return rc;
+    if (!V) return fail(BQ_CUDA_BAD_ARG, "no output given");
+    with_sparse_decoder(*w, [&](auto d) {
+        for (int64_t n = 0; n < d.in.N; ++n)
+            for (int64_t r = 0; r < d.K / d.of; ++r) d.run(n, r, [&](int64_t k, float v) { V[n * d.K + k] = v; });
         return cudaSuccess;
     });
     return BQ_CUDA_OK;

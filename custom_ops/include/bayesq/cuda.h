@@ -58,6 +58,23 @@ BQ_CUDA_API int bq_cuda_dequantize(const bq_cuda_weight* w, int64_t inner, void*
 BQ_CUDA_API int bq_cuda_gather(const bq_cuda_weight* w, const void* indices, int idx64, int64_t count, void* Y,
                                int out_half, void* stream);
 
+/* An N:M sparse weight (layout.h, "Sparse"): `inner` its survivors, a dense affine weight of K * keep / of
+ * codes a row (inner.K) in groups of block * keep / of (inner.block); `mask` the runs' pattern indices. */
+typedef struct {
+    bq_cuda_weight inner;
+    const uint8_t* mask;
+    int64_t K;
+    int keep, of;
+} bq_cuda_sparse_weight;
+
+/* As bq_cuda_dequantize; and Y = A @ W (+ bias) by cuBLAS on W decoded into a temporary buffer of A's type
+ * (as the BQ_CUDA_CUBLAS path: cuBLAS from the process). */
+BQ_CUDA_API int bq_cuda_sparse_dequantize(const bq_cuda_sparse_weight* w, int64_t inner, void* W, int out_half,
+                                          void* stream);
+BQ_CUDA_API int bq_cuda_sparse_matmul(const bq_cuda_sparse_weight* w, const void* A, int64_t M, const void* bias,
+                                      void* Y, int io_half, void* stream);
+BQ_CUDA_API int bq_cuda_sparse_decode_host(const bq_cuda_sparse_weight* w, float* V);   /* host, for tests */
+
 /* V (N, K) float32 decoded on the host from host memory by the kernels' own decode functions
  * (compiled by nvcc for the host): the CPU-side test of the GPU decode. */
 BQ_CUDA_API int bq_cuda_decode_host(const bq_cuda_weight* w, float* V);
