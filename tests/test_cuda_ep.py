@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bayesq_onnx.lower.bayesq_nodes import BAYESQ_OPSET, bayesq_dequantize_node, bayesq_gather_node, bayesq_matmul_node
 from bayesq_onnx.runtime import custom_ops
 from bayesq_onnx.runtime.session import make_session
-from packed_weights import weight
+from packed_weights import sparse_weight, weight
 
 CUDA = custom_ops.CUDA_PROVIDER
 EPS32 = float(np.finfo(np.float32).eps)
@@ -106,6 +106,22 @@ def test_cpu_gather_of_the_cuda_library_equals_the_cpu_library(itype):
     assert run(g, custom_ops.cuda_library_path(), cpu, {"I": I}).tobytes() == want.tobytes()
 
 
+def sparse_models(keep=2, of=4):
+    """MatMulSparseAffine and DequantizeSparseAffine of one 2:4 weight (K 256, N 12, 3 bits, groups of 64)."""
+    fmt, _, p, V = sparse_weight(keep, of, 3, 64, 12, 256, seed=3)
+    return (matmul_model(fmt, p, 256, 12, np.random.default_rng(0).standard_normal(12)),
+            dequantize_model(fmt, p, (256, 12), 0), V.astype(np.float32))
+
+
+def test_cpu_sparse_ops_of_the_cuda_library_equal_the_cpu_library():
+    m, d, _ = sparse_models()
+    A = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)
+    cpu = ["CPUExecutionProvider"]
+    assert (run(m, custom_ops.cuda_library_path(), cpu, {"A": A}).tobytes()
+            == run(m, custom_ops.library_path(), cpu, {"A": A}).tobytes())
+    assert run(d, custom_ops.cuda_library_path(), cpu, {}).tobytes() == run(d, custom_ops.library_path(), cpu, {}).tobytes()
+
+
 @pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="onnxruntime has CUDA: the GPU tests below")
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
 def test_make_session_with_cuda_providers_falls_back_to_the_cpu(monkeypatch):
@@ -180,6 +196,19 @@ def test_cuda_gather_bit_exact_and_checks_indices(kind, bits, K, N, block):
     assert run(g, custom_ops.cuda_library_path(), [CUDA], {"I": I}, strict=True).tobytes() == want.tobytes()
     with pytest.raises(Exception, match=f"index {N} out of range"):
         run(g, custom_ops.cuda_library_path(), [CUDA], {"I": np.array([[0, N]])}, strict=True)
+
+
+@gpu
+def test_cuda_sparse_ops_against_the_cpu_ops():
+    """The sparse Dequantize bit for bit; the MatMul (cuBLAS on the decoded weight, fp32) within the two
+    summation orders' bound."""
+    m, d, V = sparse_models()
+    want = run(d, custom_ops.library_path(), ["CPUExecutionProvider"], {})
+    assert run(d, custom_ops.cuda_library_path(), [CUDA], {}, strict=True).tobytes() == want.tobytes()
+    A = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)
+    want = run(m, custom_ops.library_path(), ["CPUExecutionProvider"], {"A": A}).astype(np.float64)
+    got = run(m, custom_ops.cuda_library_path(), [CUDA], {"A": A}, strict=True)
+    assert np.all(np.abs(got - want) <= gpu_bound(A, V, np.zeros_like(V), want, False))
 
 
 @gpu

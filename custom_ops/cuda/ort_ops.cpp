@@ -1,4 +1,4 @@
-// The bayesq MatMulAffine, MatMulLut, DequantizeAffine, DequantizeLut, GatherAffine and GatherLut ops for onnxruntime's
+// The bayesq MatMul*, Dequantize* and Gather* ops (dense and N:M sparse) for onnxruntime's
 // CUDAExecutionProvider, run by the CUDA kernels (C API: include/bayesq/cuda.h).  Plain C++: no CUDA
 // header is needed, the session's stream is a void* handed on to the kernels.
 //
@@ -98,11 +98,66 @@ struct CudaGatherKernel : CudaKernel {
     }
 };
 
+// N:M sparse weights: the survivors (B, scales, zero_points) checked as a dense weight of K * keep / of codes a
+// row (SparseAttrs), then the mask.
+struct CudaSparseKernel : CudaKernel, SparseAttrs {
+    explicit CudaSparseKernel(const OrtKernelInfo* info) : CudaKernel(info, false), SparseAttrs(info, *this) {}
+
+    bq_cuda_sparse_weight sparse(OrtKernelContext* ctx, size_t first) const {
+        bq_cuda_sparse_weight s{};
+        s.inner = weight(ctx, first);
+        s.mask = mask(ctx, first + 3, N);
+        s.K = K_full, s.keep = keep, s.of = of;
+        return s;
+    }
+};
+
+// Y = A @ W (+ bias): W decoded, then cuBLAS (cuda.h: the sparse ops' MatMul is correct, not fast).
+struct CudaSparseMatMulKernel : CudaSparseKernel {
+    bool fp16;
+    CudaSparseMatMulKernel(const OrtKernelInfo* info, bool half) : CudaSparseKernel(info), fp16(half) {}
+
+    void Compute(OrtKernelContext* ctx) const {
+        const bq_cuda_sparse_weight w = sparse(ctx, 1);
+        const Tensor A = input(ctx, 0), b = input(ctx, 5);
+        if (A.shape.empty() || A.shape.back() != K_full)
+            throw Error("A's last dimension must be K=" + std::to_string(K_full));
+        if (b) expect_numel(b, N, "bias");
+        std::vector<int64_t> yshape = A.shape;
+        yshape.back() = N;
+        void* y = output(ctx, 0, yshape);
+        const int64_t M = A.numel / K_full;
+        if (M == 0) return;
+        cuda_check(bq_cuda_sparse_matmul(&w, A.data, M, b ? b.data : nullptr, y, fp16, stream_of(ctx)));
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq CUDA sparse matmul", [&] { Compute(ctx); });
+    }
+};
+
+struct CudaSparseDequantizeKernel : CudaSparseKernel {
+    NativeLayout layout;
+    explicit CudaSparseDequantizeKernel(const OrtKernelInfo* info) : CudaSparseKernel(info), layout(info, K_full, N) {}
+
+    void Compute(OrtKernelContext* ctx) const {
+        const bq_cuda_sparse_weight w = sparse(ctx, 0);
+        void* out = output(ctx, 0, layout.shape);
+        cuda_check(bq_cuda_sparse_dequantize(&w, layout.inner, out, 0, stream_of(ctx)));
+    }
+
+    OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+        return guarded(ORT_RUNTIME_EXCEPTION, "bayesq CUDA sparse dequantize", [&] { Compute(ctx); });
+    }
+};
+
 // The CPU ops' variants, one registration per (T, S) as in ops.cpp.
 MatMulOp<CudaMatMulKernel> g_cuda_matmul[] = {
     {false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
     {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
 DequantizeOp<CudaDequantizeKernel> g_cuda_dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
+SparseMatMulOp<CudaSparseMatMulKernel> g_cuda_sparse_matmul[] = {{F32, F32}, {F32, F16}, {F16, F32}, {F16, F16}};
+SparseDequantizeOp<CudaSparseDequantizeKernel> g_cuda_sparse_dequantize[] = {{F32}, {F16}};
 GatherOp<CudaGatherKernel> g_cuda_gather[] = {{false, I64, F32}, {false, I64, F16}, {false, I32, F32}, {false, I32, F16},
                                               {true, I64, F32},  {true, I64, F16},  {true, I32, F32},  {true, I32, F16}};
 
@@ -114,6 +169,10 @@ OrtStatus* add_cuda_ops(OrtCustomOpDomain* domain) {
     for (OrtCustomOp& op : g_cuda_dequantize)
         if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
     for (OrtCustomOp& op : g_cuda_gather)
+        if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
+    for (OrtCustomOp& op : g_cuda_sparse_matmul)
+        if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
+    for (OrtCustomOp& op : g_cuda_sparse_dequantize)
         if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
     return nullptr;
 }

@@ -296,23 +296,10 @@ struct DequantizeKernel : QKernel {
 // ---- N:M sparse weights (layout.h, "Sparse") ------------------------------------------------------------
 // The survivors are a dense affine weight of K * keep / of codes per row (QKernel's K and block_size are
 // set to that compacted view's); the pattern indices follow the zero points.
-struct SparseKernel : QKernel {
-    int64_t K_full, mask_bytes;
-    int keep, of, pbits;
+struct SparseKernel : QKernel, SparseAttrs {
     const Kernels* skern;   // the sparse entry points: the chosen set's, else AVX2's, else scalar
 
-    explicit SparseKernel(const OrtKernelInfo* info) : QKernel(info, false) {
-        keep = int(attr_int(info, "keep", true, 0));
-        of = int(attr_int(info, "of", true, 0));
-        if (!(1 <= keep && keep < of && of <= 8)) throw Error("keep and of must satisfy 1 <= keep < of <= 8");
-        if (K % of || block <= 0 || block % of)
-            throw Error("K and block_size must be multiples of of (block_size > 0)");
-        K_full = K;
-        K = K * keep / of;
-        block = block * keep / of;
-        pbits = 1;
-        while ((size_t(1) << pbits) < sparse_patterns(keep, of).size()) ++pbits;
-        mask_bytes = bq_col_bytes(K_full / of, pbits);
+    explicit SparseKernel(const OrtKernelInfo* info) : QKernel(info, false), SparseAttrs(info, *this) {
         skern = kern->sparse_gemv ? kern : (cpu_has_avx2() && kernels_avx2()) ? kernels_avx2() : kernels_scalar();
     }
 
@@ -320,10 +307,7 @@ struct SparseKernel : QKernel {
     SparseWeight sparse(OrtKernelContext* ctx, size_t first, const Weight& wt, int64_t n0, int64_t n1, int64_t* base) const {
         SparseWeight s;
         *base = wt.rows(n0, n1, &s.inner);
-        Tensor Mk = input(ctx, first + 3);
-        if (!Mk || Mk.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) throw Error("mask must be uint8");
-        expect_numel(Mk, N * mask_bytes, "mask");
-        s.mask = static_cast<const uint8_t*>(Mk.data) + *base * mask_bytes;
+        s.mask = mask(ctx, first + 3, N) + *base * mask_bytes;
         s.K = K_full; s.mask_bytes = mask_bytes; s.keep = keep; s.of = of; s.pbits = pbits;
         return s;
     }
@@ -426,47 +410,13 @@ struct GatherKernel : QKernel {
 };
 
 // ---- op descriptions ---------------------------------------------------------------------------------
-// MatMulOp / DequantizeOp / GatherOp: ort_util.h (the CUDA ops share them)
-
-// A, B, scales, zero_points, mask, bias?
-struct SparseMatMulOp : Ort::CustomOpBase<SparseMatMulOp, SparseMatMulKernel, true> {
-    ONNXTensorElementDataType t, s;
-    SparseMatMulOp(ONNXTensorElementDataType t_, ONNXTensorElementDataType s_) : t(t_), s(s_) {}
-    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-        return create(kernel, GetName(), [&] { return new SparseMatMulKernel(info, t == F16); });
-    }
-    const char* GetName() const { return "MatMulSparseAffine"; }
-    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-    size_t GetInputTypeCount() const { return 6; }
-    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 || i == 5 ? t : i == 2 ? s : U8; }
-    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-        return i < 5 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-    }
-    size_t GetOutputTypeCount() const { return 1; }
-    ONNXTensorElementDataType GetOutputType(size_t) const { return t; }
-};
-
-// B, scales, zero_points, mask
-struct SparseDequantizeOp : Ort::CustomOpBase<SparseDequantizeOp, SparseDequantizeKernel, true> {
-    ONNXTensorElementDataType s;
-    explicit SparseDequantizeOp(ONNXTensorElementDataType s_) : s(s_) {}
-    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-        return create(kernel, GetName(), [&] { return new SparseDequantizeKernel(info); });
-    }
-    const char* GetName() const { return "DequantizeSparseAffine"; }
-    const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-    size_t GetInputTypeCount() const { return 4; }
-    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 1 ? s : U8; }
-    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t) const { return INPUT_OUTPUT_REQUIRED; }
-    size_t GetOutputTypeCount() const { return 1; }
-    ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
-};
+// MatMulOp / DequantizeOp / GatherOp / SparseMatMulOp / SparseDequantizeOp: ort_util.h (the CUDA ops share them)
 
 MatMulOp<MatMulKernel> g_matmul[] = {{false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
                                      {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
 DequantizeOp<DequantizeKernel> g_dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
-SparseMatMulOp g_sparse_matmul[] = {{F32, F32}, {F32, F16}, {F16, F32}, {F16, F16}};
-SparseDequantizeOp g_sparse_dequantize[] = {SparseDequantizeOp(F32), SparseDequantizeOp(F16)};
+SparseMatMulOp<SparseMatMulKernel> g_sparse_matmul[] = {{F32, F32}, {F32, F16}, {F16, F32}, {F16, F16}};
+SparseDequantizeOp<SparseDequantizeKernel> g_sparse_dequantize[] = {{F32}, {F16}};
 GatherOp<GatherKernel> g_gather[] = {{false, I64, F32}, {false, I64, F16}, {false, I32, F32}, {false, I32, F16},
                                      {true, I64, F32},  {true, I64, F16},  {true, I32, F32},  {true, I32, F16}};
 

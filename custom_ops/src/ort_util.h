@@ -276,7 +276,73 @@ struct GatherOp : Ort::CustomOpBase<GatherOp<Kernel>, Kernel, true> {
     ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
 };
 
-// The CUDAExecutionProvider's MatMul / Dequantize / Gather ops added to `domain` (cuda/ort_ops.cpp; only in a library
+// N:M sparse weights (layout.h, "Sparse"): keep, of and the pattern stream's widths; the kernel's QAttrs K and
+// block_size become the survivors' (K * keep / of, block_size * keep / of).
+struct SparseAttrs {
+    int64_t K_full, mask_bytes;
+    int keep, of, pbits;
+
+    SparseAttrs(const OrtKernelInfo* info, QAttrs& a) {
+        keep = int(attr_int(info, "keep", true, 0));
+        of = int(attr_int(info, "of", true, 0));
+        if (!(1 <= keep && keep < of && of <= 8)) throw Error("keep and of must satisfy 1 <= keep < of <= 8");
+        if (a.K % of || a.block <= 0 || a.block % of)
+            throw Error("K and block_size must be multiples of of (block_size > 0)");
+        K_full = a.K;
+        a.K = a.K * keep / of;
+        a.block = a.block * keep / of;
+        int64_t patterns = 1;   // C(of, keep)
+        for (int i = 0; i < keep; ++i) patterns = patterns * (of - i) / (i + 1);
+        pbits = 1;
+        while ((int64_t(1) << pbits) < patterns) ++pbits;
+        mask_bytes = bq_col_bytes(K_full / of, pbits);
+    }
+    // Input i (the mask), checked: N rows of mask_bytes.
+    const uint8_t* mask(OrtKernelContext* ctx, size_t i, int64_t N) const {
+        const Tensor Mk = input(ctx, i);
+        if (!Mk || Mk.type != U8) throw Error("mask must be uint8");
+        expect_numel(Mk, N * mask_bytes, "mask");
+        return static_cast<const uint8_t*>(Mk.data);
+    }
+};
+
+// A, B, scales, zero_points, mask, bias?
+template <class Kernel>
+struct SparseMatMulOp : Ort::CustomOpBase<SparseMatMulOp<Kernel>, Kernel, true> {
+    ONNXTensorElementDataType t, s;
+    SparseMatMulOp(ONNXTensorElementDataType t_, ONNXTensorElementDataType s_) : t(t_), s(s_) {}
+    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+        return create(kernel, GetName(), [&] { return new Kernel(info, t == F16); });
+    }
+    const char* GetName() const { return "MatMulSparseAffine"; }
+    const char* GetExecutionProviderType() const { return Kernel::provider; }
+    size_t GetInputTypeCount() const { return 6; }
+    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 0 || i == 5 ? t : i == 2 ? s : U8; }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+        return i < 5 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return t; }
+};
+
+// B, scales, zero_points, mask
+template <class Kernel>
+struct SparseDequantizeOp : Ort::CustomOpBase<SparseDequantizeOp<Kernel>, Kernel, true> {
+    ONNXTensorElementDataType s;
+    SparseDequantizeOp(ONNXTensorElementDataType s_) : s(s_) {}
+    OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+        return create(kernel, GetName(), [&] { return new Kernel(info); });
+    }
+    const char* GetName() const { return "DequantizeSparseAffine"; }
+    const char* GetExecutionProviderType() const { return Kernel::provider; }
+    size_t GetInputTypeCount() const { return 4; }
+    ONNXTensorElementDataType GetInputType(size_t i) const { return i == 1 ? s : U8; }
+    OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t) const { return INPUT_OUTPUT_REQUIRED; }
+    size_t GetOutputTypeCount() const { return 1; }
+    ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
+};
+
+// The CUDAExecutionProvider's MatMul / Dequantize / Gather / sparse ops added to `domain` (cuda/ort_ops.cpp; only in a library
 // built with BAYESQ_CUDA_OPS, whose RegisterCustomOps calls it after adding the CPU ops).
 OrtStatus* add_cuda_ops(OrtCustomOpDomain* domain);
 
