@@ -1,11 +1,11 @@
-// CUDA kernels of the bayesq MatMul / Dequantize ops (C entry points: bayesq/cuda.h).
+// CUDA kernels of the bayesq ops (C entry points: bayesq/cuda.h).
 //
 // One decode for every path: a lane's word of layout.h (bq_lane_word), its step codes
 // (bq_word_code) and a code's value (Decoder::value, bq_affine) are __host__ __device__, shared with
 // the CPU kernels through layout.h, and bq_cuda_decode_host runs them on the host for the tests.
-//   GEMV (few rows of A; decode): a warp per column of Y, each half-warp a chunk's 16 lanes, so the
-//     codes are read once and coalesced; where N is too narrow to fill the GPU, K is split over blocks
-//     and the partial sums added in a fixed order.
+//   GEMV (up to 8 rows of A; decode): a warp per column of Y, each half-warp a chunk's 16 lanes, so the
+//     codes are read once and coalesced, 4 chunks' words read ahead; where N is too narrow to fill the
+//     GPU, K is split over blocks and the partial sums added in a fixed order.
 //   GEMM (prefill, from 9 rows): 64 x 64 tiles of Y, one chunk (128 codes) of K per step, weights decoded into an
 //     fp16 shared-memory tile, tensor cores (WMMA 16x16x16) with fp32 accumulators.
 //   Dequantize: the weight into its op layout, for a library GEMM or an unpacked session.
@@ -20,8 +20,8 @@
 
 #include <dlfcn.h>
 
-#include <cstdarg>
 #include <algorithm>
+#include <cstdarg>
 #include <cstdio>
 #include <type_traits>
 #include <vector>
@@ -429,7 +429,8 @@ const Cublas& cublas() {
     return c;
 }
 
-// One handle per thread and device (a handle belongs to the device current when it was made).
+// One handle per thread and device (a handle belongs to the device current when it was made), kept for
+// the process's life: destroying it at thread exit could run after the CUDA context is gone.
 void* cublas_handle() {
     thread_local void* handles[64] = {};
     int dev = 0;
