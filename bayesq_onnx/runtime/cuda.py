@@ -159,15 +159,21 @@ def matmul(packed: dict, A, *, K: int, N: int, bits: int, block: int, bias=None,
     gemv, gemm (fused, tensor cores) or cublas (dequantize, then the cuBLAS this process loaded)."""
     import torch
     w, packed = _device_weight(packed, K, N, bits, block)   # contiguous copies live to the launch
+    A2, Y, b = _matmul_io(A, K, N, bias)
+    _call(lib().bq_cuda_matmul(ctypes.byref(w), A2.data_ptr(), A2.shape[0], None if b is None else b.data_ptr(),
+                               Y.data_ptr(), int(A.dtype == torch.float16), PATHS[path], _stream()))
+    return Y.reshape(*A.shape[:-1], N)
+
+
+def _matmul_io(A, K: int, N: int, bias):
+    """A as (M, K) rows, Y (M, N) of A's type and the bias in A's type (or None), A checked."""
+    import torch
     if A.dtype not in (torch.float32, torch.float16) or A.shape[-1] != K or not A.is_cuda:
         raise BayesQError(f"bayesq CUDA: A must be a float32/float16 GPU tensor of last axis {K}, got "
                           f"{A.dtype} {tuple(A.shape)}")
     A2 = A.reshape(-1, K).contiguous()
     Y = torch.empty((A2.shape[0], N), dtype=A.dtype, device=A.device)
-    b = None if bias is None else bias.to(A.dtype).contiguous()
-    _call(lib().bq_cuda_matmul(ctypes.byref(w), A2.data_ptr(), A2.shape[0], None if b is None else b.data_ptr(),
-                               Y.data_ptr(), int(A.dtype == torch.float16), PATHS[path], _stream()))
-    return Y.reshape(*A.shape[:-1], N)
+    return A2, Y, None if bias is None else bias.to(A.dtype).contiguous()
 
 
 def dequantize(packed: dict, *, K: int, N: int, bits: int, block: int, inner: int = 1, dtype=None):
@@ -213,12 +219,7 @@ def sparse_matmul(packed: dict, A, *, K: int, N: int, bits: int, block: int, kee
     import torch
     Kc, bc = sparse_args(K, block, keep, of)
     w, packed = _device_weight(packed, Kc, N, bits, bc)
-    if A.dtype not in (torch.float32, torch.float16) or A.shape[-1] != K or not A.is_cuda:
-        raise BayesQError(f"bayesq CUDA: A must be a float32/float16 GPU tensor of last axis {K}, got "
-                          f"{A.dtype} {tuple(A.shape)}")
-    A2 = A.reshape(-1, K).contiguous()
-    Y = torch.empty((A2.shape[0], N), dtype=A.dtype, device=A.device)
-    b = None if bias is None else bias.to(A.dtype).contiguous()
+    A2, Y, b = _matmul_io(A, K, N, bias)
     sw = _sparse(w, packed["mask"].data_ptr(), K, keep, of)
     _call(lib().bq_cuda_sparse_matmul(ctypes.byref(sw), A2.data_ptr(), A2.shape[0], None if b is None else b.data_ptr(),
                                       Y.data_ptr(), int(A.dtype == torch.float16), _stream()))
