@@ -132,7 +132,7 @@ def test_host_decode_refuses_bad_arguments():
 def test_gather_checks_its_indices_on_the_host_before_any_launch():
     import ctypes
     packed, _ = weight("affine", 3, 64, 5, 16, 0)
-    w = cuda._weight(packed, lambda a: a.ctypes.data, lambda a: a.dtype == np.float16, 64, 5, 3, 16)
+    w, packed = cuda._host_weight(packed, 64, 5, 3, 16)
     for bad, itype in ((5, np.int64), (-6, np.int32)):
         idx = np.array([0, bad, 1], itype)
         Y = np.empty((3, 64), np.float32)       # never written: the check fails first

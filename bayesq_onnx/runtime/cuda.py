@@ -84,10 +84,10 @@ def _weight(packed: dict, ptr, half, K: int, N: int, bits: int, block: int) -> _
                    s_half=int(half(s)))
 
 
-def _sparse(w: _Weight, mask_ptr, K: int, keep: int, of: int) -> _SparseWeight:
-    """The sparse weight whose survivors ``w`` was made for as a dense weight of K * keep / of codes a row,
-    in groups of block * keep / of (``sparse_args``)."""
-    return _SparseWeight(inner=w, mask=mask_ptr, K=K, keep=keep, of=of)
+def _host_weight(packed: dict, K: int, N: int, bits: int, block: int) -> tuple[_Weight, dict]:
+    """The weight of host arrays, and the contiguous arrays it points into (alive as long as they)."""
+    packed = {k: np.ascontiguousarray(v) for k, v in packed.items() if v is not None}
+    return _weight(packed, lambda a: a.ctypes.data, lambda a: a.dtype == np.float16, K, N, bits, block), packed
 
 
 def sparse_args(K: int, block: int, keep: int, of: int) -> tuple[int, int]:
@@ -99,19 +99,17 @@ def sparse_decode_host(packed: dict[str, np.ndarray], *, K: int, N: int, bits: i
                        of: int) -> np.ndarray:
     """W's view (N, K) float32 of a sparse weight (``BayesqSparse.pack``'s arrays), by the CUDA kernels'
     decode compiled for the host."""
-    packed = {k: np.ascontiguousarray(v) for k, v in packed.items() if v is not None}
     Kc, bc = sparse_args(K, block, keep, of)
-    w = _weight(packed, lambda a: a.ctypes.data, lambda a: a.dtype == np.float16, Kc, N, bits, bc)
+    w, packed = _host_weight(packed, Kc, N, bits, bc)
     V = np.empty((N, K), np.float32)
-    _call(lib().bq_cuda_sparse_decode_host(ctypes.byref(_sparse(w, packed["mask"].ctypes.data, K, keep, of)),
-                                           V.ctypes.data))
+    sw = _SparseWeight(w, packed["mask"].ctypes.data, K, keep, of)
+    _call(lib().bq_cuda_sparse_decode_host(ctypes.byref(sw), V.ctypes.data))
     return V
 
 
 def decode_host(packed: dict[str, np.ndarray], *, K: int, N: int, bits: int, block: int) -> np.ndarray:
     """V (N, K) float32 from host arrays, by the CUDA kernels' decode compiled for the host."""
-    packed = {k: np.ascontiguousarray(v) for k, v in packed.items() if v is not None}
-    w = _weight(packed, lambda a: a.ctypes.data, lambda a: a.dtype == np.float16, K, N, bits, block)
+    w, packed = _host_weight(packed, K, N, bits, block)
     V = np.empty((N, K), np.float32)
     _call(lib().bq_cuda_decode_host(ctypes.byref(w), V.ctypes.data))
     return V
@@ -121,8 +119,7 @@ def gemv_host(packed: dict[str, np.ndarray], A: np.ndarray, *, K: int, N: int, b
               sms: int) -> np.ndarray:
     """A (M <= 8, K) @ V^T float32 on the host by the GEMV kernel's own walk over the codes, K split as
     on a GPU of ``sms`` SMs (bayesq/cuda.h): the CPU-side test of that walk."""
-    packed = {k: np.ascontiguousarray(v) for k, v in packed.items() if v is not None}
-    w = _weight(packed, lambda a: a.ctypes.data, lambda a: a.dtype == np.float16, K, N, bits, block)
+    w, packed = _host_weight(packed, K, N, bits, block)
     A = np.ascontiguousarray(A, np.float32)
     Y = np.empty((A.shape[0], N), np.float32)
     _call(lib().bq_cuda_gemv_host(ctypes.byref(w), A.ctypes.data, A.shape[0], sms, Y.ctypes.data))
@@ -132,8 +129,7 @@ def gemv_host(packed: dict[str, np.ndarray], A: np.ndarray, *, K: int, N: int, b
 def gemm_host(packed: dict[str, np.ndarray], A: np.ndarray, *, K: int, N: int, bits: int, block: int) -> np.ndarray:
     """A (M, K) @ V^T on the host from the GEMM kernel's own fp16 tiles (bayesq/cuda.h): the CPU-side
     test of how they are filled."""
-    packed = {k: np.ascontiguousarray(v) for k, v in packed.items() if v is not None}
-    w = _weight(packed, lambda a: a.ctypes.data, lambda a: a.dtype == np.float16, K, N, bits, block)
+    w, packed = _host_weight(packed, K, N, bits, block)
     A = np.ascontiguousarray(A, np.float32)
     Y = np.empty((A.shape[0], N), np.float32)
     _call(lib().bq_cuda_gemm_host(ctypes.byref(w), A.ctypes.data, A.shape[0], Y.ctypes.data))
@@ -176,14 +172,22 @@ def _matmul_io(A, K: int, N: int, bias):
     return A2, Y, None if bias is None else bias.to(A.dtype).contiguous()
 
 
+def _dequantized(N: int, K: int, inner: int, dtype, device):
+    """The output of a dequantization into layout ``inner`` (bayesq/cuda.h): V (N, K) for 1, W (K, N) for
+    N, (N / inner, K, inner) between."""
+    import torch
+    shape = (N, K) if inner == 1 else (K, N) if inner == N else (N // inner, K, inner)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def dequantize(packed: dict, *, K: int, N: int, bits: int, block: int, inner: int = 1, dtype=None):
     """The weight decoded on the GPU: V (N, K) for inner 1, W (K, N) for inner N (bayesq/cuda.h)."""
     import torch
     dtype = dtype or torch.float32
     w, packed = _device_weight(packed, K, N, bits, block)   # contiguous copies live to the launch
-    out = torch.empty((N // inner, K, inner) if inner > 1 else (N, K), dtype=dtype, device=packed["B"].device)
+    out = _dequantized(N, K, inner, dtype, packed["B"].device)
     _call(lib().bq_cuda_dequantize(ctypes.byref(w), inner, out.data_ptr(), int(dtype == torch.float16), _stream()))
-    return out.reshape(K, N) if inner == N else out
+    return out
 
 
 def gather(packed: dict, indices, *, K: int, N: int, bits: int, block: int, dtype=None):
@@ -208,10 +212,10 @@ def sparse_dequantize(packed: dict, *, K: int, N: int, bits: int, block: int, ke
     dtype = dtype or torch.float32
     Kc, bc = sparse_args(K, block, keep, of)
     w, packed = _device_weight(packed, Kc, N, bits, bc)
-    out = torch.empty((N // inner, K, inner) if inner > 1 else (N, K), dtype=dtype, device=packed["B"].device)
-    sw = _sparse(w, packed["mask"].data_ptr(), K, keep, of)
+    out = _dequantized(N, K, inner, dtype, packed["B"].device)
+    sw = _SparseWeight(w, packed["mask"].data_ptr(), K, keep, of)
     _call(lib().bq_cuda_sparse_dequantize(ctypes.byref(sw), inner, out.data_ptr(), int(dtype == torch.float16), _stream()))
-    return out.reshape(K, N) if inner == N else out
+    return out
 
 
 def sparse_matmul(packed: dict, A, *, K: int, N: int, bits: int, block: int, keep: int, of: int, bias=None):
@@ -220,7 +224,7 @@ def sparse_matmul(packed: dict, A, *, K: int, N: int, bits: int, block: int, kee
     Kc, bc = sparse_args(K, block, keep, of)
     w, packed = _device_weight(packed, Kc, N, bits, bc)
     A2, Y, b = _matmul_io(A, K, N, bias)
-    sw = _sparse(w, packed["mask"].data_ptr(), K, keep, of)
+    sw = _SparseWeight(w, packed["mask"].data_ptr(), K, keep, of)
     _call(lib().bq_cuda_sparse_matmul(ctypes.byref(sw), A2.data_ptr(), A2.shape[0], None if b is None else b.data_ptr(),
                                       Y.data_ptr(), int(A.dtype == torch.float16), _stream()))
     return Y.reshape(*A.shape[:-1], N)

@@ -6,7 +6,7 @@ how a session gets it.
 ``$BAYESQ_CUSTOM_OPS_LIB`` names another build (a path to ``libbayesq_ops.so``).  Without the
 library, models with ``bayesq`` ops do not load; models lowered with ``--target portable`` and all
 native formats still do.  Where nvcc built the CUDA kernels too, ``libbayesq_ops_cuda.so`` beside it
-has the same CPU ops plus MatMul* / Dequantize* for onnxruntime's ``CUDAExecutionProvider``: sessions
+has the same CPU ops plus all of them for onnxruntime's ``CUDAExecutionProvider``: sessions
 whose providers include that one register it instead (``register(so, providers)``).
 """
 from __future__ import annotations
@@ -54,9 +54,9 @@ def wants_cuda(providers) -> bool:
 
 
 def register(so: ort.SessionOptions, providers=None) -> bool:
-    """Register the library with ``so`` if it was built; returns whether it was.  With
-    ``CUDAExecutionProvider`` among ``providers`` (names or ``(name, options)`` pairs, as onnxruntime
-    takes them) the build with the CUDA ops, where there is one: its CPU ops serve nodes left on the CPU."""
+    """Register the library with ``so`` if it was built; returns whether it was.  Where ``providers``
+    want CUDA (:func:`wants_cuda`), the build with the CUDA ops if there is one: its CPU ops serve nodes
+    left on the CPU."""
     p = (wants_cuda(providers) and cuda_library_path()) or library_path()
     if p is None:
         return False

@@ -492,9 +492,9 @@ int check(const bq_cuda_weight* w) {
     return BQ_CUDA_OK;
 }
 
-// f(Decoder<S, LUT>) for the weight's scale type and kind.
+// f(Decoder<S, LUT>) for the weight's scale type and kind, and what f returns.
 template <class F>
-cudaError_t with_decoder(const bq_cuda_weight& w, F&& f) {
+auto with_decoder(const bq_cuda_weight& w, F&& f) {
     if (w.is_lut) return w.s_half ? f(decoder<__half, true>(w)) : f(decoder<float, true>(w));
     return w.s_half ? f(decoder<__half, false>(w)) : f(decoder<float, false>(w));
 }
@@ -518,22 +518,8 @@ SparseDecoder<S> sparse_decoder(const bq_cuda_sparse_weight& w) {
     d.in = decoder<S, false>(w.inner);
     d.mask = w.mask;
     d.K = w.K, d.keep = w.keep, d.of = w.of;
-    // the keep-subsets of 0 .. of - 1 in lexicographic order (layout.h)
-    d.pat.count = 0;
-    int pos[8];
-    for (int i = 0; i < w.keep; ++i) pos[i] = i;
-    for (;;) {
-        unsigned bits = 0;
-        for (int i = 0; i < w.keep; ++i) bits |= 1u << pos[i];
-        d.pat.bits[d.pat.count++] = uint8_t(bits);
-        int i = w.keep - 1;
-        while (i >= 0 && pos[i] == w.of - w.keep + i) --i;
-        if (i < 0) break;
-        ++pos[i];
-        for (int j = i + 1; j < w.keep; ++j) pos[j] = pos[j - 1] + 1;
-    }
-    d.pbits = 1;
-    while ((1 << d.pbits) < d.pat.count) ++d.pbits;
+    d.pat.count = bq_sparse_patterns(w.keep, w.of, d.pat.bits);
+    d.pbits = bq_pattern_bits(d.pat.count);
     d.mask_bytes = bq_col_bytes(w.K / w.of, d.pbits);
     return d;
 }
@@ -548,7 +534,7 @@ int check_sparse(const bq_cuda_sparse_weight* w) {
 }
 
 template <class F>
-cudaError_t with_sparse_decoder(const bq_cuda_sparse_weight& w, F&& f) {
+auto with_sparse_decoder(const bq_cuda_sparse_weight& w, F&& f) {
     return w.inner.s_half ? f(sparse_decoder<__half>(w)) : f(sparse_decoder<float>(w));
 }
 
@@ -569,17 +555,13 @@ int bq_cuda_matmul(const bq_cuda_weight* w, const void* A, int64_t M, const void
     if (!use_gemm && M > kGemvMaxRows) return fail(BQ_CUDA_BAD_ARG, "the GEMV takes at most %d rows, got %lld", kGemvMaxRows, (long long)M);
     if (M == 0) return BQ_CUDA_OK;
     const cudaStream_t st = static_cast<cudaStream_t>(stream);
-    if (path == BQ_CUDA_CUBLAS) {
-        int rc = BQ_CUDA_OK;
-        with_decoder(*w, [&](auto d) {
-            rc = io_half ? cublas_matmul(d, static_cast<const __half*>(A), M, static_cast<const __half*>(bias),
-                                         static_cast<__half*>(Y), st)
-                         : cublas_matmul(d, static_cast<const float*>(A), M, static_cast<const float*>(bias),
-                                         static_cast<float*>(Y), st);
-            return cudaSuccess;
+    if (path == BQ_CUDA_CUBLAS)
+        return with_decoder(*w, [&](auto d) {
+            return io_half ? cublas_matmul(d, static_cast<const __half*>(A), M, static_cast<const __half*>(bias),
+                                           static_cast<__half*>(Y), st)
+                           : cublas_matmul(d, static_cast<const float*>(A), M, static_cast<const float*>(bias),
+                                           static_cast<float*>(Y), st);
         });
-        return rc;
-    }
     return launched(with_decoder(*w, [&](auto d) {
                         return io_half ? matmul<__half>(d, A, M, bias, Y, use_gemm, st) : matmul<float>(d, A, M, bias, Y, use_gemm, st);
                     }),
@@ -650,7 +632,6 @@ int bq_cuda_gemv_host(const bq_cuda_weight* w, const float* A, int64_t M, int sm
                 }
             for (int m = 0; m < M; ++m) Y[m * d.N + n] = y[m];
         }
-        return cudaSuccess;
     });
     return BQ_CUDA_OK;
 }
@@ -676,7 +657,6 @@ int bq_cuda_gemm_host(const bq_cuda_weight* w, const float* A, int64_t M, float*
                 for (int r = 0; r < kTileM && m0 + r < M; ++r)
                     for (int j = 0; j < kTileN && n0 + j < d.N; ++j) Y[(m0 + r) * d.N + n0 + j] = C[size_t(r) * kTileN + j];
             }
-        return cudaSuccess;
     });
     return BQ_CUDA_OK;
 }
@@ -704,19 +684,16 @@ int bq_cuda_sparse_matmul(const bq_cuda_sparse_weight* w, const void* A, int64_t
     if (M == 0) return BQ_CUDA_OK;
     const cudaStream_t st = static_cast<cudaStream_t>(stream);
     const int64_t N = w->inner.N, threads = N * (w->K / w->of);
-    int rc = BQ_CUDA_OK;
-    with_sparse_decoder(*w, [&](auto d) {
+    return with_sparse_decoder(*w, [&](auto d) {
         auto go = [&](auto* a, auto* b, auto* y) {
             using T = std::remove_const_t<std::remove_pointer_t<decltype(a)>>;
             return cublas_matmul(w->K, N, [&](T* V, cudaStream_t s) {
                 sparse_dequant_kernel<<<unsigned((threads + 255) / 256), 256, 0, s>>>(d, 1, V);
             }, a, M, b, y, st);
         };
-        rc = io_half ? go(static_cast<const __half*>(A), static_cast<const __half*>(bias), static_cast<__half*>(Y))
-                     : go(static_cast<const float*>(A), static_cast<const float*>(bias), static_cast<float*>(Y));
-        return cudaSuccess;
+        return io_half ? go(static_cast<const __half*>(A), static_cast<const __half*>(bias), static_cast<__half*>(Y))
+                       : go(static_cast<const float*>(A), static_cast<const float*>(bias), static_cast<float*>(Y));
     });
-    return rc;
 }
 
 int bq_cuda_sparse_decode_host(const bq_cuda_sparse_weight* w, float* V) {
@@ -725,7 +702,6 @@ int bq_cuda_sparse_decode_host(const bq_cuda_sparse_weight* w, float* V) {
     with_sparse_decoder(*w, [&](auto d) {
         for (int64_t n = 0; n < d.in.N; ++n)
             for (int64_t r = 0; r < d.K / d.of; ++r) d.run(n, r, [&](int64_t k, float v) { V[n * d.K + k] = v; });
-        return cudaSuccess;
     });
     return BQ_CUDA_OK;
 }
@@ -738,7 +714,6 @@ int bq_cuda_decode_host(const bq_cuda_weight* w, float* V) {
         for (int64_t n = 0; n < d.N; ++n)
             for (int64_t c = 0; c < nc; ++c)
                 for (int l = 0; l < BQ_LANES; ++l) d.lane(n, c, l, [&](int64_t k, float v) { V[n * d.K + k] = v; });
-        return cudaSuccess;
     });
     return BQ_CUDA_OK;
 }

@@ -39,6 +39,23 @@ struct CudaKernel : QAttrs {
     }
 };
 
+// A MatMul's A (input 0: (..., K)), optional bias (input `bias`: N) and Y (..., N), checked, on the device.
+struct MatMulArgs {
+    const void* a;
+    const void* bias;
+    void* y;
+    int64_t M;   // rows of A
+
+    MatMulArgs(OrtKernelContext* ctx, size_t bias_input, int64_t K, int64_t N) {
+        const Tensor A = input(ctx, 0), b = input(ctx, bias_input);
+        if (A.shape.empty() || A.shape.back() != K) throw Error("A's last dimension must be K=" + std::to_string(K));
+        if (b) expect_numel(b, N, "bias");
+        std::vector<int64_t> yshape = A.shape;
+        yshape.back() = N;
+        a = A.data, bias = b ? b.data : nullptr, y = output(ctx, 0, yshape), M = A.numel / K;
+    }
+};
+
 // Y (..., N) = A (..., K) @ W (+ bias): the GEMV for few rows, the tensor-core GEMM from
 // bq_cuda_gemm_min_rows() rows (cuda.h).
 struct CudaMatMulKernel : CudaKernel {
@@ -47,15 +64,8 @@ struct CudaMatMulKernel : CudaKernel {
 
     void Compute(OrtKernelContext* ctx) const {
         const bq_cuda_weight w = weight(ctx, 1);
-        const Tensor A = input(ctx, 0), b = input(ctx, is_lut ? 3 : 4);
-        if (A.shape.empty() || A.shape.back() != K) throw Error("A's last dimension must be K=" + std::to_string(K));
-        if (b) expect_numel(b, N, "bias");
-        std::vector<int64_t> yshape = A.shape;
-        yshape.back() = N;
-        void* y = output(ctx, 0, yshape);
-        const int64_t M = A.numel / K;
-        if (M == 0) return;
-        cuda_check(bq_cuda_matmul(&w, A.data, M, b ? b.data : nullptr, y, fp16, BQ_CUDA_AUTO, stream_of(ctx)));
+        const MatMulArgs io(ctx, is_lut ? 3 : 4, K, N);
+        cuda_check(bq_cuda_matmul(&w, io.a, io.M, io.bias, io.y, fp16, BQ_CUDA_AUTO, stream_of(ctx)));
     }
 
     OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
@@ -119,16 +129,8 @@ struct CudaSparseMatMulKernel : CudaSparseKernel {
 
     void Compute(OrtKernelContext* ctx) const {
         const bq_cuda_sparse_weight w = sparse(ctx, 1);
-        const Tensor A = input(ctx, 0), b = input(ctx, 5);
-        if (A.shape.empty() || A.shape.back() != K_full)
-            throw Error("A's last dimension must be K=" + std::to_string(K_full));
-        if (b) expect_numel(b, N, "bias");
-        std::vector<int64_t> yshape = A.shape;
-        yshape.back() = N;
-        void* y = output(ctx, 0, yshape);
-        const int64_t M = A.numel / K_full;
-        if (M == 0) return;
-        cuda_check(bq_cuda_sparse_matmul(&w, A.data, M, b ? b.data : nullptr, y, fp16, stream_of(ctx)));
+        const MatMulArgs io(ctx, 5, K_full, N);
+        cuda_check(bq_cuda_sparse_matmul(&w, io.a, io.M, io.bias, io.y, fp16, stream_of(ctx)));
     }
 
     OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
@@ -151,30 +153,11 @@ struct CudaSparseDequantizeKernel : CudaSparseKernel {
     }
 };
 
-// The CPU ops' variants, one registration per (T, S) as in ops.cpp.
-MatMulOp<CudaMatMulKernel> g_cuda_matmul[] = {
-    {false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
-    {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
-DequantizeOp<CudaDequantizeKernel> g_cuda_dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
-SparseMatMulOp<CudaSparseMatMulKernel> g_cuda_sparse_matmul[] = {{F32, F32}, {F32, F16}, {F16, F32}, {F16, F16}};
-SparseDequantizeOp<CudaSparseDequantizeKernel> g_cuda_sparse_dequantize[] = {{F32}, {F16}};
-GatherOp<CudaGatherKernel> g_cuda_gather[] = {{false, I64, F32}, {false, I64, F16}, {false, I32, F32}, {false, I32, F16},
-                                              {true, I64, F32},  {true, I64, F16},  {true, I32, F32},  {true, I32, F16}};
-
 }  // namespace
 
 OrtStatus* add_cuda_ops(OrtCustomOpDomain* domain) {
-    for (OrtCustomOp& op : g_cuda_matmul)
-        if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
-    for (OrtCustomOp& op : g_cuda_dequantize)
-        if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
-    for (OrtCustomOp& op : g_cuda_gather)
-        if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
-    for (OrtCustomOp& op : g_cuda_sparse_matmul)
-        if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
-    for (OrtCustomOp& op : g_cuda_sparse_dequantize)
-        if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
-    return nullptr;
+    return add_ops<CudaMatMulKernel, CudaDequantizeKernel, CudaGatherKernel, CudaSparseMatMulKernel,
+                   CudaSparseDequantizeKernel>(domain);
 }
 
 }  // namespace bq

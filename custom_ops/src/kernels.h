@@ -68,8 +68,7 @@ struct SparseWeight {
     int keep = 0, of = 0, pbits = 0;
 };
 
-// Pattern p of (keep, of), 1 <= keep < of <= 8: bit t set when position t of the run survives; the
-// keep-subsets of 0..of-1 in lexicographic order (itertools.combinations).
+// Pattern p of (keep, of), 1 <= keep < of <= 8: layout.h's bq_sparse_patterns, made once per (keep, of).
 const std::vector<uint8_t>& sparse_patterns(int keep, int of);
 
 // The runs of 8 consecutive weights (of in 2, 4, 8) have consecutive pattern indices in the mask

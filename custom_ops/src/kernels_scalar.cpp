@@ -77,18 +77,8 @@ const std::vector<uint8_t>& sparse_patterns(int keep, int of) {
         std::vector<std::vector<uint8_t>> t(9 * 9);
         for (int o = 2; o <= 8; ++o)
             for (int k = 1; k < o; ++k) {
-                int pos[8];
-                for (int i = 0; i < k; ++i) pos[i] = i;   // the first subset; then the next, lexicographically
-                for (;;) {
-                    uint8_t bits = 0;
-                    for (int i = 0; i < k; ++i) bits = uint8_t(bits | (1u << pos[i]));
-                    t[size_t(k * 9 + o)].push_back(bits);
-                    int i = k - 1;
-                    while (i >= 0 && pos[i] == o - k + i) --i;
-                    if (i < 0) break;
-                    ++pos[i];
-                    for (int j = i + 1; j < k; ++j) pos[j] = pos[j - 1] + 1;
-                }
+                uint8_t pat[70];
+                t[size_t(k * 9 + o)].assign(pat, pat + bq_sparse_patterns(k, o, pat));
             }
         return t;
     }();
@@ -101,8 +91,7 @@ const SparseFields& sparse_fields(int keep, int of) {
         for (int o : {2, 4, 8})
             for (int k = 1; k < o; ++k) {
                 const std::vector<uint8_t>& pat = sparse_patterns(k, o);
-                int pbits = 1;
-                while ((size_t(1) << pbits) < pat.size()) ++pbits;
+                const int pbits = bq_pattern_bits(int(pat.size()));
                 SparseFields& e = t[size_t(k * 9 + o)];
                 e.bits = 8 / o * pbits, e.used = 8 / o * k;
                 for (int field = 0; field < (1 << e.bits); ++field) {

@@ -6,7 +6,7 @@
 // (tests use it to check every path on one machine), otherwise the best the CPU supports.  Work is
 // split over N through ORT's intra-op thread pool (KernelContext_ParallelFor).
 //
-// Attribute / input checks and the MatMul / Dequantize op descriptions are in ort_util.h, shared with the
+// Attribute / input checks, the op descriptions and their registration are in ort_util.h, shared with the
 // CUDAExecutionProvider's ops (cuda/ort_ops.cpp), which RegisterCustomOps adds after these when built with
 // BAYESQ_CUDA_OPS (libbayesq_ops_cuda.so).
 #include <algorithm>
@@ -409,17 +409,6 @@ struct GatherKernel : QKernel {
     }
 };
 
-// ---- op descriptions ---------------------------------------------------------------------------------
-// MatMulOp / DequantizeOp / GatherOp / SparseMatMulOp / SparseDequantizeOp: ort_util.h (the CUDA ops share them)
-
-MatMulOp<MatMulKernel> g_matmul[] = {{false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
-                                     {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
-DequantizeOp<DequantizeKernel> g_dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
-SparseMatMulOp<SparseMatMulKernel> g_sparse_matmul[] = {{F32, F32}, {F32, F16}, {F16, F32}, {F16, F16}};
-SparseDequantizeOp<SparseDequantizeKernel> g_sparse_dequantize[] = {{F32}, {F16}};
-GatherOp<GatherKernel> g_gather[] = {{false, I64, F32}, {false, I64, F16}, {false, I32, F32}, {false, I32, F16},
-                                     {true, I64, F32},  {true, I64, F16},  {true, I32, F32},  {true, I32, F16}};
-
 }  // namespace
 }  // namespace bq
 
@@ -435,16 +424,9 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     // to, and releasing at exit could run after onnxruntime itself is gone.
     OrtCustomOpDomain* domain = nullptr;
     if (OrtStatus* st = api->CreateCustomOpDomain("bayesq", &domain)) return st;
-    for (OrtCustomOp& op : bq::g_matmul)
-        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
-    for (OrtCustomOp& op : bq::g_dequantize)
-        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
-    for (OrtCustomOp& op : bq::g_gather)
-        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
-    for (OrtCustomOp& op : bq::g_sparse_matmul)
-        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
-    for (OrtCustomOp& op : bq::g_sparse_dequantize)
-        if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
+    if (OrtStatus* st = bq::add_ops<bq::MatMulKernel, bq::DequantizeKernel, bq::GatherKernel, bq::SparseMatMulKernel,
+                                    bq::SparseDequantizeKernel>(domain))
+        return st;
 #ifdef BAYESQ_CUDA_OPS
     if (OrtStatus* st = bq::add_cuda_ops(domain)) return st;   // libbayesq_ops_cuda.so: cuda/ort_ops.cpp
 #endif

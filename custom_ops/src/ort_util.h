@@ -291,10 +291,8 @@ struct SparseAttrs {
         K_full = a.K;
         a.K = a.K * keep / of;
         a.block = a.block * keep / of;
-        int64_t patterns = 1;   // C(of, keep)
-        for (int i = 0; i < keep; ++i) patterns = patterns * (of - i) / (i + 1);
-        pbits = 1;
-        while ((int64_t(1) << pbits) < patterns) ++pbits;
+        uint8_t patterns[70];
+        pbits = bq_pattern_bits(bq_sparse_patterns(keep, of, patterns));
         mask_bytes = bq_col_bytes(K_full / of, pbits);
     }
     // Input i (the mask), checked: N rows of mask_bytes.
@@ -342,8 +340,33 @@ struct SparseDequantizeOp : Ort::CustomOpBase<SparseDequantizeOp<Kernel>, Kernel
     ONNXTensorElementDataType GetOutputType(size_t) const { return F32; }
 };
 
-// The CUDAExecutionProvider's MatMul / Dequantize / Gather / sparse ops added to `domain` (cuda/ort_ops.cpp; only in a library
-// built with BAYESQ_CUDA_OPS, whose RegisterCustomOps calls it after adding the CPU ops).
+// Every op of the domain added to `domain` for one provider, its kernels the classes given: one registration
+// per type variant (T, S, indices).  The descriptions live as long as the process (a session may outlive
+// anything shorter).
+template <class MatMulK, class DequantizeK, class GatherK, class SparseMatMulK, class SparseDequantizeK>
+OrtStatus* add_ops(OrtCustomOpDomain* domain) {
+    static MatMulOp<MatMulK> matmul[] = {{false, F32, F32}, {false, F32, F16}, {false, F16, F32}, {false, F16, F16},
+                                         {true, F32, F32},  {true, F32, F16},  {true, F16, F32},  {true, F16, F16}};
+    static DequantizeOp<DequantizeK> dequantize[] = {{false, F32}, {false, F16}, {true, F32}, {true, F16}};
+    static GatherOp<GatherK> gather[] = {{false, I64, F32}, {false, I64, F16}, {false, I32, F32}, {false, I32, F16},
+                                         {true, I64, F32},  {true, I64, F16},  {true, I32, F32},  {true, I32, F16}};
+    static SparseMatMulOp<SparseMatMulK> sparse_matmul[] = {{F32, F32}, {F32, F16}, {F16, F32}, {F16, F16}};
+    static SparseDequantizeOp<SparseDequantizeK> sparse_dequantize[] = {{F32}, {F16}};
+    auto add = [&](auto& ops) -> OrtStatus* {
+        for (OrtCustomOp& op : ops)
+            if (OrtStatus* st = g_api->CustomOpDomain_Add(domain, &op)) return st;
+        return nullptr;
+    };
+    OrtStatus* st = add(matmul);
+    if (!st) st = add(dequantize);
+    if (!st) st = add(gather);
+    if (!st) st = add(sparse_matmul);
+    if (!st) st = add(sparse_dequantize);
+    return st;
+}
+
+// The CUDAExecutionProvider's ops added to `domain` (cuda/ort_ops.cpp; only in a library built with
+// BAYESQ_CUDA_OPS, whose RegisterCustomOps calls it after adding the CPU ops).
 OrtStatus* add_cuda_ops(OrtCustomOpDomain* domain);
 
 }  // namespace bq

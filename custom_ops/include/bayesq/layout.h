@@ -158,6 +158,31 @@ BQ_FN int bq_stream_at(const uint8_t* buf, int bits, int64_t i) {
     return (int)(v & ((1u << bits) - 1u));
 }
 
+/* The patterns of `keep` of `of` (1 <= keep < of <= 8; "Sparse" above): the keep-subsets of 0 .. of-1 in
+ * lexicographic order, as bit masks (bit t: position t survives) into out[0 .. C(of, keep)), 70 at most.
+ * Returns their count. */
+BQ_FN int bq_sparse_patterns(int keep, int of, uint8_t* out) {
+    int pos[8], count = 0;
+    for (int i = 0; i < keep; ++i) pos[i] = i;   /* the first subset; then the next, lexicographically */
+    for (;;) {
+        unsigned m = 0;
+        for (int i = 0; i < keep; ++i) m |= 1u << pos[i];
+        out[count++] = (uint8_t)m;
+        int i = keep - 1;
+        while (i >= 0 && pos[i] == of - keep + i) --i;
+        if (i < 0) return count;
+        ++pos[i];
+        for (int j = i + 1; j < keep; ++j) pos[j] = pos[j - 1] + 1;
+    }
+}
+
+/* A run's pattern index in the mask stream: ceil(log2 count) bits, at least 1. */
+BQ_FN int bq_pattern_bits(int count) {
+    int b = 1;
+    while ((1 << b) < count) ++b;
+    return b;
+}
+
 /* Code of weight k of a row (`row` points at the row's col_bytes bytes).  Slow, for references. */
 BQ_FN int bq_code_at(const uint8_t* row, int64_t K, int bits, int64_t k) {
     int64_t c = k / BQ_CHUNK;               /* chunk index, or the first chunk after the full ones */
