@@ -417,18 +417,22 @@ class Analysis:
         measured = self.tables_pass.grids_for(knapsack, block, qs, known) if knapsack is not None else {}
 
         def pack(s):
-            res = []
+            res, mine = [], {}   # this site's results by key: contenders of one format share them
             for c in contenders:
                 q, fmt = (refs if c.reference else qs)[s.name], c.plan.choice[s.name]
                 kind = q.grid_kind(fmt, None if c.reference else measured.get((s.name, fmt), known.get((s.name, fmt))))
                 key = (s.name, fmt, kind, c.reference)
-                if key not in reuse:
-                    arrays = None if isinstance(fmt, Float32) else fmt.pack(q.codes(fmt, kind))
-                    # the reference GPTQ plan is rated by the check alone: its posterior expected
-                    # loss would cost about as much as its rounding (docs/design.md, "Plan check")
-                    res.append((key, (arrays, None if c.reference else q.expected_loss(fmt, kind))))
+                if key in mine or key in reuse:
+                    arrays, loss = mine.get(key) or reuse[key]
                 else:
-                    res.append((key, reuse[key]))
+                    arrays, loss = None if isinstance(fmt, Float32) else fmt.pack(q.codes(fmt, kind)), None
+                # a uniform plan (--method gptq's, or one the check rates) was chosen by no expected
+                # loss, and its closed form would cost about a fifth of a gptq run (docs/design.md,
+                # "Plan check"): only the knapsack's plans get one
+                if loss is None and not c.uniform:
+                    loss = q.expected_loss(fmt, kind)
+                mine[key] = arrays, loss
+                res.append((key, (arrays, None if c.uniform else loss)))
             return res
 
         return measured, list(parallel_map(pack, block))

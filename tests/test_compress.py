@@ -201,17 +201,36 @@ def test_report_contract(tmp_path):
     assert r["plan_check"]["chosen"] in [c["plan"] for c in r["plan_check"]["candidates"]]
 
 
-def test_a_shipped_reference_plan_reports_no_expected_loss(tmp_path, request):
-    """The plan check rates the reference GPTQ plan by output distortion alone: where it ships, its
-    layers carry no posterior expected loss (None), while the knapsack's layers do."""
+def test_uniform_plans_report_no_expected_loss(tmp_path, request):
+    """No expected loss chose a uniform plan: where one ships -- the reference GPTQ plan winning the
+    check, or a uniform method's -- its layers carry none (None), while the knapsack's layers do."""
     src, calib = _save(tmp_path, "mlp", models.mlp()), models.mlp_data()
     knapsack = compress(src, Recipe(bits=3.0), calib=calib).report
     assert knapsack["plan"] == "knapsack"
     assert all(isinstance(l["expected_loss"], float) for l in knapsack["layers"])
+    for method in ("gptq", "rtn"):
+        uniform = compress(src, Recipe(bits=3.0, method=method), calib=calib).report
+        assert uniform["plan"].startswith("uniform ")
+        assert all(l["expected_loss"] is None for l in uniform["layers"])
     request.getfixturevalue("reference_wins")
     reference = compress(src, Recipe(bits=3.0), calib=calib).report
     assert reference["plan"].startswith("gptq ")
     assert all(l["expected_loss"] is None for l in reference["layers"])
+
+
+def test_an_analysis_keeps_the_knapsacks_expected_losses_across_budgets(tmp_path):
+    """A later budget reuses an earlier one's rounding: a format the knapsack shares with a uniform
+    plan the check rates (which gets no expected loss) still has its own expected loss there."""
+    src, calib = _save(tmp_path, "mlp", models.mlp()), models.mlp_data()
+    # closed-form tables: the check rates three uniform plans with our grids; at 3.0 bits one is
+    # 2-bit groups of 128, which the knapsack gives one of the weights
+    analysis = Analysis(src, Recipe(bits=3.0, tables="closed_form"), calib=calib)
+    for bits in (3.0, 4.0, 3.0):
+        r = analysis.compress(bits).report
+        assert r["plan"] == "knapsack"
+        assert all(isinstance(l["expected_loss"], float) for l in r["layers"]), bits
+    assert "bq-u2-g128-f16" in [l["format"] for l in r["layers"]]
+    assert "uniform b2-g128" in [c["plan"] for c in r["plan_check"]["candidates"]]
 
 
 def test_bayesq_at_least_as_accurate_as_rtn(tmp_path):

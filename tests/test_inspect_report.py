@@ -131,8 +131,8 @@ def test_html_shows_each_section(tmp_path):
 def test_html_for_a_uniform_method_has_no_budget_curve(tmp_path):
     page = render_html(_report(tmp_path, method="rtn"))
     assert "No plan check" in page
-    # no loss tables either: sensitivity is the closed-form expected loss, the one chart
-    assert "Sensitivity: closed-form expected loss" in page and page.count("<svg") == 1
+    # no loss tables and no expected loss either (no loss chose the plan): no chart at all
+    assert "No sensitivity: --method rtn" in page and page.count("<svg") == 0
 
 
 def test_compress_html_and_report_command(tmp_path, capsys, mlp_path):
