@@ -82,13 +82,25 @@ def _gram_layout(site: WeightSite, x: np.ndarray) -> str | None:
     return None
 
 
+# rows of one float32 product: BLAS sums each entry over them in float32, then the total is float64
+_GRAM_ROWS = 4096
+
+
 def _gram(acc: list, x: np.ndarray, layout: str, L: int) -> None:
-    x = (np.moveaxis(x, 1, -1) if layout == "channels" else x).reshape(-1, L).astype(np.float64)
-    g = x.T @ x
-    if acc[0] is None:
-        acc[0] = g
-    else:   # in place: a 5632-wide input's Gram is 254 MB (1B Llama's down projection)
-        acc[0] += g
+    """``X^T X`` of a batch added to ``acc`` ([float64 Gram or None, rows]).  Each product is float32
+    over at most :data:`_GRAM_ROWS` rows: its relative error, about 5e-7 measured on 512-1536 rows
+    of 768-5632 inputs, is far below GPTQ's damping (1% of the mean diagonal) and the batches'
+    own sampling noise; the float64 product took 1.3-1.8x as long (one thread) and needed a
+    float64 copy of the batch and of the product (a 5632-wide input: 254 MB)."""
+    x = (np.moveaxis(x, 1, -1) if layout == "channels" else x).reshape(-1, L)
+    x = x if x.dtype == np.float32 else x.astype(np.float32)
+    for r in range(0, x.shape[0], _GRAM_ROWS):
+        part = x[r:r + _GRAM_ROWS]
+        g = part.T @ part
+        if acc[0] is None:
+            acc[0] = g.astype(np.float64)
+        else:   # in place: a 5632-wide input's Gram is 254 MB (1B Llama's down projection)
+            acc[0] += g
     acc[1] += x.shape[0]
 
 
