@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 log = logging.getLogger("bayesq_onnx.progress")
@@ -17,12 +18,17 @@ class Progress:
         self.what, self.total, self.every = what, max(int(total), 1), every
         self.done, self.work, self.worked = 0, work, 0.0
         self._t0 = self._last = time.monotonic()
+        self._lock = threading.Lock()   # steps may come from several threads (side-by-side passes)
 
     def __enter__(self):
         log.info("%s: 0/%d", self.what, self.total)
         return self
 
     def step(self, n: int = 1, work: float = 0.0) -> None:
+        with self._lock:
+            self._step(n, work)
+
+    def _step(self, n: int, work: float) -> None:
         self.done += n
         self.worked += work
         now = time.monotonic()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import memory
-from ..parallel import parallel_map
+from ..parallel import parallel_map, side_by_side, workers
 from ..progress import Progress
 from .planner import Plan
 from .proxy import OutputDistortion
@@ -50,22 +50,38 @@ def check_plans(contenders: list[Contender], packed: list[dict], sites, stream, 
 
 def held_back_distortions(contenders: list[Contender], packed: list[dict], sites, stream, probe, held, batch_size,
                           what: str) -> list[float]:
-    """Each contender's output distortion on ``held``, from its packed tensors (:func:`check_plans`)."""
+    """Each contender's output distortion on ``held``, from its packed tensors (:func:`check_plans`).
+    The contenders go in lanes side by side, one per worker (``parallel.side_by_side``): a pass over
+    the model runs its segment sessions one at a time, on one core."""
     distortion = OutputDistortion(probe, held, batch_size)
     by_name = {s.name: s for s in sites}
+
+    def score(c: Contender, arrays: dict) -> float:
+        states, last = stream.start(held, batch_size), len(stream) - 1
+        for k in range(last + 1):
+            names = [t for t in stream.reads[k] if t in arrays]
+            weights = dict(zip(names, parallel_map(lambda t: decoded(c, arrays[t], by_name[t]), names)))
+            if k < last:
+                stream.advance(k, states, weights, [])
+        # the outputs one batch at a time: a language model's logits are 200 MB a batch
+        out = distortion.of_outputs(stream.advance(last, [st], weights)[0] for st in states)
+        memory.release()
+        return out
+
     with Progress(what, len(contenders)) as p:
-        scores = []
-        for c, arrays in zip(contenders, packed):
-            states, last = stream.start(held, batch_size), len(stream) - 1
-            for k in range(last + 1):
-                names = [t for t in stream.reads[k] if t in arrays]
-                weights = dict(zip(names, parallel_map(lambda t: decoded(c, arrays[t], by_name[t]), names)))
-                if k < last:
-                    stream.advance(k, states, weights, [])
-            # the outputs one batch at a time: a language model's logits are 200 MB a batch
-            scores.append(distortion.of_outputs(stream.advance(last, [st], weights)[0] for st in states))
-            memory.release()
-            p.step()
+        def lane(idx: list[int]) -> list[float]:
+            out = []
+            for i in idx:
+                out.append(score(contenders[i], packed[i]))
+                p.step()
+            return out
+
+        n = max(1, min(workers(), len(contenders)))
+        lanes = [list(range(j, len(contenders), n)) for j in range(n)]
+        scores = [0.0] * len(contenders)
+        for idx, got in zip(lanes, side_by_side(lane, lanes)):
+            for i, v in zip(idx, got):
+                scores[i] = v
     return scores
 
 
