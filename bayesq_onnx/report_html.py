@@ -117,11 +117,12 @@ def _layers(r: dict) -> str:
              f"<th>bits / weight stored</th><th>{_e(key)} (log bar)</th><th>expected_loss</th></tr>"
              + "".join(rows) + "</table>")
     points = [(math.log10(s), b, l["name"], l["format"]) for l, b, s in zip(layers, bpw, sens) if _positive(s)]
-    chart = _scatter(points, f"log10 {key}", "bits per weight stored", lambda x: f"1e{x:.1f}", "{:.2f}".format,
-                     lambda p: f"{p[2]}: {p[3]}, {p[1]:.3f} bits/weight, {key} {10 ** p[0]:.3g}") if points else ""
     if not points:   # a uniform plan: one format everywhere, chosen by no loss, so none is reported
-        return (f"<h2>Bits per layer</h2><p class=\"note\">No sensitivity: --method {_e(r.get('method'))} "
-                f"gives every weight one format, chosen by no loss table or expected loss.</p>{table}")
+        return (f"<h2>Bits per layer</h2><p class=\"note\">No sensitivity: the plan shipped "
+                f"({_e(r.get('plan'))}) gives every weight one format, chosen by no loss table or expected "
+                f"loss.</p>{table}")
+    chart = _scatter(points, f"log10 {key}", "bits per weight stored", lambda x: f"1e{x:.1f}", "{:.2f}".format,
+                     lambda p: f"{p[2]}: {p[3]}, {p[1]:.3f} bits/weight, {key} {10 ** p[0]:.3g}")
     return (f"<h2>Bits per layer against sensitivity</h2><p class=\"note\">Sensitivity: {_e(what)}, of the "
             "format each weight got; the greedy gives more bits where a bit buys more loss drop, so sensitive "
             f"layers should sit high.  Hover a point for its layer.</p>{chart}{table}")

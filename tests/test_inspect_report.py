@@ -132,7 +132,7 @@ def test_html_for_a_uniform_method_has_no_budget_curve(tmp_path):
     page = render_html(_report(tmp_path, method="rtn"))
     assert "No plan check" in page
     # no loss tables and no expected loss either (no loss chose the plan): no chart at all
-    assert "No sensitivity: --method rtn" in page and page.count("<svg") == 0
+    assert "No sensitivity: the plan shipped (uniform " in page and page.count("<svg") == 0
 
 
 def test_compress_html_and_report_command(tmp_path, capsys, mlp_path):
