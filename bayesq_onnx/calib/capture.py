@@ -90,7 +90,7 @@ def _gram(acc: list, x: np.ndarray, layout: str, L: int) -> None:
     """``X^T X`` of a batch added to ``acc`` ([float64 Gram or None, rows]).  Each product is float32
     over at most :data:`_GRAM_ROWS` rows: its relative error, about 5e-7 measured on 512-1536 rows
     of 768-5632 inputs, is far below GPTQ's damping (1% of the mean diagonal) and the batches'
-    own sampling noise; the float64 product took 1.3-1.8x as long (one thread) and needed a
+    own sampling noise; the float64 product took 1.3-2x as long (one thread) and needed a
     float64 copy of the batch and of the product (a 5632-wide input: 254 MB)."""
     x = (np.moveaxis(x, 1, -1) if layout == "channels" else x).reshape(-1, L)
     x = x if x.dtype == np.float32 else x.astype(np.float32)
