@@ -92,8 +92,7 @@ def _gram(acc: list, x: np.ndarray, layout: str, L: int) -> None:
     of 768-5632 inputs, is far below GPTQ's damping (1% of the mean diagonal) and the batches'
     own sampling noise; the float64 product took 1.3-2x as long (one thread) and needed a
     float64 copy of the batch and of the product (a 5632-wide input: 254 MB)."""
-    x = (np.moveaxis(x, 1, -1) if layout == "channels" else x).reshape(-1, L)
-    x = x if x.dtype == np.float32 else x.astype(np.float32)
+    x = (np.moveaxis(x, 1, -1) if layout == "channels" else x).reshape(-1, L).astype(np.float32, copy=False)
     for r in range(0, x.shape[0], _GRAM_ROWS):
         part = x[r:r + _GRAM_ROWS]
         g = part.T @ part
