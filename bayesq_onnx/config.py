@@ -78,6 +78,9 @@ class Recipe:
     matmul_bits: tuple[int, ...] = (2, 4, 8)      # MatMulNBits executes 2/4/8 only (docs/design.md, "What the runtimes accept")
     bayesq_bits: tuple[int, ...] = (3, 5, 6)      # affine widths only the bayesq ops run (MatMul, Conv, Gather)
     lut_bits: tuple[int, ...] = (2, 3, 4)         # Lloyd-Max codebooks, one per row (bayesq planner only)
+    # one Lloyd-Max codebook per weight, scaled per row (--scaled-codebooks; bayesq planner only): off by
+    # default, it helped MiniLM at 3 bits and hurt it at 2.56 (docs/design.md, "Codebooks")
+    scaled_lut_bits: tuple[int, ...] = ()
     conv_bits: tuple[int, ...] = (2, 4, 8)        # blocked DequantizeLinear; 2 bits raises the opset to 25
     gather_bits: tuple[int, ...] = (2, 4, 8)      # GatherBlockQuantized (uint8 data), or bayesq.GatherAffine
     blocks: tuple[int, ...] = (32, 64, 128, 256)  # group sizes offered to every format
@@ -138,6 +141,8 @@ class Recipe:
             if (not isinstance(pat, tuple) or len(pat) != 2 or not all(isinstance(v, int) for v in pat)
                     or not 1 <= pat[0] < pat[1] <= 8):
                 raise ValueError(f"a sparse pattern is (keep, of) with 1 <= keep < of <= 8, got {pat!r}")
+        if not all(isinstance(b, int) and 1 <= b <= 8 for b in self.scaled_lut_bits):
+            raise ValueError(f"scaled_lut_bits must be widths 1..8, got {self.scaled_lut_bits!r}")
         if not all(isinstance(b, int) and 1 <= b <= 8 for b in self.sparse_bits):
             raise ValueError(f"sparse_bits must be widths 1..8, got {self.sparse_bits!r}")
         for pin in self.pins:

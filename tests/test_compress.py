@@ -35,13 +35,14 @@ def _rel_err(a, b):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("bits", [3.0, 4.5])
-def test_compress_runs_within_budget(tmp_path, case, bits):
+@pytest.mark.parametrize("offer", [{}, {"scaled_lut_bits": (2, 3, 4)}], ids=["default", "scaled"])
+def test_compress_runs_within_budget(tmp_path, case, bits, offer):
     build, data_fn = CASES[case]
     src = _save(tmp_path, case, build())
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     data = data_fn()
     out = tmp_path / "q.onnx"
-    res = compress(src, Recipe(bits=bits), calib=data, output=out, report=tmp_path / "r.json")
+    res = compress(src, Recipe(bits=bits, **offer), calib=data, output=out, report=tmp_path / "r.json")
     rep = res.report
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest, "input model was modified"
     assert rep["bits_per_weight"] <= bits

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 import models
 from bayesq_onnx import compress
 from bayesq_onnx.cli import main
-from bayesq_onnx.formats import BayesqLut, LutCodes, MatMulNBits
+from bayesq_onnx.formats import BayesqLut, BayesqScaledLut, LutCodes, MatMulNBits, ScaledLutCodes
 from bayesq_onnx.quantize import distill as distill_mod
 from bayesq_onnx.quantize.rounding import round_rtn
 from bayesq_onnx.quantize.grid import minmax_grid
@@ -91,6 +91,29 @@ def test_codebook_levels_are_tuned_and_stored_in_fp16():
     assert res.loss_after < res.loss_before
     assert np.array_equal(res.codes["W"].codes, codes)
     assert np.array_equal(lut, lut.astype(np.float16).astype(np.float32)) and not np.array_equal(lut, q.lut)
+
+
+def test_scaled_codebook_scales_are_tuned_and_its_levels_kept():
+    """One codebook scaled per row: the scales move (fp16 values), the shared levels and the codes stay."""
+    W, x, _, _ = _linear_problem(1)
+    fmt = BayesqScaledLut(2, 0)
+    view = np.ascontiguousarray(W.T)
+    levels = np.array([-1.5, -0.5, 0.5, 1.5], np.float16).astype(np.float32)
+    scale = (np.abs(view).max(axis=1, keepdims=True) / 1.5).astype(np.float16).astype(np.float32)
+    codes = np.abs(view[:, :, None] - scale[:, :, None] * levels).argmin(-1).astype(np.uint8)
+    q = ScaledLutCodes.of(codes, scale, levels, 2, 0)
+
+    def forward(w, batch):
+        return {"y": torch.from_numpy(batch["x"]) @ w.get("W", torch.from_numpy(W))}
+
+    res = distill_mod.distill(forward, {"W": torch.from_numpy(W)}, [_linear_site()], {"W": (fmt, q)}, {"x": x},
+                              ["y"], set(), steps=100, batch_size=32)
+    got = res.codes["W"]
+    assert res.loss_after < res.loss_before
+    assert np.array_equal(got.codes, codes) and np.array_equal(got.levels, levels)
+    assert np.array_equal(got.scale, got.scale.astype(np.float16).astype(np.float32)) and not np.array_equal(got.scale, scale)
+    assert np.array_equal(got.lut, got.scale[:, :, None] * got.levels)   # the table the graph computes
+    fmt.pack(got)   # storable as it is
 
 
 def _initializers(m: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -35,6 +35,12 @@ CASES = {   # name: (model, data, recipe fields) covering every op the lowering 
     # 2 bits: the knapsack takes 2:4 sparse formats for every layer of this MLP
     "sparse": (models.mlp, models.mlp_data, {"bits": 2.0, "sparse": ((2, 4),)}),
     "portable-sparse": (models.mlp, models.mlp_data, {"bits": 2.0, "sparse": ((2, 4),), "target": "portable"}),
+    # scaled codebooks: the LUT ops read levels the graph computes from scales and a codebook
+    "scaled": (models.mlp, models.mlp_data, {"bits": 3.0, "scaled_lut_bits": (2, 3, 4)}),
+    "scaled-dequantize": (models.cnn, models.cnn_data, {"bits": 3.0, "scaled_lut_bits": (2, 3, 4), "conv_bits": ()}),
+    "scaled-tied-gather": (models.tied, models.tied_data, {"bits": 3.0, "scaled_lut_bits": (2, 3, 4)}),
+    "portable-scaled": (models.embed, models.embed_data, {"bits": 3.0, "scaled_lut_bits": (2, 3, 4),
+                                                          "target": "portable"}),
 }
 
 
@@ -52,7 +58,8 @@ def test_inspect_agrees_with_the_report(tmp_path, case):
         e = got[l["name"]]
         # the graph holds exactly what the report says was stored, byte for byte
         assert (e["format"], e["bits"], 8 * e["bytes"]) == (l["format"], l["bits"], l["stored_bits"]), (e, l)
-        assert e["n_weights"] == l["stored_bits"] / l["bits_per_weight"]
+        # (the quotient of two floats: exact up to its last bit)
+        assert e["n_weights"] == pytest.approx(l["stored_bits"] / l["bits_per_weight"], rel=1e-12)
     fp32_bits = sum(l["stored_bits"] for l in rep["layers"] if l["format"] == "float32")
     assert 8 * info["totals"]["stored_bytes"] + fp32_bits == pytest.approx(rep["bits_per_weight"] * rep["n_weights"])
     assert info["file_bytes"] == out.stat().st_size
@@ -65,6 +72,9 @@ def test_inspect_agrees_with_the_report(tmp_path, case):
     if case.endswith("sparse"):     # the patterns are counted with the weight they prune
         assert any(e["format"].startswith("bq-s2of4") and any(t.endswith("_mask") for t in e["tensors"])
                    for e in info["quantized"])
+    if "scaled" in case:   # the scales and the codebook are counted with the codes that index them
+        assert any(e["format"].startswith("bq-nf") and any(t.endswith("_codebook") for t in e["tensors"])
+                   for e in info["quantized"]), [e["format"] for e in info["quantized"]]
     if case == "portable-gather":   # found through the Gather of its packed rows
         assert got["E"]["op"].startswith("portable") and got["E"]["shape"] == [500, 64]
 

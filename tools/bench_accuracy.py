@@ -14,7 +14,9 @@ weights: codes, scales, zero points), ``bits_all`` (the same over every float in
 ones left in float included) and its wall time (analysis plus that budget's planning, packing and
 writing; not the evaluation).  A method named with ``-seq`` (``bayesq-seq``) or ``-noseq``
 (``gptq-noseq``) is that method with sequential mode (``--sequential``) on or off, whatever its
-default; one named with ``+distill`` (``bayesq+distill``,
+default; one named with ``+nf`` (``bayesq+nf``) is offered one Lloyd-Max codebook per weight
+scaled per row (``--scaled-codebooks``), with ``+sparse`` the N:M sparse formats (``--sparse``);
+one named with ``+distill`` (``bayesq+distill``,
 ``bayesq-seq+distill``) is that method with calibration-only distillation (``--distill STEPS``,
 default 100 steps).  The headline metric
 of each model comes with its standard error (``*_se``; MiniLM: over the five folds, the others
@@ -53,6 +55,7 @@ DISTILL = "+distill"   # suffix: the method with calibration-only distillation (
 # suffixes (before any +distill): the method with sequential mode on or off, whatever its default
 SEQUENTIAL = {"-seq": True, "-noseq": False}
 SPARSE = "+sparse"     # suffix: a knapsack method offered the N:M sparse formats too (--sparse PATTERNS)
+SCALED = "+nf"         # suffix (before +sparse): a knapsack method offered scaled codebooks (--scaled-codebooks)
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5)   # 4.5: the first budget that fits 4-bit g128 with fp32 scales
 QUICK_BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
@@ -199,6 +202,8 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             fields["distill"] = distill
         if method.removesuffix(DISTILL).endswith(SPARSE):
             fields["sparse"] = sparse
+        if method.removesuffix(DISTILL).removesuffix(SPARSE).endswith(SCALED):
+            fields["scaled_lut_bits"] = (2, 3, 4)
         if proxy_samples and method in ours:
             fields["proxy_samples"] = proxy_samples
         if scale_samples and method in ours:
@@ -250,7 +255,7 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
 
 def _sequential(method: str) -> tuple[str, bool | None]:
     """The method without its suffixes, and the sequential mode its name asks for (None: the default)."""
-    name = method.removesuffix(DISTILL).removesuffix(SPARSE)
+    name = method.removesuffix(DISTILL).removesuffix(SPARSE).removesuffix(SCALED)
     for suffix, on in SEQUENTIAL.items():
         if name.endswith(suffix):
             return name.removesuffix(suffix), on
@@ -386,7 +391,8 @@ def main(argv=None) -> int:
                     help=f"comma-separated, from {','.join(METHODS)}, or {VARIANT}TABLES for bayesq with other "
                          f"loss tables (e.g. bayesq-proxy); any of them with {' or '.join(SEQUENTIAL)} "
                          "(e.g. gptq-noseq, bayesq-seq) with sequential mode on or off whatever the method's default; "
-                         f"a knapsack method then with {SPARSE} (e.g. bayesq{SPARSE}) is offered the N:M sparse formats "
+                         f"a knapsack method then with {SCALED} (e.g. bayesq{SCALED}) is offered scaled codebooks, "
+                         f"with {SPARSE} (e.g. bayesq{SPARSE}) the N:M sparse formats "
                          f"too; and any of them last with {DISTILL} (e.g. bayesq{DISTILL}) adds calibration-only "
                          "distillation")
     ap.add_argument("--distill", type=int, default=100, metavar="STEPS",

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..formats import BayesqLut, BayesqSparse, BayesqUniform, BlockedDequantize, GatherBlockQuantized, MatMulNBits
+from ..formats import BayesqLut, BayesqScaledLut, BayesqSparse, BayesqUniform, BlockedDequantize, GatherBlockQuantized, MatMulNBits
 from ..lower.portable import CODE_TABLE
 from .cone import all_nodes
 from .model_io import constants_to_initializers, read_model
@@ -175,6 +175,10 @@ def inspect_model(path: str | os.PathLike) -> dict:
             values = inits[rest[0]] if rest and rest[0] else None
             dtype = "float16" if values is not None and values.data_type == TensorProto.FLOAT16 else "float32"
             cls = BayesqLut if lut else BayesqUniform
+            prefix = codes[:-len("_B")]
+            if lut and values is None and {f"{prefix}_scales", f"{prefix}_codebook"} <= inits.keys():
+                # a scaled codebook: its LUT is computed from these (bayesq_nodes.scaled_lut_nodes)
+                cls, rest = (lambda b, g, _: BayesqScaledLut(b, g)), [f"{prefix}_scales", f"{prefix}_codebook"]
             if sparse:
                 keep, of = a.get("keep", 0), a.get("of", 0)
                 cls = functools.partial(BayesqSparse, keep, of)
@@ -220,7 +224,8 @@ def _add_portable(add, node, codes, inits, g) -> None:
     prefix = codes[:-len("_B")]
     m = CODE_TABLE.fullmatch(node.input[1])
     K, bits = int(m["K"]), int(m["bits"])
-    lut = f"{prefix}_lut" in inits
+    scaled = f"{prefix}_codebook" in inits   # its LUT computed from scales and levels (scaled_lut_nodes)
+    lut = f"{prefix}_lut" in inits or scaled
     groups_of = inits.get(f"{prefix}_groupbase" if lut else f"{prefix}_gidx")
     if groups_of is None:
         return
@@ -250,13 +255,14 @@ def _add_portable(add, node, codes, inits, g) -> None:
             name = n.output[0]
     values = f"{prefix}_lut" if lut else f"{prefix}_scales"
     dtype = "float16" if values in inits and inits[values].data_type == TensorProto.FLOAT16 else "float32"
-    cls = BayesqLut if lut else BayesqUniform
+    cls = (lambda b, g, _: BayesqScaledLut(b, g)) if scaled else BayesqLut if lut else BayesqUniform
     if sparse:
         cls = functools.partial(BayesqSparse, keep, of)
-    kind = "codebook" if lut else f"{keep}:{of} sparse affine" if sparse else "affine"
+    kind = "scaled codebook" if scaled else "codebook" if lut else f"{keep}:{of} sparse affine" if sparse else "affine"
     add(codes, node, name=name, op=f"portable {kind} (standard ops)", bits=bits,
         block_size=block, shape=shape,
-        tensors=[values] + ([] if lut else [f"{prefix}_zero_points"]) + ([f"{prefix}_mask"] if sparse else []),
+        tensors=([f"{prefix}_scales", f"{prefix}_codebook"] if scaled else [values])
+        + ([] if lut else [f"{prefix}_zero_points"]) + ([f"{prefix}_mask"] if sparse else []),
         format=_format_name(lambda: cls(bits, block, dtype)))
 
 

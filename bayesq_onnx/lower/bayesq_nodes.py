@@ -17,6 +17,7 @@ from ..formats import BayesqLut, BayesqSparse, BayesqUniform
 
 BAYESQ_DOMAIN = "bayesq"
 BAYESQ_OPSET: OperatorSetIdProto = helper.make_opsetid(BAYESQ_DOMAIN, 1)
+FLAT_SHAPE = "bq_flat_shape"   # a Reshape target (-1,), one per model
 
 _ROLES = {BayesqUniform: ("B", "scales", "zero_points"), BayesqLut: ("B", "lut"),
           BayesqSparse: ("B", "scales", "zero_points", "mask")}
@@ -33,10 +34,40 @@ def _attrs(fmt) -> dict:
 
 
 def _inits(fmt: BayesqUniform | BayesqLut | BayesqSparse, packed: dict[str, np.ndarray], prefix: str) -> list[TensorProto]:
+    """The initializers of the op's packed inputs, named ``f"{prefix}_<role>"``; a role missing from
+    ``packed`` is a tensor the graph computes under that name (a scaled codebook's levels:
+    :func:`scaled_lut_nodes`)."""
     role = "lut" if isinstance(fmt, BayesqLut) else "scales"
-    if np.asarray(packed[role]).dtype != np.dtype(fmt.scale_dtype):   # float32 / float16: the op's input type
+    if role in packed and np.asarray(packed[role]).dtype != np.dtype(fmt.scale_dtype):   # the op's input type
         raise BayesQError(f"{prefix}: {fmt.name} needs {fmt.scale_dtype} {role}, got {np.asarray(packed[role]).dtype}")
-    return [numpy_helper.from_array(np.ascontiguousarray(packed[k]), f"{prefix}_{k}") for k in _ROLES[type(fmt)]]
+    return [numpy_helper.from_array(np.ascontiguousarray(packed[k]), f"{prefix}_{k}") for k in _ROLES[type(fmt)]
+            if k in packed]
+
+
+def _names(fmt, prefix: str) -> list[str]:
+    return [f"{prefix}_{k}" for k in _ROLES[type(fmt)]]
+
+
+def scaled_lut_nodes(prefix: str, packed: dict[str, np.ndarray], flat: bool = False
+                     ) -> tuple[list[NodeProto], list[TensorProto]]:
+    """``f"{prefix}_lut"``, float32 ``(N, G, 2**bits)`` (``flat``: ``(-1,)``, as the portable
+    lowering reads a LUT, through a Reshape whose target ``FLAT_SHAPE`` every site shares): a
+    ``BayesqScaledLut``'s fp16 scales (stored ``(N, G, 1)``) times its fp16 levels, both widened to
+    float32 first (``scaled_codebook.scaled_table``).  All constant: onnxruntime folds them into one
+    tensor when it loads the model, and ``fmt.lut``'s ops read it as their LUT."""
+    N, G = np.shape(packed["scales"])
+    inits = [numpy_helper.from_array(np.ascontiguousarray(packed["scales"]).reshape(N, G, 1), f"{prefix}_scales"),
+             numpy_helper.from_array(np.ascontiguousarray(packed["codebook"]), f"{prefix}_codebook")]
+    t, lut = f"{prefix}_lut_", f"{prefix}_lut"
+    nodes = [helper.make_node("Cast", [f"{prefix}_scales"], [t + "s"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", [f"{prefix}_codebook"], [t + "c"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", [t + "s", t + "c"], [t + "3" if flat else lut])]
+    if flat:
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), FLAT_SHAPE))
+        nodes.append(helper.make_node("Reshape", [t + "3", FLAT_SHAPE], [lut]))
+    for i, n in enumerate(nodes):
+        n.name = f"{t}{i}"
+    return nodes, inits
 
 
 def bayesq_matmul_node(inp: str, out: str, prefix: str, fmt: BayesqUniform | BayesqLut | BayesqSparse,
@@ -50,7 +81,7 @@ def bayesq_matmul_node(inp: str, out: str, prefix: str, fmt: BayesqUniform | Bay
     mask, [bias])``, attributes K, N, bits, block_size (and keep, of).
     """
     inits = _inits(fmt, packed, prefix)
-    inputs = [inp] + [t.name for t in inits] + ([bias] if bias else [])
+    inputs = [inp] + _names(fmt, prefix) + ([bias] if bias else [])
     node = helper.make_node(_OPS[type(fmt)][0], inputs, [out], name=prefix, domain=BAYESQ_DOMAIN, K=K, N=N,
                             **_attrs(fmt))
     return node, inits
@@ -66,7 +97,7 @@ def bayesq_dequantize_node(out: str, prefix: str, fmt: BayesqUniform | BayesqLut
     K = int(native_shape[axis])
     N = math.prod(int(d) for d in native_shape) // K
     inits = _inits(fmt, packed, prefix)
-    node = helper.make_node(_OPS[type(fmt)][1], [t.name for t in inits], [out], name=prefix, domain=BAYESQ_DOMAIN,
+    node = helper.make_node(_OPS[type(fmt)][1], _names(fmt, prefix), [out], name=prefix, domain=BAYESQ_DOMAIN,
                             K=K, N=N, shape=[int(d) for d in native_shape], axis=axis, **_attrs(fmt))
     return node, inits
 
@@ -82,6 +113,6 @@ def bayesq_gather_node(indices: str, out: str, prefix: str, fmt: BayesqUniform |
         raise BayesQError(f"{prefix}: no bayesq Gather op reads {fmt.name} (embeddings are not offered sparse)")
     inits = _inits(fmt, packed, prefix)
     op = "GatherLut" if isinstance(fmt, BayesqLut) else "GatherAffine"
-    node = helper.make_node(op, [indices] + [t.name for t in inits], [out], name=prefix, domain=BAYESQ_DOMAIN,
+    node = helper.make_node(op, [indices] + _names(fmt, prefix), [out], name=prefix, domain=BAYESQ_DOMAIN,
                             K=D, N=V, bits=fmt.bits, block_size=fmt.block)
     return node, inits

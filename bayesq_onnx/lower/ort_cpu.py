@@ -23,10 +23,11 @@ import onnx
 from onnx import helper, numpy_helper, version_converter
 
 from ..errors import BayesQError, first_line
-from ..formats import BayesqLut, BayesqSparse, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
+from ..formats import BayesqLut, BayesqScaledLut, BayesqSparse, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
 from ..graph.cone import all_nodes, subgraphs
 from ..types import WeightSite
-from .bayesq_nodes import BAYESQ_DOMAIN, BAYESQ_OPSET, bayesq_dequantize_node, bayesq_gather_node, bayesq_matmul_node
+from .bayesq_nodes import (BAYESQ_DOMAIN, BAYESQ_OPSET, bayesq_dequantize_node, bayesq_gather_node, bayesq_matmul_node,
+                           scaled_lut_nodes)
 from .nodes import MS_DOMAIN, dequantize_node, gather_block_quantized_node, matmulnbits_node, tied_head_nodes
 from .portable import portable_gather_nodes, portable_weight_nodes
 
@@ -90,6 +91,14 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
             continue
         drop_inits.add(s.name)
         pre, p = _prefix(s.name), packed[s.name]
+        if isinstance(fmt, BayesqScaledLut):
+            # its per-group codebooks are computed from its scales and levels (folded when the model
+            # loads), then read as the LUT format's are
+            ns, ts = scaled_lut_nodes(pre, p, flat=portable)
+            head += ns
+            have = {t.name for t in new_inits}
+            new_inits += [t for t in ts if t.name not in have]   # FLAT_SHAPE once
+            fmt, p = fmt.lut, {"B": p["B"]}
         if isinstance(fmt, BAYESQ_FORMATS) and portable and s.kind.looked_up and not s.kind.multiplied:
             # each lookup gathers the packed rows it needs and unpacks those (the table stays packed)
             for cname in s.consumers:

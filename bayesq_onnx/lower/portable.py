@@ -86,8 +86,9 @@ def _view_nodes(prefix: str, fmt: BayesqUniform | BayesqLut, packed: dict[str, n
     half = fmt.scale_dtype == "float16"
     if isinstance(fmt, BayesqLut):
         lut_out = f"{tmp}_view16" if half else view
-        inits += [_t(np.asarray(packed["lut"], fmt.scale_dtype).reshape(-1), f"{prefix}_lut"),
-                  _t((np.arange(N, dtype=np.int64) * (G << bits)).reshape(N, 1), f"{prefix}_rowbase"),
+        # (no "lut" in packed: the graph computes it, flat -- a scaled codebook, bayesq_nodes.scaled_lut_nodes)
+        inits += [_t(np.asarray(packed["lut"], fmt.scale_dtype).reshape(-1), f"{prefix}_lut")] if "lut" in packed else []
+        inits += [_t((np.arange(N, dtype=np.int64) * (G << bits)).reshape(N, 1), f"{prefix}_rowbase"),
                   _t((gidx << bits).reshape(1, K), f"{prefix}_groupbase")]
         rowbase = src(f"{prefix}_rowbase")
         nodes += [helper.make_node("Cast", [f"{tmp}_q"], [f"{tmp}_q64"], to=TensorProto.INT64),

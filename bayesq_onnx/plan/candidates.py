@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..config import Recipe
 from ..errors import BayesQError
-from ..formats import BayesqLut, BayesqSparse, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
+from ..formats import BayesqLut, BayesqScaledLut, BayesqSparse, BayesqUniform, BlockedDequantize, Float32, Format, GatherBlockQuantized, MatMulNBits
 from ..graph.sites import site_matches
 from ..types import WeightSite
 
@@ -27,6 +27,7 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
     ours = list(recipe.bayesq_bits) if bayesq_ops else []
     knapsack = bayesq_ops and recipe.method_spec.allocates
     luts = list(recipe.lut_bits) if knapsack else []
+    scaled = list(recipe.scaled_lut_bits) if knapsack else []
     out: list[Format] = []
     # onnxruntime's ops take scales in the activations' type (float16 in a float16 model); in a
     # bfloat16 one, which its CPU kernels do not compute in, fp32 scales and a Cast (lower/ort_cpu.py)
@@ -37,7 +38,7 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
         # GatherBlockQuantized lacks), any row length, fp16 scales, and one table for a tied head
         widths = sorted(set(ours) | set(recipe.gather_bits))
         out += [BayesqUniform(b, g, F16) for b in widths for g in fitting if g % 16 == 0]
-        out += [BayesqLut(b, 0, F16) for b in luts]
+        out += _codebooks(luts, scaled)
     elif kind.looked_up:
         # a tied table: one packed table serves the Gather and (reshaped) the head's MatMulNBits, whose
         # layouts coincide byte for byte only when no group is padded
@@ -52,7 +53,7 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
         else:
             out += [MatMulNBits(b, g, sd) for b in recipe.matmul_bits for g in fitting]
         out += [BayesqUniform(b, g, F16) for b in ours for g in fitting if g % 16 == 0]
-        out += [BayesqLut(b, 0, F16) for b in luts]
+        out += _codebooks(luts, scaled)
         out += _sparse(site, recipe, fitting) if knapsack else []
     elif kind.convolved:
         conv_blocks = sorted({g for g in (16, *blocks) if g <= site.L})
@@ -61,7 +62,7 @@ def candidate_formats(site: WeightSite, recipe: Recipe, bayesq_ops: bool = True)
         bq_blocks = [g for g in conv_blocks if g % 16 == 0] or ([-(-site.L // 16) * 16] if site.flat else [])
         out += [BlockedDequantize(b, g, signed=False, scale_dtype=sd) for b in recipe.conv_bits for g in dq_blocks]
         out += [BayesqUniform(b, g, F16) for b in ours for g in bq_blocks]
-        out += [BayesqLut(b, 0, F16) for b in luts]
+        out += _codebooks(luts, scaled)
         out += _sparse(site, recipe, conv_blocks) if knapsack else []
     pin = next(((p, b) for p, b in recipe.pins if site_matches(site, p)), None)
     if pin is not None:
@@ -88,3 +89,9 @@ def _sparse(site: WeightSite, recipe: Recipe, blocks) -> list[Format]:
                 if site.L % of == 0 and g % of == 0 and (g * keep // of) % 16 == 0:
                     out.append(BayesqSparse(keep, of, b, g, F16))
     return out
+
+
+def _codebooks(bits, scaled) -> list[Format]:
+    """One Lloyd-Max codebook per row (``bits``), and one per weight scaled per row (``scaled``: the
+    levels once and an fp16 scale per row), levels and scales in fp16."""
+    return [BayesqLut(b, 0, F16) for b in bits] + [BayesqScaledLut(b, 0) for b in scaled]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..errors import BayesQError
-from ..formats import BayesqLut, BayesqSparse, Float32, Format
+from ..formats import CODEBOOKS, BayesqSparse, Float32, Format
 from ..types import WeightSite
 from .greedy import InfeasibleBudget, greedy_allocate
 
@@ -40,7 +40,7 @@ def uniform_plans(sites: list[WeightSite], candidates: dict[str, list[Format]], 
     """One (bits, block) for every site -- each site takes that format, or else its cheapest format of
     at least those bits -- keeping those within budget, most stored bits first."""
     # uniform means one dense affine grid everywhere: codebook and sparse formats are the knapsack's alone
-    affine = {k: [f for f in fs if not isinstance(f, (BayesqLut, BayesqSparse))] for k, fs in candidates.items()}
+    affine = {k: [f for f in fs if not isinstance(f, (*CODEBOOKS, BayesqSparse))] for k, fs in candidates.items()}
     keys = sorted({(f.bits, f.block) for fs in affine.values() for f in fs if not isinstance(f, Float32)})
     plans = {}
     for bits, block in keys:

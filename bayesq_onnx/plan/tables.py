@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..formats import BayesqLut, BayesqSparse, Float32, Format
+from ..formats import CODEBOOKS, BayesqSparse, Float32, Format
 from ..parallel import parallel_map
 from .greedy import lower_hull
 from .planner import Plan
@@ -235,7 +235,7 @@ def _scale_reference(site, formats, hull) -> int | None:
     one on the hull (one rounding; codebooks need Lloyd-Max first), nearest to 4 bits per weight,
     where errors are small enough to stay linear and large enough to measure (a dense grid: a
     pruned weight's error is no small perturbation)."""
-    affine = [j for j in hull if not isinstance(formats[j], (Float32, BayesqLut, BayesqSparse))] or \
+    affine = [j for j in hull if not isinstance(formats[j], (Float32, *CODEBOOKS, BayesqSparse))] or \
              [j for j in hull if not isinstance(formats[j], Float32)]
     if not affine:
         return None

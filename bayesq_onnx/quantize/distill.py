@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..calib.readers import n_samples
-from ..formats import Format, LutCodes, SparseCodes, UniformCodes
+from ..formats import Format, LutCodes, ScaledLutCodes, SparseCodes, UniformCodes
 from ..progress import Progress
 from ..types import WeightSite
 
@@ -59,7 +59,13 @@ class _Tunable:
         self.q = q
         rows, L = q.codes.shape
         g = torch.from_numpy(np.arange(L) // q.block if q.block else np.zeros(L, np.int64))
-        if isinstance(q, LutCodes):
+        # a codebook's own levels are tuned; a scaled codebook's scales, as an affine grid's (levels fixed)
+        self.lut = isinstance(q, LutCodes) and not isinstance(q, ScaledLutCodes)
+        if isinstance(q, ScaledLutCodes):
+            self.base = torch.from_numpy(np.asarray(q.scale, np.float32))
+            self.steps = torch.from_numpy(q.levels[q.codes.astype(np.int64)])   # the level each code stands for
+            self.g = g
+        elif self.lut:
             lut = torch.from_numpy(np.asarray(q.lut, np.float32))
             spread = (lut.amax(-1, keepdim=True) - lut.amin(-1, keepdim=True)) / max(lut.shape[-1] - 1, 1)
             self.base, self.unit = lut, spread
@@ -73,10 +79,10 @@ class _Tunable:
 
     def values(self, t: torch.Tensor) -> torch.Tensor:
         """Scales ``(rows, G)`` or levels ``(rows, G, 2**bits)`` at ``t``."""
-        return self.base + t * self.unit if isinstance(self.q, LutCodes) else self.base * torch.exp(t)
+        return self.base + t * self.unit if self.lut else self.base * torch.exp(t)
 
     def view(self, values: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.q, LutCodes):
+        if self.lut:
             return values[self.index]
         v = self.steps * values[:, self.g]
         if self.sparse is not None:    # survivors in row-major order, as SparseCodes.dequantize
@@ -92,7 +98,9 @@ class _Tunable:
     def stored(self) -> UniformCodes | LutCodes | SparseCodes:
         """The codes with the tuned values as the format stores them."""
         v = self.fmt.round_scales(self.values(self.t.detach()).numpy())
-        if isinstance(self.q, LutCodes):
+        if isinstance(self.q, ScaledLutCodes):
+            return ScaledLutCodes.of(self.q.codes, v, self.q.levels, self.q.bits, self.q.block)
+        if self.lut:
             return LutCodes(codes=self.q.codes, lut=v, bits=self.q.bits, block=self.q.block)
         q = UniformCodes(codes=self.q.codes, scale=v, zero_point=self.q.zero_point, bits=self.q.bits, block=self.q.block)
         return q if self.sparse is None else SparseCodes(self.sparse.mask, q, self.sparse.keep, self.sparse.of)

@@ -11,7 +11,8 @@ import threading
 import numpy as np
 
 from ..config import METHODS, Method
-from ..formats import BayesqLut, BayesqSparse, Float32, Format, LutCodes, SparseCodes, UniformCodes
+from ..formats import (CODEBOOKS, BayesqLut, BayesqScaledLut, BayesqSparse, Float32, Format, LutCodes,
+                       ScaledLutCodes, SparseCodes, UniformCodes)
 from ..formats.bayesq_sparse import compact, top_mask
 from ..posterior.expected_loss import expected_loss, pruned_loss, rounding_loss
 from ..posterior.laplace import DiagonalLaplace
@@ -20,6 +21,7 @@ from .grid import minmax_grid, search_grid
 from .hqq import hqq_grid
 from .backend import NUMPY
 from .rounding import GPTQFactor, gptq_factor, layer_error_from_objective, round_gptq, round_rtn, row_slices
+from .scaled_codebook import scaled_codebook, scaled_table
 
 
 def _rounder(fmt: Format):
@@ -94,13 +96,21 @@ class SiteQuantizer:
         """Grids found during GPTQ rounding (not with act_order, which needs them first)."""
         return self.method.grid == "dynamic" and self._gptq and not self._act_order
 
-    def _codebook(self, fmt: BayesqLut):
-        """Posterior-weighted Lloyd-Max levels per group: ``(codebook (rows * G, 2**bits), codes, loss)``."""
+    def _codebook(self, fmt: BayesqLut | BayesqScaledLut):
+        """Posterior-weighted Lloyd-Max levels per group: ``(codebook (rows * G, 2**bits), codes, loss)``;
+        for one scaled codebook (``BayesqScaledLut``) also ``self._grids[fmt, "scaled"]``: its scales
+        and levels."""
         if (fmt, "lut") not in self._grids:
             block = fmt.block or None
             sigma = np.sqrt(self.posterior.sigma2.astype(np.float64))
-            codebook = lloyd_max(self.posterior.mu, sigma, self.posterior.precision, 1 << fmt.bits, block=block)
-            codebook = fmt.round_scales(codebook)   # the levels as stored (fp16 or fp32), then the codes
+            if isinstance(fmt, BayesqScaledLut):
+                levels, scale = scaled_codebook(self.posterior.mu, sigma, self.posterior.precision, 1 << fmt.bits,
+                                                fmt.block)
+                self._grids[fmt, "scaled"] = scale, levels
+                codebook = scaled_table(scale, levels).reshape(-1, 1 << fmt.bits)   # as the runtime computes it
+            else:
+                codebook = lloyd_max(self.posterior.mu, sigma, self.posterior.precision, 1 << fmt.bits, block=block)
+                codebook = fmt.round_scales(codebook)   # the levels as stored (fp16 or fp32), then the codes
             self._grids[fmt, "lut"] = (codebook, codebook_codes(self.view, codebook, block=block),
                                        expected_codebook_loss(self.view, sigma, self.posterior.precision, codebook,
                                                               block=block))
@@ -114,7 +124,7 @@ class SiteQuantizer:
         tolerate -- measured on a Fashion-MNIST CNN: at 2 bits, GPTQ on the searched grid left
         15-30% less layer error than on min/max groups and 2-9x the end-to-end distortion -- so
         min/max is offered too (where GPTQ runs: its own dynamic min/max groups)."""
-        if isinstance(fmt, BayesqLut):
+        if isinstance(fmt, CODEBOOKS):
             return ("lut",)
         if isinstance(fmt, BayesqSparse):   # the survivors' min/max groups (GPTQ's own where it runs)
             return ("dynamic",) if self._gptq and not self._act_order else ("minmax",)
@@ -164,7 +174,7 @@ class SiteQuantizer:
 
     def expected_loss(self, fmt: Format, kind: str | None = None) -> float:
         """Closed-form posterior-expected whitened distortion of the format's grid (0 for fp32)."""
-        if isinstance(fmt, BayesqLut):
+        if isinstance(fmt, CODEBOOKS):
             return float(self._codebook(fmt)[2].sum())
         if isinstance(fmt, BayesqSparse):
             return self._sparse_expected_loss(fmt)
@@ -234,6 +244,15 @@ class SiteQuantizer:
             grid = minmax_grid(inner.mu, fmt.bits, fmt.inner_block)
             per_row = rounding_loss(inner, *grid, fmt.bits, fmt.inner_block).sum(axis=1) + \
                 (np.where(keep, 0.0, wide * np.square(mu, dtype=np.float64))).sum(axis=1)   # a pruned weight's error is itself
+        elif isinstance(fmt, BayesqScaledLut):
+            # one codebook and the screened rows' scales at sigma -> 0, fitted on those rows, each
+            # counted as often as it stands for rows
+            prec = np.broadcast_to(self.posterior.precision, self.view.shape)[rows] * mult[:, None]
+            levels, scale = scaled_codebook(mu, 0.0, prec, 1 << fmt.bits, fmt.block, rounds=1)
+            table = scaled_table(scale, levels).reshape(-1, 1 << fmt.bits)
+            block = fmt.block or None
+            err = codebook_dequantize(codebook_codes(mu, table, block=block), table, block=block) - mu
+            per_row = (w * np.square(err, dtype=np.float64)).sum(axis=1)
         elif isinstance(fmt, BayesqLut):
             # the codebook at sigma -> 0, as the affine grids are screened: lloyd_max's start (the
             # precision-weighted k-means of the means, or min/max levels where better), without the
@@ -280,7 +299,7 @@ class SiteQuantizer:
         """Real codes in ``fmt`` at the cost of one rounding and no grid search: GPTQ's own (dynamic
         min/max groups) where GPTQ runs, else nearest on the min/max grid; codebooks need their
         Lloyd-Max levels (:meth:`codes`)."""
-        if isinstance(fmt, (BayesqLut, BayesqSparse)):
+        if isinstance(fmt, (*CODEBOOKS, BayesqSparse)):
             return self.codes(fmt)
         if self._gptq and not self._act_order:
             return self._own_gptq(fmt)
@@ -288,7 +307,7 @@ class SiteQuantizer:
 
     def codes(self, fmt: Format, kind: str | None = None) -> UniformCodes | LutCodes:
         """The codes in ``fmt`` on the ``kind`` grid (one of :meth:`grid_kinds`; default the first)."""
-        if isinstance(fmt, BayesqLut):
+        if isinstance(fmt, CODEBOOKS):
             return self._lut_codes(fmt)
         if isinstance(fmt, BayesqSparse):
             return self._sparse_codes(fmt)
@@ -313,18 +332,22 @@ class SiteQuantizer:
                 self._codes[fmt, kind] = round_rtn(self.view, scale, zp, fmt.bits, fmt.block)
         return self._codes[fmt, kind]
 
-    def _lut_codes(self, fmt: BayesqLut) -> LutCodes:
+    def _lut_codes(self, fmt: BayesqLut | BayesqScaledLut) -> LutCodes:
         """Lloyd-Max levels, then GPTQ error feedback onto them where ``X^T X`` is known (else the
         codes Lloyd-Max itself assigns)."""
         codebook, nearest, _ = self._codebook(fmt)
         rows, L = self.view.shape
         block = fmt.block or L
-        lut = codebook.reshape(rows, -1, 1 << fmt.bits)
+
+        def make(codes, objective=None):
+            if isinstance(fmt, BayesqScaledLut):   # the same table, with the scales and levels it is made of
+                return ScaledLutCodes.of(codes, *self._grids[fmt, "scaled"], fmt.bits, fmt.block, objective)
+            return LutCodes(codes, codebook.reshape(rows, -1, 1 << fmt.bits), fmt.bits, fmt.block, objective)
+
         if not self._gptq:
-            return LutCodes(nearest, lut, fmt.bits, fmt.block)
+            return make(nearest)
         if (fmt, "lut") not in self._codes:
-            codes, objective = round_gptq_codebook(self.view, self._factor(), codebook, block)
-            self._codes[fmt, "lut"] = LutCodes(codes, lut, fmt.bits, fmt.block, objective)
+            self._codes[fmt, "lut"] = make(*round_gptq_codebook(self.view, self._factor(), codebook, block))
         return self._codes[fmt, "lut"]
 
     def _mask(self, fmt: BayesqSparse, rows=slice(None)) -> np.ndarray:

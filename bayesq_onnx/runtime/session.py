@@ -232,10 +232,11 @@ def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str,
                             [unpacked_w[id(n)]], domain=custom_ops.DOMAIN,
                             **{a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in unpacks]
     nodes = folds + deq
-    inits = {t.name for t in g.initializer}
-    used = {i for n in nodes for i in n.input if i}
-    part = helper.make_graph(nodes, "fold", [], [onnx.ValueInfoProto(name=n.output[0]) for n in nodes],
-                             [t for t in g.initializer if t.name in used and t.name in inits])
+    # with the standard nodes that compute constants they read (scaled codebooks' levels)
+    made = _producers(_constants(g), [i for n in nodes for i in n.input])
+    used = {i for n in made + nodes for i in n.input if i}
+    part = helper.make_graph(made + nodes, "fold", [], [onnx.ValueInfoProto(name=n.output[0]) for n in nodes],
+                             [t for t in g.initializer if t.name in used])
     part = helper.make_model(part, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     values = ort.InferenceSession(part.SerializeToString(), sess_options=so, providers=providers).run(None, {})
     gone = {id(n) for n in folds} | set(unpacked_w)
@@ -256,6 +257,14 @@ def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str,
     inputs = [n.input[0] for n, s in body if s > 1]
     keep = _switch_regions(body, leading_dims(model, inputs) if inputs else {}, unpacked_w, exact_casts,
                            {o.name for o in g.output})
+    # the constants nothing reads any more (a scaled codebook's levels once its MatMul is unpacked)
+    consts = {id(n) for n in _constants(g).values() if n is not None}
+    while True:
+        read = {i for n in keep for m in [n, *(x for sub in subgraphs(n) for x in all_nodes(sub))] for i in m.input}
+        dead = [n for n in keep if id(n) in consts and not (set(n.output) & (read | {o.name for o in g.output}))]
+        if not dead:
+            break
+        keep = [n for n in keep if n not in dead]
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]
@@ -399,7 +408,7 @@ def _may_have_float16(model: onnx.ModelProto) -> bool:
 
 
 def unpack_plan(model: onnx.ModelProto, unpack: str, tuned: tune.Tuning | None = None) -> list[tuple[onnx.NodeProto, int]]:
-    """bayesq MatMul nodes (main graph) whose weight inputs are all initializers and that ``unpack``
+    """bayesq MatMul nodes (main graph) whose weight inputs are all constant (:func:`_constants`) and that ``unpack``
     unpacks, each with the rows per call from which the unpacked form runs (``always``: 1; ``auto``:
     the model's switch measured on this machine, ``tuned``, where there is one, else packed_below's);
     none before opset 15 (CastLike)."""
@@ -408,7 +417,7 @@ def unpack_plan(model: onnx.ModelProto, unpack: str, tuned: tune.Tuning | None =
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 15:
         return []
-    inits = {t.name for t in model.graph.initializer}
+    inits = _constants(model.graph)
     isa = custom_ops.kernel_isa() if unpack == "auto" else ""
     if isa.startswith("invalid"):
         return []          # a bad BAYESQ_ISA: the session's own kernels report it
@@ -424,12 +433,36 @@ def unpack_plan(model: onnx.ModelProto, unpack: str, tuned: tune.Tuning | None =
     return [(n, packed_below(a["bits"], n.op_type == "MatMulLut", isa)) for n, a in zip(nodes, attrs)]
 
 
+def _constants(g: onnx.GraphProto) -> dict[str, onnx.NodeProto | None]:
+    """The main graph's constant tensors: initializers (None), and the outputs of standard ops whose
+    inputs are all constant (their node): a scaled codebook's per-group levels
+    (``bayesq_nodes.scaled_lut_nodes``), which onnxruntime would fold when it loads the model."""
+    out: dict[str, onnx.NodeProto | None] = {t.name: None for t in g.initializer}
+    for n in g.node:   # graph order is topological
+        if n.domain in ("", "ai.onnx") and not any(subgraphs(n)) and all(i in out for i in n.input if i):
+            out.update((o, n) for o in n.output)
+    return out
+
+
+def _producers(consts: dict, names) -> list[onnx.NodeProto]:
+    """The nodes that compute the constants ``names`` (and what they read), in graph order."""
+    need, seen, todo = [], set(), [i for i in names if i]
+    while todo:
+        n = consts.get(todo.pop())
+        if n is not None and id(n) not in seen:
+            seen.add(id(n))
+            need.append(n)
+            todo += [i for i in n.input if i]
+    order = {id(n): k for k, n in enumerate(consts.values()) if n is not None}
+    return sorted(need, key=lambda n: order[id(n)])
+
+
 def _foldable(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Dequantize nodes on initializers (main graph only) that onnxruntime leaves in the graph: the
     bayesq ones, and blocked ``DequantizeLinear`` (int2/int4 Conv weights) whose consumers are not a
     MatMul (there onnxruntime fuses it into MatMulNBits itself)."""
     g = model.graph
-    inits = {t.name for t in g.initializer}
+    inits = _constants(g)
     consumers: dict[str, set[str]] = {}
     for n in g.node:
         for i in n.input:

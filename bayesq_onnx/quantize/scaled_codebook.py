@@ -1,0 +1,112 @@
+"""One codebook for a whole weight, scaled per group (``formats/bayesq_scaled_lut.py``): a weight
+stands for ``scale[r, g] * levels[q]``.  A per-row codebook stores ``2**bits`` fp16 levels per row
+(a third of a bit per weight at 3 bits on a 384-wide row); this stores one fp16 scale per group and
+the levels once, and the shape of the levels -- fitted to the whole weight's distribution -- is what
+a row's own codebook mostly captures anyway (docs/design.md, "Codebooks").
+
+Fitted by alternation, both steps posterior-weighted as ``codebook.lloyd_max`` is: the levels by
+Lloyd-Max on the weights divided by their group's scale (``sigma`` and the weights' importance
+scaled with them), on at most ``fit_elements`` of them (whole rows, spread evenly: one
+distribution); then each group's scale, by a search over multiples of the current one and two
+least-squares steps with the codes fixed, on the precision-weighted rounding error of the posterior
+means.  Rating the scales by the posterior-expected error instead (a three-point Gauss-Hermite
+rule) widened the scales of barely-seen rows -- rare embedding rows, whose posterior is the prior --
+to cover mass their real weights do not have: on MiniLM at 2.56 bits the embedding then lost cosine
+0.885 -> 0.867 on unseen text (docs/design.md, "Codebooks").  Starts at each group's largest
+magnitude.  Scales and levels are returned as stored (fp16-exact float32), so
+codes assigned against :func:`scaled_table` are the ones the runtime decodes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import BayesQError
+from .codebook import lloyd_max
+from .rounding import row_slices
+
+_MULTIPLES = np.linspace(0.7, 1.3, 7)   # of a group's scale, searched before the least-squares steps
+_LS_STEPS = 2
+
+
+def scaled_table(scale: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """The per-group codebooks the runtime computes, float32 ``(rows, G, 2**bits)``: each stored scale
+    times each stored level in float32 (one correctly rounded product, as the graph's ``Mul``)."""
+    return np.asarray(scale, np.float32)[:, :, None] * np.asarray(levels, np.float32)[None, None, :]
+
+
+def _fp16(x: np.ndarray, what: str) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = np.asarray(x, np.float32).astype(np.float16)
+    if not np.all(np.isfinite(h)):
+        raise BayesQError(f"scaled codebook: a {what} exceeds the float16 range (65504)")
+    return h.astype(np.float32)
+
+
+def _starts(L: int, block: int) -> np.ndarray:
+    return np.arange(0, L, block) if block else np.zeros(1, np.int64)
+
+
+def _group_sum(a: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return a.sum(axis=1, keepdims=True) if len(starts) == 1 else np.add.reduceat(a, starts, axis=1)
+
+
+def _errors(mu, w, scale, levels, starts, gidx) -> np.ndarray:
+    """Per group, ``sum w (mu - s c[nearest])^2`` (float64 ``(rows, G)``), a few rows at a time."""
+    thr = 0.5 * (levels[1:] + levels[:-1])
+    out = np.empty(scale.shape, np.float64)
+    for sl in row_slices(*mu.shape):
+        s = scale[sl][:, gidx].astype(np.float32)   # float32 products, float64 sums: a ranking of scales
+        q = np.searchsorted(thr, mu[sl] / s)        # a tie goes to the lower level, as codebook_codes
+        out[sl] = _group_sum((w[sl] * np.square(mu[sl] - s * levels[q])).astype(np.float64), starts)
+    return out
+
+
+def _fit_scales(mu, w, levels, scale, starts, gidx) -> np.ndarray:
+    """Each group's scale for fixed levels: the best of a few multiples of ``scale``, then
+    least-squares steps (codes fixed, the error-minimising scale ``sum w mu c / sum w c^2``), each
+    kept only where it lowers the group's error."""
+    best, err = scale, _errors(mu, w, scale, levels, starts, gidx)
+    for m in _MULTIPLES:
+        cand = scale * m
+        e = _errors(mu, w, cand, levels, starts, gidx)
+        better = e < err
+        best, err = np.where(better, cand, best), np.where(better, e, err)
+    thr = 0.5 * (levels[1:] + levels[:-1])
+    for _ in range(_LS_STEPS):
+        num, den = np.zeros(best.shape), np.zeros(best.shape)
+        for sl in row_slices(*mu.shape):
+            c = levels[np.searchsorted(thr, mu[sl] / best[sl][:, gidx])].astype(np.float64)
+            num[sl] = _group_sum(w[sl] * mu[sl] * c, starts)
+            den[sl] = _group_sum(w[sl] * c * c, starts)
+        cand = np.where(den > 0, num / np.where(den > 0, den, 1.0), best)
+        cand = np.where(cand > 0, cand, best)
+        e = _errors(mu, w, cand, levels, starts, gidx)
+        better = e < err
+        best, err = np.where(better, cand, best), np.where(better, e, err)
+    return best
+
+
+def scaled_codebook(mu, sigma, weight, levels: int, block: int = 0, *, rounds: int = 2,
+                    fit_elements: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """``(levels (2**bits,), scale (rows, G))``, float32 holding fp16 values, for the ``(rows, L)``
+    posterior means ``mu`` (``sigma`` and ``weight`` broadcast to them); ``block`` 0: one scale per
+    row.  Deterministic."""
+    mu = np.asarray(mu, np.float32)
+    if mu.ndim != 2 or mu.size == 0:
+        raise BayesQError(f"scaled codebook: need a non-empty (rows, L) view, got shape {mu.shape}")
+    rows, L = mu.shape
+    w = np.broadcast_to(np.asarray(weight, np.float32), mu.shape)
+    sig = np.broadcast_to(np.asarray(sigma, np.float32), mu.shape)
+    starts = _starts(L, block)
+    gidx = np.arange(L) // block if block else np.zeros(L, np.int64)
+    amax = np.maximum.reduceat(np.abs(mu), starts, axis=1).astype(np.float64)
+    scale = np.where(amax > 0, amax, 1.0)
+    fit = np.arange(0, rows, max(1, -(-rows * L // fit_elements)))   # whole rows, spread evenly
+    for _ in range(rounds):
+        s = scale[fit][:, gidx]
+        c = lloyd_max((mu[fit] / s).reshape(1, -1), (sig[fit] / s).reshape(1, -1),
+                      (w[fit] * np.square(s)).reshape(1, -1), levels)[0]
+        c = np.unique(_fp16(c, "level"))   # sorted; fp16 may merge two close levels
+        c = np.pad(c, (0, levels - len(c)), mode="edge")
+        scale = _fit_scales(mu, w, c, scale, starts, gidx)
+    return c, _fp16(scale, "scale")
