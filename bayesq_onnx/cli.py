@@ -164,8 +164,8 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                         "reduction axis the posterior keeps KEEP, the rest are pruned (MatMul and Conv weights)")
     c.add_argument("--scaled-codebooks", nargs="?", const="2,3,4", metavar="BITS",
                    help="offer the knapsack one Lloyd-Max codebook per weight scaled per row too (fp16 levels once "
-                        "and an fp16 scale per row, instead of each row's own levels: 0.3 fewer bits per weight "
-                        "at 3 bits on a 384-wide row), at these code widths (comma-separated; default 2,3,4)")
+                        "and an fp16 scale per row, instead of each row's own levels: 0.3 fewer bits per weight at 3 "
+                        "bits on a 384-wide row), at these code widths (comma-separated; bare: 2,3,4; default: off)")
     c.add_argument("--distill", type=int, metavar="STEPS",
                    help="tune the chosen plan's scales and codebook levels toward the fp32 outputs for STEPS Adam "
                         "steps on the calibration data (needs torch); held-back data decides whether the tuned "

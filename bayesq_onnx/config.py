@@ -79,7 +79,7 @@ class Recipe:
     bayesq_bits: tuple[int, ...] = (3, 5, 6)      # affine widths only the bayesq ops run (MatMul, Conv, Gather)
     lut_bits: tuple[int, ...] = (2, 3, 4)         # Lloyd-Max codebooks, one per row (bayesq planner only)
     # one Lloyd-Max codebook per weight, scaled per row (--scaled-codebooks; bayesq planner only): off by
-    # default, it helped MiniLM at 3 bits and hurt it at 2.56 (docs/design.md, "Codebooks")
+    # default, its gains not yet steady across models and budgets (docs/design.md, "Scaled codebooks")
     scaled_lut_bits: tuple[int, ...] = ()
     conv_bits: tuple[int, ...] = (2, 4, 8)        # blocked DequantizeLinear; 2 bits raises the opset to 25
     gather_bits: tuple[int, ...] = (2, 4, 8)      # GatherBlockQuantized (uint8 data), or bayesq.GatherAffine

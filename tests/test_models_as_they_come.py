@@ -144,10 +144,12 @@ def test_bfloat16_gather_is_quantized_with_a_cast(tmp_path, custom_ops):
     onnx.checker.check_model(q, full_check=not custom_ops)   # the checker knows no custom domain
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
     if custom_ops:
-        from bayesq_onnx.formats import BayesqLut, BayesqUniform
+        from bayesq_onnx.formats import BayesqLut, BayesqScaledLut, BayesqUniform
         gather = next(n for n in q.graph.node if n.op_type in ("GatherAffine", "GatherLut"))
-        fmt = (BayesqLut if gather.op_type == "GatherLut" else BayesqUniform)(
-            layers["E"]["bits"], layers["E"]["block_size"], "float16")
+        bits, block = layers["E"]["bits"], layers["E"]["block_size"]
+        # a GatherLut reads a codebook per row, or one scaled per row (computed from scales and levels)
+        fmt = BayesqScaledLut(bits, block) if layers["E"]["format"].startswith("bq-nf") else \
+            (BayesqLut if gather.op_type == "GatherLut" else BayesqUniform)(bits, block, "float16")
         assert fmt.name == layers["E"]["format"]
         packed = {k[len("bq_E_"):]: v for k, v in inits.items() if k.startswith("bq_E_")}
     else:

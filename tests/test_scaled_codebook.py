@@ -35,7 +35,7 @@ def scaled_codes(rows, L, bits, block, seed) -> ScaledLutCodes:
 @pytest.mark.parametrize("bits,block", [(2, 0), (3, 0), (4, 64), (3, 16)])
 def test_format_packs_every_bit_it_counts(bits, block):
     fmt, q = BayesqScaledLut(bits, block), scaled_codes(6, 203, bits, block, seed=bits)
-    assert fmt.name == f"bq-nf{bits}-g{block or 'row'}"
+    assert fmt.name == f"bq-nf{bits}-g{block or 'row'}-f16"
     p = fmt.pack(q)
     assert {k: a.dtype for k, a in p.items()} == {"B": np.uint8, "scales": np.float16, "codebook": np.float16}
     assert fmt.stored_bits(6, 203) == 8 * sum(a.nbytes for a in p.values())
@@ -147,7 +147,7 @@ def test_offered_to_the_knapsack_and_run_where_chosen(tmp_path, target):
 
 
 def test_cli_rejects_bad_widths_in_one_line(tmp_path):
-    for bad in ("x,3", "9"):
+    for bad in ("x,3", "9", ""):
         r = subprocess.run([sys.executable, "-m", "bayesq_onnx", "compress", str(tmp_path / "none.onnx"), "--bits", "3",
                             "--scaled-codebooks", bad], capture_output=True, text=True)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -1,4 +1,4 @@
-"""One codebook per weight, scaled per group (name ``bq-nf{bits}-g{block|row}``): ``2**bits`` float16
+"""One codebook per weight, scaled per group (name ``bq-nf{bits}-g{block|row}-f16``): ``2**bits`` float16
 levels for the whole tensor and one float16 scale per group; ``W[k, n] = scales[n, k // block] *
 codebook[q[n, k]]`` in fp32.  NormalFloat-like (one shape of levels for every group), but the levels
 are fitted to the tensor (``quantize/scaled_codebook.py``).
@@ -47,7 +47,7 @@ class BayesqScaledLut(Format):
 
     @property
     def name(self) -> str:
-        return f"bq-nf{self.bits}-g{self.block or 'row'}"
+        return f"bq-nf{self.bits}-g{self.block or 'row'}-f16"   # its scales and levels are fp16
 
     @property
     def lut(self) -> BayesqLut:

@@ -6,8 +6,9 @@ a row's own codebook mostly captures anyway (docs/design.md, "Codebooks").
 
 Fitted by alternation, both steps posterior-weighted as ``codebook.lloyd_max`` is: the levels by
 Lloyd-Max on the weights divided by their group's scale (``sigma`` and the weights' importance
-scaled with them), on at most ``fit_elements`` of them (whole rows, spread evenly: one
-distribution); then each group's scale, by a search over multiples of the current one and two
+scaled with them), on at most ``fit_elements`` of them (whole rows, spread evenly: 2^16 instead, 170
+of MiniLM's 30522 embedding rows, changed which weights took these codebooks and lost accuracy at
+2.56 and 4.5 bits, docs/design.md, "Scaled codebooks"); then each group's scale, by a search over multiples of the current one and two
 least-squares steps with the codes fixed, on the precision-weighted rounding error of the posterior
 means.  Rating the scales by the posterior-expected error instead (a three-point Gauss-Hermite
 rule) widened the scales of barely-seen rows -- rare embedding rows, whose posterior is the prior --
@@ -50,13 +51,23 @@ def _group_sum(a: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return a.sum(axis=1, keepdims=True) if len(starts) == 1 else np.add.reduceat(a, starts, axis=1)
 
 
+def _nearest(x: np.ndarray, thr: np.ndarray) -> np.ndarray:
+    """Index of the nearest level: the number of thresholds below ``x`` (a tie goes to the lower
+    level, as codebook_codes).  One comparison per threshold, summed in uint8: 10-30x faster than
+    ``np.searchsorted`` on 4-16 levels."""
+    q = np.zeros(x.shape, np.uint8)
+    for t in thr:
+        q += x > t
+    return q
+
+
 def _errors(mu, w, scale, levels, starts, gidx) -> np.ndarray:
     """Per group, ``sum w (mu - s c[nearest])^2`` (float64 ``(rows, G)``), a few rows at a time."""
     thr = 0.5 * (levels[1:] + levels[:-1])
     out = np.empty(scale.shape, np.float64)
     for sl in row_slices(*mu.shape):
         s = scale[sl][:, gidx].astype(np.float32)   # float32 products, float64 sums: a ranking of scales
-        q = np.searchsorted(thr, mu[sl] / s)        # a tie goes to the lower level, as codebook_codes
+        q = _nearest(mu[sl] / s, thr)
         out[sl] = _group_sum((w[sl] * np.square(mu[sl] - s * levels[q])).astype(np.float64), starts)
     return out
 
@@ -75,7 +86,7 @@ def _fit_scales(mu, w, levels, scale, starts, gidx) -> np.ndarray:
     for _ in range(_LS_STEPS):
         num, den = np.zeros(best.shape), np.zeros(best.shape)
         for sl in row_slices(*mu.shape):
-            c = levels[np.searchsorted(thr, mu[sl] / best[sl][:, gidx])].astype(np.float64)
+            c = levels[_nearest(mu[sl] / best[sl][:, gidx], thr)].astype(np.float64)
             num[sl] = _group_sum(w[sl] * mu[sl] * c, starts)
             den[sl] = _group_sum(w[sl] * c * c, starts)
         cand = np.where(den > 0, num / np.where(den > 0, den, 1.0), best)
