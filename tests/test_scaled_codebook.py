@@ -21,7 +21,7 @@ from bayesq_onnx.formats.bayesq_uniform import col_bytes, groups
 from bayesq_onnx.lower.bayesq_nodes import (BAYESQ_OPSET, FLAT_SHAPE, bayesq_dequantize_node, bayesq_gather_node,
                                             bayesq_matmul_node, scaled_lut_nodes)
 from bayesq_onnx.lower.portable import portable_gather_nodes, portable_weight_nodes
-from bayesq_onnx.quantize.scaled_codebook import _errors, _starts, scaled_codebook, scaled_table
+from bayesq_onnx.quantize.scaled_codebook import _errors, _fit_rows, _starts, scaled_codebook, scaled_table
 from bayesq_onnx.runtime.session import make_session
 
 
@@ -74,6 +74,21 @@ def test_fit_is_deterministic_fp16_and_never_worse_than_its_start(block):
     # a row's scale follows its spread (the rows differ up to 10x)
     spread = np.abs(mu).mean(axis=1)
     assert np.corrcoef(np.log(scale.mean(axis=1)), np.log(spread))[0, 1] > 0.9
+
+
+def test_levels_are_fitted_on_rows_drawn_by_importance():
+    """The rows the levels are fitted on are drawn in proportion to importance x squared range and
+    counted inversely to it: the drawn rows' counted mass is the whole weight's, a row that matters
+    more is drawn more often, and with few enough rows all are taken once."""
+    rng = np.random.default_rng(3)
+    w = rng.uniform(0.1, 1.0, (1000, 8)) * np.where(np.arange(1000) < 100, 50.0, 1.0)[:, None]   # 100 rows matter
+    amax = rng.uniform(0.5, 1.0, (1000, 1))
+    fit, mult = _fit_rows(w, amax, 64)
+    mass = w.sum(axis=1) * amax[:, 0] ** 2
+    assert len(fit) == 64 and np.sum(mult * mass[fit]) == pytest.approx(mass.sum(), rel=1e-12)
+    assert np.mean(fit < 100) > 0.7      # they hold 5/6 of the mass, a tenth of the rows
+    fit, mult = _fit_rows(w, amax, 1000)
+    assert np.array_equal(fit, np.arange(1000)) and np.all(mult == 1)
 
 
 def _model(nodes, inits, inputs, out, shape, opsets=(BAYESQ_OPSET,)):

@@ -6,9 +6,10 @@ a row's own codebook mostly captures anyway (docs/design.md, "Codebooks").
 
 Fitted by alternation, both steps posterior-weighted as ``codebook.lloyd_max`` is: the levels by
 Lloyd-Max on the weights divided by their group's scale (``sigma`` and the weights' importance
-scaled with them), on at most ``fit_elements`` of them (whole rows, spread evenly: 2^16 instead, 170
-of MiniLM's 30522 embedding rows, changed which weights took these codebooks and lost accuracy at
-2.56 and 4.5 bits, docs/design.md, "Scaled codebooks"); then each group's scale, by a search over multiples of the current one and two
+scaled with them), on at most ``fit_elements`` of them: whole rows drawn by importance and counted
+inversely to it (:func:`_fit_rows`; 2^16 weights in rows spread evenly, 170 of MiniLM's 30522
+embedding rows, fitted levels to rows that barely matter and lost accuracy, docs/design.md, "Scaled
+codebooks"); then each group's scale, by a search over multiples of the current one and two
 least-squares steps with the codes fixed, on the precision-weighted rounding error of the posterior
 means.  Rating the scales by the posterior-expected error instead (a three-point Gauss-Hermite
 rule) widened the scales of barely-seen rows -- rare embedding rows, whose posterior is the prior --
@@ -97,6 +98,22 @@ def _fit_scales(mu, w, levels, scale, starts, gidx) -> np.ndarray:
     return best
 
 
+def _fit_rows(w, amax, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` rows to fit the levels on and each one's multiplier: drawn systematically in proportion to
+    their importance times their squared range (what a row's rounding error scales with) and counted
+    inversely to it, so the fit's objective is an unbiased estimate of the whole weight's; all rows
+    (multiplier 1) where there are at most ``n``."""
+    rows = len(amax)
+    if n >= rows:
+        return np.arange(rows), np.ones(rows)
+    mass = w.sum(axis=1, dtype=np.float64) * np.square(amax.max(axis=1))
+    cum = np.cumsum(mass)
+    if cum[-1] <= 0:
+        return np.linspace(0, rows - 1, n).astype(np.int64), np.full(n, rows / n)
+    fit = np.minimum(np.searchsorted(cum, (np.arange(n) + 0.5) * cum[-1] / n, side="right"), rows - 1)
+    return fit, cum[-1] / n / mass[fit]
+
+
 def scaled_codebook(mu, sigma, weight, levels: int, block: int = 0, *, rounds: int = 2,
                     fit_elements: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
     """``(levels (2**bits,), scale (rows, G))``, float32 holding fp16 values, for the ``(rows, L)``
@@ -112,11 +129,11 @@ def scaled_codebook(mu, sigma, weight, levels: int, block: int = 0, *, rounds: i
     gidx = np.arange(L) // block if block else np.zeros(L, np.int64)
     amax = np.maximum.reduceat(np.abs(mu), starts, axis=1).astype(np.float64)
     scale = np.where(amax > 0, amax, 1.0)
-    fit = np.arange(0, rows, max(1, -(-rows * L // fit_elements)))   # whole rows, spread evenly
+    fit, mult = _fit_rows(w, amax, max(1, fit_elements // L))
     for _ in range(rounds):
         s = scale[fit][:, gidx]
         c = lloyd_max((mu[fit] / s).reshape(1, -1), (sig[fit] / s).reshape(1, -1),
-                      (w[fit] * np.square(s)).reshape(1, -1), levels)[0]
+                      (w[fit] * np.square(s) * mult[:, None]).reshape(1, -1), levels)[0]
         c = np.unique(_fp16(c, "level"))   # sorted; fp16 may merge two close levels
         c = np.pad(c, (0, levels - len(c)), mode="edge")
         scale = _fit_scales(mu, w, c, scale, starts, gidx)
