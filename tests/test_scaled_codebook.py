@@ -21,7 +21,7 @@ from bayesq_onnx.formats.bayesq_uniform import col_bytes, groups
 from bayesq_onnx.lower.bayesq_nodes import (BAYESQ_OPSET, FLAT_SHAPE, bayesq_dequantize_node, bayesq_gather_node,
                                             bayesq_matmul_node, scaled_lut_nodes)
 from bayesq_onnx.lower.portable import portable_gather_nodes, portable_weight_nodes
-from bayesq_onnx.quantize.scaled_codebook import _errors, _fit_rows, _starts, scaled_codebook, scaled_table
+from bayesq_onnx.quantize.scaled_codebook import _errors, _fit_rows, _starts, scaled_codebook
 from bayesq_onnx.runtime.session import make_session
 
 
@@ -44,7 +44,7 @@ def test_format_packs_every_bit_it_counts(bits, block):
     back = fmt.unpack(p, 6, 203)
     assert np.array_equal(back.codes, q.codes) and np.array_equal(back.dequantize(), q.dequantize())
     # the table is each scale times each level, one float32 product
-    assert np.array_equal(q.lut, scaled_table(q.scale, q.levels))
+    assert q.lut.dtype == np.float32 and np.array_equal(q.lut, np.multiply.outer(q.scale, q.levels))
     with pytest.raises(ValueError, match="fp16 values"):
         fmt.pack(ScaledLutCodes.of(q.codes, q.scale * np.float32(1 + 2 ** -20), q.levels, bits, block))
 

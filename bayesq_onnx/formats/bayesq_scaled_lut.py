@@ -22,6 +22,12 @@ from .bayesq_lut import BayesqLut, LutCodes
 from .bayesq_uniform import check_bayesq, col_bytes, groups, pack_codes, round_values, unpack_codes
 
 
+def scaled_table(scale: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """The per-group codebooks the runtime computes, float32 ``(rows, G, 2**bits)``: each stored scale
+    times each stored level in float32 (one correctly rounded product, as the graph's ``Mul``)."""
+    return np.asarray(scale, np.float32)[:, :, None] * np.asarray(levels, np.float32)[None, None, :]
+
+
 @dataclass(frozen=True)
 class ScaledLutCodes(LutCodes):
     """``LutCodes`` whose ``lut`` is ``scale[r, g] * levels`` (float32, as the runtime computes it)."""
@@ -32,8 +38,7 @@ class ScaledLutCodes(LutCodes):
     @classmethod
     def of(cls, codes: np.ndarray, scale: np.ndarray, levels: np.ndarray, bits: int, block: int,
            gptq_objective: float | None = None) -> "ScaledLutCodes":
-        lut = np.asarray(scale, np.float32)[:, :, None] * np.asarray(levels, np.float32)[None, None, :]
-        return cls(codes, lut, bits, block, gptq_objective, np.asarray(scale, np.float32),
+        return cls(codes, scaled_table(scale, levels), bits, block, gptq_objective, np.asarray(scale, np.float32),
                    np.asarray(levels, np.float32))
 
 

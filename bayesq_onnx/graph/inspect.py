@@ -178,7 +178,7 @@ def inspect_model(path: str | os.PathLike) -> dict:
             prefix = codes[:-len("_B")]
             if lut and values is None and {f"{prefix}_scales", f"{prefix}_codebook"} <= inits.keys():
                 # a scaled codebook: its LUT is computed from these (bayesq_nodes.scaled_lut_nodes)
-                cls, rest = (lambda b, g, _: BayesqScaledLut(b, g)), [f"{prefix}_scales", f"{prefix}_codebook"]
+                cls, rest = _scaled, [f"{prefix}_scales", f"{prefix}_codebook"]
             if sparse:
                 keep, of = a.get("keep", 0), a.get("of", 0)
                 cls = functools.partial(BayesqSparse, keep, of)
@@ -255,7 +255,7 @@ def _add_portable(add, node, codes, inits, g) -> None:
             name = n.output[0]
     values = f"{prefix}_lut" if lut else f"{prefix}_scales"
     dtype = "float16" if values in inits and inits[values].data_type == TensorProto.FLOAT16 else "float32"
-    cls = (lambda b, g, _: BayesqScaledLut(b, g)) if scaled else BayesqLut if lut else BayesqUniform
+    cls = _scaled if scaled else BayesqLut if lut else BayesqUniform
     if sparse:
         cls = functools.partial(BayesqSparse, keep, of)
     kind = "scaled codebook" if scaled else "codebook" if lut else f"{keep}:{of} sparse affine" if sparse else "affine"
@@ -264,6 +264,11 @@ def _add_portable(add, node, codes, inits, g) -> None:
         tensors=([f"{prefix}_scales", f"{prefix}_codebook"] if scaled else [values])
         + ([] if lut else [f"{prefix}_zero_points"]) + ([f"{prefix}_mask"] if sparse else []),
         format=_format_name(lambda: cls(bits, block, dtype)))
+
+
+def _scaled(bits: int, block: int, _dtype: str) -> BayesqScaledLut:
+    """A scaled codebook, made as the other classes are (its scales and levels are always fp16)."""
+    return BayesqScaledLut(bits, block)
 
 
 def _file_bytes(path: Path, model: onnx.ModelProto) -> int:

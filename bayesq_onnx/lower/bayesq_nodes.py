@@ -53,7 +53,7 @@ def scaled_lut_nodes(prefix: str, packed: dict[str, np.ndarray], flat: bool = Fa
     """``f"{prefix}_lut"``, float32 ``(N, G, 2**bits)`` (``flat``: ``(-1,)``, as the portable
     lowering reads a LUT, through a Reshape whose target ``FLAT_SHAPE`` every site shares): a
     ``BayesqScaledLut``'s fp16 scales (stored ``(N, G, 1)``) times its fp16 levels, both widened to
-    float32 first (``scaled_codebook.scaled_table``).  All constant: onnxruntime folds them into one
+    float32 first (``bayesq_scaled_lut.scaled_table``).  All constant: onnxruntime folds them into one
     tensor when it loads the model, and ``fmt.lut``'s ops read it as their LUT."""
     N, G = np.shape(packed["scales"])
     inits = [numpy_helper.from_array(np.ascontiguousarray(packed["scales"]).reshape(N, G, 1), f"{prefix}_scales"),

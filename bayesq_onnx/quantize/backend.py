@@ -37,13 +37,15 @@ class NumpyBackend:
 
     def nearest_level(self, w, thr, lev):
         """Index of the nearest level (the number of thresholds below ``w``; a tie goes to the lower
-        level) and the level, per row: ``thr`` (rows, K-1), ``lev`` (rows, K).  One comparison per
-        threshold: GPTQ asks once per column, and a (rows, K-1) mask counted along its rows took 3-5x
-        as long at 2 bits (768 rows: 21 against 6 us)."""
+        level) and the level, per row: ``thr`` (K-1, rows), ``lev`` (rows, K).  One comparison per
+        threshold, each a contiguous row: GPTQ asks once per column, and a (rows, K-1) mask counted
+        along its rows took 2.6x as long at 4 levels on 768 rows (21 against 8 us), 4x on 2048, 1.7x
+        at 8 levels, as long at 16."""
         k = np.zeros(w.shape, np.intp)
-        for j in range(thr.shape[1]):
-            k += thr[:, j] < w
-        return k, lev[np.arange(w.shape[0]), k]
+        for t in thr:
+            k += t < w
+        K = lev.shape[1]
+        return k, lev.reshape(-1)[np.arange(0, K * len(w), K) + k]
 
 
 class TorchBackend:
@@ -79,7 +81,7 @@ class TorchBackend:
         return q, (q - zp) * scale
 
     def nearest_level(self, w, thr, lev):
-        k = (thr < w[:, None]).sum(dim=1)
+        k = (thr < w[None, :]).sum(dim=0)
         return k, lev.gather(1, k[:, None])[:, 0]
 
 

@@ -664,7 +664,7 @@ def round_gptq_codebook(view, H: np.ndarray | GPTQFactor, codebook, block: int, 
     def quantize(col, w):
         g = f.perm[col] // block
         if g not in groups:
-            groups[g] = be.put(thr[g], f.dtype), be.put(lev[g], f.dtype)
+            groups[g] = be.put(np.ascontiguousarray(thr[g].T), f.dtype), be.put(lev[g], f.dtype)
         return be.nearest_level(w, *groups[g])
 
     return error_feedback(view, f, quantize, lazy_block)

@@ -2,7 +2,7 @@
 stands for ``scale[r, g] * levels[q]``.  A per-row codebook stores ``2**bits`` fp16 levels per row
 (a third of a bit per weight at 3 bits on a 384-wide row); this stores one fp16 scale per group and
 the levels once, and the shape of the levels -- fitted to the whole weight's distribution -- is what
-a row's own codebook mostly captures anyway (docs/design.md, "Codebooks").
+a row's own codebook mostly captures anyway (docs/design.md, "Scaled codebooks").
 
 Fitted by alternation, both steps posterior-weighted as ``codebook.lloyd_max`` is: the levels by
 Lloyd-Max on the weights divided by their group's scale (``sigma`` and the weights' importance
@@ -14,34 +14,21 @@ least-squares steps with the codes fixed, on the precision-weighted rounding err
 means.  Rating the scales by the posterior-expected error instead (a three-point Gauss-Hermite
 rule) widened the scales of barely-seen rows -- rare embedding rows, whose posterior is the prior --
 to cover mass their real weights do not have: on MiniLM at 2.56 bits the embedding then lost cosine
-0.885 -> 0.867 on unseen text (docs/design.md, "Codebooks").  Starts at each group's largest
+0.885 -> 0.867 on unseen text (docs/design.md, "Scaled codebooks").  Starts at each group's largest
 magnitude.  Scales and levels are returned as stored (fp16-exact float32), so
-codes assigned against :func:`scaled_table` are the ones the runtime decodes.
+codes assigned against ``scaled_table`` (formats/bayesq_scaled_lut.py) are the ones the runtime decodes.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import BayesQError
+from ..formats.bayesq_uniform import round_values
 from .codebook import lloyd_max
 from .rounding import row_slices
 
 _MULTIPLES = np.linspace(0.7, 1.3, 7)   # of a group's scale, searched before the least-squares steps
 _LS_STEPS = 2
-
-
-def scaled_table(scale: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """The per-group codebooks the runtime computes, float32 ``(rows, G, 2**bits)``: each stored scale
-    times each stored level in float32 (one correctly rounded product, as the graph's ``Mul``)."""
-    return np.asarray(scale, np.float32)[:, :, None] * np.asarray(levels, np.float32)[None, None, :]
-
-
-def _fp16(x: np.ndarray, what: str) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        h = np.asarray(x, np.float32).astype(np.float16)
-    if not np.all(np.isfinite(h)):
-        raise BayesQError(f"scaled codebook: a {what} exceeds the float16 range (65504)")
-    return h.astype(np.float32)
 
 
 def _starts(L: int, block: int) -> np.ndarray:
@@ -54,8 +41,8 @@ def _group_sum(a: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 def _nearest(x: np.ndarray, thr: np.ndarray) -> np.ndarray:
     """Index of the nearest level: the number of thresholds below ``x`` (a tie goes to the lower
-    level, as codebook_codes).  One comparison per threshold, summed in uint8: 10-30x faster than
-    ``np.searchsorted`` on 4-16 levels."""
+    level, as codebook_codes).  One comparison per threshold, summed in uint8: 12-29x faster than
+    ``np.searchsorted`` on 4-16 levels (590k weights)."""
     q = np.zeros(x.shape, np.uint8)
     for t in thr:
         q += x > t
@@ -134,7 +121,7 @@ def scaled_codebook(mu, sigma, weight, levels: int, block: int = 0, *, rounds: i
         s = scale[fit][:, gidx]
         c = lloyd_max((mu[fit] / s).reshape(1, -1), (sig[fit] / s).reshape(1, -1),
                       (w[fit] * np.square(s) * mult[:, None]).reshape(1, -1), levels)[0]
-        c = np.unique(_fp16(c, "level"))   # sorted; fp16 may merge two close levels
+        c = np.unique(round_values(c, "float16", "lut"))   # sorted; fp16 may merge two close levels
         c = np.pad(c, (0, levels - len(c)), mode="edge")
         scale = _fit_scales(mu, w, c, scale, starts, gidx)
-    return c, _fp16(scale, "scale")
+    return c, round_values(scale, "float16", "scales")

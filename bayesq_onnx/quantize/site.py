@@ -13,6 +13,7 @@ import numpy as np
 from ..config import METHODS, Method
 from ..formats import (CODEBOOKS, BayesqLut, BayesqScaledLut, BayesqSparse, Float32, Format, LutCodes,
                        ScaledLutCodes, SparseCodes, UniformCodes)
+from ..formats.bayesq_scaled_lut import scaled_table
 from ..formats.bayesq_sparse import compact, top_mask
 from ..posterior.expected_loss import expected_loss, pruned_loss, rounding_loss
 from ..posterior.laplace import DiagonalLaplace
@@ -21,7 +22,7 @@ from .grid import minmax_grid, search_grid
 from .hqq import hqq_grid
 from .backend import NUMPY
 from .rounding import GPTQFactor, gptq_factor, layer_error_from_objective, round_gptq, round_rtn, row_slices
-from .scaled_codebook import scaled_codebook, scaled_table
+from .scaled_codebook import scaled_codebook
 
 
 def _rounder(fmt: Format):

@@ -233,7 +233,8 @@ def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str,
                             **{a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in unpacks]
     nodes = folds + deq
     # with the standard nodes that compute constants they read (scaled codebooks' levels)
-    made = _producers(_constants(g), [i for n in nodes for i in n.input])
+    consts = _constants(g)
+    made = _producers(consts, [i for n in nodes for i in n.input])
     used = {i for n in made + nodes for i in n.input if i}
     part = helper.make_graph(made + nodes, "fold", [], [onnx.ValueInfoProto(name=n.output[0]) for n in nodes],
                              [t for t in g.initializer if t.name in used])
@@ -258,10 +259,10 @@ def _rewrite(model, so: ort.SessionOptions, providers, fold: bool, unpack: str,
     keep = _switch_regions(body, leading_dims(model, inputs) if inputs else {}, unpacked_w, exact_casts,
                            {o.name for o in g.output})
     # the constants nothing reads any more (a scaled codebook's levels once its MatMul is unpacked)
-    consts = {id(n) for n in _constants(g).values() if n is not None}
+    folding = {id(n) for n in consts.values() if n is not None}   # standard nodes computing constants
     while True:
         read = {i for n in keep for m in [n, *(x for sub in subgraphs(n) for x in all_nodes(sub))] for i in m.input}
-        dead = [n for n in keep if id(n) in consts and not (set(n.output) & (read | {o.name for o in g.output}))]
+        dead = [n for n in keep if id(n) in folding and not (set(n.output) & (read | {o.name for o in g.output}))]
         if not dead:
             break
         keep = [n for n in keep if n not in dead]
