@@ -13,11 +13,30 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <utility>
 #include <vector>
 
 namespace {
+
+// An array of n elements left uninitialized: every one is written before it is read.  The E-step
+// and the starts hold about 300 bytes per element of a group; zeroed (std::vector) that was half a
+// one-group fit's time on 2^20 weights (a scaled codebook's levels), page faults included.
+template <class T>
+struct Buf {
+    std::unique_ptr<T[]> p;
+    Buf() = default;
+    explicit Buf(int64_t m) { fit(m); }
+    T* data() { return p.get(); }
+    const T* data() const { return p.get(); }
+    T& operator[](int64_t i) { return p[i]; }
+    const T& operator[](int64_t i) const { return p[i]; }
+    void fit(int64_t m) {   // room for m elements, reallocated only to grow (the contents go)
+        if (m > n) p.reset(new T[static_cast<size_t>(m)]), n = m;
+    }
+    int64_t n = 0;
+};
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kInvSqrt2Pi = 0.3989422804014327;
@@ -160,9 +179,10 @@ void store_levels(double* c, int K) {
 struct EStep {
     int64_t B;
     int K;
-    std::vector<double> thr, gap, loss, prod, A, Bm, flow, flow_m, step, step_m, acc, wm, ws, ww, za, ztail, zdens;
-    std::vector<int64_t> near, live, wp;
-    std::vector<int> wt;
+    std::vector<double> thr, gap, A, Bm, flow, flow_m, step, step_m;
+    Buf<double> loss, prod, acc, wm, ws, ww, za, ztail, zdens;
+    Buf<int64_t> near, live, wp;
+    Buf<int> wt;
 
     EStep(int64_t B_, int K_)
         : B(B_), K(K_), thr(K_ > 1 ? K_ - 1 : 1), gap(K_ > 1 ? K_ - 1 : 1), loss(B_), prod(B_), A(K_), Bm(K_),
@@ -254,13 +274,13 @@ struct EStep {
 // starts (codebook.py, _start_levels and what it calls), on one group's sorted live entries
 
 struct Sorted {
-    std::vector<double> x, v, P0, P1;
-    std::vector<int64_t> order, idx2;
-    std::vector<uint32_t> key, key2;
-    std::vector<std::pair<double, int64_t>> keyed;
+    Buf<double> x, v, P0, P1;
+    Buf<int64_t> order, idx2;
+    Buf<uint32_t> key, key2;
+    std::vector<std::pair<double, int64_t>> keyed;   // only for values that are not all float32
     int64_t n_live = 0, distinct = 0;
     explicit Sorted(int64_t B)
-        : x(B), v(B), P0(B + 1), P1(B + 1), order(B), idx2(B), key(B), key2(B), keyed(B) {}
+        : x(B), v(B), P0(B + 1), P1(B + 1), order(B), idx2(B), key(B), key2(B) {}
 
     // order[0..n) (live indices, increasing) sorted by mu, ties by index: numpy's stable argsort.
     // Values that are all float32 (weights are) go by a stable radix sort of order-preserving
@@ -271,6 +291,7 @@ struct Sorted {
             const double m = mu[order[r]];
             const float f = static_cast<float>(m);
             if (static_cast<double>(f) != m) {
+                keyed.resize(n);
                 for (int64_t q = 0; q < n; ++q) keyed[q] = {mu[order[q]], order[q]};
                 std::sort(keyed.begin(), keyed.begin() + n);
                 for (int64_t q = 0; q < n; ++q) order[q] = keyed[q].second;
@@ -415,11 +436,12 @@ int64_t first_argmin(const double* e, const double* g, int64_t lo, int64_t hi) {
 // weighted 1-D k-means of the sorted values by dynamic programming over contiguous cells, on at
 // most M runs (codebook.py, _kmeans_levels)
 struct KMeans {
-    std::vector<double> vs, P0, P1, P2, Q0, Q1, Q2, gain, D, Dn, E, prod;
+    Buf<double> vs, P0, P1, P2, prod;
+    std::vector<double> Q0, Q1, Q2, gain, D, Dn, E;
     std::vector<int64_t> args, bnd, both, bounds;
 
     void levels(const Sorted& s, int64_t B, double* c, int K, int64_t M) {
-        vs.resize(B), prod.resize(B), P0.resize(B + 1), P1.resize(B + 1), P2.resize(B + 1);
+        vs.fit(B), prod.fit(B), P0.fit(B + 1), P1.fit(B + 1), P2.fit(B + 1);
         double vmax = s.v[0];
         for (int64_t i = 1; i < B; ++i) vmax = std::max(vmax, s.v[i]);
         for (int64_t i = 0; i < B; ++i) vs[i] = s.v[i] / vmax;   // the optimum ignores the weights' scale
@@ -496,13 +518,13 @@ struct Params {
 
 struct Fitter {
     Params p;
-    EStep e, e_alt;
+    EStep e;
     Sorted s;
     KMeans km;
-    std::vector<double> work, cb, nw;
+    std::vector<double> work, cb, nw, A0, B0;
     std::vector<int64_t> cut;
 
-    explicit Fitter(const Params& p_) : p(p_), e(p_.B, p_.K), e_alt(p_.B, p_.K), s(p_.B), cb(p_.K), nw(p_.K) {}
+    explicit Fitter(const Params& p_) : p(p_), e(p_.B, p_.K), s(p_.B), cb(p_.K), nw(p_.K) {}
 
     void start_levels(const double* mu, const double* w, const uint8_t* valid, double* c) {
         const int K = p.K;
@@ -530,22 +552,24 @@ struct Fitter {
         double prev = kInf;
         const int rounds = std::max(p.iters, alt ? 1 : 0);
         for (int r = 0; r < rounds; ++r) {
-            EStep* cur = &e;
             double J = e.run(mu, sig, w, c, true, p.z_lloyd);
             if (r == 0 && alt) {
+                A0 = e.A, B0 = e.Bm;   // c's statistics, kept while the E-step rates alt
                 for (int k = 0; k < K; ++k) cb[k] = alt[k];
                 store_levels(cb.data(), K);
-                const double Jb = e_alt.run(mu, sig, w, cb.data(), true, p.z_lloyd);
+                const double Jb = e.run(mu, sig, w, cb.data(), true, p.z_lloyd);
                 if (Jb < J) {   // ties keep c
                     std::copy(cb.begin(), cb.end(), c);
-                    J = Jb, cur = &e_alt;
+                    J = Jb;
+                } else {
+                    e.A = A0, e.Bm = B0;
                 }
                 if (r >= p.iters) break;
             }
-            const double total = np_sum(cur->A.data(), K);
+            const double total = np_sum(e.A.data(), K);
             for (int k = 0; k < K; ++k) {
                 // a cell with (almost) no mass keeps its level; the centroid lies in its cell
-                double x = cur->A[k] > 1e-12 * total ? cur->Bm[k] / cur->A[k] : c[k];
+                double x = e.A[k] > 1e-12 * total ? e.Bm[k] / e.A[k] : c[k];
                 if (k > 0) x = std::max(x, 0.5 * (c[k] + c[k - 1]));
                 if (k < K - 1) x = std::min(x, 0.5 * (c[k + 1] + c[k]));
                 nw[k] = x;
