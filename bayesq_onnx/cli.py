@@ -162,10 +162,11 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
                    help="offer the knapsack N:M sparse formats too (KEEP:OF, comma-separated; default "
                         f"{','.join(f'{k}:{m}' for k, m in SPARSE_PATTERNS)}): in each run of OF weights along the "
                         "reduction axis the posterior keeps KEEP, the rest are pruned (MatMul and Conv weights)")
-    c.add_argument("--scaled-codebooks", nargs="?", const="2,3,4", metavar="BITS",
-                   help="offer the knapsack one Lloyd-Max codebook per weight scaled per row too (fp16 levels once "
-                        "and an fp16 scale per row, instead of each row's own levels: 0.3 fewer bits per weight at 3 "
-                        "bits on a 384-wide row), at these code widths (comma-separated; bare: 2,3,4; default: off)")
+    c.add_argument("--scaled-codebooks", metavar="BITS",
+                   help="the code widths (comma-separated) at which the knapsack is offered one Lloyd-Max codebook "
+                        "per weight scaled per row (fp16 levels once and an fp16 scale per row, instead of each "
+                        "row's own levels: 0.3 fewer bits per weight at 3 bits on a 384-wide row); 'none': not "
+                        "offered (default: 2,3,4)")
     c.add_argument("--distill", type=int, metavar="STEPS",
                    help="tune the chosen plan's scales and codebook levels toward the fp32 outputs for STEPS Adam "
                         "steps on the calibration data (needs torch); held-back data decides whether the tuned "
@@ -398,9 +399,11 @@ def _sparse(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def _widths(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
     parts = [p.strip() for p in text.split(",")]
     if not all(p.isdigit() for p in parts):
-        raise BayesQError(f"--scaled-codebooks expects code widths, comma-separated (e.g. '3,4'), got {text!r}")
+        raise BayesQError(f"--scaled-codebooks expects code widths, comma-separated (e.g. '3,4'), or 'none', got {text!r}")
     return tuple(int(p) for p in parts)
 
 

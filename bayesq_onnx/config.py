@@ -78,9 +78,10 @@ class Recipe:
     matmul_bits: tuple[int, ...] = (2, 4, 8)      # MatMulNBits executes 2/4/8 only (docs/design.md, "What the runtimes accept")
     bayesq_bits: tuple[int, ...] = (3, 5, 6)      # affine widths only the bayesq ops run (MatMul, Conv, Gather)
     lut_bits: tuple[int, ...] = (2, 3, 4)         # Lloyd-Max codebooks, one per row (bayesq planner only)
-    # one Lloyd-Max codebook per weight, scaled per row (--scaled-codebooks; bayesq planner only): off by
-    # default, its gains not yet steady across models and budgets (docs/design.md, "Scaled codebooks")
-    scaled_lut_bits: tuple[int, ...] = ()
+    # one Lloyd-Max codebook per weight, scaled per row (--scaled-codebooks; knapsack planners only): on by
+    # default: as good or better on every bench model and budget (docs/design.md, "Scaled codebooks"); ()
+    # turns it off
+    scaled_lut_bits: tuple[int, ...] = (2, 3, 4)
     conv_bits: tuple[int, ...] = (2, 4, 8)        # blocked DequantizeLinear; 2 bits raises the opset to 25
     gather_bits: tuple[int, ...] = (2, 4, 8)      # GatherBlockQuantized (uint8 data), or bayesq.GatherAffine
     blocks: tuple[int, ...] = (32, 64, 128, 256)  # group sizes offered to every format

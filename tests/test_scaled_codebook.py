@@ -4,6 +4,7 @@ the graph multiplies scales and levels into the per-group codebooks that the LUT
 lowered model must compute exactly what the same table stored whole computes."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -136,14 +137,14 @@ def test_lowered_graph_computes_the_table_it_stands_for(bits, block):
 
 @pytest.mark.parametrize("target", ["ort-cpu", "portable"])
 def test_offered_to_the_knapsack_and_run_where_chosen(tmp_path, target):
-    """Offered (``scaled_lut_bits``), the knapsack takes scaled codebooks on the small models (fewer
+    """Offered (``scaled_lut_bits``, by default), the knapsack takes scaled codebooks on the small models (fewer
     bits than a row's own levels); the written model runs, in portable form on plain onnxruntime, and
     computes what the plan check measured (test_compress checks every format's bytes and outputs)."""
     checked = 0
     for name, build, data in (("tied", models.tied, models.tied_data()), ("mlp", models.mlp, models.mlp_data())):
         src, out = tmp_path / f"{name}.onnx", tmp_path / f"{name}.q.onnx"
         onnx.save(build(), src)
-        rep = compress(src, Recipe(bits=3.0, scaled_lut_bits=(2, 3, 4), target=target), calib=data, output=out).report
+        rep = compress(src, Recipe(bits=3.0, target=target), calib=data, output=out).report
         if rep["plan"] != "knapsack":   # the check preferred a uniform plan: no codebook to run
             continue
         checked += 1
@@ -159,6 +160,24 @@ def test_offered_to_the_knapsack_and_run_where_chosen(tmp_path, target):
         # the check decodes the packed tensors in numpy and runs fp32: only summation order differs
         assert measured == pytest.approx(mine["distortion"], rel=1e-3)
     assert checked
+
+
+def test_cli_turns_them_off(tmp_path):
+    """``--scaled-codebooks none``: no scaled codebook offered, so none chosen (the same model and data
+    take one by default, above); the widths given are the recipe's."""
+    src = tmp_path / "mlp.onnx"
+    onnx.save(models.mlp(), src)
+    data = tmp_path / "calib.npz"
+    np.savez(data, **models.mlp_data())
+    for arg, widths in (("none", []), ("3", [3])):
+        rep = tmp_path / f"{arg}.json"
+        subprocess.run([sys.executable, "-m", "bayesq_onnx", "compress", str(src), "--bits", "3", "--calib", str(data),
+                        "-o", str(tmp_path / f"{arg}.onnx"), "--report", str(rep), "--quiet", "--scaled-codebooks", arg],
+                       check=True)
+        r = json.loads(rep.read_text())
+        assert r["recipe"]["scaled_lut_bits"] == widths
+        nf = {l["format"] for l in r["layers"] if l["format"].startswith("bq-nf")}
+        assert nf <= {f"bq-nf{b}-grow-f16" for b in widths}, nf
 
 
 def test_cli_rejects_bad_widths_in_one_line(tmp_path):

@@ -209,7 +209,8 @@ def test_knapsack_takes_sparse_where_half_the_weights_are_noise():
     noisy.reshape(rows, L // 4, 4)[..., 1::2] *= 1e-3
     dense = (rng.standard_normal((rows, L)) * 0.05).astype(np.float32)
     sites = [site("noisy", rows, L), site("dense", rows, L)]
-    recipe = Recipe(bits=2.6, sparse=((2, 4),), blocks=(64,))
+    # against the affine and per-row formats (a scaled codebook, 2.1 bits at 2 bits, would take both sites)
+    recipe = Recipe(bits=2.6, sparse=((2, 4),), blocks=(64,), scaled_lut_bits=())
     quant = {s.name: SiteQuantizer(v, DiagonalLaplace(v, np.full((1, L), 1e4, np.float32)), None, METHODS["bayesq"])
              for s, v in zip(sites, (noisy, dense))}
 
@@ -220,7 +221,7 @@ def test_knapsack_takes_sparse_where_half_the_weights_are_noise():
         return p, sum(losses[s.name][cands[s.name].index(p.choice[s.name])] for s in sites)
 
     with_sparse, loss_sparse = plan(recipe)
-    without, loss_dense = plan(Recipe(bits=2.6, blocks=(64,)))
+    without, loss_dense = plan(Recipe(bits=2.6, blocks=(64,), scaled_lut_bits=()))
     assert isinstance(with_sparse.choice["noisy"], BayesqSparse) and not isinstance(with_sparse.choice["dense"], BayesqSparse)
     # measured 0.79x: the noisy site's survivors keep 3 bits for what 2 bits cost it dense
     assert loss_sparse < 0.9 * loss_dense
@@ -280,7 +281,8 @@ def test_compress_with_sparse_candidates(tmp_path, case):
     src = tmp_path / "m.onnx"
     onnx.save(build(), src)
     feeds = data()
-    recipe = Recipe(bits=2.2, sparse=((2, 4), (4, 8), (6, 8)))
+    # no scaled codebook: at 2 bits it stores 2.1-2.3 on these rows, and would fit
+    recipe = Recipe(bits=2.2, sparse=((2, 4), (4, 8), (6, 8)), scaled_lut_bits=())
     outs = {}
     for target in ("ort-cpu", "portable") if custom_ops.available() else ("portable",):
         out = tmp_path / f"{target}.onnx"
@@ -306,7 +308,9 @@ def test_plan_check_weighs_a_pruned_plan_against_its_dense_twin(tmp_path):
     from bayesq_onnx import compress
     src = tmp_path / "m.onnx"
     onnx.save(models.mlp(), src)
-    rep = compress(src, Recipe(bits=3.0, sparse=((2, 4), (4, 8), (6, 8))), calib=models.mlp_data()).report
+    # (without scaled codebooks, which this MLP takes in place of the pruned formats)
+    rep = compress(src, Recipe(bits=3.0, sparse=((2, 4), (4, 8), (6, 8)), scaled_lut_bits=()),
+                   calib=models.mlp_data()).report
     scores = {c["plan"]: c["distortion"] for c in rep["plan_check"]["candidates"]}
     assert {"knapsack", "knapsack dense"} <= set(scores)
     assert any(l["sparsity"] > 0 for l in rep["layers"]) == (rep["plan"] == "knapsack")

@@ -14,6 +14,7 @@ from bayesq_onnx.graph.cone import all_nodes, subgraphs
 from bayesq_onnx.graph.inspect import inspect_model
 from bayesq_onnx.graph.sites import find_sites
 from bayesq_onnx.runtime.reference_ops import REFERENCE_OPS
+from bayesq_onnx.runtime.session import _constants, _producers
 
 BAYESQ_ONLY = {"matmul_bits": (), "bayesq_bits": (3, 5)}   # MatMul weights in formats only bayesq ops run
 TARGETS = {"native": {"custom_ops": False},            # com.microsoft MatMulNBits / GatherBlockQuantized
@@ -60,8 +61,10 @@ def _dequantized(q: onnx.ModelProto, name: str, shape) -> np.ndarray:
     gather = n.op_type in ("GatherBlockQuantized", "GatherAffine", "GatherLut")
     n.input[1 if n.op_type == "GatherBlockQuantized" else 0] = "probe_in"
     n.output[0] = "w"
-    g = helper.make_graph([n], "w", [helper.make_tensor_value_info("probe_in", TensorProto.INT64 if gather
-                                                                   else TensorProto.FLOAT, None)],
+    # with the main-graph nodes that compute its constant inputs (a scaled codebook's table)
+    made = _producers(_constants(q.graph), n.input)
+    g = helper.make_graph([*made, n], "w", [helper.make_tensor_value_info("probe_in", TensorProto.INT64 if gather
+                                                                          else TensorProto.FLOAT, None)],
                           [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)], inits)
     K = next((a.i for a in n.attribute if a.name == "K"), 0)
     feed = np.arange(shape[0]) if gather else np.eye(K, dtype=np.float32)

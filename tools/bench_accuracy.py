@@ -14,8 +14,9 @@ weights: codes, scales, zero points), ``bits_all`` (the same over every float in
 ones left in float included) and its wall time (analysis plus that budget's planning, packing and
 writing; not the evaluation).  A method named with ``-seq`` (``bayesq-seq``) or ``-noseq``
 (``gptq-noseq``) is that method with sequential mode (``--sequential``) on or off, whatever its
-default; one named with ``+nf`` (``bayesq+nf``) is offered one Lloyd-Max codebook per weight
-scaled per row (``--scaled-codebooks``), with ``+sparse`` the N:M sparse formats (``--sparse``);
+default; one named with ``+nonf`` (``bayesq+nonf``) is not offered the scaled codebooks (one
+Lloyd-Max codebook per weight scaled per row, ``--scaled-codebooks none``), one with ``+sparse`` is
+offered the N:M sparse formats (``--sparse``);
 one named with ``+distill`` (``bayesq+distill``,
 ``bayesq-seq+distill``) is that method with calibration-only distillation (``--distill STEPS``,
 default 100 steps).  The headline metric
@@ -55,7 +56,7 @@ DISTILL = "+distill"   # suffix: the method with calibration-only distillation (
 # suffixes (before any +distill): the method with sequential mode on or off, whatever its default
 SEQUENTIAL = {"-seq": True, "-noseq": False}
 SPARSE = "+sparse"     # suffix: a knapsack method offered the N:M sparse formats too (--sparse PATTERNS)
-SCALED = "+nf"         # suffix (before +sparse): a knapsack method offered scaled codebooks (--scaled-codebooks)
+NO_SCALED = "+nonf"    # suffix (before +sparse): a knapsack method without scaled codebooks (--scaled-codebooks none)
 BUDGETS = (2.5, 3.0, 3.5, 4.0, 4.5)   # 4.5: the first budget that fits 4-bit g128 with fp32 scales
 QUICK_BUDGETS = (2.5, 3.0, 3.5, 4.0)
 
@@ -202,8 +203,8 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             fields["distill"] = distill
         if method.removesuffix(DISTILL).endswith(SPARSE):
             fields["sparse"] = sparse
-        if method.removesuffix(DISTILL).removesuffix(SPARSE).endswith(SCALED):
-            fields["scaled_lut_bits"] = (2, 3, 4)
+        if method.removesuffix(DISTILL).removesuffix(SPARSE).endswith(NO_SCALED):
+            fields["scaled_lut_bits"] = ()
         if proxy_samples and method in ours:
             fields["proxy_samples"] = proxy_samples
         if scale_samples and method in ours:
@@ -255,7 +256,7 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
 
 def _sequential(method: str) -> tuple[str, bool | None]:
     """The method without its suffixes, and the sequential mode its name asks for (None: the default)."""
-    name = method.removesuffix(DISTILL).removesuffix(SPARSE).removesuffix(SCALED)
+    name = method.removesuffix(DISTILL).removesuffix(SPARSE).removesuffix(NO_SCALED)
     for suffix, on in SEQUENTIAL.items():
         if name.endswith(suffix):
             return name.removesuffix(suffix), on
@@ -391,7 +392,7 @@ def main(argv=None) -> int:
                     help=f"comma-separated, from {','.join(METHODS)}, or {VARIANT}TABLES for bayesq with other "
                          f"loss tables (e.g. bayesq-proxy); any of them with {' or '.join(SEQUENTIAL)} "
                          "(e.g. gptq-noseq, bayesq-seq) with sequential mode on or off whatever the method's default; "
-                         f"a knapsack method then with {SCALED} (e.g. bayesq{SCALED}) is offered scaled codebooks, "
+                         f"a knapsack method then with {NO_SCALED} (e.g. bayesq{NO_SCALED}) is not offered scaled codebooks, "
                          f"with {SPARSE} (e.g. bayesq{SPARSE}) the N:M sparse formats "
                          f"too; and any of them last with {DISTILL} (e.g. bayesq{DISTILL}) adds calibration-only "
                          "distillation")

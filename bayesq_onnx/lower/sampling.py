@@ -287,15 +287,16 @@ def remove_dead(m: onnx.ModelProto) -> None:
 
 
 def unfuse_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """A copy whose bayesq ``MatMulAffine`` / ``MatMulLut`` nodes on constant weights read their weight
-    ``W (K, N)`` from the format's Dequantize op (one per packed weight, shared by its readers) and
-    run a plain ``MatMul`` (+ ``Add`` for a bias); and ``{packed codes initializer: W}``."""
-    from ..runtime.session import _fp32_matmul, _may_have_float16, _n_weight_inputs
+    """A copy whose bayesq ``MatMulAffine`` / ``MatMulLut`` nodes on constant weights (initializers, or
+    computed from them: a scaled codebook's table) read their weight ``W (K, N)`` from the format's
+    Dequantize op (one per packed weight, shared by its readers) and run a plain ``MatMul`` (+ ``Add``
+    for a bias); and ``{packed codes initializer: W}``."""
+    from ..runtime.session import _constants, _fp32_matmul, _may_have_float16, _n_weight_inputs
     casts = _may_have_float16(model)
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    inits = {t.name for t in g.initializer}
+    inits = _constants(g)
     made: dict[str, str] = {}
     body = []
     for n in g.node:
