@@ -163,13 +163,13 @@ def test_offered_to_the_knapsack_and_run_where_chosen(tmp_path, target):
 
 
 def test_cli_turns_them_off(tmp_path):
-    """``--scaled-codebooks none``: no scaled codebook offered, so none chosen (the same model and data
-    take one by default, above); the widths given are the recipe's."""
+    """``--scaled-codebooks none``: no scaled codebook offered, so none chosen, where the widths the
+    default names (given here) make the knapsack take them; the widths given are the recipe's."""
     src = tmp_path / "mlp.onnx"
     onnx.save(models.mlp(), src)
     data = tmp_path / "calib.npz"
     np.savez(data, **models.mlp_data())
-    for arg, widths in (("none", []), ("3", [3])):
+    for arg, widths in (("2,3,4", [2, 3, 4]), ("none", []), ("3", [3])):
         rep = tmp_path / f"{arg}.json"
         subprocess.run([sys.executable, "-m", "bayesq_onnx", "compress", str(src), "--bits", "3", "--calib", str(data),
                         "-o", str(tmp_path / f"{arg}.onnx"), "--report", str(rep), "--quiet", "--scaled-codebooks", arg],
@@ -178,6 +178,7 @@ def test_cli_turns_them_off(tmp_path):
         assert r["recipe"]["scaled_lut_bits"] == widths
         nf = {l["format"] for l in r["layers"] if l["format"].startswith("bq-nf")}
         assert nf <= {f"bq-nf{b}-grow-f16" for b in widths}, nf
+        assert nf or arg != "2,3,4"   # offered, they are taken: "none" has something to turn off
 
 
 def test_cli_rejects_bad_widths_in_one_line(tmp_path):

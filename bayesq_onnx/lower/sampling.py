@@ -296,7 +296,7 @@ def unfuse_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, s
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    inits = _constants(g)
+    consts = _constants(g)
     made: dict[str, str] = {}
     body = []
     for n in g.node:
@@ -304,7 +304,7 @@ def unfuse_matmuls(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, s
             body.append(n)
             continue
         packed = [i for i in n.input[1:_n_weight_inputs(n) + 1] if i]
-        if not all(i in inits for i in packed):
+        if not all(i in consts for i in packed):
             body.append(n)
             continue
         w = made.get(packed[0])

@@ -26,6 +26,7 @@ namespace {
 template <class T>
 struct Buf {
     std::unique_ptr<T[]> p;
+    int64_t n = 0;   // elements allocated
     Buf() = default;
     explicit Buf(int64_t m) { fit(m); }
     T* data() { return p.get(); }
@@ -35,7 +36,6 @@ struct Buf {
     void fit(int64_t m) {   // room for m elements, reallocated only to grow (the contents go)
         if (m > n) p.reset(new T[static_cast<size_t>(m)]), n = m;
     }
-    int64_t n = 0;
 };
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
