@@ -22,7 +22,9 @@ from bayesq_onnx.formats.bayesq_uniform import col_bytes, groups
 from bayesq_onnx.lower.bayesq_nodes import (BAYESQ_OPSET, FLAT_SHAPE, bayesq_dequantize_node, bayesq_gather_node,
                                             bayesq_matmul_node, scaled_lut_nodes)
 from bayesq_onnx.lower.portable import portable_gather_nodes, portable_weight_nodes
-from bayesq_onnx.quantize.scaled_codebook import _errors, _fit_rows, _starts, scaled_codebook
+from bayesq_onnx.quantize import codebook_native
+from bayesq_onnx.quantize.scaled_codebook import (_LS_STEPS, _MULTIPLES, _errors, _fit_rows, _fit_scales_numpy, _gidx,
+                                                 _starts, scaled_codebook)
 from bayesq_onnx.runtime.session import make_session
 
 
@@ -64,8 +66,7 @@ def test_fit_is_deterministic_fp16_and_never_worse_than_its_start(block):
     assert np.array_equal(levels, again[0]) and np.array_equal(scale, again[1])
     assert np.array_equal(levels, levels.astype(np.float16).astype(np.float32)) and np.all(np.diff(levels) > 0)
     assert np.array_equal(scale, scale.astype(np.float16).astype(np.float32)) and np.all(scale > 0)
-    starts = _starts(96, block)
-    gidx = np.arange(96) // block if block else np.zeros(96, np.int64)
+    starts, gidx = _starts(96, block), _gidx(96, block)
     amax = np.maximum.reduceat(np.abs(mu), starts, axis=1).astype(np.float64)
     fitted = _errors(mu, w, scale.astype(np.float64), levels, starts, gidx)
     start = _errors(mu, w, amax, levels, starts, gidx)
@@ -75,6 +76,35 @@ def test_fit_is_deterministic_fp16_and_never_worse_than_its_start(block):
     # a row's scale follows its spread (the rows differ up to 10x)
     spread = np.abs(mu).mean(axis=1)
     assert np.corrcoef(np.log(scale.mean(axis=1)), np.log(spread))[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("L,block", [(96, 0), (203, 64), (100, 48), (768, 0), (7, 4), (130, 200)])
+def test_native_scale_search_is_numpy_bit_for_bit(L, block):
+    """The scale search natively (custom_ops/src/scaled_codebook.cpp) gives numpy's scales to the last
+    bit: one scale a row and groups with a short last one (reduceat's sum: the first term plus the
+    pairwise sum of the rest), weights per element and one row broadcast to all, 2-16 levels, zero
+    and weightless entries, a row of zeros."""
+    lib = codebook_native.library()
+    if lib is None or not hasattr(lib, "BayesqScaledFitScales"):
+        pytest.skip("libbayesq_ops.so with the native scale search is not built")
+    rng = np.random.default_rng(L + block)
+    rows = 40
+    mu = (rng.standard_t(4, (rows, L)) * rng.uniform(0.1, 1.0, (rows, 1)) * 0.02).astype(np.float32)
+    mu[0, : L // 2], mu[2] = 0.0, 0.0
+    starts, gidx = _starts(L, block), _gidx(L, block)
+    amax = np.maximum.reduceat(np.abs(mu), starts, axis=1).astype(np.float64)
+    scale = np.where(amax > 0, amax, 1.0)
+    for shared in (False, True):
+        w = rng.gamma(2.0, 1.0, (1, L) if shared else (rows, L)).astype(np.float32)
+        if not shared:
+            w[1, ::2] = 0.0
+        w = np.broadcast_to(w, mu.shape)
+        for K in (2, 4, 8, 16):
+            levels = np.sort(rng.standard_normal(K) * 0.5).astype(np.float16).astype(np.float32)
+            ref = _fit_scales_numpy(mu, w, levels, scale, starts, gidx)
+            got = codebook_native.fit_scales(lib, mu, w, levels, scale, block, _MULTIPLES, _LS_STEPS)
+            assert got.dtype == np.float64 and np.array_equal(got, ref), (shared, K)
+            assert np.any(ref != scale)   # the search moved something: the comparison is not of inputs
 
 
 def test_levels_are_fitted_on_rows_drawn_by_importance():

@@ -185,9 +185,9 @@ struct EStep {
     Buf<int> wt;
 
     EStep(int64_t B_, int K_)
-        : B(B_), K(K_), thr(K_ > 1 ? K_ - 1 : 1), gap(K_ > 1 ? K_ - 1 : 1), loss(B_), prod(B_), A(K_), Bm(K_),
-          flow(K_), flow_m(K_), step(K_), step_m(K_), acc(B_), wm(B_), ws(B_), ww(B_), za(B_), ztail(B_),
-          zdens(B_), near(B_), live(B_), wp(B_), wt(B_) {}
+        : B(B_), K(K_), thr(K_ > 1 ? K_ - 1 : 1), gap(K_ > 1 ? K_ - 1 : 1), A(K_), Bm(K_), flow(K_), flow_m(K_),
+          step(K_), step_m(K_), loss(B_), prod(B_), acc(B_), wm(B_), ws(B_), ww(B_), za(B_), ztail(B_), zdens(B_),
+          near(B_), live(B_), wp(B_), wt(B_) {}
 
     // sum_i w_i E[(Q(w_i) - w_i)^2] over the group; with `stats` the cell masses A and first
     // moments Bm as well.  Thresholds beyond z_cut sigma are dropped.
@@ -273,49 +273,61 @@ struct EStep {
 // ------------------------------------------------------------------------------------------
 // starts (codebook.py, _start_levels and what it calls), on one group's sorted live entries
 
+// stable LSD radix sort of n (key, index) pairs by key, a byte per pass (a pass is skipped where every
+// key shares that byte); k2 and o2 are scratch.  Leaves the sorted indices in o.
+template <class Key>
+void radix_argsort(Key* k, Key* k2, int64_t* o, int64_t* o2, int64_t n) {
+    int64_t* const out = o;
+    for (int shift = 0; shift < 8 * static_cast<int>(sizeof(Key)); shift += 8) {
+        int64_t count[257] = {0};
+        for (int64_t r = 0; r < n; ++r) ++count[((k[r] >> shift) & 0xFF) + 1];
+        if (std::find(count + 1, count + 257, n) != count + 257) continue;   // one byte value: in order
+        for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+        for (int64_t r = 0; r < n; ++r) {
+            const int64_t d = count[(k[r] >> shift) & 0xFF]++;
+            k2[d] = k[r], o2[d] = o[r];
+        }
+        std::swap(k, k2), std::swap(o, o2);
+    }
+    if (o != out) std::copy(o, o + n, out);
+}
+
+// an order-preserving unsigned key of a float or double (-0 and +0 equal: ties go by index)
+template <class Key, class F>
+Key sort_key(F f) {
+    constexpr Key top = Key{1} << (8 * sizeof(Key) - 1);
+    Key u;
+    std::memcpy(&u, &f, sizeof u);
+    if (f == F(0)) u = 0;
+    return (u & top) ? ~u : (u | top);
+}
+
 struct Sorted {
     Buf<double> x, v, P0, P1;
     Buf<int64_t> order, idx2;
     Buf<uint32_t> key, key2;
-    std::vector<std::pair<double, int64_t>> keyed;   // only for values that are not all float32
+    Buf<uint64_t> wide, wide2;   // only for values that are not all float32
     int64_t n_live = 0, distinct = 0;
     explicit Sorted(int64_t B)
         : x(B), v(B), P0(B + 1), P1(B + 1), order(B), idx2(B), key(B), key2(B) {}
 
-    // order[0..n) (live indices, increasing) sorted by mu, ties by index: numpy's stable argsort.
-    // Values that are all float32 (weights are) go by a stable radix sort of order-preserving
-    // 32-bit keys, a byte per pass (a pass is skipped where every key shares that byte): on rows of
-    // 768 it takes a fraction of std::sort's time on (value, index) pairs, which other values take.
+    // order[0..n) (live indices, increasing) sorted by mu, ties by index: numpy's stable argsort, by a
+    // stable radix sort of order-preserving keys.  Values that are all float32 (weights are) take
+    // 32-bit keys; others (a scaled codebook's weights over their scales) 64-bit ones: on 2^20 of
+    // those a quarter of std::sort's time on (value, index) pairs.
     void argsort(const double* mu, int64_t n) {
         for (int64_t r = 0; r < n; ++r) {
             const double m = mu[order[r]];
             const float f = static_cast<float>(m);
             if (static_cast<double>(f) != m) {
-                keyed.resize(n);
-                for (int64_t q = 0; q < n; ++q) keyed[q] = {mu[order[q]], order[q]};
-                std::sort(keyed.begin(), keyed.begin() + n);
-                for (int64_t q = 0; q < n; ++q) order[q] = keyed[q].second;
+                wide.fit(n), wide2.fit(n);
+                for (int64_t q = 0; q < n; ++q) wide[q] = sort_key<uint64_t>(mu[order[q]]);
+                radix_argsort(wide.data(), wide2.data(), order.data(), idx2.data(), n);
                 return;
             }
-            uint32_t u;
-            std::memcpy(&u, &f, sizeof u);
-            if (f == 0.0f) u = 0;                    // -0 and +0 are equal: ties go by index
-            key[r] = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+            key[r] = sort_key<uint32_t>(f);
         }
-        uint32_t *k = key.data(), *k2 = key2.data();
-        int64_t *o = order.data(), *o2 = idx2.data();
-        for (int shift = 0; shift < 32; shift += 8) {
-            int64_t count[257] = {0};
-            for (int64_t r = 0; r < n; ++r) ++count[((k[r] >> shift) & 0xFF) + 1];
-            if (std::find(count + 1, count + 257, n) != count + 257) continue;   // one byte value: in order
-            for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
-            for (int64_t r = 0; r < n; ++r) {
-                const int64_t d = count[(k[r] >> shift) & 0xFF]++;
-                k2[d] = k[r], o2[d] = o[r];
-            }
-            std::swap(k, k2), std::swap(o, o2);
-        }
-        if (o != order.data()) std::copy(o, o + n, order.data());
+        radix_argsort(key.data(), key2.data(), order.data(), idx2.data(), n);
     }
 
     // entries with weight first, sorted by mu (stable), the rest repeating the largest live value
