@@ -109,6 +109,27 @@ def test_streamed_plan_check_equals_the_whole_model_distortion(case):
         assert entry["distortion"] == pytest.approx(d, rel=1e-5)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_pass_reading_activations_computes_no_graph_output(case):
+    """A pass that keeps only the site activations runs sessions cut down to them (onnxruntime would
+    compute every node of a session, a language model's head included, whatever is fetched), and
+    reads the same activations, bit for bit, as sessions computing everything."""
+    build, data = CASES[case]
+    reading, full = (Analysis(build(), Recipe(bits=3.0), calib=data()).stream for _ in range(2))
+    an = Analysis(build(), Recipe(bits=3.0), calib=data())
+    a, b = reading.start(an.fit, an.batch), full.start(an.fit, an.batch)
+    for k in range(len(reading)):
+        kept, every = reading.advance(k, a, None, reading.capture[k]), full.advance(k, b)
+        for got, want in zip(kept, every):
+            assert set(got) == set(reading.capture[k])
+            assert all(np.array_equal(got[n], want[n]) for n in got)
+    if reading._model is None:   # uncut (control flow): the probe's one session
+        return
+    outputs = set(an.probe.outputs)
+    assert outputs <= {o for per_k in full._sessions for key in per_k for o in key}
+    assert not outputs & {o for per_k in reading._sessions for key in per_k for o in key}
+
+
 def test_missing_external_data_is_a_one_line_error(tmp_path):
     src = _save_external(tmp_path, "mlp", models.mlp())
     (tmp_path / "mlp.bin").unlink()
