@@ -18,6 +18,8 @@
 #include <utility>
 #include <vector>
 
+#include "pairwise_sum.h"
+
 namespace {
 
 // An array of n elements left uninitialized: every one is written before it is read.  The E-step
@@ -44,27 +46,7 @@ constexpr double kInvSqrt2 = 0.70710678118654752440;
 
 inline double f32(double x) { return static_cast<double>(static_cast<float>(x)); }
 
-// numpy's pairwise summation of a contiguous row (what np.sum(x, axis=-1) computes)
-double np_sum(const double* a, int64_t n) {
-    if (n < 8) {
-        double r = -0.0;
-        for (int64_t i = 0; i < n; ++i) r += a[i];
-        return r;
-    }
-    if (n <= 128) {
-        double r[8];
-        for (int j = 0; j < 8; ++j) r[j] = a[j];
-        int64_t i = 8;
-        for (; i < n - (n % 8); i += 8)
-            for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        for (; i < n; ++i) res += a[i];
-        return res;
-    }
-    int64_t n2 = n / 2;
-    n2 -= n2 % 8;
-    return np_sum(a, n2) + np_sum(a + n2, n - n2);
-}
+using bayesq::pairwise_sum;
 
 // the number of entries of the sorted a[0..n) below x (`le`: at most x), without branches on the
 // data: std::lower_bound's mispredicted jumps cost more than the rest of an E-step's element
@@ -266,7 +248,7 @@ struct EStep {
                 }
         }
         for (int64_t i = 0; i < B; ++i) prod[i] = std::max(loss[i], 0.0) * w[i];
-        return np_sum(prod.data(), B);
+        return pairwise_sum(prod.data(), B);
     }
 };
 
@@ -458,7 +440,7 @@ struct KMeans {
         for (int64_t i = 1; i < B; ++i) vmax = std::max(vmax, s.v[i]);
         for (int64_t i = 0; i < B; ++i) vs[i] = s.v[i] / vmax;   // the optimum ignores the weights' scale
         for (int64_t i = 0; i < B; ++i) prod[i] = s.x[i] * vs[i];
-        const double mean = np_sum(prod.data(), B) / np_sum(vs.data(), B);
+        const double mean = pairwise_sum(prod.data(), B) / pairwise_sum(vs.data(), B);
         P0[0] = P1[0] = P2[0] = 0.0;
         for (int64_t i = 0; i < B; ++i) {
             const double xc = s.x[i] - mean;   // centred: prefix sums lose less
@@ -578,7 +560,7 @@ struct Fitter {
                 }
                 if (r >= p.iters) break;
             }
-            const double total = np_sum(e.A.data(), K);
+            const double total = pairwise_sum(e.A.data(), K);
             for (int k = 0; k < K; ++k) {
                 // a cell with (almost) no mass keeps its level; the centroid lies in its cell
                 double x = e.A[k] > 1e-12 * total ? e.Bm[k] / e.A[k] : c[k];

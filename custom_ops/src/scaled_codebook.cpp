@@ -13,30 +13,11 @@
 #include <new>
 #include <vector>
 
+#include "pairwise_sum.h"
+
 namespace {
 
-// numpy's pairwise summation of a contiguous row (codebook.cpp has the same; each file keeps its own
-// so that each stays a self-contained twin of its numpy module)
-double pairwise(const double* a, int64_t n) {
-    if (n < 8) {
-        double r = -0.0;
-        for (int64_t i = 0; i < n; ++i) r += a[i];
-        return r;
-    }
-    if (n <= 128) {
-        double r[8];
-        for (int j = 0; j < 8; ++j) r[j] = a[j];
-        int64_t i = 8;
-        for (; i < n - (n % 8); i += 8)
-            for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        for (; i < n; ++i) res += a[i];
-        return res;
-    }
-    int64_t n2 = n / 2;
-    n2 -= n2 % 8;
-    return pairwise(a, n2) + pairwise(a + n2, n - n2);
-}
+using bayesq::pairwise_sum;
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define BQ_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -95,9 +76,9 @@ struct Row {
 
     // _group_sum: one group, a row's pairwise sum; several, np.add.reduceat's
     double group_sum(const double* p, int64_t g) const {
-        if (G == 1) return pairwise(p, L);
+        if (G == 1) return pairwise_sum(p, L);
         const int64_t a = g * block, n = std::min(block, L - a);
-        return p[a] + pairwise(p + a + 1, n - 1);
+        return p[a] + pairwise_sum(p + a + 1, n - 1);
     }
 
     // _errors of one row: per group sum w (mu - s c[nearest(mu / s)])^2, s the scale as float32
