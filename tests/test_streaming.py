@@ -115,8 +115,8 @@ def test_a_pass_reading_activations_computes_no_graph_output(case):
     compute every node of a session, a language model's head included, whatever is fetched), and
     reads the same activations, bit for bit, as sessions computing everything."""
     build, data = CASES[case]
-    reading, full = (Analysis(build(), Recipe(bits=3.0), calib=data()).stream for _ in range(2))
     an = Analysis(build(), Recipe(bits=3.0), calib=data())
+    reading, full = an.stream, Analysis(build(), Recipe(bits=3.0), calib=data()).stream
     a, b = reading.start(an.fit, an.batch), full.start(an.fit, an.batch)
     for k in range(len(reading)):
         kept, every = reading.advance(k, a, None, reading.capture[k]), full.advance(k, b)

@@ -201,12 +201,13 @@ struct EStep {
         }
         if (stats) std::fill(A.begin(), A.end(), 0.0), std::fill(Bm.begin(), Bm.end(), 0.0);
         int64_t nlive = 0;
-        const bool linear = K - 1 <= kLinearThresholds;
-        if (linear) count_thresholds(thr.data(), K - 1, mu, B, near.data());
+        // nearest level: the thresholds below mu (a tie goes to the lower level)
+        if (K - 1 <= kLinearThresholds)
+            count_thresholds(thr.data(), K - 1, mu, B, near.data());
+        else
+            for (int64_t i = 0; i < B; ++i) near[i] = count_below<false>(thr.data(), K - 1, mu[i]);
         for (int64_t i = 0; i < B; ++i) {
-            // nearest level: the thresholds below mu (a tie goes to the lower level)
-            const int64_t n = linear ? near[i] : count_below<false>(thr.data(), K - 1, mu[i]);
-            near[i] = n;
+            const int64_t n = near[i];
             const double d = c[n] - mu[i];
             loss[i] = d * d + sig[i] * sig[i];
             if (stats) A[n] += w[i], Bm[n] += w[i] * mu[i];
