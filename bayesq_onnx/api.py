@@ -570,12 +570,15 @@ def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe, factors: dict,
     h = curvature.diagonal(site)
     if not np.any(h > 0):  # never reached by the data: no information, weigh all alike
         h = np.ones_like(h)
-    # a convolution's grid is decided end to end: its layer output error misjudges clipping
     factor = None if xtx is None else \
         factors.setdefault(id(xtx), (xtx, SharedFactor(xtx, recipe.gptq_damp, recipe.act_order, gptq_backend)))[1]
+    # a convolution's grid is decided end to end: its layer output error misjudges clipping.  A
+    # looked-up table's codebooks fit its trained rows, not their posterior: a row the calibration data
+    # never looks up has the prior's width, and unseen text looks it up (docs/design.md, "Codebooks");
+    # a tied table's rows are all measured by the head's X^T X
     return SiteQuantizer(view, DiagonalLaplace.fit(view, h, recipe.damping), xtx, recipe.method_spec,
                          recipe.gptq_damp, recipe.act_order, measure_grids=site.kind.convolved, factor=factor,
-                         backend=gptq_backend)
+                         backend=gptq_backend, levels_on_means=site.kind.looked_up and not site.kind.multiplied)
 
 
 def _lower(m: onnx.ModelProto, files: WeightFiles, sites, chosen: Contender, packed, recipe: Recipe) -> onnx.ModelProto:

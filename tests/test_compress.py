@@ -360,6 +360,38 @@ def test_layer_loss_predicts_gptq_layer_error():
         assert diag > 1.5 * actual
 
 
+def test_a_looked_up_tables_codebooks_fit_its_rows_not_their_prior():
+    """A row the calibration data never looks up has the prior's posterior width, about as wide as
+    its weights; a codebook fitted to that mass spreads away from the trained weights that unseen
+    data do look up (docs/design.md, "Codebooks").  A looked-up table's levels are fitted to its
+    means (sigma -> 0), a multiplied weight's (a tied table's too) to its posterior."""
+    from bayesq_onnx.config import METHODS
+    from bayesq_onnx.formats import BayesqLut
+    from bayesq_onnx.posterior.laplace import DiagonalLaplace
+    from bayesq_onnx.quantize.codebook import lloyd_max
+    from bayesq_onnx.quantize.site import SiteQuantizer
+
+    qs = Analysis(models.embed(), Recipe(bits=3.0), calib=models.embed_data(n=4)).quantizers()
+    assert qs["E"].levels_on_means and not qs["W"].levels_on_means
+    tied = Analysis(models.tied(), Recipe(bits=3.0), calib=models.tied_data(n=4)).quantizers()
+    assert not any(q.levels_on_means for q in tied.values())
+
+    rng = np.random.default_rng(0)
+    W = (rng.standard_t(5, (400, 64)) * 0.05).astype(np.float32)
+    seen = rng.random(400) < 0.1   # the others have the prior's width: that of the weights
+    post = DiagonalLaplace(W, np.where(seen, 1e6, 1 / 0.05 ** 2)[:, None].astype(np.float32) * np.ones((1, 64), np.float32))
+    fmt = BayesqLut(3, 0, "float16")
+    ours = SiteQuantizer(W, post, None, METHODS["bayesq"], levels_on_means=True).codes(fmt)
+    np.testing.assert_array_equal(ours.lut.reshape(-1, 8), fmt.round_scales(lloyd_max(W, 0.0, post.precision, 8)))
+    on_posterior = SiteQuantizer(W, post, None, METHODS["bayesq"]).codes(fmt)
+
+    def error(q):
+        return np.square(q.dequantize() - W)[~seen].sum()
+    # the means' fit starts at their exact k-means optimum per row, so it leaves less error on the
+    # unseen rows: here 0.53x; 0.8 leaves room for another draw, and no tie of the fits passes it
+    assert error(ours) < 0.8 * error(on_posterior)
+
+
 @pytest.mark.parametrize("curvature", ["activation", "per-row"])
 def test_screen_estimates_a_big_site_from_a_sample_of_its_rows(monkeypatch, curvature):
     """Past ``SCREEN_ROWS`` rows the layer loss is estimated from rows drawn in proportion to what

@@ -73,13 +73,16 @@ class _GPTQWork:
 class SiteQuantizer:
     def __init__(self, view: np.ndarray, posterior: DiagonalLaplace, xtx: np.ndarray | None,
                  method: Method, gptq_damp: float = 0.01, act_order: bool = False, measure_grids: bool = False,
-                 factor: SharedFactor | None = None, backend=NUMPY):
+                 factor: SharedFactor | None = None, backend=NUMPY, levels_on_means: bool = False):
         """``measure_grids``: the searched and the min/max grid are both offered to be measured end to
         end (:meth:`grid_kinds`) even where GPTQ runs, instead of the layer output error choosing.
+        ``levels_on_means``: codebook levels fitted to the posterior means (``sigma -> 0``), not to
+        the posterior (:meth:`_codebook`).
         ``factor``: GPTQ's factor of ``xtx`` with these settings, shared with other sites (default:
         this site's own).  ``backend``: where GPTQ runs (``quantize.backend``; a shared factor
         brings its own)."""
         self.view, self.posterior, self.method, self.measure_grids = view, posterior, method, measure_grids
+        self.levels_on_means = levels_on_means
         self.xtx, self._gptq_damp, self._act_order = xtx, gptq_damp, act_order
         self._backend = factor.backend if factor is not None else backend
         self._work = _GPTQWork(factor or self._new_factor())
@@ -100,17 +103,20 @@ class SiteQuantizer:
     def _codebook(self, fmt: BayesqLut | BayesqScaledLut):
         """Posterior-weighted Lloyd-Max levels per group: ``(codebook (rows * G, 2**bits), codes, loss)``;
         for one scaled codebook (``BayesqScaledLut``) also ``self._grids[fmt, "scaled"]``: its scales
-        and levels."""
+        and levels.  Fitted to the posterior (a Gaussian E-step over each weight's width), or with
+        ``levels_on_means`` to the means; the loss is the posterior-expected one either way."""
         if (fmt, "lut") not in self._grids:
             block = fmt.block or None
             sigma = np.sqrt(self.posterior.sigma2.astype(np.float64))
+            fit_sigma = 0.0 if self.levels_on_means else sigma
             if isinstance(fmt, BayesqScaledLut):
-                levels, scale = scaled_codebook(self.posterior.mu, sigma, self.posterior.precision, 1 << fmt.bits,
-                                                fmt.block)
+                levels, scale = scaled_codebook(self.posterior.mu, fit_sigma, self.posterior.precision,
+                                                1 << fmt.bits, fmt.block)
                 self._grids[fmt, "scaled"] = scale, levels
                 codebook = scaled_table(scale, levels).reshape(-1, 1 << fmt.bits)   # as the runtime computes it
             else:
-                codebook = lloyd_max(self.posterior.mu, sigma, self.posterior.precision, 1 << fmt.bits, block=block)
+                codebook = lloyd_max(self.posterior.mu, fit_sigma, self.posterior.precision, 1 << fmt.bits,
+                                     block=block)
                 codebook = fmt.round_scales(codebook)   # the levels as stored (fp16 or fp32), then the codes
             self._grids[fmt, "lut"] = (codebook, codebook_codes(self.view, codebook, block=block),
                                        expected_codebook_loss(self.view, sigma, self.posterior.precision, codebook,
