@@ -134,7 +134,7 @@ class Analysis:
         self._spill = ArraySpill()  # where packed tensors wait, memory-mapped, for the check and the output
         self.seconds = time.perf_counter() - t0
 
-    def blocks(self, data: dict[str, np.ndarray] | None = None, quantized=None, room=None):
+    def blocks(self, data: dict[str, np.ndarray] | None = None, quantized=None, room=None, unseen: int = 0):
         """The sites' quantizers, a segment's worth at a time, from one pass of ``data`` (default: the
         fitting data) through the model: a site's statistics are complete after the last segment
         that reads it.  Yields those sites and their quantizers (by name), the caller's until the
@@ -144,7 +144,8 @@ class Analysis:
         quantized model's activations (docs/design.md, "Sequential").  ``room``: called with a block's
         sites before the segment that completes their statistics runs (``Overlap.reserve``), so that a
         block waiting for its turn holds nothing yet: neither its ``X^T X`` (a 1B Llama's MLP block:
-        287 MB) nor copies of its weights (138 MB)."""
+        287 MB) nor copies of its weights (138 MB).  ``unseen``: the first batches of that many add to
+        no ``X^T X`` (the kron factor is measured on them: docs/design.md, "Loss tables")."""
         recipe, stream = self.recipe, self.stream
         acc = StatsAccumulator(self.sites)
         ready = self._block_sites()
@@ -155,8 +156,8 @@ class Analysis:
             before = [dict(st) for st in states] if again else None  # its start cut, to run it again
             if ready[k] and room is not None:
                 room(ready[k])
-            for out in _ort(stream.advance, k, states, None, stream.capture[k]):
-                acc.add(out)
+            for j, out in enumerate(_ort(stream.advance, k, states, None, stream.capture[k])):
+                acc.add(out, grams=j >= unseen)
             if ready[k]:
                 stats = {s.name: acc.take(s) for s in ready[k]}
                 curvature = self.file_curvature or ActivationCurvature(stats, recipe.evidence)
@@ -185,10 +186,11 @@ class Analysis:
         return ActivationCurvature(_ort(capture_stats, self.probe, self.sites, self.fit, self.batch),
                                    self.recipe.evidence)
 
-    def quantizers(self, names=None) -> dict[str, SiteQuantizer]:
-        """Quantizers of the sites ``names`` (default all) held at once: for tests and small models."""
+    def quantizers(self, names=None, unseen: int = 0) -> dict[str, SiteQuantizer]:
+        """Quantizers of the sites ``names`` (default all) held at once: for tests and small models.
+        ``unseen``: as for :meth:`blocks` (the loss tables' quantizers: ``self._unseen_batches()``)."""
         want = set(names or (s.name for s in self.sites))
-        return {k: q for _, qs in self.blocks() for k, q in qs.items() if k in want}
+        return {k: q for _, qs in self.blocks(unseen=unseen) for k, q in qs.items() if k in want}
 
     @property
     def losses(self) -> dict[str, np.ndarray]:
@@ -216,11 +218,21 @@ class Analysis:
                 grids.update(t.grids)
                 p.step(n)
 
-            for block, qs in self.blocks(room=lambda block: overlap.reserve(_weights(block))):
+            for block, qs in self.blocks(room=lambda block: overlap.reserve(_weights(block)),
+                                         unseen=self._unseen_batches()):
                 overlap.submit(lambda block=block, qs=dict(qs): self.tables_pass(block, self.candidates, qs),
                                lambda t, n=len(block): record(t, n))
         self._tables = Tables({s.name: losses[s.name] for s in self.sites}, grids)
         self.grids.update(grids)
+
+    def _unseen_batches(self) -> int:
+        """How many of the fitting data's first batches the loss tables' ``X^T X`` leave out: those
+        the kron factor is measured on (``tables.KronTables``), where the fitting data keep at least as
+        many besides; none for the other sources."""
+        if not self.tables_pass.factor_unseen:
+            return 0
+        n = n_samples(self.tables_pass.distortion.data)
+        return n // self.batch if 2 * n <= n_samples(self.fit) else 0
 
     @property
     def _table_distortion(self) -> OutputDistortion:

@@ -267,14 +267,16 @@ def test_curvature_file_drives_closed_form_tables(tmp_path):
         assert layer["table_loss"] == pytest.approx(layer["expected_loss"], rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "embed"])
 def test_kron_tables_are_the_layer_loss_times_one_measured_factor_per_site(tmp_path, name):
     """``tables="kron"`` (the default): within a site the entries keep the predicted layer losses'
     ratios; the site's factor is the measured output distortion of one candidate's real codes per
-    unit of their layer output error.  On a convolution GPTQ rounds, the candidates that store
-    fewer bits than that reference carry their own measured distortion instead."""
-    from bayesq_onnx.plan.tables import _scale_reference
-    from bayesq_onnx.calib.readers import take
+    unit of their layer output error, measured on samples left out of the ``X^T X`` those errors
+    come from.  On a convolution GPTQ rounds, the candidates that store fewer bits than that
+    reference carry their own measured distortion instead, and so do a looked-up table's that store
+    fewer than TABLE_LINEAR_BITS."""
+    from bayesq_onnx.plan.tables import TABLE_LINEAR_BITS, _scale_reference
+    from bayesq_onnx.calib.readers import n_samples, take
     from bayesq_onnx.plan.proxy import OutputDistortion
 
     src = _save(tmp_path, name, getattr(models, name)())
@@ -286,7 +288,10 @@ def test_kron_tables_are_the_layer_loss_times_one_measured_factor_per_site(tmp_p
     # one output position a sample (a pooled vector, class logits): the recipe's count, in one batch of n
     n = recipe.scale_samples
     distortion = OutputDistortion(analysis.probe, take(analysis.fit, n), min(analysis.batch, n))
-    quantizers = analysis.quantizers()
+    # the factor's samples are whole batches, and the fitting data hold at least as many besides
+    assert n % analysis.batch == 0 and n_samples(analysis.fit) >= 2 * n
+    assert analysis._unseen_batches() == n // analysis.batch
+    quantizers = analysis.quantizers(unseen=n // analysis.batch)
     measured = 0
     for s in analysis.sites:
         table, q, fs = analysis.losses[s.name], quantizers[s.name], analysis.candidates[s.name]
@@ -295,18 +300,24 @@ def test_kron_tables_are_the_layer_loss_times_one_measured_factor_per_site(tmp_p
         codes = q.quick_codes(fs[ref])
         factor = distortion({s.name: s.from_view(codes.dequantize())}) / q.layer_error(codes)
         assert factor > 0
-        # measured each: a convolution's candidates that store fewer bits than the reference
+        # measured each: a convolution's candidates that store fewer bits than the reference, a
+        # looked-up table's that store fewer than TABLE_LINEAR_BITS per weight
         below = [j for j in hull if s.kind.convolved and q.xtx is not None
-                 and fs[j].stored_bits(s.rows, s.L) < fs[ref].stored_bits(s.rows, s.L)]
+                 and fs[j].stored_bits(s.rows, s.L) < fs[ref].stored_bits(s.rows, s.L)
+                 or s.kind.looked_up and fs[j].stored_bits(s.rows, s.L) < TABLE_LINEAR_BITS * s.size]
         measured += len(below)
+        # the same measurements and products recomputed (the tables measure from the site's segment
+        # on, this the whole model: the same operations): equal up to float64 rounding -- except
+        # where the last segment is a linear head (the embed model's), read by the tables from the
+        # cut through ``W W^T`` in float64 and here from the float32 logits (5e-7 measured)
+        rel = 1e-5 if name == "embed" else 1e-9
         for j in hull:
-            # the same measurements and products recomputed (the tables measure from the site's
-            # segment on, this the whole model: the same operations): equal up to float64 rounding
             want = distortion({s.name: s.from_view(q.quick_codes(fs[j]).dequantize())}) if j in below else \
                 factor * q.layer_loss(fs[j])
-            assert table[j] == pytest.approx(want, rel=1e-9)
-    # the MLP's matmuls keep the scalar everywhere; the CNN's convolutions have cheaper candidates measured
-    assert (measured > 0) == (name == "cnn")
+            assert table[j] == pytest.approx(want, rel=rel)
+    # the MLP's matmuls keep the scalar everywhere; the CNN's convolutions and the embedding have
+    # cheaper candidates measured
+    assert (measured > 0) == (name != "mlp")
 
 
 def test_factor_samples_cover_the_positions_within_the_bounds():

@@ -167,10 +167,14 @@ def test_a_harmful_tuning_is_refused(tmp_path, monkeypatch, runs):
     stored values) must not ship: the file is the untuned one."""
     real = distill_mod.distill
 
+    def doubled(q):
+        if isinstance(q, ScaledLutCodes):   # stored as its scales and levels; its lut is their product
+            return ScaledLutCodes.of(q.codes, 2 * q.scale, q.levels, q.bits, q.block)
+        return replace(q, lut=2 * q.lut) if isinstance(q, LutCodes) else replace(q, scale=2 * q.scale)
+
     def harmful(*args, **kwargs):
         res = real(*args, **kwargs)
-        res.codes = {k: replace(q, lut=2 * q.lut) if isinstance(q, LutCodes) else replace(q, scale=2 * q.scale)
-                     for k, q in res.codes.items()}
+        res.codes = {k: doubled(q) for k, q in res.codes.items()}
         return res
 
     monkeypatch.setattr(distill_mod, "distill", harmful)

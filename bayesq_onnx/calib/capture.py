@@ -23,14 +23,17 @@ class StatsAccumulator:
             for a in s.activations:
                 self._readers.setdefault(a, []).append(s)
 
-    def add(self, outputs: dict[str, np.ndarray]) -> None:
-        """One batch of activations (any subset of the sites' inputs)."""
+    def add(self, outputs: dict[str, np.ndarray], grams: bool = True) -> None:
+        """One batch of activations (any subset of the sites' inputs); ``grams=False``: the batch adds
+        to no ``X^T X``, only to the other statistics."""
         for a, x in outputs.items():
             done = set()
             for s in self._readers.get(a, ()):
                 layout = _gram_layout(s, x)
                 if layout is None:
                     _accumulate(s, self._stats[s.name], x)
+                    continue
+                if not grams:
                     continue
                 if (a, layout) not in self._uses[s.name]:
                     self._uses[s.name].append((a, layout))

@@ -34,13 +34,16 @@ class KronTables:
     no rounding), times the site's end-to-end factor: the model's output distortion per unit of
     layer output error, measured once per site with one candidate's real codes.  The output-side
     factor of a Kronecker-factored curvature, reduced to a scalar: on MiniLM it varies by 200x
-    between sites and by +-15% between the formats of one site.  Not so on convolutions: there the
-    candidates cheaper than the factor's own are measured each (:func:`_measured_below`).
+    between sites and by +-15% between the formats of one site.  Not so on convolutions and in an
+    embedding table's 2-bit range: there candidates are measured each (:func:`_measured_below`).
     Measured from the site's segment of the model on (``OutputDistortion.segmented``), on
-    ``recipe.scale_samples`` samples."""
+    ``recipe.scale_samples`` samples that the quantizers' ``X^T X`` leave out (``factor_unseen``):
+    GPTQ fits the rows it is calibrated on, and how much of that fit other rows lose differs
+    from site to site (docs/design.md, "Loss tables")."""
 
     name = "kron"
     uniform_checked = 0   # the plan check measures the knapsack against the reference GPTQ plan only
+    factor_unseen = True  # the factor's samples are left out of the X^T X its layer errors come from
 
     def __init__(self, distortion: OutputDistortion, sites):
         self.distortion, self._names, self._from_segment = distortion, [s.name for s in sites], None
@@ -95,6 +98,7 @@ class ProxyTables:
 
     name = "proxy"
     uniform_checked = 3   # uniform plans with our grids measured beside the knapsack's
+    factor_unseen = False  # its 32 samples, left out, would leave X^T X too few
 
     def __init__(self, distortion: OutputDistortion, sites=None):
         self.distortion = distortion
@@ -127,6 +131,7 @@ class ClosedFormTables:
 
     name = "closed_form"
     uniform_checked = 3
+    factor_unseen = False
 
     def __call__(self, sites, candidates, quantizers) -> Tables:
         def site_table(s) -> np.ndarray:
@@ -152,6 +157,7 @@ class HawqTables:
 
     name = "hawq"
     uniform_checked = 0   # its uniform plans with GPTQ's own codes are the reference GPTQ plan
+    factor_unseen = False
 
     def __init__(self, traces: dict[str, float]):
         self.traces = traces
@@ -212,11 +218,19 @@ def factor_samples(positions: int, most: int) -> int:
     return max(min(SCALE_MIN_SAMPLES, most), min(most, -(-SCALE_POSITIONS // max(positions, 1))))
 
 
+# an embedding table's candidates storing fewer bits per weight than this are measured each
+TABLE_LINEAR_BITS = 3.0
+
+
 def _measured_below(site, formats, hull, ref: int, q) -> list[int]:
     """The hull candidates of a site whose ``kron`` entry is their own measured distortion instead
-    of the scalar factor's product: on a convolution that GPTQ rounds (it has an ``X^T X``), those
-    that store fewer bits than the factor's reference.  There the distortion per unit of layer
-    output error is not one number (a pointwise convolution's output channels meet very different
+    of the scalar factor's product.  On a table that is only looked up, those that store fewer than
+    :data:`TABLE_LINEAR_BITS` bits per weight: their error leaves the range where the output's
+    distortion grows as its square (MiniLM's word embedding at nf2: 0.045 per unit of its error's
+    squared scale at a tenth of it, 0.111 at its full size; lut2 0.033 and 0.042; its 3-bit ones
+    1.02x and 1.05x), and the table is half of MiniLM's weights.  On a convolution that GPTQ rounds
+    (it has an ``X^T X``), those that store fewer bits than the factor's reference.  There the
+    distortion per unit of layer output error is not one number (a pointwise convolution's output channels meet very different
     downstream gains): on EfficientNet-lite0 at 3 bits, even the exact layer error of each
     candidate's codes times the factor left KL 0.55, measuring every candidate 0.38 (tables 27 s
     instead of 7), and measuring only those below the reference the same 0.38 (13 s)
@@ -224,9 +238,12 @@ def _measured_below(site, formats, hull, ref: int, q) -> list[int]:
     candidates too changed nothing measured on that model's classifier head and did not help on MiniLM
     (cosine 0.965 against 0.970 at 3.6 bits, level elsewhere), and a language model has hundreds
     of them, where one measurement each is already most of the analysis."""
-    if not (site.kind.convolved and q.xtx is not None):
+    if site.kind.looked_up and not site.kind.multiplied:
+        below = TABLE_LINEAR_BITS * site.size
+    elif site.kind.convolved and q.xtx is not None:
+        below = formats[ref].stored_bits(site.rows, site.L)
+    else:
         return []
-    below = formats[ref].stored_bits(site.rows, site.L)
     return [j for j in hull if not isinstance(formats[j], Float32) and formats[j].stored_bits(site.rows, site.L) < below]
 
 
