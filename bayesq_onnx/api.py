@@ -144,20 +144,24 @@ class Analysis:
         quantized model's activations (docs/design.md, "Sequential").  ``room``: called with a block's
         sites before the segment that completes their statistics runs (``Overlap.reserve``), so that a
         block waiting for its turn holds nothing yet: neither its ``X^T X`` (a 1B Llama's MLP block:
-        287 MB) nor copies of its weights (138 MB).  ``unseen``: the first batches of that many add to
+        287 MB) nor copies of its weights (138 MB).  ``unseen``: the first samples of that many add to
         no ``X^T X`` (the kron factor is measured on them: docs/design.md, "Loss tables")."""
         recipe, stream = self.recipe, self.stream
         acc = StatsAccumulator(self.sites)
         ready = self._block_sites()
         factors = {}   # one GPTQ factor per distinct X^T X (sites reading one input share it), while needed
-        states = _ort(stream.start, self.fit if data is None else data, self.batch)
+        data = self.fit if data is None else data
+        # the unseen samples in batches of their own, however many a batch holds
+        states = _ort(stream.start, take(data, unseen), self.fixed or min(self.batch, unseen)) if unseen else []
+        head = len(states)
+        states += _ort(stream.start, {k: v[unseen:] for k, v in data.items()}, self.batch)
         for k in range(len(stream)):
             again = quantized is not None and k + 1 < len(stream)   # the last segment feeds no site
             before = [dict(st) for st in states] if again else None  # its start cut, to run it again
             if ready[k] and room is not None:
                 room(ready[k])
             for j, out in enumerate(_ort(stream.advance, k, states, None, stream.capture[k])):
-                acc.add(out, grams=j >= unseen)
+                acc.add(out, grams=j >= head)
             if ready[k]:
                 stats = {s.name: acc.take(s) for s in ready[k]}
                 curvature = self.file_curvature or ActivationCurvature(stats, recipe.evidence)
@@ -188,7 +192,7 @@ class Analysis:
 
     def quantizers(self, names=None, unseen: int = 0) -> dict[str, SiteQuantizer]:
         """Quantizers of the sites ``names`` (default all) held at once: for tests and small models.
-        ``unseen``: as for :meth:`blocks` (the loss tables' quantizers: ``self._unseen_batches()``)."""
+        ``unseen``: as for :meth:`blocks` (the loss tables' quantizers: ``self._unseen_samples()``)."""
         want = set(names or (s.name for s in self.sites))
         return {k: q for _, qs in self.blocks(unseen=unseen) for k, q in qs.items() if k in want}
 
@@ -219,20 +223,20 @@ class Analysis:
                 p.step(n)
 
             for block, qs in self.blocks(room=lambda block: overlap.reserve(_weights(block)),
-                                         unseen=self._unseen_batches()):
+                                         unseen=self._unseen_samples()):
                 overlap.submit(lambda block=block, qs=dict(qs): self.tables_pass(block, self.candidates, qs),
                                lambda t, n=len(block): record(t, n))
         self._tables = Tables({s.name: losses[s.name] for s in self.sites}, grids)
         self.grids.update(grids)
 
-    def _unseen_batches(self) -> int:
-        """How many of the fitting data's first batches the loss tables' ``X^T X`` leave out: those
+    def _unseen_samples(self) -> int:
+        """How many of the fitting data's first samples the loss tables' ``X^T X`` leave out: those
         the kron factor is measured on (``tables.KronTables``), where the fitting data keep at least as
         many besides; none for the other sources."""
         if not self.tables_pass.factor_unseen:
             return 0
         n = n_samples(self.tables_pass.distortion.data)
-        return n // self.batch if 2 * n <= n_samples(self.fit) else 0
+        return n if 2 * n <= n_samples(self.fit) else 0
 
     @property
     def _table_distortion(self) -> OutputDistortion:
@@ -590,7 +594,7 @@ def _site_quantizer(site, weight, curvature, xtx, recipe: Recipe, factors: dict,
     # a tied table's rows are all measured by the head's X^T X
     return SiteQuantizer(view, DiagonalLaplace.fit(view, h, recipe.damping), xtx, recipe.method_spec,
                          recipe.gptq_damp, recipe.act_order, measure_grids=site.kind.convolved, factor=factor,
-                         backend=gptq_backend, levels_on_means=site.kind.looked_up and not site.kind.multiplied)
+                         backend=gptq_backend, levels_on_means=site.kind.only_looked_up)
 
 
 def _lower(m: onnx.ModelProto, files: WeightFiles, sites, chosen: Contender, packed, recipe: Recipe) -> onnx.ModelProto:

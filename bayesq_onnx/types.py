@@ -30,6 +30,11 @@ class SiteKind(str, Enum):
         return self in (SiteKind.GATHER, SiteKind.TIED)
 
     @property
+    def only_looked_up(self) -> bool:
+        """Only a Gather reads it (an untied embedding): only lookup counts measure its rows."""
+        return self is SiteKind.GATHER
+
+    @property
     def convolved(self) -> bool:
         return self is SiteKind.CONV
 

@@ -288,10 +288,9 @@ def test_kron_tables_are_the_layer_loss_times_one_measured_factor_per_site(tmp_p
     # one output position a sample (a pooled vector, class logits): the recipe's count, in one batch of n
     n = recipe.scale_samples
     distortion = OutputDistortion(analysis.probe, take(analysis.fit, n), min(analysis.batch, n))
-    # the factor's samples are whole batches, and the fitting data hold at least as many besides
-    assert n % analysis.batch == 0 and n_samples(analysis.fit) >= 2 * n
-    assert analysis._unseen_batches() == n // analysis.batch
-    quantizers = analysis.quantizers(unseen=n // analysis.batch)
+    # the fitting data hold at least as many samples besides the factor's
+    assert n_samples(analysis.fit) >= 2 * n and analysis._unseen_samples() == n
+    quantizers = analysis.quantizers(unseen=n)
     measured = 0
     for s in analysis.sites:
         table, q, fs = analysis.losses[s.name], quantizers[s.name], analysis.candidates[s.name]
@@ -342,6 +341,26 @@ def test_kron_factors_are_measured_on_as_many_samples_as_their_output_positions_
     analysis = Analysis(getattr(models, name)(**kw), Recipe(bits=3.0), calib=data)
     assert Recipe(bits=3.0).scale_samples == 8
     assert n_samples(analysis._table_distortion.data) == want
+
+
+def test_the_tables_x_t_x_leave_out_the_factors_samples_even_within_a_batch():
+    """128 tokens a sample: kron measures on 4 samples, half of a calibration batch (8); the tables'
+    quantizers take their ``X^T X`` from the other fitting samples all the same."""
+    from bayesq_onnx.calib.readers import n_samples
+
+    analysis = Analysis(models.tied(seq=128), Recipe(bits=3.0), calib=models.tied_data(n=32, seq=128))
+    analysis.losses
+    assert analysis.batch == 8 and analysis._unseen_samples() == 4
+    rest = {k: v[4:] for k, v in analysis.fit.items()}
+    assert n_samples(rest) == n_samples(analysis.fit) - 4
+    qs = analysis.quantizers(unseen=4)
+    for name, act in (("W", "e"), ("E", "t")):   # the tied table's X^T X: the head's input
+        x = np.concatenate([o[act] for o in analysis.probe.run(rest, 8, outputs=[act])]).astype(np.float64)
+        x = x.reshape(-1, x.shape[-1])
+        # the capture's products are float32 a batch (capture._gram: 5e-7 relative documented there),
+        # here float64 in one; leaving the 4 samples in would move it by about a sixth
+        want = x.T @ x
+        np.testing.assert_allclose(qs[name].xtx, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_layer_loss_predicts_gptq_layer_error():

@@ -99,7 +99,7 @@ def _lower(model, sites, choice, packed, accuracy_level: int, portable: bool) ->
             have = {t.name for t in new_inits}
             new_inits += [t for t in ts if t.name not in have]   # FLAT_SHAPE once
             fmt, p = fmt.lut, {"B": p["B"]}
-        if isinstance(fmt, BAYESQ_FORMATS) and portable and s.kind.looked_up and not s.kind.multiplied:
+        if isinstance(fmt, BAYESQ_FORMATS) and portable and s.kind.only_looked_up:
             # each lookup gathers the packed rows it needs and unpacks those (the table stays packed)
             for cname in s.consumers:
                 c = nodes[cname]

@@ -230,15 +230,15 @@ def _measured_below(site, formats, hull, ref: int, q) -> list[int]:
     squared scale at a tenth of it, 0.111 at its full size; lut2 0.033 and 0.042; its 3-bit ones
     1.02x and 1.05x), and the table is half of MiniLM's weights.  On a convolution that GPTQ rounds
     (it has an ``X^T X``), those that store fewer bits than the factor's reference.  There the
-    distortion per unit of layer output error is not one number (a pointwise convolution's output channels meet very different
-    downstream gains): on EfficientNet-lite0 at 3 bits, even the exact layer error of each
+    distortion per unit of layer output error is not one number (a pointwise convolution's output
+    channels meet very different downstream gains): on EfficientNet-lite0 at 3 bits, even the exact layer error of each
     candidate's codes times the factor left KL 0.55, measuring every candidate 0.38 (tables 27 s
     instead of 7), and measuring only those below the reference the same 0.38 (13 s)
     (docs/design.md, "Loss tables").  Matmul sites keep the scalar: measuring their cheaper
     candidates too changed nothing measured on that model's classifier head and did not help on MiniLM
     (cosine 0.965 against 0.970 at 3.6 bits, level elsewhere), and a language model has hundreds
     of them, where one measurement each is already most of the analysis."""
-    if site.kind.looked_up and not site.kind.multiplied:
+    if site.kind.only_looked_up:
         below = TABLE_LINEAR_BITS * site.size
     elif site.kind.convolved and q.xtx is not None:
         below = formats[ref].stored_bits(site.rows, site.L)
