@@ -199,6 +199,9 @@ def _parser(lenient: bool = False) -> argparse.ArgumentParser:
     c.add_argument("--sets", type=int, help="--sampling spq: weight sets stored (default 8)")
     c.add_argument("--evidence", type=float, help="training samples the weights were fitted on: scales the "
                                                   "curvature into the posterior's precision (default 1e6)")
+    c.add_argument("--gptq-damp", type=float, metavar="D",
+                   help="GPTQ's dampening: D times the mean diagonal of X^T X added to it (the reference's "
+                        "percdamp; default 0.01)")
 
     e = sub.add_parser("eval", help="compare a quantized model with its reference in onnxruntime",
                        allow_abbrev=False)
@@ -365,6 +368,7 @@ def _recipe(args):
     from .config import Recipe
     given = {"bits": args.bits, "method": args.method, "seed": args.seed, "curvature": args.curvature,
              "tables": args.tables, "target": args.target, "evidence": args.evidence, "device": args.device,
+             "gptq_damp": args.gptq_damp,
              "exclude": tuple(args.exclude) if args.exclude else None,
              "include": tuple(args.include) if args.include else None,
              "pins": tuple(_pin(p) for p in args.pin) if args.pin else None, "distill": args.distill,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -129,6 +130,8 @@ class Recipe:
                 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 16 and not b & (b - 1)
                            for b in self.blocks)):
             raise ValueError(f"blocks must be powers of two >= 16 (group sizes), got {self.blocks!r}")
+        if not 0 < self.gptq_damp < math.inf:   # undampened, a rank-deficient X^T X has no Cholesky factor
+            raise ValueError(f"--gptq-damp must be positive and finite, got {self.gptq_damp}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         for what, patterns in (("exclude", self.exclude), ("include", self.include)):

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 import models
 from bayesq_onnx import cli
 from bayesq_onnx.cli import main
-from bayesq_onnx.config import TABLE_SOURCES
+from bayesq_onnx.config import TABLE_SOURCES, Recipe
 
 
 
@@ -120,6 +120,13 @@ def test_tables_reaches_the_recipe():
     for t in TABLE_SOURCES:
         assert cli._recipe(cli._parse(["compress", "m.onnx", "--bits", "3", "--tables", t])).tables == t
     assert cli._recipe(cli._parse(["compress", "m.onnx", "--bits", "3"])).tables == "auto"
+
+
+def test_gptq_damp_reaches_the_recipe(capsys):
+    assert cli._recipe(cli._parse(["compress", "m.onnx", "--bits", "3", "--gptq-damp", "0.1"])).gptq_damp == 0.1
+    assert cli._recipe(cli._parse(["compress", "m.onnx", "--bits", "3"])).gptq_damp == Recipe(bits=3).gptq_damp
+    with pytest.raises(cli.BayesQError, match="--gptq-damp must be positive"):
+        cli._recipe(cli._parse(["compress", "m.onnx", "--bits", "3", "--gptq-damp", "0"]))
 
 
 def test_tables_choices_and_help_follow_config(capsys, monkeypatch):

@@ -20,7 +20,8 @@ def test_recipe_from_dict_rejects_unknown(bad):
 
 
 @pytest.mark.parametrize("kw", [{"bits": 0}, {"bits": float("nan")}, {"bits": 3, "method": "magic"},
-                                {"bits": 3, "holdout": 1.0}, {"bits": 3, "tables": "guess"}])
+                                {"bits": 3, "holdout": 1.0}, {"bits": 3, "tables": "guess"},
+                                {"bits": 3, "gptq_damp": 0.0}, {"bits": 3, "gptq_damp": float("nan")}])
 def test_recipe_validates(kw):
     with pytest.raises(ValueError):
         Recipe(**kw)

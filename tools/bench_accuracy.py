@@ -181,7 +181,8 @@ def _run(path: Path, data: dict[str, np.ndarray], output: str, batch: int = 64) 
 
 
 def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_samples: int | None,
-                distill: int = 100, sparse=SPARSE_PATTERNS, scale_samples: int | None = None) -> list[dict]:
+                distill: int = 100, sparse=SPARSE_PATTERNS, scale_samples: int | None = None,
+                gptq_damp: float | None = None) -> list[dict]:
     rows = [{"model": name, "method": "fp32", "budget": None, "bits_per_weight": 32.0, "bits_all": 32.0, "plan": "fp32",
              "seconds": 0.0, **task.evaluate(task.model)}]
     _say(rows[-1])
@@ -209,6 +210,8 @@ def bench_model(name: str, task: Task, methods, budgets, out_dir: Path, proxy_sa
             fields["proxy_samples"] = proxy_samples
         if scale_samples and method in ours:
             fields["scale_samples"] = scale_samples
+        if gptq_damp is not None:                  # every method: the plan check's gptq contender too
+            fields["gptq_damp"] = gptq_damp
         t0 = time.perf_counter()
         try:
             analysis = Analysis(task.model, Recipe(bits=max(budgets), **fields), calib=task.calib)
@@ -402,6 +405,7 @@ def main(argv=None) -> int:
                     help=f"the N:M patterns of the {SPARSE} methods, KEEP:OF comma-separated (default: %(default)s)")
     ap.add_argument("--proxy-samples", type=int, help="bayesq's proxy samples (default: the recipe's)")
     ap.add_argument("--scale-samples", type=int, help="at most this many samples for bayesq's kron factors (default: the recipe's)")
+    ap.add_argument("--gptq-damp", type=float, help="GPTQ's dampening for every method (default: the recipe's)")
     ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--out", type=Path, default=Path("bench-accuracy"))
     args = ap.parse_args(argv)
@@ -425,7 +429,7 @@ def main(argv=None) -> int:
                             budgets or list(tasks[name].budgets or (QUICK_BUDGETS if args.quick else BUDGETS)),
                             args.out, args.proxy_samples, args.distill,
                             tuple(tuple(int(v) for v in p.split(":")) for p in args.sparse.split(",")),
-                            args.scale_samples)
+                            args.scale_samples, args.gptq_damp)
         logging.info("%s: %.0f s so far", name, time.perf_counter() - t0)
         write_outputs(rows, tasks, args.out)     # partial results survive an interrupted run
     md = write_outputs(rows, tasks, args.out)
