@@ -20,8 +20,9 @@ offered the N:M sparse formats (``--sparse``);
 one named with ``+distill`` (``bayesq+distill``,
 ``bayesq-seq+distill``) is that method with calibration-only distillation (``--distill STEPS``,
 default 100 steps).  The headline metric
-of each model comes with its standard error (``*_se``; MiniLM: over the five folds, the others
-binomial over the evaluation samples): unpaired, so the difference of two rows on the same
+of each model comes with its standard error (``*_se``; MiniLM: over the five folds; SmolLM2's
+perplexity: over its evaluation passages, by the delta method; the others binomial over the
+evaluation samples): unpaired, so the difference of two rows on the same
 samples is usually known better than the two errors suggest.
 
 Writes ``results.csv``, ``results.md`` and ``results.png`` (metric vs bits, one panel per model)
@@ -148,11 +149,16 @@ def _smollm2(cache: Path, quick: bool) -> Task:
     """SmolLM2-135M-Instruct: next-token perplexity on Jane Austen's Persuasion (calibrated on the
     other novels)."""
     from bayesq_onnx.assets import prepare_smollm2
-    from bayesq_onnx.assets.smollm2 import perplexity
+    from bayesq_onnx.assets.smollm2 import perplexity_and_se
 
     a = prepare_smollm2(cache, progress=logging.info)
     data = load_npz(a.eval_data)
-    return Task(a.model, load_npz(a.calib), lambda p: {"perplexity": perplexity(p, data)}, "perplexity", False,
+
+    def evaluate(path: Path) -> dict[str, float]:
+        ppl, se = perplexity_and_se(path, data)
+        return {"perplexity": ppl, "perplexity_se": se}
+
+    return Task(a.model, load_npz(a.calib), evaluate, "perplexity", False,
                 # groups of 64 and 128 only: 16 candidates per MatMul site instead of 28, about half
                 # the closed-form work per site; every method gets the same format set
                 {"batch_size": 4, "blocks": (64, 128)},

@@ -316,11 +316,37 @@ def perplexity(model_path, eval_data, batch_size: int = 4) -> float:
     mapping with those two keys), run with onnxruntime batch by batch: only one batch of logits
     exists at a time, and one sample's in float64.  Pairs of tokens where either is masked do not
     count."""
+    return perplexity_and_se(model_path, eval_data, batch_size)[0]
+
+
+def perplexity_and_se(model_path, eval_data, batch_size: int = 4) -> tuple[float, float]:
+    """:func:`perplexity` and its standard error over the samples (:func:`log_perplexity_se` times
+    the perplexity: the delta method); nan with a single sample."""
     data = load_npz(Path(eval_data)) if isinstance(eval_data, (str, os.PathLike)) else eval_data
     ids, mask = _lm_data(data)
     if batch_size < 1:
         raise BayesQError(f"batch_size must be >= 1 (got {batch_size})")
-    return _perplexity(make_session(model_path), ids, mask, batch_size)
+    sums, counts, _ = _nll(make_session(model_path), ids, mask, batch_size)
+    ppl = _ppl(sums, counts)
+    return ppl, ppl * log_perplexity_se(sums, counts)
+
+
+def _ppl(sums: np.ndarray, counts: np.ndarray) -> float:
+    return float(np.exp(sums.sum() / counts.sum()))
+
+
+def log_perplexity_se(sums: np.ndarray, counts: np.ndarray) -> float:
+    """Standard error of the mean negative log-likelihood per token ``sum(sums) / sum(counts)``
+    when the samples (each ``sums[i]`` over ``counts[i]`` tokens) are drawn at random: a ratio
+    estimator's, ``sqrt(n / (n - 1) * sum((s_i - m c_i)^2)) / sum(c)``.  A sample, not a token, is the
+    unit: a passage's tokens share its difficulty, so counting them as independent would understate
+    the error.  nan with fewer than two samples."""
+    sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
+    n = len(sums)
+    if n < 2:
+        return float("nan")
+    m = sums.sum() / counts.sum()
+    return float(np.sqrt(n / (n - 1) * np.sum(np.square(sums - m * counts))) / counts.sum())
 
 
 def _lm_data(data: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -335,24 +361,22 @@ def _lm_data(data: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def _perplexity(sess, ids: np.ndarray, mask: np.ndarray, batch_size: int,
-                keep_logits: bool = False):
-    """``perplexity`` on an open session; with ``keep_logits`` also the logits of the last batch."""
+def _nll(sess, ids: np.ndarray, mask: np.ndarray, batch_size: int):
+    """Each sample's summed negative log-likelihood and token count (float64, int64 arrays), and
+    the logits of the last batch."""
     feeds = {"input_ids": ids, "attention_mask": mask}
     names = [i.name for i in sess.get_inputs()]
     missing = [n for n in names if n not in feeds]
     if missing:
         raise BayesQError(f"the model needs inputs {missing} that perplexity does not provide")
-    total, count, logits = 0.0, 0, None
+    sums, counts, logits = np.zeros(len(ids)), np.zeros(len(ids), np.int64), None
     for a in range(0, len(ids), batch_size):
         (logits,) = sess.run([OUTPUT_NAME], {n: feeds[n][a:a + batch_size] for n in names})
         for j in range(len(logits)):
-            s, c = _nll_sum(logits[j], ids[a + j], mask[a + j])
-            total, count = total + s, count + c
-    if count == 0:
+            sums[a + j], counts[a + j] = _nll_sum(logits[j], ids[a + j], mask[a + j])
+    if counts.sum() == 0:
         raise BayesQError("perplexity data has no pair of consecutive unmasked tokens")
-    ppl = float(np.exp(total / count))
-    return (ppl, logits) if keep_logits else ppl
+    return sums, counts, logits
 
 
 # ----------------------------------------------------------------------------- export check
@@ -367,7 +391,8 @@ def _check_export(module, sess, data: Mapping[str, np.ndarray], pad_id: int) -> 
     torch = _require("torch", "pip install torch==2.13.0")
 
     ids, mask = (np.ascontiguousarray(data[k][:_CHECK_N]) for k in INPUT_NAMES)
-    ppl_ort, got = _perplexity(sess, ids, mask, batch_size=len(ids), keep_logits=True)
+    sums, counts, got = _nll(sess, ids, mask, batch_size=len(ids))
+    ppl_ort = _ppl(sums, counts)
     with torch.no_grad():
         t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
         out = module(input_ids=t_ids, attention_mask=t_mask, labels=t_ids)
@@ -491,7 +516,7 @@ def prepare_smollm2(cache_dir: Path, n_calib: int = 32, n_eval: int = 16, seq_le
                               f"torch's {check['ppl_torch']:.6g} (relative {check['ppl_rel']:.2g})")
         del module
         lap("check")
-        ppl = _perplexity(sess, evald["input_ids"], evald["attention_mask"], batch_size=4)
+        ppl = _ppl(*_nll(sess, evald["input_ids"], evald["attention_mask"], batch_size=4)[:2])
         lap("eval")
 
         write_json(staged.manifest, {
