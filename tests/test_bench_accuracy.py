@@ -54,3 +54,40 @@ def test_gap_table_shares():
                     "| 3.0000 | cos (1) | gptq 0.9 | 0.99 (+0.90) |",
                     "| 4.0000 | acc (0.9) | gptq 0.89 (within 2 SE) | 0.9 |",
                     "| 4.0000 | cos (1) | gptq 0.95 | 0.975 (+0.50) |"]
+
+
+def test_paired_table_differences_and_their_errors():
+    """Each knapsack method against the best uniform baseline and against the other knapsack method,
+    on the same samples: the mean difference and the standard error of the differences (numpy), and
+    perplexity's relative change from the NLL sums (fixed values, worked by hand below)."""
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0.5, 1.0, 50)
+    x = {m: ref - rng.uniform(0, s, 50) for m, s in (("gptq", 0.4), ("rtn", 0.6), ("bayesq@gptq", 0.1),
+                                                    ("hawq@gptq", 0.2))}
+    ppl = {"fp32": [10.0, 20.0], "gptq": [14.0, 26.0], "rtn": [30.0, 30.0], "bayesq@gptq": [11.0, 21.0],
+           "hawq@gptq": [12.0, 21.0]}
+    counts = [5.0, 5.0]
+
+    def row(m, cos, nll):
+        return {"model": "m", "method": m, "gptq_bits": None if m == "fp32" else 3.0, "cos": float(np.mean(cos)),
+                "perplexity": float(np.exp(np.sum(nll) / 10)),
+                bench_accuracy.PER_SAMPLE: {"cos": cos, "perplexity": np.stack([nll, counts], axis=1)}}
+
+    rows = [row("fp32", np.ones(50), ppl["fp32"])] + [row(m, x[m], ppl[m]) for m in x]
+    lines = bench_accuracy.paired_table(rows, "m")
+    body = {tuple(c.strip() for c in line.split("|")[2:4]): [c.strip() for c in line.split("|")[4:6]]
+            for line in lines if line.startswith("| 3")}
+
+    def cell(a, b):
+        d = x[a] - x[b]
+        return f"{d.mean():+.4g} ± {d.std(ddof=1) / np.sqrt(50):.2g}"
+
+    assert body["cos", "gptq"] == [cell("bayesq@gptq", "gptq"), cell("hawq@gptq", "gptq")]   # gptq is nearer fp32 than rtn
+    assert body["cos", "hawq@gptq"] == [cell("bayesq@gptq", "hawq@gptq"), "-"]
+    assert body["cos", "bayesq@gptq"] == ["-", cell("hawq@gptq", "bayesq@gptq")]
+    # bayesq against gptq: NLL differences -3 and -5 over 10 tokens, exp(-0.8) - 1 = -55.1%; the passages'
+    # residuals from the mean -0.8 per token are +1 and -1, so the SE is sqrt(2 * 2) / 10 = 0.2 in log, 0.2 * exp(-0.8)
+    assert body["perplexity", "gptq"][0] == f"{np.expm1(-0.8):+.1%} ± {0.2 * np.exp(-0.8):.1%}"
+    # no per-sample values (or no fp32 row), no table
+    assert bench_accuracy.paired_table([{k: v for k, v in r.items() if k != bench_accuracy.PER_SAMPLE} for r in rows],
+                                       "m") == []

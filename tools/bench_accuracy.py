@@ -23,7 +23,10 @@ default 100 steps).  The headline metric
 of each model comes with its standard error (``*_se``; MiniLM: over the five folds; SmolLM2's
 perplexity: over its evaluation passages, by the delta method; the others binomial over the
 evaluation samples): unpaired, so the difference of two rows on the same
-samples is usually known better than the two errors suggest.
+samples is usually known better than the two errors suggest.  ``results.md`` ends each model with
+those differences and their own (paired) standard errors at gptq's stored bits, where the model's
+evaluation gives a value per sample: MiniLM's cosine, Fashion-MNIST's accuracy, EfficientNet's top-1
+agreement, SmolLM2's perplexity.
 
 Writes ``results.csv``, ``results.md`` and ``results.png`` (metric vs bits, one panel per model)
 into ``--out`` and prints the markdown table.
@@ -68,7 +71,9 @@ class Task:
 
     model: Path
     calib: dict[str, np.ndarray]
-    evaluate: Callable[[Path], dict[str, float]]   # model path -> metrics; ``metric`` among them
+    # model path -> metrics; ``metric`` among them; under PER_SAMPLE, optionally, a metric's value on each
+    # evaluation sample (perplexity: each sample's NLL sum and token count), for paired comparisons
+    evaluate: Callable[[Path], dict]
     metric: str
     higher_is_better: bool
     recipe: dict                                    # Recipe fields this model needs (e.g. blocks)
@@ -107,7 +112,7 @@ def _minilm(cache: Path, quick: bool) -> Task:
         cos = np.sum(emb * ref, 1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
         acc, se = topic_accuracy(emb)
         return {"accuracy": acc, "accuracy_se": se, "cosine": float(np.mean(cos)),
-                "cosine_se": float(np.std(cos, ddof=1) / np.sqrt(len(cos)))}
+                "cosine_se": float(np.std(cos, ddof=1) / np.sqrt(len(cos))), PER_SAMPLE: {"cosine": cos}}
 
     return Task(a.model, load_npz(a.calib), evaluate, "accuracy", True, {})
 
@@ -123,9 +128,11 @@ def _efficientnet(cache: Path, quick: bool) -> Task:
     n = len(ref["logits"])
 
     def evaluate(path: Path) -> dict[str, float]:
-        m = compare_outputs(ref, {"logits": _run(path, data, "logits")}, logits={"logits"})["outputs"]["logits"]
+        logits = _run(path, data, "logits")
+        m = compare_outputs(ref, {"logits": logits}, logits={"logits"})["outputs"]["logits"]
+        agree = (logits.argmax(-1) == ref["logits"].argmax(-1)).astype(np.float64)
         return {"top1_agreement": m["top1_agreement"], "top1_agreement_se": _binomial_se(m["top1_agreement"], n),
-                "kl": m["kl"]}
+                "kl": m["kl"], PER_SAMPLE: {"top1_agreement": agree}}
 
     return Task(a.model, load_npz(a.calib), evaluate, "top1_agreement", True, {})
 
@@ -133,14 +140,15 @@ def _efficientnet(cache: Path, quick: bool) -> Task:
 def _fashion_mnist(cache: Path, quick: bool) -> Task:
     """A small ResNet trained once on Fashion-MNIST: accuracy on the 10k test images."""
     from bayesq_onnx.assets import prepare_fashion_mnist
-    from bayesq_onnx.assets.fashion_mnist import accuracy
+    from bayesq_onnx.assets.fashion_mnist import OUTPUT_NAME
 
     a = prepare_fashion_mnist(cache, progress=logging.info)
     data, labels = load_npz(a.eval_data), np.load(a.labels)
 
     def evaluate(path: Path) -> dict[str, float]:
-        acc = accuracy(path, data, labels)
-        return {"accuracy": acc, "accuracy_se": _binomial_se(acc, len(labels))}
+        correct = (_run(path, data, OUTPUT_NAME, batch=500).argmax(-1) == labels).astype(np.float64)
+        acc = float(correct.mean())
+        return {"accuracy": acc, "accuracy_se": _binomial_se(acc, len(labels)), PER_SAMPLE: {"accuracy": correct}}
 
     return Task(a.model, load_npz(a.calib), evaluate, "accuracy", True, {})
 
@@ -149,14 +157,16 @@ def _smollm2(cache: Path, quick: bool) -> Task:
     """SmolLM2-135M-Instruct: next-token perplexity on Jane Austen's Persuasion (calibrated on the
     other novels)."""
     from bayesq_onnx.assets import prepare_smollm2
-    from bayesq_onnx.assets.smollm2 import perplexity_and_se
+    from bayesq_onnx.assets.smollm2 import log_perplexity_se, sample_nll
 
     a = prepare_smollm2(cache, progress=logging.info)
     data = load_npz(a.eval_data)
 
     def evaluate(path: Path) -> dict[str, float]:
-        ppl, se = perplexity_and_se(path, data)
-        return {"perplexity": ppl, "perplexity_se": se}
+        sums, counts = sample_nll(path, data)
+        ppl = float(np.exp(sums.sum() / counts.sum()))
+        return {"perplexity": ppl, "perplexity_se": ppl * log_perplexity_se(sums, counts),
+                PER_SAMPLE: {"perplexity": np.stack([sums, counts], axis=1)}}
 
     return Task(a.model, load_npz(a.calib), evaluate, "perplexity", False,
                 # groups of 64 and 128 only: 16 candidates per MatMul site instead of 28, about half
@@ -329,8 +339,45 @@ def gap_table(rows: list[dict], name: str) -> list[str]:
     return lines + [""]
 
 
+def paired_table(rows: list[dict], name: str) -> list[str]:
+    """Markdown: at each of gptq's stored bits, each knapsack method's difference from the best uniform
+    baseline there and from the other knapsack methods, with the standard error of the difference over
+    the same evaluation samples (paired: what makes two rows differ, not how hard the samples are).
+    Only metrics with per-sample values (Task.evaluate); perplexity as a relative change."""
+    mine = [r for r in rows if r["model"] == name]
+    fp32 = next((r for r in mine if r["method"] == "fp32"), None)
+    matched = [r for r in mine if r.get("gptq_bits") is not None and PER_SAMPLE in r]
+    ours = list(dict.fromkeys(r["method"] for r in matched if r["method"].endswith("@gptq")))
+    if fp32 is None or PER_SAMPLE not in fp32 or not ours:
+        return []
+    lines = [f"### {name}: paired differences at gptq's stored bits (difference ± its standard error)", "",
+             "| gptq's bits | metric | against | " + " | ".join(ours) + " |", "|---|---|---|" + "---|" * len(ours)]
+    for b in dict.fromkeys(r["gptq_bits"] for r in matched):
+        at = {r["method"]: r for r in matched if r["gptq_bits"] == b}
+        for k in fp32.get(PER_SAMPLE, {}):
+            base = {m: abs(r[k] - fp32[k]) for m, r in at.items() if not m.endswith("@gptq") and k in r[PER_SAMPLE]}
+            others = [m for m in ours if m in at] if len(ours) > 1 else []
+            for against in ([min(base, key=base.get)] if base else []) + others:
+                cells = [_paired(at[m][PER_SAMPLE][k], at[against][PER_SAMPLE][k], k) if m in at and m != against
+                         else "-" for m in ours]
+                lines.append(f"| {b:.4f} | {k} | {against} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _paired(a: np.ndarray, b: np.ndarray, metric: str) -> str:
+    """``a - b`` over the same samples and its standard error; perplexity (rows of NLL sum and token
+    count) as ``ppl_a / ppl_b - 1`` by the delta method."""
+    if metric == "perplexity":
+        from bayesq_onnx.assets.smollm2 import log_perplexity_se
+        d = a[:, 0] - b[:, 0]
+        delta = d.sum() / a[:, 1].sum()
+        return f"{np.expm1(delta):+.1%} ± {np.exp(delta) * log_perplexity_se(d, a[:, 1]):.1%}"
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return f"{d.mean():+.4g} ± {d.std(ddof=1) / np.sqrt(len(d)):.2g}"
+
+
 def _say(row: dict) -> None:
-    logging.info("%s", "  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+    logging.info("%s", "  ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != PER_SAMPLE))
 
 
 def _fmt(v) -> str:
@@ -340,13 +387,15 @@ def _fmt(v) -> str:
 
 
 # a row's fields that are not metrics
-ROW_FIELDS = ("model", "method", "budget", "bits_per_weight", "bits_all", "gptq_bits", "plan", "seconds", "sparse_layers")
+ROW_FIELDS = ("model", "method", "budget", "bits_per_weight", "bits_all", "gptq_bits", "plan", "seconds", "sparse_layers",
+              "per_sample")
+PER_SAMPLE = "per_sample"   # a row's per-sample values (Task.evaluate): in memory only, not in the CSV or the log
 
 
 def write_outputs(rows: list[dict], tasks: dict[str, Task], out_dir: Path) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != PER_SAMPLE))
     with open(out_dir / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
+        w = csv.DictWriter(f, keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     lines = []
@@ -361,7 +410,7 @@ def write_outputs(rows: list[dict], tasks: dict[str, Task], out_dir: Path) -> st
             lines.append(f"| {r['method']} | {_fmt(r['budget'])} | {r['bits_per_weight']:.3f} | {r['bits_all']:.3f} | "
                          + " | ".join(_fmt(r.get(k)) for k in metrics) + f" | {r['plan']} | {r['seconds']:.0f} |")
         lines.append("")
-        lines += matched_table(rows, name, task) + gap_table(rows, name)
+        lines += matched_table(rows, name, task) + gap_table(rows, name) + paired_table(rows, name)
     md = "\n".join(lines)
     (out_dir / "results.md").write_text(md + "\n")
     _plot(rows, tasks, out_dir / "results.png")

@@ -322,13 +322,19 @@ def perplexity(model_path, eval_data, batch_size: int = 4) -> float:
 def perplexity_and_se(model_path, eval_data, batch_size: int = 4) -> tuple[float, float]:
     """:func:`perplexity` and its standard error over the samples (:func:`log_perplexity_se` times
     the perplexity: the delta method); nan with a single sample."""
+    sums, counts = sample_nll(model_path, eval_data, batch_size)
+    ppl = _ppl(sums, counts)
+    return ppl, ppl * log_perplexity_se(sums, counts)
+
+
+def sample_nll(model_path, eval_data, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's summed negative log-likelihood (float64) and the token pairs it counts (as
+    :func:`perplexity` counts them): what two models' perplexities on the same data are compared by."""
     data = load_npz(Path(eval_data)) if isinstance(eval_data, (str, os.PathLike)) else eval_data
     ids, mask = _lm_data(data)
     if batch_size < 1:
         raise BayesQError(f"batch_size must be >= 1 (got {batch_size})")
-    sums, counts, _ = _nll(make_session(model_path), ids, mask, batch_size)
-    ppl = _ppl(sums, counts)
-    return ppl, ppl * log_perplexity_se(sums, counts)
+    return _nll(make_session(model_path), ids, mask, batch_size)[:2]
 
 
 def _ppl(sums: np.ndarray, counts: np.ndarray) -> float:
