@@ -356,9 +356,10 @@ def paired_table(rows: list[dict], name: str) -> list[str]:
         at = {r["method"]: r for r in matched if r["gptq_bits"] == b}
         for k in fp32.get(PER_SAMPLE, {}):
             base = {m: abs(r[k] - fp32[k]) for m, r in at.items() if not m.endswith("@gptq") and k in r[PER_SAMPLE]}
-            others = [m for m in ours if m in at] if len(ours) > 1 else []
-            for against in ([min(base, key=base.get)] if base else []) + others:
-                cells = [_paired(at[m][PER_SAMPLE][k], at[against][PER_SAMPLE][k], k) if m in at and m != against
+            # each knapsack method against the ones before it (the other way round is the same, negated)
+            for against in ([min(base, key=base.get)] if base else []) + [m for m in ours[:-1] if m in at]:
+                later = ours[ours.index(against) + 1:] if against in ours else ours
+                cells = [_paired(at[m][PER_SAMPLE][k], at[against][PER_SAMPLE][k], k) if m in at and m in later
                          else "-" for m in ours]
                 lines.append(f"| {b:.4f} | {k} | {against} | " + " | ".join(cells) + " |")
     return lines + [""]
