@@ -341,28 +341,47 @@ def gap_table(rows: list[dict], name: str) -> list[str]:
 
 def paired_table(rows: list[dict], name: str) -> list[str]:
     """Markdown: at each of gptq's stored bits, each knapsack method's difference from the best uniform
-    baseline there and from the other knapsack methods, with the standard error of the difference over
-    the same evaluation samples (paired: what makes two rows differ, not how hard the samples are).
-    Only metrics with per-sample values (Task.evaluate); perplexity as a relative change."""
-    mine = [r for r in rows if r["model"] == name]
+    baseline there and from the other knapsack methods; then at each budget, the knapsack methods'
+    differences from each other (each spends the budget).  With the standard error of the difference
+    over the same evaluation samples (paired: what makes two rows differ, not how hard the samples
+    are).  Only metrics with per-sample values (Task.evaluate); perplexity as a relative change."""
+    mine = [r for r in rows if r["model"] == name and PER_SAMPLE in r]
     fp32 = next((r for r in mine if r["method"] == "fp32"), None)
-    matched = [r for r in mine if r.get("gptq_bits") is not None and PER_SAMPLE in r]
-    ours = list(dict.fromkeys(r["method"] for r in matched if r["method"].endswith("@gptq")))
-    if fp32 is None or PER_SAMPLE not in fp32 or not ours:
+    if fp32 is None:
         return []
-    lines = [f"### {name}: paired differences at gptq's stored bits (difference ± its standard error)", "",
-             "| gptq's bits | metric | against | " + " | ".join(ours) + " |", "|---|---|---|" + "---|" * len(ours)]
-    for b in dict.fromkeys(r["gptq_bits"] for r in matched):
-        at = {r["method"]: r for r in matched if r["gptq_bits"] == b}
-        for k in fp32.get(PER_SAMPLE, {}):
-            base = {m: abs(r[k] - fp32[k]) for m, r in at.items() if not m.endswith("@gptq") and k in r[PER_SAMPLE]}
-            # each knapsack method against the ones before it (the other way round is the same, negated)
-            for against in ([min(base, key=base.get)] if base else []) + [m for m in ours[:-1] if m in at]:
-                later = ours[ours.index(against) + 1:] if against in ours else ours
-                cells = [_paired(at[m][PER_SAMPLE][k], at[against][PER_SAMPLE][k], k) if m in at and m in later
-                         else "-" for m in ours]
-                lines.append(f"| {b:.4f} | {k} | {against} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    lines = []
+    matched = [r for r in mine if r.get("gptq_bits") is not None]
+    ours = list(dict.fromkeys(r["method"] for r in matched if r["method"].endswith("@gptq")))
+    if ours:
+        lines += [f"### {name}: paired differences at gptq's stored bits (difference ± its standard error)", "",
+                  "| gptq's bits | metric | against | " + " | ".join(ours) + " |", "|---|---|---|" + "---|" * len(ours)]
+        for b in dict.fromkeys(r["gptq_bits"] for r in matched):
+            lines += _paired_rows(f"{b:.4f}", {r["method"]: r for r in matched if r["gptq_bits"] == b}, ours, fp32)
+        lines.append("")
+    at_budget = [r for r in mine if r.get("gptq_bits") is None and r["method"] != "fp32"]
+    knapsacks = list(dict.fromkeys(r["method"] for r in at_budget))
+    if len(knapsacks) > 1:
+        lines += [f"### {name}: paired differences at each budget (difference ± its standard error)", "",
+                  "| budget | metric | against | " + " | ".join(knapsacks) + " |", "|---|---|---|" + "---|" * len(knapsacks)]
+        for b in dict.fromkeys(r["budget"] for r in at_budget):
+            lines += _paired_rows(_fmt(b), {r["method"]: r for r in at_budget if r["budget"] == b}, knapsacks, fp32)
+        lines.append("")
+    return lines
+
+
+def _paired_rows(point: str, at: dict, ours: list[str], fp32: dict) -> list[str]:
+    """One point's lines: the methods ``ours`` against the uniform baseline nearest fp32 among ``at``'s
+    other rows (if any), and each against the ones before it (the other way round is the same, negated)."""
+    lines = []
+    for k in fp32[PER_SAMPLE]:
+        base = {m: abs(r[k] - fp32[k]) for m, r in at.items() if m not in ours and k in r[PER_SAMPLE]}
+        for against in ([min(base, key=base.get)] if base else []) + [m for m in ours[:-1] if m in at]:
+            later = ours[ours.index(against) + 1:] if against in ours else ours
+            cells = [_paired(at[m][PER_SAMPLE][k], at[against][PER_SAMPLE][k], k) if m in at and m in later
+                     else "-" for m in ours]
+            if any(c != "-" for c in cells):
+                lines.append(f"| {point} | {k} | {against} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _paired(a: np.ndarray, b: np.ndarray, metric: str) -> str:
