@@ -90,11 +90,14 @@ def test_paired_table_differences_and_their_errors():
     # residuals from the mean -0.8 per token are +1 and -1, so the SE is sqrt(2 * 2) / 10 = 0.2 in log, 0.2 * exp(-0.8)
     assert body["perplexity", "gptq"][0] == f"{np.expm1(-0.8):+.1%} ± {0.2 * np.exp(-0.8):.1%}"
     # at a budget the knapsack methods (each spending it) against each other, in row order
-    budget = [{**row(m.removesuffix("@gptq"), x[m], ppl[m]), "gptq_bits": None, "budget": 3.5}
+    budget = [{**row(m.removesuffix("@gptq"), x[m], ppl[m]), "gptq_bits": None, "budget": 3.5, "plan": "knapsack"}
               for m in ("bayesq@gptq", "hawq@gptq")]
+    # rtn without a gptq row to match it to: at its budget, but not a knapsack's row
+    budget.append({**row("rtn", x["rtn"], ppl["rtn"]), "gptq_bits": None, "budget": 3.5, "plan": "uniform b3-g64"})
     lines = bench_accuracy.paired_table(rows + budget, "m")
     assert f"| 3.5 | cos | bayesq | - | {cell('hawq@gptq', 'bayesq@gptq')} |" in lines
-    assert not any(line.startswith("| 3.5 | cos | hawq") for line in lines)
+    assert not any(line.startswith("| 3.5 | cos | hawq") or line.startswith("| 3.5 | cos | rtn") for line in lines)
+    assert "| budget | metric | against | bayesq | hawq |" in lines
     # no per-sample values (or no fp32 row), no table
     assert bench_accuracy.paired_table([{k: v for k, v in r.items() if k != bench_accuracy.PER_SAMPLE} for r in rows],
                                        "m") == []

@@ -24,9 +24,10 @@ of each model comes with its standard error (``*_se``; MiniLM: over the five fol
 perplexity: over its evaluation passages, by the delta method; the others binomial over the
 evaluation samples): unpaired, so the difference of two rows on the same
 samples is usually known better than the two errors suggest.  ``results.md`` ends each model with
-those differences and their own (paired) standard errors at gptq's stored bits, where the model's
-evaluation gives a value per sample: MiniLM's cosine, Fashion-MNIST's accuracy, EfficientNet's top-1
-agreement, SmolLM2's perplexity.
+those differences and their own (paired) standard errors -- at gptq's stored bits against the best
+uniform baseline and between the knapsack methods, and between the knapsack methods at each budget
+-- where the model's evaluation gives a value per sample: MiniLM's cosine, Fashion-MNIST's accuracy,
+EfficientNet's top-1 agreement, SmolLM2's perplexity.
 
 Writes ``results.csv``, ``results.md`` and ``results.png`` (metric vs bits, one panel per model)
 into ``--out`` and prints the markdown table.
@@ -358,7 +359,9 @@ def paired_table(rows: list[dict], name: str) -> list[str]:
         for b in dict.fromkeys(r["gptq_bits"] for r in matched):
             lines += _paired_rows(f"{b:.4f}", {r["method"]: r for r in matched if r["gptq_bits"] == b}, ours, fp32)
         lines.append("")
-    at_budget = [r for r in mine if r.get("gptq_bits") is None and r["method"] != "fp32"]
+    # the knapsack methods' rows at their budgets (a uniform method's plan is "uniform ...")
+    at_budget = [r for r in mine if r.get("gptq_bits") is None and r["method"] != "fp32"
+                 and not str(r.get("plan", "")).startswith("uniform")]
     knapsacks = list(dict.fromkeys(r["method"] for r in at_budget))
     if len(knapsacks) > 1:
         lines += [f"### {name}: paired differences at each budget (difference ± its standard error)", "",
