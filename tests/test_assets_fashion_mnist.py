@@ -126,6 +126,8 @@ def test_accuracy_matches_numpy(tmp_path):
     assert fm.accuracy(tmp_path / "m.onnx", tmp_path / "x.npz", tmp_path / "y.npy", batch_size=5) == want
     assert fm.accuracy(str(tmp_path / "m.onnx"), {"image": x}, labels) == want
     assert fm.accuracy(tmp_path / "m.onnx", x, labels, batch_size=100) == want
+    # image by image (what paired comparisons use), the last partial batch included
+    np.testing.assert_array_equal(fm.correct(tmp_path / "m.onnx", x, labels, batch_size=5), pred == labels)
     with pytest.raises(BayesQError, match="labels of shape") as e:
         fm.accuracy(tmp_path / "m.onnx", x, labels[:-1])
     _one_line(e)

@@ -141,15 +141,15 @@ def _efficientnet(cache: Path, quick: bool) -> Task:
 def _fashion_mnist(cache: Path, quick: bool) -> Task:
     """A small ResNet trained once on Fashion-MNIST: accuracy on the 10k test images."""
     from bayesq_onnx.assets import prepare_fashion_mnist
-    from bayesq_onnx.assets.fashion_mnist import OUTPUT_NAME
+    from bayesq_onnx.assets.fashion_mnist import correct
 
     a = prepare_fashion_mnist(cache, progress=logging.info)
     data, labels = load_npz(a.eval_data), np.load(a.labels)
 
     def evaluate(path: Path) -> dict[str, float]:
-        correct = (_run(path, data, OUTPUT_NAME, batch=500).argmax(-1) == labels).astype(np.float64)
-        acc = float(correct.mean())
-        return {"accuracy": acc, "accuracy_se": _binomial_se(acc, len(labels)), PER_SAMPLE: {"accuracy": correct}}
+        right = correct(path, data, labels).astype(np.float64)
+        acc = float(right.mean())
+        return {"accuracy": acc, "accuracy_se": _binomial_se(acc, len(labels)), PER_SAMPLE: {"accuracy": right}}
 
     return Task(a.model, load_npz(a.calib), evaluate, "accuracy", True, {})
 
@@ -158,16 +158,15 @@ def _smollm2(cache: Path, quick: bool) -> Task:
     """SmolLM2-135M-Instruct: next-token perplexity on Jane Austen's Persuasion (calibrated on the
     other novels)."""
     from bayesq_onnx.assets import prepare_smollm2
-    from bayesq_onnx.assets.smollm2 import log_perplexity_se, sample_nll
+    from bayesq_onnx.assets.smollm2 import perplexity_from, sample_nll
 
     a = prepare_smollm2(cache, progress=logging.info)
     data = load_npz(a.eval_data)
 
     def evaluate(path: Path) -> dict[str, float]:
         sums, counts = sample_nll(path, data)
-        ppl = float(np.exp(sums.sum() / counts.sum()))
-        return {"perplexity": ppl, "perplexity_se": ppl * log_perplexity_se(sums, counts),
-                PER_SAMPLE: {"perplexity": np.stack([sums, counts], axis=1)}}
+        ppl, se = perplexity_from(sums, counts)
+        return {"perplexity": ppl, "perplexity_se": se, PER_SAMPLE: {"perplexity": np.stack([sums, counts], axis=1)}}
 
     return Task(a.model, load_npz(a.calib), evaluate, "perplexity", False,
                 # groups of 64 and 128 only: 16 candidates per MatMul site instead of 28, about half

@@ -305,7 +305,13 @@ def _check_export(net, onnx_path: Path, x: np.ndarray) -> float:
 
 
 def accuracy(model_path, eval_data, labels, batch_size: int = 500) -> float:
-    """Top-1 accuracy of an image classifier ONNX model (fp32 or quantized) run with onnxruntime.
+    """Top-1 accuracy of an image classifier ONNX model (fp32 or quantized) run with onnxruntime:
+    the mean of :func:`correct`."""
+    return float(np.mean(correct(model_path, eval_data, labels, batch_size)))
+
+
+def correct(model_path, eval_data, labels, batch_size: int = 500) -> np.ndarray:
+    """Whether the model classifies each evaluation image right (bool, one per label).
 
     ``eval_data``: an npz path or a mapping holding the model's single input (or a bare array);
     ``labels``: an npy path or an int array.  The output named ``logits`` (else the first) is
@@ -328,11 +334,11 @@ def accuracy(model_path, eval_data, labels, batch_size: int = 500) -> float:
     if y.ndim != 1 or len(y) != len(x) or not len(y):
         raise BayesQError(f"{len(x)} evaluation samples but labels of shape {y.shape}")
     out = OUTPUT_NAME if OUTPUT_NAME in outputs else outputs[0]
-    correct = 0
+    right = np.empty(len(y), bool)
     for a in range(0, len(x), max(1, int(batch_size))):
         (logits,) = sess.run([out], {name: x[a:a + batch_size]})
-        correct += int(np.sum(np.argmax(logits, axis=-1) == y[a:a + batch_size]))
-    return correct / len(y)
+        right[a:a + batch_size] = np.argmax(logits, axis=-1) == y[a:a + batch_size]
+    return right
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -320,11 +320,9 @@ def perplexity(model_path, eval_data, batch_size: int = 4) -> float:
 
 
 def perplexity_and_se(model_path, eval_data, batch_size: int = 4) -> tuple[float, float]:
-    """:func:`perplexity` and its standard error over the samples (:func:`log_perplexity_se` times
-    the perplexity: the delta method); nan with a single sample."""
-    sums, counts = sample_nll(model_path, eval_data, batch_size)
-    ppl = _ppl(sums, counts)
-    return ppl, ppl * log_perplexity_se(sums, counts)
+    """:func:`perplexity` and its standard error over the samples (:func:`perplexity_from`); nan
+    with a single sample."""
+    return perplexity_from(*sample_nll(model_path, eval_data, batch_size))
 
 
 def sample_nll(model_path, eval_data, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -337,8 +335,11 @@ def sample_nll(model_path, eval_data, batch_size: int = 4) -> tuple[np.ndarray, 
     return _nll(make_session(model_path), ids, mask, batch_size)[:2]
 
 
-def _ppl(sums: np.ndarray, counts: np.ndarray) -> float:
-    return float(np.exp(sums.sum() / counts.sum()))
+def perplexity_from(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """The perplexity of samples with these NLL sums and token counts (:func:`sample_nll`) and its
+    standard error (:func:`log_perplexity_se` times the perplexity: the delta method)."""
+    ppl = float(np.exp(np.sum(sums) / np.sum(counts)))
+    return ppl, ppl * log_perplexity_se(sums, counts)
 
 
 def log_perplexity_se(sums: np.ndarray, counts: np.ndarray) -> float:
@@ -398,7 +399,7 @@ def _check_export(module, sess, data: Mapping[str, np.ndarray], pad_id: int) -> 
 
     ids, mask = (np.ascontiguousarray(data[k][:_CHECK_N]) for k in INPUT_NAMES)
     sums, counts, got = _nll(sess, ids, mask, batch_size=len(ids))
-    ppl_ort = _ppl(sums, counts)
+    ppl_ort = perplexity_from(sums, counts)[0]
     with torch.no_grad():
         t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
         out = module(input_ids=t_ids, attention_mask=t_mask, labels=t_ids)
@@ -522,7 +523,7 @@ def prepare_smollm2(cache_dir: Path, n_calib: int = 32, n_eval: int = 16, seq_le
                               f"torch's {check['ppl_torch']:.6g} (relative {check['ppl_rel']:.2g})")
         del module
         lap("check")
-        ppl = _ppl(*_nll(sess, evald["input_ids"], evald["attention_mask"], batch_size=4)[:2])
+        ppl = perplexity_from(*_nll(sess, evald["input_ids"], evald["attention_mask"], batch_size=4)[:2])[0]
         lap("eval")
 
         write_json(staged.manifest, {
