@@ -57,6 +57,33 @@ def test_weights_are_memory_mapped_from_an_external_data_file(tmp_path):
                                                                       if t.name == "W1")))
 
 
+def test_half_precision_weights_stay_mapped_and_are_widened_only_when_read(tmp_path):
+    """A float16 model's site weights are not held widened (that would be twice the model in the
+    process's own memory): stored mapped, and each read a fresh float32 copy."""
+    from bayesq_onnx.graph.float16 import to_half
+    src = _save_external(tmp_path, "half", to_half(models.mlp(), "float16", keep_io_types=True))
+    w = Analysis(src, Recipe(bits=4.0), calib=models.mlp_data()).probe.weights
+    stored = w.stored("W1")
+    assert isinstance(stored, np.memmap) and stored.dtype == np.float16
+    a, b = w["W1"], w["W1"]
+    assert a.dtype == np.float32 and a is not b and not np.shares_memory(a, stored)
+    np.testing.assert_array_equal(a, stored.astype(np.float32))
+
+
+def test_widening_is_exact_for_every_float16():
+    """onnxruntime's Cast widens as numpy does, bit for bit, over all 65536 float16 bit patterns
+    (NaNs compared as NaNs: their payloads are not values), in any shape."""
+    from bayesq_onnx.runtime.probe import widen
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(256, 16, 16)
+    got, want = widen(h), h.astype(np.float32)
+    assert got.dtype == np.float32 and got.shape == h.shape
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    f = np.ones(3, np.float32)
+    assert widen(f) is f
+
+
 def test_array_spill_maps_large_arrays_back_and_keeps_small_ones():
     spill = model_io.ArraySpill()
     big = np.arange(model_io.SPILL_BYTES // 4 + 1, dtype=np.float32)

