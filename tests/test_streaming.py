@@ -14,6 +14,7 @@ import pytest
 import models
 from bayesq_onnx import Analysis, Recipe, compress
 from bayesq_onnx.calib.capture import capture_stats
+from bayesq_onnx.calib.readers import batches
 from bayesq_onnx.errors import BayesQError
 from bayesq_onnx.graph import model_io
 from bayesq_onnx.plan.check import Contender, check_plans, decoded
@@ -68,6 +69,25 @@ def test_half_precision_weights_stay_mapped_and_are_widened_only_when_read(tmp_p
     a, b = w["W1"], w["W1"]
     assert a.dtype == np.float32 and a is not b and not np.shares_memory(a, stored)
     np.testing.assert_array_equal(a, stored.astype(np.float32))
+
+
+def test_a_half_precision_model_runs_whole_a_segment_at_a_time():
+    """Whole-model runs of a float16 model (reference outputs, the plan check's) go segment by segment,
+    each segment's weights widened for its run, and give the whole session's outputs."""
+    from bayesq_onnx.graph.float16 import to_half
+    probe = Analysis(to_half(models.residual(), "float16", keep_io_types=True), Recipe(bits=4.0),
+                     calib=models.residual_data()).probe
+    data = models.residual_data()
+    stream = probe._segments()
+    assert stream is not None and len(stream) > 1
+    got = list(probe.run(data, 16))
+    weights = {k: probe.weights[k] for k in probe.weights}
+    for out, feed in zip(got, batches(data, 16)):
+        want = dict(zip(probe.outputs, probe.session.run(probe.outputs, {**feed, **weights})))
+        for k in probe.outputs:
+            # float16 activations: the sessions may order a sum differently across a cut (one ulp of
+            # float16 at the outputs' scale, 2^-11 relative)
+            np.testing.assert_allclose(out[k], want[k], rtol=2e-3, atol=2e-3 * np.abs(want[k]).max())
 
 
 def test_widening_is_exact_for_every_float16():

@@ -123,6 +123,7 @@ class Probe:
             if name not in have:
                 m.graph.output.append(onnx.ValueInfoProto(name=name))
         self._tmp = None
+        self._stream = None   # the segments a half-precision model runs in (run)
         # the cut-down copies of ConeRun are built from this one: only where no subgraph can hide
         # a dependency and every part serializes in one protobuf
         fits = m.ByteSize() <= model_io.PROTO_LIMIT
@@ -140,20 +141,44 @@ class Probe:
     def __getstate__(self):
         if self._proto is None:
             raise BayesQError("--ray: models over 2 GB are not measured on Ray yet (run without --ray)")
-        return {k: v for k, v in self.__dict__.items() if k != "session"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("session", "_stream")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.session = _session(self._proto, external=self.external)
+        self.session, self._stream = _session(self._proto, external=self.external), None
 
     def run(self, data: dict[str, np.ndarray], batch_size: int, outputs: list[str] | None = None,
             overrides: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Outputs batch by batch, with ``overrides`` replacing some site weights."""
+        """Outputs batch by batch, with ``overrides`` replacing some site weights.  A model with
+        half-precision site weights runs a segment at a time (runtime/stream.py), each segment's
+        weights widened for its run: the whole-model session would need them all widened at once,
+        twice the model in the process's own memory."""
         outputs = outputs or self.outputs
         overrides = overrides or {}
+        stream = self._segments()
+        if stream is not None and set(outputs) <= set(stream.outs[-1]):
+            yield from self._run_segments(stream, data, batch_size, outputs, overrides)
+            return
         weights = {k: overrides[k] if k in overrides else self.weights[k] for k in self.weights}
         for feed in batches(data, batch_size):
             yield dict(zip(outputs, self.session.run(outputs, {**feed, **weights})))
+
+    def _segments(self):
+        """The segments of a model with half-precision site weights (None: a float32 model, or one
+        that cannot be cut)."""
+        if self._stream is None and self.model is not None and \
+                any(self.weights.stored(k).dtype != np.float32 for k in self.weights):
+            from .stream import Stream   # stream.py builds on this module
+            self._stream = Stream(self, list(self.weights))
+        return self._stream
+
+    def _run_segments(self, stream, data, batch_size, outputs, overrides) -> Iterator[dict[str, np.ndarray]]:
+        last = len(stream) - 1
+        for feed in batches(data, batch_size):
+            states = stream.start(feed, batch_size)
+            for k in range(last):
+                stream.advance(k, states, overrides, [])
+            yield {o: v for o, v in stream.advance(last, states, overrides, outputs)[0].items()}
 
 
 class ConeRun:
