@@ -168,10 +168,10 @@ def main(argv=None) -> int:
     models = []
     for s in (s for s in args.sizes.split(",") if s):
         model, calib = build_llama(s, args.cache)
+        name = f"llama-{s}"
         if args.dtype == "float16":
-            model = as_half(model)
-        models.append((f"llama-{s}" + ("-fp16" if args.dtype == "float16" else ""), model,
-                       more_samples(s, calib, args.samples)))
+            model, name = as_half(model), name + "-fp16"
+        models.append((name, model, more_samples(s, calib, args.samples)))
     if args.smollm2:
         models.append(("smollm2-135m", *smollm2(args.cache, args.samples)))
     rows = []
