@@ -60,15 +60,23 @@ def test_weights_are_memory_mapped_from_an_external_data_file(tmp_path):
 
 def test_half_precision_weights_stay_mapped_and_are_widened_only_when_read(tmp_path):
     """A float16 model's site weights are not held widened (that would be twice the model in the
-    process's own memory): stored mapped, and each read a fresh float32 copy."""
+    process's own memory): stored mapped; a read widens, readers share the copy while one of them
+    holds it, and once nobody does it is gone (the next read widens again)."""
+    import gc
+    import weakref
     from bayesq_onnx.graph.float16 import to_half
     src = _save_external(tmp_path, "half", to_half(models.mlp(), "float16", keep_io_types=True))
     w = Analysis(src, Recipe(bits=4.0), calib=models.mlp_data()).probe.weights
     stored = w.stored("W1")
     assert isinstance(stored, np.memmap) and stored.dtype == np.float16
     a, b = w["W1"], w["W1"]
-    assert a.dtype == np.float32 and a is not b and not np.shares_memory(a, stored)
+    assert a.dtype == np.float32 and a is b and not a.flags.writeable and not np.shares_memory(a, stored)
     np.testing.assert_array_equal(a, stored.astype(np.float32))
+    gone = weakref.ref(a)
+    del a, b
+    gc.collect()
+    assert gone() is None
+    assert w["W1"] is not None and w["W1"].dtype == np.float32
 
 
 def test_a_half_precision_model_runs_whole_a_segment_at_a_time():

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import threading
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator
@@ -40,15 +42,36 @@ def _session(model, one_thread: bool = False, external=None):
 
 class SiteWeights(Mapping):
     """The site weights, as float32: the type the numerics and the probe's inputs take.  A float32
-    weight is its stored (memory-mapped) array itself; a float16 / bfloat16 one is widened each time
-    it is read, and not kept: held, the copies would be twice a half-precision model in the
-    process's own memory, where streaming holds one block."""
+    weight is its stored (memory-mapped) array itself; a float16 / bfloat16 one is widened when it
+    is read and kept only while someone holds it: held for the run, the copies would be twice a
+    half-precision model in the process's own memory, where streaming holds one block.  While a
+    widened copy is alive every reader gets that one (read-only, as a mapped float32 weight is):
+    a site's numerics, the measurements running through its segment and the passes beside them
+    would otherwise each hold their own."""
 
     def __init__(self, stored: dict[str, np.ndarray]):
         self._stored = stored
+        self._alive = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return widen(self._stored[name])
+        a = self._stored[name]
+        if a.dtype == np.float32:
+            return a
+        with self._lock:      # one widening per weight while it lives, whichever thread reads first
+            w = self._alive.get(name)
+            if w is None:
+                w = widen(a)
+                w.flags.writeable = False
+                self._alive[name] = w
+        return w
+
+    # pickled with the probe (parallel.py's Ray workers): the live copies and the lock stay here
+    def __getstate__(self):
+        return {"_stored": self._stored}
+
+    def __setstate__(self, state):
+        self.__init__(state["_stored"])
 
     def __contains__(self, name) -> bool:
         return name in self._stored
