@@ -243,7 +243,7 @@ class Analysis:
         """The output distortion the tables are measured with (``proxy_samples``, or ``scale_samples``
         for kron) of the fitting data."""
         r = self.recipe
-        n = factor_samples(_positions(self.probe, self.fit, self.fixed or 1), r.scale_samples) \
+        n = factor_samples(_positions(self.probe, self.fit, self.fixed or self.batch), r.scale_samples) \
             if r.table_source == "kron" else r.proxy_samples
         batch = self.fixed or min(self.batch, n)   # fewer samples than a batch: a smaller batch
         return OutputDistortion(self.probe, take(self.fit, -(-n // batch) * batch), batch)
@@ -575,7 +575,11 @@ def _probe(m: onnx.ModelProto, sites, files: WeightFiles) -> Probe:
 def _positions(probe: Probe, data: dict, batch: int) -> int:
     """Output positions per sample, the fewest over the float outputs, from one batch's run: a
     language model's tokens, 1 for a pooled embedding or a class (each output's dimensions between
-    the batch and the last)."""
+    the batch and the last).  A batch as the other runs take, not one sample: at a batch of one,
+    shape inference cannot follow an exported transformer's reshape targets (a size-1 batch broadcast
+    against a size it lost stays unknown), so the masks and positions beside the cuts would hang on a
+    whole forward pass (runtime/stream.py) -- for a float16 model, every weight widened at once
+    (the 1B Llama: 4.2 GB)."""
     out = next(probe.run(take(data, batch), batch))
     return min((math.prod(v.shape[1:-1]) for v in out.values() if np.issubdtype(v.dtype, np.floating) and v.ndim),
                default=1)

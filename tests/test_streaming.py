@@ -276,3 +276,40 @@ def test_a_blocks_room_is_asked_for_before_its_segment_runs(monkeypatch):
         if sites:
             i = log.index(("room", [s.name for s in sites]))
             assert log[i + 1] == ("segment", k)   # the room first, then the segment's forward pass
+
+
+def test_forward_passes_with_their_weights_in_hand_are_as_many_as_the_workers(monkeypatch):
+    """However many threads advance segments at once (the overlapped blocks' measurements), at most
+    ``workers()`` hold a segment's weights inside a run (``parallel.run_slot``), and their results
+    are those of the runs one at a time."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from bayesq_onnx.parallel import use_workers
+    an = Analysis(models.residual(), Recipe(bits=3.0), calib=models.residual_data())
+    stream = an.stream
+    want = [stream.advance(0, stream.start(an.fit, an.batch)) for _ in range(6)]
+    inside, most, lock = [0], [0], threading.Lock()
+    real = stream._session
+
+    class Counted:   # the segment's session, counting the runs under way
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, *a):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.02)   # long enough for the other threads to pile up behind the slots
+            try:
+                return self.session.run(*a)
+            finally:
+                with lock:
+                    inside[0] -= 1
+
+    monkeypatch.setattr(stream, "_session", lambda *a: (Counted(real(*a)[0]), *real(*a)[1:]))
+    with use_workers(2), ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda _: stream.advance(0, stream.start(an.fit, an.batch)), range(6)))
+    assert most[0] == 2
+    for g, w in zip(got, want):
+        assert all(np.array_equal(g[b][n], w[b][n]) for b in range(len(w)) for n in w[b])

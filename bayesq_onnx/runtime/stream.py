@@ -14,6 +14,7 @@ from ..calib.readers import batches
 from ..graph.cone import backward_slice, segments, submodel
 from ..graph.model_io import ArraySpill
 from ..graph.shapes import fold_shapes
+from ..parallel import run_slot
 from .probe import Probe, _session
 
 
@@ -138,21 +139,23 @@ class Stream:
         wanted = None if keep is None else [o for o in self.outs[k] if o in keep or o == self.ends[k]]
         session, outs, reads = self._session(k, states[0], wanted)
         start = self.segments[k].start if self.segments[k] is not None else None
-        # the weights the session reads, once for every batch (a half-precision one is widened here)
-        weights = {t: overrides[t] if t in overrides else self.weights[t] for t in reads
-                   if t in overrides or t in self.weights}
         results = []
-        for st in states:
-            feed = {t: weights[t] if t in weights else st[t] for t in self.reads[k] if t in weights or t in st}
-            out = dict(zip(outs, session.run(outs, {t: feed[t] for t in reads}))) if outs else {}
-            for a in self.capture[k]:     # read, not computed, here: a graph input, a side tensor, the start cut
-                if a not in out and a in feed:
-                    out[a] = feed[a]
-            if start is not None:
-                st.pop(start, None)
-            if self.ends[k] is not None:
-                st[self.ends[k]] = out[self.ends[k]]
-            results.append(out if keep is None else {a: out[a] for a in keep})
+        with run_slot():
+            # the weights the session reads, once for every batch (a half-precision one is widened here)
+            weights = {t: overrides[t] if t in overrides else self.weights[t] for t in reads
+                       if t in overrides or t in self.weights}
+            for st in states:
+                feed = {t: weights[t] if t in weights else st[t] for t in self.reads[k] if t in weights or t in st}
+                out = dict(zip(outs, session.run(outs, {t: feed[t] for t in reads}))) if outs else {}
+                for a in self.capture[k]:     # read, not computed, here: a graph input, a side tensor, the start cut
+                    if a not in out and a in feed:
+                        out[a] = feed[a]
+                if start is not None:
+                    st.pop(start, None)
+                if self.ends[k] is not None:
+                    st[self.ends[k]] = out[self.ends[k]]
+                results.append(out if keep is None else {a: out[a] for a in keep})
+            weights = feed = None   # the widened weights go with the slot
         return results
 
     # pickled (parallel.py's Ray workers) without sessions: they are made again on first use
