@@ -71,9 +71,8 @@ def run_slot() -> threading.Semaphore:
     """One of ``workers()`` slots for a forward pass with its weights in hand (``Stream.advance``).
     The overlapped blocks keep more threads busy than there are workers (numpy on some, forward
     passes on others), and each forward pass holds its segment's weights -- a half-precision
-    model's widened, with onnxruntime's own copies of them -- while it runs: unbounded, a float16
-    1B Llama's loss tables had six at once, 1.7 GB beyond the float32 model's peak.  More of them
-    at once than the workers only contend for the same cores."""
+    model's widened -- while it runs: unbounded, the float16 0.5B Llama's loss tables had five in
+    onnxruntime at once.  More of them at once than the workers only contend for the same cores."""
     n = workers()
     with _slots_lock:
         return _slots.setdefault(n, threading.Semaphore(n))
