@@ -76,7 +76,7 @@ def test_half_precision_weights_stay_mapped_and_are_widened_only_when_read(tmp_p
     del a, b
     gc.collect()
     assert gone() is None
-    assert w["W1"] is not None and w["W1"].dtype == np.float32
+    np.testing.assert_array_equal(w["W1"], stored.astype(np.float32))
 
 
 def test_a_half_precision_model_runs_whole_a_segment_at_a_time():
@@ -283,13 +283,12 @@ def test_forward_passes_with_their_weights_in_hand_are_as_many_as_the_workers(mo
     ``workers()`` hold a segment's weights inside a run (``parallel.run_slot``), and their results
     are those of the runs one at a time."""
     import threading
-    import time
     from concurrent.futures import ThreadPoolExecutor
     from bayesq_onnx.parallel import use_workers
     an = Analysis(models.residual(), Recipe(bits=3.0), calib=models.residual_data())
     stream = an.stream
     want = [stream.advance(0, stream.start(an.fit, an.batch)) for _ in range(6)]
-    inside, most, lock = [0], [0], threading.Lock()
+    inside, most, cv = [0], [0], threading.Condition()
     real = stream._session
 
     class Counted:   # the segment's session, counting the runs under way
@@ -297,17 +296,24 @@ def test_forward_passes_with_their_weights_in_hand_are_as_many_as_the_workers(mo
             self.session = session
 
         def run(self, *a):
-            with lock:
+            with cv:
                 inside[0] += 1
                 most[0] = max(most[0], inside[0])
-            time.sleep(0.02)   # long enough for the other threads to pile up behind the slots
+                cv.notify_all()
+                # wait for a second run where the slots let one in, so that the count does not hang on
+                # the threads' timing (0.2 s: a run alone at the end only waits that long)
+                cv.wait_for(lambda: inside[0] >= 2, timeout=0.2)
             try:
                 return self.session.run(*a)
             finally:
-                with lock:
+                with cv:
                     inside[0] -= 1
 
-    monkeypatch.setattr(stream, "_session", lambda *a: (Counted(real(*a)[0]), *real(*a)[1:]))
+    def counted(*a):
+        session, outs, reads = real(*a)
+        return Counted(session), outs, reads
+
+    monkeypatch.setattr(stream, "_session", counted)
     with use_workers(2), ThreadPoolExecutor(6) as pool:
         got = list(pool.map(lambda _: stream.advance(0, stream.start(an.fit, an.batch)), range(6)))
     assert most[0] == 2

@@ -155,7 +155,6 @@ class Stream:
                 if self.ends[k] is not None:
                     st[self.ends[k]] = out[self.ends[k]]
                 results.append(out if keep is None else {a: out[a] for a in keep})
-            weights = feed = None   # the widened weights go with the slot
         return results
 
     # pickled (parallel.py's Ray workers) without sessions: they are made again on first use
