@@ -112,6 +112,27 @@ def leading_dims(model: onnx.ModelProto, names: list[str], inputs=None) -> dict[
     return {name: dims(name) for name in names}
 
 
+def _bind(model: onnx.ModelProto, primes: tuple[int, ...]) -> tuple[list[onnx.ValueInfoProto], dict[str, int]] | None:
+    """Copies of the graph inputs (alone: the model may hold GBs of weights) with their free
+    dimensions bound to ``primes``, one per dimension name (``input:axis`` for an unnamed one), and
+    each name's prime; None where there are more names than primes."""
+    values: dict[str, int] = {}
+    inputs = []
+    for vi in model.graph.input:
+        bound = onnx.ValueInfoProto()
+        bound.CopyFrom(vi)
+        for i, d in enumerate(bound.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value"):
+                key = d.dim_param or f"{vi.name}:{i}"
+                if key not in values:
+                    if len(values) == len(primes):
+                        return None
+                    values[key] = primes[len(values)]
+                d.dim_value = values[key]
+        inputs.append(bound)
+    return inputs, values
+
+
 def rows_follow(model: onnx.ModelProto, names: list[str]) -> tuple[str, int] | None:
     """A graph input of which each tensor of ``names`` (main graph) has one row per ``ratio``
     elements whatever sizes the inputs take, as ``(input, ratio)``; None where there is none or
@@ -120,21 +141,11 @@ def rows_follow(model: onnx.ModelProto, names: list[str]) -> tuple[str, int] | N
     time (one per dimension name), so a ratio that is the same both times is a constant."""
     ratios = []
     for primes in ((3, 5, 7, 11, 13, 17, 19, 23), (29, 31, 37, 41, 43, 47, 53, 59)):
-        values: dict[str, int] = {}
-        inputs, sizes = [], {}
-        for vi in model.graph.input:   # copies of the inputs alone: the model may hold GBs of weights
-            bound = onnx.ValueInfoProto()
-            bound.CopyFrom(vi)
-            for i, d in enumerate(bound.type.tensor_type.shape.dim):
-                if not d.HasField("dim_value"):
-                    key = d.dim_param or f"{vi.name}:{i}"
-                    if key not in values:
-                        if len(values) == len(primes):
-                            return None
-                        values[key] = primes[len(values)]
-                    d.dim_value = values[key]
-            inputs.append(bound)
-            sizes[vi.name] = math.prod(d.dim_value for d in bound.type.tensor_type.shape.dim)
+        bound = _bind(model, primes)
+        if bound is None:
+            return None
+        inputs = bound[0]
+        sizes = {vi.name: math.prod(d.dim_value for d in vi.type.tensor_type.shape.dim) for vi in inputs}
         rows = [None if r is None or any(isinstance(x, str) for x in r) else math.prod(r)
                 for r in leading_dims(model, names, inputs).values()]
         if None in rows:
@@ -146,20 +157,88 @@ def rows_follow(model: onnx.ModelProto, names: list[str]) -> tuple[str, int] | N
     return None
 
 
-def fold_shapes(model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto]) -> list[onnx.NodeProto]:
-    """The main graph's nodes with each ``Shape`` node whose input inference fixes, for graph
-    inputs of the shapes ``inputs`` state, replaced by a ``Constant`` of its value (the others
-    unchanged; all of them where inference fails).  An exported transformer takes its reshapes'
-    targets from the shapes of its hidden states: without this, the masks and positions a
-    segment reads beside its cut hang on the whole model's forward pass (runtime/stream.py)."""
+# bindings of the free dimensions for fold_shapes' second try: primes no model constant is likely to
+# hold as a factor (one that does shows as a coefficient differing between the two, and stays unfolded)
+FOLD_PRIMES = ((101, 103, 107, 109, 113, 127, 131, 137), (139, 149, 151, 157, 163, 167, 173, 179))
+
+
+def _shape_values(model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto]) -> dict[str, list[int]]:
+    """The value of each main-graph ``Shape`` node (by output name) that inference fixes for graph
+    inputs of the shapes ``inputs`` state."""
     shapes = _inferred(model, inputs) or {}
-    nodes = []
+    out = {}
     for n in model.graph.node:
         t = shapes.get(n.input[0]) if n.op_type == "Shape" and n.domain in ("", "ai.onnx") else None
         if t is not None and t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
             at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            dims = [d.dim_value for d in t.shape.dim][slice(at.get("start"), at.get("end"))]
-            n = helper.make_node("Constant", [], [n.output[0]], name=n.name,
-                                 value=numpy_helper.from_array(np.array(dims, np.int64)))
-        nodes.append(n)
-    return nodes
+            out[n.output[0]] = [d.dim_value for d in t.shape.dim][slice(at.get("start"), at.get("end"))]
+    return out
+
+
+def _monomial(value: int, primes: list[int]) -> tuple[int, tuple[int, ...]] | None:
+    """``value`` as ``c * prod(p ** e)`` over ``primes``: ``(c, es)``; None for a size that is not one."""
+    if value <= 0:
+        return None
+    es = []
+    for p in primes:
+        e = 0
+        while value % p == 0:
+            value, e = value // p, e + 1
+        es.append(e)
+    return value, tuple(es)
+
+
+def _bound_values(model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto], names: set[str]) -> dict[str, list[int]]:
+    """The ``Shape`` nodes of ``names`` that inference fixes once the free dimensions are primes:
+    ONNX's broadcasting cannot follow a size of 1 against a dimension it lost (an exported Llama's
+    rotary halves are slices it cannot size: at a batch of 1 its attention's sums lose every
+    dimension, at 8 they keep them), a prime it can.  Each dimension of such a value is read, in
+    two bindings with different primes, as a coefficient times a product of powers of the bound
+    sizes; where both readings agree, it is that product at the sizes ``inputs`` state (a batch of 1,
+    say).  A size that is not such a product (``seq + 1``, a convolution's strides) reads
+    differently in the two and is left alone."""
+    given = {vi.name: vi for vi in inputs}
+    sizes: dict[str, int | None] = {}
+    for vi in model.graph.input:
+        dims = given[vi.name].type.tensor_type.shape.dim if vi.name in given else []
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value"):
+                key = d.dim_param or f"{vi.name}:{i}"
+                size = dims[i].dim_value if i < len(dims) and dims[i].HasField("dim_value") else None
+                sizes[key] = size if sizes.get(key, size) == size else None   # two sizes for one name: neither
+    readings = []
+    for primes in FOLD_PRIMES:
+        bound = _bind(model, primes)
+        if bound is None:
+            return {}
+        bound_inputs, keys = bound
+        ps = list(keys.values())
+        readings.append({o: [_monomial(v, ps) for v in vs]
+                         for o, vs in _shape_values(model, bound_inputs).items() if o in names})
+    keys = list(keys)
+    out = {}
+    for o, first in readings[0].items():
+        if readings[1].get(o) != first or None in first:
+            continue
+        if all(sizes.get(keys[j]) is not None for _, es in first for j, e in enumerate(es) if e):
+            out[o] = [c * math.prod(sizes[keys[j]] ** e for j, e in enumerate(es) if e) for c, es in first]
+    return out
+
+
+def fold_shapes(model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto]) -> list[onnx.NodeProto]:
+    """The main graph's nodes with each ``Shape`` node whose input inference fixes, for graph
+    inputs of the shapes ``inputs`` state, replaced by a ``Constant`` of its value (the others
+    unchanged; all of them where inference fails); where inference at those sizes leaves some
+    unfixed, it tries again with the free dimensions bound to primes (:func:`_bound_values`).  An
+    exported transformer takes its reshapes' targets from the shapes of its hidden states: without
+    this, the masks and positions a segment reads beside its cut hang on the whole model's forward
+    pass (runtime/stream.py)."""
+    values = _shape_values(model, inputs)
+    left = {n.output[0] for n in model.graph.node
+            if n.op_type == "Shape" and n.domain in ("", "ai.onnx") and n.output[0] not in values}
+    if left:
+        values.update(_bound_values(model, inputs, left))
+    return [helper.make_node("Constant", [], [n.output[0]], name=n.name,
+                             value=numpy_helper.from_array(np.array(values[n.output[0]], np.int64)))
+            if n.op_type == "Shape" and n.domain in ("", "ai.onnx") and n.output[0] in values else n
+            for n in model.graph.node]
