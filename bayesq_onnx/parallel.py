@@ -86,14 +86,16 @@ class Threads:
     def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
         n = min(workers(), len(items))
         fn = _counted(fn)
-        if n <= 1:
-            yield from map(fn, items)
-            return
         # the workers fill the cores: BLAS threads on top of them oversubscribe, and OpenBLAS's
         # factorizations then slow down manyfold (a 2048 x 2048 Cholesky: 0.18 s on one thread, 2.9 s
-        # on two beside another busy thread, measured on 2 cores)
-        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(n, thread_name_prefix="bayesq") as pool:
-            yield from pool.map(fn, items)
+        # on two beside another busy thread, measured on 2 cores).  One BLAS thread with one worker
+        # too: OpenBLAS's results depend on its thread count (the 0.1B Llama's bytes did on --threads 1)
+        with threadpool_limits(limits=1, user_api="blas"):
+            if n <= 1:
+                yield from map(fn, items)
+                return
+            with ThreadPoolExecutor(n, thread_name_prefix="bayesq") as pool:
+                yield from pool.map(fn, items)
 
 
 _busy = 0   # items of Threads.map being worked on, in all maps of this process (read by local_map)
@@ -250,7 +252,8 @@ class Overlap:
         # Threads.map limits it from the job threads, where threadpoolctl's limit did not always
         # take (OpenBLAS stayed on 2 threads beside 2 workers); the 0.1B Llama at 3 bits ran 81 s
         # instead of 88 with BLAS on one thread throughout, gptq 23 s instead of 24
-        self._blas = threadpool_limits(limits=1, user_api="blas") if self._pool is not None else None
+        # (with no pool too: the results must not depend on it, and OpenBLAS's depend on its threads)
+        self._blas = threadpool_limits(limits=1, user_api="blas")
         return self
 
     def __exit__(self, *exc):
@@ -263,8 +266,7 @@ class Overlap:
         finally:
             if self._pool is not None:   # on an error the jobs under way finish; their results are dropped
                 self._pool.shutdown(wait=True)
-            if self._blas is not None:
-                self._blas.restore_original_limits()
+            self._blas.restore_original_limits()
         return False
 
 
@@ -277,7 +279,8 @@ def side_by_side(fn: Callable[[T], R], items: list[T], cancel: Callable[[], None
     others to stop (``Budget.cancel``: at their next block); the first real error is raised once
     every item has ended."""
     if len(items) <= 1 or workers() <= 1 or not isinstance(_executor, Threads):
-        return [fn(item) for item in items]
+        with threadpool_limits(limits=1, user_api="blas"):   # as below: the bytes must not depend on the workers
+            return [fn(item) for item in items]
 
     def guarded(item):
         try:

@@ -176,6 +176,20 @@ def test_same_bytes_for_any_number_of_worker_threads(tmp_path, monkeypatch, case
     assert out[0].read_bytes() == out[1].read_bytes()
 
 
+def test_same_bytes_for_any_number_of_worker_threads_where_blas_threads_too(tmp_path, monkeypatch):
+    """As above on matrices large enough for OpenBLAS to split its work over the cores (768 x 1024
+    weights, 256 rows): its sums depend on how many threads it takes, so every pass runs it on one,
+    one worker or several.  Before, one worker left BLAS on all cores and the bytes differed (on 2
+    cores; on one core BLAS never splits and this cannot fail)."""
+    src = _save(tmp_path, "wide", models.residual(d=768, h=1024, blocks=2))
+    out = []
+    for n in ("1", "3"):
+        monkeypatch.setenv("BAYESQ_WORKERS", n)
+        out.append(tmp_path / f"w{n}.onnx")
+        compress(src, Recipe(bits=3.0), calib=models.mlp_data(n=256, d=768), output=out[-1])
+    assert out[0].read_bytes() == out[1].read_bytes()
+
+
 @pytest.mark.parametrize("method", ["bayesq", "gptq"])
 def test_analysis_reused_across_budgets_gives_the_same_bytes(tmp_path, method):
     """One analysis (statistics, grids, codes, tables) serves several budgets exactly as separate
