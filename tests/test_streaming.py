@@ -99,6 +99,35 @@ def test_a_half_precision_model_runs_whole_a_segment_at_a_time():
             np.testing.assert_allclose(out[k], want[k], rtol=0, atol=2 * ulp)
 
 
+def test_a_half_precision_segment_run_without_replacements_reads_its_weights_as_stored(monkeypatch):
+    """A segment run that replaces none of its weights feeds the float16 weights as stored, widening
+    none of them (onnxruntime widens each as its reader runs), and gives the outputs of a run on
+    float32 weights (one that replaces a weight) bit for bit."""
+    from bayesq_onnx.graph.float16 import to_half
+    from bayesq_onnx.runtime import probe as probe_mod
+    from bayesq_onnx.runtime.stream import Stream
+    an = Analysis(to_half(models.residual(), "float16", keep_io_types=True), Recipe(bits=4.0),
+                  calib=models.residual_data())
+    stream = Stream(an.probe, [s.name for s in an.sites])
+    widened = []
+    monkeypatch.setattr(probe_mod, "widen", lambda a: widened.append(a.shape) or a.astype(np.float32))
+    assert len(stream) > 1
+    for k in range(len(stream)):
+        names = [t for t in stream.reads[k] if t in stream.weights]
+        assert names and all(stream.weights.stored(t).dtype == np.float16 for t in names)
+        a, b = stream.start(an.fit, 16), stream.start(an.fit, 16)
+        for j in range(k):
+            stream.advance(j, a), stream.advance(j, b)
+        widened.clear()
+        got = stream.advance(k, a)
+        assert widened == []
+        # a "replacement" by the weight's own values: the run widens (a session of float32 weights)
+        want = stream.advance(k, b, {names[0]: stream.weights[names[0]]})
+        assert {stored for _, stored in stream._sessions[k]} == {True, False}
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys() and all(np.array_equal(g[n], w[n]) for n in g)
+
+
 def test_widening_is_exact_for_every_float16():
     """onnxruntime's Cast widens as numpy does, bit for bit, over all 65536 float16 bit patterns
     (NaNs compared as NaNs: their payloads are not values), in any shape."""
@@ -182,8 +211,8 @@ def test_a_pass_reading_activations_computes_no_graph_output(case):
     if reading._model is None:   # uncut (control flow): the probe's one session
         return
     outputs = set(an.probe.outputs)
-    assert outputs <= {o for per_k in full._sessions for key in per_k for o in key}
-    assert not outputs & {o for per_k in reading._sessions for key in per_k for o in key}
+    assert outputs <= {o for per_k in full._sessions for outs, _ in per_k for o in outs}
+    assert not outputs & {o for per_k in reading._sessions for outs, _ in per_k for o in outs}
 
 
 def test_missing_external_data_is_a_one_line_error(tmp_path):
