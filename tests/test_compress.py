@@ -322,8 +322,11 @@ def test_kron_tables_are_the_layer_loss_times_one_measured_factor_per_site(tmp_p
         # the same measurements and products recomputed (the tables measure from the site's segment
         # on, this the whole model: the same operations): equal up to float64 rounding -- except
         # where the last segment is a linear head (the embed model's), read by the tables from the
-        # cut through ``W W^T`` in float64 and here from the float32 logits (5e-7 measured)
-        rel = 1e-5 if name == "embed" else 1e-9
+        # cut through ``W W^T`` in float64 and here from the float32 logits (5e-7 measured), and the
+        # CNN's, whose second convolution onnxruntime computes with other float32 rounding in the
+        # segment's session than in the whole model's on some CPUs (2.4e-8 on an AMD EPYC; none on
+        # the Xeons): a wrong product or factor misses by orders more
+        rel = 1e-5 if name == "embed" else 1e-6 if name == "cnn" else 1e-9
         for j in hull:
             want = distortion({s.name: s.from_view(q.quick_codes(fs[j]).dequantize())}) if j in below else \
                 factor * q.layer_loss(fs[j])

@@ -93,15 +93,18 @@ def test_torch_backend_matches_numpy():
     _agree(_round_all(W, gptq_factor(H, dtype=np.float64, backend=be)), want, W, H)
 
 
-def test_same_bytes_on_reruns_and_any_blas_thread_count():
+def test_same_bytes_on_reruns_at_one_blas_thread():
+    """Reruns give the same bytes at the one BLAS thread the analysis's passes run it on
+    (parallel.py).  Not at any thread count: on an AMD EPYC (OpenBLAS's Haswell kernels) two threads
+    moved the error feedback's products in their last bits, and with them a dynamic group's range
+    (tests/test_compress.py checks the whole analysis against the worker count instead)."""
     W, H = _problem(rows=200, L=260, seed=2)
     runs = []
-    for threads in (1, 2, 1):
-        with threadpool_limits(limits=threads, user_api="blas"):
+    for _ in range(2):
+        with threadpool_limits(limits=1, user_api="blas"):
             runs.append(_round_all(W, gptq_factor(H)))
-    for other in runs[1:]:
-        for (c, d), (c0, d0) in zip(other, runs[0]):
-            assert c.tobytes() == c0.tobytes() and d.tobytes() == d0.tobytes()
+    for (c, d), (c0, d0) in zip(runs[1], runs[0]):
+        assert c.tobytes() == c0.tobytes() and d.tobytes() == d0.tobytes()
 
 
 @pytest.mark.skipif(not backend("auto").name.startswith("cuda"), reason="no GPU that torch sees")
