@@ -575,11 +575,10 @@ def _probe(m: onnx.ModelProto, sites, files: WeightFiles) -> Probe:
 def _positions(probe: Probe, data: dict, batch: int) -> int:
     """Output positions per sample, the fewest over the float outputs, from one batch's run: a
     language model's tokens, 1 for a pooled embedding or a class (each output's dimensions between
-    the batch and the last).  A batch as the other runs take, not one sample: at a batch of one,
-    shape inference cannot follow an exported transformer's reshape targets (a size-1 batch broadcast
-    against a size it lost stays unknown), so the masks and positions beside the cuts would hang on a
-    whole forward pass (runtime/stream.py) -- for a float16 model, every weight widened at once
-    (the 1B Llama: 4.2 GB)."""
+    the batch and the last).  A batch as the other runs take, not one sample, so that it reuses their
+    side-tensor session (one per batch shape: runtime/stream.py); a batch of one once ran the whole
+    model there, before ``graph.shapes.fold_shapes`` could fold an exported transformer's shapes at
+    that size (the float16 1B Llama: every weight widened at once, 4.2 GB)."""
     out = next(probe.run(take(data, batch), batch))
     return min((math.prod(v.shape[1:-1]) for v in out.values() if np.issubdtype(v.dtype, np.floating) and v.ndim),
                default=1)

@@ -117,7 +117,8 @@ def test_a_half_precision_segment_run_without_replacements_reads_its_weights_as_
         assert names and all(stream.weights.stored(t).dtype == np.float16 for t in names)
         a, b = stream.start(an.fit, 16), stream.start(an.fit, 16)
         for j in range(k):
-            stream.advance(j, a), stream.advance(j, b)
+            stream.advance(j, a)
+            stream.advance(j, b)
         widened.clear()
         got = stream.advance(k, a)
         assert widened == []

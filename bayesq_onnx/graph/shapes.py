@@ -121,16 +121,26 @@ def _bind(model: onnx.ModelProto, primes: tuple[int, ...]) -> tuple[list[onnx.Va
     for vi in model.graph.input:
         bound = onnx.ValueInfoProto()
         bound.CopyFrom(vi)
-        for i, d in enumerate(bound.type.tensor_type.shape.dim):
-            if not d.HasField("dim_value"):
-                key = d.dim_param or f"{vi.name}:{i}"
-                if key not in values:
-                    if len(values) == len(primes):
-                        return None
-                    values[key] = primes[len(values)]
-                d.dim_value = values[key]
+        dims = bound.type.tensor_type.shape.dim
+        for i, key in _free_dims(vi):
+            if key not in values:
+                if len(values) == len(primes):
+                    return None
+                values[key] = primes[len(values)]
+            dims[i].dim_value = values[key]
         inputs.append(bound)
     return inputs, values
+
+
+def _free_dims(vi: onnx.ValueInfoProto) -> list[tuple[int, str]]:
+    """The axes of graph input ``vi`` without a fixed size, each with its dimension's name
+    (``input:axis`` for an unnamed one): axes of one name take one size."""
+    return [(i, d.dim_param or f"{vi.name}:{i}") for i, d in enumerate(vi.type.tensor_type.shape.dim)
+            if not d.HasField("dim_value")]
+
+
+def _is_shape(n: onnx.NodeProto) -> bool:
+    return n.op_type == "Shape" and n.domain in ("", "ai.onnx")
 
 
 def rows_follow(model: onnx.ModelProto, names: list[str]) -> tuple[str, int] | None:
@@ -168,7 +178,7 @@ def _shape_values(model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto]) -> 
     shapes = _inferred(model, inputs) or {}
     out = {}
     for n in model.graph.node:
-        t = shapes.get(n.input[0]) if n.op_type == "Shape" and n.domain in ("", "ai.onnx") else None
+        t = shapes.get(n.input[0]) if _is_shape(n) else None
         if t is not None and t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
             at = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             out[n.output[0]] = [d.dim_value for d in t.shape.dim][slice(at.get("start"), at.get("end"))]
@@ -201,11 +211,9 @@ def _bound_values(model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto], nam
     sizes: dict[str, int | None] = {}
     for vi in model.graph.input:
         dims = given[vi.name].type.tensor_type.shape.dim if vi.name in given else []
-        for i, d in enumerate(vi.type.tensor_type.shape.dim):
-            if not d.HasField("dim_value"):
-                key = d.dim_param or f"{vi.name}:{i}"
-                size = dims[i].dim_value if i < len(dims) and dims[i].HasField("dim_value") else None
-                sizes[key] = size if sizes.get(key, size) == size else None   # two sizes for one name: neither
+        for i, key in _free_dims(vi):
+            size = dims[i].dim_value if i < len(dims) and dims[i].HasField("dim_value") else None
+            sizes[key] = size if sizes.get(key, size) == size else None   # two sizes for one name: neither
     readings = []
     for primes in FOLD_PRIMES:
         bound = _bind(model, primes)
@@ -234,11 +242,10 @@ def fold_shapes(model: onnx.ModelProto, inputs: list[onnx.ValueInfoProto]) -> li
     this, the masks and positions a segment reads beside its cut hang on the whole model's forward
     pass (runtime/stream.py)."""
     values = _shape_values(model, inputs)
-    left = {n.output[0] for n in model.graph.node
-            if n.op_type == "Shape" and n.domain in ("", "ai.onnx") and n.output[0] not in values}
+    left = {n.output[0] for n in model.graph.node if _is_shape(n) and n.output[0] not in values}
     if left:
         values.update(_bound_values(model, inputs, left))
     return [helper.make_node("Constant", [], [n.output[0]], name=n.name,
                              value=numpy_helper.from_array(np.array(values[n.output[0]], np.int64)))
-            if n.op_type == "Shape" and n.domain in ("", "ai.onnx") and n.output[0] in values else n
+            if _is_shape(n) and n.output[0] in values else n
             for n in model.graph.node]
