@@ -70,8 +70,8 @@ _slots_lock = threading.Lock()
 def run_slot() -> threading.Semaphore:
     """One of ``workers()`` slots for a forward pass with its weights in hand (``Stream.advance``).
     The overlapped blocks keep more threads busy than there are workers (numpy on some, forward
-    passes on others), and each forward pass holds its segment's weights -- a half-precision
-    model's widened where the run replaces one -- while it runs: unbounded, the float16 0.5B Llama's
+    passes on others), and each forward pass holds the weights it replaces while it runs (a
+    half-precision model's widened, before runs read the others as stored): unbounded, the float16 0.5B Llama's
     loss tables had five in onnxruntime at once.  More of them at once than the workers only contend for the same cores."""
     n = workers()
     with _slots_lock:

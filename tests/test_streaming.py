@@ -99,10 +99,11 @@ def test_a_half_precision_model_runs_whole_a_segment_at_a_time():
             np.testing.assert_allclose(out[k], want[k], rtol=0, atol=2 * ulp)
 
 
-def test_a_half_precision_segment_run_without_replacements_reads_its_weights_as_stored(monkeypatch):
-    """A segment run that replaces none of its weights feeds the float16 weights as stored, widening
-    none of them (onnxruntime widens each as its reader runs), and gives the outputs of a run on
-    float32 weights (one that replaces a weight) bit for bit."""
+def test_a_half_precision_segment_run_widens_only_the_weights_it_replaces(monkeypatch):
+    """A segment run feeds the float16 weights it does not replace as stored, widening none of them
+    (onnxruntime widens each as its reader runs): with no replacement, and with one (a measured
+    site's); both give the outputs of a run on float32 weights (every weight replaced by its
+    widened self) bit for bit."""
     from bayesq_onnx.graph.float16 import to_half
     from bayesq_onnx.runtime import probe as probe_mod
     from bayesq_onnx.runtime.stream import Stream
@@ -115,18 +116,21 @@ def test_a_half_precision_segment_run_without_replacements_reads_its_weights_as_
     for k in range(len(stream)):
         names = [t for t in stream.reads[k] if t in stream.weights]
         assert names and all(stream.weights.stored(t).dtype == np.float16 for t in names)
-        a, b = stream.start(an.fit, 16), stream.start(an.fit, 16)
+        every = {t: stream.weights[t] for t in names}    # widened, before the runs below count
+        one = {names[-1]: every[names[-1]]}
+        states = [stream.start(an.fit, 16) for _ in range(3)]
         for j in range(k):
-            stream.advance(j, a)
-            stream.advance(j, b)
+            for st in states:
+                stream.advance(j, st)
         widened.clear()
-        got = stream.advance(k, a)
+        got = [stream.advance(k, states[0]), stream.advance(k, states[1], one)]
         assert widened == []
-        # a "replacement" by the weight's own values: the run widens (a session of float32 weights)
-        want = stream.advance(k, b, {names[0]: stream.weights[names[0]]})
-        assert {stored for _, stored in stream._sessions[k]} == {True, False}
-        for g, w in zip(got, want):
-            assert g.keys() == w.keys() and all(np.array_equal(g[n], w[n]) for n in g)
+        want = stream.advance(k, states[2], every)
+        # sessions by the weights read as stored: all, all but the replaced one, none
+        assert {len(half) for _, half in stream._sessions[k]} == {len(names), len(names) - 1, 0}
+        for run in got:
+            for g, w in zip(run, want):
+                assert g.keys() == w.keys() and all(np.array_equal(g[n], w[n]) for n in g)
 
 
 def test_widening_is_exact_for_every_float16():
@@ -340,8 +344,8 @@ def test_forward_passes_with_their_weights_in_hand_are_as_many_as_the_workers(mo
                     inside[0] -= 1
 
     def counted(*a):
-        session, outs, reads = real(*a)
-        return Counted(session), outs, reads
+        session, *rest = real(*a)
+        return Counted(session), *rest
 
     monkeypatch.setattr(stream, "_session", counted)
     with use_workers(2), ThreadPoolExecutor(6) as pool:

@@ -44,8 +44,8 @@ class Stream:
             self.reads.append(reads)
             self.outs.append(outs)
             self.ends.append(sg.end)
-            self._sessions.append({})   # by the outputs they compute, made on first use (when the
-                                        # types of their inputs are known)
+            self._sessions.append({})   # by the outputs they compute and the weights they read as
+                                        # stored, made on first use (when the types of their inputs are known)
         self.segments = segs
         # each site activation is captured once, in the first segment where a site reads it along
         # with its weight (a tied table: the indices in the first, the head's input in the last)
@@ -137,18 +137,16 @@ class Stream:
         MatMul, on SmolLM2 a fifth of the forward pass)."""
         overrides = overrides or {}
         wanted = None if keep is None else [o for o in self.outs[k] if o in keep or o == self.ends[k]]
-        # a run that replaces none of the segment's weights reads the float16 ones as stored
-        # (mapped): onnxruntime widens each as its reader runs, then frees it, where widened here
-        # the whole segment's would be held for the run (a 1B Llama's MLP: 138 MB a run)
-        stored = not any(t in overrides for t in self.reads[k])
-        session, outs, reads = self._session(k, states[0], wanted, stored)
+        # the float16 weights a run does not replace are read as stored (mapped): onnxruntime widens
+        # each as its reader runs, then frees it, where widened here the segment's would be held for
+        # the run (a 1B Llama's MLP: 138 MB a run; a measurement replaces one of its weights)
+        session, outs, reads, half = self._session(k, states[0], wanted, overrides.keys())
         start = self.segments[k].start if self.segments[k] is not None else None
         results = []
         with run_slot():
-            # the weights the session reads, once for every batch (a half-precision one is widened
-            # here, unless read as stored)
-            weights = {t: overrides[t] if t in overrides else self._weight(t, stored) for t in reads
-                       if t in overrides or t in self.weights}
+            # the weights the session reads, once for every batch
+            weights = {t: overrides[t] if t in overrides else self.weights.stored(t) if t in half else self.weights[t]
+                       for t in reads if t in overrides or t in self.weights}
             for st in states:
                 feed = {t: weights[t] if t in weights else st[t] for t in self.reads[k] if t in weights or t in st}
                 out = dict(zip(outs, session.run(outs, {t: feed[t] for t in reads}))) if outs else {}
@@ -171,29 +169,25 @@ class Stream:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _weight(self, t: str, stored: bool) -> np.ndarray:
-        """Weight ``t`` as a session reads it: float32 (widened), or as stored where ``stored`` and
-        it is float16."""
-        a = self.weights.stored(t)
-        return a if stored and a.dtype == np.float16 else self.weights[t]
-
-    def _session(self, k: int, state: dict[str, np.ndarray], wanted: list[str] | None = None, stored: bool = False):
-        """Segment ``k``'s session computing ``wanted`` of its outputs (None: all), with the outputs
-        it fetches and the tensors it reads.  ``stored``: float16 weights are fed as stored, not
-        widened: the probe's Cast of each to float16 (runtime/probe.py) then casts to its own type,
-        which onnxruntime drops, and its reader gets the float16 weight as the model has it."""
+    def _session(self, k: int, state: dict[str, np.ndarray], wanted: list[str] | None = None, replaced=()):
+        """Segment ``k``'s session computing ``wanted`` of its outputs (None: all): the session, the
+        outputs it fetches, the tensors it reads and the float16 weights it reads as stored -- all
+        but those ``replaced`` (whose replacements must reach their readers unrounded): the probe's
+        Cast of each to float16 then casts to its own type, which onnxruntime drops, and its reader
+        gets the float16 weight as the model has it.  One session per set of replaced weights a
+        segment is run with (a measured site's own, a sequential pass's block)."""
         if self._model is None:        # the whole model, uncut
-            return self.probe.session, self.outs[0], self.reads[0]
+            return self.probe.session, self.outs[0], self.reads[0], frozenset()
         outs = [o for o in (self.outs[k] if wanted is None else wanted) if o not in self.graph_inputs]
-        stored = stored and any(self.weights.stored(t).dtype == np.float16 for t in self.reads[k] if t in self.weights)
+        half = frozenset(t for t in self.reads[k] if t in self.weights and t not in replaced
+                         and self.weights.stored(t).dtype == np.float16)
         with self._lock:
-            if (tuple(outs), stored) not in self._sessions[k]:
+            if (tuple(outs), half) not in self._sessions[k]:
                 nodes = self.segments[k].nodes
                 if outs != [o for o in self.outs[k] if o not in self.graph_inputs]:
                     nodes = backward_slice(nodes, outs)
                 used = {i for n in nodes for i in n.input}
                 reads = [t for t in self.reads[k] if t in used]
-                half = {t for t in reads if stored and t in self.weights and self.weights.stored(t).dtype == np.float16}
                 inputs = [helper.make_tensor_value_info(t, TensorProto.FLOAT16, list(self.weights.stored(t).shape))
                           if t in half else
                           self.graph_inputs[t] if t in self.graph_inputs else
@@ -201,8 +195,8 @@ class Stream:
                                                         None)
                           for t in reads]
                 session = _session(submodel(self._model, nodes, inputs, outs), True, self.probe.external) if outs else None
-                self._sessions[k][tuple(outs), stored] = session, outs, reads
-        return self._sessions[k][tuple(outs), stored]
+                self._sessions[k][tuple(outs), half] = session, outs, reads
+        return (*self._sessions[k][tuple(outs), half], half)
 
     def _value(self, t: str, state: dict[str, np.ndarray]) -> np.ndarray:
         """``t``'s value in ``state``, or the weight as stored (for its shape: not widened)."""
