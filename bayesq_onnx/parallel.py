@@ -70,9 +70,10 @@ _slots_lock = threading.Lock()
 def run_slot() -> threading.Semaphore:
     """One of ``workers()`` slots for a forward pass with its weights in hand (``Stream.advance``).
     The overlapped blocks keep more threads busy than there are workers (numpy on some, forward
-    passes on others), and each forward pass holds the weights it replaces while it runs (a
-    half-precision model's widened, before runs read the others as stored): unbounded, the float16 0.5B Llama's
-    loss tables had five in onnxruntime at once.  More of them at once than the workers only contend for the same cores."""
+    passes on others), and each forward pass holds weights in hand while it runs (its replacements,
+    and in a half-precision model the widened copy of each weight its running node reads): unbounded,
+    the float16 0.5B Llama's loss tables had five in onnxruntime at once.  More of them at once than
+    the workers only contend for the same cores."""
     n = workers()
     with _slots_lock:
         return _slots.setdefault(n, threading.Semaphore(n))
