@@ -100,15 +100,15 @@ class SiteQuantizer:
         """Grids found during GPTQ rounding (not with act_order, which needs them first)."""
         return self.method.grid == "dynamic" and self._gptq and not self._act_order
 
-    def _codebook(self, fmt: BayesqLut | BayesqScaledLut):
-        """Posterior-weighted Lloyd-Max levels per group: ``(codebook (rows * G, 2**bits), codes, loss)``;
-        for one scaled codebook (``BayesqScaledLut``) also ``self._grids[fmt, "scaled"]``: its scales
-        and levels.  Fitted to the posterior (a Gaussian E-step over each weight's width), or with
-        ``levels_on_means`` to the means; the loss is the posterior-expected one either way."""
+    def _codebook(self, fmt: BayesqLut | BayesqScaledLut) -> np.ndarray:
+        """Posterior-weighted Lloyd-Max levels per group: the table ``(rows * G, 2**bits)`` as the
+        runtime decodes it; for one scaled codebook (``BayesqScaledLut``) also ``self._grids[fmt,
+        "scaled"]``: its scales and levels.  Fitted to the posterior (a Gaussian E-step over each
+        weight's width), or with ``levels_on_means`` to the means.  Its nearest codes and expected
+        loss are made when asked for (:meth:`_lut_codes`, :meth:`expected_loss`): where GPTQ rounds
+        onto the table, nothing asks for the nearest codes."""
         if (fmt, "lut") not in self._grids:
-            block = fmt.block or None
-            sigma = np.sqrt(self.posterior.sigma2.astype(np.float64))
-            fit_sigma = 0.0 if self.levels_on_means else sigma
+            fit_sigma = 0.0 if self.levels_on_means else np.sqrt(self.posterior.sigma2.astype(np.float64))
             if isinstance(fmt, BayesqScaledLut):
                 levels, scale = scaled_codebook(self.posterior.mu, fit_sigma, self.posterior.precision,
                                                 1 << fmt.bits, fmt.block)
@@ -116,11 +116,9 @@ class SiteQuantizer:
                 codebook = scaled_table(scale, levels).reshape(-1, 1 << fmt.bits)   # as the runtime computes it
             else:
                 codebook = lloyd_max(self.posterior.mu, fit_sigma, self.posterior.precision, 1 << fmt.bits,
-                                     block=block)
+                                     block=fmt.block or None)
                 codebook = fmt.round_scales(codebook)   # the levels as stored (fp16 or fp32), then the codes
-            self._grids[fmt, "lut"] = (codebook, codebook_codes(self.view, codebook, block=block),
-                                       expected_codebook_loss(self.view, sigma, self.posterior.precision, codebook,
-                                                              block=block))
+            self._grids[fmt, "lut"] = codebook
         return self._grids[fmt, "lut"]
 
     def grid_kinds(self, fmt: Format) -> tuple[str, ...]:
@@ -182,7 +180,11 @@ class SiteQuantizer:
     def expected_loss(self, fmt: Format, kind: str | None = None) -> float:
         """Closed-form posterior-expected whitened distortion of the format's grid (0 for fp32)."""
         if isinstance(fmt, CODEBOOKS):
-            return float(self._codebook(fmt)[2].sum())
+            if (fmt, "lut") not in self._grid_losses:   # posterior-expected, whatever the levels were fitted to
+                self._grid_losses[fmt, "lut"] = expected_codebook_loss(
+                    self.view, np.sqrt(self.posterior.sigma2.astype(np.float64)), self.posterior.precision,
+                    self._codebook(fmt), block=fmt.block or None)
+            return float(self._grid_losses[fmt, "lut"].sum())
         if isinstance(fmt, BayesqSparse):
             return self._sparse_expected_loss(fmt)
         return 0.0 if isinstance(fmt, Float32) else float(self._grid_loss(fmt, self.grid_kind(fmt, kind)).sum())
@@ -342,7 +344,7 @@ class SiteQuantizer:
     def _lut_codes(self, fmt: BayesqLut | BayesqScaledLut) -> LutCodes:
         """Lloyd-Max levels, then GPTQ error feedback onto them where ``X^T X`` is known (else the
         codes Lloyd-Max itself assigns)."""
-        codebook, nearest, _ = self._codebook(fmt)
+        codebook = self._codebook(fmt)
         rows, L = self.view.shape
         block = fmt.block or L
 
@@ -351,10 +353,9 @@ class SiteQuantizer:
                 return ScaledLutCodes.of(codes, *self._grids[fmt, "scaled"], fmt.bits, fmt.block, objective)
             return LutCodes(codes, codebook.reshape(rows, -1, 1 << fmt.bits), fmt.bits, fmt.block, objective)
 
-        if not self._gptq:
-            return make(nearest)
         if (fmt, "lut") not in self._codes:
-            self._codes[fmt, "lut"] = make(*round_gptq_codebook(self.view, self._factor(), codebook, block))
+            self._codes[fmt, "lut"] = make(*round_gptq_codebook(self.view, self._factor(), codebook, block)) \
+                if self._gptq else make(codebook_codes(self.view, codebook, block=fmt.block or None))
         return self._codes[fmt, "lut"]
 
     def _mask(self, fmt: BayesqSparse, rows=slice(None)) -> np.ndarray:
