@@ -23,7 +23,7 @@
 namespace {
 
 // An array of n elements left uninitialized: every one is written before it is read.  The starts
-// hold about 100 bytes per element of a group (the E-step, chunked, 8); zeroed (std::vector), when
+// hold about 90 bytes per element of a group (the E-step, chunked, 8); zeroed (std::vector), when
 // the E-step held 200 more, that was half a one-group fit's time on 2^20 weights (a scaled
 // codebook's levels), page faults included.
 template <class T>
@@ -494,26 +494,39 @@ struct KMeans {
     std::vector<int64_t> args, bnd, both, bounds;
 
     void levels(const Sorted& s, int64_t B, double* c, int K, int64_t M) {
-        vs.fit(B), prod.fit(B), P0.fit(B + 1), P1.fit(B + 1), P2.fit(B + 1);
+        vs.fit(B), prod.fit(B);
         double vmax = s.v[0];
         for (int64_t i = 1; i < B; ++i) vmax = std::max(vmax, s.v[i]);
         for (int64_t i = 0; i < B; ++i) vs[i] = s.v[i] / vmax;   // the optimum ignores the weights' scale
         for (int64_t i = 0; i < B; ++i) prod[i] = s.x[i] * vs[i];
         const double mean = pairwise_sum(prod.data(), B) / pairwise_sum(vs.data(), B);
-        P0[0] = P1[0] = P2[0] = 0.0;
-        for (int64_t i = 0; i < B; ++i) {
-            const double xc = s.x[i] - mean;   // centred: prefix sums lose less
-            P0[i + 1] = P0[i] + vs[i];
-            P1[i + 1] = P1[i] + vs[i] * xc;
-            P2[i + 1] = P2[i] + vs[i] * xc * xc;
-        }
         int64_t nl = s.n_live;
-        const double *p0 = P0.data(), *p1 = P1.data(), *p2 = P2.data();
+        const double *p0, *p1, *p2;
         if (M < B) {
+            // the prefix sums read at the run bounds only (non-decreasing): the same running sums,
+            // without three arrays of the group's length (24 MB on 2^20 weights)
             bnd.resize(M + 1), Q0.resize(M + 1), Q1.resize(M + 1), Q2.resize(M + 1);
             nl = run_bounds(s, M, bnd.data(), both);
-            for (int64_t m = 0; m <= M; ++m) Q0[m] = P0[bnd[m]], Q1[m] = P1[bnd[m]], Q2[m] = P2[bnd[m]];
+            double a0 = 0.0, a1 = 0.0, a2 = 0.0;
+            for (int64_t i = 0, m = 0; m <= M; ++i) {
+                for (; m <= M && bnd[m] == i; ++m) Q0[m] = a0, Q1[m] = a1, Q2[m] = a2;
+                if (m > M) break;
+                const double xc = s.x[i] - mean;   // centred: prefix sums lose less
+                a0 = a0 + vs[i];
+                a1 = a1 + vs[i] * xc;
+                a2 = a2 + vs[i] * xc * xc;
+            }
             p0 = Q0.data(), p1 = Q1.data(), p2 = Q2.data();
+        } else {
+            P0.fit(B + 1), P1.fit(B + 1), P2.fit(B + 1);
+            P0[0] = P1[0] = P2[0] = 0.0;
+            for (int64_t i = 0; i < B; ++i) {
+                const double xc = s.x[i] - mean;
+                P0[i + 1] = P0[i] + vs[i];
+                P1[i + 1] = P1[i] + vs[i] * xc;
+                P2[i + 1] = P2[i] + vs[i] * xc * xc;
+            }
+            p0 = P0.data(), p1 = P1.data(), p2 = P2.data();
         }
         const int64_t N = M + 1;
         // gain[i, j] = (P1[i] - P1[j])^2 / (P0[i] - P0[j]); j >= i is no cell (-inf), a cell of
