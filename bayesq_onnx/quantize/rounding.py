@@ -99,9 +99,11 @@ def gptq_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = False, dtyp
     perm = np.argsort(-d, kind="stable") if act_order else np.arange(L)
     # the one float64 copy of H, in reversed column order (see above) and in Fortran order, so that
     # LAPACK factors and inverts it in place: on a 5632-wide input (1B Llama's down projection) each
-    # further L x L copy is 254 MB
+    # further L x L copy is 254 MB.  Made in C order and transposed: H is symmetric, and LAPACK reads
+    # one triangle anyway; a Fortran-order copy of the reversed C array is a transposing gather, 0.39
+    # s against 0.03 s at L = 5632 (a fifth of a factor's time)
     rev = perm[::-1]
-    H = np.asfortranarray(H[np.ix_(rev, rev)] if act_order else H[::-1, ::-1], np.float64)
+    H = np.ascontiguousarray(H[np.ix_(rev, rev)] if act_order else H[::-1, ::-1], np.float64).T
     fix = dead[rev]
     H[fix, fix] = 1.0
     H[np.diag_indices(L)] += damp * np.mean(d[perm])
