@@ -426,9 +426,9 @@ def test_native_matches_numpy(monkeypatch, codebook_path, rows, L, block, values
     """The native fit and loss against the numpy reference: per-row codebooks of 768 weights and
     blocks of 32 and 48 (a short last group of 4), rows longer than the native E-step's chunk of
     4096 (codebook.cpp, ``kChunk``: its sums carried from chunk to chunk), 2..64 levels, sigma 0
-    to about a level spacing, weightless entries and groups, a constant run.  Means that are all float32 (weights are) are
-    sorted by the native radix sort on 32-bit keys, others on 64-bit keys: both give numpy's stable
-    order, ties (equal values, -0 and +0) by index."""
+    to about a level spacing, weightless entries and groups, a constant run.  Means that are all
+    float32 (weights are) are sorted by the native radix sort on 32-bit keys, others on 64-bit keys:
+    both give numpy's stable order, ties (equal values, -0 and +0) by index."""
     def numpy_path(f, *args, **kw):
         monkeypatch.setenv("BAYESQ_CODEBOOK", "numpy")
         try:

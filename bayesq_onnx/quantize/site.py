@@ -108,7 +108,7 @@ class SiteQuantizer:
         loss are made when asked for (:meth:`_lut_codes`, :meth:`expected_loss`): where GPTQ rounds
         onto the table, nothing asks for the nearest codes."""
         if (fmt, "lut") not in self._grids:
-            fit_sigma = 0.0 if self.levels_on_means else np.sqrt(self.posterior.sigma2.astype(np.float64))
+            fit_sigma = 0.0 if self.levels_on_means else self._sigma()
             if isinstance(fmt, BayesqScaledLut):
                 levels, scale = scaled_codebook(self.posterior.mu, fit_sigma, self.posterior.precision,
                                                 1 << fmt.bits, fmt.block)
@@ -120,6 +120,10 @@ class SiteQuantizer:
                 codebook = fmt.round_scales(codebook)   # the levels as stored (fp16 or fp32), then the codes
             self._grids[fmt, "lut"] = codebook
         return self._grids[fmt, "lut"]
+
+    def _sigma(self) -> np.ndarray:
+        """The posterior's widths in float64, made per use: held, a 1B head's would be 0.5 GB."""
+        return np.sqrt(self.posterior.sigma2.astype(np.float64))
 
     def grid_kinds(self, fmt: Format) -> tuple[str, ...]:
         """The grids worth measuring end to end in this format.  Where GPTQ runs on a matmul, its
@@ -182,8 +186,7 @@ class SiteQuantizer:
         if isinstance(fmt, CODEBOOKS):
             if (fmt, "lut") not in self._grid_losses:   # posterior-expected, whatever the levels were fitted to
                 self._grid_losses[fmt, "lut"] = expected_codebook_loss(
-                    self.view, np.sqrt(self.posterior.sigma2.astype(np.float64)), self.posterior.precision,
-                    self._codebook(fmt), block=fmt.block or None)
+                    self.view, self._sigma(), self.posterior.precision, self._codebook(fmt), block=fmt.block or None)
             return float(self._grid_losses[fmt, "lut"].sum())
         if isinstance(fmt, BayesqSparse):
             return self._sparse_expected_loss(fmt)

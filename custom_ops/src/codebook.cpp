@@ -193,6 +193,7 @@ constexpr int64_t kChunk = 4096;
 struct EStep {
     int64_t B, C;
     int K;
+    int64_t T;   // thresholds, and the most steps a walk takes
     std::vector<double> thr, gap, A, Bm, flow, flow_m;
     std::vector<double> steps[2], steps_m[2];   // [up]: the flow across threshold t at walk step s, [s * T + t]
     Buf<double> prod, loss, acc, wm, ws, ww, za, ztail, zdens;
@@ -200,9 +201,9 @@ struct EStep {
     Buf<int> wt;
 
     EStep(int64_t B_, int K_)
-        : B(B_), C(std::min(B_, kChunk)), K(K_), thr(K_ > 1 ? K_ - 1 : 1), gap(K_ > 1 ? K_ - 1 : 1), A(K_), Bm(K_),
-          flow(K_), flow_m(K_), prod(B_), loss(C), acc(C), wm(C), ws(C), ww(C), za(C), ztail(C), zdens(C), near(C),
-          live(C), wp(C), wt(C) {}
+        : B(B_), C(std::min(B_, kChunk)), K(K_), T(K_ > 1 ? K_ - 1 : 0), thr(K_ > 1 ? K_ - 1 : 1),
+          gap(K_ > 1 ? K_ - 1 : 1), A(K_), Bm(K_), flow(K_), flow_m(K_), prod(B_), loss(C), acc(C), wm(C), ws(C),
+          ww(C), za(C), ztail(C), zdens(C), near(C), live(C), wp(C), wt(C) {}
 
     // sum_i w_i E[(Q(w_i) - w_i)^2] over the group; with `stats` the cell masses A and first
     // moments Bm as well.  Thresholds beyond z_cut sigma are dropped.
@@ -211,7 +212,6 @@ struct EStep {
             thr[j] = 0.5 * (c[j + 1] + c[j]);
             gap[j] = c[j + 1] - c[j];
         }
-        const int64_t T = K > 1 ? K - 1 : 0;   // thresholds, and the most steps a walk takes
         if (stats) {
             std::fill(A.begin(), A.end(), 0.0), std::fill(Bm.begin(), Bm.end(), 0.0);
             for (int up = 0; up < 2; ++up) steps[up].clear(), steps_m[up].clear();   // grown as walks go on
@@ -239,7 +239,6 @@ struct EStep {
     // carried on
     void chunk(const double* mu, const double* sig, const double* w, const double* c, int64_t n, double* out,
                bool stats, double z_cut) {
-        const int64_t T = K > 1 ? K - 1 : 0;
         int64_t nlive = 0;
         // nearest level: the thresholds below mu (a tie goes to the lower level)
         if (K - 1 <= kLinearThresholds)
