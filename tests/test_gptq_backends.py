@@ -11,6 +11,7 @@ from bayesq_onnx.errors import BayesQError
 from bayesq_onnx.quantize.backend import NUMPY, TorchBackend, backend
 from bayesq_onnx.quantize.codebook import round_gptq_codebook
 from bayesq_onnx.quantize.grid import minmax_grid
+from bayesq_onnx.quantize import rounding_native
 from bayesq_onnx.quantize.rounding import gptq_factor, round_gptq
 
 
@@ -105,6 +106,50 @@ def test_same_bytes_on_reruns_at_one_blas_thread():
             runs.append(_round_all(W, gptq_factor(H)))
     for (c, d), (c0, d0) in zip(runs[1], runs[0]):
         assert c.tobytes() == c0.tobytes() and d.tobytes() == d0.tobytes()
+
+
+@pytest.mark.parametrize("act_order, lazy", [(False, 128), (False, 40), (True, 128)])
+def test_native_column_loop_matches_numpy_bit_for_bit(monkeypatch, act_order, lazy):
+    """The library's column loop (custom_ops/src/gptq.cpp) against the numpy loop it replaces: the
+    same codes, grids and objective to the last bit, on fixed grids (3 and 8 bits, groups of 32 and
+    of 100 over a 300-wide row: a short last group), dynamic groups (of 64, and of 8: several group
+    starts inside one sub-block of 16), pruned weights, per-row and per-group codebooks; lazy batches
+    of 128 and of 40 (not a multiple of the sub-block), act_order's column order, a dead input."""
+    if rounding_native.library() is None:
+        pytest.skip("libbayesq_ops.so with the native column loop is not built")
+    W, H = _problem(rows=37, L=300, seed=4)
+    W[5, :40] = 0.0                                            # an all-zero group
+    f = gptq_factor(H, act_order=act_order)
+    mask = np.random.default_rng(5).random(W.shape) < 0.6
+    half = lambda s: s.astype(np.float16).astype(np.float32)   # noqa: E731 (scales as fp16 stores them)
+
+    def both():
+        out = []
+        for bits, block in ((3, 32), (8, 100)):
+            s, z = minmax_grid(W, bits, block)
+            out.append(round_gptq(W, f, s, z, bits, block, lazy_block=lazy))
+            out.append(round_gptq(W, f, s, z, bits, block, lazy_block=lazy, mask=mask))
+        if not act_order:
+            for block in (64, 8):
+                out.append(round_gptq(W, f, None, None, 4, block, lazy_block=lazy, round_scale=half))
+            out.append(round_gptq(W, f, None, None, 2, 32, lazy_block=lazy, mask=mask.copy()))
+        amax = np.abs(W).max(axis=1, keepdims=True)
+        for K, block, groups in ((8, 300, 1), (4, 64, 5)):
+            lev = np.sort(np.random.default_rng(K).standard_normal((37 * groups, K)), axis=1)
+            lev *= np.repeat(amax, groups, 0) / 2
+            out.append(round_gptq_codebook(W, f, lev.astype(np.float32), block, lazy_block=lazy))
+        return out
+
+    with threadpool_limits(limits=1, user_api="blas"):   # the BLAS products repeat their bits at one thread
+        got = both()
+        monkeypatch.setattr(rounding_native, "library", lambda: None)
+        want = both()
+    for g, w in zip(got, want):
+        if isinstance(g, tuple):
+            assert g[0].tobytes() == w[0].tobytes() and g[1] == w[1]
+        else:
+            assert g.codes.tobytes() == w.codes.tobytes() and g.gptq_objective == w.gptq_objective
+            assert g.scale.tobytes() == w.scale.tobytes() and g.zero_point.tobytes() == w.zero_point.tobytes()
 
 
 @pytest.mark.skipif(not backend("auto").name.startswith("cuda"), reason="no GPU that torch sees")

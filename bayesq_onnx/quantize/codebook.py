@@ -51,7 +51,7 @@ from ..errors import BayesQError
 from ..parallel import local_map
 from . import codebook_native
 from .grid import minmax_grid
-from .rounding import GPTQFactor, error_feedback, gptq_factor
+from .rounding import GPTQFactor, LevelColumns, error_feedback, gptq_factor
 
 _Z_CUT = 6.0          # thresholds beyond 6 sigma: R(6) < 2e-10 relative to sigma^2, dropped
 # Lloyd's rounds cut at 4 sigma: R(4) < 1e-5, so a level moves by ~1e-5 of sigma less than it
@@ -659,12 +659,6 @@ def round_gptq_codebook(view, H: np.ndarray | GPTQFactor, codebook, block: int, 
     lev = c.reshape(rows, ng, -1).transpose(1, 0, 2)           # (groups, rows, K)
     # the thresholds in float64, then in the working precision: as codebook_codes computes them
     thr = 0.5 * (lev[..., 1:] + lev[..., :-1])
-    groups = {}
-
-    def quantize(col, w):
-        g = f.perm[col] // block
-        if g not in groups:
-            groups[g] = be.put(np.ascontiguousarray(thr[g].T), f.dtype), be.put(lev[g], f.dtype)
-        return be.nearest_level(w, *groups[g])
-
+    quantize = LevelColumns(be, f.perm // block, be.put(np.ascontiguousarray(thr.transpose(0, 2, 1)), f.dtype),
+                            be.put(np.ascontiguousarray(lev), f.dtype), lev.shape[2])
     return error_feedback(view, f, quantize, lazy_block)

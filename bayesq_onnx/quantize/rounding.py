@@ -21,6 +21,7 @@ import scipy.linalg
 import scipy.linalg.lapack
 
 from ..formats.base import UniformCodes
+from . import rounding_native
 from .backend import NUMPY, NumpyBackend
 from .grid import minmax_grid
 
@@ -155,6 +156,59 @@ def layer_error_from_objective(view: np.ndarray, deq: np.ndarray, f: GPTQFactor,
 _SUB_BLOCK = 16
 
 
+class Columns:
+    """Each column's quantizer in GPTQ's loop, for :func:`error_feedback`: the nearest point of the
+    column's group's grid (a subclass says which grid), ``group[c]`` the group of the c-th column
+    rounded; ``keep`` (L, rows) 1 or 0 per weight in rounding order, or None: a 0 fixes the code and
+    value to 0.  The grids ``a`` and ``b`` are in the working precision on the backend, one row per
+    group; calling it rounds one column on the backend, :meth:`native` a sub-block's columns in the
+    library (``rounding_native``)."""
+
+    kind = -1   # gptq.cpp's quantizer kind
+
+    def __init__(self, backend, group: np.ndarray, a, b, k: int, keep=None):
+        self.backend, self.group, self.a, self.b, self.k, self.keep = backend, group, a, b, k, keep
+
+    def nearest(self, w, a, b):
+        raise NotImplementedError
+
+    def __call__(self, c, w):
+        g = self.group[c]
+        q, deq = self.nearest(w, self.a[g], self.b[g])
+        if self.keep is not None:
+            q, deq = q * self.keep[c], deq * self.keep[c]
+        return q, deq
+
+    def native_ok(self) -> bool:
+        arrays = (self.a, self.b) + (() if self.keep is None else (self.keep,))
+        return all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in arrays) and rounding_native.usable(
+            self.group, *arrays)
+
+    def native(self, lib, W, U, c0: int, err, codes) -> None:
+        c1 = c0 + len(W)
+        rounding_native.columns(lib, W, U, c0, err, codes, self.group[c0:c1], self.kind, self.k, self.a, self.b,
+                                None if self.keep is None else self.keep[c0:c1])
+
+
+class AffineColumns(Columns):
+    """Affine grids: ``a`` the scales, ``b`` the zero points ``(groups, rows)``, ``k`` the largest code."""
+
+    kind = 0
+
+    def nearest(self, w, scale, zp):
+        return self.backend.affine_codes(w, scale, zp, self.k)
+
+
+class LevelColumns(Columns):
+    """Codebooks: ``a`` the thresholds ``(groups, K-1, rows)``, ``b`` the levels ``(groups, rows, K)``,
+    ``k`` = K."""
+
+    kind = 1
+
+    def nearest(self, w, thr, lev):
+        return self.backend.nearest_level(w, thr, lev)
+
+
 def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 128, start=None, ahead=None):
     """GPTQ's column loop on ``view`` (rows, L) with factor ``f``, in the factor's dtype and on its
     backend: ``quantize(c, w)`` gives column ``c``'s codes and dequantized values from its current
@@ -165,11 +219,19 @@ def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 
     column's update applied).  Returns the codes ``(rows, L)`` as numpy, in the view's column
     order, and GPTQ's objective: the sum over columns of the squared scaled errors
     ``(w_c - q_c) / U_cc``, which is the damped layer error of the codes
-    (:func:`layer_error_from_objective`)."""
+    (:func:`layer_error_from_objective`).
+
+    Where ``quantize`` is a :class:`Columns` in float32 on numpy and nothing looks ahead, each
+    sub-block's columns run in the library (the same bits; ``start`` is then called for a sub-block's
+    columns before it: it reads only the batch start, which the sub-block leaves as it was)."""
     rows, L = view.shape
     if tuple(f.U.shape) != (L, L):
         raise ValueError(f"H must be ({L}, {L}) for a view with L={L}, got {tuple(f.U.shape)}")
     be, U, dtype = f.backend, f.U, f.dtype
+    lib = None
+    if (isinstance(quantize, Columns) and ahead is None and isinstance(be, NumpyBackend) and dtype == np.float32
+            and min(U.strides) > 0 and quantize.native_ok()):
+        lib = rounding_native.library()
     # Work on W^T (one row per input index): every column update below is contiguous.
     # (one copy where it can: a 32000-word head's is 262 MB)
     Wt = np.asarray(view).T.astype(dtype, order="C")
@@ -186,17 +248,23 @@ def error_feedback(view: np.ndarray, f: GPTQFactor, quantize, lazy_block: int = 
         err = be.empty((i2 - i1, rows), dtype)
         for j1 in range(i1, i2, _SUB_BLOCK):
             j2 = min(j1 + _SUB_BLOCK, i2)
-            for c in range(j1, j2):
+            if lib is not None:
                 if start is not None:
-                    start(c, Wt)
-                if ahead is not None:
-                    ahead(c, W1[c - i1:j2 - i1])
-                w = W1[c - i1]
-                q, deq = quantize(c, w)
-                codes[c] = q
-                e = err[c - i1]
-                e[:] = (w - deq) / U[c, c]
-                W1[c - i1 + 1:j2 - i1] -= U[c, c + 1:j2, None] * e
+                    for c in range(j1, j2):
+                        start(c, Wt)
+                quantize.native(lib, W1[j1 - i1:j2 - i1], U, j1, err[j1 - i1:j2 - i1], codes[j1:j2])
+            else:
+                for c in range(j1, j2):
+                    if start is not None:
+                        start(c, Wt)
+                    if ahead is not None:
+                        ahead(c, W1[c - i1:j2 - i1])
+                    w = W1[c - i1]
+                    q, deq = quantize(c, w)
+                    codes[c] = q
+                    e = err[c - i1]
+                    e[:] = (w - deq) / U[c, c]
+                    W1[c - i1 + 1:j2 - i1] -= U[c, c + 1:j2, None] * e
             W1[j2 - i1:] -= U[j1:j2, j2:i2].T @ err[j1 - i1:j2 - i1]
         Wt[i2:] -= U[i1:i2, i2:].T @ err
         objective += _sum_sq(be.get(err))
@@ -243,16 +311,15 @@ def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray |
     if dynamic and not np.array_equal(f.perm, np.arange(L)):
         raise ValueError("dynamic groups follow the column order: act_order needs a fixed grid")
     be, qmax, ng = f.backend, (1 << bits) - 1, -(-L // block)
+    # the groups' grids, a row each, in the working precision (float32 grids are exact in it; the
+    # division rounds as the reference's does); dynamic ones filled as rounding reaches them
     if dynamic:
         scale, zp = np.empty((rows, ng), np.float32), np.empty((rows, ng), np.uint8)
-    # each column's grid, as rows of (L, rows) in the rounding order, in the working precision
-    # (float32 grids are exact in it; the division rounds as the reference's does)
-    grid = {}
-
-    def load(g):
-        grid[g] = be.put(scale[:, g], f.dtype), be.put(zp[:, g], f.dtype)
-
+        sT, zT = be.empty((ng, rows), f.dtype), be.empty((ng, rows), f.dtype)
+    else:
+        sT, zT = (be.put(np.ascontiguousarray(a.T), f.dtype) for a in (scale, zp))
     keepT = None if mask is None else be.put(np.asarray(mask).T[f.perm], f.dtype)   # (L, rows) 1 = kept
+    quantize = AffineColumns(be, f.perm // block, sT, zT, qmax, keepT)
     of, choose = prune if prune is not None else (0, None)
     if choose is not None and (_SUB_BLOCK % of or not np.array_equal(f.perm, np.arange(L)) or mask is None):
         raise ValueError("choosing the mask as rounding goes needs runs dividing 16, no act_order, and a mask")
@@ -273,18 +340,7 @@ def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray |
                 w = w * np.asarray(mask)[:, c:c + block]
             s, z = minmax_grid(w, bits, block)
             scale[:, g], zp[:, g] = (round_scale(s) if round_scale else s)[:, 0], z[:, 0]
-            load(g)
-
-    if not dynamic:
-        for g in range(ng):
-            load(g)
-
-    def quantize(c, w):
-        s, z = grid[f.perm[c] // block]
-        q, deq = be.affine_codes(w, s, z, qmax)
-        if keepT is not None:
-            q, deq = q * keepT[c], deq * keepT[c]
-        return q, deq
+            sT[g], zT[g] = be.put(scale[:, g], f.dtype), be.put(zp[:, g], f.dtype)
 
     codes, objective = error_feedback(view, f, quantize, lazy_block, start if dynamic else None,
                                       ahead if choose is not None else None)
