@@ -93,8 +93,8 @@ def test_codebook_levels_are_tuned_and_stored_in_fp16():
     assert np.array_equal(lut, lut.astype(np.float16).astype(np.float32)) and not np.array_equal(lut, q.lut)
 
 
-def test_scaled_codebook_scales_are_tuned_and_its_levels_kept():
-    """One codebook scaled per row: the scales move (fp16 values), the shared levels and the codes stay."""
+def test_scaled_codebook_scales_and_levels_are_tuned():
+    """One codebook scaled per row: the scales and the shared levels move (fp16 values), the codes stay."""
     W, x, _, _ = _linear_problem(1)
     fmt = BayesqScaledLut(2, 0)
     view = np.ascontiguousarray(W.T)
@@ -110,8 +110,9 @@ def test_scaled_codebook_scales_are_tuned_and_its_levels_kept():
                               ["y"], set(), steps=100, batch_size=32)
     got = res.codes["W"]
     assert res.loss_after < res.loss_before
-    assert np.array_equal(got.codes, codes) and np.array_equal(got.levels, levels)
-    assert np.array_equal(got.scale, got.scale.astype(np.float16).astype(np.float32)) and not np.array_equal(got.scale, scale)
+    assert np.array_equal(got.codes, codes)
+    for v, v0 in ((got.scale, scale), (got.levels, levels)):
+        assert np.array_equal(v, v.astype(np.float16).astype(np.float32)) and not np.array_equal(v, v0)
     assert np.array_equal(got.lut, got.scale[:, :, None] * got.levels)   # the table the graph computes
     fmt.pack(got)   # storable as it is
 
@@ -158,8 +159,9 @@ def test_stored_types_codes_and_bits_are_unchanged(runs):
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
         if not np.array_equal(a[k], b[k]):
             changed.append(k)
-    # only scales (or codebook levels) moved: codes and zero points are the plain run's
-    assert changed and all(k.endswith(("scales", "lut")) for k in changed), changed
+    # only scales and codebook levels (a scaled codebook's shared ones included) moved: codes and zero
+    # points are the plain run's
+    assert changed and all(k.endswith(("scales", "lut", "codebook")) for k in changed), changed
 
 
 def test_a_harmful_tuning_is_refused(tmp_path, monkeypatch, runs):
@@ -207,7 +209,7 @@ def test_torch_dequantization_is_the_numpy_one_in_the_native_layout(shape, perm)
     fmt = MatMulNBits(4, 16)
     q = round_rtn(view, *minmax_grid(view, 4, 16), 4, 16)
     tun = distill_mod._Tunable(site, fmt, q)
-    got = tun.weight(tun.values(tun.t.detach()), torch.float32).numpy()
+    got = tun.weight(tun.values(tun.t.detach()), None, torch.float32).numpy()
     assert np.array_equal(got, site.from_view(q.dequantize()))
 
 

@@ -8,7 +8,8 @@ What moves and what does not:
   relative changes); the integer codes and zero points stay (every format here stores its zero
   point as an integer, so there is no float zero point to tune);
 - codebooks: each level, as ``l0 + t * spacing`` with ``spacing`` the group's mean level spacing
-  (again a relative step); the codes stay.
+  (again a relative step); a scaled codebook's row scales as an affine grid's and its shared levels
+  as a codebook's; the codes stay.
 
 Codes are not re-rounded: GPTQ chose them with error feedback, which a nearest re-rounding would
 undo.  The tuned values are rounded to what the format stores (fp16 or fp32) before anything is
@@ -30,6 +31,7 @@ import torch
 
 from ..calib.readers import n_samples
 from ..formats import Format, LutCodes, ScaledLutCodes, SparseCodes, UniformCodes
+from ..formats.bayesq_uniform import round_values
 from ..progress import Progress
 from ..types import WeightSite
 
@@ -59,11 +61,16 @@ class _Tunable:
         self.q = q
         rows, L = q.codes.shape
         g = torch.from_numpy(np.arange(L) // q.block if q.block else np.zeros(L, np.int64))
-        # a codebook's own levels are tuned; a scaled codebook's scales, as an affine grid's (levels fixed)
+        # a codebook's own levels are tuned; a scaled codebook's scales as an affine grid's, and its
+        # levels (one set for the whole weight) as a codebook's
         self.lut = isinstance(q, LutCodes) and not isinstance(q, ScaledLutCodes)
-        if isinstance(q, ScaledLutCodes):
+        self.shared = isinstance(q, ScaledLutCodes)
+        if self.shared:
             self.base = torch.from_numpy(np.asarray(q.scale, np.float32))
-            self.steps = torch.from_numpy(q.levels[q.codes.astype(np.int64)])   # the level each code stands for
+            levels = torch.from_numpy(np.asarray(q.levels, np.float32))
+            self.levels0, self.level_unit = levels, (levels.max() - levels.min()) / max(len(levels) - 1, 1)
+            self.u = torch.zeros_like(levels, requires_grad=True)
+            self.codes = torch.from_numpy(q.codes.astype(np.int64))
             self.g = g
         elif self.lut:
             lut = torch.from_numpy(np.asarray(q.lut, np.float32))
@@ -77,29 +84,48 @@ class _Tunable:
             self.g = g
         self.t = torch.zeros_like(self.base, requires_grad=True)
 
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.t, self.u] if self.shared else [self.t]
+
     def values(self, t: torch.Tensor) -> torch.Tensor:
         """Scales ``(rows, G)`` or levels ``(rows, G, 2**bits)`` at ``t``."""
         return self.base + t * self.unit if self.lut else self.base * torch.exp(t)
 
-    def view(self, values: torch.Tensor) -> torch.Tensor:
+    def shared_levels(self, u: torch.Tensor) -> torch.Tensor:
+        """A scaled codebook's levels ``(2**bits,)`` at ``u``."""
+        return self.levels0 + u * self.level_unit
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The values and shared levels at the parameters, differentiable."""
+        return self.values(self.t), self.shared_levels(self.u) if self.shared else None
+
+    def as_stored(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The values and shared levels at the parameters as the format stores them (fp16 for -f16)."""
+        v = self.fmt.round_scales(self.values(self.t.detach()).numpy())
+        lv = round_values(self.shared_levels(self.u.detach()).numpy(), "float16", "levels") if self.shared else None
+        return v, lv
+
+    def view(self, values: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
         if self.lut:
             return values[self.index]
+        if self.shared:
+            return (self.levels0 if levels is None else levels)[self.codes] * values[:, self.g]
         v = self.steps * values[:, self.g]
         if self.sparse is not None:    # survivors in row-major order, as SparseCodes.dequantize
             return torch.zeros(self.mask.shape, dtype=v.dtype).masked_scatter(self.mask, v)
         return v
 
-    def weight(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The initializer (native layout and type) these values dequantize to."""
+    def weight(self, values: torch.Tensor, levels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The initializer (native layout and type) these values (and shared levels) dequantize to."""
         s = self.site
         permuted = tuple(s.shape[p] for p in s.perm)
-        return self.view(values).reshape(permuted).permute(tuple(np.argsort(s.perm).tolist())).to(dtype)
+        return self.view(values, levels).reshape(permuted).permute(tuple(np.argsort(s.perm).tolist())).to(dtype)
 
     def stored(self) -> UniformCodes | LutCodes | SparseCodes:
         """The codes with the tuned values as the format stores them."""
-        v = self.fmt.round_scales(self.values(self.t.detach()).numpy())
-        if isinstance(self.q, ScaledLutCodes):
-            return ScaledLutCodes.of(self.q.codes, v, self.q.levels, self.q.bits, self.q.block)
+        v, lv = self.as_stored()
+        if self.shared:
+            return ScaledLutCodes.of(self.q.codes, v, lv, self.q.bits, self.q.block)
         if self.lut:
             return LutCodes(codes=self.q.codes, lut=v, bits=self.q.bits, block=self.q.block)
         q = UniformCodes(codes=self.q.codes, scale=v, zero_point=self.q.zero_point, bits=self.q.bits, block=self.q.block)
@@ -154,16 +180,16 @@ def _distill(forward, weights, sites, chosen, data, outputs, logits, steps, batc
 
     def calibration_loss() -> float:
         """The objective on every fitting sample, at the values as stored."""
-        stored = {k: torch.from_numpy(t.fmt.round_scales(t.values(t.t.detach()).numpy())) for k, t in tun.items()}
+        stored = {k: [None if a is None else torch.from_numpy(a) for a in t.as_stored()] for k, t in tun.items()}
         total = 0.0
         with torch.no_grad():
             for c, ref in zip(chunks, reference):
-                w = {k: t.weight(stored[k], dtypes[k]) for k, t in tun.items()}
+                w = {k: t.weight(*stored[k], dtypes[k]) for k, t in tun.items()}
                 total += float(_loss(forward(w, c), ref, energy, logits)) * n_samples(c)
         return total / n
 
     before = calibration_loss()
-    opt = torch.optim.Adam([t.t for t in tun.values()], lr=LEARNING_RATE)
+    opt = torch.optim.Adam([p for t in tun.values() for p in t.parameters()], lr=LEARNING_RATE)
     rng = np.random.default_rng(seed)
     # reference outputs of a batch drawn across chunks: gather them per sample
     flat_ref = {k: torch.cat([r[k] for r in reference]) for k in outputs}
@@ -172,7 +198,7 @@ def _distill(forward, weights, sites, chosen, data, outputs, logits, steps, batc
             batch = {k: v[idx] for k, v in data.items()}
             ref = {k: flat_ref[k][torch.from_numpy(idx)] for k in outputs}
             opt.zero_grad()
-            w = {k: t.weight(t.values(t.t), dtypes[k]) for k, t in tun.items()}
+            w = {k: t.weight(*t.current(), dtypes[k]) for k, t in tun.items()}
             _loss(forward(w, batch), ref, energy, logits).backward()
             opt.step()
             p.step()
