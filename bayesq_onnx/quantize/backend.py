@@ -18,8 +18,8 @@ class NumpyBackend:
     name = "cpu"
 
     def put(self, a, dtype) -> np.ndarray:
-        """``a`` as a fresh array of ``dtype`` (the loop writes into it)."""
-        return np.array(a, dtype)
+        """``a`` as a fresh C-ordered array of ``dtype`` (the loop writes into it; the library reads it)."""
+        return np.array(a, dtype, order="C")
 
     def get(self, a) -> np.ndarray:
         return np.asarray(a)

@@ -659,6 +659,6 @@ def round_gptq_codebook(view, H: np.ndarray | GPTQFactor, codebook, block: int, 
     lev = c.reshape(rows, ng, -1).transpose(1, 0, 2)           # (groups, rows, K)
     # the thresholds in float64, then in the working precision: as codebook_codes computes them
     thr = 0.5 * (lev[..., 1:] + lev[..., :-1])
-    quantize = LevelColumns(be, f.perm // block, be.put(np.ascontiguousarray(thr.transpose(0, 2, 1)), f.dtype),
-                            be.put(np.ascontiguousarray(lev), f.dtype), lev.shape[2])
+    quantize = LevelColumns(be, f.perm // block, be.put(thr.transpose(0, 2, 1), f.dtype), be.put(lev, f.dtype),
+                            lev.shape[2])
     return error_feedback(view, f, quantize, lazy_block)

@@ -317,7 +317,7 @@ def round_gptq(view: np.ndarray, H: np.ndarray | GPTQFactor, scale: np.ndarray |
         scale, zp = np.empty((rows, ng), np.float32), np.empty((rows, ng), np.uint8)
         sT, zT = be.empty((ng, rows), f.dtype), be.empty((ng, rows), f.dtype)
     else:
-        sT, zT = (be.put(np.ascontiguousarray(a.T), f.dtype) for a in (scale, zp))
+        sT, zT = be.put(scale.T, f.dtype), be.put(zp.T, f.dtype)
     keepT = None if mask is None else be.put(np.asarray(mask).T[f.perm], f.dtype)   # (L, rows) 1 = kept
     quantize = AffineColumns(be, f.perm // block, sT, zT, qmax, keepT)
     of, choose = prune if prune is not None else (0, None)
