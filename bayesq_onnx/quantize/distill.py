@@ -105,11 +105,11 @@ class _Tunable:
         lv = round_values(self.shared_levels(self.u.detach()).numpy(), "float16", "levels") if self.shared else None
         return v, lv
 
-    def view(self, values: torch.Tensor, levels: torch.Tensor | None = None) -> torch.Tensor:
+    def view(self, values: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
         if self.lut:
             return values[self.index]
         if self.shared:
-            return (self.levels0 if levels is None else levels)[self.codes] * values[:, self.g]
+            return levels[self.codes] * values[:, self.g]
         v = self.steps * values[:, self.g]
         if self.sparse is not None:    # survivors in row-major order, as SparseCodes.dequantize
             return torch.zeros(self.mask.shape, dtype=v.dtype).masked_scatter(self.mask, v)

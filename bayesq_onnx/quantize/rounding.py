@@ -167,7 +167,8 @@ class Columns:
     kind = -1   # gptq.cpp's quantizer kind
 
     def __init__(self, backend, group: np.ndarray, a, b, k: int, keep=None):
-        self.backend, self.group, self.a, self.b, self.k, self.keep = backend, group, a, b, k, keep
+        self.backend, self.a, self.b, self.k, self.keep = backend, a, b, k, keep
+        self.group = np.ascontiguousarray(group, np.int64)   # as the library reads it
 
     def nearest(self, w, a, b):
         raise NotImplementedError

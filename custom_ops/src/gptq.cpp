@@ -1,8 +1,8 @@
 // GPTQ's column loop over one sub-block of a lazy batch (bayesq_onnx/quantize/rounding.py,
 // error_feedback): the native twin of that numpy loop, which stays the reference and the fallback.
-// numpy spends about fifteen calls per column on vectors of a few hundred to a few thousand weights,
-// 20-50 us of interpreter and dispatch per column against well under a microsecond of arithmetic
-// here; the products that carry the updates past the sub-block stay in BLAS (numpy).
+// numpy spends about fifteen calls per column on vectors of a few hundred to a few thousand weights:
+// a 768 x 768 weight's loop took 20-25 ms, about 10 with this (6 of them BLAS); the products that
+// carry the updates past the sub-block stay in BLAS (numpy).
 //
 // The arithmetic follows numpy's operation by operation, to the last bit: float32 division, rint
 // (half to even), the clip, the dequantization, the scaled error and each update's product then
